@@ -1,0 +1,299 @@
+"""Quantizers of FAQD: pure functions with their straight-through estimators.
+
+Weights (BinaryConnect, eq. 1 of arXiv 2302.10899): the forward pass uses the quantized
+value Q(w); the gradient flows to the float weights unchanged (identity STE).
+
+- 1 bit: ``Q(w) = sign(w) * mean|w|``.
+- b >= 2 bits: symmetric levels ``{-L..L} * s`` with ``L = 2^(b-1) - 1``; the scale ``s`` is
+  refined by Lloyd iterations (``q = clip(round(|w|/s), 0, L)``, ``s = sum|w|q / sum q^2``),
+  started from max-abs scaling (and, at 2 bits, also from the TWN threshold) so the result is
+  never worse than max-abs scaling.
+
+Activations (eqs. 4-5): a b-bit quantized ReLU with learned resolution ``alpha``.
+
+Example:
+
+>>> import numpy as np
+>>> w = np.array([-1.0, -0.2, 0.1, 0.9], "float32")
+>>> sorted(set(np.asarray(quantize_weights(w, bits=1)).round(4).tolist()))
+[-0.55, 0.55]
+"""
+
+import keras
+import tensorflow as tf
+
+SUPPORTED_BITS = (1, 2, 4, 8)
+LLOYD_ITERATIONS = 8
+# Authors' initial resolutions of the quantized ReLU (design.md); 8 bits continues the ~4x/2-bit trend.
+DEFAULT_ALPHA = {1: 1.2221, 2: 0.6511, 4: 0.1946, 8: 0.0125}
+ALPHA_MIN, ALPHA_MAX = 1e-3, 5.0
+
+
+def check_bits(bits, name="bits", allow_none=False):
+    """Returns `bits` as an int, or raises `ValueError` naming `name` and the allowed values."""
+    if bits is None and allow_none:
+        return None
+    allowed = ", ".join(str(b) for b in SUPPORTED_BITS)
+    if allow_none:
+        allowed += " or None (full precision)"
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"{name}={bits!r} is not supported; use one of {allowed}.")
+    return int(bits)
+
+
+def levels(bits):
+    """Number of positive levels L = 2^(b-1) - 1 of a b-bit symmetric weight quantizer (b >= 2)."""
+    return 2 ** (bits - 1) - 1
+
+
+def _reduce_axes(w, per_channel):
+    if not per_channel:
+        return None
+    if w.shape.rank is None or w.shape.rank < 2:
+        raise ValueError(
+            f"per_channel=True needs a kernel with an output-channel axis (rank >= 2), got shape "
+            f"{w.shape}; use per_channel=False."
+        )
+    return list(range(w.shape.rank - 1))
+
+
+def _lloyd_scale(abs_w, scale, n_levels, axes, iterations):
+    """Alternates the optimal codes for a scale and the least-squares scale for those codes."""
+    tiny = tf.constant(1e-12, abs_w.dtype)
+    for _ in range(iterations):
+        q = tf.clip_by_value(tf.round(abs_w / tf.maximum(scale, tiny)), 0.0, n_levels)
+        num = tf.reduce_sum(abs_w * q, axis=axes, keepdims=axes is not None)
+        den = tf.reduce_sum(q * q, axis=axes, keepdims=axes is not None)
+        # An all-zero (or all-below-threshold) group keeps its previous scale.
+        scale = tf.where(den > 0, num / tf.maximum(den, tiny), scale)
+    return scale
+
+
+def _uniform(abs_w, scale, n_levels):
+    tiny = tf.constant(1e-12, abs_w.dtype)
+    return tf.clip_by_value(tf.round(abs_w / tf.maximum(scale, tiny)), 0.0, n_levels)
+
+
+def weight_codes(w, bits, per_channel=False, iterations=LLOYD_ITERATIONS):
+    """Integer codes and scale of the b-bit quantization of `w`, without gradients.
+
+    Returns `(codes, scale)` with `Q(w) = codes * scale`. For 1 bit the codes are in {-1, 1};
+    for b >= 2 in {-L..L}. `scale` is a scalar, or of shape `(1, ..., 1, channels)` when
+    `per_channel=True`. The arithmetic runs in float32 whatever the dtype of `w`, so mixed
+    precision gives the same codes as float32.
+    """
+    bits = check_bits(bits)
+    w = tf.cast(tf.convert_to_tensor(w), tf.float32)
+    axes = _reduce_axes(w, per_channel)
+    keep = axes is not None
+    sign = tf.where(w >= 0, 1.0, -1.0)
+    abs_w = tf.abs(w)
+    if bits == 1:
+        return sign, tf.reduce_mean(abs_w, axis=axes, keepdims=keep)
+
+    n_levels = float(levels(bits))
+    scale = _lloyd_scale(
+        abs_w, tf.reduce_max(abs_w, axis=axes, keepdims=keep) / n_levels, n_levels, axes, iterations
+    )
+    if bits == 2:
+        # Ternary: Lloyd from max-abs can stall with most weights at zero; also start from the
+        # TWN threshold 0.7*mean|w| (= scale/2) and keep whichever start fits better.
+        twn = _lloyd_scale(
+            abs_w, 1.4 * tf.reduce_mean(abs_w, axis=axes, keepdims=keep), n_levels, axes, iterations
+        )
+
+        def err(s):
+            d = abs_w - _uniform(abs_w, s, n_levels) * s
+            return tf.reduce_sum(d * d, axis=axes, keepdims=keep)
+
+        scale = tf.where(err(twn) < err(scale), twn, scale)
+    return sign * _uniform(abs_w, scale, n_levels), scale
+
+
+def quantize_weights_forward(w, bits, per_channel=False, iterations=LLOYD_ITERATIONS):
+    """Q(w) without a gradient rule (the pure projection); same dtype as `w`."""
+    w = tf.convert_to_tensor(w)
+    codes, scale = weight_codes(w, bits, per_channel, iterations)
+    return tf.cast(codes * scale, w.dtype)
+
+
+def quantize_weights(w, bits, per_channel=False, iterations=LLOYD_ITERATIONS):
+    """Q(w) in the forward pass, identity gradient to `w` (BinaryConnect STE).
+
+    Args:
+        w: float tensor, e.g. a Conv2D kernel `(kh, kw, c_in, c_out)`.
+        bits: 1, 2, 4 or 8.
+        per_channel: one scale per output channel (last axis) instead of one per tensor.
+        iterations: Lloyd iterations refining the least-squares scale (b >= 2).
+    """
+    bits = check_bits(bits)
+    w = tf.convert_to_tensor(w)
+    _reduce_axes(w, per_channel)
+
+    @tf.custom_gradient
+    def _ste(x):
+        def grad(dy):
+            return dy
+
+        return quantize_weights_forward(x, bits, per_channel, iterations), grad
+
+    return _ste(w)
+
+
+def binary_relax(w, lam, bits, per_channel=False, iterations=LLOYD_ITERATIONS):
+    """BinaryRelax (eq. 2): `(w + lam * Q(w)) / (1 + lam)`, gradient passed straight to `w`."""
+    bits = check_bits(bits)
+    w = tf.convert_to_tensor(w)
+    lam = tf.cast(lam, w.dtype)
+
+    @tf.custom_gradient
+    def _ste(x):
+        def grad(dy):
+            return dy
+
+        q = quantize_weights_forward(x, bits, per_channel, iterations)
+        return (x + lam * q) / (1.0 + lam), grad
+
+    return _ste(w)
+
+
+def check_alpha(alpha, name="alpha"):
+    if isinstance(alpha, (int, float)) and not (ALPHA_MIN <= alpha <= ALPHA_MAX):
+        raise ValueError(
+            f"{name}={alpha!r} is out of range; the quantized ReLU resolution must lie in "
+            f"[{ALPHA_MIN}, {ALPHA_MAX}]."
+        )
+    return alpha
+
+
+def quantized_relu(x, alpha, bits):
+    """b-bit quantized ReLU of eq. (4) with the gradients of eq. (5).
+
+    Forward: 0 for x < 0; k*alpha for (k-1)*alpha <= x < k*alpha, 1 <= k <= 2^b - 1;
+    (2^b - 1)*alpha above. Backward: dx passes where 0 < x < (2^b-1)*alpha (clipped-ReLU STE);
+    d/dalpha is 0 (x <= 0), 2^(b-1) (inside) and 2^b - 1 (x >= (2^b-1)*alpha), summed to the
+    shape of `alpha`.
+
+    >>> float(quantized_relu(tf.constant(0.7), alpha=0.5, bits=2))
+    1.0
+    """
+    bits = check_bits(bits)
+    check_alpha(alpha)
+    x = tf.convert_to_tensor(x)
+    alpha = tf.cast(tf.convert_to_tensor(alpha), x.dtype)
+    top = float(2**bits - 1)
+
+    @tf.custom_gradient
+    def _qrelu(x, alpha):
+        # The level index is computed in float32 so that bfloat16 inputs land on the same step.
+        x32, a32 = tf.cast(x, tf.float32), tf.cast(alpha, tf.float32)
+        k = tf.clip_by_value(tf.floor(x32 / a32) + 1.0, 0.0, top)
+        y = tf.cast(tf.where(x32 < 0, 0.0, k * a32), x.dtype)
+
+        def grad(dy):
+            inside = tf.logical_and(x > 0, x < top * alpha)
+            dx = tf.where(inside, dy, tf.zeros_like(dy))
+            dsig = tf.where(
+                inside,
+                tf.cast(2 ** (bits - 1), x.dtype),
+                tf.where(x >= top * alpha, tf.cast(top, x.dtype), tf.zeros_like(x)),
+            )
+            dalpha = dy * dsig
+            extra = dalpha.shape.rank - alpha.shape.rank
+            dalpha = tf.reduce_sum(dalpha, axis=list(range(extra))) if extra else dalpha
+            # Broadcast dims of alpha (size 1) are summed too.
+            for i, n in enumerate(alpha.shape):
+                if n == 1 and dalpha.shape[i] != 1:
+                    dalpha = tf.reduce_sum(dalpha, axis=i, keepdims=True)
+            return dx, tf.reshape(dalpha, tf.shape(alpha))
+
+        return y, grad
+
+    return _qrelu(x, alpha)
+
+
+@keras.saving.register_keras_serializable(package="faqd_tf")
+class WeightQuantizer:
+    """Serializable b-bit weight quantizer (a thin wrapper of `quantize_weights`).
+
+    Has `precision` (bits) for bit-counting summaries.
+
+    >>> q = WeightQuantizer(bits=2)
+    >>> q.precision
+    2
+    """
+
+    def __init__(self, bits=4, per_channel=False, iterations=LLOYD_ITERATIONS):
+        self.bits = check_bits(bits)
+        self.per_channel = bool(per_channel)
+        self.iterations = int(iterations)
+
+    @property
+    def precision(self):
+        return self.bits
+
+    def __call__(self, w):
+        return quantize_weights(w, self.bits, self.per_channel, self.iterations)
+
+    def relaxed(self, w, lam):
+        return binary_relax(w, lam, self.bits, self.per_channel, self.iterations)
+
+    def codes(self, w):
+        return weight_codes(w, self.bits, self.per_channel, self.iterations)
+
+    def get_config(self):
+        return {"bits": self.bits, "per_channel": self.per_channel, "iterations": self.iterations}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        return f"WeightQuantizer(bits={self.bits}, per_channel={self.per_channel})"
+
+
+# Names a layer or config may use for a weight quantizer.
+_REGISTRY = {
+    "ste_sign": dict(bits=1),
+    "binary": dict(bits=1),
+    "ternary": dict(bits=2),
+    "int2": dict(bits=2),
+    "int4": dict(bits=4),
+    "int8": dict(bits=8),
+}
+
+
+def serialize(quantizer):
+    return keras.saving.serialize_keras_object(quantizer)
+
+
+def deserialize(config):
+    return keras.saving.deserialize_keras_object(config, module_objects={"WeightQuantizer": WeightQuantizer})
+
+
+def get(identifier):
+    """A weight quantizer from a name (`"ste_sign"`, `"ternary"`, `"int4"`, ...), a config dict,
+    a `WeightQuantizer`, or None.
+
+    >>> get("ternary")
+    WeightQuantizer(bits=2, per_channel=False)
+    """
+    if identifier is None or isinstance(identifier, WeightQuantizer):
+        return identifier
+    if isinstance(identifier, str):
+        key = identifier.lower()
+        if key.endswith("_per_channel"):
+            key, per_channel = key[: -len("_per_channel")], True
+        else:
+            per_channel = False
+        if key not in _REGISTRY:
+            names = ", ".join(sorted(_REGISTRY))
+            raise ValueError(
+                f"Unknown quantizer {identifier!r}; use one of {names} (optionally with '_per_channel')."
+            )
+        return WeightQuantizer(per_channel=per_channel, **_REGISTRY[key])
+    if isinstance(identifier, dict):
+        return deserialize(identifier)
+    if callable(identifier):
+        return identifier
+    raise ValueError(f"Could not interpret quantizer identifier {identifier!r}.")
