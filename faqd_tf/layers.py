@@ -1,0 +1,311 @@
+"""Quantized Keras layers: `QuantConv2D`, `QuantDepthwiseConv2D`, `QuantDense`, `QuantReLU`.
+
+The conv and dense layers are the Keras layers with the kernel quantized in `call` (as QKeras
+does): the float kernel is kept and trained, the forward pass uses Q(kernel) and the gradient
+passes straight through (BinaryConnect, eq. 1 of arXiv 2302.10899). With `relax` set, training
+uses the BinaryRelax blend `(w + lam*Q(w)) / (1 + lam)` (eq. 2) and `lam` grows each epoch under
+`faqd_tf.callbacks.BinaryRelaxScheduler`; inference always uses Q(w). `weight_bits=None` is full
+precision, so one class serves the FP teacher and the quantized student.
+
+Example:
+
+>>> import keras, numpy as np
+>>> model = keras.Sequential([
+...     keras.Input((8, 8, 3)),
+...     QuantConv2D(4, 3, weight_bits=2, name="conv"),
+...     QuantReLU(bits=2),
+... ])
+>>> model(np.random.rand(1, 8, 8, 3)).shape
+TensorShape([1, 6, 6, 4])
+"""
+
+import keras
+import tensorflow as tf
+from keras import ops
+from keras.src.backend import AutocastScope  # no public way to read a variable un-autocast
+
+from faqd_tf import quantizers
+
+
+@keras.saving.register_keras_serializable(package="faqd_tf")
+class Clip(keras.constraints.Constraint):
+    """Keeps a weight in `[min_value, max_value]` (the quantized ReLU's resolution alpha)."""
+
+    def __init__(self, min_value=quantizers.ALPHA_MIN, max_value=quantizers.ALPHA_MAX):
+        self.min_value = float(min_value)
+        self.max_value = float(max_value)
+
+    def __call__(self, w):
+        return ops.clip(w, self.min_value, self.max_value)
+
+    def get_config(self):
+        return {"min_value": self.min_value, "max_value": self.max_value}
+
+
+class QuantizedKernelMixin:
+    """What QuantConv2D, QuantDepthwiseConv2D and QuantDense share: the kernel quantizer,
+    the BinaryRelax factor, and their configuration."""
+
+    def _init_quantizer(self, weight_bits, per_channel, relax, kernel_quantizer):
+        if kernel_quantizer is not None and weight_bits is not None:
+            raise ValueError(
+                "Give either weight_bits or kernel_quantizer, not both "
+                f"(got weight_bits={weight_bits!r}, kernel_quantizer={kernel_quantizer!r})."
+            )
+        if kernel_quantizer is not None:
+            self.kernel_quantizer = quantizers.get(kernel_quantizer)
+        else:
+            weight_bits = quantizers.check_bits(weight_bits, "weight_bits", allow_none=True)
+            if per_channel and weight_bits is None:
+                raise ValueError(
+                    "per_channel=True needs a quantized kernel; set weight_bits to 1, 2, 4 or 8, "
+                    "or use per_channel=False."
+                )
+            self.kernel_quantizer = (
+                None if weight_bits is None else quantizers.WeightQuantizer(weight_bits, per_channel)
+            )
+        if relax is not None and relax is not False:
+            if isinstance(relax, bool):
+                relax = 1.0
+            if not isinstance(relax, (int, float)) or relax <= 0:
+                raise ValueError(
+                    f"relax={relax!r} is not valid; use None (plain quantization) or a positive "
+                    "initial BinaryRelax lambda such as 1.0."
+                )
+            if not hasattr(self.kernel_quantizer, "relaxed"):
+                raise ValueError(
+                    "relax needs a quantized kernel whose quantizer has a relaxed() form; "
+                    "set weight_bits to 1, 2, 4 or 8."
+                )
+            relax = float(relax)
+        else:
+            relax = None
+        self.relax = relax
+        self.relax_lambda = None
+
+    @property
+    def weight_bits(self):
+        return getattr(self.kernel_quantizer, "bits", None)
+
+    @property
+    def per_channel(self):
+        return bool(getattr(self.kernel_quantizer, "per_channel", False))
+
+    @property
+    def precision(self):
+        """Bits of a stored weight (None: full precision); read by bit-counting summaries."""
+        return getattr(self.kernel_quantizer, "precision", None)
+
+    def _build_relax(self):
+        if self.relax is not None:
+            self.relax_lambda = self.add_weight(
+                name="relax_lambda",
+                shape=(),
+                initializer=keras.initializers.Constant(self.relax),
+                trainable=False,
+            )
+
+    def quantized_kernel(self, training=None):
+        """The kernel the forward pass uses: Q(w), the BinaryRelax blend in training, or w."""
+        if self.kernel_quantizer is None:
+            return self.kernel
+        # Quantize the stored float32 weights even under mixed precision, so that the codes equal
+        # those of the float32 path; only the result is cast to the compute dtype.
+        with AutocastScope(None):
+            w = tf.convert_to_tensor(self._kernel_to_quantize())
+        if training and self.relax_lambda is not None:
+            q = self.kernel_quantizer.relaxed(w, tf.convert_to_tensor(self.relax_lambda))
+        else:
+            q = self.kernel_quantizer(w)
+        return ops.cast(self._restore_kernel_shape(q), self.compute_dtype)
+
+    def _kernel_to_quantize(self):
+        return self.kernel
+
+    def _bias_and_activation(self, outputs):
+        if getattr(self, "bias", None) is not None:
+            bias = self.bias
+            if getattr(self, "data_format", "channels_last") == "channels_first":
+                bias = ops.reshape(bias, (1, -1) + (1,) * self.rank)
+            outputs = ops.add(outputs, bias)
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
+
+    def _restore_kernel_shape(self, q):
+        return q
+
+    def _quantizer_config(self):
+        q = self.kernel_quantizer
+        if q is None or type(q) is quantizers.WeightQuantizer and q.iterations == quantizers.LLOYD_ITERATIONS:
+            return {
+                "weight_bits": self.weight_bits,
+                "per_channel": self.per_channel,
+                "relax": self.relax,
+            }
+        return {"kernel_quantizer": keras.saving.serialize_keras_object(q), "relax": self.relax}
+
+
+@keras.saving.register_keras_serializable(package="faqd_tf")
+class QuantConv2D(QuantizedKernelMixin, keras.layers.Conv2D):
+    """`keras.layers.Conv2D` whose kernel is quantized to `weight_bits` in the forward pass.
+
+    Args (besides those of Conv2D):
+        weight_bits: 1, 2, 4, 8, or None for full precision.
+        per_channel: one scale per output channel instead of one per layer.
+        relax: None, or the initial lambda of BinaryRelax (eq. 2).
+        kernel_quantizer: instead of `weight_bits`, a quantizer name (`"ste_sign"`, `"ternary"`,
+            `"int4"`, ...), config or object from `faqd_tf.quantizers`.
+
+    >>> layer = QuantConv2D(8, 3, weight_bits=1)
+    >>> y = layer(np.random.rand(2, 5, 5, 3).astype("float32"))
+    >>> len(np.unique(layer.quantized_kernel()))
+    2
+    """
+
+    def __init__(self, *args, weight_bits=None, per_channel=False, relax=None, kernel_quantizer=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_quantizer(weight_bits, per_channel, relax, kernel_quantizer)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self._build_relax()
+
+    def call(self, inputs, training=None):
+        outputs = self.convolution_op(inputs, self.quantized_kernel(training))
+        return self._bias_and_activation(outputs)
+
+    def get_config(self):
+        return {**super().get_config(), **self._quantizer_config()}
+
+
+@keras.saving.register_keras_serializable(package="faqd_tf")
+class QuantDepthwiseConv2D(QuantizedKernelMixin, keras.layers.DepthwiseConv2D):
+    """`keras.layers.DepthwiseConv2D` with a quantized depthwise kernel (MobileNet-style models).
+
+    Per-channel scales are per (input channel x multiplier), the kernel's flattened last two axes.
+    """
+
+    def __init__(self, *args, weight_bits=None, per_channel=False, relax=None, kernel_quantizer=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_quantizer(weight_bits, per_channel, relax, kernel_quantizer)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self._build_relax()
+
+    def _kernel_to_quantize(self):
+        # Every depthwise filter (input channel x multiplier) counts as an output channel.
+        shape = ops.shape(self.kernel)
+        return ops.reshape(self.kernel, (shape[0], shape[1], 1, -1))
+
+    def _restore_kernel_shape(self, q):
+        return ops.reshape(q, ops.shape(self.kernel))
+
+    def call(self, inputs, training=None):
+        outputs = ops.depthwise_conv(
+            inputs,
+            self.quantized_kernel(training),
+            strides=self.strides,
+            padding=self.padding,
+            dilation_rate=self.dilation_rate,
+            data_format=self.data_format,
+        )
+        return self._bias_and_activation(outputs)
+
+    def get_config(self):
+        return {**super().get_config(), **self._quantizer_config()}
+
+
+@keras.saving.register_keras_serializable(package="faqd_tf")
+class QuantDense(QuantizedKernelMixin, keras.layers.Dense):
+    """`keras.layers.Dense` whose kernel is quantized to `weight_bits` in the forward pass.
+
+    Same extra arguments as `QuantConv2D`.
+
+    >>> layer = QuantDense(3, weight_bits=2)
+    >>> layer(np.random.rand(4, 5).astype("float32")).shape
+    TensorShape([4, 3])
+    """
+
+    def __init__(self, *args, weight_bits=None, per_channel=False, relax=None, kernel_quantizer=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_quantizer(weight_bits, per_channel, relax, kernel_quantizer)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self._build_relax()
+
+    def call(self, inputs, training=None):
+        return self._bias_and_activation(ops.matmul(inputs, self.quantized_kernel(training)))
+
+    def get_config(self):
+        return {**super().get_config(), **self._quantizer_config()}
+
+
+@keras.saving.register_keras_serializable(package="faqd_tf")
+class QuantReLU(keras.layers.Layer):
+    """ReLU, or the b-bit quantized ReLU of eq. (4) with a learned resolution `alpha`.
+
+    Args:
+        bits: 1, 2, 4, 8, or None for a plain ReLU.
+        alpha_initializer: initial resolution: a float in [1e-3, 5] or a Keras initializer;
+            default: the authors' value for `bits` (1.2221, 0.6511, 0.1946 for 1, 2, 4 bits).
+        trainable_alpha: learn alpha with the gradient of eq. (5).
+
+    Alpha is kept in [1e-3, 5] by a `Clip` constraint.
+
+    >>> relu = QuantReLU(bits=2, alpha_initializer=0.5)
+    >>> np.asarray(relu(np.array([-1.0, 0.2, 0.7, 9.0], "float32"))).tolist()
+    [0.0, 0.5, 1.0, 1.5]
+    """
+
+    def __init__(self, bits=None, alpha_initializer=None, trainable_alpha=True, **kwargs):
+        super().__init__(**kwargs)
+        self.bits = quantizers.check_bits(bits, "bits", allow_none=True)
+        if isinstance(alpha_initializer, (int, float)) and not isinstance(alpha_initializer, bool):
+            quantizers.check_alpha(alpha_initializer, "alpha_initializer")
+            alpha_initializer = keras.initializers.Constant(float(alpha_initializer))
+        elif alpha_initializer is None and self.bits is not None:
+            alpha_initializer = keras.initializers.Constant(quantizers.DEFAULT_ALPHA[self.bits])
+        self.alpha_initializer = (
+            keras.initializers.get(alpha_initializer) if alpha_initializer is not None else None
+        )
+        self.trainable_alpha = bool(trainable_alpha)
+        self.alpha = None
+
+    @property
+    def precision(self):
+        """Bits of an activation (None: full precision)."""
+        return self.bits
+
+    def build(self, input_shape):
+        if self.bits is not None:
+            self.alpha = self.add_weight(
+                name="alpha",
+                shape=(),
+                initializer=self.alpha_initializer,
+                constraint=Clip(quantizers.ALPHA_MIN, quantizers.ALPHA_MAX),
+                trainable=self.trainable_alpha,
+            )
+
+    def call(self, inputs):
+        if self.bits is None:
+            return ops.relu(inputs)
+        return quantizers.quantized_relu(inputs, tf.convert_to_tensor(self.alpha), self.bits)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "bits": self.bits,
+                "alpha_initializer": (
+                    keras.initializers.serialize(self.alpha_initializer) if self.alpha_initializer else None
+                ),
+                "trainable_alpha": self.trainable_alpha,
+            }
+        )
+        return config

@@ -1,0 +1,183 @@
+"""Quantized layers: forward values, training, saving, distribution, validation."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from faqd_tf import quantizers
+from faqd_tf.callbacks import BinaryRelaxScheduler
+from faqd_tf.layers import QuantConv2D, QuantDense, QuantDepthwiseConv2D, QuantReLU
+from tests.test_quantizers import np_qrelu, np_quantize
+
+
+def np_conv_valid(x, k):
+    """float64 'valid', stride-1 2-D convolution (cross-correlation as Keras does)."""
+    kh, kw, _, _ = k.shape
+    n, h, w, _ = x.shape
+    out = np.zeros((n, h - kh + 1, w - kw + 1, k.shape[-1]))
+    for i in range(h - kh + 1):
+        for j in range(w - kw + 1):
+            out[:, i, j, :] = np.tensordot(x[:, i : i + kh, j : j + kw, :], k, axes=([1, 2, 3], [0, 1, 2]))
+    return out
+
+
+@pytest.mark.parametrize("bits", [None, 1, 2, 4, 8])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_quant_conv2d_forward_matches_numpy(rng, bits, per_channel):
+    if bits is None and per_channel:
+        pytest.skip("per_channel needs bits")
+    layer = QuantConv2D(5, 3, weight_bits=bits, per_channel=per_channel, bias_initializer="random_normal")
+    x = rng.normal(size=(2, 6, 7, 3)).astype(np.float32)
+    y = layer(x).numpy()
+    k = layer.kernel.numpy().astype(np.float64)
+    qk = k if bits is None else np_quantize(k, bits, per_channel)
+    want = np_conv_valid(x.astype(np.float64), qk) + layer.bias.numpy()
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_quant_dense_and_relu_forward_match_numpy(rng, bits):
+    dense = QuantDense(6, weight_bits=bits, per_channel=True)
+    relu = QuantReLU(bits=bits)
+    x = rng.normal(size=(4, 9)).astype(np.float32)
+    y = relu(dense(x)).numpy()
+    pre = x.astype(np.float64) @ np_quantize(dense.kernel.numpy(), bits, True) + dense.bias.numpy()
+    np.testing.assert_allclose(y, np_qrelu(pre, float(relu.alpha.numpy()), bits), rtol=1e-5, atol=1e-5)
+    assert float(relu.alpha.numpy()) == pytest.approx(quantizers.DEFAULT_ALPHA[bits])
+
+
+def test_depthwise_per_channel_scales(rng):
+    layer = QuantDepthwiseConv2D(3, depth_multiplier=2, weight_bits=1, per_channel=True, use_bias=False)
+    layer(rng.normal(size=(1, 5, 5, 4)).astype(np.float32))
+    q = layer.quantized_kernel().numpy()
+    k = layer.kernel.numpy()
+    for c in range(4):
+        for m in range(2):
+            np.testing.assert_allclose(np.abs(q[:, :, c, m]), np.mean(np.abs(k[:, :, c, m])), rtol=1e-6)
+
+
+def small_model(weight_bits=2, activation_bits=2, relax=None):
+    inputs = keras.Input((8, 8, 3))
+    x = QuantConv2D(8, 3, padding="same", weight_bits=weight_bits, relax=relax, name="conv1")(inputs)
+    # Synchronized: otherwise each replica keeps its own moving statistics under MirroredStrategy.
+    x = keras.layers.BatchNormalization(synchronized=True, name="bn1")(x)
+    x = QuantReLU(bits=activation_bits, name="relu1")(x)
+    x = QuantDepthwiseConv2D(3, padding="same", weight_bits=weight_bits, name="dw")(x)
+    x = QuantReLU(bits=activation_bits, name="relu2")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = QuantDense(3, weight_bits=weight_bits, relax=relax, name="logits")(x)
+    return keras.Model(inputs, outputs)
+
+
+def toy_data(rng, n=96):
+    x = rng.normal(size=(n, 8, 8, 3)).astype(np.float32)
+    # A learnable rule: the class is the channel with the largest mean.
+    y = np.argmax(x.mean(axis=(1, 2)), axis=1)
+    return x, y
+
+
+def test_small_quantized_model_trains_saves_and_loads(rng, tmp_path):
+    model = small_model()
+    model.compile(keras.optimizers.Adam(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = toy_data(rng)
+    history = model.fit(x, y, epochs=15, batch_size=16, verbose=0)
+    losses = history.history["loss"]
+    assert losses[-1] < 0.85 * losses[0], losses
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    assert isinstance(loaded.get_layer("conv1"), QuantConv2D)
+    assert loaded.get_layer("conv1").weight_bits == 2
+    assert loaded.get_layer("relu1").precision == 2
+
+
+def test_alpha_is_learned_and_clipped(rng):
+    relu = QuantReLU(bits=2, alpha_initializer=4.99)
+    model = keras.Sequential([keras.Input((5,)), relu])
+    # Pushing every output up drives alpha up; the constraint keeps it at 5.
+    model.compile(keras.optimizers.SGD(1.0), "mse")
+    x = np.abs(rng.normal(size=(32, 5))).astype(np.float32) + 0.1
+    model.fit(x, x + 100.0, epochs=3, verbose=0)
+    assert float(relu.alpha.numpy()) == pytest.approx(quantizers.ALPHA_MAX)
+
+
+def test_training_under_mirrored_strategy_and_save(rng, tmp_path, mirrored_strategy):
+    with mirrored_strategy.scope():
+        model = small_model(weight_bits=4, activation_bits=4)
+        model.compile(keras.optimizers.Adam(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = toy_data(rng)
+    history = model.fit(x, y, epochs=6, batch_size=16, verbose=0)
+    assert mirrored_strategy.num_replicas_in_sync == 2
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
+    # The mirrored predict splits batches across replicas, so sums may round differently.
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+
+
+def test_binary_relax_trains_on_blend_and_infers_on_q(rng):
+    model = small_model(weight_bits=1, relax=1.0)
+    x, y = toy_data(rng, 32)
+    model.compile(keras.optimizers.SGD(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=3, batch_size=16, verbose=0, callbacks=[BinaryRelaxScheduler(eta=1.5)])
+    conv = model.get_layer("conv1")
+    assert float(conv.relax_lambda.numpy()) == pytest.approx(1.5**3)
+    w = conv.kernel.numpy()
+    lam = 1.5**3
+    np.testing.assert_allclose(
+        conv.quantized_kernel(training=True).numpy(), (w + lam * np_quantize(w, 1)) / (1 + lam), rtol=1e-5
+    )
+    np.testing.assert_allclose(conv.quantized_kernel(training=False).numpy(), np_quantize(w, 1), rtol=1e-5)
+
+
+def test_full_precision_layers_equal_keras_layers(rng):
+    x = rng.normal(size=(2, 6, 6, 3)).astype(np.float32)
+    ours = QuantConv2D(4, 3, weight_bits=None)
+    ref = keras.layers.Conv2D(4, 3)
+    ours.build(x.shape)
+    ref.build(x.shape)
+    ref.set_weights(ours.get_weights())
+    np.testing.assert_array_equal(ours(x).numpy(), ref(x).numpy())
+    assert ours.precision is None
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: QuantConv2D(4, 3, weight_bits=3), r"weight_bits=3 is not supported; use one of 1, 2, 4, 8"),
+        (lambda: QuantDense(4, weight_bits=16), r"weight_bits=16 is not supported"),
+        (lambda: QuantReLU(bits=3), r"bits=3 is not supported; use one of 1, 2, 4, 8"),
+        (lambda: QuantReLU(bits=2, alpha_initializer=-0.5), r"alpha_initializer=-0.5 is out of range"),
+        (lambda: QuantConv2D(4, 3, per_channel=True), r"per_channel=True needs a quantized kernel"),
+        (lambda: QuantDense(4, relax=1.0), r"relax needs a quantized kernel"),
+        (lambda: QuantDense(4, weight_bits=2, relax=-1.0), r"relax=-1.0 is not valid"),
+        (lambda: QuantDense(4, weight_bits=2, kernel_quantizer="int4"), r"either weight_bits or kernel_quantizer"),
+        (lambda: BinaryRelaxScheduler(eta=0.9), r"eta=0.9 must be greater than 1"),
+    ],
+)
+def test_bad_arguments_raise_value_error(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_kernel_quantizer_by_name_serializes(rng, tmp_path):
+    inputs = keras.Input((4,))
+    outputs = QuantDense(3, kernel_quantizer="ste_sign", name="d")(inputs)
+    model = keras.Model(inputs, outputs)
+    assert model.get_layer("d").weight_bits == 1
+    model.save(tmp_path / "d.keras")
+    loaded = keras.models.load_model(tmp_path / "d.keras", safe_mode=True)
+    x = rng.normal(size=(5, 4)).astype(np.float32)
+    np.testing.assert_array_equal(loaded(x).numpy(), model(x).numpy())
+
+
+def test_quantized_kernel_gradient_reaches_float_kernel(rng):
+    layer = QuantConv2D(3, 3, weight_bits=2)
+    x = tf.constant(rng.normal(size=(1, 5, 5, 2)).astype(np.float32))
+    layer.build(x.shape)
+    with tf.GradientTape() as tape:
+        y = tf.reduce_sum(layer(x, training=True) ** 2)
+    g = tape.gradient(y, layer.kernel)
+    assert g is not None and np.all(np.isfinite(g.numpy())) and np.any(g.numpy() != 0)

@@ -1,0 +1,175 @@
+"""Quantizers against an independent float64 NumPy implementation of the paper's formulas."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from faqd_tf import quantizers
+from faqd_tf.quantizers import quantize_weights, quantized_relu
+
+
+# ---- float64 NumPy references ---------------------------------------------------------------
+
+
+def np_lloyd(abs_w, scale, n_levels, axes, iterations):
+    for _ in range(iterations):
+        q = np.clip(np.round(abs_w / np.maximum(scale, 1e-12)), 0, n_levels)
+        num = np.sum(abs_w * q, axis=axes, keepdims=True)
+        den = np.sum(q * q, axis=axes, keepdims=True)
+        scale = np.where(den > 0, num / np.maximum(den, 1e-12), scale)
+    return scale
+
+
+def np_quantize(w, bits, per_channel=False, iterations=quantizers.LLOYD_ITERATIONS):
+    w = np.asarray(w, np.float64)
+    axes = tuple(range(w.ndim - 1)) if per_channel else tuple(range(w.ndim))
+    sign = np.where(w >= 0, 1.0, -1.0)
+    a = np.abs(w)
+    if bits == 1:
+        return sign * np.mean(a, axis=axes, keepdims=True)
+    L = 2 ** (bits - 1) - 1
+    scale = np_lloyd(a, np.max(a, axis=axes, keepdims=True) / L, L, axes, iterations)
+    if bits == 2:
+        twn = np_lloyd(a, 1.4 * np.mean(a, axis=axes, keepdims=True), L, axes, iterations)
+        err = lambda s: np.sum((a - np.clip(np.round(a / s), 0, L) * s) ** 2, axis=axes, keepdims=True)
+        scale = np.where(err(twn) < err(scale), twn, scale)
+    return sign * np.clip(np.round(a / scale), 0, L) * scale
+
+
+def np_qrelu(x, alpha, bits):
+    top = 2**bits - 1
+    k = np.clip(np.floor(x / alpha) + 1, 0, top)
+    return np.where(x < 0, 0.0, k * alpha)
+
+
+def np_qrelu_grads(x, alpha, bits, dy, top=None):
+    top = (2**bits - 1) * alpha if top is None else top
+    inside = (x > 0) & (x < top)
+    dx = np.where(inside, dy, 0.0)
+    dsig = np.where(inside, 2 ** (bits - 1), np.where(x >= top, 2**bits - 1, 0.0))
+    return dx, np.sum(dy * dsig)
+
+
+# ---- weight quantization --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_weight_quantizer_matches_numpy(rng, bits, per_channel):
+    w = rng.normal(0, 0.1, size=(3, 3, 8, 16)).astype(np.float32)
+    got = quantize_weights(w, bits, per_channel=per_channel).numpy()
+    want = np_quantize(w, bits, per_channel)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7)
+    # Levels: at most 2L+1 distinct values per scale group (2 for 1 bit).
+    max_values = 2 if bits == 1 else 2 * quantizers.levels(bits) + 1
+    groups = got.reshape(-1, 16).T if per_channel else [got.ravel()]
+    for g in groups:
+        assert len(np.unique(g)) <= max_values
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_least_squares_scale_beats_max_abs(rng, bits, per_channel):
+    w = rng.standard_t(df=4, size=(64, 32)).astype(np.float64)
+    axes = (0,) if per_channel else (0, 1)
+    L = quantizers.levels(bits)
+    s_max = np.max(np.abs(w), axis=axes, keepdims=True) / L
+    max_abs_err = np.sum((w - np.sign(w) * np.clip(np.round(np.abs(w) / s_max), 0, L) * s_max) ** 2)
+    ls_err = np.sum((w - quantize_weights(w.astype(np.float32), bits, per_channel).numpy()) ** 2)
+    assert ls_err <= max_abs_err * (1 + 1e-6)
+
+
+def test_ternary_has_three_levels_and_binary_two(rng):
+    w = rng.normal(size=(200,)).astype(np.float32)
+    assert len(np.unique(quantize_weights(w, 2).numpy())) == 3
+    q1 = quantize_weights(w, 1).numpy()
+    np.testing.assert_allclose(np.unique(np.abs(q1)), [np.mean(np.abs(w))], rtol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_weight_ste_is_identity(rng, bits):
+    w = tf.constant(rng.normal(size=(5, 7)).astype(np.float32))
+    dy = rng.normal(size=(5, 7)).astype(np.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(w)
+        y = tf.reduce_sum(quantize_weights(w, bits, per_channel=True) * dy)
+    np.testing.assert_array_equal(tape.gradient(y, w).numpy(), dy)
+
+
+def test_binary_relax_blend_and_ste(rng):
+    w = tf.constant(rng.normal(size=(4, 6)).astype(np.float32))
+    lam = 3.0
+    with tf.GradientTape() as tape:
+        tape.watch(w)
+        u = quantizers.binary_relax(w, lam, bits=2)
+        y = tf.reduce_sum(u)
+    want = (w.numpy() + lam * np_quantize(w.numpy(), 2)) / (1 + lam)
+    np.testing.assert_allclose(u.numpy(), want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(tape.gradient(y, w).numpy(), np.ones((4, 6), np.float32))
+
+
+# ---- quantized ReLU -------------------------------------------------------------------------
+
+
+def test_quantized_relu_hand_worked_two_bits():
+    # Eq. (4) with b = 2, alpha = 0.5: steps at 0, 0.5, 1.0; top level 3*alpha = 1.5.
+    x = tf.constant([-0.3, 0.0, 0.2, 0.5, 0.7, 1.0, 1.49, 1.5, 4.0])
+    want = [0.0, 0.5, 0.5, 1.0, 1.0, 1.5, 1.5, 1.5, 1.5]
+    np.testing.assert_allclose(quantized_relu(x, 0.5, 2).numpy(), want)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_quantized_relu_forward_and_eq5_gradients(rng, bits):
+    alpha = float(np.float32(rng.uniform(0.05, 0.6)))
+    # The op compares x with (2^b - 1) * alpha formed in float32; the boundary point is that value.
+    top = float(np.float32(2**bits - 1) * np.float32(alpha))
+    # Cover x <= 0, the inside, x >= top, and the boundaries x = 0 and x = top exactly.
+    x = np.concatenate(
+        [rng.uniform(-2, 0, 50), rng.uniform(0, top, 200), rng.uniform(top, top + 3, 50), [0.0, top, -0.0]]
+    ).astype(np.float32)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    xt, at = tf.constant(x), tf.constant(alpha, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch([xt, at])
+        y = quantized_relu(xt, at, bits)
+        loss = tf.reduce_sum(y * dy)
+    gx, ga = tape.gradient(loss, [xt, at])
+    np.testing.assert_allclose(y.numpy(), np_qrelu(x.astype(np.float64), alpha, bits), rtol=1e-5, atol=1e-6)
+    want_dx, want_da = np_qrelu_grads(x.astype(np.float64), alpha, bits, dy.astype(np.float64), top)
+    np.testing.assert_allclose(gx.numpy(), want_dx, rtol=0, atol=0)
+    np.testing.assert_allclose(ga.numpy(), want_da, rtol=1e-5)
+    # The boundary points: x = 0 passes no gradient, x = top passes none to x and 2^b-1 to alpha.
+    assert gx.numpy()[-3] == 0 and gx.numpy()[-2] == 0
+
+
+def test_quantized_relu_at_most_2b_levels(rng):
+    x = rng.normal(0, 2, size=(1000,)).astype(np.float32)
+    for bits in (1, 2, 4):
+        assert len(np.unique(quantized_relu(x, 0.3, bits).numpy())) <= 2**bits
+
+
+# ---- validation and registry ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [3, 0, 16, 2.0, True, "4"])
+def test_bad_bits_name_the_allowed_values(bits):
+    with pytest.raises(ValueError, match=r"bits=.*use one of 1, 2, 4, 8"):
+        quantize_weights(np.ones((2, 2), np.float32), bits)
+
+
+def test_bad_alpha_and_per_channel_without_channels():
+    with pytest.raises(ValueError, match=r"alpha=-0.5 .*\[0.001, 5.0\]"):
+        quantized_relu(tf.constant([1.0]), -0.5, 2)
+    with pytest.raises(ValueError, match="per_channel=True needs a kernel with an output-channel axis"):
+        quantize_weights(np.arange(1.0, 5.0, dtype=np.float32), 4, per_channel=True)
+
+
+def test_registry_names_and_configs():
+    assert quantizers.get("ste_sign").bits == 1
+    assert quantizers.get("ternary").bits == 2
+    q = quantizers.get("int4_per_channel")
+    assert (q.bits, q.per_channel) == (4, True)
+    again = quantizers.get(quantizers.serialize(q))
+    assert isinstance(again, quantizers.WeightQuantizer) and again.get_config() == q.get_config()
+    with pytest.raises(ValueError, match="Unknown quantizer 'int3'; use one of"):
+        quantizers.get("int3")
