@@ -129,7 +129,11 @@ class _Builder:
         )(x)
 
     def bn(self, x, name):
-        return layers.BatchNormalization(momentum=self.bn_momentum, epsilon=BN_EPSILON, name=name)(x)
+        # Synchronized so that under MirroredStrategy the replicas share batch statistics and keep
+        # identical moving statistics (one step then equals the single-device step).
+        return layers.BatchNormalization(
+            momentum=self.bn_momentum, epsilon=BN_EPSILON, synchronized=True, name=name
+        )(x)
 
     def relu(self, x, name):
         return QuantReLU(bits=self.activation_bits, name=name)(x)

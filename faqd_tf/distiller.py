@@ -1,0 +1,302 @@
+"""`Distiller`: FAQD training of a (quantized) student from a frozen full-precision teacher.
+
+The loss of one sample (eqs. 10-11 of arXiv 2302.10899) is
+
+    alpha * KD(teacher logits, student logits) + beta * sum_l FA(teacher map l, student map l)
+        + gamma * CE(labels, student logits)
+
+with KD the MSE (end-to-end) or the temperature-scaled KL (fine-tuning), FA the exact feature
+affinity or its fast estimate (FFA), and gamma = 0 for label-free training: `fit` then takes
+batches of images alone.
+
+>>> from faqd_tf.models import resnet_cifar
+>>> from faqd_tf.quantize import quantize_model
+>>> teacher = resnet_cifar(20)
+>>> student = quantize_model(teacher, weight_bits=4)
+>>> distiller = Distiller(student, teacher, alpha=1.0, beta=0.1, kd="mse", fa="exact")
+>>> distiller.compile(keras.optimizers.SGD(0.01, momentum=0.9, nesterov=True))
+>>> images = np.random.rand(8, 32, 32, 3).astype("float32")
+>>> history = distiller.fit(images, batch_size=4, epochs=1, verbose=0)
+>>> sorted(history.history)
+['fa', 'kd', 'loss']
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from faqd_tf import losses
+from faqd_tf.features import paired_extractors
+
+KD_KINDS = ("mse", "kl")
+FA_KINDS = ("exact", "fast", None)
+
+
+def _check_weight(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or value < 0:
+        raise ValueError(f"{name}={value!r} must be a number >= 0.")
+    return float(value)
+
+
+@keras.saving.register_keras_serializable(package="faqd_tf")
+class Distiller(keras.Model):
+    """Feature-affinity assisted quantized distillation (FAQD) of `student` from `teacher`.
+
+    Args:
+        student: the Keras model to train (often `quantize_model(teacher)`); outputs logits.
+        teacher: the trained full-precision Keras model; frozen, run in inference mode.
+        alpha: weight of the KD loss on logits.
+        beta: weight of the summed feature-affinity loss.
+        gamma: weight of the cross-entropy on labels; 0 trains label-free.
+        kd: `"mse"` (raw logits; the paper's choice end-to-end) or `"kl"` (fine-tuning).
+        temperature: softmax temperature of the KL loss (scaled by T^2).
+        fa: `"exact"` feature affinity, `"fast"` (FFA with `ffa_k` Gaussian probes), or None.
+        ffa_k: number of FFA probes.
+        fa_method: `"auto"`, `"gram"` or `"pairwise"` for the exact FA.
+        student_layers, teacher_layers: names of the tapped layers, paired in order; None picks
+            the stage outputs (see `faqd_tf.features.feature_layers`).
+        seed: seed of the FFA probes (the probes of step t use the stateless seed (seed, t)).
+
+    `distiller.student` stays a plain Keras model: save it with `student.save("x.keras")`.
+    """
+
+    def __init__(
+        self,
+        student,
+        teacher,
+        alpha=1.0,
+        beta=0.1,
+        gamma=0.0,
+        kd="mse",
+        temperature=1.0,
+        fa="exact",
+        ffa_k=15,
+        fa_method="auto",
+        student_layers=None,
+        teacher_layers=None,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.alpha = _check_weight("alpha", alpha)
+        self.beta = _check_weight("beta", beta)
+        self.gamma = _check_weight("gamma", gamma)
+        if kd not in KD_KINDS:
+            raise ValueError(f"kd={kd!r} is not supported; use one of {KD_KINDS}.")
+        if fa not in FA_KINDS:
+            raise ValueError(f"fa={fa!r} is not supported; use 'exact', 'fast' or None.")
+        if not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ValueError(f"temperature={temperature!r} must be a number > 0.")
+        if isinstance(ffa_k, bool) or not isinstance(ffa_k, int) or ffa_k < 1:
+            raise ValueError(f"ffa_k={ffa_k!r} must be an integer >= 1.")
+        self.kd = kd
+        self.temperature = float(temperature)
+        self.fa = fa
+        self.ffa_k = ffa_k
+        self.fa_method = fa_method
+        self.student_layers = None if student_layers is None else list(student_layers)
+        self.teacher_layers = None if teacher_layers is None else list(teacher_layers)
+        self.seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else int(seed)
+
+        self.student = student
+        self.teacher = teacher
+        self.teacher.trainable = False
+        _check_compatible(student, teacher)
+        if fa is None:
+            self.teacher_features, self.student_features = paired_extractors(teacher, student, [], [])
+        else:
+            self.teacher_features, self.student_features = paired_extractors(
+                teacher, student, self.teacher_layers, self.student_layers
+            )
+        self.total_tracker = keras.metrics.Mean(name="loss")
+        self.kd_tracker = keras.metrics.Mean(name="kd")
+        self.fa_tracker = keras.metrics.Mean(name="fa")
+        self.ce_tracker = keras.metrics.Mean(name="ce")
+
+    @property
+    def feature_pairs(self):
+        """(teacher layer, student layer) names of the FA terms."""
+        return list(zip(self.teacher_features.output_names[1:], self.student_features.output_names[1:]))
+
+    def compile(self, optimizer="sgd", loss=None, metrics=None, **kwargs):
+        """Like `keras.Model.compile`, without `loss`: the Distiller composes its own.
+
+        `metrics` (e.g. `["accuracy"]`) are computed on the student's logits for batches that
+        carry labels; label-free batches leave them out of the logs.
+        """
+        if loss is not None:
+            raise ValueError(
+                "Distiller.compile takes no loss: it trains on alpha*KD + beta*FA + gamma*CE; "
+                "set those weights on the Distiller instead."
+            )
+        super().compile(optimizer=optimizer, metrics=metrics, **kwargs)
+
+    @property
+    def metrics(self):
+        trackers = [self.total_tracker, self.kd_tracker]
+        if self.fa is not None:
+            trackers.append(self.fa_tracker)
+        if self.gamma > 0:
+            trackers.append(self.ce_tracker)
+        # Compiled metrics exist only once a labeled batch has built them; asking an unbuilt
+        # one for its result fails at the end of a label-free epoch.
+        compiled = getattr(self, "_compile_metrics", None)
+        if compiled is not None and compiled.built:
+            trackers.append(compiled)
+        return trackers
+
+    def call(self, inputs, training=None):
+        return self.student(inputs, training=training)
+
+    def _ffa_seed(self, tap):
+        step = self.optimizer.iterations if self.optimizer is not None else 0
+        return tf.stack([tf.constant(self.seed + 7919 * tap, tf.int64), tf.cast(step, tf.int64)])
+
+    def loss_terms(self, teacher_outputs, student_outputs, y=None):
+        """Per-sample loss terms: a dict with `kd`, `fa` (summed over taps) and `ce` as (batch,)."""
+        # A Keras model with one output returns it bare rather than in a list.
+        t_logits, *t_maps = tf.nest.flatten(teacher_outputs)
+        s_logits, *s_maps = tf.nest.flatten(student_outputs)
+        terms = {"kd": losses.kd_loss_per_sample(t_logits, s_logits, kind=self.kd, temperature=self.temperature)}
+        if self.fa is not None:
+            fa = 0.0
+            for tap, (t_map, s_map) in enumerate(zip(t_maps, s_maps)):
+                if self.fa == "exact":
+                    fa += losses.feature_affinity_per_sample(t_map, s_map, method=self.fa_method)
+                else:
+                    fa += losses.fast_feature_affinity_per_sample(
+                        t_map, s_map, k=self.ffa_k, seed=self._ffa_seed(tap)
+                    )
+            terms["fa"] = fa
+        if y is not None:
+            s_logits32 = tf.cast(s_logits, tf.float32)
+            if len(y.shape) == len(s_logits.shape) and y.shape[-1] == s_logits.shape[-1] and y.shape[-1] != 1:
+                terms["ce"] = keras.losses.categorical_crossentropy(y, s_logits32, from_logits=True)
+            else:
+                y = tf.reshape(y, [-1])
+                terms["ce"] = keras.losses.sparse_categorical_crossentropy(y, s_logits32, from_logits=True)
+        return terms
+
+    def _total(self, terms):
+        total = self.alpha * terms["kd"]
+        if "fa" in terms:
+            total += self.beta * terms["fa"]
+        if self.gamma > 0:
+            total += self.gamma * terms["ce"]
+        return total
+
+    def _update_trackers(self, terms, total, sample_weight, batch):
+        def mean(v):
+            if sample_weight is None:
+                return tf.reduce_mean(v)
+            w = tf.cast(tf.reshape(sample_weight, [-1]), v.dtype)
+            return tf.reduce_sum(v * w) / tf.cast(batch, v.dtype)
+
+        self.total_tracker.update_state(mean(total), sample_weight=batch)
+        self.kd_tracker.update_state(mean(terms["kd"]), sample_weight=batch)
+        if "fa" in terms:
+            self.fa_tracker.update_state(mean(terms["fa"]), sample_weight=batch)
+        if self.gamma > 0:
+            self.ce_tracker.update_state(mean(terms["ce"]), sample_weight=batch)
+
+    def _logs(self, y, student_logits, sample_weight):
+        if y is not None and self._compile_metrics is not None:
+            self._compile_metrics.update_state(y, student_logits, sample_weight)
+        return self.get_metrics_result()
+
+    def _unpack(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if self.gamma > 0 and y is None:
+            raise ValueError(
+                f"gamma={self.gamma} weights a cross-entropy term but the batches carry no labels; "
+                "feed (images, labels) batches, or set gamma=0 for label-free distillation."
+            )
+        return x, y, sample_weight
+
+    def train_step(self, data):
+        x, y, sample_weight = self._unpack(data)
+        batch = tf.shape(x)[0]
+        teacher_outputs = self.teacher_features(x, training=False)
+        with tf.GradientTape() as tape:
+            student_outputs = self.student_features(x, training=True)
+            terms = self.loss_terms(teacher_outputs, student_outputs, y)
+            total = self._total(terms)
+            # Divides by the global batch size, so that the replicas' summed gradients are
+            # the gradient of the mean over the global batch.
+            loss = tf.nn.compute_average_loss(total, sample_weight=sample_weight)
+            if self.student.losses:
+                loss += tf.nn.scale_regularization_loss(tf.cast(tf.add_n(self.student.losses), loss.dtype))
+            scaled = self.optimizer.scale_loss(loss)
+        variables = self.student.trainable_variables
+        gradients = tape.gradient(scaled, variables)
+        self.optimizer.apply(gradients, variables)
+        self._update_trackers(terms, total, sample_weight, batch)
+        return self._logs(y, tf.nest.flatten(student_outputs)[0], sample_weight)
+
+    def test_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if self.gamma > 0 and y is None:
+            self._unpack(data)
+        batch = tf.shape(x)[0]
+        teacher_outputs = self.teacher_features(x, training=False)
+        student_outputs = self.student_features(x, training=False)
+        terms = self.loss_terms(teacher_outputs, student_outputs, y)
+        self._update_trackers(terms, self._total(terms), sample_weight, batch)
+        return self._logs(y, tf.nest.flatten(student_outputs)[0], sample_weight)
+
+    def predict_step(self, data):
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        return self.student(x, training=False)
+
+    def evaluate_teacher(self, x, **kwargs):
+        """The teacher's loss and accuracy on labeled data (`x` as for `evaluate`), as a dict."""
+        evaluator = keras.Model(self.teacher.inputs, self.teacher.outputs, name="teacher_eval")
+        evaluator.compile(
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        )
+        return evaluator.evaluate(x, return_dict=True, **kwargs)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "student": keras.saving.serialize_keras_object(self.student),
+                "teacher": keras.saving.serialize_keras_object(self.teacher),
+                "alpha": self.alpha,
+                "beta": self.beta,
+                "gamma": self.gamma,
+                "kd": self.kd,
+                "temperature": self.temperature,
+                "fa": self.fa,
+                "ffa_k": self.ffa_k,
+                "fa_method": self.fa_method,
+                "student_layers": self.student_layers,
+                "teacher_layers": self.teacher_layers,
+                "seed": self.seed,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["student"] = keras.saving.deserialize_keras_object(config["student"])
+        config["teacher"] = keras.saving.deserialize_keras_object(config["teacher"])
+        return cls(**config)
+
+
+def _check_compatible(student, teacher):
+    for role, model in (("student", student), ("teacher", teacher)):
+        if not isinstance(model, keras.Model) or not model.built or not model.inputs:
+            raise ValueError(f"The {role} must be a built Keras model, got {model!r}.")
+    s_in, t_in = tuple(student.inputs[0].shape[1:]), tuple(teacher.inputs[0].shape[1:])
+    if s_in != t_in:
+        raise ValueError(
+            f"The student takes inputs of shape {s_in} and the teacher {t_in}; both must see the same images."
+        )
+    s_out, t_out = student.outputs[0].shape[-1], teacher.outputs[0].shape[-1]
+    if s_out != t_out:
+        raise ValueError(
+            f"The student has {s_out} logits and the teacher {t_out}; KD needs the same classes."
+        )

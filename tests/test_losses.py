@@ -1,0 +1,410 @@
+"""Losses against independent float64 NumPy references of the paper's formulas."""
+
+import doctest
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from faqd_tf import losses
+from faqd_tf.losses import (
+    FastFeatureAffinity,
+    FeatureAffinity,
+    KDLoss,
+    fast_feature_affinity,
+    fast_feature_affinity_per_sample,
+    feature_affinity,
+    feature_affinity_per_sample,
+    kd_loss,
+    kd_loss_per_sample,
+)
+
+METHODS = ["pairwise", "gram", "auto"]
+RTOL = 1e-4
+
+# ---- float64 NumPy references ---------------------------------------------------------------
+
+
+def np_pixels(x):
+    x = np.asarray(x, np.float64)
+    b, h, w, c = x.shape
+    x = x.reshape(b, h * w, c)
+    sq = np.sum(x * x, axis=-1, keepdims=True)
+    return x, x / np.sqrt(np.maximum(sq, losses.NORM_EPSILON))
+
+
+def np_affinity_diff(t, s):
+    _, a = np_pixels(t)
+    _, b = np_pixels(s)
+    return a @ a.transpose(0, 2, 1) - b @ b.transpose(0, 2, 1)
+
+
+def np_fa_per_sample(t, s, p=2):
+    d = np_affinity_diff(t, s)
+    n = d.shape[1]
+    return (np.sum(np.abs(d), axis=(1, 2)) if p == 1 else np.sum(d * d, axis=(1, 2))) / n**2
+
+
+def np_fa_grad(t, s, p=2):
+    """d mean_b(L_b) / d student_map, analytic: through S_S = B B^T and the pixel normalization."""
+    d = np_affinity_diff(t, s)
+    raw, b = np_pixels(s)
+    batch, n, _ = b.shape
+    weight = 2.0 * np.sign(d) if p == 1 else 4.0 * d
+    g = -(weight @ b) / (n**2 * batch)  # d L / d B
+    norm = np.linalg.norm(raw, axis=-1, keepdims=True)
+    grad = (g - b * np.sum(b * g, axis=-1, keepdims=True)) / norm
+    return grad.reshape(np.shape(s))
+
+
+def np_kd_per_sample(t, s, kind, temperature):
+    t, s = np.asarray(t, np.float64), np.asarray(s, np.float64)
+    if kind == "mse":
+        return np.mean((t - s) ** 2, axis=-1)
+
+    def log_softmax(x):
+        x = x - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.sum(np.exp(x), axis=-1, keepdims=True))
+
+    lp, lq = log_softmax(t / temperature), log_softmax(s / temperature)
+    return np.sum(np.exp(lp) * (lp - lq), axis=-1) * temperature**2
+
+
+def rel_err(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return np.linalg.norm(got - want) / np.linalg.norm(want)
+
+
+def resized(teacher, student):
+    """The teacher as the library sees it: bilinearly resized (float32) to the student's H, W."""
+    if teacher.shape[1:3] == student.shape[1:3]:
+        return teacher
+    return tf.image.resize(teacher, student.shape[1:3], method="bilinear").numpy()
+
+
+def fa_and_grad(t, s, **kwargs):
+    s = tf.convert_to_tensor(s)
+    with tf.GradientTape() as tape:
+        tape.watch(s)
+        loss = feature_affinity(t, s, **kwargs)
+    return loss, tape.gradient(loss, s)
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def maps(rng, shape):
+    return rng.normal(size=shape).astype(np.float32)
+
+
+# ---- exact feature affinity -----------------------------------------------------------------
+
+CASES = {
+    "independent": ((2, 12, 12, 8), (2, 12, 12, 8)),
+    "channels_differ": ((2, 10, 10, 24), (2, 10, 10, 6)),
+    "spatial_differ": ((2, 16, 12, 8), (2, 8, 6, 16)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("method", METHODS)
+def test_fa_matches_numpy(rng, case, method):
+    t_shape, s_shape = CASES[case]
+    t, s = maps(rng, t_shape), maps(rng, s_shape)
+    loss, grad = fa_and_grad(t, s, method=method)
+    t_ref = resized(t, s)
+    assert loss.dtype == tf.float32 and loss.shape == ()
+    assert rel_err(loss, np.mean(np_fa_per_sample(t_ref, s))) <= RTOL
+    assert rel_err(grad, np_fa_grad(t_ref, s)) <= RTOL
+    per = feature_affinity_per_sample(t, s, method=method)
+    assert per.shape == (t_shape[0],)
+    assert rel_err(per, np_fa_per_sample(t_ref, s)) <= RTOL
+
+
+def near_converged(rng, c, noise=1e-3, batch=2, hw=32):
+    teacher = unit(rng.normal(size=(batch, hw, hw, c)))
+    student = unit(teacher + noise * rng.normal(size=teacher.shape))
+    return teacher.astype(np.float32), student.astype(np.float32)
+
+
+@pytest.mark.parametrize("noise", [1e-3, 1e-4])
+@pytest.mark.parametrize("c", [16, 64, 256])
+@pytest.mark.parametrize("method", METHODS)
+def test_fa_near_converged(rng, method, c, noise):
+    t, s = near_converged(rng, c, noise)  # N = 1024
+    loss, grad = fa_and_grad(t, s, method=method)
+    assert rel_err(loss, np.mean(np_fa_per_sample(t, s))) <= RTOL
+    assert rel_err(grad, np_fa_grad(t, s)) <= RTOL
+
+
+def test_plain_float32_gram_expansion_would_fail(rng):
+    """The near-converged test is sharp: the textbook float32 expansion misses it by far.
+
+    (Its error at noise 1e-3 is 1e-4..1e-2 depending on the draw; at 1e-4 it is 0.1..0.7.)
+    """
+    t, s = near_converged(rng, 16, noise=1e-4, batch=4)
+    a = tf.math.l2_normalize(tf.reshape(t, [4, -1, 16]), axis=-1)
+    b = tf.math.l2_normalize(tf.reshape(s, [4, -1, 16]), axis=-1)
+    sq = lambda x, y: tf.reduce_sum(tf.square(tf.linalg.matmul(x, y, transpose_a=True)), axis=[1, 2])
+    naive = (sq(a, a) - 2 * sq(a, b) + sq(b, b)) / 1024**2
+    assert rel_err(naive, np_fa_per_sample(t, s)) > 100 * RTOL
+
+
+@pytest.mark.parametrize("method", ["pairwise", "auto"])
+def test_fa_l1_matches_numpy(rng, method):
+    t, s = maps(rng, (2, 8, 8, 12)), maps(rng, (2, 8, 8, 4))
+    loss, grad = fa_and_grad(t, s, method=method, p=1)
+    assert rel_err(loss, np.mean(np_fa_per_sample(t, s, p=1))) <= RTOL
+    assert rel_err(grad, np_fa_grad(t, s, p=1)) <= RTOL
+
+
+def test_fa_identical_maps_and_zero_pixels(rng):
+    t = maps(rng, (2, 8, 8, 16))
+    t[:, 0, 0, :] = 0.0  # a dead ReLU pixel must not produce NaN
+    for method in ("pairwise", "gram"):
+        loss, grad = fa_and_grad(t, t, method=method)
+        assert abs(float(loss)) < 1e-10
+        assert np.all(np.isfinite(grad))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+def test_fa_other_input_dtypes_return_float32(rng, dtype):
+    t = tf.cast(maps(rng, (2, 8, 8, 16)), dtype)
+    s = tf.cast(maps(rng, (2, 8, 8, 16)), dtype)
+    want = np.mean(np_fa_per_sample(tf.cast(t, "float64").numpy(), tf.cast(s, "float64").numpy()))
+    for method in METHODS:
+        loss, grad = fa_and_grad(t, s, method=method)
+        assert loss.dtype == tf.float32
+        assert grad.dtype == dtype
+        assert rel_err(loss, want) <= RTOL
+
+
+def test_fa_dynamic_shapes_in_tf_function(rng):
+    t, s = maps(rng, (3, 12, 12, 8)), maps(rng, (3, 6, 6, 4))
+    spec = tf.TensorSpec([None, None, None, None], tf.float32)
+    fn = tf.function(lambda a, b: feature_affinity(a, b), input_signature=[spec, spec])
+    want = np.mean(np_fa_per_sample(resized(t, s), s))
+    assert rel_err(fn(t, s), want) <= RTOL
+
+
+def test_resolve_method_prefers_pairwise_only_for_few_pixels():
+    assert losses.resolve_method((8, 8, 8, 64), (8, 8, 8, 64)) == "pairwise"
+    assert losses.resolve_method((8, 32, 32, 16), (8, 32, 32, 16)) == "gram"
+    assert losses.resolve_method((8, 112, 112, 64), (8, 112, 112, 64)) == "gram"
+    assert losses.resolve_method((8, 56, 56, 64), (8, 56, 56, 64), p=1) == "pairwise"
+    assert losses.resolve_method((None, None, None, 64), (None, None, None, 64)) == "gram"
+
+
+# ---- fast feature affinity ------------------------------------------------------------------
+
+
+def tiled(rng, copies, t_shape=(1, 8, 8, 6), s_shape=(1, 8, 8, 3)):
+    t, s = maps(rng, t_shape), maps(rng, s_shape)
+    return t, s, np.repeat(t, copies, axis=0), np.repeat(s, copies, axis=0)
+
+
+def test_ffa_is_unbiased_and_spread_shrinks_like_sqrt_k(rng):
+    m = 4000  # independent estimates: one per copy of the same sample
+    t, s, tt, ss = tiled(rng, m)
+    exact = np_fa_per_sample(t, s)[0]
+    seed = int(rng.integers(2**31))
+    one = fast_feature_affinity_per_sample(tt, ss, k=1, seed=seed).numpy().astype(np.float64)
+    sixteen = fast_feature_affinity_per_sample(tt, ss, k=16, seed=seed + 1).numpy().astype(np.float64)
+    assert abs(one.mean() - exact) <= 3 * one.std(ddof=1) / np.sqrt(m)
+    assert abs(sixteen.mean() - exact) <= 3 * sixteen.std(ddof=1) / np.sqrt(m)
+    # z^T Q z with Q = D^2 / N^2 has variance 2 tr(Q^2).
+    d = np_affinity_diff(t, s)[0]
+    q = d @ d / d.shape[0] ** 2
+    assert one.std(ddof=1) == pytest.approx(np.sqrt(2 * np.sum(q * q)), rel=0.25)
+    assert one.std(ddof=1) / sixteen.std(ddof=1) == pytest.approx(4.0, rel=0.2)
+
+
+def test_ffa_zero_for_identical_maps_and_resizes_teacher(rng):
+    t = maps(rng, (2, 8, 8, 4))
+    assert float(fast_feature_affinity(t, t, k=3, seed=1)) == pytest.approx(0.0, abs=1e-9)
+    s = maps(rng, (2, 4, 4, 5))
+    assert fast_feature_affinity_per_sample(t, s, k=2, seed=1).shape == (2,)
+
+
+def test_ffa_seeds(rng):
+    t, s = maps(rng, (2, 8, 8, 4)), maps(rng, (2, 8, 8, 4))
+    same = [float(fast_feature_affinity(t, s, k=2, seed=11)) for _ in range(2)]
+    assert same[0] == same[1]
+    assert float(fast_feature_affinity(t, s, k=2, seed=12)) != same[0]
+    pair = tf.constant([5, 9], tf.int64)
+    assert float(fast_feature_affinity(t, s, seed=pair)) == float(fast_feature_affinity(t, s, seed=pair))
+    unseeded = [float(fast_feature_affinity(t, s, k=2)) for _ in range(2)]
+    assert unseeded[0] != unseeded[1]
+    # Loss objects: a seed replays the same sequence of fresh draws.
+    a, b = FastFeatureAffinity(k=2, seed=4), FastFeatureAffinity(k=2, seed=4)
+    seq_a = [float(a(t, s)) for _ in range(3)]
+    seq_b = [float(b(t, s)) for _ in range(3)]
+    assert seq_a == seq_b and len(set(seq_a)) == 3
+
+
+def _global_draws():
+    return tf.random.uniform([4]).numpy(), np.random.rand(4), tf.random.get_global_generator().normal([4]).numpy()
+
+
+def _ffa_calls(t, s):
+    fast_feature_affinity(t, s, k=2)
+    fast_feature_affinity(t, s, k=2, seed=3)
+    loss = FastFeatureAffinity(k=2)
+    loss(t, s)
+    tf.function(lambda a, b: loss(a, b) + fast_feature_affinity(a, b) + fast_feature_affinity(a, b, seed=1))(t, s)
+
+
+def test_ffa_leaves_global_random_state_untouched(rng):
+    t, s = maps(rng, (2, 8, 8, 4)), maps(rng, (2, 8, 8, 4))
+    runs = []
+    for with_calls in (True, False):
+        tf.random.set_seed(123)
+        np.random.seed(123)
+        tf.random.set_global_generator(tf.random.Generator.from_seed(123))
+        before = _global_draws()
+        if with_calls:
+            _ffa_calls(t, s)
+        runs.append((before, _global_draws()))
+    for x, y in zip(tf.nest.flatten(runs[0]), tf.nest.flatten(runs[1])):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_losses_under_mirrored_strategy(rng, mirrored_strategy):
+    t, s = maps(rng, (4, 8, 8, 8)), maps(rng, (4, 8, 8, 4))
+    ffa = FastFeatureAffinity(k=3, seed=2)
+    dataset = tf.data.Dataset.from_tensor_slices((t, s)).batch(4)
+    batch = next(iter(mirrored_strategy.experimental_distribute_dataset(dataset)))
+
+    @tf.function
+    def step(pair):
+        def replica_fn(pair):
+            a, b = pair
+            return feature_affinity_per_sample(a, b), ffa(a, b), fast_feature_affinity(a, b, seed=1)
+
+        return mirrored_strategy.run(replica_fn, args=(pair,))
+
+    exact, fast, fast_seeded = step(batch)
+    exact = np.concatenate([v.numpy() for v in mirrored_strategy.experimental_local_results(exact)])
+    np.testing.assert_allclose(exact, np_fa_per_sample(t, s), rtol=RTOL)
+    for value in (fast, fast_seeded):
+        values = [float(v) for v in mirrored_strategy.experimental_local_results(value)]
+        assert all(np.isfinite(values)) and min(values) > 0
+
+
+# ---- KD on logits ---------------------------------------------------------------------------
+
+
+def central_differences(f, x, h=1e-6):
+    grad = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[i] += h
+        down[i] -= h
+        grad[i] = (f(up) - f(down)) / (2 * h)
+    return grad
+
+
+@pytest.mark.parametrize("kind,temperature", [("mse", 1.0), ("kl", 1.0), ("kl", 4.0)])
+def test_kd_matches_numpy_and_finite_differences(rng, kind, temperature):
+    t = (3 * rng.normal(size=(6, 10))).astype(np.float32)
+    s = (3 * rng.normal(size=(6, 10))).astype(np.float32)
+    per = kd_loss_per_sample(t, s, kind=kind, temperature=temperature)
+    assert per.dtype == tf.float32 and per.shape == (6,)
+    np.testing.assert_allclose(per, np_kd_per_sample(t, s, kind, temperature), rtol=1e-5, atol=1e-6)
+    s_var = tf.convert_to_tensor(s)
+    with tf.GradientTape() as tape:
+        tape.watch(s_var)
+        loss = kd_loss(t, s_var, kind=kind, temperature=temperature)
+    t64 = t.astype(np.float64)
+    want = central_differences(lambda x: np.mean(np_kd_per_sample(t64, x, kind, temperature)), s.astype(np.float64))
+    assert rel_err(tape.gradient(loss, s_var), want) <= RTOL
+    assert rel_err(loss, np.mean(np_kd_per_sample(t, s, kind, temperature))) <= 1e-5
+
+
+def test_kd_half_precision_returns_float32(rng):
+    t = tf.cast(rng.normal(size=(4, 10)), tf.float16)
+    s = tf.cast(rng.normal(size=(4, 10)), tf.float16)
+    assert kd_loss(t, s, kind="kl", temperature=3.0).dtype == tf.float32
+
+
+# ---- validation -----------------------------------------------------------------------------
+
+
+def test_bad_arguments_raise_one_line_value_errors(rng):
+    x = maps(rng, (2, 4, 4, 3))
+    cases = [
+        (lambda: feature_affinity(x, x, method="exact"), "method"),
+        (lambda: feature_affinity(x, x, p=3), "p="),
+        (lambda: feature_affinity(x, x, method="gram", p=1), "p=1"),
+        (lambda: feature_affinity(x[0], x), "teacher_map"),
+        (lambda: feature_affinity(x, x[..., 0]), "student_map"),
+        (lambda: feature_affinity(x, x[:1]), "batch size"),
+        (lambda: fast_feature_affinity(x, x, k=0), "k="),
+        (lambda: fast_feature_affinity(x, x, k=2.5), "k="),
+        (lambda: fast_feature_affinity(x, x, seed="a"), "seed"),
+        (lambda: fast_feature_affinity(x[:1], x), "batch size"),
+        (lambda: kd_loss([[1.0]], [[1.0]], kind="ce"), "kind"),
+        (lambda: kd_loss([[1.0]], [[1.0]], kind="kl", temperature=0), "temperature"),
+        (lambda: kd_loss([1.0], [1.0]), "teacher_logits"),
+        (lambda: kd_loss([[1.0, 2.0]], [[1.0]]), "same shape"),
+        (lambda: FeatureAffinity(method="fast"), "method"),
+        (lambda: FastFeatureAffinity(k=-1), "k="),
+        (lambda: FastFeatureAffinity(seed=1.5), "seed"),
+        (lambda: KDLoss(kind="l1"), "kind"),
+    ]
+    for call, needle in cases:
+        with pytest.raises(ValueError) as info:
+            call()
+        message = str(info.value)
+        assert needle in message and "\n" not in message, message
+    with pytest.raises(ValueError, match="mse, kl"):
+        KDLoss(kind="l1")
+
+
+# ---- Keras wrappers -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        FeatureAffinity(method="gram"),
+        FeatureAffinity(method="pairwise", p=1, name="fa_l1", reduction="sum"),
+        FastFeatureAffinity(k=5, seed=7),
+        FastFeatureAffinity(k=1),
+        KDLoss("kl", temperature=4.0),
+        KDLoss("mse", dtype="float64"),
+    ],
+    ids=lambda loss: loss.name,
+)
+def test_wrappers_round_trip_serialization(rng, loss):
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
+    assert type(restored) is type(loss)
+    assert restored.get_config() == loss.get_config()
+    if isinstance(loss, KDLoss):
+        t, s = rng.normal(size=(4, 10)), rng.normal(size=(4, 10))
+        want = kd_loss(t, s, loss.kind, loss.temperature)
+    else:
+        t, s = maps(rng, (4, 8, 8, 6)), maps(rng, (4, 8, 8, 3))
+        want = feature_affinity(t, s, p=getattr(loss, "p", 2))
+    if loss.reduction == "sum":
+        want = want * 4
+    if isinstance(loss, FastFeatureAffinity):
+        if loss.seed is not None:
+            assert float(restored(t, s)) == float(FastFeatureAffinity(k=5, seed=7)(t, s))
+        assert float(restored(t, s)) > 0
+    else:
+        assert float(restored(t, s)) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_wrapper_sample_weight_uses_per_sample_values(rng):
+    t, s = maps(rng, (4, 8, 8, 6)), maps(rng, (4, 8, 8, 3))
+    w = np.array([1.0, 0.0, 2.0, 0.5], np.float32)
+    got = FeatureAffinity()(t, s, sample_weight=w)
+    assert float(got) == pytest.approx(float(np.sum(w * np_fa_per_sample(t, s)) / 4), rel=RTOL)
+
+
+def test_docstring_examples_run():
+    failures, tried = doctest.testmod(losses, verbose=False)
+    assert tried > 0 and failures == 0
