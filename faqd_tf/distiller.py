@@ -112,6 +112,8 @@ class Distiller(keras.Model):
         self.kd_tracker = keras.metrics.Mean(name="kd")
         self.fa_tracker = keras.metrics.Mean(name="fa")
         self.ce_tracker = keras.metrics.Mean(name="ce")
+        # Both networks are built, so the Distiller is too (BackupAndRestore needs a built model).
+        self.built = True
 
     @property
     def feature_pairs(self):

@@ -2,10 +2,10 @@
 
 >>> from faqd_tf import models
 >>> models.available()
-('resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110', 'resnet164', 'resnet18', 'resnet34')
+('resnet8', 'resnet14', 'resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110', 'resnet164', 'resnet18', 'resnet34')
 >>> student = models.get("resnet20", num_classes=10, weight_bits=2)
 
-CIFAR ResNets (``resnet20`` ... ``resnet164``) take the keyword arguments of
+CIFAR ResNets (``resnet8`` ... ``resnet164``) take the keyword arguments of
 :func:`resnet_cifar` except ``depth``; ``resnet18``/``resnet34`` those of :func:`resnet_imagenet`
 except ``depth``. Every model has stage-output layers ``stage1``, ``stage2``, ... (the feature-affinity
 taps), a ``avg_pool`` layer and a ``logits`` layer (no softmax).

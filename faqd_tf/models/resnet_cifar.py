@@ -58,7 +58,8 @@ from keras import layers
 from faqd_tf.layers import QuantConv2D, QuantDense, QuantReLU
 
 # depth -> (block kind, blocks per stage)
-CIFAR_DEPTHS = {20: ("basic", 3), 32: ("basic", 5), 44: ("basic", 7), 56: ("basic", 9),
+# 8 and 14 (n = 1, 2 of He et al.'s 6n+2) are for quick runs on small machines.
+CIFAR_DEPTHS = {8: ("basic", 1), 14: ("basic", 2), 20: ("basic", 3), 32: ("basic", 5), 44: ("basic", 7), 56: ("basic", 9),
                 110: ("basic", 18), 164: ("bottleneck", 18)}
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
@@ -202,10 +203,10 @@ def _preact_bottleneck(b, x, width, strides, prefix, preact, out_name):
 def resnet_cifar(depth, num_classes=10, input_shape=(32, 32, 3), weight_bits=None,
                  activation_bits=None, per_channel=False, weight_decay=None,
                  bn_momentum=BN_MOMENTUM, name=None):
-    """Builds a CIFAR ResNet of depth 20, 32, 44, 56, 110 (basic) or 164 (pre-act bottleneck).
+    """Builds a CIFAR ResNet of depth 8, 14, 20, 32, 44, 56, 110 (basic) or 164 (pre-act bottleneck).
 
     Args:
-      depth: one of ``CIFAR_DEPTHS`` (20, 32, 44, 56, 110, 164); anything else raises ValueError.
+      depth: one of ``CIFAR_DEPTHS`` (8, 14, 20, 32, 44, 56, 110, 164); anything else raises ValueError.
       num_classes: width of the ``logits`` layer (raw logits, no softmax).
       input_shape: (H, W, C) of the input; 32x32 gives stages of 32, 16 and 8 pixels.
       weight_bits: None (full precision) or 1/2/4/8: bits of every convolution, the stem included.

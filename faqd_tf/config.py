@@ -1,0 +1,244 @@
+"""The JSON run configuration: one schema, defaults, and one-line errors.
+
+A config names the data, the teacher, the student, the FAQD loss, the training schedule and
+where the outputs go. Every key has a default but `dataset.source`; unknown keys, wrong types
+and out-of-range values raise `ConfigError` naming the key and what is allowed.
+
+>>> config = resolve({"dataset": {"source": "idx:/data/fmnist"}, "student": {"weight_bits": 2}})
+>>> config["student"]["weight_bits"], config["distill"]["beta"], config["train"]["schedule"]
+(2, 0.1, 'cosine')
+>>> resolve({"dataset": {"source": "idx:x"}, "train": {"epoch": 3}})
+Traceback (most recent call last):
+...
+faqd_tf.config.ConfigError: config: unknown key 'train.epoch'; keys of 'train' are: batch_size, epochs, lr, momentum, nesterov, optimizer, schedule, steps_per_epoch, warmup_epochs, weight_decay
+"""
+
+import copy
+import json
+import os
+
+from faqd_tf.quantizers import SUPPORTED_BITS
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message is one line naming the key."""
+
+
+REQUIRED = object()
+
+
+class Field:
+    """One config value: its default, an allowed-values check, and how to describe it."""
+
+    def __init__(self, default, check, allowed):
+        self.default, self.check, self.allowed = default, check, allowed
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def string(default=REQUIRED, nullable=False):
+    return Field(default, lambda v: isinstance(v, str) or (nullable and v is None), "a string" + (" or null" if nullable else ""))
+
+
+def choice(default, options):
+    return Field(default, lambda v: v in options, "one of " + ", ".join(json.dumps(o) for o in options))
+
+
+def integer(default, low=None, nullable=False):
+    def check(v):
+        return (nullable and v is None) or (_is_int(v) and (low is None or v >= low))
+
+    return Field(default, check, f"an integer >= {low}" + (" or null" if nullable else ""))
+
+
+def number(default, low=0.0, high=None, strict=False):
+    def check(v):
+        if not _is_num(v):
+            return False
+        return (v > low if strict else v >= low) and (high is None or v <= high)
+
+    bound = f"> {low}" if strict else f">= {low}"
+    return Field(default, check, f"a number {bound}" + (f" and <= {high}" if high is not None else ""))
+
+
+def boolean(default):
+    return Field(default, lambda v: isinstance(v, bool), "true or false")
+
+
+def names(default=None):
+    return Field(
+        default,
+        lambda v: v is None or (isinstance(v, list) and all(isinstance(n, str) for n in v)),
+        "null or a list of layer names",
+    )
+
+
+BITS = choice(None, [None, *SUPPORTED_BITS])
+
+
+def bits(default):
+    return Field(default, BITS.check, "one of 1, 2, 4, 8 or null (full precision)")
+
+
+def _train_schema(epochs, lr):
+    return {
+        "epochs": integer(epochs, 1),
+        "batch_size": integer(128, 1),
+        "optimizer": choice("sgd", ["sgd", "adam"]),
+        "lr": number(lr, strict=True),
+        "momentum": number(0.9, high=1.0),
+        "nesterov": boolean(True),
+        "schedule": choice("cosine", ["cosine", "constant"]),
+        "warmup_epochs": integer(0, 0),
+        "weight_decay": number(1e-4),
+        "steps_per_epoch": integer(None, 1, nullable=True),
+    }
+
+
+SCHEMA = {
+    "dataset": {
+        "source": string(),
+        "data_dir": string(None, nullable=True),
+        "labels": boolean(False),
+        "validation_split": choice("test", ["test", "validation"]),
+        "limit": integer(None, 1, nullable=True),
+        "eval_limit": integer(None, 1, nullable=True),
+        "augment": Field(None, lambda v: v is None or isinstance(v, (bool, str)), "null, true, false or an augmentation name"),
+        "image_size": Field(
+            None,
+            lambda v: v is None or (isinstance(v, list) and len(v) == 2 and all(_is_int(n) and n > 0 for n in v)),
+            "null or [height, width]",
+        ),
+    },
+    "teacher": {
+        "arch": string("resnet20", nullable=True),
+        "file": string(None, nullable=True),
+        "train": _train_schema(200, 0.1),
+    },
+    "student": {
+        "arch": string(None, nullable=True),
+        "file": string(None, nullable=True),
+        "init": choice("teacher", ["teacher", "file", "scratch"]),
+        "weight_bits": bits(4),
+        "activation_bits": bits(None),
+        "per_channel": boolean(False),
+        "relax": Field(None, lambda v: v is None or (_is_num(v) and v > 0), "null or a number > 0 (initial BinaryRelax lambda)"),
+        "relax_eta": number(1.02, low=1.0, strict=True),
+        "two_step": boolean(True),
+    },
+    "distill": {
+        "alpha": number(1.0),
+        "beta": number(0.1),
+        "gamma": number(0.0),
+        "kd": choice("mse", ["mse", "kl"]),
+        "temperature": number(1.0, strict=True),
+        "fa": choice("exact", ["exact", "fast", None]),
+        "ffa_k": integer(15, 1),
+        "fa_method": choice("auto", ["auto", "gram", "pairwise"]),
+        "teacher_layers": names(),
+        "student_layers": names(),
+    },
+    "train": _train_schema(200, 0.01),
+    "tune": {
+        "trials": integer(10, 1),
+        "epochs": integer(1, 1),
+        "tuner": choice("random", ["random", "bayesian", "hyperband"]),
+        "tune_fa": boolean(True),
+    },
+    "strategy": choice("default", ["default", "mirrored", "multi_worker"]),
+    "output_dir": string("saved_models/run"),
+    "seed": integer(0, 0),
+}
+
+
+def _resolve(schema, given, prefix):
+    if not isinstance(given, dict):
+        where = f"'{prefix}'" if prefix else "the config"
+        raise ConfigError(f"config: {where} must be a JSON object, got {json.dumps(given)}.")
+    unknown = sorted(set(given) - set(schema))
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        where = f"'{prefix}'" if prefix else "the top level"
+        raise ConfigError(f"config: unknown key '{key}'; keys of {where} are: {', '.join(sorted(schema))}")
+    out = {}
+    for name, spec in schema.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if isinstance(spec, dict):
+            out[name] = _resolve(spec, given.get(name, {}), key)
+            continue
+        if name not in given:
+            if spec.default is REQUIRED:
+                raise ConfigError(f"config: '{key}' is required ({spec.allowed}).")
+            out[name] = copy.deepcopy(spec.default)
+            continue
+        value = given[name]
+        if not spec.check(value):
+            raise ConfigError(f"config: {key}={json.dumps(value)} is not valid; use {spec.allowed}.")
+        out[name] = value
+    return out
+
+
+def resolve(config):
+    """The complete config: `config` (a dict) checked and filled in with defaults."""
+    out = _resolve(SCHEMA, config, "")
+    student, teacher = out["student"], out["teacher"]
+    if student["init"] == "file" and not student["file"]:
+        raise ConfigError("config: student.init='file' needs student.file, the FP model to quantize.")
+    if teacher["arch"] is None and teacher["file"] is None:
+        raise ConfigError("config: give teacher.arch (to train a teacher) or teacher.file (a trained .keras model).")
+    if out["distill"]["gamma"] > 0 and not out["dataset"]["labels"]:
+        raise ConfigError(
+            "config: distill.gamma > 0 needs labels; set dataset.labels to true or distill.gamma to 0 (label-free)."
+        )
+    return out
+
+
+def _parse_override(item):
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: write KEY=VALUE, e.g. --set train.epochs=5.")
+    key, raw = item.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw  # a bare string such as --set dataset.source=idx:/data
+    return key.strip(), value
+
+
+def apply_overrides(config, overrides):
+    """Sets `section.key=value` items (values parsed as JSON when they parse) on a raw config."""
+    config = copy.deepcopy(config)
+    for item in overrides or ():
+        key, value = _parse_override(item)
+        node, schema = config, SCHEMA
+        parts = key.split(".")
+        for depth, part in enumerate(parts):
+            if not isinstance(schema, dict) or part not in schema:
+                where = ".".join(parts[:depth]) or "the top level"
+                allowed = ", ".join(sorted(schema)) if isinstance(schema, dict) else "none"
+                raise ConfigError(f"--set {key}: unknown key '{key}'; keys of {where} are: {allowed}")
+            schema = schema[part]
+            if depth == len(parts) - 1:
+                if isinstance(schema, dict):
+                    raise ConfigError(f"--set {key}: '{key}' is a section; set one of its keys, e.g. {key}.{next(iter(schema))}.")
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+    return config
+
+
+def load(path, overrides=None):
+    """Reads, overrides and resolves a JSON config file."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist; pass --config with a JSON file such as configs/quickstart.json.")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}).") from None
+    return resolve(apply_overrides(raw, overrides))

@@ -1,0 +1,285 @@
+"""`summary`: a per-layer table of weight/activation bits, parameters and memory, in the spirit of
+Larq's ``lq.models.summary``.
+
+Memory is counted two ways:
+
+- **float32**: every stored parameter at 32 bits (what ``model.save`` keeps);
+- **packed**: a quantized kernel at ``weight_bits`` bits per weight plus its 32-bit scale(s) (one per
+  layer, or one per output channel), every other stored parameter (biases, BatchNormalization gamma,
+  beta *and* moving statistics, quantized-ReLU alphas, BinaryRelax lambdas, full-precision layers) at
+  32 bits. This is exactly the payload :func:`faqd_tf.export.pack` writes (up to rounding each
+  packed kernel up to whole bytes).
+
+Parameters are all stored weights (``layer.weights``); non-trainable ones (BN moving statistics,
+lambdas, frozen alphas) are counted too and listed in their own column. Nested models are walked and
+their layers appear as ``outer/inner``.
+
+Example:
+
+>>> from faqd_tf.layers import QuantConv2D, QuantReLU
+>>> model = keras.Sequential([keras.Input((8, 8, 3)),
+...                           QuantConv2D(4, 3, weight_bits=2, use_bias=False, name="conv"),
+...                           QuantReLU(bits=2, name="relu")])
+>>> result = summary(model, print_fn=None)
+>>> result.total_params, result.float32_bits, result.packed_bits
+(109, 3488, 280)
+>>> round(result.compression_ratio, 2)
+12.46
+"""
+
+import dataclasses
+
+import keras
+
+__all__ = ["LayerSummary", "ModelSummary", "iter_layers", "kernel_scale_count", "quantized_kernel_bits", "summary"]
+
+
+def _sublayers(layer):
+    # Keras 3 has no public "direct children of any layer"; Model.layers covers models only.
+    flatten = getattr(layer, "_flatten_layers", None)
+    if flatten is None:
+        return list(getattr(layer, "layers", []))
+    return list(flatten(include_self=False, recursive=False))
+
+
+def iter_layers(model, prefix=""):
+    """Yields `(path, layer, own_weights)` for every layer of `model`, nested models walked depth first.
+
+    `path` is ``outer/inner`` for a layer of a nested model; `own_weights` are the variables the layer
+    itself holds (not those of its sub-layers). A layer shared by several parents is yielded once.
+    """
+    seen = set()
+
+    def walk(layer, path):
+        children = _sublayers(layer)
+        if id(layer) in seen:
+            return
+        seen.add(id(layer))
+        if not children:
+            yield path, layer, list(layer.weights)
+            return
+        child_ids = {id(w) for child in children for w in child.weights}
+        own = [w for w in layer.weights if id(w) not in child_ids]
+        if own and path:
+            yield path, layer, own
+        for child in children:
+            yield from walk(child, f"{path}/{child.name}" if path else child.name)
+
+    yield from walk(model, prefix)
+
+
+def quantized_kernel_bits(layer):
+    """Bits of `layer`'s quantized kernel, or None if its kernel is stored in full precision.
+
+    A layer has a quantized kernel when it has a `kernel` and a `kernel_quantizer` whose `precision`
+    is an int (the faqd_tf layers; Larq- or QKeras-like layers following the same convention work).
+    """
+    quantizer = getattr(layer, "kernel_quantizer", None)
+    bits = getattr(quantizer, "precision", None)
+    if quantizer is None or getattr(layer, "kernel", None) is None:
+        return None
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        return None
+    return bits
+
+
+def kernel_scale_count(layer):
+    """Number of 32-bit scales of a quantized kernel: 1 (layer-wise), or one per output channel
+    (the last axis of the kernel as quantized; depthwise: input channels x depth multiplier)."""
+    if not getattr(getattr(layer, "kernel_quantizer", None), "per_channel", False):
+        return 1
+    to_quantize = getattr(layer, "_kernel_to_quantize", None)
+    shape = to_quantize().shape if to_quantize is not None else layer.kernel.shape
+    return int(shape[-1])
+
+
+def _size(variable):
+    n = 1
+    for d in variable.shape:
+        n *= int(d)
+    return n
+
+
+@dataclasses.dataclass
+class LayerSummary:
+    """One row of :func:`summary`. Sizes are in bits; `*_bytes` properties divide by 8."""
+
+    name: str
+    type: str
+    weight_bits: int | None  # None: no weights; 32: full-precision weights
+    activation_bits: int | None  # bits of the activations this layer quantizes (QuantReLU), else None
+    params: int
+    trainable_params: int
+    non_trainable_params: int
+    quantized_params: int
+    scales: int
+    float32_bits: int
+    packed_bits: int
+    output_shape: str = ""
+
+    @property
+    def float32_bytes(self):
+        return self.float32_bits / 8
+
+    @property
+    def packed_bytes(self):
+        return self.packed_bits / 8
+
+
+@dataclasses.dataclass
+class ModelSummary:
+    """Result of :func:`summary`: per-layer rows and totals (sizes in bits)."""
+
+    name: str
+    rows: list
+
+    def _total(self, field):
+        return sum(getattr(row, field) for row in self.rows)
+
+    @property
+    def total_params(self):
+        return self._total("params")
+
+    @property
+    def trainable_params(self):
+        return self._total("trainable_params")
+
+    @property
+    def non_trainable_params(self):
+        return self._total("non_trainable_params")
+
+    @property
+    def quantized_params(self):
+        return self._total("quantized_params")
+
+    @property
+    def float32_bits(self):
+        return self._total("float32_bits")
+
+    @property
+    def packed_bits(self):
+        return self._total("packed_bits")
+
+    @property
+    def float32_bytes(self):
+        return self.float32_bits / 8
+
+    @property
+    def packed_bytes(self):
+        return self.packed_bits / 8
+
+    @property
+    def compression_ratio(self):
+        """float32 size / packed size (1.0 for a model without quantized kernels)."""
+        return self.float32_bits / self.packed_bits if self.packed_bits else 1.0
+
+    def lines(self):
+        """The table as a list of text lines."""
+
+        def bits(value):
+            return "-" if value is None else str(value)
+
+        header = ("Layer (type)", "Output shape", "W bits", "A bits", "Params", "Non-train.", "Float32 kB", "Packed kB")
+        body = [
+            (
+                f"{row.name} ({row.type})",
+                row.output_shape,
+                bits(row.weight_bits),
+                bits(row.activation_bits),
+                f"{row.params:,}",
+                f"{row.non_trainable_params:,}",
+                f"{row.float32_bytes / 1024:.2f}",
+                f"{row.packed_bytes / 1024:.2f}",
+            )
+            for row in self.rows
+        ]
+        total = ("Total", "", "", "", f"{self.total_params:,}", f"{self.non_trainable_params:,}",
+                 f"{self.float32_bytes / 1024:.2f}", f"{self.packed_bytes / 1024:.2f}")
+        widths = [max(len(r[i]) for r in [header, total, *body]) for i in range(len(header))]
+
+        def fmt(r):
+            return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+        rule = "-" * len(fmt(header))
+        return [
+            f'Model: "{self.name}"',
+            rule,
+            fmt(header),
+            "=" * len(rule),
+            *[fmt(r) for r in body],
+            rule,
+            fmt(total),
+            rule,
+            f"Total params: {self.total_params:,} (trainable {self.trainable_params:,}, "
+            f"non-trainable {self.non_trainable_params:,}; quantized kernels {self.quantized_params:,})",
+            f"Size as float32: {self.float32_bytes / 1024:.2f} kB ({self.float32_bytes:,.0f} bytes)",
+            f"Size packed:     {self.packed_bytes / 1024:.2f} kB ({self.packed_bytes:,.1f} bytes: quantized "
+            "kernels at their bits + 32-bit scales, the rest float32)",
+            f"Compression ratio (float32 / packed): {self.compression_ratio:.2f}x",
+            rule,
+        ]
+
+    def __str__(self):
+        return "\n".join(self.lines())
+
+
+def _output_shape(layer):
+    try:
+        shape = layer.output.shape
+    except Exception:  # layers called several times or never called have no single output
+        return "?"
+    return str(tuple(shape))
+
+
+def summary(model, print_fn=print):
+    """Prints and returns a per-layer table of bits, parameters and memory of a (quantized) Keras model.
+
+    Args:
+        model: a built Keras model (Functional, Sequential; nested models are walked).
+        print_fn: called with each line of the table; None prints nothing.
+
+    Returns:
+        A :class:`ModelSummary` (``rows`` of :class:`LayerSummary`, totals and ``compression_ratio``).
+    """
+    if not isinstance(model, keras.layers.Layer):
+        raise ValueError(f"summary needs a Keras model or layer, got {type(model).__name__}.")
+    if not model.built:
+        raise ValueError(f"Model {model.name!r} is not built; call it on data or build it first.")
+    rows = []
+    for path, layer, weights in iter_layers(model):
+        trainable = {id(w) for w in layer.trainable_weights}
+        params = sum(_size(w) for w in weights)
+        trainable_params = sum(_size(w) for w in weights if id(w) in trainable)
+        kbits = quantized_kernel_bits(layer)
+        kernel_in_row = kbits is not None and any(w is layer.kernel for w in weights)
+        quantized = _size(layer.kernel) if kernel_in_row else 0
+        scales = kernel_scale_count(layer) if kernel_in_row else 0
+        if kernel_in_row:
+            weight_bits = kbits
+        else:
+            weight_bits = 32 if params else None
+        activation_bits = None
+        if not hasattr(layer, "kernel_quantizer") and hasattr(layer, "precision"):
+            # An activation quantizer (QuantReLU); precision None is a full-precision ReLU.
+            activation_bits = layer.precision if layer.precision is not None else 32
+        rows.append(
+            LayerSummary(
+                name=path,
+                type=type(layer).__name__,
+                weight_bits=weight_bits,
+                activation_bits=activation_bits,
+                params=params,
+                trainable_params=trainable_params,
+                non_trainable_params=params - trainable_params,
+                quantized_params=quantized,
+                scales=scales,
+                float32_bits=32 * params,
+                packed_bits=kbits * quantized + 32 * scales + 32 * (params - quantized) if kernel_in_row else 32 * params,
+                output_shape=_output_shape(layer),
+            )
+        )
+    result = ModelSummary(name=model.name, rows=rows)
+    if print_fn is not None:
+        for line in result.lines():
+            print_fn(line)
+    return result

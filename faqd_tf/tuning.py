@@ -1,0 +1,355 @@
+"""Hyperparameter search over the FAQD loss weights with keras-tuner.
+
+`FAQDHyperModel` is a `keras_tuner.HyperModel` whose `build(hp)` returns a compiled `Distiller`
+(metrics `["accuracy"]`) of a fresh student from the trained full-precision teacher. It tunes
+
+    alpha        weight of the KD term           Float, log sampling, default range [0.1, 2]
+    beta         weight of the FA term           Float, log sampling, default range [0.01, 1]
+    gamma        weight of the cross-entropy     Float, default range [0, 1]; Fixed 0 when label_free
+    temperature  KL temperature (kd="kl" only)   Choice, default [1, 2, 4, 8]; Fixed 1 for kd="mse"
+    use_fa       FA term on or off (tune_fa)     Boolean
+
+and records the fixed choices as `Fixed` hyperparameters `kd` and `fa_kind`, so that a trial's
+hyperparameter values alone determine its Distiller (`best_distill_config`). The objective is the
+student's accuracy on a labeled validation set, `keras_tuner.Objective("val_accuracy", "max")`:
+the training batches may be images alone (label-free FAQD), the validation batches carry labels.
+Any keras-tuner tuner takes the hypermodel (`RandomSearch`, `BayesianOptimization`, `Hyperband`);
+`search` wraps the three.
+
+>>> import keras_tuner
+>>> from faqd_tf.models import resnet_cifar
+>>> from faqd_tf.quantize import quantize_model
+>>> teacher = resnet_cifar(20, num_classes=5, input_shape=(16, 16, 3))
+>>> hypermodel = FAQDHyperModel(teacher, lambda: quantize_model(teacher, weight_bits=4), kd="kl")
+>>> hp = keras_tuner.HyperParameters()
+>>> distiller = hypermodel.build(hp)
+>>> type(distiller).__name__, distiller.gamma, distiller.fa
+('Distiller', 0.0, 'exact')
+>>> sorted(hp.values)
+['alpha', 'beta', 'fa_kind', 'gamma', 'kd', 'temperature', 'use_fa']
+>>> best_distill_config({"alpha": 0.5, "beta": 0.1, "gamma": 0.0, "temperature": 4, "use_fa": False})
+{'alpha': 0.5, 'beta': 0.0, 'gamma': 0.0, 'temperature': 4.0, 'fa': None}
+
+A search, with images-only training batches and labeled validation batches::
+
+    best, tuner = search(hypermodel, train_images, (val_images, val_labels), tuner="bayesian",
+                         max_trials=20, epochs=5, directory="tuning", project_name="resnet20_w4")
+    json.dump(best_distill_config(best), open("best.json", "w"))
+"""
+
+import importlib.util
+import numbers
+import tempfile
+
+import keras
+import keras_tuner
+import tensorflow as tf
+
+from faqd_tf.distiller import FA_KINDS, KD_KINDS, Distiller
+
+OBJECTIVE = "val_accuracy"
+TUNERS = ("random", "bayesian", "hyperband")
+_NO_FA = "none"  # the `fa_kind` value of fa=None (a Fixed hyperparameter cannot hold None)
+DEFAULTS = {"alpha": 1.0, "beta": 0.1, "gamma": 0.0, "temperature": 1.0}
+
+
+def _allow_search_without_tensorboard():
+    """keras-tuner 1.4 imports tensorboard in every trial on the TensorFlow backend, though it
+    uses it only to add hparams logging to a `keras.callbacks.TensorBoard` callback, and
+    TensorFlow no longer installs tensorboard. Without tensorboard, trials without such a
+    callback skip that import (with one, the original code runs and names what is missing)."""
+    if importlib.util.find_spec("tensorboard") is not None:
+        return
+    from keras_tuner.src.engine import tuner as tuner_module
+
+    original = tuner_module.Tuner._configure_tensorboard_dir
+    if getattr(original, "_faqd_tensorboard_free", False):
+        return
+
+    def configure_tensorboard_dir(self, callbacks, trial, execution=0):
+        if any(callback.__class__.__name__ == "TensorBoard" for callback in callbacks):
+            return original(self, callbacks, trial, execution)
+        return None
+
+    configure_tensorboard_dir._faqd_tensorboard_free = True
+    tuner_module.Tuner._configure_tensorboard_dir = configure_tensorboard_dir
+
+
+_allow_search_without_tensorboard()
+
+
+def default_optimizer():
+    """The paper's fine-tuning optimizer: SGD, Nesterov momentum 0.9, learning rate 0.01."""
+    return keras.optimizers.SGD(learning_rate=0.01, momentum=0.9, nesterov=True)
+
+
+def objective():
+    """The tuning objective: the student's validation accuracy, maximized."""
+    return keras_tuner.Objective(OBJECTIVE, "max")
+
+
+def _range(name, value, log):
+    """`value` as a (low, high) pair of floats; a single number fixes the hyperparameter."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be a number or a (low, high) pair.")
+    if isinstance(value, numbers.Real):
+        value = (value, value)
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} must be a number or a (low, high) pair.") from None
+    if low < 0 or high < low:
+        raise ValueError(f"{name}={value!r} must satisfy 0 <= low <= high.")
+    if log and low == 0 and high > 0:
+        raise ValueError(f"{name}={value!r} is sampled on a log scale; its low end must be > 0.")
+    return low, high
+
+
+def _choices(name, value):
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        value = [value]
+    try:
+        values = sorted({float(v) for v in value})
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} must be a number or a list of numbers > 0.") from None
+    if not values or values[0] <= 0:
+        raise ValueError(f"{name}={value!r} must be a number or a list of numbers > 0.")
+    return values
+
+
+class FAQDHyperModel(keras_tuner.HyperModel):
+    """Searches the FAQD loss weights of a `Distiller` of fresh students from `teacher`.
+
+    Args:
+        teacher: the trained full-precision Keras model (shared by all trials, frozen).
+        student_fn: zero-argument callable returning a fresh student for each trial,
+            e.g. `lambda: quantize_model(teacher, weight_bits=4)`.
+        optimizer_fn: zero-argument callable returning a fresh optimizer for each trial;
+            default SGD with Nesterov momentum 0.9 and learning rate 0.01.
+        kd, fa, ffa_k, fa_method, student_layers, teacher_layers, seed: fixed `Distiller`
+            arguments. `fa` is the FA kind used when the trial turns FA on (None: never).
+        alpha_range, beta_range: (low, high) searched on a log scale (low > 0), or one number
+            to fix the weight.
+        gamma_range: (low, high) searched on a linear scale, or one number; ignored (gamma is
+            fixed at 0) when `label_free`.
+        temperatures: KL temperatures to choose from (one number fixes it); only tuned for
+            kd="kl", kd="mse" fixes temperature at 1.
+        label_free: the training batches carry no labels, so gamma is 0 (eq. 11 of the paper).
+            With `label_free=False` the training batches must be (images, labels).
+        tune_fa: add the Boolean `use_fa` (FA term on/off); False keeps FA on (when `fa` is set).
+        metrics: compiled metrics of the Distiller; must yield the objective's `accuracy`.
+        name, tunable: as for `keras_tuner.HyperModel`.
+
+    Hyperparameter names: `alpha`, `beta`, `gamma`, `temperature`, `use_fa` (when `tune_fa` and
+    `fa` is set), and the Fixed `kd` and `fa_kind`. `beta` is sampled even when `use_fa` is off
+    (it is then unused), which keeps the space free of conditional scopes.
+    """
+
+    def __init__(
+        self,
+        teacher,
+        student_fn,
+        optimizer_fn=None,
+        *,
+        kd="mse",
+        fa="exact",
+        ffa_k=15,
+        fa_method="auto",
+        student_layers=None,
+        teacher_layers=None,
+        seed=None,
+        alpha_range=(0.1, 2.0),
+        beta_range=(0.01, 1.0),
+        gamma_range=(0.0, 1.0),
+        temperatures=(1, 2, 4, 8),
+        label_free=True,
+        tune_fa=True,
+        metrics=("accuracy",),
+        name="faqd",
+        tunable=True,
+    ):
+        super().__init__(name=name, tunable=tunable)
+        if not isinstance(teacher, keras.Model):
+            raise ValueError(f"teacher must be a Keras model, got {teacher!r}.")
+        if not callable(student_fn):
+            raise ValueError(
+                f"student_fn must be a zero-argument callable returning a fresh student, got {student_fn!r}."
+            )
+        if optimizer_fn is not None and not callable(optimizer_fn):
+            raise ValueError(f"optimizer_fn must be a zero-argument callable, got {optimizer_fn!r}.")
+        if kd not in KD_KINDS:
+            raise ValueError(f"kd={kd!r} is not supported; use one of {KD_KINDS}.")
+        if fa not in FA_KINDS:
+            raise ValueError(f"fa={fa!r} is not supported; use 'exact', 'fast' or None.")
+        self.teacher = teacher
+        self.student_fn = student_fn
+        self.optimizer_fn = optimizer_fn or default_optimizer
+        self.kd = kd
+        self.fa = fa
+        self.label_free = bool(label_free)
+        self.tune_fa = bool(tune_fa) and fa is not None
+        self.alpha_range = _range("alpha_range", alpha_range, log=True)
+        self.beta_range = _range("beta_range", beta_range, log=True)
+        self.gamma_range = (0.0, 0.0) if self.label_free else _range("gamma_range", gamma_range, log=False)
+        self.temperatures = _choices("temperatures", temperatures) if kd == "kl" else [1.0]
+        self.metrics = list(metrics) if metrics is not None else None
+        # Distiller arguments that no hyperparameter sets.
+        self.fixed_kwargs = {
+            "kd": kd,
+            "ffa_k": ffa_k,
+            "fa_method": fa_method,
+            "student_layers": student_layers,
+            "teacher_layers": teacher_layers,
+            "seed": seed,
+        }
+
+    @staticmethod
+    def _float(hp, name, bounds, log, default):
+        low, high = bounds
+        if low == high:
+            return hp.Fixed(name, low)
+        default = min(max(default, low), high)
+        return hp.Float(name, low, high, sampling="log" if log else "linear", default=default)
+
+    def declare_hyperparameters(self, hp):
+        """Registers the search space in `hp` (keras-tuner calls it before the first build)."""
+        hp.Fixed("kd", self.kd)
+        hp.Fixed("fa_kind", self.fa or _NO_FA)
+        self._float(hp, "alpha", self.alpha_range, True, DEFAULTS["alpha"])
+        if self.fa is not None:
+            self._float(hp, "beta", self.beta_range, True, DEFAULTS["beta"])
+            if self.tune_fa:
+                hp.Boolean("use_fa", default=True)
+        self._float(hp, "gamma", self.gamma_range, False, 0.3)
+        if len(self.temperatures) == 1:
+            hp.Fixed("temperature", self.temperatures[0])
+        else:
+            default = min(self.temperatures, key=lambda t: abs(t - 4.0))  # the paper uses T = 3..5
+            hp.Choice("temperature", self.temperatures, default=default)
+
+    def distiller_kwargs(self, hp_values):
+        """All `Distiller` keyword arguments (but student and teacher) of the hp values."""
+        return {**self.fixed_kwargs, **best_distill_config(hp_values, fa=self.fa)}
+
+    def build(self, hp):
+        """A fresh student distilled from the teacher: a `Distiller` compiled with `metrics`."""
+        self.declare_hyperparameters(hp)
+        distiller = Distiller(self.student_fn(), self.teacher, **self.distiller_kwargs(hp.values))
+        if not distiller.built:
+            # fit() never calls the Distiller itself, and keras-tuner saves (and Hyperband
+            # reloads) each trial's weights, which Keras allows only for built models.
+            distiller.build((None, *self.teacher.inputs[0].shape[1:]))
+        distiller.compile(optimizer=self.optimizer_fn(), metrics=self.metrics)
+        return distiller
+
+    def fit(self, hp, model, *args, **kwargs):
+        """`model.fit(*args, **kwargs)`: the tuner passes data, epochs, validation_data, callbacks."""
+        return model.fit(*args, **kwargs)
+
+
+def best_distill_config(hp_values, fa="exact"):
+    """The `Distiller` loss arguments of a trial's hyperparameter values, JSON-serializable.
+
+    Returns a dict with `alpha`, `beta`, `gamma`, `temperature` (floats) and `fa` ("exact",
+    "fast" or None). `fa` is read from the `fa_kind` value when present, else the argument `fa`;
+    `use_fa=False` gives fa None and beta 0. Missing weights take the Distiller's defaults, and
+    keys other than the hyperparameter names (e.g. Hyperband's "tuner/...") are ignored.
+    """
+    if isinstance(hp_values, keras_tuner.HyperParameters):
+        hp_values = hp_values.values
+    values = dict(hp_values)
+    kind = values.get("fa_kind", fa if fa is not None else _NO_FA)
+    if kind not in ("exact", "fast", _NO_FA):
+        raise ValueError(f"fa_kind={kind!r} is not supported; use 'exact', 'fast' or {_NO_FA!r}.")
+    fa = None if kind == _NO_FA or not values.get("use_fa", True) else kind
+    config = {name: float(values.get(name, default)) for name, default in DEFAULTS.items()}
+    if fa is None:
+        config["beta"] = 0.0
+    config["fa"] = fa
+    return {key: config[key] for key in ("alpha", "beta", "gamma", "temperature", "fa")}
+
+
+def _labels_missing(validation_data):
+    """True when `validation_data` surely carries no labels (images alone)."""
+    if isinstance(validation_data, tf.data.Dataset):
+        spec = validation_data.element_spec
+        return not (isinstance(spec, (tuple, list)) and len(spec) >= 2)
+    if isinstance(validation_data, (tuple, list)):
+        return len(validation_data) < 2
+    return hasattr(validation_data, "shape")  # an array or tensor of images
+
+
+def make_tuner(hypermodel, tuner="random", max_trials=10, epochs=1, directory=None,
+               project_name="faqd_tuning", overwrite=False, seed=None, **tuner_kwargs):
+    """A keras-tuner tuner of `hypermodel` on `val_accuracy` (max).
+
+    `tuner` is "random", "bayesian", "hyperband" or a `keras_tuner.Tuner` subclass. Hyperband
+    takes no `max_trials`: its `max_epochs` is `tuner_kwargs["max_epochs"]`, else `epochs`.
+    `directory=None` writes the trials under a fresh temporary directory.
+    """
+    if directory is None:
+        directory = tempfile.mkdtemp(prefix="faqd_tuning_")
+    common = dict(objective=objective(), directory=directory, project_name=project_name,
+                  overwrite=overwrite, seed=seed, **tuner_kwargs)
+    if isinstance(tuner, type) and issubclass(tuner, keras_tuner.Tuner):
+        if issubclass(tuner, keras_tuner.Hyperband):
+            common.setdefault("max_epochs", epochs)
+        else:
+            common["max_trials"] = max_trials
+        return tuner(hypermodel, **common)
+    kind = tuner.strip().lower() if isinstance(tuner, str) else tuner
+    if kind == "random":
+        return keras_tuner.RandomSearch(hypermodel, max_trials=max_trials, **common)
+    if kind == "bayesian":
+        return keras_tuner.BayesianOptimization(hypermodel, max_trials=max_trials, **common)
+    if kind == "hyperband":
+        common.setdefault("max_epochs", epochs)
+        return keras_tuner.Hyperband(hypermodel, **common)
+    raise ValueError(f"tuner={tuner!r} is not supported; use one of {TUNERS} or a keras_tuner.Tuner subclass.")
+
+
+def search(hypermodel, train_data, validation_data, tuner="random", max_trials=10, epochs=1,
+           directory=None, project_name="faqd_tuning", overwrite=False, seed=None,
+           callbacks=None, verbose=0, batch_size=None, **tuner_kwargs):
+    """Runs a search and returns `(best_hp_values, tuner)`.
+
+    Args:
+        hypermodel: a `FAQDHyperModel`.
+        train_data: the training input of `fit`: images alone (label-free) or (images, labels),
+            as a `tf.data.Dataset` or an array (then give `batch_size`).
+        validation_data: labeled validation data, `(images, labels)` or a dataset of such
+            batches; the objective `val_accuracy` needs the labels.
+        tuner: "random", "bayesian", "hyperband", or a `keras_tuner.Tuner` subclass.
+        max_trials: trials of RandomSearch / BayesianOptimization (Hyperband sets its own).
+        epochs: training epochs of a trial (Hyperband's `max_epochs` unless given).
+        directory, project_name, overwrite, seed, **tuner_kwargs: passed to the tuner.
+        callbacks, verbose, batch_size: passed to each trial's `fit`.
+
+    Returns:
+        The best trial's hyperparameter values as a dict (without Hyperband's "tuner/..."
+        bookkeeping; `best_distill_config` turns it into Distiller arguments), and the tuner
+        (`tuner.oracle.get_best_trials()`, `tuner.results_summary()`, ...).
+    """
+    if validation_data is None or _labels_missing(validation_data):
+        raise ValueError(
+            "validation_data must carry labels, (images, labels) or a dataset of such batches: "
+            f"the tuning objective is {OBJECTIVE!r}, the student's accuracy on labeled data."
+        )
+    tuner = make_tuner(hypermodel, tuner=tuner, max_trials=max_trials, epochs=epochs, directory=directory,
+                       project_name=project_name, overwrite=overwrite, seed=seed, **tuner_kwargs)
+    fit_kwargs = dict(epochs=epochs, validation_data=validation_data, verbose=verbose)
+    if callbacks:
+        fit_kwargs["callbacks"] = list(callbacks)
+    if batch_size is not None:
+        fit_kwargs["batch_size"] = batch_size
+    tuner.search(train_data, **fit_kwargs)
+    trials = list(tuner.oracle.trials.values())
+    if not any(trial.status == "COMPLETED" for trial in trials):
+        message = next((trial.message for trial in trials if getattr(trial, "message", None)), "")
+        raise RuntimeError(
+            f"The search under {tuner.project_dir!r} completed none of its {len(trials)} trial(s)."
+            + (f" The first failure:\n{message}" if message else "")
+        )
+    best = tuner.get_best_hyperparameters(1)
+    values = {k: v for k, v in best[0].values.items() if not k.startswith("tuner/")}
+    return values, tuner
