@@ -1,0 +1,178 @@
+"""FAQDHyperModel and search: keras-tuner trials run end to end on label-free training data,
+scored by the student's accuracy on labeled validation data; the search space follows the options."""
+
+import json
+
+import keras
+import keras_tuner
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from faqd_tf.distiller import Distiller
+from faqd_tf.layers import QuantConv2D, QuantDense, QuantReLU
+from faqd_tf.quantize import quantize_model
+from faqd_tf.tuning import FAQDHyperModel, best_distill_config, search
+
+CLASSES = 5
+
+
+def tiny_teacher():
+    inputs = keras.Input((12, 12, 3))
+    x = QuantConv2D(8, 3, padding="same", name="conv1")(inputs)
+    x = keras.layers.BatchNormalization(synchronized=True, name="bn1")(x)
+    x = QuantReLU(name="stage1")(x)
+    x = QuantConv2D(16, 3, strides=2, padding="same", name="conv2")(x)
+    x = keras.layers.BatchNormalization(synchronized=True, name="bn2")(x)
+    x = QuantReLU(name="stage2")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inputs, QuantDense(CLASSES, name="logits")(x), name="teacher")
+
+
+def hypermodel_of(teacher, **kwargs):
+    # Activation-only quantization: the weight quantizers are slow to trace, and this file
+    # tests the tuning, not the quantizers.
+    kwargs.setdefault("student_layers", ["stage1", "stage2"])
+    kwargs.setdefault("teacher_layers", ["stage1", "stage2"])
+    return FAQDHyperModel(teacher, lambda: quantize_model(teacher, weight_bits=None, activation_bits=4), **kwargs)
+
+
+def data(rng, n=32):
+    images = rng.normal(size=(n, 12, 12, 3)).astype(np.float32)
+    labels = rng.integers(0, CLASSES, size=(n,))
+    return images, labels
+
+
+def check_completed_with_val_accuracy(tuner, trials):
+    done = list(tuner.oracle.trials.values())
+    assert len(done) == trials
+    for trial in done:
+        assert trial.status == "COMPLETED", trial.message
+        assert trial.metrics.exists("val_accuracy")
+        assert 0.0 <= trial.score <= 1.0
+        # Label-free training batches: no training accuracy, only the validation one.
+        assert not trial.metrics.exists("accuracy")
+
+
+def test_random_search_label_free_training_labeled_validation(rng, tmp_path):
+    teacher = tiny_teacher()
+    images, labels = data(rng)
+    val_images, val_labels = data(rng)
+    train = tf.data.Dataset.from_tensor_slices(images).batch(16)  # images only
+    hypermodel = hypermodel_of(teacher, kd="kl", seed=1)
+
+    best, tuner = search(
+        hypermodel, train, (val_images, val_labels), tuner="random", max_trials=2, epochs=2,
+        directory=str(tmp_path), project_name="random", seed=int(rng.integers(2**31)),
+    )
+
+    assert isinstance(tuner, keras_tuner.RandomSearch)
+    assert tuner.oracle.objective.name == "val_accuracy" and tuner.oracle.objective.direction == "max"
+    check_completed_with_val_accuracy(tuner, trials=2)
+    assert best == tuner.get_best_hyperparameters(1)[0].values
+    assert best["gamma"] == 0.0 and best["kd"] == "kl"
+
+    config = best_distill_config(best)
+    assert set(config) == {"alpha", "beta", "gamma", "temperature", "fa"}
+    assert json.loads(json.dumps(config)) == config
+    assert 0.1 <= config["alpha"] <= 2.0
+    assert config["temperature"] in (1.0, 2.0, 4.0, 8.0)
+    assert config["fa"] == ("exact" if best["use_fa"] else None)
+    if config["fa"] is not None:
+        assert 0.01 <= config["beta"] <= 1.0
+    student = quantize_model(teacher, weight_bits=None, activation_bits=4)
+    distiller = Distiller(student, teacher, kd="kl", **config)
+    assert (distiller.alpha, distiller.beta, distiller.gamma, distiller.fa) == (
+        config["alpha"], config["beta"], config["gamma"], config["fa"]
+    )
+
+
+def test_hyperband_runs_and_reloads_trials(rng, tmp_path):
+    teacher = tiny_teacher()
+    images, _ = data(rng)
+    val = data(rng)
+    hypermodel = hypermodel_of(teacher, fa="fast", ffa_k=2, seed=2)
+    # The tuner is used directly from keras-tuner, as a user would.
+    tuner = keras_tuner.Hyperband(
+        hypermodel, objective=keras_tuner.Objective("val_accuracy", "max"), max_epochs=2, factor=3,
+        directory=str(tmp_path), project_name="hyperband", seed=int(rng.integers(2**31)),
+    )
+    tuner.search(images, batch_size=16, validation_data=val, verbose=0)
+    trials = list(tuner.oracle.trials.values())
+    check_completed_with_val_accuracy(tuner, trials=len(trials))
+    assert trials
+    best = tuner.get_best_hyperparameters(1)[0].values
+    config = best_distill_config(best)
+    assert config["fa"] in ("fast", None) and config["temperature"] == 1.0  # kd="mse": T fixed
+    model = tuner.get_best_models(1)[0]
+    assert isinstance(model, Distiller)
+    assert model.predict(val[0], verbose=0).shape == (32, CLASSES)
+
+
+def test_search_space_follows_the_options(rng):
+    teacher = tiny_teacher()
+    hp = keras_tuner.HyperParameters()
+    hypermodel_of(
+        teacher, kd="kl", alpha_range=(0.2, 3.0), beta_range=(0.05, 0.5), temperatures=[2, 4],
+        label_free=False, gamma_range=(0.1, 0.9),
+    ).declare_hyperparameters(hp)
+    space = {h.name: h for h in hp.space}
+    assert set(space) == {"kd", "fa_kind", "alpha", "beta", "use_fa", "gamma", "temperature"}
+    for name, low, high, sampling in [("alpha", 0.2, 3.0, "log"), ("beta", 0.05, 0.5, "log"),
+                                      ("gamma", 0.1, 0.9, "linear")]:
+        h = space[name]
+        assert isinstance(h, keras_tuner.engine.hyperparameters.Float)
+        assert (h.min_value, h.max_value, h.sampling) == (low, high, sampling)
+        for seed in rng.integers(2**31, size=20):
+            assert low <= h.random_sample(int(seed)) <= high
+    assert list(space["temperature"].values) == [2.0, 4.0]
+    assert isinstance(space["use_fa"], keras_tuner.engine.hyperparameters.Boolean)
+
+    # kd="mse", no FA switch, a fixed alpha: those are Fixed, not searched.
+    hp = keras_tuner.HyperParameters()
+    hypermodel_of(teacher, kd="mse", tune_fa=False, alpha_range=1.5).declare_hyperparameters(hp)
+    fixed = {h.name: h.value for h in hp.space if isinstance(h, keras_tuner.engine.hyperparameters.Fixed)}
+    assert fixed == {"kd": "mse", "fa_kind": "exact", "alpha": 1.5, "gamma": 0.0, "temperature": 1.0}
+    assert {h.name for h in hp.space} == set(fixed) | {"beta"}
+
+    with pytest.raises(ValueError, match="log scale"):
+        hypermodel_of(teacher, alpha_range=(0.0, 1.0))
+    with pytest.raises(ValueError, match="low <= high"):
+        hypermodel_of(teacher, beta_range=(1.0, 0.1))
+
+
+def test_label_free_fixes_gamma_at_zero_and_build_compiles():
+    teacher = tiny_teacher()
+    hypermodel = hypermodel_of(teacher, gamma_range=(0.2, 0.8), label_free=True)
+    hp = keras_tuner.HyperParameters()
+    distiller = hypermodel.build(hp)
+    assert hp.values["gamma"] == 0.0 and distiller.gamma == 0.0
+    assert isinstance(distiller, Distiller) and distiller.built and distiller.compiled
+    assert isinstance(distiller.optimizer, keras.optimizers.SGD) and distiller.optimizer.nesterov
+
+    labeled = hypermodel_of(teacher, gamma_range=(0.2, 0.8), label_free=False)
+    hp = keras_tuner.HyperParameters()
+    distiller = labeled.build(hp)
+    assert 0.2 <= hp.values["gamma"] <= 0.8 and distiller.gamma == hp.values["gamma"]
+
+
+def test_best_distill_config_and_search_arguments(rng, tmp_path):
+    assert best_distill_config({"alpha": 2, "beta": 0.5, "use_fa": True, "fa_kind": "fast",
+                                "tuner/epochs": 3}) == {
+        "alpha": 2.0, "beta": 0.5, "gamma": 0.0, "temperature": 1.0, "fa": "fast"}
+    assert best_distill_config({"beta": 0.5, "use_fa": False})["fa"] is None
+    assert best_distill_config({"fa_kind": "none", "beta": 0.5}) == {
+        "alpha": 1.0, "beta": 0.0, "gamma": 0.0, "temperature": 1.0, "fa": None}
+    hp = keras_tuner.HyperParameters()
+    hp.Fixed("alpha", 0.7)
+    assert best_distill_config(hp)["alpha"] == 0.7
+
+    teacher = tiny_teacher()
+    hypermodel = hypermodel_of(teacher, fa=None)
+    hp = keras_tuner.HyperParameters()
+    assert hypermodel.build(hp).fa is None and "use_fa" not in hp.values and "beta" not in hp.values
+    images, _ = data(rng, n=4)
+    with pytest.raises(ValueError, match="must carry labels"):
+        search(hypermodel, images, images, directory=str(tmp_path))
+    with pytest.raises(ValueError, match="tuner="):
+        search(hypermodel, images, (images, np.zeros(4)), tuner="grid", directory=str(tmp_path))
