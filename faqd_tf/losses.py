@@ -23,6 +23,8 @@ Example:
 0.0
 """
 
+import numbers
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -58,7 +60,7 @@ def _check_k(k):
     return int(k)
 
 
-def _as_float_tensor(x, name):
+def _as_float_tensor(x):
     x = tf.convert_to_tensor(x)
     if not x.dtype.is_floating:
         x = tf.cast(x, tf.float32)
@@ -66,8 +68,8 @@ def _as_float_tensor(x, name):
 
 
 def _check_maps(teacher_map, student_map):
-    teacher_map = _as_float_tensor(teacher_map, "teacher_map")
-    student_map = _as_float_tensor(student_map, "student_map")
+    teacher_map = _as_float_tensor(teacher_map)
+    student_map = _as_float_tensor(student_map)
     for name, x in (("teacher_map", teacher_map), ("student_map", student_map)):
         if x.shape.rank != 4:
             raise ValueError(f"{name} must be 4-D (batch, height, width, channels), got shape {x.shape}.")
@@ -80,8 +82,8 @@ def _check_maps(teacher_map, student_map):
 
 
 def _check_logits(teacher_logits, student_logits):
-    teacher_logits = _as_float_tensor(teacher_logits, "teacher_logits")
-    student_logits = _as_float_tensor(student_logits, "student_logits")
+    teacher_logits = _as_float_tensor(teacher_logits)
+    student_logits = _as_float_tensor(student_logits)
     for name, x in (("teacher_logits", teacher_logits), ("student_logits", student_logits)):
         if x.shape.rank != 2:
             raise ValueError(f"{name} must be 2-D (batch, classes), got shape {x.shape}.")
@@ -110,12 +112,35 @@ def _align(teacher_map, student_map):
     return teacher_map, student_map
 
 
+@tf.custom_gradient
+def _unit_rows64(x):
+    """Unit rows in float64 of a float32 (batch, N, C) tensor.
+
+    Written out by hand: differentiating `tf.math.l2_normalize` costs about twice as many float64
+    passes over the maps, and exact FA is dominated by them at large N.
+    """
+    x64 = tf.cast(x, tf.float64)
+    squared = tf.reduce_sum(tf.square(x64), axis=-1, keepdims=True)
+    inv_norm = tf.math.rsqrt(tf.maximum(squared, NORM_EPSILON))
+    unit = x64 * inv_norm
+
+    def grad(upstream):
+        radial = unit * tf.reduce_sum(unit * upstream, axis=-1, keepdims=True)
+        # Below the epsilon the scale is a constant, so nothing is projected out.
+        radial = tf.where(squared > NORM_EPSILON, radial, tf.zeros_like(radial))
+        return tf.cast(inv_norm * (upstream - radial), x.dtype)
+
+    return unit, grad
+
+
 def _pixels(x, dtype):
-    """(batch, H, W, C) -> (batch, N, C) unit channel vectors in `dtype`."""
+    """(batch, H, W, C) float32 -> (batch, N, C) unit channel vectors in `dtype`."""
     shape = tf.shape(x)
     channels = x.shape[-1] if x.shape[-1] is not None else shape[-1]
-    x = tf.reshape(tf.cast(x, dtype), [shape[0], shape[1] * shape[2], channels])
-    return tf.math.l2_normalize(x, axis=-1, epsilon=NORM_EPSILON)
+    x = tf.reshape(x, [shape[0], shape[1] * shape[2], channels])
+    if dtype == tf.float64:
+        return _unit_rows64(x)
+    return tf.math.l2_normalize(tf.cast(x, dtype), axis=-1, epsilon=NORM_EPSILON)
 
 
 def _num_pixels(x):
@@ -187,19 +212,36 @@ def _pairwise_per_sample(a, b, p):
     return total / (n * n)
 
 
-def _gram_per_sample(a, b):
-    """Exact FA without the N x N matrix; float64 products keep the three large terms' cancellation exact."""
-    aa = tf.linalg.matmul(a, a, transpose_a=True)
-    ab = tf.linalg.matmul(a, b, transpose_a=True)
-    bb = tf.linalg.matmul(b, b, transpose_a=True)
+@tf.custom_gradient
+def _gram_totals(a, b):
+    """Per-sample ||A A^T - B B^T||_F^2 from the C x C products (float64), with its gradient.
+
+    float64 keeps the cancellation of the three ~N^2/C terms exact enough; the hand-written
+    gradient reuses the forward products (d/dB = 4 (B B^T B - A A^T B) = 4 (B G_bb - A G_ab)).
+    """
+    g_aa = tf.linalg.matmul(a, a, transpose_a=True)
+    g_ab = tf.linalg.matmul(a, b, transpose_a=True)
+    g_bb = tf.linalg.matmul(b, b, transpose_a=True)
     total = (
-        tf.reduce_sum(tf.square(aa), axis=[1, 2])
-        - 2.0 * tf.reduce_sum(tf.square(ab), axis=[1, 2])
-        + tf.reduce_sum(tf.square(bb), axis=[1, 2])
+        tf.reduce_sum(tf.square(g_aa), axis=[1, 2])
+        - 2.0 * tf.reduce_sum(tf.square(g_ab), axis=[1, 2])
+        + tf.reduce_sum(tf.square(g_bb), axis=[1, 2])
     )
+
+    def grad(upstream):
+        scale = 4.0 * upstream[:, None, None]
+        grad_a = scale * (tf.linalg.matmul(a, g_aa) - tf.linalg.matmul(b, g_ab, transpose_b=True))
+        grad_b = scale * (tf.linalg.matmul(b, g_bb) - tf.linalg.matmul(a, g_ab))
+        return grad_a, grad_b
+
+    return total, grad
+
+
+def _gram_per_sample(a, b):
+    """Exact FA without the N x N matrix."""
     n = _num_pixels(a)
     # Rounding can leave a tiny negative value for identical affinities; the loss is a squared norm.
-    return tf.cast(tf.maximum(total, 0.0) / (n * n), tf.float32)
+    return tf.cast(tf.maximum(_gram_totals(a, b), 0.0) / (n * n), tf.float32)
 
 
 def feature_affinity_per_sample(teacher_map, student_map, method="auto", p=2):
@@ -362,7 +404,7 @@ def fast_feature_affinity(teacher_map, student_map, k=15, seed=None):
 def _check_kd(kind, temperature):
     if kind not in KD_KINDS:
         raise ValueError(f"kind={kind!r} is not supported; use one of {', '.join(KD_KINDS)}.")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
         raise ValueError(f"temperature={temperature!r} is not supported; use a number > 0.")
 
 

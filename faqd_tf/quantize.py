@@ -70,6 +70,7 @@ def quantize_model(
         copy_weights: start from the model's weights (fine-tuning); False keeps fresh
             initial weights (end-to-end quantization).
 
+    The twin is trainable even when `model` was frozen (as a Distiller's teacher is).
     Layers with a kernel but no quantized counterpart (e.g. SeparableConv2D) stay in full
     precision and are listed in a warning.
     """
@@ -90,6 +91,8 @@ def quantize_model(
 
     def clone(layer):
         config = layer.get_config()
+        # A teacher is frozen once a Distiller holds it; its quantized twin is there to be trained.
+        config["trainable"] = True
         for base, quant in _KERNEL_LAYERS:
             if isinstance(layer, base):
                 config.pop("kernel_quantizer", None)

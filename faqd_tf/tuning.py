@@ -14,7 +14,8 @@ hyperparameter values alone determine its Distiller (`best_distill_config`). The
 student's accuracy on a labeled validation set, `keras_tuner.Objective("val_accuracy", "max")`:
 the training batches may be images alone (label-free FAQD), the validation batches carry labels.
 Any keras-tuner tuner takes the hypermodel (`RandomSearch`, `BayesianOptimization`, `Hyperband`);
-`search` wraps the three.
+`search` wraps the three. keras-tuner's `BayesianOptimization` needs scikit-learn
+(`pip install keras-tuner[bayesian]`), which is not among this project's requirements.
 
 >>> import keras_tuner
 >>> from faqd_tf.models import resnet_cifar
@@ -32,7 +33,7 @@ Any keras-tuner tuner takes the hypermodel (`RandomSearch`, `BayesianOptimizatio
 
 A search, with images-only training batches and labeled validation batches::
 
-    best, tuner = search(hypermodel, train_images, (val_images, val_labels), tuner="bayesian",
+    best, tuner = search(hypermodel, train_images, (val_images, val_labels), tuner="random",
                          max_trials=20, epochs=5, directory="tuning", project_name="resnet20_w4")
     json.dump(best_distill_config(best), open("best.json", "w"))
 """
@@ -138,6 +139,8 @@ class FAQDHyperModel(keras_tuner.HyperModel):
             With `label_free=False` the training batches must be (images, labels).
         tune_fa: add the Boolean `use_fa` (FA term on/off); False keeps FA on (when `fa` is set).
         metrics: compiled metrics of the Distiller; must yield the objective's `accuracy`.
+        distiller_kwargs: the fixed Distiller arguments as one dict (keys among kd, ffa_k,
+            fa_method, student_layers, teacher_layers, seed); its entries override the keywords.
         name, tunable: as for `keras_tuner.HyperModel`.
 
     Hyperparameter names: `alpha`, `beta`, `gamma`, `temperature`, `use_fa` (when `tune_fa` and
@@ -165,10 +168,25 @@ class FAQDHyperModel(keras_tuner.HyperModel):
         label_free=True,
         tune_fa=True,
         metrics=("accuracy",),
+        distiller_kwargs=None,
         name="faqd",
         tunable=True,
     ):
         super().__init__(name=name, tunable=tunable)
+        fixed = {"kd": kd, "ffa_k": ffa_k, "fa_method": fa_method, "student_layers": student_layers,
+                 "teacher_layers": teacher_layers, "seed": seed}
+        extra = dict(distiller_kwargs or {})
+        tuned = sorted(set(extra) & {"alpha", "beta", "gamma", "temperature", "fa"})
+        if tuned:
+            raise ValueError(
+                f"distiller_kwargs sets {tuned}, which the search tunes; give their ranges "
+                "(alpha_range, beta_range, gamma_range, temperatures) and the FA kind as fa=... instead."
+            )
+        unknown = sorted(set(extra) - set(fixed))
+        if unknown:
+            raise ValueError(f"distiller_kwargs has unknown keys {unknown}; allowed: {sorted(fixed)}.")
+        fixed.update(extra)
+        kd = fixed["kd"]
         if not isinstance(teacher, keras.Model):
             raise ValueError(f"teacher must be a Keras model, got {teacher!r}.")
         if not callable(student_fn):
@@ -193,15 +211,7 @@ class FAQDHyperModel(keras_tuner.HyperModel):
         self.gamma_range = (0.0, 0.0) if self.label_free else _range("gamma_range", gamma_range, log=False)
         self.temperatures = _choices("temperatures", temperatures) if kd == "kl" else [1.0]
         self.metrics = list(metrics) if metrics is not None else None
-        # Distiller arguments that no hyperparameter sets.
-        self.fixed_kwargs = {
-            "kd": kd,
-            "ffa_k": ffa_k,
-            "fa_method": fa_method,
-            "student_layers": student_layers,
-            "teacher_layers": teacher_layers,
-            "seed": seed,
-        }
+        self.fixed_kwargs = fixed  # the Distiller arguments that no hyperparameter sets
 
     @staticmethod
     def _float(hp, name, bounds, log, default):
@@ -319,7 +329,8 @@ def search(hypermodel, train_data, validation_data, tuner="random", max_trials=1
             as a `tf.data.Dataset` or an array (then give `batch_size`).
         validation_data: labeled validation data, `(images, labels)` or a dataset of such
             batches; the objective `val_accuracy` needs the labels.
-        tuner: "random", "bayesian", "hyperband", or a `keras_tuner.Tuner` subclass.
+        tuner: "random", "bayesian" (needs scikit-learn), "hyperband", or a `keras_tuner.Tuner`
+            subclass.
         max_trials: trials of RandomSearch / BayesianOptimization (Hyperband sets its own).
         epochs: training epochs of a trial (Hyperband's `max_epochs` unless given).
         directory, project_name, overwrite, seed, **tuner_kwargs: passed to the tuner.

@@ -46,9 +46,11 @@ def np_fa_per_sample(t, s, p=2):
     return (np.sum(np.abs(d), axis=(1, 2)) if p == 1 else np.sum(d * d, axis=(1, 2))) / n**2
 
 
-def np_fa_grad(t, s, p=2):
-    """d mean_b(L_b) / d student_map, analytic: through S_S = B B^T and the pixel normalization."""
+def np_fa_grad(t, s, p=2, wrt="student"):
+    """d mean_b(L_b) / d student_map (or teacher_map), analytic: through S = F F^T and the normalization."""
     d = np_affinity_diff(t, s)
+    if wrt == "teacher":  # L is symmetric in the two maps
+        d, s = -d, t
     raw, b = np_pixels(s)
     batch, n, _ = b.shape
     weight = 2.0 * np.sign(d) if p == 1 else 4.0 * d
@@ -83,12 +85,12 @@ def resized(teacher, student):
     return tf.image.resize(teacher, student.shape[1:3], method="bilinear").numpy()
 
 
-def fa_and_grad(t, s, **kwargs):
-    s = tf.convert_to_tensor(s)
+def fa_and_grad(t, s, wrt="student", **kwargs):
+    t, s = tf.convert_to_tensor(t), tf.convert_to_tensor(s)
     with tf.GradientTape() as tape:
-        tape.watch(s)
+        tape.watch(s if wrt == "student" else t)
         loss = feature_affinity(t, s, **kwargs)
-    return loss, tape.gradient(loss, s)
+    return loss, tape.gradient(loss, s if wrt == "student" else t)
 
 
 def unit(x):
@@ -121,6 +123,9 @@ def test_fa_matches_numpy(rng, case, method):
     per = feature_affinity_per_sample(t, s, method=method)
     assert per.shape == (t_shape[0],)
     assert rel_err(per, np_fa_per_sample(t_ref, s)) <= RTOL
+    if t_shape[1:3] == s_shape[1:3]:  # the teacher's gradient too (not through a resize)
+        _, grad_t = fa_and_grad(t, s, wrt="teacher", method=method)
+        assert rel_err(grad_t, np_fa_grad(t, s, wrt="teacher")) <= RTOL
 
 
 def near_converged(rng, c, noise=1e-3, batch=2, hw=32):

@@ -28,6 +28,13 @@ def test_resnet20_twin_keeps_names_weights_and_quantizes(rng):
     assert feature_layers(twin) == ["stage1", "stage2", "stage3"]
 
 
+def test_twin_of_a_frozen_teacher_is_trainable():
+    fp = resnet_cifar(8, input_shape=(16, 16, 3))
+    fp.trainable = False
+    twin = quantize_model(fp, weight_bits=4)
+    assert twin.trainable and len(twin.trainable_weights) == len(resnet_cifar(8, input_shape=(16, 16, 3)).trainable_weights)
+
+
 def test_bits_none_twin_is_exact_copy(rng):
     fp = resnet_cifar(20, input_shape=(16, 16, 3))
     x = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
@@ -57,7 +64,8 @@ def test_sequential_with_fused_relu(rng, tmp_path):
     np.testing.assert_array_equal(loaded(x).numpy(), twin(x).numpy())
 
 
-@pytest.mark.parametrize("arch", ["ResNet50", "MobileNetV2"])
+# ResNet50 takes minutes to trace and save on 2 cores: run it with `-m slow`.
+@pytest.mark.parametrize("arch", [pytest.param("ResNet50", marks=pytest.mark.slow), "MobileNetV2"])
 def test_keras_applications_twin_runs_trains_and_saves(rng, tmp_path, arch):
     build = getattr(keras.applications, arch)
     model = build(weights=None, input_shape=(32, 32, 3), classes=4, classifier_activation=None)

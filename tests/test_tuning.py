@@ -87,7 +87,7 @@ def test_random_search_label_free_training_labeled_validation(rng, tmp_path):
     )
 
 
-def test_hyperband_runs_and_reloads_trials(rng, tmp_path):
+def test_hyperband_runs_and_restores_the_best_model(rng, tmp_path):
     teacher = tiny_teacher()
     images, _ = data(rng)
     val = data(rng)
@@ -134,6 +134,17 @@ def test_search_space_follows_the_options(rng):
     fixed = {h.name: h.value for h in hp.space if isinstance(h, keras_tuner.engine.hyperparameters.Fixed)}
     assert fixed == {"kd": "mse", "fa_kind": "exact", "alpha": 1.5, "gamma": 0.0, "temperature": 1.0}
     assert {h.name for h in hp.space} == set(fixed) | {"beta"}
+
+    # The fixed Distiller arguments may also come as one dict (as the CLI passes them).
+    hypermodel = hypermodel_of(teacher, distiller_kwargs={"kd": "kl", "ffa_k": 3})
+    hp = keras_tuner.HyperParameters()
+    hypermodel.declare_hyperparameters(hp)
+    assert hp.values["kd"] == "kl" and list(next(h for h in hp.space if h.name == "temperature").values) == [1.0, 2.0, 4.0, 8.0]
+    assert hypermodel.distiller_kwargs(hp.values)["ffa_k"] == 3
+    with pytest.raises(ValueError, match="tunes"):
+        hypermodel_of(teacher, distiller_kwargs={"alpha": 1.0})
+    with pytest.raises(ValueError, match="unknown keys"):
+        hypermodel_of(teacher, distiller_kwargs={"epochs": 1})
 
     with pytest.raises(ValueError, match="log scale"):
         hypermodel_of(teacher, alpha_range=(0.0, 1.0))
