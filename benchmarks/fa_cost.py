@@ -11,7 +11,7 @@ plus its gradient w.r.t. the student map, under `tf.function`. Reported per meth
 
 Each map size runs in its own subprocess; a method whose estimated working memory exceeds
 `--mem-limit-gb` is not run and is recorded as skipped with its estimate. Writes a CSV, a log-log
-plot of time against N = H * W (one line per method, as Fig. 4 of arXiv 2302.10899 with exact FA
+plot of time per sample against N = H * W (one line per method, as Fig. 4 of arXiv 2302.10899 with exact FA
 added), and prints a markdown table.
 
 Usage (from the repository root):
@@ -185,7 +185,7 @@ def plot(rows, path):
     for ax, c in zip(axes[0], channels):
         for method in METHODS:
             pts = sorted(
-                (int(r["n"]), _num(r, "time_ms_median"))
+                (int(r["n"]), _num(r, "time_ms_median") / int(r["batch"]))
                 for r in rows
                 if int(r["channels"]) == c and r["method"] == method and r["status"] == "ok"
             )
@@ -195,8 +195,8 @@ def plot(rows, path):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("N = H * W")
-        ax.set_ylabel("forward + backward time (ms)")
-        ax.set_title(f"C = {c} (batch 32; 8 at 112x112)")
+        ax.set_ylabel("forward + backward time per sample (ms)")
+        ax.set_title(f"C = {c}, per sample (batch 32; 8 at 112x112)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.tight_layout()

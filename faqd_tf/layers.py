@@ -46,6 +46,14 @@ class QuantizedKernelMixin:
     """What QuantConv2D, QuantDepthwiseConv2D and QuantDense share: the kernel quantizer,
     the BinaryRelax factor, and their configuration."""
 
+    def __init__(self, *args, weight_bits=None, per_channel=False, relax=None, kernel_quantizer=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_quantizer(weight_bits, per_channel, relax, kernel_quantizer)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self._build_relax()
+
     def _init_quantizer(self, weight_bits, per_channel, relax, kernel_quantizer):
         if kernel_quantizer is not None and weight_bits is not None:
             raise ValueError(
@@ -163,14 +171,6 @@ class QuantConv2D(QuantizedKernelMixin, keras.layers.Conv2D):
     2
     """
 
-    def __init__(self, *args, weight_bits=None, per_channel=False, relax=None, kernel_quantizer=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_quantizer(weight_bits, per_channel, relax, kernel_quantizer)
-
-    def build(self, input_shape):
-        super().build(input_shape)
-        self._build_relax()
-
     def call(self, inputs, training=None):
         outputs = self.convolution_op(inputs, self.quantized_kernel(training))
         return self._bias_and_activation(outputs)
@@ -185,14 +185,6 @@ class QuantDepthwiseConv2D(QuantizedKernelMixin, keras.layers.DepthwiseConv2D):
 
     Per-channel scales are per (input channel x multiplier), the kernel's flattened last two axes.
     """
-
-    def __init__(self, *args, weight_bits=None, per_channel=False, relax=None, kernel_quantizer=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_quantizer(weight_bits, per_channel, relax, kernel_quantizer)
-
-    def build(self, input_shape):
-        super().build(input_shape)
-        self._build_relax()
 
     def _kernel_to_quantize(self):
         # Every depthwise filter (input channel x multiplier) counts as an output channel.
@@ -227,14 +219,6 @@ class QuantDense(QuantizedKernelMixin, keras.layers.Dense):
     >>> layer(np.random.rand(4, 5).astype("float32")).shape
     TensorShape([4, 3])
     """
-
-    def __init__(self, *args, weight_bits=None, per_channel=False, relax=None, kernel_quantizer=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_quantizer(weight_bits, per_channel, relax, kernel_quantizer)
-
-    def build(self, input_shape):
-        super().build(input_shape)
-        self._build_relax()
 
     def call(self, inputs, training=None):
         return self._bias_and_activation(ops.matmul(inputs, self.quantized_kernel(training)))

@@ -28,3 +28,17 @@ def test_docstring_examples(name):
         verbose=False,
     )
     assert result.failed == 0, f"{result.failed} docstring example(s) failed in {name}"
+
+
+def test_readme_python_examples(tmp_path, monkeypatch):
+    """The README's Python blocks run as written."""
+    import os
+    import re
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
+    assert (tmp_path / "student.keras").exists()

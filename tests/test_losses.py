@@ -144,6 +144,16 @@ def test_fa_near_converged(rng, method, c, noise):
     assert rel_err(grad, np_fa_grad(t, s)) <= RTOL
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_fa_near_converged_with_permuted_channels(rng, method):
+    """Same affinities, channels permuted: E = A - B is large although S_T - S_S is tiny."""
+    t, s = near_converged(rng, 64)
+    s = np.ascontiguousarray(s[..., rng.permutation(64)])
+    loss, grad = fa_and_grad(t, s, method=method)
+    assert rel_err(loss, np.mean(np_fa_per_sample(t, s))) <= RTOL
+    assert rel_err(grad, np_fa_grad(t, s)) <= RTOL
+
+
 def test_plain_float32_gram_expansion_would_fail(rng):
     """The near-converged test is sharp: the textbook float32 expansion misses it by far.
 

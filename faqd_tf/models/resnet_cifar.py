@@ -165,6 +165,11 @@ def _basic_block(b, x, filters, strides, prefix, out_name):
                 raise ValueError("option-A shortcuts can only add channels.")
             pad = filters - in_channels
             shortcut = ChannelPad(pad // 2, pad - pad // 2, name=f"{prefix}_sc_pad")(shortcut)
+    return residual_branch(b, x, shortcut, filters, strides, prefix, out_name)
+
+
+def residual_branch(b, x, shortcut, filters, strides, prefix, out_name):
+    """conv3x3-BN-ReLU-conv3x3-BN added to `shortcut`, then ReLU: the basic block's body."""
     y = b.conv(x, filters, 3, strides, f"{prefix}_conv1")
     y = b.bn(y, f"{prefix}_bn1")
     y = b.relu(y, f"{prefix}_relu1")

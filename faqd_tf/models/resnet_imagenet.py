@@ -27,7 +27,7 @@ Example:
 import keras
 from keras import layers
 
-from faqd_tf.models.resnet_cifar import BN_MOMENTUM, _Builder, check_num_classes
+from faqd_tf.models.resnet_cifar import BN_MOMENTUM, _Builder, check_num_classes, residual_branch
 
 IMAGENET_DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 STAGE_WIDTHS = (64, 128, 256, 512)
@@ -39,13 +39,7 @@ def _basic_block(b, x, filters, strides, prefix, out_name):
     if strides != 1 or x.shape[-1] != filters:
         shortcut = b.conv(x, filters, 1, strides, f"{prefix}_sc_conv")
         shortcut = b.bn(shortcut, f"{prefix}_sc_bn")
-    y = b.conv(x, filters, 3, strides, f"{prefix}_conv1")
-    y = b.bn(y, f"{prefix}_bn1")
-    y = b.relu(y, f"{prefix}_relu1")
-    y = b.conv(y, filters, 3, 1, f"{prefix}_conv2")
-    y = b.bn(y, f"{prefix}_bn2")
-    y = layers.Add(name=f"{prefix}_add")([shortcut, y])
-    return b.relu(y, out_name)
+    return residual_branch(b, x, shortcut, filters, strides, prefix, out_name)
 
 
 def resnet_imagenet(depth, num_classes=1000, input_shape=(224, 224, 3), small_input=False,
