@@ -374,15 +374,18 @@ class Run:
         if not runs:
             return None
         fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+        offset = 0  # stages follow each other on one epoch axis
         for name, path in runs:
             with open(path) as f:
                 rows = list(csv.DictReader(f))
-            epochs = [int(r["epoch"]) + 1 for r in rows]
-            ax_loss.plot(epochs, [float(r["loss"]) for r in rows], marker="o", label=f"{name} training loss")
+            epochs = [offset + int(r["epoch"]) + 1 for r in rows]
+            offset = epochs[-1] if epochs else offset
+            what = "cross-entropy" if name == "teacher" else "distillation loss"
+            ax_loss.plot(epochs, [float(r["loss"]) for r in rows], marker="o", label=f"{name}: {what}")
             if rows and "val_accuracy" in rows[0]:
                 ax_acc.plot(epochs, [100 * float(r["val_accuracy"]) for r in rows], marker="o", label=name)
-        ax_loss.set(xlabel="epoch", ylabel="loss", yscale="log", title="training loss")
-        ax_acc.set(xlabel="epoch", ylabel="validation accuracy (%)", title="validation accuracy")
+        ax_loss.set(xlabel="epoch (stages in order)", ylabel="training loss", yscale="log", title="training loss")
+        ax_acc.set(xlabel="epoch (stages in order)", ylabel="validation accuracy (%)", title="validation accuracy")
         for ax in (ax_loss, ax_acc):
             ax.grid(alpha=0.3)
             ax.legend()

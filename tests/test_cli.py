@@ -143,3 +143,25 @@ def test_sigkill_then_same_command_resumes(tmp_path):
     assert epochs == [0, 1, 2, 3], epochs  # nothing lost, nothing trained twice
     assert os.path.exists(tmp_path / "out" / "teacher.keras")
     assert not os.path.isdir(tmp_path / "out" / "backup" / "teacher")
+
+
+@pytest.mark.skipif(not os.path.isdir(FMNIST), reason="needs the Debian package dataset-fashion-mnist")
+def test_tune_writes_best_config(tmp_path):
+    from faqd_tf import models
+
+    teacher = models.get("resnet8", input_shape=(28, 28, 1))
+    teacher_file = tmp_path / "teacher.keras"
+    teacher.save(teacher_file)
+    cfg = write_config(
+        tmp_path,
+        dataset={"limit": 64, "eval_limit": 64},
+        teacher={"arch": None, "file": str(teacher_file)},
+        student={"weight_bits": None, "activation_bits": 4},  # activation-only keeps tracing short
+        tune={"trials": 2, "epochs": 1, "tuner": "random"},
+    )
+    assert cli.main(["--config", cfg, "--tune"]) == 0
+    best = json.loads((tmp_path / "out" / "best_config.json").read_text())
+    config.resolve(best)  # the written config is itself a valid config
+    assert best["distill"]["gamma"] == 0.0  # label-free
+    assert 0.1 <= best["distill"]["alpha"] <= 2.0
+    assert best["distill"]["fa"] in ("exact", None)
