@@ -44,6 +44,9 @@ def pytest_runtest_makereport(item, call):
                 report.sections.append(("random seed", f"FAQD_TEST_SEED={value}"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def mirrored_strategy():
+    # One strategy for the whole session: separately created MirroredStrategy objects in one
+    # process can reuse collective instance keys, and synchronized BatchNormalization's
+    # all-reduce then fails with "Shape mismatch in the collective instance".
     return tf.distribute.MirroredStrategy(CPU_DEVICES)

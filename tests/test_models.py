@@ -210,7 +210,7 @@ def test_bn_momentum_epsilon_and_weight_decay():
 
 def test_registry():
     assert models.available() == (
-        "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet164", "resnet18", "resnet34"
+        "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet164", "resnet18", "resnet34"
     )
     model = models.get("ResNet20", num_classes=100, name="student")
     assert model.name == "student" and tuple(model.output.shape) == (None, 100)
