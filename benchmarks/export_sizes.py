@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from faqd_tf.export import pack, to_tflite  # noqa: E402
+from faqd_tf.export import pack, run_tflite, to_tflite  # noqa: E402
 from faqd_tf.models import resnet_cifar  # noqa: E402
 from faqd_tf.summary import summary  # noqa: E402
 
@@ -47,17 +46,6 @@ def cpu_model():
         pass
     return platform.processor() or "unknown"
 
-
-def run_tflite(path, x):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        interpreter = tf.lite.Interpreter(model_path=path)
-    index = interpreter.get_input_details()[0]["index"]
-    interpreter.resize_tensor_input(index, x.shape)
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(index, x)
-    interpreter.invoke()
-    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
 
 
 def kb(n):

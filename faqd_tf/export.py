@@ -72,6 +72,7 @@ FrozenQuantizer(bits=2, per_channel=False)
 import hashlib
 import json
 import struct
+import warnings
 import zlib
 
 import keras
@@ -495,3 +496,16 @@ def to_tflite(model, path, int8_weights=False, batch_size=None, frozen=True):
     with open(path, "wb") as f:
         f.write(flatbuffer)
     return len(flatbuffer)
+
+
+def run_tflite(path, x):
+    """Runs a `.tflite` file on the batch `x` with the TFLite interpreter; returns its first output."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
+        interpreter = tf.lite.Interpreter(model_path=str(path))
+    index = interpreter.get_input_details()[0]["index"]
+    interpreter.resize_tensor_input(index, x.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(index, x)
+    interpreter.invoke()
+    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])

@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import warnings
 import zlib
 
 import keras
@@ -19,6 +18,7 @@ from faqd_tf.export import (
     freeze,
     pack,
     read_manifest,
+    run_tflite,
     to_tflite,
     unpack,
 )
@@ -59,17 +59,6 @@ def tiny_model(bits, per_channel, activation_bits=2, relax=None):
     outputs = keras.layers.Dense(3, name="head")(x)  # a full-precision (skipped) layer
     return keras.Model(inputs, outputs, name="tiny")
 
-
-def run_tflite(path, x):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
-        interpreter = tf.lite.Interpreter(model_path=str(path))
-    index = interpreter.get_input_details()[0]["index"]
-    interpreter.resize_tensor_input(index, x.shape)
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(index, x)
-    interpreter.invoke()
-    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
 
 
 # ------------------------------------------------------------------------------------------
