@@ -236,9 +236,7 @@ class Distiller(keras.Model):
         return self._logs(y, tf.nest.flatten(student_outputs)[0], sample_weight)
 
     def test_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        if self.gamma > 0 and y is None:
-            self._unpack(data)
+        x, y, sample_weight = self._unpack(data)
         batch = tf.shape(x)[0]
         teacher_outputs = self.teacher_features(x, training=False)
         student_outputs = self.student_features(x, training=False)

@@ -1,0 +1,130 @@
+"""Feature affinity as a loss of Keras's own `keras.distillation.Distiller`.
+
+`FeatureAffinityDistillation` taps one teacher layer and one student layer, like
+`keras.distillation.FeatureDistillation`: the Keras Distiller reads its `teacher_layer_name` and
+`student_layer_name`, builds the feature extractors and hands the two 4-D maps to `compute_loss`,
+which returns the exact feature affinity (eq. 6 of arXiv 2302.10899) or its fast estimate (FFA,
+eq. 15), averaged over the batch. One instance per tapped pair; combine them with
+`keras.distillation.LogitsDistillation` and weigh them with `distillation_loss_weights`.
+
+>>> import keras
+>>> loss = FeatureAffinityDistillation(teacher_layer_name="stage2", student_layer_name="stage2")
+>>> FeatureAffinityDistillation.from_config(loss.get_config()).get_config() == loss.get_config()
+True
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from faqd_tf import losses
+
+METHODS = ("exact", "fast")
+
+
+@keras.saving.register_keras_serializable(package="faqd_tf")
+class FeatureAffinityDistillation(keras.distillation.DistillationLoss):
+    """FA (or FFA) between a tapped teacher map and a tapped student map, for `keras.distillation.Distiller`.
+
+    Args:
+        teacher_layer_name: name of the teacher layer with a 4-D `(batch, H, W, C)` output.
+        student_layer_name: name of the student layer with a 4-D output; its H, W rule (a teacher
+            map of another size is resized, bilinear) and its channels may differ from the teacher's.
+        method: `"exact"` (`faqd_tf.losses.feature_affinity`) or `"fast"` (FFA with `k` probes).
+        k: number of Gaussian probes of FFA.
+        fa_method: `"auto"`, `"gram"` or `"pairwise"`: evaluation of the exact FA.
+        seed: FFA probes. None draws fresh probes on every call; an int seeds a generator owned by
+            this loss, so a run is reproducible and each step still gets new probes.
+
+    Returns from `compute_loss` a float32 scalar (the batch mean).
+    """
+
+    def __init__(
+        self,
+        teacher_layer_name=None,
+        student_layer_name=None,
+        method="exact",
+        k=15,
+        fa_method="auto",
+        seed=None,
+    ):
+        if not teacher_layer_name or not student_layer_name:
+            raise ValueError(
+                "FeatureAffinityDistillation needs teacher_layer_name and student_layer_name: feature "
+                "affinity compares 4-D feature maps, not the final logits."
+            )
+        if method not in METHODS:
+            raise ValueError(f"method={method!r} is not supported; use 'exact' or 'fast'.")
+        if fa_method not in losses.METHODS:
+            raise ValueError(f"fa_method={fa_method!r} is not supported; use one of {losses.METHODS}.")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+            raise ValueError(f"seed={seed!r} must be None or an int.")
+        self.teacher_layer_name = teacher_layer_name
+        self.student_layer_name = student_layer_name
+        self.method = method
+        self.k = losses._check_k(k)
+        self.fa_method = fa_method
+        self.seed = None if seed is None else int(seed)
+        self._generator = None
+        if method == "fast" and seed is not None:
+            # Created eagerly (not while a train step is traced); advances once per call.
+            with tf.init_scope():
+                self._generator = tf.random.Generator.from_seed(self.seed)
+
+    def validate_model_compatibility(self, teacher, student):
+        for role, model, name in (
+            ("teacher", teacher, self.teacher_layer_name),
+            ("student", student, self.student_layer_name),
+        ):
+            if getattr(model, "inputs", None) is None:
+                raise ValueError(
+                    f"FeatureAffinityDistillation needs a Functional or Sequential {role}; "
+                    f"{model.name!r} has no symbolic inputs."
+                )
+            try:
+                layer = model.get_layer(name=name)
+            except ValueError as e:
+                raise ValueError(f"In {role} model: {e}") from None
+            shape = getattr(layer, "output", None)
+            shape = getattr(shape, "shape", None)
+            if shape is not None and len(shape) != 4:
+                raise ValueError(
+                    f"The {role} layer {name!r} outputs shape {tuple(shape)}; feature affinity needs "
+                    f"4-D (batch, height, width, channels) maps."
+                )
+
+    def validate_outputs(self, teacher_outputs, student_outputs):
+        for role, x in (("teacher", teacher_outputs), ("student", student_outputs)):
+            if not hasattr(x, "shape") or len(x.shape) != 4:
+                raise ValueError(
+                    f"FeatureAffinityDistillation needs a 4-D {role} map, got {getattr(x, 'shape', x)!r}."
+                )
+
+    def compute_loss(self, teacher_outputs, student_outputs, **kwargs):
+        if self.method == "exact":
+            return losses.feature_affinity(teacher_outputs, student_outputs, method=self.fa_method)
+        seed = self._generator if self._generator is not None else None
+        return losses.fast_feature_affinity(teacher_outputs, student_outputs, k=self.k, seed=seed)
+
+    def get_config(self):
+        return {
+            "teacher_layer_name": self.teacher_layer_name,
+            "student_layer_name": self.student_layer_name,
+            "method": self.method,
+            "k": self.k,
+            "fa_method": self.fa_method,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        return (
+            f"FeatureAffinityDistillation(teacher_layer_name={self.teacher_layer_name!r}, "
+            f"student_layer_name={self.student_layer_name!r}, method={self.method!r})"
+        )
+
+
+__all__ = ["FeatureAffinityDistillation"]
