@@ -14,7 +14,6 @@ True
 """
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from faqd_tf import losses
@@ -57,14 +56,12 @@ class FeatureAffinityDistillation(keras.distillation.DistillationLoss):
             raise ValueError(f"method={method!r} is not supported; use 'exact' or 'fast'.")
         if fa_method not in losses.METHODS:
             raise ValueError(f"fa_method={fa_method!r} is not supported; use one of {losses.METHODS}.")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-            raise ValueError(f"seed={seed!r} must be None or an int.")
         self.teacher_layer_name = teacher_layer_name
         self.student_layer_name = student_layer_name
         self.method = method
         self.k = losses._check_k(k)
         self.fa_method = fa_method
-        self.seed = None if seed is None else int(seed)
+        self.seed = losses.check_seed(seed)
         self._generator = None
         if method == "fast" and seed is not None:
             # Created eagerly (not while a train step is traced); advances once per call.

@@ -54,6 +54,13 @@ def _check_method(method, p):
         raise ValueError("p=1 needs method='pairwise' (or 'auto'); the gram form is exact for p=2 only.")
 
 
+def check_seed(seed):
+    """`seed` as an int, or None; anything else is a one-line ValueError."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise ValueError(f"seed={seed!r} is not supported; use an int or None.")
+    return None if seed is None else int(seed)
+
+
 def _check_k(k):
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k={k!r} is not supported; use an integer >= 1 (number of random probes).")
@@ -518,10 +525,8 @@ class FastFeatureAffinity(keras.losses.Loss):
 
     def __init__(self, k=15, seed=None, name="fast_feature_affinity", reduction="sum_over_batch_size", dtype=None):
         self.k = _check_k(k)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-            raise ValueError(f"seed={seed!r} is not supported; use an int or None.")
+        self.seed = check_seed(seed)
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.seed = None if seed is None else int(seed)
         self._generator = None
 
     @property
