@@ -19,7 +19,10 @@ def _import_tensorflow_quietly():
         import keras  # noqa: F401
         import tensorflow as tf
 
-        tf.constant(0.0)  # the runtime's first device notices come here
+        # The runtime's first device notices come with the first operation; a multi-worker run
+        # (TF_CONFIG) must configure its collectives before any, so it skips this.
+        if not os.environ.get("TF_CONFIG"):
+            tf.constant(0.0)
     finally:
         os.dup2(saved, 2)
         os.close(saved)

@@ -1,6 +1,7 @@
 """Keras callbacks of FAQD."""
 
 import keras
+import numpy as np
 
 
 def relaxed_layers(model):
@@ -42,3 +43,77 @@ class BinaryRelaxScheduler(keras.callbacks.Callback):
             layer.relax_lambda.assign(layer.relax_lambda * self.eta)
         if logs is not None and layers:
             logs["relax_lambda"] = float(layers[0].relax_lambda.numpy())
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; the message says where and what was kept."""
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stops `fit` at the first NaN or infinite logged loss by raising `NonFiniteLossError`.
+
+    Unlike `keras.callbacks.TerminateOnNaN`, which ends the epoch normally, the error skips the
+    epoch-end callbacks: `BackupAndRestore` keeps the checkpoint of the last good epoch instead of
+    overwriting it with diverged weights (and then deleting it at the end of training).
+
+    Args:
+        backup_dir: the `BackupAndRestore` folder, named in the message.
+
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    >>> model.compile("sgd", "mse")
+    >>> x = np.array([[1.0, 2.0], [np.nan, 0.0]], "float32")
+    >>> model.fit(x, np.ones((2, 1)), batch_size=1, shuffle=False, verbose=0, callbacks=[StopOnNonFiniteLoss()])
+    Traceback (most recent call last):
+    ...
+    faqd_tf.callbacks.NonFiniteLossError: the loss became nan at epoch 1, batch 2; no epoch had finished, so there is no checkpoint
+    """
+
+    def __init__(self, backup_dir=None):
+        super().__init__()
+        self.backup_dir = backup_dir
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        for name, value in (logs or {}).items():
+            if name != "loss" and name not in ("kd", "fa", "ce"):
+                continue
+            value = float(np.asarray(value))
+            if not np.isfinite(value):
+                where = f"at epoch {self._epoch + 1}, batch {batch + 1}"
+                label = "the loss" if name == "loss" else f"the {name} loss"
+                raise NonFiniteLossError(f"{label} became {value} {where}; {self._kept()}")
+
+    def _kept(self):
+        if self._epoch == 0:
+            return "no epoch had finished, so there is no checkpoint"
+        where = f" in {self.backup_dir}" if self.backup_dir else ""
+        return f"the checkpoint of epoch {self._epoch} (the last good one) is kept{where}"
+
+
+class SharedBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """`keras.callbacks.BackupAndRestore` for a job of several workers sharing one backup folder.
+
+    Every worker restores from the folder, so a restarted job resumes at one epoch on all of them;
+    only the writer (the chief) saves and finally deletes it. Backups are double
+    (`double_checkpoint=True`): a backup cut short by a kill falls back to the one before it.
+
+    Args:
+        backup_dir: the shared folder.
+        writer: True on the one process that writes it.
+        save_freq: as for `keras.callbacks.BackupAndRestore`.
+    """
+
+    def __init__(self, backup_dir, writer=True, save_freq="epoch"):
+        super().__init__(backup_dir, save_freq=save_freq, double_checkpoint=True)
+        self.writer = bool(writer)
+
+    def _save_model(self):
+        if self.writer:
+            super()._save_model()
+
+    def on_train_end(self, logs=None):
+        if self.writer:
+            super().on_train_end(logs)

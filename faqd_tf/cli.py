@@ -50,22 +50,57 @@ def _say(message):
 # ---------------------------------------------------------------------------------- the run
 
 
+def make_optimizer(train, steps_per_epoch):
+    """The optimizer of a resolved `train` config section (SGD or AdamW, cosine or constant lr).
+
+    >>> from faqd_tf.config import resolve_section
+    >>> opt = make_optimizer(resolve_section("train", {"optimizer": "adam", "lr": 3e-4, "epochs": 2}), 50)
+    >>> type(opt).__name__, round(float(opt.learning_rate), 6)
+    ('AdamW', 0.0003)
+    """
+    import keras
+
+    total = max(1, train["epochs"] * steps_per_epoch)
+    lr = train["lr"]
+    if train["schedule"] == "cosine":
+        warmup = train["warmup_epochs"] * steps_per_epoch
+        lr = keras.optimizers.schedules.CosineDecay(
+            0.0 if warmup else lr, decay_steps=max(1, total - warmup),
+            warmup_target=lr if warmup else None, warmup_steps=warmup,
+        )
+    if train["optimizer"] == "adam":
+        # AdamW takes a float (0.0 is plain Adam); SGD takes None for no decay.
+        return keras.optimizers.AdamW(lr, weight_decay=float(train["weight_decay"]))
+    return keras.optimizers.SGD(
+        lr, momentum=float(train["momentum"]), nesterov=train["nesterov"], weight_decay=train["weight_decay"] or None
+    )
+
+
 class Run:
     """One configured run: its paths, data and the stages."""
 
     def __init__(self, config, overwrite=False):
+        from faqd_tf import distribute
+
         self.config = config
         self.overwrite = overwrite
-        self.out = config["output_dir"]
-        self.teacher_path = config["teacher"]["file"] or os.path.join(self.out, "teacher.keras")
+        # First, before any TensorFlow operation: a multi-worker strategy configures collective ops.
+        self._strategy = distribute.get_strategy(config["strategy"])
+        self.chief = distribute.is_chief(self._strategy)
+        # The chief writes output_dir; other workers write their own copies under it (see
+        # faqd_tf.distribute.output_dir) and read the teacher and the plan from the chief's.
+        self.base = config["output_dir"]
+        self.out = distribute.output_dir(self.base, self._strategy)
+        self.teacher_path = config["teacher"]["file"] or os.path.join(self.base, "teacher.keras")
         self.student_path = os.path.join(self.out, "student.keras")
         self.act_path = os.path.join(self.out, "student_act.keras")
-        self.results_path = os.path.join(self.out, "results.json")
+        self.results_path = os.path.join(self.base, "results.json")
 
     # --- checks made before anything is written
 
     def _pending(self, path, stage):
-        return not os.path.exists(path) or os.path.isdir(os.path.join(self.out, "backup", stage))
+        # An interrupted stage leaves its BackupAndRestore folder (the chief's, shared by all workers).
+        return not os.path.exists(path) or os.path.isdir(os.path.join(self.base, "backup", stage))
 
     def plan(self, stage):
         """The stages to run: `all` runs those whose outputs are missing or were interrupted."""
@@ -121,7 +156,7 @@ class Run:
             raise UsageError(f"{key}={arch!r} is not a known architecture; use one of {', '.join(models.available())}.")
 
     def _check_free(self, path, what, stage):
-        backup = os.path.join(self.out, "backup", stage)
+        backup = os.path.join(self.base, "backup", stage)
         if os.path.exists(path) and not self.overwrite and not os.path.isdir(backup):
             raise UsageError(f"the {what} output {path} exists; pass --overwrite to replace it.")
 
@@ -144,14 +179,9 @@ class Run:
     # --- shared pieces
 
     def strategy(self):
-        import tensorflow as tf
-
-        kind = self.config["strategy"]
-        if kind == "mirrored":
-            return tf.distribute.MirroredStrategy()
-        if kind == "multi_worker":
-            return tf.distribute.MultiWorkerMirroredStrategy()
-        return tf.distribute.get_strategy()
+        # One strategy per process: a second MirroredStrategy or MultiWorkerMirroredStrategy would
+        # start a second set of collectives.
+        return self._strategy
 
     def dataset(self, split, labels, train):
         from faqd_tf import data
@@ -164,31 +194,19 @@ class Run:
             limit=d["limit"] if train else d["eval_limit"], seed=self.config["seed"], data_dir=d["data_dir"],
         )
 
-    def optimizer(self, train, steps_per_epoch):
-        import keras
-
-        total = max(1, train["epochs"] * steps_per_epoch)
-        lr = train["lr"]
-        if train["schedule"] == "cosine":
-            warmup = train["warmup_epochs"] * steps_per_epoch
-            lr = keras.optimizers.schedules.CosineDecay(
-                0.0 if warmup else lr, decay_steps=max(1, total - warmup),
-                warmup_target=lr if warmup else None, warmup_steps=warmup,
-            )
-        if train["optimizer"] == "adam":
-            return keras.optimizers.AdamW(lr, weight_decay=train["weight_decay"] or None)
-        return keras.optimizers.SGD(
-            lr, momentum=train["momentum"], nesterov=train["nesterov"], weight_decay=train["weight_decay"] or None
-        )
-
     def callbacks(self, stage, history_csv, extra=()):
         import keras
 
+        from faqd_tf.callbacks import SharedBackupAndRestore, StopOnNonFiniteLoss
+
+        backup = os.path.join(self.base, "backup", stage)
         return [
-            keras.callbacks.BackupAndRestore(os.path.join(self.out, "backup", stage)),
+            # Stops before BackupAndRestore's epoch end, which would save the diverged weights.
+            StopOnNonFiniteLoss(backup),
+            # Every worker resumes from the chief's backup, so all restart at the same epoch.
+            SharedBackupAndRestore(backup, writer=self.chief),
             keras.callbacks.CSVLogger(os.path.join(self.out, history_csv), append=True),
             keras.callbacks.TensorBoard(os.path.join(self.out, "logs", stage), write_graph=False),
-            keras.callbacks.TerminateOnNaN(),
             *extra,
         ]
 
@@ -214,7 +232,7 @@ class Run:
     def train_teacher(self):
         import keras
 
-        from faqd_tf import models
+        from faqd_tf import distribute, models
 
         cfg = self.config["teacher"]
         train_ds = self.dataset("train", True, "teacher")
@@ -225,16 +243,19 @@ class Run:
         with self.strategy().scope():
             model = models.get(cfg["arch"], num_classes=self.info.num_classes, input_shape=self.info.image_shape)
             model.compile(
-                self.optimizer(cfg["train"], steps),
+                make_optimizer(cfg["train"], steps),
                 keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                 metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
             )
         model.fit(train_ds.repeat() if cfg["train"]["steps_per_epoch"] else train_ds, epochs=cfg["train"]["epochs"],
                   steps_per_epoch=cfg["train"]["steps_per_epoch"], validation_data=val_ds,
                   callbacks=self.callbacks("teacher", "teacher_history.csv"), verbose="auto", shuffle=False)
-        os.makedirs(os.path.dirname(self.teacher_path) or ".", exist_ok=True)
-        self._save(model, self.teacher_path)
-        _say(f"teacher saved to {self.teacher_path}")
+        if self.chief:
+            os.makedirs(os.path.dirname(self.teacher_path) or ".", exist_ok=True)
+            self._save(model, self.teacher_path)
+            _say(f"teacher saved to {self.teacher_path}")
+        # The other workers read the chief's teacher next: wait until it is written.
+        distribute.barrier(self.strategy())
 
     def build_student(self, teacher):
         from faqd_tf import models
@@ -263,9 +284,11 @@ class Run:
         from faqd_tf.distiller import Distiller
 
         d = self.config["distill"]
-        distiller = Distiller(student, teacher, seed=self.config["seed"], **d)
-        distiller.compile(self.optimizer(self.config["train"], steps),
-                          metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+        # In the scope: the optimizer's slots and the metrics must be the strategy's variables.
+        with self.strategy().scope():
+            distiller = Distiller(student, teacher, seed=self.config["seed"], **d)
+            distiller.compile(make_optimizer(self.config["train"], steps),
+                              metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
         extra = [BinaryRelaxScheduler(self.config["student"]["relax_eta"])] if self.config["student"]["relax"] else []
         train = self.config["train"]
         distiller.fit(train_ds.repeat() if train["steps_per_epoch"] else train_ds, epochs=train["epochs"],
@@ -289,7 +312,7 @@ class Run:
             f" + {d['gamma']}*CE" if d["gamma"] else "")
         mode = "label-free" if not labels else "with labels"
         if two_step:
-            if os.path.exists(self.act_path) and not os.path.isdir(os.path.join(self.out, "backup", "distill")):
+            if os.path.exists(self.act_path) and not os.path.isdir(os.path.join(self.base, "backup", "distill")):
                 _say(f"stage distill (1/2): reusing the activation-quantized student {self.act_path}")
                 with self.strategy().scope():
                     student = self._load_model(self.act_path, "student_act")
@@ -410,7 +433,7 @@ class Run:
             teacher,
             student_fn=lambda: quantize_model(teacher, weight_bits=s["weight_bits"], activation_bits=s["activation_bits"],
                                               per_channel=s["per_channel"]),
-            optimizer_fn=lambda: self.optimizer({**cfg["train"], "epochs": cfg["tune"]["epochs"]}, steps),
+            optimizer_fn=lambda: make_optimizer({**cfg["train"], "epochs": cfg["tune"]["epochs"]}, steps),
             label_free=not cfg["dataset"]["labels"], tune_fa=cfg["tune"]["tune_fa"],
             fa=cfg["distill"]["fa"] or "exact", distiller_kwargs=d,
         )
@@ -474,16 +497,37 @@ def run(argv=None):
             runner.train_teacher()
         elif stage == "distill":
             runner.distill()
-        else:
+        elif runner.chief:
             runner.evaluate(args.export)
+        else:
+            _say("stage evaluate: left to the chief (worker 0), which writes results.json")
     return 0
 
 
+def _peer_errors():
+    if "tensorflow" not in sys.modules:  # nothing distributed ran
+        return ()
+    import tensorflow as tf
+
+    return (tf.errors.UnavailableError, tf.errors.DeadlineExceededError)
+
+
 def main(argv=None):
+    from faqd_tf.callbacks import NonFiniteLossError
     from faqd_tf.config import ConfigError
 
     try:
         return run(argv)
+    except _peer_errors() as e:
+        # A worker died or stopped answering; the others' collectives fail with this.
+        cause = str(getattr(e, "message", e)).split("aborted by: ")[-1].strip().splitlines()[0][:200]
+        print(f"train.py: error: the multi-worker job lost a worker ({cause}); start every worker again with the same "
+              "command to resume from the last backup.", file=sys.stderr)
+        return 1
+    except NonFiniteLossError as e:
+        print(f"train.py: error: {e}; lower train.lr (or check the data), then run the same command to resume.",
+              file=sys.stderr)
+        return 1
     except (UsageError, ConfigError, FileNotFoundError, ValueError) as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"train.py: error: {message}", file=sys.stderr)

@@ -184,6 +184,18 @@ def _resolve(schema, given, prefix):
     return out
 
 
+def resolve_section(section, given):
+    """One section of the schema (e.g. ``"train"``) checked and filled in with defaults.
+
+    >>> resolve_section("train", {"epochs": 3})["lr"]
+    0.01
+    """
+    if section not in SCHEMA or not isinstance(SCHEMA[section], dict):
+        sections = ", ".join(k for k, v in SCHEMA.items() if isinstance(v, dict))
+        raise ConfigError(f"config: no section '{section}'; sections are: {sections}")
+    return _resolve(SCHEMA[section], given, section)
+
+
 def resolve(config):
     """The complete config: `config` (a dict) checked and filled in with defaults."""
     out = _resolve(SCHEMA, config, "")

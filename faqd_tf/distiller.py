@@ -133,6 +133,32 @@ class Distiller(keras.Model):
             )
         super().compile(optimizer=optimizer, metrics=metrics, **kwargs)
 
+    def fit(self, x=None, y=None, *args, **kwargs):
+        """`keras.Model.fit`; batches of images alone train label-free (gamma = 0)."""
+        self._build_compile_metrics(x, y, kwargs.get("validation_data"))
+        return super().fit(x, y, *args, **kwargs)
+
+    def _build_compile_metrics(self, x, y, validation_data):
+        # Under a tf.distribute strategy, fit first builds the model symbolically from one training
+        # batch; a label-free batch has no labels to build the compiled metrics with, so they are
+        # built here from the labels of the validation data (or of the training data).
+        compiled = getattr(self, "_compile_metrics", None)
+        if compiled is None or compiled.built or self._distribute_strategy is None:
+            return
+        label_spec = None
+        for data, labels in ((x, y), (validation_data, None)):
+            if labels is not None:
+                label_spec = tf.TensorSpec((None, *np.shape(labels)[1:]), tf.as_dtype(np.asarray(labels).dtype))
+            elif isinstance(data, tf.data.Dataset) and isinstance(data.element_spec, tuple) and len(data.element_spec) > 1:
+                label_spec = data.element_spec[1]
+            elif isinstance(data, tuple) and len(data) > 1:
+                label_spec = tf.TensorSpec((None, *np.shape(data[1])[1:]), tf.as_dtype(np.asarray(data[1]).dtype))
+            if label_spec is not None:
+                break
+        label_spec = label_spec or tf.TensorSpec((None,), tf.int32)
+        logits = tf.nest.flatten(self.student.outputs)[0]
+        compiled.build(keras.KerasTensor(label_spec.shape, label_spec.dtype.name), keras.KerasTensor(logits.shape, "float32"))
+
     @property
     def metrics(self):
         trackers = [self.total_tracker, self.kd_tracker]
@@ -202,9 +228,16 @@ class Distiller(keras.Model):
             self.ce_tracker.update_state(mean(terms["ce"]), sample_weight=batch)
 
     def _logs(self, y, student_logits, sample_weight):
-        if y is not None and self._compile_metrics is not None:
-            self._compile_metrics.update_state(y, student_logits, sample_weight)
-        return self.get_metrics_result()
+        compiled = self._compile_metrics
+        if y is not None and compiled is not None:
+            compiled.update_state(y, student_logits, sample_weight)
+        logs = {}
+        for metric in self.metrics:
+            if metric is compiled and y is None:
+                continue  # built (see fit) but not measured on label-free batches
+            result = metric.result()
+            logs.update(result if isinstance(result, dict) else {metric.name: result})
+        return logs
 
     def _unpack(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)

@@ -42,6 +42,20 @@ def test_all_shipped_configs_resolve():
         assert resolved["dataset"]["source"]
 
 
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+@pytest.mark.parametrize("weight_decay", [0, 0.0, 5e-4])
+def test_make_optimizer_every_optimizer_and_weight_decay(kind, weight_decay):
+    # JSON integers (0) are valid numbers in the config; Keras wants floats.
+    train = config.resolve_section("train", {"optimizer": kind, "lr": 0.05, "epochs": 2, "weight_decay": weight_decay,
+                                             "momentum": 0})
+    opt = cli.make_optimizer(train, steps_per_epoch=10)
+    assert type(opt).__name__ == {"sgd": "SGD", "adam": "AdamW"}[kind]
+    # Cosine from lr to 0 over epochs * steps: 0.05 * (1 + cos(pi * t / 20)) / 2.
+    schedule = opt._learning_rate
+    assert [float(schedule(t)) for t in (0, 10, 20)] == pytest.approx([0.05, 0.025, 0.0], abs=1e-7)
+    assert (opt.weight_decay or 0.0) == pytest.approx(weight_decay)
+
+
 def test_overrides_parse_json_and_strings():
     raw = {"dataset": {"source": "idx:x"}}
     out = config.resolve(config.apply_overrides(raw, ["train.epochs=5", "distill.fa=null", "dataset.source=tfds:cifar10"]))

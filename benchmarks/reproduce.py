@@ -1,0 +1,479 @@
+"""The paper's ablations (Tables I-IV, VI, VII) on Fashion-MNIST, with one teacher for every cell.
+
+Not run in CI. One full-precision teacher (ResNet14, trained with labels on the 60,000 training
+images) teaches every student, a ResNet8 (28x28x1 inputs, 10 classes). Students learn from the
+first ``--subset`` training images (labels are used only by the rows that say so) and are scored on
+the 10,000 test images.
+
+Table "weight" (Tables I-IV: weights at 1, 2, 4 bits, activations FP), for two initializations:
+
+- fine-tune: the student starts from a pre-trained FP ResNet8 (trained once, with labels, on the
+  60,000 images, like the paper's "pre-trained FP ResNet20"); KD is the temperature-scaled KL;
+- end-to-end: the student starts from random weights; KD is MSE on raw logits;
+
+and the rows
+
+- FP student: fine-tune = the pre-trained FP ResNet8 itself; end-to-end = an FP ResNet8 trained from
+  scratch with CE on the subset, same budget as the quantized cells;
+- QAT: CE on labels only, no teacher;
+- QD (KL + CE) and QD (MSE + CE): distillation of logits plus CE, no FA (the paper's baseline [19]);
+- KD only, label-free: alpha * KD;
+- FAQD, label-free: alpha * KD + beta * FA (eq. 11);
+- FAQD with labels: alpha * KD + beta * FA + gamma * CE (eq. 10).
+
+Table "full" (Tables VI-VII: fine-tuned full quantization in two steps): step 1 distills an
+activation-quantized student with FP weights (label-free FAQD, exact FA) from the pre-trained FP
+ResNet8; step 2 quantizes its weights too and distills again, label-free, with the exact FA or
+with FFA at k = 1, 5, 15. Columns 4W4A and 1W1A. Step 1 is shared by the rows of a column.
+
+Every cell is run once per seed (``--seeds``); a seed sets the student's initial weights, the data
+order and the FFA probes (the teacher and the pre-trained FP student are trained once, seed 0).
+Finished cells are appended to ``<out-dir>/cells.csv``, so an interrupted run continues where it
+stopped and a later run with more seeds adds to it. At the end (and with ``--report-only``) the
+script writes a markdown table (mean +- sample std over seeds, the number of seeds, epochs and
+wall time per cell), the differences the paper's claims are about, and a bar chart.
+
+    python benchmarks/reproduce.py --seeds 0 1 --md docs/reproduce.md --png docs/reproduce.png
+"""
+
+import argparse
+import csv
+import json
+import os
+import platform
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from faqd_tf import data, models  # noqa: E402
+from faqd_tf.cli import make_optimizer  # noqa: E402
+from faqd_tf.config import resolve_section  # noqa: E402
+from faqd_tf.distiller import Distiller  # noqa: E402
+from faqd_tf.quantize import quantize_model  # noqa: E402
+
+FMNIST = "idx:/usr/share/datasets/fashion-mnist"
+TEACHER, STUDENT = "resnet14", "resnet8"
+FIELDS = ["table", "init", "row", "column", "seed", "accuracy", "epochs", "steps", "seconds", "sec_per_epoch"]
+
+# Loss recipes by row, chosen by name as in a config. kd=None takes the initialization's KD
+# (KL fine-tune, MSE end-to-end, as the paper prescribes); beta and gamma are filled from the CLI.
+WEIGHT_ROWS = {
+    "FP student": None,
+    "QAT (CE only, no teacher)": {"teacher": False},
+    "QD (KL + CE)": {"kd": "kl", "beta": 0, "gamma": "gamma", "fa": None},
+    "QD (MSE + CE)": {"kd": "mse", "beta": 0, "gamma": "gamma", "fa": None},
+    "KD only, label-free": {"kd": None, "beta": 0, "gamma": 0, "fa": None},
+    "FAQD, label-free": {"kd": None, "beta": "beta", "gamma": 0, "fa": "exact"},
+    "FAQD with labels": {"kd": None, "beta": "beta", "gamma": "gamma", "fa": "exact"},
+}
+FULL_ROWS = {
+    "FAQD, exact FA": {"fa": "exact"},
+    "FFA k=1": {"fa": "fast", "ffa_k": 1},
+    "FFA k=5": {"fa": "fast", "ffa_k": 5},
+    "FFA k=15": {"fa": "fast", "ffa_k": 15},
+}
+FULL_COLUMNS = {"4W4A": (4, 4), "1W1A": (1, 1)}
+INIT_KD = {"fine-tune": "kl", "end-to-end": "mse"}
+
+
+def say(message):
+    print(f"[reproduce {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--tables", nargs="+", default=["weight", "full"], choices=["weight", "full"])
+    p.add_argument("--inits", nargs="+", default=["fine-tune", "end-to-end"], choices=list(INIT_KD))
+    p.add_argument("--bits", type=int, nargs="+", default=[1, 2, 4], choices=[1, 2, 4, 8])
+    p.add_argument("--rows", nargs="+", default=None, help="only these rows (names as in the tables)")
+    p.add_argument("--subset", type=int, default=6400, help="training images the students learn from")
+    p.add_argument("--eval-limit", type=int, default=None, help="test images scored (default all 10,000)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--teacher-epochs", type=int, default=3)
+    p.add_argument("--pretrain-limit", type=int, default=None,
+                   help="training images of the teacher and FP student (default all 60,000)")
+    p.add_argument("--fp-epochs", type=int, default=3, help="epochs of the pre-trained FP student")
+    p.add_argument("--finetune-epochs", type=int, default=1)
+    p.add_argument("--e2e-epochs", type=int, default=3)
+    p.add_argument("--finetune-lr", type=float, default=3e-4, help="Adam, cosine to 0")
+    p.add_argument("--e2e-optimizer", default="adam", choices=["adam", "sgd"])
+    p.add_argument("--e2e-lr", type=float, default=3e-3)
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--gamma", type=float, default=0.3)
+    p.add_argument("--temperature", type=float, default=4.0)
+    p.add_argument("--per-channel", action="store_true", help="per-channel weight scales (paper: layer-wise)")
+    p.add_argument("--out-dir", default="saved_models/reproduce")
+    p.add_argument("--md", default=None, help="markdown report (default <out-dir>/reproduce.md)")
+    p.add_argument("--png", default=None, help="bar chart (default <out-dir>/reproduce.png)")
+    p.add_argument("--report-only", action="store_true", help="write the report from cells.csv, train nothing")
+    return p.parse_args(argv)
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        os.makedirs(args.out_dir, exist_ok=True)
+        self.csv_path = os.path.join(args.out_dir, "cells.csv")
+        self.done = {self.key(r) for r in read_cells(self.csv_path)}
+        self.info = data.dataset_info(FMNIST)
+        self._test = None
+
+    @staticmethod
+    def key(row):
+        return (row["table"], row["init"], row["row"], row["column"], int(row["seed"]))
+
+    # --- data and models
+
+    def train_ds(self, labels, seed, full=False):
+        return data.load(FMNIST, "train", labels=labels, batch_size=self.args.batch_size, augment=False,
+                         limit=self.args.pretrain_limit if full else self.args.subset, seed=seed)
+
+    def test_ds(self):
+        if self._test is None:
+            self._test = data.load(FMNIST, "test", batch_size=500, limit=self.args.eval_limit)
+        return self._test
+
+    def accuracy(self, model):
+        model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+        return float(model.evaluate(self.test_ds(), verbose=0, return_dict=True)["accuracy"])
+
+    def build(self, arch, seed, **bits):
+        keras.utils.set_random_seed(seed)
+        return models.get(arch, num_classes=self.info.num_classes, input_shape=self.info.image_shape, **bits)
+
+    def optimizer(self, kind, lr, epochs, steps, weight_decay=0.0):
+        train = resolve_section("train", {"optimizer": kind, "lr": lr, "epochs": epochs, "weight_decay": weight_decay})
+        return make_optimizer(train, steps)
+
+    def steps(self, full=False):
+        n = self.args.pretrain_limit or 60000 if full else min(self.args.subset, 60000)
+        return -(-n // self.args.batch_size)
+
+    def pretrained(self, name, arch, epochs):
+        """The teacher or the pre-trained FP student: trained once with labels on all images, cached."""
+        path = os.path.join(self.args.out_dir, f"{name}.keras")
+        if os.path.exists(path):
+            return keras.models.load_model(path, safe_mode=True)
+        say(f"{name}: training a full-precision {arch} with labels for {epochs} epochs on the training images")
+        steps = self.steps(full=True)
+        model = self.build(arch, 0)
+        model.compile(self.optimizer("sgd", 0.1, epochs, steps, 5e-4),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+        model.fit(self.train_ds(True, 0, full=True), epochs=epochs, verbose=2)
+        save(model, path)
+        return model
+
+    # --- cells
+
+    def run(self):
+        a = self.args
+        self.teacher = self.pretrained("teacher", TEACHER, a.teacher_epochs)
+        self.fp_student = self.pretrained("fp_student", STUDENT, a.fp_epochs)
+        for name, model in (("teacher", self.teacher), ("fp_student", self.fp_student)):
+            self.record({"table": "reference", "init": "-", "row": name, "column": "FP", "seed": 0},
+                        lambda m=model: (m, 0, 0.0))
+        for seed in a.seeds:
+            for init in a.inits if "weight" in a.tables else []:
+                for row in self.rows(WEIGHT_ROWS):
+                    if row == "FP student":
+                        if init == "end-to-end":
+                            self.record(self.cell("weight", init, row, "FP", seed),
+                                        lambda s=seed: self.weight_cell("end-to-end", "QAT (CE only, no teacher)", None, s))
+                        continue
+                    for bits in a.bits:
+                        self.record(self.cell("weight", init, row, f"{bits}-bit", seed),
+                                    lambda i=init, r=row, b=bits, s=seed: self.weight_cell(i, r, b, s))
+            if "full" in a.tables:
+                for column, (w, act) in FULL_COLUMNS.items():
+                    for row in self.rows(FULL_ROWS):
+                        self.record(self.cell("full", "fine-tune", row, column, seed),
+                                    lambda r=row, w=w, act=act, s=seed: self.full_cell(r, w, act, s))
+
+    def rows(self, table):
+        return [r for r in table if self.args.rows is None or r in self.args.rows]
+
+    @staticmethod
+    def cell(table, init, row, column, seed):
+        return {"table": table, "init": init, "row": row, "column": column, "seed": seed}
+
+    def record(self, cell, train):
+        if self.key(cell) in self.done:
+            return
+        say(f"{cell['table']} | {cell['init']} | {cell['row']} | {cell['column']} | seed {cell['seed']}")
+        model, epochs, seconds = train()
+        steps = epochs * self.steps()
+        row = {**cell, "accuracy": round(self.accuracy(model), 5), "epochs": epochs, "steps": steps,
+               "seconds": round(seconds, 1), "sec_per_epoch": round(seconds / epochs, 2) if epochs else ""}
+        say(f"  -> test accuracy {row['accuracy']:.4f} ({epochs} epochs, {seconds:.0f} s)")
+        new = not os.path.exists(self.csv_path)
+        with open(self.csv_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        self.done.add(self.key(cell))
+
+    def fit(self, model, optimizer, ds, epochs, recipe=None, teacher=None, seed=0):
+        """Trains `model` (with CE when `recipe` is None, else distilled from `teacher`); returns seconds."""
+        if recipe is None:
+            model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            fitted = model
+        else:
+            fitted = Distiller(model, teacher, alpha=self.args.alpha, temperature=self.args.temperature, seed=seed, **recipe)
+            fitted.compile(optimizer)
+        start = time.perf_counter()
+        fitted.fit(ds, epochs=epochs, verbose=2)
+        return time.perf_counter() - start
+
+    def recipe(self, spec, init):
+        spec = dict(spec)
+        if spec.get("kd", "unset") is None:
+            spec["kd"] = INIT_KD[init]
+        for term in ("beta", "gamma"):
+            if isinstance(spec.get(term), str):
+                spec[term] = getattr(self.args, spec[term])
+        return spec
+
+    def weight_cell(self, init, row, bits, seed):
+        a = self.args
+        epochs = a.finetune_epochs if init == "fine-tune" else a.e2e_epochs
+        keras.utils.set_random_seed(seed)
+        if init == "fine-tune":
+            student = quantize_model(self.fp_student, weight_bits=bits, per_channel=a.per_channel)
+            opt = self.optimizer("adam", a.finetune_lr, epochs, self.steps())
+        else:
+            student = self.build(STUDENT, seed, weight_bits=bits, per_channel=a.per_channel and bits is not None)
+            opt = self.optimizer(a.e2e_optimizer, a.e2e_lr, epochs, self.steps())
+        spec = WEIGHT_ROWS[row]
+        if spec.get("teacher", True):
+            recipe = self.recipe(spec, init)
+            ds = self.train_ds(recipe["gamma"] > 0, seed)
+            seconds = self.fit(student, opt, ds, epochs, recipe, self.teacher, seed)
+        else:
+            seconds = self.fit(student, opt, self.train_ds(True, seed), epochs)
+        return student, epochs, seconds
+
+    def activation_student(self, act, seed):
+        """Step 1 of full quantization, shared by the rows of a column: A-bit activations, FP weights."""
+        cell = self.cell("full", "fine-tune", "step 1: activations only", f"{act}A32W", seed)
+        path = os.path.join(self.args.out_dir, f"act{act}_seed{seed}.keras")
+
+        def train():
+            a = self.args
+            student = quantize_model(self.fp_student, weight_bits=None, activation_bits=act)
+            recipe = self.recipe({"kd": None, "beta": "beta", "gamma": 0, "fa": "exact"}, "fine-tune")
+            opt = self.optimizer("adam", a.finetune_lr, a.finetune_epochs, self.steps())
+            seconds = self.fit(student, opt, self.train_ds(False, seed), a.finetune_epochs, recipe, self.teacher, seed)
+            save(student, path)
+            return student, a.finetune_epochs, seconds
+
+        if not os.path.exists(path):
+            self.done.discard(self.key(cell))
+            self.record(cell, train)
+        return keras.models.load_model(path, safe_mode=True)
+
+    def full_cell(self, row, weight_bits, act, seed):
+        a = self.args
+        step1 = self.activation_student(act, seed)
+        keras.utils.set_random_seed(seed)
+        student = quantize_model(step1, weight_bits=weight_bits, activation_bits=act, per_channel=a.per_channel)
+        recipe = self.recipe({"kd": None, "beta": "beta", "gamma": 0, **FULL_ROWS[row]}, "fine-tune")
+        opt = self.optimizer("adam", a.finetune_lr, a.finetune_epochs, self.steps())
+        seconds = self.fit(student, opt, self.train_ds(False, seed), a.finetune_epochs, recipe, self.teacher, seed)
+        return student, a.finetune_epochs, seconds
+
+
+def save(model, path):
+    partial = path[: -len(".keras")] + ".partial.keras"
+    model.save(partial)
+    os.replace(partial, path)
+
+
+def read_cells(path):
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def summarize(cells):
+    """{(table, init, row, column): (mean %, std %, n, epochs, mean seconds)} over seeds."""
+    groups = {}
+    for c in cells:
+        groups.setdefault((c["table"], c["init"], c["row"], c["column"]), []).append(c)
+    out = {}
+    for key, group in groups.items():
+        acc = np.array([float(c["accuracy"]) for c in group]) * 100
+        secs = np.array([float(c["seconds"]) for c in group])
+        out[key] = (acc.mean(), acc.std(ddof=1) if len(acc) > 1 else float("nan"), len(acc),
+                    int(group[0]["epochs"]), secs.mean())
+    return out
+
+
+def fmt(stat):
+    if stat is None:
+        return "-"
+    mean, std, n, _, _ = stat
+    return f"{mean:.2f}" + (f" ± {std:.2f}" if n > 1 else "") + f" (n={n})"
+
+
+def table_md(stats, table, init, rows, columns, time_column=False):
+    lines = ["| Method | " + " | ".join(columns) + " | epochs | s per run |",
+             "|---|" + "---|" * (len(columns) + 2)]
+    for row in rows:
+        found = [stats.get((table, init, row, c)) for c in columns]
+        present = [s for s in found if s]
+        if not present:
+            continue
+        epochs = present[0][3]
+        secs = np.mean([s[4] for s in present])
+        lines.append(f"| {row} | " + " | ".join(fmt(s) for s in found) + f" | {epochs} | {secs:.0f} |")
+    return "\n".join(lines)
+
+
+def claims(stats):
+    """The differences the paper's claims rest on, one line each, from the measured means."""
+    out = []
+
+    def mean(*key):
+        s = stats.get(key)
+        return None if s is None else s[0]
+
+    def diff(text, a, b, paper):
+        if a is None or b is None:
+            return
+        out.append(f"- {text}: {a - b:+.2f} points ({a:.2f} vs {b:.2f}); paper: {paper}.")
+
+    for init in INIT_KD:
+        for bits in ("1-bit", "2-bit", "4-bit"):
+            w = ("weight", init)
+            where = f"{init}, {bits}"
+            diff(f"{where}: label-free FAQD minus label-free KD only (FA adds accuracy)",
+                 mean(*w, "FAQD, label-free", bits), mean(*w, "KD only, label-free", bits), "FA helps")
+            diff(f"{where}: label-free FAQD minus QAT with labels (beats supervised QAT)",
+                 mean(*w, "FAQD, label-free", bits), mean(*w, "QAT (CE only, no teacher)", bits), "FAQD higher")
+            best_qd = [m for m in (mean(*w, "QD (KL + CE)", bits), mean(*w, "QD (MSE + CE)", bits)) if m is not None]
+            if best_qd:
+                diff(f"{where}: label-free FAQD minus the better QD (beats supervised QD)",
+                     mean(*w, "FAQD, label-free", bits), max(best_qd), "FAQD higher")
+            diff(f"{where}: QD with MSE minus QD with KL (Table I: MSE better end-to-end)",
+                 mean(*w, "QD (MSE + CE)", bits), mean(*w, "QD (KL + CE)", bits),
+                 "MSE higher end-to-end, KL better fine-tuning")
+            fp = mean("weight", "end-to-end", "FP student", "FP") if init == "end-to-end" else mean(
+                "reference", "-", "fp_student", "FP")
+            diff(f"{where}: label-free FAQD minus the FP student (nearly matches FP)",
+                 mean(*w, "FAQD, label-free", bits), fp, "within about 2 points at 1 bit, at or above FP at 4 bits")
+    for column in FULL_COLUMNS:
+        exact = mean("full", "fine-tune", "FAQD, exact FA", column)
+        for k in (1, 5, 15):
+            diff(f"full {column}: FFA k={k} minus exact FA (k=15 comparable)",
+                 mean("full", "fine-tune", f"FFA k={k}", column), exact, "k=1 noisy, k=15 within ~0.5 point")
+    return out
+
+
+def plot(stats, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("weight", "fine-tune", [r for r in WEIGHT_ROWS if r != "FP student"], ["1-bit", "2-bit", "4-bit"]),
+              ("weight", "end-to-end", [r for r in WEIGHT_ROWS if r != "FP student"], ["1-bit", "2-bit", "4-bit"]),
+              ("full", "fine-tune", list(FULL_ROWS), list(FULL_COLUMNS))]
+    panels = [p for p in panels if any((p[0], p[1], r, c) in stats for r in p[2] for c in p[3])]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
+    for ax, (table, init, rows, columns) in zip(axes[0], panels):
+        width = 0.8 / len(rows)
+        lows = []
+        for i, row in enumerate(rows):
+            s = [stats.get((table, init, row, c)) for c in columns]
+            means = [x[0] if x else np.nan for x in s]
+            errs = [x[1] if x and x[2] > 1 else 0 for x in s]
+            lows += [m for m in means if not np.isnan(m)]
+            ax.bar(np.arange(len(columns)) + (i - (len(rows) - 1) / 2) * width, means, width, yerr=errs,
+                   capsize=2, label=row)
+        ref = stats.get(("reference", "-", "teacher", "FP"))
+        if ref:
+            ax.axhline(ref[0], color="black", linestyle="--", linewidth=1, label=f"teacher {ref[0]:.2f}")
+        fp = stats.get(("reference", "-", "fp_student", "FP")) if init == "fine-tune" else stats.get(
+            ("weight", "end-to-end", "FP student", "FP"))
+        if fp:
+            ax.axhline(fp[0], color="gray", linestyle=":", linewidth=1, label=f"FP student {fp[0]:.2f}")
+        ax.set_xticks(np.arange(len(columns)), columns)
+        ax.set_ylim(max(0, min(lows) - 3) if lows else 0, 100 if not ref else max(ref[0], max(lows, default=0)) + 1.5)
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title({"weight": "weights only", "full": "full quantization, two-step"}[table] + f", {init}")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("FAQD ablations on Fashion-MNIST: ResNet14 teacher, ResNet8 students (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(args):
+    cells = read_cells(os.path.join(args.out_dir, "cells.csv"))
+    stats = summarize(cells)
+    md = args.md or os.path.join(args.out_dir, "reproduce.md")
+    png = args.png or os.path.join(args.out_dir, "reproduce.png")
+    ref = {k[2]: v for k, v in stats.items() if k[0] == "reference"}
+    seeds = sorted({int(c["seed"]) for c in cells if c["table"] != "reference"})
+    parts = [
+        "# FAQD ablations on Fashion-MNIST",
+        "",
+        f"Command: `python benchmarks/reproduce.py {' '.join(sys.argv[1:])}`  ",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"Keras {keras.__version__}; seeds run: {seeds}; settings: " + json.dumps(
+            {k: v for k, v in vars(args).items() if k not in ("md", "png", "report_only", "out_dir")}),
+        "",
+        f"Teacher {TEACHER}: {fmt(ref.get('teacher'))}; pre-trained FP student {STUDENT}: {fmt(ref.get('fp_student'))} "
+        "(test accuracy %, 10,000 test images unless eval_limit is set).",
+        "",
+    ]
+    weight_rows = list(WEIGHT_ROWS)
+    for init in INIT_KD:
+        if any(k[:2] == ("weight", init) for k in stats):
+            parts += [f"## Weights quantized, activations FP: {init}", ""]
+            fp = "the pre-trained FP student above" if init == "fine-tune" else "the FP student row"
+            parts += [f"FP reference: {fp}.", "", table_md(stats, "weight", init, weight_rows, ["FP", "1-bit", "2-bit", "4-bit"]), ""]
+    if any(k[0] == "full" for k in stats):
+        parts += ["## Full quantization, fine-tuned in two steps (label-free)", "",
+                  table_md(stats, "full", "fine-tune", ["step 1: activations only"], ["4A32W", "1A32W"]), "",
+                  table_md(stats, "full", "fine-tune", list(FULL_ROWS), list(FULL_COLUMNS)), "",
+                  "Seconds per epoch of step 2 (the FA/FFA cost, Table VII): " + ", ".join(
+                      f"{r} {c}: {np.mean([float(x['sec_per_epoch']) for x in cells if x['row'] == r and x['column'] == c]):.1f}"
+                      for r in FULL_ROWS for c in FULL_COLUMNS
+                      if any(x["row"] == r and x["column"] == c for x in cells)), ""]
+    parts += ["## Differences behind the paper's claims", "", *claims(stats), "", f"![bar chart]({os.path.basename(png)})", ""]
+    os.makedirs(os.path.dirname(os.path.abspath(md)), exist_ok=True)
+    with open(md, "w") as f:
+        f.write("\n".join(parts))
+    if stats:
+        plot(stats, png)
+    say(f"report written to {md} and {png}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not os.path.isdir("/usr/share/datasets/fashion-mnist"):
+        sys.exit("reproduce: Fashion-MNIST is missing; install the Debian package dataset-fashion-mnist "
+                 "(bash scripts/install.sh does).")
+    if not args.report_only:
+        Bench(args).run()
+    report(args)
+
+
+if __name__ == "__main__":
+    main()
