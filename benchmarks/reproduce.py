@@ -394,17 +394,18 @@ def plot(stats, path):
     panels = [p for p in panels if any((p[0], p[1], r, c) in stats for r in p[2] for c in p[3])]
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.6), squeeze=False)
     for ax, (table, init, rows, columns) in zip(axes[0], panels):
         width = 0.8 / len(rows)
         lows = []
         for i, row in enumerate(rows):
             s = [stats.get((table, init, row, c)) for c in columns]
             means = [x[0] if x else np.nan for x in s]
-            errs = [x[1] if x and x[2] > 1 else 0 for x in s]
+            errs = [x[1] if x and x[2] > 1 else np.nan for x in s]
             lows += [m for m in means if not np.isnan(m)]
-            ax.bar(np.arange(len(columns)) + (i - (len(rows) - 1) / 2) * width, means, width, yerr=errs,
-                   capsize=2, label=row)
+            ax.bar(np.arange(len(columns)) + (i - (len(rows) - 1) / 2) * width, means, width,
+                   yerr=None if np.all(np.isnan(errs)) else np.nan_to_num(errs), capsize=2, label=row,
+                   color=f"C{list(WEIGHT_ROWS).index(row) if row in WEIGHT_ROWS else 7 + i}")
         ref = stats.get(("reference", "-", "teacher", "FP"))
         if ref:
             ax.axhline(ref[0], color="black", linestyle="--", linewidth=1, label=f"teacher {ref[0]:.2f}")
@@ -413,14 +414,21 @@ def plot(stats, path):
         if fp:
             ax.axhline(fp[0], color="gray", linestyle=":", linewidth=1, label=f"FP student {fp[0]:.2f}")
         ax.set_xticks(np.arange(len(columns)), columns)
+        ax.set_xlim(-0.5, len(columns) - 0.5)
         ax.set_ylim(max(0, min(lows) - 3) if lows else 0, 100 if not ref else max(ref[0], max(lows, default=0)) + 1.5)
         ax.set_ylabel("test accuracy (%)")
         ax.set_title({"weight": "weights only", "full": "full quantization, two-step"}[table] + f", {init}")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=3, frameon=False)
     fig.suptitle("FAQD ablations on Fashion-MNIST: ResNet14 teacher, ResNet8 students (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def tf_version():
+    import tensorflow as tf
+
+    return tf.__version__
 
 
 def report(args):
@@ -433,10 +441,13 @@ def report(args):
     parts = [
         "# FAQD ablations on Fashion-MNIST",
         "",
-        f"Command: `python benchmarks/reproduce.py {' '.join(sys.argv[1:])}`  ",
+        f"Report: `python benchmarks/reproduce.py {' '.join(sys.argv[1:])}`, from the {len(cells)} runs in "
+        f"`{os.path.join(args.out_dir, 'cells.csv')}` (one row per cell and seed; seeds present: {seeds}; "
+        "n = seeds per cell).  ",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"Keras {keras.__version__}; seeds run: {seeds}; settings: " + json.dumps(
-            {k: v for k, v in vars(args).items() if k not in ("md", "png", "report_only", "out_dir")}),
+        f"TensorFlow {tf_version()}, Keras {keras.__version__}; training settings: " + json.dumps(
+            {k: v for k, v in vars(args).items()
+             if k not in ("md", "png", "report_only", "out_dir", "seeds", "tables", "inits", "bits", "rows")}),
         "",
         f"Teacher {TEACHER}: {fmt(ref.get('teacher'))}; pre-trained FP student {STUDENT}: {fmt(ref.get('fp_student'))} "
         "(test accuracy %, 10,000 test images unless eval_limit is set).",
