@@ -473,6 +473,8 @@ def run(argv=None):
     from faqd_tf import config as config_module
 
     cfg = config_module.load(args.config, args.set)
+    if args.tune and cfg["strategy"] == "multi_worker":
+        raise UsageError('--tune runs its trials in one process; set strategy to "default" or "mirrored" for tuning.')
     runner = Run(cfg, overwrite=args.overwrite)
     if args.trials is not None and args.trials < 1:
         raise UsageError(f"--trials={args.trials} must be >= 1.")

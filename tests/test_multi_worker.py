@@ -280,3 +280,11 @@ def test_cli_multi_worker_without_tf_config_is_one_line_exit_2(tmp_path, teacher
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs the TF_CONFIG environment variable" in err[0], err
     assert not (tmp_path / "none").exists()
+
+
+def test_cli_tune_refuses_multi_worker(tmp_path, teacher_file, capsys):
+    cfg = distill_config(tmp_path, teacher_file, tmp_path / "tune")
+    assert cli.main(["--config", cfg, "--tune"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--tune runs its trials in one process" in err[0], err
+    assert not (tmp_path / "tune").exists()
