@@ -78,7 +78,8 @@ def toy_data(rng, n=96):
 
 
 def test_small_quantized_model_trains_saves_and_loads(rng, tmp_path):
-    model = small_model()
+    # 4 bits: at 2 bits this 8-channel model sometimes stalls for 15 epochs on fresh data.
+    model = small_model(weight_bits=4, activation_bits=4)
     model.compile(keras.optimizers.Adam(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     x, y = toy_data(rng)
     history = model.fit(x, y, epochs=15, batch_size=16, verbose=0)
@@ -89,8 +90,8 @@ def test_small_quantized_model_trains_saves_and_loads(rng, tmp_path):
     loaded = keras.models.load_model(path, safe_mode=True)
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
     assert isinstance(loaded.get_layer("conv1"), QuantConv2D)
-    assert loaded.get_layer("conv1").weight_bits == 2
-    assert loaded.get_layer("relu1").precision == 2
+    assert loaded.get_layer("conv1").weight_bits == 4
+    assert loaded.get_layer("relu1").precision == 4
 
 
 def test_alpha_is_learned_and_clipped(rng):

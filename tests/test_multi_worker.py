@@ -95,6 +95,8 @@ def student_weights(path):
     return keras.models.load_model(path, safe_mode=True).get_weights()
 
 
+# Slow (about 45 s, three worker processes): run with `-m slow`; CI keeps the sharding and NaN tests.
+@pytest.mark.slow
 @needs_fmnist
 def test_two_workers_agree_and_match_one_process(tmp_path, teacher_file):
     out = tmp_path / "mw"
@@ -166,6 +168,8 @@ def _epochs(path):
         return [int(r["epoch"]) for r in csv.DictReader(f)]
 
 
+# Slow (about 85 s, four worker processes): run with `-m slow`.
+@pytest.mark.slow
 @needs_fmnist
 def test_kill_a_worker_then_same_command_resumes(tmp_path, teacher_file):
     out = tmp_path / "ft"
