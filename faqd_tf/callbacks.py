@@ -78,7 +78,7 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         for name, value in (logs or {}).items():
-            if name != "loss" and name not in ("kd", "fa", "ce"):
+            if name not in ("loss", "kd", "fa", "ce"):
                 continue
             value = float(np.asarray(value))
             if not np.isfinite(value):
