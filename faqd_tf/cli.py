@@ -280,7 +280,7 @@ class Run:
     def _distill(self, teacher, student, stage, train_ds, val_ds, steps):
         import keras
 
-        from faqd_tf.callbacks import BinaryRelaxScheduler
+        from faqd_tf.callbacks import BinaryRelaxScheduler, GradientShares
         from faqd_tf.distiller import Distiller
 
         d = self.config["distill"]
@@ -290,6 +290,8 @@ class Run:
             distiller.compile(make_optimizer(self.config["train"], steps),
                               metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
         extra = [BinaryRelaxScheduler(self.config["student"]["relax_eta"])] if self.config["student"]["relax"] else []
+        # A user must see when a weighted term is too weak to act (e.g. an FA weight on the wrong scale).
+        extra.append(GradientShares(train_ds.take(1), print_fn=_say))
         train = self.config["train"]
         distiller.fit(train_ds.repeat() if train["steps_per_epoch"] else train_ds, epochs=train["epochs"],
                       steps_per_epoch=train["steps_per_epoch"], validation_data=val_ds,
@@ -308,7 +310,10 @@ class Run:
         with self.strategy().scope():
             teacher = self._load_model(self.teacher_path, "teacher.file")
             student, two_step = self.build_student(teacher)
-        terms = f"{d['alpha']}*KD({d['kd']})" + (f" + {d['beta']}*FA({d['fa']})" if d["fa"] else "") + (
+        from faqd_tf import options
+
+        beta = options.default_beta(d["fa_norm"]) if d["beta"] is None else d["beta"]
+        terms = f"{d['alpha']}*KD({d['kd']})" + (f" + {beta}*FA({d['fa']}, {d['fa_norm']})" if d["fa"] else "") + (
             f" + {d['gamma']}*CE" if d["gamma"] else "")
         mode = "label-free" if not labels else "with labels"
         if two_step:

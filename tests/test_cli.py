@@ -76,7 +76,7 @@ def _bad_cases(tmp_path):
         (["--config", write_config(tmp_path, train={"epoch": 3})], r"unknown key 'train.epoch'; keys of 'train' are"),
         (["--config", write_config(tmp_path, train={"epochs": "ten"})], r"train.epochs=\"ten\" is not valid; use an integer >= 1"),
         (["--config", write_config(tmp_path, student={"weight_bits": 3})], r"student.weight_bits=3 is not valid; use one of 1, 2, 4, 8"),
-        (["--config", write_config(tmp_path, distill={"beta": -0.1})], r"distill.beta=-0.1 is not valid; use a number >= 0"),
+        (["--config", write_config(tmp_path, distill={"beta": -0.1})], r"distill.beta=-0.1 is not valid; use null \(the default of distill.fa_norm\) or a number >= 0"),
         (["--config", write_config(tmp_path, distill={"kd": "l1"})], r"distill.kd=\"l1\" is not valid; use one of \"mse\", \"kl\""),
         (["--config", write_config(tmp_path, distill={"gamma": 0.3})], r"gamma > 0 needs labels"),
         (["--config", write_config(tmp_path, student={"init": "file"})], r"student.init='file' needs student.file"),
