@@ -1,22 +1,32 @@
-"""Cost of feature affinity: exact (pairwise, gram, auto) against fast FA (k = 1, 5, 15).
+"""Cost of feature affinity: exact (pairwise, gram, auto; fro2 and l1) against fast FA (k = 1, 5, 15).
 
 For each map size (batch, H, W, C), teacher and student of the same shape, one step is the loss
-plus its gradient w.r.t. the student map, under `tf.function`. Reported per method:
+plus its gradient w.r.t. the student map, under `tf.function`. Methods:
 
-- time: median wall time of a few steps after two warm-up calls (trace + first run);
-- memory: the peak resident set size (VmHWM of /proc/self/status) of the worker process while the
-  method runs (warm-up and timed steps), after resetting the peak with /proc/self/clear_refs, and
-  its increase over the resident size just before (maps already allocated). The increase is what
-  the loss costs on top of the model; the peak includes the TensorFlow runtime.
+- `gram`: exact fro2 from C x C products of M = A - B, P = A + B in float32 (the library's);
+- `gram_sym`: the same from one (2C x 2C) product [M P]^T [M P] (symmetric products in one call);
+- `gram_f64`: the textbook expansion ||A^T A||^2 - 2||A^T B||^2 + ||B^T B||^2 in float64 with a
+  hand-written gradient, as this library computed it before (for comparison);
+- `pairwise`, `pairwise_l1`: exact fro2 / L1 from row tiles of the N x N difference;
+- `auto`: the library's choice for fro2;
+- `ffa_k1`, `ffa_k5`, `ffa_k15` (fro2) and `ffa_k15_l1`: fast FA.
 
-Each map size runs in its own subprocess; a method whose estimated working memory exceeds
-`--mem-limit-gb` is not run and is recorded as skipped with its estimate. Writes a CSV, a log-log
-plot of time per sample against N = H * W (one line per method, as Fig. 4 of arXiv 2302.10899 with exact FA
-added), and prints a markdown table.
+Reported per method:
+
+- time: median wall time per step. Each map size runs in its own subprocess; after two warm-up
+  calls per method (trace + first run) the methods are timed in `--rounds` interleaved rounds
+  (round r times every method before round r+1), so a change of machine load hits all alike;
+- memory: the peak resident set size (VmHWM) while the method runs alone (warm-up), after resetting
+  the peak with /proc/self/clear_refs, and its increase over the resident size just before.
+
+A method whose estimated working memory exceeds `--mem-limit-gb`, or the pairwise forms above
+`--pairwise-max-n` pixels (seconds per step), is skipped with the reason. Writes a CSV, a log-log plot
+of time per sample against N = H * W (as Fig. 4 of arXiv 2302.10899, with the exact forms added),
+and prints a markdown table and the ratios the issue asks about.
 
 Usage (from the repository root):
 
-    nice python benchmarks/fa_cost.py --out-csv docs/fa_cost.csv --out-png docs/fa_cost.png
+    python benchmarks/fa_cost.py --out-csv docs/fa_cost.csv --out-png docs/fa_cost.png
 """
 
 import argparse
@@ -30,7 +40,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ["ffa_k1", "ffa_k5", "ffa_k15", "gram", "auto", "pairwise"]  # pairwise last: largest
+METHODS = ["ffa_k1", "ffa_k5", "ffa_k15", "ffa_k15_l1", "gram", "gram_sym", "gram_f64", "auto", "pairwise",
+           "pairwise_l1"]
 FIELDS = [
     "height", "width", "channels", "batch", "n", "method", "resolved", "status", "time_ms_median",
     "time_ms_min", "reps", "peak_rss_mb", "rss_increase_mb", "estimate_mb", "note",
@@ -39,14 +50,12 @@ FIELDS = [
 
 def estimate_bytes(method, batch, n, c):
     """Working memory of one forward+backward step, for the skip decision (an estimate, not a measurement)."""
-    if method == "pairwise":
-        # About four float32 N x N tensors live at once (difference, square, their gradients):
-        # measured 3.9 at 56x56x64, batch 32.
-        return 4 * batch * n * n * 4
-    if method == "gram":
-        # float64 copies of both maps, normalized, and their gradients.
-        return 8 * batch * n * c * 8
-    k = int(method.split("_k")[1])
+    if method.startswith("pairwise"):
+        # Row tiles of 2^16 entries a sample, a few alive at once, plus the maps.
+        return 4 * batch * 2**16 * 4 + 12 * batch * n * c * 4
+    if method.startswith("gram"):
+        return 12 * batch * n * c * (8 if method == "gram_f64" else 4)
+    k = int(method.split("_k")[1].split("_")[0])
     return 4 * batch * n * (k + 2 * c) * 4
 
 
@@ -66,6 +75,68 @@ def _reset_peak_rss():
         f.write("5")
 
 
+def _variants(tf, losses):
+    """The comparison forms that are not library methods."""
+
+    @tf.custom_gradient
+    def gram_sym_totals(m, p):
+        w = tf.concat([m, p], axis=-1)
+        c = m.shape[-1]
+        g = tf.linalg.matmul(w, w, transpose_a=True)  # [[MtM, MtP], [PtM, PtP]]
+        g_mm, x, g_pp = g[:, :c, :c], g[:, :c, c:], g[:, c:, c:]
+        x_t = tf.linalg.matrix_transpose(x)
+        total = 0.5 * (tf.reduce_sum(g_mm * g_pp, axis=[1, 2]) + tf.reduce_sum(x * x_t, axis=[1, 2]))
+
+        def grad(up):
+            dm = tf.linalg.matmul(m, g_pp) + tf.linalg.matmul(p, x)
+            dp = tf.linalg.matmul(p, g_mm) + tf.linalg.matmul(m, x_t)
+            return dm * up[:, None, None], dp * up[:, None, None]
+
+        return total, grad
+
+    def gram_sym(t, s):
+        m, p = losses._difference_and_sum(t, s)
+        n = tf.cast(tf.shape(m)[1], tf.float32)
+        return tf.reduce_mean(gram_sym_totals(m, p) / (n * n))
+
+    @tf.custom_gradient
+    def f64_totals(a, b):
+        g_aa = tf.linalg.matmul(a, a, transpose_a=True)
+        g_ab = tf.linalg.matmul(a, b, transpose_a=True)
+        g_bb = tf.linalg.matmul(b, b, transpose_a=True)
+        sq = lambda g: tf.reduce_sum(tf.square(g), axis=[1, 2])
+        total = sq(g_aa) - 2.0 * sq(g_ab) + sq(g_bb)
+
+        def grad(up):
+            scale = 4.0 * up[:, None, None]
+            return (scale * (tf.linalg.matmul(a, g_aa) - tf.linalg.matmul(b, g_ab, transpose_b=True)),
+                    scale * (tf.linalg.matmul(b, g_bb) - tf.linalg.matmul(a, g_ab)))
+
+        return total, grad
+
+    def gram_f64(t, s):
+        shape = tf.shape(s)
+        rows = lambda x: tf.math.l2_normalize(
+            tf.cast(tf.reshape(x, [shape[0], shape[1] * shape[2], x.shape[-1]]), tf.float64), axis=-1, epsilon=1e-12)
+        total = f64_totals(rows(t), rows(s))
+        n = tf.cast(shape[1] * shape[2], tf.float64)
+        return tf.cast(tf.reduce_mean(total / (n * n)), tf.float32)
+
+    return {"gram_sym": gram_sym, "gram_f64": gram_f64}
+
+
+def loss_of(method, tf, losses):
+    if method.startswith("ffa"):
+        k = int(method.split("_k")[1].split("_")[0])
+        norm = "l1" if method.endswith("_l1") else "fro2"
+        return lambda t, s: losses.fast_feature_affinity(t, s, k=k, seed=1, fa_norm=norm)
+    if method in ("gram_sym", "gram_f64"):
+        return _variants(tf, losses)[method]
+    if method == "pairwise_l1":
+        return lambda t, s: losses.feature_affinity(t, s, method="pairwise", fa_norm="l1")
+    return lambda t, s: losses.feature_affinity(t, s, method=method)
+
+
 def worker(spec):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     sys.path.insert(0, ROOT)
@@ -80,25 +151,23 @@ def worker(spec):
     teacher = tf.constant(rng.normal(size=(batch, h, h, c)).astype("float32"))
     student = tf.Variable(rng.normal(size=(batch, h, h, c)).astype("float32"))
 
+    steps, rows = {}, {}
     for method in METHODS:
         row = {"height": h, "width": h, "channels": c, "batch": batch, "n": n, "method": method}
         resolved = losses.resolve_method(teacher.shape, student.shape) if method == "auto" else method
         row["resolved"] = resolved
         estimate = estimate_bytes(resolved, batch, n, c)
         row["estimate_mb"] = round(estimate / 2**20, 1)
+        rows[method] = row
         if estimate > spec["mem_limit_gb"] * 2**30:
             row.update(status="skipped", note=f"estimate {estimate / 2**30:.1f} GiB > limit {spec['mem_limit_gb']} GiB")
-            print("ROW " + json.dumps(row), flush=True)
+            continue
+        if resolved.startswith("pairwise") and n > spec["pairwise_max_n"]:
+            row.update(status="skipped", note=f"N = {n} > --pairwise-max-n {spec['pairwise_max_n']} (O(N^2 C) time)")
             continue
 
-        if method.startswith("ffa"):
-            k = int(method.split("_k")[1])
-            loss_fn = lambda t, s, k=k: losses.fast_feature_affinity(t, s, k=k, seed=1)
-        else:
-            loss_fn = lambda t, s, m=method: losses.feature_affinity(t, s, method=m)
-
         @tf.function
-        def step(loss_fn=loss_fn):
+        def step(loss_fn=loss_of(method, tf, losses)):
             with tf.GradientTape() as tape:
                 value = loss_fn(teacher, student)
             return value, tape.gradient(value, student)
@@ -108,24 +177,25 @@ def worker(spec):
         _reset_peak_rss()
         for _ in range(2):
             [x.numpy() for x in step()]
-        times = []
-        start = time.perf_counter()
-        while len(times) < spec["max_reps"] and (len(times) < 3 or time.perf_counter() - start < spec["time_budget"]):
-            t0 = time.perf_counter()
-            [x.numpy() for x in step()]
-            times.append(time.perf_counter() - t0)
         peak = _status_kb("VmHWM")
-        row.update(
-            status="ok",
-            time_ms_median=round(float(np.median(times)) * 1e3, 3),
-            time_ms_min=round(min(times) * 1e3, 3),
-            reps=len(times),
-            peak_rss_mb=round(peak / 1024, 1),
-            rss_increase_mb=round((peak - rss_before) / 1024, 1),
-        )
+        row.update(peak_rss_mb=round(peak / 1024, 1), rss_increase_mb=round((peak - rss_before) / 1024, 1))
+        steps[method] = (step, [])
+
+    for _ in range(spec["rounds"]):
+        for method, (step, times) in steps.items():
+            start = time.perf_counter()
+            for _ in range(spec["reps"]):
+                t0 = time.perf_counter()
+                [x.numpy() for x in step()]
+                times.append(time.perf_counter() - t0)
+                if time.perf_counter() - start > spec["time_budget"]:
+                    break
+    for method, row in rows.items():
+        if method in steps:
+            times = steps[method][1]
+            row.update(status="ok", time_ms_median=round(float(np.median(times)) * 1e3, 3),
+                       time_ms_min=round(min(times) * 1e3, 3), reps=len(times))
         print("ROW " + json.dumps(row), flush=True)
-        del step
-        gc.collect()
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -136,8 +206,8 @@ def run_all(args):
     for h in args.sizes:
         for c in args.channels:
             batch = args.large_batch if h >= args.large_from else args.batch
-            spec = dict(height=h, channels=c, batch=batch, mem_limit_gb=args.mem_limit_gb,
-                        max_reps=args.max_reps, time_budget=args.time_budget)
+            spec = dict(height=h, channels=c, batch=batch, mem_limit_gb=args.mem_limit_gb, rounds=args.rounds,
+                        reps=args.reps, time_budget=args.time_budget, pairwise_max_n=args.pairwise_max_n)
             t0 = time.perf_counter()
             proc = subprocess.run(
                 [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
@@ -229,43 +299,40 @@ def ratios(rows):
     def get(h, c, method):
         for r in rows:
             if (int(r["height"]), int(r["channels"]), r["method"]) == (h, c, method) and r["status"] == "ok":
-                return r
+                return _num(r, "time_ms_median")
         return None
 
     out = []
-    for h, c, expected in ((32, 16, 10), (56, 64, 20)):
-        auto, pair = get(h, c, "auto"), get(h, c, "pairwise")
-        if auto and pair:
-            ratio = _num(pair, "time_ms_median") / _num(auto, "time_ms_median")
-            out.append(f"- pairwise / auto time at {h}x{h}x{c}: {ratio:.1f}x (issue expects >= {expected}x); "
-                       f"memory increase {_num(pair, 'rss_increase_mb'):.0f} MB vs {_num(auto, 'rss_increase_mb'):.0f} MB")
-        else:
-            out.append(f"- pairwise / auto at {h}x{h}x{c}: not measured")
-    for r in sorted(rows, key=lambda r: (int(r["channels"]), int(r["n"]))):
-        if r["method"] == "auto" and r["status"] == "ok" and int(r["n"]) >= 256:
-            f15 = get(int(r["height"]), int(r["channels"]), "ffa_k15")
-            if f15:
-                out.append(f"- auto / FFA(k=15) time at {r['height']}x{r['width']}x{r['channels']}: "
-                           f"{_num(r, 'time_ms_median') / _num(f15, 'time_ms_median'):.2f}")
-    big = get(112, 64, "auto")
-    if big:
-        out.append(f"- exact FA (auto -> {big['resolved']}) at 112x112x64, batch {big['batch']}: peak RSS "
-                   f"{_num(big, 'peak_rss_mb'):.0f} MB (increase {_num(big, 'rss_increase_mb'):.0f} MB; "
-                   f"expected < 2 GB)")
+    configs = sorted({(int(r["height"]), int(r["channels"])) for r in rows})
+    header = "| H x W x C | exact fro2 (auto) / FFA k=15 | gram / gram_f64 | gram_sym / gram | pairwise / gram | pairwise_l1 / FFA k=15 l1 |"
+    out += [header, "|---|---|---|---|---|---|"]
+    for h, c in configs:
+        def ratio(a, b):
+            x, y = get(h, c, a), get(h, c, b)
+            return f"{x / y:.2f}" if x and y else "-"
+
+        out.append(f"| {h}x{h}x{c} | {ratio('auto', 'ffa_k15')} | {ratio('gram', 'gram_f64')} | "
+                   f"{ratio('gram_sym', 'gram')} | {ratio('pairwise', 'gram')} | {ratio('pairwise_l1', 'ffa_k15_l1')} |")
+    for r in rows:
+        if r["method"] == "pairwise_l1" and int(r["height"]) == 56 and r["status"] == "ok":
+            out.append(f"\nExact L1 (row tiles) at 56x56x{r['channels']}, batch {r['batch']}: peak RSS "
+                       f"{_num(r, 'peak_rss_mb'):.0f} MB (increase {_num(r, 'rss_increase_mb'):.0f} MB)")
     return "\n".join(out)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32, 56, 64, 112])
-    parser.add_argument("--channels", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32, 56, 112])
+    parser.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--large-batch", type=int, default=8, help="batch from --large-from on")
     parser.add_argument("--large-from", type=int, default=112)
     parser.add_argument("--mem-limit-gb", type=float, default=6.0, help="skip a method whose estimate exceeds this")
-    parser.add_argument("--max-reps", type=int, default=15)
-    parser.add_argument("--time-budget", type=float, default=8.0, help="seconds of timed steps per method (min 3 steps)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the methods")
+    parser.add_argument("--reps", type=int, default=3, help="timed steps per method and round")
+    parser.add_argument("--time-budget", type=float, default=4.0, help="seconds per method and round at most")
+    parser.add_argument("--pairwise-max-n", type=int, default=3136, help="skip the pairwise forms above this N")
     parser.add_argument("--out-csv", default=os.path.join(ROOT, "docs", "fa_cost.csv"))
     parser.add_argument("--out-png", default=os.path.join(ROOT, "docs", "fa_cost.png"))
     parser.add_argument("--from-csv", help="re-plot and re-tabulate an existing CSV without measuring")
