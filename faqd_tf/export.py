@@ -873,18 +873,18 @@ def _store_codes(flatbuffer, model, mode):
         shape = [1] * tfl_codes.ndim
         shape[axis] = -1
         values = (tfl_codes * sign.reshape(shape)).astype(np.int8)
-        per_tensor = np.all(scale == scale[0])
+        # Equal up to the float rounding of recovering them: one scale, as trained (layer-wise).
+        per_tensor = np.all(np.abs(scale - scale[0]) <= 1e-6 * scale[0])
         scales = scale[:1] if per_tensor else scale
-        old_scales = fb.tensors[index].quantization.scale if fb.tensors[index].quantization else None
         fb.set_values(index, values, fb.schema.TensorType.INT8, scales, axis)
         if mode == "int8":
             fb.set_version(op, _HYBRID_VERSION[op_name][0 if per_tensor else 1])
         elif len(op.inputs) > 2 and op.inputs[2] >= 0:
-            _rescale_bias(fb, op, old_scales, scales)
+            _rescale_bias(fb, op, scales)
     return fb.serialize()
 
 
-def _rescale_bias(fb, op, old_weight_scales, weight_scales):
+def _rescale_bias(fb, op, weight_scales):
     """Re-expresses an int32 bias in ``input_scale * weight_scale`` after the weight scales changed."""
     index = int(op.inputs[2])
     bias = fb.values(index)
