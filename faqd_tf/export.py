@@ -36,9 +36,13 @@ every stored parameter, trainable or not), each with its ``path``, ``shape`` and
   * in C (row-major) order of ``code_shape``, ``8 / b`` codes per byte, the first code in the
     least significant bits (LSB first); the last byte is zero-padded.
 
-`unpack` checks everything before building a model: magic, version, that the file is exactly
-``60 + M + P`` bytes (a truncated file is reported as such), the SHA-256, then the manifest, shapes
-and codes; any failure raises ``ValueError``; a damaged file never loads.
+Files are hostile: `unpack` checks everything before it allocates anything sized by the file:
+magic, version, that the file is exactly ``60 + M + P`` bytes (a truncated file is reported as
+such), the SHA-256, the manifest (inflated to at most ``MAX_MANIFEST_BYTES``; every field present
+and of its type), that every declared size matches the bytes present (``nbytes``, shapes, scale
+layouts), and that the model config asks for no more weights than the file stores (the config is
+first built with initializers that count before they allocate). Any failure is one ``ValueError``
+naming the problem; a damaged file never loads.
 
 Quantized kernels in an unpacked (or frozen) model
 ==================================================
@@ -48,11 +52,42 @@ Re-quantizing an already-quantized kernel is *not* exactly idempotent with the L
 ~2e-6 relative at 1 bit, where ``mean|w|`` of equal magnitudes rounds; at 8 bits per channel the
 Lloyd iteration can even move codes when a channel's top code is below ``L``). So `unpack` sets each
 quantized kernel to ``codes * scale`` (computed in float32, the same product the quantized model
-forms) and gives the layer a :class:`FrozenQuantizer`: it has the layer's ``bits``/``per_channel``/
-``precision`` (so summaries count bits), remembers the scales, and passes the kernel through
-unchanged. The unpacked model's outputs are then identical to the quantized model's in inference.
-To resume quantization-aware training from it, give the layers a fresh quantizer, e.g.
-``layer.kernel_quantizer = faqd_tf.quantizers.WeightQuantizer(layer.weight_bits, layer.per_channel)``.
+forms) and gives the layer a :class:`faqd_tf.quantizers.FrozenQuantizer`: it has the layer's
+``bits``/``per_channel``/``precision`` (so summaries count bits), remembers the scales, and passes
+the kernel through unchanged. The unpacked model's outputs are then identical to the quantized
+model's in inference. To resume quantization-aware training from it, give the layers a fresh
+quantizer, e.g. ``layer.kernel_quantizer = faqd_tf.quantizers.WeightQuantizer(layer.weight_bits,
+layer.per_channel)``.
+
+TFLite (`to_tflite`)
+====================
+
+Converted with Keras's public route (``model.export(format="litert")``) from :func:`freeze` (model),
+builtin TFLite ops only, in one of three modes:
+
+- ``"float"``: float32 weights and activations; outputs equal Keras' up to float rounding.
+- ``"int8"``: every quantized kernel is stored as an int8 tensor whose values are the student's
+  integer codes (``layer.kernel_codes()``: 1-bit and ternary codes included) with the layer's scale
+  as the TFLite quantization scale (one, or one per output channel); activations stay float
+  (TFLite's hybrid kernels). Other weights (BatchNormalization folded into biases, full-precision
+  layers) stay float32.
+- ``"full"``: the same int8 codes, and int8 activations calibrated on unlabeled images (the
+  converter's representative dataset). Where a ``QuantReLU`` is the activation, its output is an
+  int8 tensor of scale ``alpha`` and zero point -128: level ``k * alpha`` is the integer ``k - 128``
+  exactly (for this the export graph writes the quantized ReLU as ``min(x + alpha/2, top*alpha)``
+  rounded on that grid, the same function in float).
+
+The converter folds a BatchNormalization that follows a convolution into its kernel, multiplying
+output channel ``c`` by ``m_c = gamma_c / sqrt(var_c + eps)``; the stored scale of that channel is then
+``|m_c| * scale``, and where ``m_c < 0`` the stored integers are ``-codes`` (TFLite scales are
+positive). The converter alone cannot store the codes: it always re-quantizes float weights with its
+own max-abs scale (``max|w| / 127``, so 4-bit codes become multiples of 127/7 rounded), whatever the
+trained grid (tensorflow/model-optimization#574). So the codes are written into the converted
+flatbuffer afterwards (with ``ai_edge_litert``'s flatbuffer schema): each quantized layer's kernel is
+located by its values (the codes times a per-channel factor, or the converter's rounding of that),
+its integers and scales replaced, and, in ``"full"`` mode, its int32 bias re-expressed in the new
+``input_scale * weight_scale``. int4 storage is not offered: the TFLite converter has no option to
+produce int4 weights for these ops (tensorflow/tensorflow#64193, moved to LiteRT#73, open).
 
 Example:
 
@@ -71,90 +106,46 @@ FrozenQuantizer(bits=2, per_channel=False)
 
 import hashlib
 import json
+import math
+import os
 import struct
-import warnings
+import tempfile
 import zlib
 
 import keras
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2  # no public equivalent
 
-import faqd_tf
-import faqd_tf.layers  # noqa: F401  registers the quantized layers for model_from_json
-import faqd_tf.models  # noqa: F401  registers ChannelPad
 from faqd_tf import quantizers
+from faqd_tf._version import __version__
+from faqd_tf.layers import QuantReLU
+from faqd_tf.quantizers import FrozenQuantizer
 from faqd_tf.summary import iter_layers, quantized_kernel_bits
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "FrozenQuantizer", "freeze", "pack", "read_manifest", "to_tflite", "unpack"]
+__all__ = [
+    "FILENAMES",
+    "FORMAT_VERSION",
+    "KINDS",
+    "MAGIC",
+    "MODES",
+    "freeze",
+    "pack",
+    "read_manifest",
+    "run_tflite",
+    "to_tflite",
+    "unpack",
+    "write",
+]
 
 MAGIC = b"FAQDPACK"
 FORMAT_VERSION = 1
 FORMAT_NAME = "faqd_tf.packed_model"
 _HEADER = struct.Struct("<8sIQQ32s")  # magic, version, manifest length, payload length, sha256
 HEADER_SIZE = _HEADER.size  # 60
-
-
-@keras.saving.register_keras_serializable(package="faqd_tf")
-class FrozenQuantizer:
-    """The quantizer of an already-quantized kernel: identity in the forward pass.
-
-    Holds the `bits`, `per_channel` flag and `scale` (a list of floats: one, or one per output
-    channel) the kernel was quantized with, so `precision` and `codes()` keep working (a frozen
-    model can be summarized and packed again, byte for byte the same payload).
-
-    >>> q = FrozenQuantizer(bits=2, scale=[0.5])
-    >>> codes, scale = q.codes(np.array([-0.5, 0.0, 0.5], "float32"))
-    >>> codes.numpy().tolist(), float(scale)
-    ([-1.0, 0.0, 1.0], 0.5)
-    """
-
-    def __init__(self, bits, per_channel=False, scale=None):
-        self.bits = quantizers.check_bits(bits)
-        self.per_channel = bool(per_channel)
-        self.scale = None if scale is None else [float(s) for s in np.asarray(scale, np.float32).reshape(-1)]
-        if self.scale is not None and not self.per_channel and len(self.scale) != 1:
-            raise ValueError(f"A layer-wise FrozenQuantizer has one scale, got {len(self.scale)}.")
-
-    @property
-    def precision(self):
-        return self.bits
-
-    def __call__(self, w):
-        return tf.convert_to_tensor(w)
-
-    def relaxed(self, w, lam):
-        return tf.convert_to_tensor(w)
-
-    def codes(self, w):
-        """`(codes, scale)` of a kernel on the frozen grid (as `faqd_tf.quantizers.weight_codes`)."""
-        if self.scale is None:
-            raise ValueError("This FrozenQuantizer has no scales; its codes are unknown.")
-        w = tf.cast(tf.convert_to_tensor(w), tf.float32)
-        scale = tf.constant(self.scale, tf.float32)
-        if self.per_channel:
-            if w.shape[-1] != len(self.scale):
-                raise ValueError(f"Kernel has {w.shape[-1]} channels but the quantizer {len(self.scale)} scales.")
-            scale = tf.reshape(scale, [1] * (w.shape.rank - 1) + [-1])
-        else:
-            scale = tf.reshape(scale, [])
-        if self.bits == 1:
-            codes = tf.where(w >= 0, 1.0, -1.0)
-        else:
-            n = float(quantizers.levels(self.bits))
-            codes = tf.clip_by_value(tf.round(tf.math.divide_no_nan(w, scale)), -n, n)
-        return codes, scale
-
-    def get_config(self):
-        return {"bits": self.bits, "per_channel": self.per_channel, "scale": self.scale}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-    def __repr__(self):
-        return f"FrozenQuantizer(bits={self.bits}, per_channel={self.per_channel})"
-
+# The manifest of a ResNet110 inflates to ~0.2 MB; a zlib bomb stops here.
+MAX_MANIFEST_BYTES = 16 * 2**20
+_MAX_RANK = 8
+_MAX_DIM = 2**31
 
 # --------------------------------------------------------------------------------------------
 # Helpers
@@ -169,20 +160,15 @@ def _quantized_layers(model):
     return found
 
 
-def _per_channel(layer):
-    return bool(getattr(layer.kernel_quantizer, "per_channel", False))
-
-
 def _layer_codes(layer):
-    """Integer codes (float32 array), scales (float32 array) and the quantized-kernel shape."""
-    quantizer = layer.kernel_quantizer
-    if not callable(getattr(quantizer, "codes", None)):
+    """`(codes, scale)` of a quantized layer's kernel as float32 NumPy arrays."""
+    kernel_codes = getattr(layer, "kernel_codes", None)
+    if kernel_codes is None:
         raise ValueError(
-            f"Layer {layer.name!r}: its kernel quantizer {quantizer!r} has no codes(w) method, so "
-            "the kernel cannot be stored as integer codes."
+            f"Layer {layer.name!r} ({type(layer).__name__}) has a quantized kernel but no kernel_codes() "
+            "method, so its kernel cannot be stored as integer codes; use the faqd_tf quantized layers."
         )
-    to_quantize = layer._kernel_to_quantize() if hasattr(layer, "_kernel_to_quantize") else layer.kernel
-    codes, scale = quantizer.codes(to_quantize)
+    codes, scale = kernel_codes()
     return np.asarray(codes, np.float32), np.asarray(scale, np.float32)
 
 
@@ -205,23 +191,27 @@ def _rebuild(config_json, custom_objects=None):
         return keras.models.model_from_json(config_json, custom_objects=custom_objects)
     except Exception as err:
         raise ValueError(
-            f"Could not rebuild the model from its Keras config ({type(err).__name__}: {err}). "
+            f"Could not rebuild the model from its Keras config ({type(err).__name__}: {_first_line(err)}). "
             "Custom layers must be registered or passed as custom_objects."
         ) from err
 
 
+def _first_line(err):
+    return (str(err).strip().splitlines() or [""])[0][:300]
+
+
 def _freeze_layer(layer, codes, scale):
     layer.kernel.assign(_dequantize(codes, scale, tuple(layer.kernel.shape)))
-    layer.kernel_quantizer = FrozenQuantizer(quantized_kernel_bits(layer), _per_channel(layer), scale)
+    layer.kernel_quantizer = FrozenQuantizer(quantized_kernel_bits(layer), layer.per_channel, scale)
 
 
 def freeze(model, custom_objects=None):
     """A copy of `model` whose quantized kernels hold Q(w) and are not re-quantized.
 
     Same config, same weights, except that each quantized kernel is replaced by
-    ``codes * scale`` and its quantizer by a :class:`FrozenQuantizer` (identity). In inference the
-    copy computes exactly what `model` computes, without the Lloyd iterations in its graph; this is
-    what :func:`to_tflite` converts. `model` itself is not modified.
+    ``codes * scale`` and its quantizer by a :class:`faqd_tf.quantizers.FrozenQuantizer`
+    (identity). In inference the copy computes exactly what `model` computes, without the Lloyd
+    iterations in its graph; this is what :func:`to_tflite` converts. `model` itself is not modified.
     """
     clone = _rebuild(_model_json(model), custom_objects)
     sources, targets = model.weights, clone.weights
@@ -238,6 +228,20 @@ def freeze(model, custom_objects=None):
             codes, scale = _layer_codes(source_layers[id(source)][1])
             _freeze_layer(target_layers[id(target)][1], codes, scale)
     return clone
+
+
+def _write_atomically(path, chunks):
+    """Writes `chunks` to `path` through a temporary file: a failure leaves no partial file."""
+    partial = f"{path}.partial"
+    try:
+        with open(partial, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return sum(len(chunk) for chunk in chunks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,7 +315,7 @@ def pack(model, path):
             data = _pack_codes(codes, bits)
             scale_data = scale.astype("<f4").tobytes()
             entry.update(
-                encoding="codes", layer=layer_path, bits=bits, per_channel=_per_channel(layer),
+                encoding="codes", layer=layer_path, bits=bits, per_channel=layer.per_channel,
                 code_shape=list(codes.shape), scale_shape=list(scale.shape),
                 offset=add(data), nbytes=len(data), scale_offset=add(scale_data), scale_nbytes=len(scale_data),
             )
@@ -326,7 +330,7 @@ def pack(model, path):
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "created_by": {"faqd_tf": faqd_tf.__version__, "keras": keras.__version__, "tensorflow": tf.__version__},
+        "created_by": {"faqd_tf": __version__, "keras": keras.__version__, "tensorflow": tf.__version__},
         "code_encoding": "offset-binary (1 bit: (c+1)/2; b bits: c + 2^(b-1) - 1), LSB first, C order",
         "model_config": json.loads(config_json),
         "weights": entries,
@@ -335,50 +339,141 @@ def pack(model, path):
     payload = b"".join(chunks)
     digest = hashlib.sha256(manifest_bytes + payload).digest()
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, len(manifest_bytes), len(payload), digest)
-    with open(path, "wb") as f:
-        f.write(header)
-        f.write(manifest_bytes)
-        f.write(payload)
-    return len(header) + len(manifest_bytes) + len(payload)
+    return _write_atomically(path, [header, manifest_bytes, payload])
+
+
+def _inflate(data, name):
+    """The zlib-compressed manifest, inflated to at most MAX_MANIFEST_BYTES."""
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(data, MAX_MANIFEST_BYTES)
+    except zlib.error as err:
+        raise ValueError(f"{name}: unreadable manifest ({err}).") from err
+    if inflater.unconsumed_tail:
+        raise ValueError(
+            f"{name}: corrupted packed file: the manifest inflates to more than {MAX_MANIFEST_BYTES:,} bytes "
+            "(the limit for a model config)."
+        )
+    if not inflater.eof or inflater.unused_data:
+        raise ValueError(f"{name}: unreadable manifest (incomplete or trailing zlib data).")
+    return text
 
 
 def _read(path):
     """Validated (manifest dict, payload bytes) of a packed file; ValueError on any damage."""
-    with open(path, "rb") as f:
-        data = f.read()
     name = str(path)
-    if len(data) < HEADER_SIZE:
-        if MAGIC.startswith(data[: len(MAGIC)]):
-            raise ValueError(f"{name}: truncated packed file ({len(data)} bytes, the header alone is {HEADER_SIZE}).")
-        raise ValueError(f"{name}: not a faqd_tf packed model (file too short and no {MAGIC!r} magic).")
-    magic, version, manifest_len, payload_len, digest = _HEADER.unpack_from(data)
-    if magic != MAGIC:
-        raise ValueError(f"{name}: not a faqd_tf packed model (magic {magic!r}, expected {MAGIC!r}), or corrupted.")
-    if version != FORMAT_VERSION:
-        raise ValueError(
-            f"{name}: unsupported packed-model format version {version} (this faqd_tf reads version "
-            f"{FORMAT_VERSION}), or a corrupted header."
-        )
-    expected = HEADER_SIZE + manifest_len + payload_len
-    if len(data) < expected:
-        raise ValueError(
-            f"{name}: truncated or corrupted packed file: the header announces {expected} bytes, the file has {len(data)}."
-        )
-    if len(data) > expected:
-        raise ValueError(
-            f"{name}: corrupted packed file: {len(data) - expected} unexpected bytes after the announced "
-            f"{expected} bytes."
-        )
-    body = data[HEADER_SIZE:]
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(HEADER_SIZE)
+        if len(head) < HEADER_SIZE:
+            if MAGIC.startswith(head[: len(MAGIC)]):
+                raise ValueError(f"{name}: truncated packed file ({len(head)} bytes, the header alone is {HEADER_SIZE}).")
+            raise ValueError(f"{name}: not a faqd_tf packed model (file too short and no {MAGIC!r} magic).")
+        magic, version, manifest_len, payload_len, digest = _HEADER.unpack(head)
+        if magic != MAGIC:
+            raise ValueError(f"{name}: not a faqd_tf packed model (magic {magic!r}, expected {MAGIC!r}), or corrupted.")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"{name}: unsupported packed-model format version {version} (this faqd_tf reads version "
+                f"{FORMAT_VERSION}), or a corrupted header."
+            )
+        # The announced lengths are checked against the file size before anything is read.
+        expected = HEADER_SIZE + manifest_len + payload_len
+        if size < expected:
+            raise ValueError(
+                f"{name}: truncated or corrupted packed file: the header announces {expected} bytes, the file has {size}."
+            )
+        if size > expected:
+            raise ValueError(
+                f"{name}: corrupted packed file: {size - expected} unexpected bytes after the announced "
+                f"{expected} bytes."
+            )
+        body = f.read()
+    if len(body) != manifest_len + payload_len:
+        raise ValueError(f"{name}: the file changed while it was read.")
     if hashlib.sha256(body).digest() != digest:
         raise ValueError(f"{name}: corrupted packed file: SHA-256 checksum mismatch.")
     try:
-        manifest = json.loads(zlib.decompress(body[:manifest_len]).decode("utf-8"))
-    except (zlib.error, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{name}: unreadable manifest ({err}).") from err
+        manifest = json.loads(_inflate(body[:manifest_len], name).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{name}: unreadable manifest ({type(err).__name__}: {_first_line(err)}).") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise ValueError(f"{name}: the manifest does not describe a {FORMAT_NAME}.")
-    return manifest, body[manifest_len:]
+    payload = body[manifest_len:]
+    _check_manifest(manifest, len(payload), name)
+    return manifest, payload
+
+
+def _is_count(value, limit=2**62):
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= limit
+
+
+def _field(record, key, where, name, check, expected):
+    """`record[key]`, or a ValueError naming the field when it is missing or fails `check`."""
+    if key not in record:
+        raise ValueError(f"{name}: corrupted packed file: the manifest lacks {where}{key}.")
+    value = record[key]
+    if not check(value):
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise ValueError(f"{name}: corrupted packed file: manifest field {where}{key} must be {expected}, got {shown}.")
+    return value
+
+
+def _is_shape(value):
+    return (
+        isinstance(value, list) and len(value) <= _MAX_RANK and all(_is_count(d, _MAX_DIM) for d in value)
+    )
+
+
+def _check_manifest(manifest, payload_len, name):
+    """Every field present and typed, every declared size equal to the bytes present in the payload."""
+    _field(manifest, "format_version", "", name, lambda v: v == FORMAT_VERSION, str(FORMAT_VERSION))
+    _field(manifest, "model_config", "", name, lambda v: isinstance(v, dict), "an object (the Keras config)")
+    entries = _field(manifest, "weights", "", name, lambda v: isinstance(v, list), "a list")
+    shape_text = f"a list of at most {_MAX_RANK} non-negative integers"
+
+    def span(entry, where, offset_key, nbytes_key, want):
+        offset = _field(entry, offset_key, where, name, _is_count, "a non-negative integer")
+        nbytes = _field(entry, nbytes_key, where, name, _is_count, "a non-negative integer")
+        if nbytes != want:
+            raise ValueError(f"{name}: corrupted packed file: {where}{nbytes_key} is {nbytes}, the shape needs {want}.")
+        if offset + nbytes > payload_len:
+            raise ValueError(
+                f"{name}: corrupted packed file: {where}{offset_key}+{nbytes_key} ({offset}+{nbytes}) lies outside "
+                f"the {payload_len}-byte payload."
+            )
+
+    for i, entry in enumerate(entries):
+        where = f"weights[{i}]."
+        if not isinstance(entry, dict):
+            raise ValueError(f"{name}: corrupted packed file: manifest field weights[{i}] must be an object.")
+        _field(entry, "path", where, name, lambda v: isinstance(v, str), "a string")
+        count = math.prod(_field(entry, "shape", where, name, _is_shape, shape_text))
+        encoding = _field(entry, "encoding", where, name, lambda v: v in ("float32", "codes"), '"float32" or "codes"')
+        if encoding == "float32":
+            span(entry, where, "offset", "nbytes", 4 * count)
+            continue
+        bits = _field(entry, "bits", where, name, lambda v: v in quantizers.SUPPORTED_BITS and v is not True,
+                      "one of " + ", ".join(map(str, quantizers.SUPPORTED_BITS)))
+        per_channel = _field(entry, "per_channel", where, name, lambda v: isinstance(v, bool), "true or false")
+        code_shape = _field(entry, "code_shape", where, name, lambda v: _is_shape(v) and len(v) >= 1, shape_text)
+        scale_shape = _field(entry, "scale_shape", where, name, _is_shape, shape_text)
+        if math.prod(code_shape) != count:
+            raise ValueError(f"{name}: corrupted packed file: {where}code_shape {code_shape} does not hold shape {entry['shape']}.")
+        # The scales must broadcast onto the codes without expanding them: one scale, or one per
+        # output channel (the last axis).
+        if per_channel:
+            layout_ok = scale_shape == [1] * (len(code_shape) - 1) + [code_shape[-1]]
+        else:
+            layout_ok = len(scale_shape) <= len(code_shape) and all(d == 1 for d in scale_shape)
+        if not layout_ok:
+            raise ValueError(
+                f"{name}: corrupted packed file: {where}scale_shape {scale_shape} does not fit code_shape {code_shape} "
+                f"(per_channel={per_channel})."
+            )
+        span(entry, where, "offset", "nbytes", _nbytes_codes(count, bits))
+        span(entry, where, "scale_offset", "scale_nbytes", 4 * math.prod(scale_shape))
 
 
 def read_manifest(path):
@@ -386,24 +481,72 @@ def read_manifest(path):
     return _read(path)[0]
 
 
-def _slice(payload, offset, nbytes, what):
-    if not (isinstance(offset, int) and isinstance(nbytes, int) and 0 <= offset and offset + nbytes <= len(payload)):
-        raise ValueError(f"Corrupted packed file: {what} lies outside the payload.")
-    return payload[offset : offset + nbytes]
+def _size_probe(budget):
+    """An initializer class that counts the weights a config builds and stops before `budget` is exceeded."""
+
+    class SizeProbe(keras.initializers.Initializer):
+        remaining = budget
+        exceeded = None
+
+        def __call__(self, shape, dtype=None):
+            count = math.prod(int(d) for d in shape)
+            if count > SizeProbe.remaining:
+                SizeProbe.exceeded = tuple(int(d) for d in shape)
+                raise ValueError("the model config declares more weights than the file stores")
+            SizeProbe.remaining -= count
+            return keras.ops.zeros(shape, dtype=dtype)
+
+    return SizeProbe
+
+
+def _with_probe(config, probe_name):
+    if isinstance(config, dict):
+        return {
+            key: probe_name if key.endswith("_initializer") and value is not None else _with_probe(value, probe_name)
+            for key, value in config.items()
+        }
+    if isinstance(config, list):
+        return [_with_probe(value, probe_name) for value in config]
+    return config
+
+
+def _check_config_size(manifest, custom_objects, name):
+    """Builds the config once with counting initializers: a config that asks for more weights than
+    the file stores is refused before its weights are allocated."""
+    budget = sum(math.prod(entry["shape"]) for entry in manifest["weights"])
+    probe = _size_probe(budget)
+    probe_name = "faqd_tf_size_probe"
+    try:
+        keras.models.model_from_json(
+            json.dumps(_with_probe(manifest["model_config"], probe_name)),
+            custom_objects={**(custom_objects or {}), probe_name: probe},
+        )
+    except Exception as err:
+        if probe.exceeded is not None:
+            raise ValueError(
+                f"{name}: corrupted packed file: the model config declares a weight of shape {probe.exceeded} "
+                f"beyond the {budget:,} stored parameters; refusing to build it."
+            ) from None
+        raise ValueError(
+            f"{name}: could not rebuild the model from its Keras config ({type(err).__name__}: {_first_line(err)}). "
+            "Custom layers must be registered or passed as custom_objects."
+        ) from None
 
 
 def unpack(path, custom_objects=None):
     """Rebuilds the Keras model written by :func:`pack`.
 
     Every weight is restored; each quantized kernel is set to ``codes * scale`` and its layer gets a
-    :class:`FrozenQuantizer` (see the module docstring), so inference outputs equal those of the
-    packed model. Raises ValueError for a damaged, truncated or foreign file.
+    :class:`faqd_tf.quantizers.FrozenQuantizer` (see the module docstring), so inference outputs
+    equal those of the packed model. Raises ValueError for a damaged, truncated, foreign or hostile
+    file, before allocating anything the file's bytes do not account for.
 
     Args:
         path: a file written by :func:`pack`.
         custom_objects: extra custom layers/objects the model config needs (faqd_tf's are registered).
     """
     manifest, payload = _read(path)
+    _check_config_size(manifest, custom_objects, path)
     model = _rebuild(json.dumps(manifest["model_config"]), custom_objects)
     entries = manifest["weights"]
     variables = model.weights
@@ -419,93 +562,378 @@ def unpack(path, custom_objects=None):
                 f"{path}: weight {entry['path']!r} has shape {tuple(entry['shape'])} in the file but "
                 f"{variable.path!r} has shape {shape} in the rebuilt model."
             )
-        count = int(np.prod(shape, dtype=np.int64))
+        count = math.prod(shape)
+        data = payload[entry["offset"] : entry["offset"] + entry["nbytes"]]
         if entry["encoding"] == "float32":
-            data = _slice(payload, entry["offset"], entry["nbytes"], entry["path"])
-            if len(data) != 4 * count:
-                raise ValueError(f"{path}: weight {entry['path']!r} has {len(data)} bytes, expected {4 * count}.")
             variable.assign(np.frombuffer(data, "<f4").reshape(shape))
-        elif entry["encoding"] == "codes":
-            if id(variable) not in quantized:
-                raise ValueError(
-                    f"{path}: {entry['path']!r} is stored as codes but {variable.path!r} of the rebuilt "
-                    "model is not a quantized kernel."
-                )
-            layer = quantized[id(variable)][1]
-            bits = quantizers.check_bits(entry["bits"], "bits")
-            if int(np.prod(entry["code_shape"], dtype=np.int64)) != count:
-                raise ValueError(f"{path}: code shape {entry['code_shape']} does not match kernel shape {shape}.")
-            data = _slice(payload, entry["offset"], entry["nbytes"], entry["path"])
-            if len(data) != _nbytes_codes(count, bits):
-                raise ValueError(f"{path}: codes of {entry['path']!r} have {len(data)} bytes, expected {_nbytes_codes(count, bits)}.")
-            codes = _unpack_codes(data, bits, count).reshape(entry["code_shape"])
-            n_scales = int(np.prod(entry["scale_shape"], dtype=np.int64))
-            scale_data = _slice(payload, entry["scale_offset"], entry["scale_nbytes"], entry["path"] + " scales")
-            if len(scale_data) != 4 * n_scales:
-                raise ValueError(f"{path}: scales of {entry['path']!r} have {len(scale_data)} bytes, expected {4 * n_scales}.")
-            scale = np.frombuffer(scale_data, "<f4").reshape(entry["scale_shape"])
-            if quantized_kernel_bits(layer) != bits or _per_channel(layer) != bool(entry["per_channel"]):
-                raise ValueError(
-                    f"{path}: layer {layer.name!r} is configured with {quantized_kernel_bits(layer)} bits "
-                    f"(per_channel={_per_channel(layer)}) but stored with {bits} bits (per_channel={entry['per_channel']})."
-                )
-            _freeze_layer(layer, codes, scale)
-        else:
-            raise ValueError(f"{path}: unknown encoding {entry['encoding']!r} of {entry['path']!r}.")
+            continue
+        if id(variable) not in quantized:
+            raise ValueError(
+                f"{path}: {entry['path']!r} is stored as codes but {variable.path!r} of the rebuilt "
+                "model is not a quantized kernel."
+            )
+        layer = quantized[id(variable)][1]
+        bits, per_channel = entry["bits"], entry["per_channel"]
+        if quantized_kernel_bits(layer) != bits or layer.per_channel != per_channel:
+            raise ValueError(
+                f"{path}: layer {layer.name!r} is configured with {quantized_kernel_bits(layer)} bits "
+                f"(per_channel={layer.per_channel}) but stored with {bits} bits (per_channel={per_channel})."
+            )
+        to_quantize = tuple(int(d) for d in layer.kernel_to_quantize().shape)
+        if tuple(entry["code_shape"]) != to_quantize:
+            raise ValueError(
+                f"{path}: code shape {tuple(entry['code_shape'])} of {entry['path']!r} does not match the layer's "
+                f"quantized kernel shape {to_quantize}."
+            )
+        codes = _unpack_codes(data, bits, count).reshape(to_quantize)
+        scale_data = payload[entry["scale_offset"] : entry["scale_offset"] + entry["scale_nbytes"]]
+        scale = np.frombuffer(scale_data, "<f4").reshape(entry["scale_shape"])
+        _freeze_layer(layer, codes, scale)
     return model
 
 
 # --------------------------------------------------------------------------------------------
 # TFLite
 
+MODES = ("float", "int8", "full")
+# Ops whose input 1 is a kernel, and the channel axis of that kernel in TFLite's layout.
+_KERNEL_AXIS = {"CONV_2D": 0, "FULLY_CONNECTED": 0, "DEPTHWISE_CONV_2D": 3}
+# The op versions TFLite gives a hybrid (float input, int8 kernel) op: per-tensor, per-channel
+# (tensorflow/lite/tools/versioning/op_version.cc).
+_HYBRID_VERSION = {"CONV_2D": (2, 5), "DEPTHWISE_CONV_2D": (4, 6), "FULLY_CONNECTED": (3, 3)}
 
-def to_tflite(model, path, int8_weights=False, batch_size=None, frozen=True):
+
+class _GridReLU(keras.layers.Layer):
+    """`QuantReLU` written for integer export: the same levels ``k * alpha``, k = 0..2^b - 1.
+
+    ``floor(x / alpha) + 1`` (clipped) equals ``x + alpha/2`` rounded half up on the grid of step
+    alpha, which is what a FakeQuant of range ``[0, 255 * alpha]`` computes; the converter then gives
+    the output tensor scale alpha and zero point -128, and folds the ``+ alpha/2`` into the bias of
+    the preceding convolution.
+    """
+
+    def __init__(self, alpha, bits, **kwargs):
+        super().__init__(**kwargs)
+        self.alpha = float(alpha)
+        self.top = float(2**bits - 1)
+
+    def call(self, x):
+        x = keras.ops.minimum(x + 0.5 * self.alpha, self.top * self.alpha)
+        return tf.quantization.fake_quant_with_min_max_args(x, min=0.0, max=255.0 * self.alpha, num_bits=8)
+
+
+def _integer_graph(model):
+    """`model` with each quantized ReLU replaced by `_GridReLU` (layers otherwise shared)."""
+
+    def swap(layer):
+        if isinstance(layer, QuantReLU) and layer.bits is not None:
+            return _GridReLU(float(keras.ops.convert_to_numpy(layer.alpha)), layer.bits, name=layer.name)
+        return layer
+
+    return keras.models.clone_model(model, clone_function=swap, recursive=True)
+
+
+def _calibration_images(calibration, model, samples):
+    """Up to `samples` float32 images (N, *input shape) from an array, a tf.data.Dataset or an
+    iterable of batches (`x` or `(x, ...)`)."""
+    if len(model.inputs) != 1:
+        raise ValueError(f"mode='full' calibrates models with one input; {model.name!r} has {len(model.inputs)}.")
+    shape = tuple(model.inputs[0].shape[1:])
+    if isinstance(calibration, tf.data.Dataset):
+        calibration = calibration.as_numpy_iterator()
+    if hasattr(calibration, "shape") and hasattr(calibration, "dtype"):
+        batches = [calibration]
+    else:
+        batches = calibration
+    images, count = [], 0
+    for batch in batches:
+        if isinstance(batch, (tuple, list)):
+            batch = batch[0]
+        batch = np.asarray(batch)
+        if batch.shape[1:] != shape or not np.issubdtype(batch.dtype, np.number):
+            raise ValueError(
+                f"Calibration images have shape {batch.shape[1:]} and dtype {batch.dtype}; the model takes "
+                f"{shape} float images (pass unlabeled training images, e.g. x_train[:200])."
+            )
+        batch = batch[: samples - count].astype(np.float32)
+        if not np.all(np.isfinite(batch)):
+            raise ValueError("Calibration images contain NaN or infinite values.")
+        images.append(batch)
+        count += len(batch)
+        if count >= samples:
+            break
+    if not count:
+        raise ValueError("The calibration data hold no images; mode='full' needs unlabeled images to calibrate.")
+    return np.concatenate(images)
+
+
+def _convert(deploy, mode, images, batch_size):
+    """The flatbuffer bytes of `deploy` converted through ``model.export(format="litert")``."""
+    kwargs = {"target_spec": {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS]}}
+    if mode == "full":
+
+        def representative():
+            for image in images:
+                yield [image[None]]
+
+        kwargs = {
+            "optimizations": [tf.lite.Optimize.DEFAULT],
+            "representative_dataset": representative,
+            "target_spec": {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]},
+        }
+    signature = None
+    if batch_size is not None:
+        specs = [tf.TensorSpec([batch_size, *x.shape[1:]], x.dtype) for x in deploy.inputs]
+        signature = specs if len(specs) == 1 else [specs]
+    with tempfile.TemporaryDirectory() as tmp:
+        target = os.path.join(tmp, "model.tflite")
+        try:
+            deploy.export(target, format="litert", verbose=False, input_signature=signature, **kwargs)
+        except Exception as err:
+            raise ValueError(
+                f"TFLite conversion of {deploy.name!r} (mode {mode!r}) failed: {type(err).__name__}: {_first_line(err)}"
+            ) from err
+        with open(target, "rb") as f:
+            return f.read()
+
+
+def to_tflite(model, path, mode="float", calibration=None, calibration_samples=200, batch_size=None):
     """Converts `model` (inference mode) to a TFLite flatbuffer at `path`; returns its size in bytes.
 
     Args:
-        model: a built Functional or Sequential model, quantized or not.
-        path: output file (``.tflite``).
-        int8_weights: also apply TFLite's dynamic-range quantization (``Optimize.DEFAULT``: float
-            weights of large tensors stored as int8 with per-channel scales). This is a second
-            quantization: 1-bit and layer-wise ternary kernels map onto the int8 grid exactly, other
-            grids only approximately. Default False: weights are float32 and outputs match Keras.
+        model: a built Functional or Sequential model; quantized for `"int8"` and `"full"`.
+        path: output file; written atomically (no partial file on failure).
+        mode: `"float"`, `"int8"` (the integer codes as int8 kernels, float activations) or
+            `"full"` (int8 kernels and activations); see the module docstring.
+        calibration: for `"full"`: unlabeled images, an array ``(N, *input_shape)``, a
+            `tf.data.Dataset` or an iterable of batches (`x` or `(x, ...)`; labels are ignored).
+        calibration_samples: how many of those images calibrate the activation ranges.
         batch_size: fixed batch size of the converted signature; None (default) leaves it dynamic
             (``interpreter.resize_tensor_input`` sets it).
-        frozen: convert :func:`freeze` (model) (default): the kernels are the constants Q(w) and the
-            quantizers' Lloyd iterations are not in the graph. False converts the model as is.
     """
-    deploy = freeze(model) if frozen else model
-    specs = [tf.TensorSpec([batch_size, *x.shape[1:]], x.dtype, name=x.name) for x in deploy.inputs]
-
-    @tf.function
-    def serve(*inputs):
-        return deploy(list(inputs) if len(inputs) > 1 else inputs[0], training=False)
-
-    # Variables become graph constants first: converting the variable-holding function keeps some
-    # of them (those read inside the tf.custom_gradient of QuantReLU) as TFLite resource variables
-    # that the interpreter then cannot read ("READ_VARIABLE failed"), and goes through a slow
-    # SavedModel round trip.
-    concrete = convert_variables_to_constants_v2(serve.get_concrete_function(*specs))
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete])
-    if int8_weights:
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    try:
-        flatbuffer = converter.convert()
-    except Exception as err:
-        raise ValueError(f"TFLite conversion of {model.name!r} failed: {type(err).__name__}: {err}") from err
-    with open(path, "wb") as f:
-        f.write(flatbuffer)
-    return len(flatbuffer)
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not a TFLite export mode; use one of {', '.join(MODES)}.")
+    if mode != "float" and not _quantized_layers(model):
+        raise ValueError(
+            f"mode={mode!r} stores a quantized student's integer codes, but {model.name!r} has no quantized "
+            "kernels; quantize it first (faqd_tf.quantize_model) or use mode='float'."
+        )
+    if mode == "full" and calibration is None:
+        raise ValueError("mode='full' needs calibration images (calibration=x_train[:200], labels not needed).")
+    if not _is_count(calibration_samples) or calibration_samples < 1:
+        raise ValueError(f"calibration_samples={calibration_samples!r} must be a positive integer.")
+    images = _calibration_images(calibration, model, calibration_samples) if mode == "full" else None
+    deploy = freeze(model)
+    flatbuffer = _convert(_integer_graph(deploy) if mode == "full" else deploy, mode, images, batch_size)
+    if mode != "float":
+        flatbuffer = _store_codes(flatbuffer, deploy, mode)
+    return _write_atomically(path, [flatbuffer])
 
 
-def run_tflite(path, x):
-    """Runs a `.tflite` file on the batch `x` with the TFLite interpreter; returns its first output."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
-        interpreter = tf.lite.Interpreter(model_path=str(path))
+def _builtin_name(schema, code):
+    names = {value: key for key, value in vars(schema.BuiltinOperator).items() if not key.startswith("_")}
+    return names.get(max(code.builtinCode, code.deprecatedBuiltinCode))
+
+
+def _tfl_codes(codes, op_name):
+    """Codes in the layout of the TFLite kernel: output channels first for CONV_2D/FULLY_CONNECTED
+    (OHWI, (out, in)), ``(1, kh, kw, channels)`` for DEPTHWISE_CONV_2D."""
+    if op_name == "DEPTHWISE_CONV_2D":
+        return np.moveaxis(codes, -2, 0)
+    return np.moveaxis(codes, -1, 0)
+
+
+def _fit(values, codes, axis, converter_scale):
+    """Per-channel `(sign, scale)` such that the kernel `values` hold ``sign * codes * scale``: exactly
+    (float32 values, up to float rounding) or as the converter's own max-abs int8 rounding of it
+    (`converter_scale` given); None when they do not."""
+    v = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1).astype(np.float64)
+    k = np.moveaxis(codes, axis, 0).reshape(codes.shape[axis], -1).astype(np.float64)
+    rows = np.arange(len(k))
+    top_index = np.argmax(np.abs(k), axis=1)
+    top = np.abs(k[rows, top_index])
+    live = top > 0
+    ratio = np.divide(v[rows, top_index], k[rows, top_index], out=np.zeros(len(k)), where=live)
+    sign = np.sign(ratio)
+    if converter_scale is None:
+        scale = np.abs(ratio)
+        fits = np.abs(v - ratio[:, None] * k) <= 1e-5 * (np.abs(ratio) * top)[:, None]
+    else:
+        # The converter stores round(w / (max|w| / 127)): codes * 127 / max|codes| rounded.
+        want = sign[:, None] * k * np.divide(127.0, top, out=np.zeros(len(k)), where=live)[:, None]
+        fits = np.abs(v - want) <= 0.5 + 1e-3
+        scale = np.asarray(converter_scale, np.float64) * np.divide(127.0, top, out=np.zeros(len(k)), where=live)
+    if not fits.all() or not np.any(sign != 0):
+        return None
+    # A channel without codes, or one that a folded BatchNormalization zeroes, stores zeros; any
+    # positive scale serves it.
+    scale = np.where(sign != 0, scale, 1.0)
+    return np.where(sign != 0, sign, 1.0), scale
+
+
+class _Flatbuffer:
+    """The parts of a converted TFLite model that `_store_codes` reads and rewrites."""
+
+    def __init__(self, data):
+        from ai_edge_litert import schema_py_generated as schema  # the LiteRT flatbuffer schema
+
+        self.schema = schema
+        self.model = schema.ModelT.InitFromPackedBuf(bytearray(data), 0)
+        if len(self.model.subgraphs) != 1:
+            raise ValueError(f"The converted model has {len(self.model.subgraphs)} subgraphs; expected one.")
+        self.graph = self.model.subgraphs[0]
+        self.tensors = self.graph.tensors
+
+    def values(self, index):
+        tensor = self.tensors[index]
+        buffer = self.model.buffers[tensor.buffer]
+        if buffer.data is None or getattr(buffer, "offset", 0):
+            return None
+        dtype = {self.schema.TensorType.FLOAT32: "<f4", self.schema.TensorType.INT8: "i1",
+                 self.schema.TensorType.INT32: "<i4"}.get(tensor.type)
+        if dtype is None:
+            return None
+        return np.frombuffer(np.asarray(buffer.data, np.uint8).tobytes(), dtype).reshape(tensor.shape)
+
+    def kernel_sites(self):
+        """`(op, op name, weight tensor index)` of the conv/FC ops with a constant kernel."""
+        sites = []
+        for op in self.graph.operators:
+            name = _builtin_name(self.schema, self.model.operatorCodes[op.opcodeIndex])
+            if name in _KERNEL_AXIS and len(op.inputs) > 1 and self.values(op.inputs[1]) is not None:
+                sites.append((op, name, int(op.inputs[1])))
+        return sites
+
+    def set_values(self, index, values, tensor_type, scales, axis):
+        tensor = self.tensors[index]
+        others = [t for i, t in enumerate(self.tensors) if i != index and t.buffer == tensor.buffer]
+        if not others and tensor.buffer:
+            self.model.buffers[tensor.buffer].data = None  # no longer referenced
+        buffer = self.schema.BufferT()
+        buffer.data = np.frombuffer(values.tobytes(), np.uint8)
+        self.model.buffers.append(buffer)
+        tensor.buffer = len(self.model.buffers) - 1
+        tensor.type = tensor_type
+        quantization = self.schema.QuantizationParametersT()
+        quantization.scale = [float(s) for s in scales]
+        quantization.zeroPoint = [0] * len(scales)
+        quantization.quantizedDimension = axis if len(scales) > 1 else 0
+        tensor.quantization = quantization
+
+    def set_version(self, op, version):
+        code = self.model.operatorCodes[op.opcodeIndex]
+        if code.version >= version:
+            return
+        for i, other in enumerate(self.model.operatorCodes):
+            if (other.builtinCode, other.deprecatedBuiltinCode, other.version) == (
+                code.builtinCode, code.deprecatedBuiltinCode, version
+            ):
+                op.opcodeIndex = i
+                return
+        new = self.schema.OperatorCodeT()
+        new.builtinCode, new.deprecatedBuiltinCode, new.version = code.builtinCode, code.deprecatedBuiltinCode, version
+        self.model.operatorCodes.append(new)
+        op.opcodeIndex = len(self.model.operatorCodes) - 1
+
+    def serialize(self):
+        import flatbuffers
+
+        builder = flatbuffers.Builder(1024)
+        builder.Finish(self.model.Pack(builder), file_identifier=b"TFL3")
+        return bytes(builder.Output())
+
+
+def _store_codes(flatbuffer, model, mode):
+    """`flatbuffer` with every quantized kernel of `model` stored as its int8 codes."""
+    fb = _Flatbuffer(flatbuffer)
+    sites = fb.kernel_sites()
+    used = set()
+    for _, layer in _quantized_layers(model).values():
+        codes, _ = _layer_codes(layer)
+        matches = []
+        for op, op_name, index in sites:
+            tfl_codes = _tfl_codes(codes, op_name)
+            tensor = fb.tensors[index]
+            if index in used or tuple(tensor.shape) != tfl_codes.shape:
+                continue
+            axis = _KERNEL_AXIS[op_name]
+            converter_scale = None
+            if tensor.type == fb.schema.TensorType.INT8:
+                converter_scale = np.broadcast_to(np.asarray(tensor.quantization.scale, np.float64), (tfl_codes.shape[axis],))
+            fit = _fit(fb.values(index), tfl_codes, axis, converter_scale)
+            if fit is not None:
+                matches.append((op, op_name, index, tfl_codes, axis, fit))
+        if len(matches) != 1:
+            raise ValueError(
+                f"Could not locate the kernel of layer {layer.name!r} in the converted model "
+                f"({len(matches)} candidates fit its codes); the TFLite converter rewrote it beyond recognition."
+            )
+        op, op_name, index, tfl_codes, axis, (sign, scale) = matches[0]
+        used.add(index)
+        shape = [1] * tfl_codes.ndim
+        shape[axis] = -1
+        values = (tfl_codes * sign.reshape(shape)).astype(np.int8)
+        # Equal up to the float rounding of recovering them: one scale, as trained (layer-wise).
+        per_tensor = np.all(np.abs(scale - scale[0]) <= 1e-6 * scale[0])
+        scales = scale[:1] if per_tensor else scale
+        fb.set_values(index, values, fb.schema.TensorType.INT8, scales, axis)
+        if mode == "int8":
+            fb.set_version(op, _HYBRID_VERSION[op_name][0 if per_tensor else 1])
+        elif len(op.inputs) > 2 and op.inputs[2] >= 0:
+            _rescale_bias(fb, op, scales)
+    return fb.serialize()
+
+
+def _rescale_bias(fb, op, weight_scales):
+    """Re-expresses an int32 bias in ``input_scale * weight_scale`` after the weight scales changed."""
+    index = int(op.inputs[2])
+    bias = fb.values(index)
+    input_scale = fb.tensors[op.inputs[0]].quantization.scale[0]
+    old = np.asarray(fb.tensors[index].quantization.scale, np.float64)
+    new = input_scale * np.asarray(weight_scales, np.float64)
+    rescaled = np.rint(bias.astype(np.float64) * old / new).astype(np.int32)
+    fb.set_values(index, rescaled, fb.schema.TensorType.INT32, new, 0)
+
+
+def run_tflite(path, x, num_threads=None):
+    """Runs a `.tflite` file on the batch `x` with the LiteRT interpreter; returns its first output."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
     index = interpreter.get_input_details()[0]["index"]
     interpreter.resize_tensor_input(index, x.shape)
     interpreter.allocate_tensors()
     interpreter.set_tensor(index, x)
     interpreter.invoke()
     return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+
+
+# --------------------------------------------------------------------------------------------
+# Export kinds (the CLI's --export choices)
+
+KINDS = ("packed", "tflite", "tflite-int8", "tflite-full")
+FILENAMES = {
+    "packed": "student.faqd",
+    "tflite": "student.tflite",
+    "tflite-int8": "student-int8.tflite",
+    "tflite-full": "student-full.tflite",
+}
+
+
+def needs_calibration(kind):
+    """Whether export `kind` needs unlabeled calibration images (`write(..., calibration=...)`)."""
+    return kind == "tflite-full"
+
+
+def write(kind, model, path, calibration=None):
+    """Writes `model` as export `kind` (one of `KINDS`) to `path`; returns the file size in bytes.
+
+    ``"packed"``: :func:`pack`; ``"tflite"``, ``"tflite-int8"``, ``"tflite-full"``: :func:`to_tflite`
+    in mode ``"float"``, ``"int8"``, ``"full"`` (which calibrates on `calibration`).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"Unknown export kind {kind!r}; use one of {', '.join(KINDS)}.")
+    if kind == "packed":
+        return pack(model, path)
+    mode = {"tflite": "float", "tflite-int8": "int8", "tflite-full": "full"}[kind]
+    return to_tflite(model, path, mode=mode, calibration=calibration)

@@ -22,7 +22,6 @@ TensorShape([1, 6, 6, 4])
 import keras
 import tensorflow as tf
 from keras import ops
-from keras.src.backend import AutocastScope  # no public way to read a variable un-autocast
 
 from faqd_tf import quantizers
 
@@ -113,22 +112,51 @@ class QuantizedKernelMixin:
                 trainable=False,
             )
 
+    def add_weight(self, *args, **kwargs):
+        # The kernel is never autocast: under mixed precision the quantizer reads the stored float32
+        # weights, so the codes equal those of the float32 path; quantized_kernel() casts the
+        # result to the compute dtype itself.
+        if kwargs.get("name") == "kernel":
+            kwargs["autocast"] = False
+        return super().add_weight(*args, **kwargs)
+
     def quantized_kernel(self, training=None):
         """The kernel the forward pass uses: Q(w), the BinaryRelax blend in training, or w."""
         if self.kernel_quantizer is None:
-            return self.kernel
-        # Quantize the stored float32 weights even under mixed precision, so that the codes equal
-        # those of the float32 path; only the result is cast to the compute dtype.
-        with AutocastScope(None):
-            w = tf.convert_to_tensor(self._kernel_to_quantize())
+            return ops.cast(self.kernel, self.compute_dtype)
+        w = tf.convert_to_tensor(self.kernel_to_quantize())
         if training and self.relax_lambda is not None:
             q = self.kernel_quantizer.relaxed(w, tf.convert_to_tensor(self.relax_lambda))
         else:
             q = self.kernel_quantizer(w)
         return ops.cast(self._restore_kernel_shape(q), self.compute_dtype)
 
-    def _kernel_to_quantize(self):
+    def kernel_to_quantize(self):
+        """The float kernel as the quantizer sees it; its last axis is the output channels.
+
+        The kernel itself, except for `QuantDepthwiseConv2D`: ``(kh, kw, 1, channels * multiplier)``.
+        """
         return self.kernel
+
+    def kernel_codes(self):
+        """`(codes, scale)` of the quantized kernel, ``Q(w) = codes * scale``, as float32 tensors.
+
+        `codes` has the shape of `kernel_to_quantize()`; `scale` is a scalar, or one per output
+        channel (shape ``(1, ..., 1, channels)``). Raises ValueError for a full-precision kernel.
+
+        >>> layer = QuantDense(3, weight_bits=2)
+        >>> _ = layer(np.ones((1, 4), "float32"))
+        >>> codes, scale = layer.kernel_codes()
+        >>> sorted(set(np.unique(codes)) - {-1.0, 0.0, 1.0})
+        []
+        """
+        codes = getattr(self.kernel_quantizer, "codes", None)
+        if not callable(codes):
+            raise ValueError(
+                f"Layer {self.name!r}: its kernel is not quantized to integer codes (kernel_quantizer="
+                f"{self.kernel_quantizer!r}); give it weight_bits or a faqd_tf quantizer."
+            )
+        return codes(self.kernel_to_quantize())
 
     def _bias_and_activation(self, outputs):
         if getattr(self, "bias", None) is not None:
@@ -186,7 +214,7 @@ class QuantDepthwiseConv2D(QuantizedKernelMixin, keras.layers.DepthwiseConv2D):
     Per-channel scales are per (input channel x multiplier), the kernel's flattened last two axes.
     """
 
-    def _kernel_to_quantize(self):
+    def kernel_to_quantize(self):
         # Every depthwise filter (input channel x multiplier) counts as an output channel.
         shape = ops.shape(self.kernel)
         return ops.reshape(self.kernel, (shape[0], shape[1], 1, -1))

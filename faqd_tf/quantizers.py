@@ -20,6 +20,7 @@ Example:
 """
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 SUPPORTED_BITS = (1, 2, 4, 8)
@@ -212,8 +213,45 @@ def quantized_relu(x, alpha, bits):
     return _qrelu(x, alpha)
 
 
+class BaseWeightQuantizer:
+    """What every weight quantizer of faqd_tf has: `bits`, `per_channel`, `precision` and a config.
+
+    A quantized layer calls `quantizer(w)` in the forward pass, `quantizer.relaxed(w, lam)` under
+    BinaryRelax, and `quantizer.codes(w)` for the integer codes and scales (packing, integer
+    export). Subclasses define those three; as Larq's quantizers, the class is a thin serializable
+    shell around pure functions.
+    """
+
+    def __init__(self, bits, per_channel=False):
+        self.bits = check_bits(bits)
+        self.per_channel = bool(per_channel)
+
+    @property
+    def precision(self):
+        return self.bits
+
+    def __call__(self, w):
+        raise NotImplementedError
+
+    def relaxed(self, w, lam):
+        raise NotImplementedError
+
+    def codes(self, w):
+        raise NotImplementedError
+
+    def get_config(self):
+        return {"bits": self.bits, "per_channel": self.per_channel}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(bits={self.bits}, per_channel={self.per_channel})"
+
+
 @keras.saving.register_keras_serializable(package="faqd_tf")
-class WeightQuantizer:
+class WeightQuantizer(BaseWeightQuantizer):
     """Serializable b-bit weight quantizer (a thin wrapper of `quantize_weights`).
 
     Has `precision` (bits) for bit-counting summaries.
@@ -224,13 +262,8 @@ class WeightQuantizer:
     """
 
     def __init__(self, bits=4, per_channel=False, iterations=LLOYD_ITERATIONS):
-        self.bits = check_bits(bits)
-        self.per_channel = bool(per_channel)
+        super().__init__(bits, per_channel)
         self.iterations = int(iterations)
-
-    @property
-    def precision(self):
-        return self.bits
 
     def __call__(self, w):
         return quantize_weights(w, self.bits, self.per_channel, self.iterations)
@@ -242,14 +275,58 @@ class WeightQuantizer:
         return weight_codes(w, self.bits, self.per_channel, self.iterations)
 
     def get_config(self):
-        return {"bits": self.bits, "per_channel": self.per_channel, "iterations": self.iterations}
+        return {**super().get_config(), "iterations": self.iterations}
 
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
 
-    def __repr__(self):
-        return f"WeightQuantizer(bits={self.bits}, per_channel={self.per_channel})"
+@keras.saving.register_keras_serializable(package="faqd_tf")
+class FrozenQuantizer(BaseWeightQuantizer):
+    """The quantizer of an already-quantized kernel: identity in the forward pass.
+
+    Holds the `bits`, `per_channel` flag and `scale` (a list of floats: one, or one per output
+    channel) the kernel was quantized with, so `precision` and `codes()` keep working: a frozen
+    model (`faqd_tf.export.freeze`, `faqd_tf.export.unpack`) can be summarized, packed again byte
+    for byte, and exported with its integer codes. Re-quantizing ``codes * scale`` with
+    `WeightQuantizer` is not exactly idempotent (see `faqd_tf.export`), hence this class.
+
+    >>> q = FrozenQuantizer(bits=2, scale=[0.5])
+    >>> codes, scale = q.codes(np.array([-0.5, 0.0, 0.5], "float32"))
+    >>> codes.numpy().tolist(), float(scale)
+    ([-1.0, 0.0, 1.0], 0.5)
+    """
+
+    def __init__(self, bits, per_channel=False, scale=None):
+        super().__init__(bits, per_channel)
+        self.scale = None if scale is None else [float(s) for s in np.asarray(scale, np.float32).reshape(-1)]
+        if self.scale is not None and not self.per_channel and len(self.scale) != 1:
+            raise ValueError(f"A layer-wise FrozenQuantizer has one scale, got {len(self.scale)}.")
+
+    def __call__(self, w):
+        return tf.convert_to_tensor(w)
+
+    def relaxed(self, w, lam):
+        return tf.convert_to_tensor(w)
+
+    def codes(self, w):
+        """`(codes, scale)` of a kernel on the frozen grid (as `weight_codes`)."""
+        if self.scale is None:
+            raise ValueError("This FrozenQuantizer has no scales; its codes are unknown.")
+        w = tf.cast(tf.convert_to_tensor(w), tf.float32)
+        scale = tf.constant(self.scale, tf.float32)
+        if self.per_channel:
+            if w.shape[-1] != len(self.scale):
+                raise ValueError(f"Kernel has {w.shape[-1]} channels but the quantizer {len(self.scale)} scales.")
+            scale = tf.reshape(scale, [1] * (w.shape.rank - 1) + [-1])
+        else:
+            scale = tf.reshape(scale, [])
+        if self.bits == 1:
+            codes = tf.where(w >= 0, 1.0, -1.0)
+        else:
+            n = float(levels(self.bits))
+            codes = tf.clip_by_value(tf.round(tf.math.divide_no_nan(w, scale)), -n, n)
+        return codes, scale
+
+    def get_config(self):
+        return {**super().get_config(), "scale": self.scale}
 
 
 # Names a layer or config may use for a weight quantizer.
@@ -268,17 +345,19 @@ def serialize(quantizer):
 
 
 def deserialize(config):
-    return keras.saving.deserialize_keras_object(config, module_objects={"WeightQuantizer": WeightQuantizer})
+    return keras.saving.deserialize_keras_object(
+        config, module_objects={"WeightQuantizer": WeightQuantizer, "FrozenQuantizer": FrozenQuantizer}
+    )
 
 
 def get(identifier):
     """A weight quantizer from a name (`"ste_sign"`, `"ternary"`, `"int4"`, ...), a config dict,
-    a `WeightQuantizer`, or None.
+    a quantizer object (`WeightQuantizer`, `FrozenQuantizer`), or None.
 
     >>> get("ternary")
     WeightQuantizer(bits=2, per_channel=False)
     """
-    if identifier is None or isinstance(identifier, WeightQuantizer):
+    if identifier is None or isinstance(identifier, BaseWeightQuantizer):
         return identifier
     if isinstance(identifier, str):
         key = identifier.lower()

@@ -12,7 +12,8 @@ Memory is counted two ways:
 
 Parameters are all stored weights (``layer.weights``); non-trainable ones (BN moving statistics,
 lambdas, frozen alphas) are counted too and listed in their own column. Nested models are walked and
-their layers appear as ``outer/inner``.
+their layers appear as ``outer/inner`` (as do the layers inside Keras wrappers such as
+``TimeDistributed``).
 
 Example:
 
@@ -35,11 +36,13 @@ __all__ = ["LayerSummary", "ModelSummary", "iter_layers", "kernel_scale_count", 
 
 
 def _sublayers(layer):
-    # Keras 3 has no public "direct children of any layer"; Model.layers covers models only.
-    flatten = getattr(layer, "_flatten_layers", None)
-    if flatten is None:
-        return list(getattr(layer, "layers", []))
-    return list(flatten(include_self=False, recursive=False))
+    # The public ways to a layer's children: a model's `layers`, a wrapper's (TimeDistributed...)
+    # `layer`. Any other layer is a leaf, its sub-layers' weights counted as its own.
+    if isinstance(layer, keras.Model):
+        return list(layer.layers)
+    if isinstance(layer, keras.layers.Wrapper):
+        return [layer.layer]
+    return []
 
 
 def iter_layers(model, prefix=""):
@@ -88,7 +91,7 @@ def kernel_scale_count(layer):
     (the last axis of the kernel as quantized; depthwise: input channels x depth multiplier)."""
     if not getattr(getattr(layer, "kernel_quantizer", None), "per_channel", False):
         return 1
-    to_quantize = getattr(layer, "_kernel_to_quantize", None)
+    to_quantize = getattr(layer, "kernel_to_quantize", None)
     shape = to_quantize().shape if to_quantize is not None else layer.kernel.shape
     return int(shape[-1])
 

@@ -1,29 +1,22 @@
-"""Summary table, bit-packed files (pack/unpack), frozen copies and TFLite export."""
+"""faqd_tf.export: bit-packed files (pack/unpack, hostile files), frozen copies and TFLite export."""
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
+import textwrap
 import zlib
 
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
-from faqd_tf import quantizers
-from faqd_tf.export import (
-    HEADER_SIZE,
-    FrozenQuantizer,
-    _pack_codes,
-    _unpack_codes,
-    freeze,
-    pack,
-    read_manifest,
-    run_tflite,
-    to_tflite,
-    unpack,
-)
+from faqd_tf import export, quantizers
+from faqd_tf.export import HEADER_SIZE, _pack_codes, _unpack_codes, freeze, pack, read_manifest, run_tflite, to_tflite, unpack
 from faqd_tf.layers import QuantConv2D, QuantDense, QuantDepthwiseConv2D, QuantReLU
 from faqd_tf.models import resnet_cifar
+from faqd_tf.quantizers import FrozenQuantizer
 from faqd_tf.summary import summary
 
 
@@ -58,58 +51,6 @@ def tiny_model(bits, per_channel, activation_bits=2, relax=None):
     x = QuantDense(7, weight_bits=bits, per_channel=per_channel, name="fc")(x)
     outputs = keras.layers.Dense(3, name="head")(x)  # a full-precision (skipped) layer
     return keras.Model(inputs, outputs, name="tiny")
-
-
-
-# ------------------------------------------------------------------------------------------
-# summary
-
-
-@pytest.mark.parametrize("per_channel", [False, True])
-def test_summary_numbers_by_hand(per_channel):
-    inputs = keras.Input((8, 8, 3))
-    x = QuantConv2D(4, 3, weight_bits=2, per_channel=per_channel, use_bias=False, name="conv")(inputs)
-    x = keras.layers.BatchNormalization(name="bn")(x)
-    x = QuantReLU(bits=2, name="relu")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    outputs = QuantDense(3, name="logits")(x)
-    lines = []
-    result = summary(keras.Model(inputs, outputs, name="hand"), print_fn=lines.append)
-    rows = {row.name: row for row in result.rows}
-
-    scales = 4 if per_channel else 1
-    conv = rows["conv"]  # 3*3*3*4 = 108 weights at 2 bits + 32-bit scale(s)
-    assert (conv.weight_bits, conv.params, conv.quantized_params, conv.scales) == (2, 108, 108, scales)
-    assert (conv.float32_bits, conv.packed_bits) == (108 * 32, 108 * 2 + 32 * scales)
-    bn = rows["bn"]  # gamma, beta trainable; moving mean, variance stored but not trainable
-    assert (bn.params, bn.trainable_params, bn.non_trainable_params, bn.packed_bits) == (16, 8, 8, 16 * 32)
-    relu = rows["relu"]
-    assert (relu.activation_bits, relu.weight_bits, relu.params, relu.packed_bits) == (2, 32, 1, 32)
-    logits = rows["logits"]  # full precision: 4*3 + 3
-    assert (logits.weight_bits, logits.params, logits.packed_bits) == (32, 15, 15 * 32)
-    assert rows["pool"].params == 0 and rows["pool"].weight_bits is None
-
-    packed = 108 * 2 + 32 * scales + (16 + 1 + 15) * 32
-    assert (result.total_params, result.trainable_params, result.non_trainable_params) == (140, 132, 8)
-    assert (result.float32_bits, result.packed_bits, result.quantized_params) == (140 * 32, packed, 108)
-    assert result.compression_ratio == pytest.approx(4480 / packed)
-    assert any(f"{4480 / packed:.2f}x" in line for line in lines)
-    assert any(line.startswith("conv (QuantConv2D)") for line in lines)
-    assert str(result).splitlines() == lines
-
-
-def test_summary_walks_nested_models():
-    inner = resnet_cifar(8, input_shape=(16, 16, 3), weight_bits=1, activation_bits=2)
-    outer = keras.Sequential([keras.Input((16, 16, 3)), inner, keras.layers.Dense(2, name="extra")])
-    inner_result = summary(inner, print_fn=None)
-    outer_result = summary(outer, print_fn=None)
-    assert "resnet8/stem_conv" in [row.name for row in outer_result.rows]
-    assert outer_result.total_params == inner_result.total_params + 10 * 2 + 2 == outer.count_params()
-    assert outer_result.packed_bits == inner_result.packed_bits + 22 * 32
-    # every conv of a 1-bit ResNet8 is quantized: kernels at 1 bit + one scale each
-    convs = [row for row in inner_result.rows if row.type == "QuantConv2D"]
-    assert all(row.weight_bits == 1 and row.scales == 1 for row in convs)
-    assert inner_result.quantized_params == sum(row.params for row in convs)
 
 
 # ------------------------------------------------------------------------------------------
@@ -162,8 +103,8 @@ def test_pack_unpack_round_trip(rng, tmp_path, bits, per_channel):
         np.testing.assert_array_equal(target.kernel.numpy(), source.quantized_kernel(training=False).numpy())
         assert isinstance(target.kernel_quantizer, FrozenQuantizer)
         assert (target.weight_bits, target.per_channel, target.precision) == (bits, per_channel, bits)
-        codes, scale = source.kernel_quantizer.codes(source._kernel_to_quantize())
-        twin_codes, twin_scale = target.kernel_quantizer.codes(target._kernel_to_quantize())
+        codes, scale = source.kernel_codes()
+        twin_codes, twin_scale = target.kernel_codes()
         np.testing.assert_array_equal(twin_codes, codes)
         np.testing.assert_array_equal(twin_scale, scale)
     for source, target in zip(model.weights, twin.weights):  # everything but kernels: bit-exact
@@ -242,30 +183,346 @@ def test_unregistered_layers_give_a_clear_error(tmp_path):
     np.testing.assert_allclose(twin(x), model(x), rtol=1e-6)
 
 
+
+
+# ------------------------------------------------------------------------------------------
+# Hostile packed files (issue 17): every declared size is checked before anything is allocated.
+
+
+def write_faqd(path, manifest_bytes, payload):
+    """A packed file with a valid header and checksum around any manifest bytes and payload."""
+    digest = hashlib.sha256(manifest_bytes + payload).digest()
+    header = export._HEADER.pack(export.MAGIC, export.FORMAT_VERSION, len(manifest_bytes), len(payload), digest)
+    path.write_bytes(header + manifest_bytes + payload)
+
+
+def packed_parts(path):
+    data = path.read_bytes()
+    manifest_len = export._HEADER.unpack_from(data)[2]
+    return read_manifest(path), data[HEADER_SIZE + manifest_len :]
+
+
+@pytest.fixture(scope="module")
+def packed_tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("packed") / "tiny.faqd"
+    pack(tiny_model(2, True), path)
+    return packed_parts(path)
+
+
+def codes_entry(manifest):
+    return next(e for e in manifest["weights"] if e["encoding"] == "codes")
+
+
+def _delete(key):
+    return lambda record: record.pop(key)
+
+
+def _set(key, value):
+    return lambda record: record.__setitem__(key, value)
+
+
+@pytest.mark.parametrize(
+    "where, mutate, message",
+    [
+        ("manifest", _delete("weights"), r"lacks weights"),
+        ("manifest", _set("weights", {"a": 1}), r"weights must be a list"),
+        ("manifest", _set("model_config", []), r"model_config must be an object"),
+        ("manifest", _set("format_version", "1"), r"format_version must be 1"),
+        ("float", _delete("shape"), r"lacks weights\[\d+\]\.shape"),
+        ("float", _set("shape", "3x3"), r"weights\[\d+\]\.shape must be a list"),
+        ("float", _set("shape", [2**40]), r"weights\[\d+\]\.shape must be a list"),
+        ("float", _set("offset", -1), r"weights\[\d+\]\.offset must be a non-negative integer"),
+        ("float", _set("offset", 1.5), r"weights\[\d+\]\.offset must be a non-negative integer"),
+        ("float", _set("path", None), r"weights\[\d+\]\.path must be a string"),
+        ("float", _set("encoding", "float16"), r"weights\[\d+\]\.encoding must be"),
+        ("float", _set("shape", [10**6]), r"weights\[\d+\]\.nbytes is \d+, the shape needs 4000000"),
+        ("float", _set("offset", 10**9), r"outside the \d+-byte payload"),
+        ("codes", _set("bits", 3), r"weights\[\d+\]\.bits must be one of 1, 2, 4, 8"),
+        ("codes", _set("bits", True), r"weights\[\d+\]\.bits must be one of"),
+        ("codes", _set("per_channel", "yes"), r"weights\[\d+\]\.per_channel must be true or false"),
+        ("codes", _delete("code_shape"), r"lacks weights\[\d+\]\.code_shape"),
+        ("codes", _delete("scale_offset"), r"lacks weights\[\d+\]\.scale_offset"),
+        ("codes", _set("code_shape", [3, 3, 3, 5]), r"code_shape \[3, 3, 3, 5\] does not hold shape"),
+        ("codes", _set("scale_shape", [6, 1, 1, 1]), r"scale_shape \[6, 1, 1, 1\] does not fit code_shape"),
+        ("codes", _set("nbytes", 1), r"weights\[\d+\]\.nbytes is 1, the shape needs"),
+    ],
+)
+def test_malformed_manifest_fields_are_one_line_errors(tmp_path, packed_tiny, where, mutate, message):
+    manifest, payload = json.loads(json.dumps(packed_tiny[0])), packed_tiny[1]
+    if where == "manifest":
+        mutate(manifest)
+    elif where == "codes":
+        mutate(codes_entry(manifest))
+    else:
+        mutate(next(e for e in manifest["weights"] if e["encoding"] == "float32"))
+    path = tmp_path / "bad.faqd"
+    write_faqd(path, zlib.compress(json.dumps(manifest).encode()), payload)
+    with pytest.raises(ValueError, match=message) as info:
+        unpack(path)
+    assert "\n" not in str(info.value)
+
+
+def test_weights_that_are_not_objects_and_deep_json_are_one_line_errors(tmp_path, packed_tiny):
+    manifest, payload = json.loads(json.dumps(packed_tiny[0])), packed_tiny[1]
+    manifest["weights"][0] = 5
+    path = tmp_path / "bad.faqd"
+    write_faqd(path, zlib.compress(json.dumps(manifest).encode()), payload)
+    with pytest.raises(ValueError, match=r"weights\[0\] must be an object"):
+        unpack(path)
+    write_faqd(path, zlib.compress(b"[" * 100_000 + b"]" * 100_000), payload)
+    with pytest.raises(ValueError, match="unreadable manifest"):
+        unpack(path)
+
+
+def test_the_config_may_not_ask_for_more_weights_than_the_file_stores(tmp_path, packed_tiny):
+    manifest, payload = json.loads(json.dumps(packed_tiny[0])), packed_tiny[1]
+    head = next(layer for layer in manifest["model_config"]["config"]["layers"] if layer["name"] == "head")
+    head["config"]["units"] = 5  # 7x5 + 5 weights where the file stores 7x3 + 3
+    path = tmp_path / "wide.faqd"
+    write_faqd(path, zlib.compress(json.dumps(manifest).encode()), payload)
+    with pytest.raises(ValueError, match=r"declares a weight of shape \(7, 5\) beyond the"):
+        unpack(path)
+
+
+HOSTILE_SCRIPT = textwrap.dedent(
+    """
+    import resource, sys
+    from faqd_tf.export import unpack
+
+    # Address space now plus 768 MiB: each hostile file would need far more if its sizes were trusted.
+    vm_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize:"))
+    limit = vm_kb * 1024 + 768 * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    for path in sys.argv[1:]:
+        try:
+            unpack(path)
+            print("LOADED")
+        except ValueError as err:
+            print("ValueError:", str(err).replace(chr(10), " | "))
+        except MemoryError:
+            print("MemoryError")
+    """
+)
+
+
+def test_hostile_sizes_fail_before_allocating(tmp_path, packed_tiny):
+    """A zlib bomb, a scale shape that would broadcast the codes to gigabytes and a config with a
+    2^28-unit layer: one-line errors in a process whose address space is capped."""
+    manifest, payload = json.loads(json.dumps(packed_tiny[0])), packed_tiny[1]
+    bomb = zlib.compressobj(1)
+    chunks = [bomb.compress(b" " * 2**24) for _ in range(64)]  # 1 GiB of spaces, ~1 MB compressed
+    write_faqd(tmp_path / "bomb.faqd", b"".join(chunks) + bomb.flush(), payload)
+
+    broadcast = json.loads(json.dumps(manifest))
+    entry = codes_entry(broadcast)
+    n = 2**17  # (2^17, 1, 1, 1, 1) * (3, 3, 3, 6) -> 2^17 * 162 floats, 85 GB
+    entry.update(scale_shape=[n, 1, 1, 1, 1], scale_offset=len(payload), scale_nbytes=4 * n)
+    write_faqd(tmp_path / "broadcast.faqd", zlib.compress(json.dumps(broadcast).encode()), payload + bytes(4 * n))
+
+    huge = json.loads(json.dumps(manifest))
+    head = next(layer for layer in huge["model_config"]["config"]["layers"] if layer["name"] == "head")
+    head["config"]["units"] = 2**28  # a 7 x 2^28 kernel: 7.5 GB
+    write_faqd(tmp_path / "huge.faqd", zlib.compress(json.dumps(huge).encode()), payload)
+
+    names = ["bomb.faqd", "broadcast.faqd", "huge.faqd"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-c", HOSTILE_SCRIPT, *[str(tmp_path / n) for n in names]],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    lines = result.stdout.strip().splitlines()
+    assert result.returncode == 0 and len(lines) == 3, result.stdout + result.stderr[-2000:]
+    assert "inflates to more than" in lines[0]
+    assert "scale_shape [131072, 1, 1, 1, 1] does not fit code_shape" in lines[1]
+    assert "declares a weight of shape (7, 268435456)" in lines[2]
+
+
 # ------------------------------------------------------------------------------------------
 # TFLite
 
 
+def tflite_constants(path):
+    """{tensor index: (values, scales, zero points)} of every constant tensor in a .tflite file."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    found = {}
+    for detail in interpreter.get_tensor_details():
+        try:
+            values = interpreter.get_tensor(detail["index"])
+        except ValueError:  # activations: no data before invoke
+            continue
+        q = detail["quantization_parameters"]
+        found[detail["index"]] = (values, q["scales"], q["zero_points"])
+    return found
+
+
+def activation_quantization(path):
+    """(scale, zero point) of every per-tensor quantized int8 tensor."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    return [
+        (d["quantization_parameters"]["scales"][0], d["quantization_parameters"]["zero_points"][0])
+        for d in interpreter.get_tensor_details()
+        if d["dtype"] == np.int8 and len(d["quantization_parameters"]["scales"]) == 1
+    ]
+
+
+def bn_factor(model, layer_name):
+    """gamma / sqrt(var + eps) of the BatchNormalization right after `layer_name` (None: no BN)."""
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            source = layer._inbound_nodes[0].input_tensors[0]._keras_history.operation
+            if source.name == layer_name:
+                return layer.gamma.numpy() / np.sqrt(layer.moving_variance.numpy() + layer.epsilon)
+    return None
+
+
+def assert_codes_stored(model, path, names):
+    """Each quantized kernel is an int8 tensor equal to `weight_codes` of the float kernel (times the
+    sign of a BatchNormalization the converter folded into it), its scales the layer's scales
+    (times that BN's |factor|)."""
+    constants = tflite_constants(path)
+    for name in names:
+        layer = model.get_layer(name)
+        kernel = layer.kernel.numpy()
+        depthwise = isinstance(layer, QuantDepthwiseConv2D)
+        if depthwise:
+            kernel = kernel.reshape(kernel.shape[0], kernel.shape[1], 1, -1)
+        codes, scale = quantizers.weight_codes(kernel, layer.weight_bits, layer.per_channel)
+        codes = np.moveaxis(codes.numpy(), -2 if depthwise else -1, 0)
+        axis = 3 if depthwise else 0
+        channels = codes.shape[axis]
+        scale = np.broadcast_to(scale.numpy().reshape(-1), (channels,))
+        shape = [1] * codes.ndim
+        shape[axis] = -1
+        folds = [np.ones(channels)]
+        if bn_factor(model, name) is not None:
+            folds.append(bn_factor(model, name))
+        matches = 0
+        for values, scales, zero_points in constants.values():
+            if values.dtype != np.int8 or values.shape != codes.shape:
+                continue
+            for fold in folds:
+                want = (codes * np.sign(fold).reshape(shape)).astype(np.int8)
+                stored = np.broadcast_to(scales, (channels,))
+                if np.array_equal(values, want) and np.allclose(stored, scale * np.abs(fold), rtol=1e-5, atol=0):
+                    assert not np.any(zero_points)
+                    matches += 1
+        assert matches == 1, f"{name}: {matches} int8 tensors hold its codes"
+
+
 @pytest.mark.parametrize("activation_bits", [None, 4])
-def test_tflite_matches_keras(rng, tmp_path, activation_bits):
+def test_tflite_float_matches_keras(rng, tmp_path, activation_bits):
     model = randomize(tiny_model(2, True, activation_bits=activation_bits), rng)
     path = tmp_path / "tiny.tflite"
     size = to_tflite(model, path)
     assert size == path.stat().st_size > 0
     x = rng.normal(size=(6, 8, 8, 3)).astype(np.float32)
-    want = model(x, training=False).numpy()
-    np.testing.assert_allclose(run_tflite(path, x), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run_tflite(path, x), model(x, training=False), rtol=1e-5, atol=1e-5)
 
 
-def test_tflite_of_resnet_and_unfrozen_graph_convert(rng, tmp_path):
+def test_tflite_float_resnet_matches_keras(rng, tmp_path):
     model = randomize(resnet_cifar(8, input_shape=(16, 16, 3), weight_bits=4, activation_bits=4), rng)
     x = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
+    size = to_tflite(model, tmp_path / "resnet.tflite")
+    np.testing.assert_allclose(run_tflite(tmp_path / "resnet.tflite", x), model(x, training=False), rtol=1e-5, atol=1e-5)
+    assert size > 4 * 0.9 * model.count_params()  # float32 weights in the flatbuffer
+
+
+@pytest.mark.parametrize("bits, per_channel", [(1, False), (1, True), (2, False), (2, True), (4, False), (4, True), (8, True)])
+def test_int8_mode_stores_the_codes_bit_for_bit(rng, tmp_path, bits, per_channel):
+    model = randomize(tiny_model(bits, per_channel, activation_bits=None), rng)
+    for name in ("bn1", "bn2"):  # negative factors too: the converter folds BN into the kernels
+        gamma = model.get_layer(name).gamma
+        gamma.assign(gamma.numpy() * rng.choice([-1.0, 1.0], gamma.shape[0]))
+    assert to_tflite(model, tmp_path / "int8.tflite", mode="int8") == (tmp_path / "int8.tflite").stat().st_size
+    assert_codes_stored(model, tmp_path / "int8.tflite", ["conv", "dw", "fc"])
+    x = rng.normal(size=(32, 8, 8, 3)).astype(np.float32)
     want = model(x, training=False).numpy()
-    frozen_size = to_tflite(model, tmp_path / "frozen.tflite")
-    np.testing.assert_allclose(run_tflite(tmp_path / "frozen.tflite", x), want, rtol=1e-5, atol=1e-5)
-    # The quantizers' own graph (Lloyd iterations, tf.custom_gradient) converts too.
-    small = randomize(tiny_model(4, False, activation_bits=4), rng)
-    to_tflite(small, tmp_path / "graph.tflite", frozen=False)
-    y = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
-    np.testing.assert_allclose(run_tflite(tmp_path / "graph.tflite", y), small(y, training=False), rtol=1e-5, atol=1e-5)
-    assert frozen_size > 4 * 0.9 * model.count_params()  # float32 weights in the flatbuffer
+    got = run_tflite(tmp_path / "int8.tflite", x)
+    # Hybrid kernels quantize the float activations to 8 bits on the fly: close, not equal.
+    assert np.max(np.abs(got - want)) <= 0.05 * np.max(np.abs(want))
+
+
+def synthetic_images(rng, n):
+    """Three classes of 8x8x3 images: a bright horizontal, vertical or diagonal stripe, plus noise."""
+    labels = rng.integers(0, 3, n)
+    x = rng.normal(0.0, 0.3, size=(n, 8, 8, 3)).astype(np.float32)
+    for i, label in enumerate(labels):
+        row = rng.integers(1, 7)
+        if label == 0:
+            x[i, row, :, :] += 1.5
+        elif label == 1:
+            x[i, :, row, :] += 1.5
+        else:
+            x[i, np.arange(8), np.arange(8), :] += 1.5
+    return x, labels
+
+
+def test_full_integer_agrees_with_the_trained_student(tmp_path):
+    rng = np.random.default_rng(7)  # pinned: the test asserts a training outcome
+    keras.utils.set_random_seed(7)
+    x, y = synthetic_images(rng, 768)
+    x_test, _ = synthetic_images(rng, 400)
+    model = tiny_model(4, True, activation_bits=4)
+    model.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, batch_size=64, epochs=6, verbose=0)
+
+    path = tmp_path / "full.tflite"
+    to_tflite(model, path, mode="full", calibration=x[:200])
+    assert_codes_stored(model, path, ["conv", "dw", "fc"])
+    grids = activation_quantization(path)
+    for name in ("relu1", "relu2"):  # the quantized ReLU levels k*alpha are int8 k - 128
+        alpha = float(model.get_layer(name).alpha.numpy())
+        assert any(np.isclose(scale, alpha, rtol=1e-6) and zero == -128 for scale, zero in grids), (name, alpha, grids)
+    want = model(x_test, training=False).numpy().argmax(1)
+    got = run_tflite(path, x_test).argmax(1)
+    assert np.mean(got == want) >= 0.97
+
+
+def test_full_integer_resnet_keeps_every_code(rng, tmp_path):
+    model = randomize(resnet_cifar(8, input_shape=(16, 16, 3), weight_bits=2, activation_bits=2), rng)
+    images = rng.normal(size=(16, 16, 16, 3)).astype(np.float32)
+    path = tmp_path / "resnet.tflite"
+    to_tflite(model, path, mode="full", calibration=images)
+    convs = [layer.name for layer in model.layers if isinstance(layer, QuantConv2D) and layer.weight_bits]
+    assert len(convs) == 7
+    assert_codes_stored(model, path, convs)
+    assert run_tflite(path, images[:3]).shape == (3, 10)
+
+
+@pytest.mark.parametrize(
+    "model_bits, kwargs, message",
+    [
+        (None, dict(mode="int8"), r"has no quantized kernels; quantize it first"),
+        (None, dict(mode="full", calibration=np.zeros((2, 8, 8, 3), np.float32)), r"has no quantized kernels"),
+        (2, dict(mode="int4"), r"mode='int4' is not a TFLite export mode; use one of float, int8, full"),
+        (2, dict(mode="full"), r"mode='full' needs calibration images"),
+        (2, dict(mode="full", calibration=np.zeros((2, 28, 28, 1), np.float32)), r"Calibration images have shape \(28, 28, 1\)"),
+        (2, dict(mode="full", calibration=np.zeros((0, 8, 8, 3), np.float32)), r"hold no images"),
+        (2, dict(mode="full", calibration=np.full((2, 8, 8, 3), np.nan, np.float32)), r"NaN or infinite"),
+        (2, dict(mode="full", calibration=np.zeros((2, 8, 8, 3)), calibration_samples=0), r"calibration_samples=0"),
+    ],
+)
+def test_bad_tflite_requests_are_one_line_errors(tmp_path, model_bits, kwargs, message):
+    model = tiny_model(model_bits, False, activation_bits=None)
+    path = tmp_path / "out.tflite"
+    with pytest.raises(ValueError, match=message) as info:
+        to_tflite(model, path, **kwargs)
+    assert "\n" not in str(info.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_write_maps_the_cli_kinds(rng, tmp_path):
+    model = randomize(tiny_model(4, False, activation_bits=None), rng)
+    assert export.KINDS == tuple(export.FILENAMES)
+    assert [k for k in export.KINDS if export.needs_calibration(k)] == ["tflite-full"]
+    size = export.write("tflite-int8", model, tmp_path / export.FILENAMES["tflite-int8"])
+    assert size == (tmp_path / "student-int8.tflite").stat().st_size
+    assert_codes_stored(model, tmp_path / "student-int8.tflite", ["conv", "dw", "fc"])
+    assert export.write("packed", model, tmp_path / "student.faqd") == (tmp_path / "student.faqd").stat().st_size
+    with pytest.raises(ValueError, match="Unknown export kind 'onnx'; use one of packed, tflite, tflite-int8, tflite-full"):
+        export.write("onnx", model, tmp_path / "x")

@@ -182,3 +182,45 @@ def test_quantized_kernel_gradient_reaches_float_kernel(rng):
         y = tf.reduce_sum(layer(x, training=True) ** 2)
     g = tape.gradient(y, layer.kernel)
     assert g is not None and np.all(np.isfinite(g.numpy())) and np.any(g.numpy() != 0)
+
+
+@pytest.mark.parametrize("bits, per_channel", [(1, True), (2, False), (4, True)])
+def test_kernel_codes_are_the_weight_codes_of_the_kernel_as_quantized(rng, bits, per_channel):
+    conv = QuantConv2D(5, 3, weight_bits=bits, per_channel=per_channel)
+    depthwise = QuantDepthwiseConv2D(3, depth_multiplier=2, weight_bits=bits, per_channel=per_channel)
+    x = rng.normal(size=(1, 6, 6, 4)).astype(np.float32)
+    conv(x), depthwise(x)
+    for layer, kernel in ((conv, conv.kernel.numpy()), (depthwise, depthwise.kernel.numpy().reshape(3, 3, 1, 8))):
+        np.testing.assert_array_equal(layer.kernel_to_quantize(), kernel)
+        codes, scale = layer.kernel_codes()
+        want_codes, want_scale = quantizers.weight_codes(kernel, bits, per_channel)
+        np.testing.assert_array_equal(codes, want_codes)
+        np.testing.assert_array_equal(scale, want_scale)
+        q = layer.quantized_kernel().numpy()
+        np.testing.assert_array_equal(q, (codes * scale).numpy().reshape(q.shape))
+    with pytest.raises(ValueError, match="its kernel is not quantized to integer codes"):
+        dense = QuantDense(2)
+        dense(x[:, 0, 0, :])
+        dense.kernel_codes()
+
+
+def test_kernel_is_read_in_float32_under_mixed_precision(rng):
+    x = rng.normal(size=(2, 6)).astype(np.float32)
+    reference = QuantDense(4, weight_bits=4, per_channel=True, name="fc")
+    reference(x)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        layer = QuantDense(4, weight_bits=4, per_channel=True, name="fc")
+        layer(x)
+        layer.set_weights(reference.get_weights())
+        assert (layer.kernel.dtype, layer.compute_dtype) == ("float32", "bfloat16")
+        assert layer(x).dtype == "bfloat16" and layer.quantized_kernel().dtype == "bfloat16"
+        fp = QuantDense(4)
+        fp(x)
+        assert fp.quantized_kernel().dtype == "bfloat16"
+        codes, scale = layer.kernel_codes()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    want_codes, want_scale = reference.kernel_codes()
+    np.testing.assert_array_equal(codes, want_codes)
+    np.testing.assert_array_equal(scale, want_scale)

@@ -173,3 +173,29 @@ def test_registry_names_and_configs():
     assert isinstance(again, quantizers.WeightQuantizer) and again.get_config() == q.get_config()
     with pytest.raises(ValueError, match="Unknown quantizer 'int3'; use one of"):
         quantizers.get("int3")
+
+
+@pytest.mark.parametrize("bits, per_channel", [(1, False), (2, True), (4, False), (8, True)])
+def test_frozen_quantizer_is_identity_and_recovers_the_codes(rng, bits, per_channel):
+    w = rng.normal(size=(3, 3, 4, 5)).astype(np.float32)
+    codes, scale = quantizers.weight_codes(w, bits, per_channel)
+    kernel = (codes * scale).numpy()
+    frozen = quantizers.FrozenQuantizer(bits, per_channel, scale.numpy())
+    np.testing.assert_array_equal(frozen(kernel), kernel)
+    np.testing.assert_array_equal(frozen.relaxed(kernel, 3.0), kernel)
+    again, again_scale = frozen.codes(kernel)
+    np.testing.assert_array_equal(again, codes)
+    np.testing.assert_array_equal(again_scale, scale)
+    assert frozen.precision == bits and isinstance(frozen, quantizers.BaseWeightQuantizer)
+    restored = quantizers.get(quantizers.serialize(frozen))
+    assert type(restored) is quantizers.FrozenQuantizer and restored.get_config() == frozen.get_config()
+    assert quantizers.get(frozen) is frozen
+
+
+def test_frozen_quantizer_bad_scales():
+    with pytest.raises(ValueError, match="A layer-wise FrozenQuantizer has one scale, got 2"):
+        quantizers.FrozenQuantizer(2, False, [0.5, 0.25])
+    with pytest.raises(ValueError, match="no scales; its codes are unknown"):
+        quantizers.FrozenQuantizer(2).codes(np.ones((2, 2), np.float32))
+    with pytest.raises(ValueError, match="Kernel has 2 channels but the quantizer 3 scales"):
+        quantizers.FrozenQuantizer(2, True, [1.0, 1.0, 1.0]).codes(np.ones((2, 2), np.float32))
