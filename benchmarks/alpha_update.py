@@ -144,8 +144,8 @@ def report(args, rows, before, traces):
         f"Teacher {args.teacher}; {args.steps} steps of batch {args.batch_size}, label-free KL(T=4) + 0.1 FA; "
         f"seeds {', '.join(map(str, seeds))}; machine {platform.machine()}, {os.cpu_count()} cores.",
         "",
-        "| activations | optimizer | alpha update | alphas after (min, max) per seed | test accuracy per seed | mean |",
-        "|---|---|---|---|---|---|",
+        "| activations | optimizer | alpha update | seeds | alphas after (min, max) per seed | test accuracy per seed | mean |",
+        "|---|---|---|---|---|---|---|",
     ]
     groups = {}
     for r in rows:
@@ -154,7 +154,7 @@ def report(args, rows, before, traces):
         runs.sort(key=lambda r: int(r["seed"]))
         ranges = "; ".join(f"{float(r['alpha_min']):.2f}, {float(r['alpha_max']):.2f}" for r in runs)
         accs = [float(r["accuracy"]) for r in runs]
-        lines.append(f"| {bits}A32W | {optimizer} | {rule} | {ranges} | "
+        lines.append(f"| {bits}A32W | {optimizer} | {rule} | {', '.join(r['seed'] for r in runs)} | {ranges} | "
                      f"{' / '.join(f'{100 * a:.2f}%' for a in accs)} | {100 * np.mean(accs):.2f}% |")
     lines.append("")
     lines.append("Before training: " + ", ".join(f"{b}A32W {100 * a:.2f}%" for b, a in sorted(before.items())) + ".")
@@ -180,6 +180,9 @@ def plot(groups, traces, png):
         for i, k in enumerate(keys):
             ax.plot([i] * len(groups[k]), [100 * float(r["accuracy"]) for r in groups[k]], "k.")
         ax.set_xticks(range(len(keys)), labels, fontsize=8)
+        low = min(100 * float(r["accuracy"]) for k in keys for r in groups[k])
+        # Near-equal high accuracies (4 bits) would be indistinguishable from a zero baseline.
+        ax.set_ylim(low - 3 if low > 50 else 0, 100 * max(float(r["accuracy"]) for k in keys for r in groups[k]) + 1)
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{bits}-bit activations, FP weights")
         ax.grid(axis="y", alpha=0.3)
