@@ -308,16 +308,15 @@ class QuantReLU(keras.layers.Layer):
                 regularizer=self.alpha_regularizer,
                 constraint=Clip(quantizers.ALPHA_MIN, quantizers.ALPHA_MAX),
                 trainable=self.trainable_alpha,
+                # Read as the float32 variable under mixed precision: alpha's gradient is summed
+                # and clamped in float32 (see `quantized_relu`).
+                autocast=False,
             )
 
     def call(self, inputs):
         if self.bits is None:
             return ops.relu(inputs)
-        # The float32 variable, not its autocast copy: alpha's gradient is summed and clamped in
-        # float32 (see `quantized_relu`).
-        with AutocastScope(None):
-            alpha = tf.convert_to_tensor(self.alpha)
-        return quantizers.quantized_relu(inputs, alpha, self.bits, self.alpha_rate)
+        return quantizers.quantized_relu(inputs, tf.convert_to_tensor(self.alpha), self.bits, self.alpha_rate)
 
     def compute_output_shape(self, input_shape):
         return input_shape

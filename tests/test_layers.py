@@ -164,6 +164,28 @@ def test_each_replica_clamps_its_own_alpha_gradient(rng, mirrored_strategy):
     assert float(relu.alpha.numpy()) == pytest.approx(alpha0 - 0.1 * sum(per_replica), rel=1e-5)
 
 
+def test_alpha_stays_float32_under_mixed_bfloat16(rng):
+    # The bfloat16 layer reads the float32 alpha, and its gradient is summed and clamped in float32.
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        relu = QuantReLU(bits=2, alpha_initializer=float(rng.uniform(0.2, 0.5)))
+        x = tf.cast(rng.uniform(-0.5, 2.0, size=(64, 100)).astype(np.float32), tf.bfloat16)
+        dy = tf.cast(rng.normal(0.0, 1e-2, size=(64, 100)).astype(np.float32), tf.bfloat16)
+        relu.build(x.shape)
+        with tf.GradientTape() as tape:
+            y = relu(x)
+            loss = tf.reduce_sum(tf.cast(y * dy, tf.float32))
+        grad = tape.gradient(loss, relu.alpha.value)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert y.dtype == tf.bfloat16 and relu.alpha.dtype == "float32" and grad.dtype == tf.float32
+    alpha = float(relu.alpha.numpy())
+    x64, dy64 = (tf.cast(t, tf.float64).numpy() for t in (x, dy))
+    top = float(np.float32(3.0) * np.float32(alpha))
+    np.testing.assert_allclose(grad.numpy(), np_qrelu_grads(x64, alpha, 2, dy64, top, alpha_rate=0.01)[1], rtol=1e-5)
+    np.testing.assert_allclose(tf.cast(y, tf.float64).numpy(), np_qrelu(x64, alpha, 2), rtol=2**-8)
+
+
 def test_alpha_rate_under_mixed_float16_warns():
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
