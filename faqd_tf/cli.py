@@ -270,11 +270,13 @@ class Run:
                 s["arch"] or self.config["teacher"]["arch"], num_classes=self.info.num_classes,
                 input_shape=self.info.image_shape, weight_bits=weight_bits,
                 activation_bits=s["activation_bits"], per_channel=s["per_channel"] and weight_bits is not None,
+                alpha_rate=s["alpha_rate"],
             ), full
         base = teacher if s["init"] == "teacher" else self._load_model(s["file"], "student.file")
         return quantize_model(
             base, weight_bits=weight_bits, activation_bits=s["activation_bits"],
             per_channel=s["per_channel"] and weight_bits is not None, relax=s["relax"] if weight_bits else None,
+            alpha_rate=s["alpha_rate"],
         ), full
 
     def _distill(self, teacher, student, stage, train_ds, val_ds, steps):
@@ -282,12 +284,15 @@ class Run:
 
         from faqd_tf.callbacks import BinaryRelaxScheduler, GradientShares
         from faqd_tf.distiller import Distiller
+        from faqd_tf.quantize import set_alpha_decay
 
         d = self.config["distill"]
         # In the scope: the optimizer's slots and the metrics must be the strategy's variables.
         with self.strategy().scope():
             distiller = Distiller(student, teacher, seed=self.config["seed"], **d)
-            distiller.compile(make_optimizer(self.config["train"], steps),
+            optimizer = make_optimizer(self.config["train"], steps)
+            set_alpha_decay(student, optimizer, self.config["train"]["weight_decay"])
+            distiller.compile(optimizer,
                               metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
         extra = [BinaryRelaxScheduler(self.config["student"]["relax_eta"])] if self.config["student"]["relax"] else []
         # A user must see when a weighted term is too weak to act (e.g. an FA weight on the wrong scale).
@@ -327,7 +332,7 @@ class Run:
                 self._save(student, self.act_path)
             with self.strategy().scope():
                 student = quantize_model(student, weight_bits=s["weight_bits"], activation_bits=s["activation_bits"],
-                                         per_channel=s["per_channel"], relax=s["relax"])
+                                         per_channel=s["per_channel"], relax=s["relax"], alpha_rate=s["alpha_rate"])
             _say(f"stage distill (2/2): {s['weight_bits']}-bit weights and {s['activation_bits']}-bit activations")
         else:
             bits = f"{s['weight_bits']}-bit weights" if s["weight_bits"] else "FP weights"
@@ -437,7 +442,7 @@ class Run:
         hypermodel = tuning.FAQDHyperModel(
             teacher,
             student_fn=lambda: quantize_model(teacher, weight_bits=s["weight_bits"], activation_bits=s["activation_bits"],
-                                              per_channel=s["per_channel"]),
+                                              per_channel=s["per_channel"], alpha_rate=s["alpha_rate"]),
             optimizer_fn=lambda: make_optimizer({**cfg["train"], "epochs": cfg["tune"]["epochs"]}, steps),
             label_free=not cfg["dataset"]["labels"], tune_fa=cfg["tune"]["tune_fa"],
             fa=cfg["distill"]["fa"] or "exact", distiller_kwargs=d,

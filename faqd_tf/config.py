@@ -132,6 +132,7 @@ SCHEMA = {
         "relax": Field(None, lambda v: v is None or (_is_num(v) and v > 0), "null or a number > 0 (initial BinaryRelax lambda)"),
         "relax_eta": number(1.02, low=1.0, strict=True),
         "two_step": boolean(True),
+        "alpha_rate": number(0.01, strict=True),
     },
     "distill": {
         "alpha": number(1.0),

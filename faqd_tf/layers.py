@@ -19,6 +19,8 @@ Example:
 TensorShape([1, 6, 6, 4])
 """
 
+import warnings
+
 import keras
 import tensorflow as tf
 from keras import ops
@@ -264,6 +266,12 @@ class QuantReLU(keras.layers.Layer):
         alpha_initializer: initial resolution: a float in [1e-3, 5] or a Keras initializer;
             default: the authors' value for `bits` (1.2221, 0.6511, 0.1946 for 1, 2, 4 bits).
         trainable_alpha: learn alpha with the gradient of eq. (5).
+        alpha_rate: the authors' alpha update: eq. (5) summed over the batch, times `alpha_rate`,
+            clamped to [-1, 1] (default 0.01, their `rate_factor`); None: the raw eq. (5) sum.
+            Under a `tf.distribute` strategy each replica clamps its own gradient before the
+            all-reduce sums them (see `faqd_tf.quantizers.quantized_relu`).
+        alpha_regularizer: a Keras regularizer of alpha, e.g. the authors' alpha weight decay
+            (see `faqd_tf.quantize.set_alpha_decay`).
 
     Alpha is kept in [1e-3, 5] by a `Clip` constraint.
 
@@ -272,7 +280,15 @@ class QuantReLU(keras.layers.Layer):
     [0.0, 0.5, 1.0, 1.5]
     """
 
-    def __init__(self, bits=None, alpha_initializer=None, trainable_alpha=True, **kwargs):
+    def __init__(
+        self,
+        bits=None,
+        alpha_initializer=None,
+        trainable_alpha=True,
+        alpha_rate=quantizers.DEFAULT_ALPHA_RATE,
+        alpha_regularizer=None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.bits = quantizers.check_bits(bits, "bits", allow_none=True)
         if isinstance(alpha_initializer, (int, float)) and not isinstance(alpha_initializer, bool):
@@ -284,7 +300,27 @@ class QuantReLU(keras.layers.Layer):
             keras.initializers.get(alpha_initializer) if alpha_initializer is not None else None
         )
         self.trainable_alpha = bool(trainable_alpha)
+        self.alpha_rate = quantizers.check_alpha_rate(alpha_rate)
         self.alpha = None
+        self.alpha_regularizer = alpha_regularizer
+        if self.bits is not None and self.trainable_alpha and self.alpha_rate is not None:
+            if self.dtype_policy.name == "mixed_float16":
+                warnings.warn(
+                    f"QuantReLU {self.name!r}: under mixed_float16 the optimizer scales the loss, so "
+                    "the [-1, 1] clamp of alpha's gradient acts on the scaled gradient; use "
+                    "mixed_bfloat16, or alpha_rate=None.",
+                    stacklevel=2,
+                )
+
+    @property
+    def alpha_regularizer(self):
+        return self._alpha_regularizer
+
+    @alpha_regularizer.setter
+    def alpha_regularizer(self, regularizer):
+        self._alpha_regularizer = keras.regularizers.get(regularizer)
+        if self.alpha is not None:
+            self.alpha.regularizer = self._alpha_regularizer
 
     @property
     def precision(self):
@@ -297,14 +333,18 @@ class QuantReLU(keras.layers.Layer):
                 name="alpha",
                 shape=(),
                 initializer=self.alpha_initializer,
+                regularizer=self.alpha_regularizer,
                 constraint=Clip(quantizers.ALPHA_MIN, quantizers.ALPHA_MAX),
                 trainable=self.trainable_alpha,
+                # Read as the float32 variable under mixed precision: alpha's gradient is summed
+                # and clamped in float32 (see `quantized_relu`).
+                autocast=False,
             )
 
     def call(self, inputs):
         if self.bits is None:
             return ops.relu(inputs)
-        return quantizers.quantized_relu(inputs, tf.convert_to_tensor(self.alpha), self.bits)
+        return quantizers.quantized_relu(inputs, tf.convert_to_tensor(self.alpha), self.bits, self.alpha_rate)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -318,6 +358,8 @@ class QuantReLU(keras.layers.Layer):
                     keras.initializers.serialize(self.alpha_initializer) if self.alpha_initializer else None
                 ),
                 "trainable_alpha": self.trainable_alpha,
+                "alpha_rate": self.alpha_rate,
+                "alpha_regularizer": keras.regularizers.serialize(self.alpha_regularizer),
             }
         )
         return config

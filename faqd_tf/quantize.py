@@ -55,7 +55,8 @@ def _as_functional(model):
 
 
 def quantize_model(
-    model, weight_bits=4, activation_bits=None, per_channel=False, skip=None, relax=None, copy_weights=True
+    model, weight_bits=4, activation_bits=None, per_channel=False, skip=None, relax=None, copy_weights=True,
+    alpha_rate=quantizers.DEFAULT_ALPHA_RATE,
 ):
     """Returns the quantized twin of a Sequential or Functional Keras model.
 
@@ -69,13 +70,15 @@ def quantize_model(
         relax: None, or the initial BinaryRelax lambda of the quantized layers.
         copy_weights: start from the model's weights (fine-tuning); False keeps fresh
             initial weights (end-to-end quantization).
+        alpha_rate: the alpha update of every `QuantReLU` (see `QuantReLU`); None: raw eq. (5).
 
     The twin is trainable even when `model` was frozen (as a Distiller's teacher is).
     Layers with a kernel but no quantized counterpart (e.g. SeparableConv2D) stay in full
-    precision and are listed in a warning.
+    precision and are listed in a warning, as is a model in which `activation_bits` finds no ReLU.
     """
     weight_bits = quantizers.check_bits(weight_bits, "weight_bits", allow_none=True)
     activation_bits = quantizers.check_bits(activation_bits, "activation_bits", allow_none=True)
+    alpha_rate = quantizers.check_alpha_rate(alpha_rate)
     if not isinstance(model, keras.Model) or not model.built or not model.inputs:
         raise ValueError(
             f"quantize_model needs a built Sequential or Functional Keras model, got {model!r}."
@@ -88,6 +91,13 @@ def quantize_model(
 
     fused_relu = set()
     unsupported = []
+    quantized_relus = []
+
+    def quant_relu(name, dtype, source=None):
+        quantized_relus.append(name)
+        # A QuantReLU keeps its alpha regularizer (a builder's weight decay) when re-quantized.
+        regularizer = getattr(source, "alpha_regularizer", None)
+        return QuantReLU(bits=activation_bits, alpha_rate=alpha_rate, alpha_regularizer=regularizer, name=name, dtype=dtype)
 
     def clone(layer):
         config = layer.get_config()
@@ -106,7 +116,7 @@ def quantize_model(
                     fused_relu.add(layer.name)
                 return quant.from_config(config)
         if activation_bits is not None and _is_relu_layer(layer) and layer.name not in skip:
-            return QuantReLU(bits=activation_bits, name=layer.name, dtype=layer.dtype_policy)
+            return quant_relu(layer.name, layer.dtype_policy, layer)
         if weight_bits is not None and any("kernel" in w.path for w in layer.weights):
             unsupported.append(f"{layer.name} ({type(layer).__name__})")
         return layer.__class__.from_config(config)
@@ -114,7 +124,7 @@ def quantize_model(
     def call(layer, *args, **kwargs):
         outputs = layer(*args, **kwargs)
         if layer.name in fused_relu:
-            outputs = QuantReLU(bits=activation_bits, name=f"{layer.name}_relu")(outputs)
+            outputs = quant_relu(f"{layer.name}_relu", None)(outputs)
         return outputs
 
     twin = keras.models.clone_model(_as_functional(model), clone_function=clone, call_function=call)
@@ -122,6 +132,13 @@ def quantize_model(
         warnings.warn(
             "quantize_model left these layers in full precision (no quantized counterpart): "
             + ", ".join(unsupported),
+            stacklevel=2,
+        )
+    if activation_bits is not None and not quantized_relus:
+        warnings.warn(
+            f"quantize_model found no ReLU to quantize in model {model.name!r}: its activations stay "
+            f"in full precision despite activation_bits={activation_bits} (only ReLU layers, "
+            "Activation('relu') and fused activation='relu' are quantized).",
             stacklevel=2,
         )
     if copy_weights:
@@ -146,3 +163,40 @@ def copy_weights_by_name(source, target):
             )
         for variable, value in zip(twin.weights, weights):
             variable.assign(value)
+
+
+def _quant_relus(model):
+    for layer in model.layers:
+        if isinstance(layer, QuantReLU):
+            yield layer
+        elif isinstance(layer, keras.Model):
+            yield from _quant_relus(layer)
+
+
+def set_alpha_decay(model, optimizer, weight_decay, factor=quantizers.ALPHA_DECAY_FACTOR):
+    """Gives the alphas of `model`'s QuantReLUs the authors' weight decay, `weight_decay * factor`.
+
+    The authors put the alphas in their own SGD parameter group with the weight decay times 0.01.
+    Here the alphas leave `optimizer`'s decoupled weight decay and get an
+    `L2(weight_decay * factor / 2)` regularizer instead (the coupled PyTorch rule: the decay adds
+    `weight_decay * factor * alpha` to alpha's clamped gradient). Call it before the optimizer's
+    first step; it replaces any earlier `optimizer.exclude_from_weight_decay` setting. Returns
+    the alpha variables.
+
+    >>> from faqd_tf.models import resnet_cifar
+    >>> student = quantize_model(resnet_cifar(8, input_shape=(8, 8, 3)), activation_bits=2)
+    >>> optimizer = keras.optimizers.SGD(0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    >>> len(set_alpha_decay(student, optimizer, weight_decay=1e-4))
+    7
+    """
+    for name, value in (("weight_decay", weight_decay), ("factor", factor)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise ValueError(f"set_alpha_decay: {name}={value!r} must be a number >= 0.")
+    decay = float(weight_decay) * float(factor)
+    relus = [layer for layer in _quant_relus(model) if layer.alpha is not None]
+    for layer in relus:
+        layer.alpha_regularizer = keras.regularizers.L2(decay / 2) if decay else None
+    alphas = [layer.alpha for layer in relus]
+    if alphas:
+        optimizer.exclude_from_weight_decay(var_list=alphas)
+    return alphas

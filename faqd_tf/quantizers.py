@@ -9,7 +9,8 @@ value Q(w); the gradient flows to the float weights unchanged (identity STE).
   started from max-abs scaling (and, at 2 bits, also from the TWN threshold) so the result is
   never worse than max-abs scaling.
 
-Activations (eqs. 4-5): a b-bit quantized ReLU with learned resolution ``alpha``.
+Activations (eqs. 4-5): a b-bit quantized ReLU with learned resolution ``alpha``, updated as
+the authors do: the eq. (5) gradient times ``alpha_rate`` (0.01), clamped to [-1, 1].
 
 Example:
 
@@ -28,6 +29,10 @@ LLOYD_ITERATIONS = 8
 # Authors' initial resolutions of the quantized ReLU (design.md); 8 bits continues the ~4x/2-bit trend.
 DEFAULT_ALPHA = {1: 1.2221, 2: 0.6511, 4: 0.1946, 8: 0.0125}
 ALPHA_MIN, ALPHA_MAX = 1e-3, 5.0
+# Authors' rate_factor: alpha's summed eq. (5) gradient is scaled by it and clamped to [-1, 1].
+DEFAULT_ALPHA_RATE = 0.01
+# Authors' alphas decay at the weight decay times this (decay_factor of their get_optimizer_full).
+ALPHA_DECAY_FACTOR = 0.01
 
 
 def check_bits(bits, name="bits", allow_none=False):
@@ -167,46 +172,71 @@ def check_alpha(alpha, name="alpha"):
     return alpha
 
 
-def quantized_relu(x, alpha, bits):
+def check_alpha_rate(alpha_rate, name="alpha_rate"):
+    """Returns `alpha_rate` as a float (or None), or raises `ValueError` naming `name`."""
+    if alpha_rate is None:
+        return None
+    if isinstance(alpha_rate, bool) or not isinstance(alpha_rate, (int, float)) or not 0 < alpha_rate < float("inf"):
+        raise ValueError(
+            f"{name}={alpha_rate!r} is not valid; use a number > 0 (the authors' {DEFAULT_ALPHA_RATE}) "
+            "or None for the raw eq. (5) gradient."
+        )
+    return float(alpha_rate)
+
+
+def quantized_relu(x, alpha, bits, alpha_rate=DEFAULT_ALPHA_RATE):
     """b-bit quantized ReLU of eq. (4) with the gradients of eq. (5).
 
     Forward: 0 for x < 0; k*alpha for (k-1)*alpha <= x < k*alpha, 1 <= k <= 2^b - 1;
     (2^b - 1)*alpha above. Backward: dx passes where 0 < x < (2^b-1)*alpha (clipped-ReLU STE);
-    d/dalpha is 0 (x <= 0), 2^(b-1) (inside) and 2^b - 1 (x >= (2^b-1)*alpha), summed to the
-    shape of `alpha`.
+    d/dalpha is 0 (x <= 0), 2^(b-1) (inside) and 2^b - 1 (x >= (2^b-1)*alpha), summed over
+    every activation to the shape of `alpha`.
+
+    `alpha_rate` is the authors' update rule (lzj994/FAQD, `QuantReLUFunction.backward`): the
+    summed alpha gradient is multiplied by `alpha_rate` and clamped to [-1, 1]. `None` returns
+    the raw eq. (5) sum. The clamp acts on the gradient of the loss being differentiated: under a
+    `tf.distribute` strategy each replica clamps the gradient of its share of the global-batch
+    loss and the all-reduce sums the clamped values (so N replicas can move alpha by up to N
+    steps' worth), as PyTorch DataParallel does with the authors' layer; their script trains on
+    one GPU, which clamps the whole batch's sum. Under loss scaling (mixed_float16) the clamp
+    would see the scaled gradient.
 
     >>> float(quantized_relu(tf.constant(0.7), alpha=0.5, bits=2))
     1.0
     """
     bits = check_bits(bits)
     check_alpha(alpha)
+    alpha_rate = check_alpha_rate(alpha_rate)
     x = tf.convert_to_tensor(x)
-    alpha = tf.cast(tf.convert_to_tensor(alpha), x.dtype)
+    alpha = tf.convert_to_tensor(alpha)
+    if not alpha.dtype.is_floating:
+        alpha = tf.cast(alpha, tf.float32)
     top = float(2**bits - 1)
 
     @tf.custom_gradient
     def _qrelu(x, alpha):
-        # The level index is computed in float32 so that bfloat16 inputs land on the same step.
+        # Levels and regions are computed in float32 so that bfloat16 inputs land on the same
+        # step as float32 ones, and alpha keeps its own (float32 variable) dtype.
         x32, a32 = tf.cast(x, tf.float32), tf.cast(alpha, tf.float32)
         k = tf.clip_by_value(tf.floor(x32 / a32) + 1.0, 0.0, top)
         y = tf.cast(tf.where(x32 < 0, 0.0, k * a32), x.dtype)
 
         def grad(dy):
-            inside = tf.logical_and(x > 0, x < top * alpha)
+            inside = tf.logical_and(x32 > 0, x32 < top * a32)
             dx = tf.where(inside, dy, tf.zeros_like(dy))
-            dsig = tf.where(
-                inside,
-                tf.cast(2 ** (bits - 1), x.dtype),
-                tf.where(x >= top * alpha, tf.cast(top, x.dtype), tf.zeros_like(x)),
-            )
-            dalpha = dy * dsig
+            dsig = tf.where(inside, float(2 ** (bits - 1)), tf.where(x32 >= top * a32, top, 0.0))
+            # Summed in float32: a bfloat16 sum over a whole batch of activations loses the
+            # small contributions.
+            dalpha = tf.cast(dy, tf.float32) * dsig
             extra = dalpha.shape.rank - alpha.shape.rank
             dalpha = tf.reduce_sum(dalpha, axis=list(range(extra))) if extra else dalpha
             # Broadcast dims of alpha (size 1) are summed too.
             for i, n in enumerate(alpha.shape):
                 if n == 1 and dalpha.shape[i] != 1:
                     dalpha = tf.reduce_sum(dalpha, axis=i, keepdims=True)
-            return dx, tf.reshape(dalpha, tf.shape(alpha))
+            if alpha_rate is not None:
+                dalpha = tf.clip_by_value(dalpha * alpha_rate, -1.0, 1.0)
+            return dx, tf.cast(tf.reshape(dalpha, tf.shape(alpha)), alpha.dtype)
 
         return y, grad
 

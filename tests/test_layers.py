@@ -1,5 +1,8 @@
 """Quantized layers: forward values, training, saving, distribution, validation."""
 
+import json
+import zipfile
+
 import keras
 import numpy as np
 import pytest
@@ -8,7 +11,7 @@ import tensorflow as tf
 from faqd_tf import quantizers
 from faqd_tf.callbacks import BinaryRelaxScheduler
 from faqd_tf.layers import QuantConv2D, QuantDense, QuantDepthwiseConv2D, QuantReLU
-from tests.test_quantizers import np_qrelu, np_quantize
+from tests.test_quantizers import np_qrelu, np_qrelu_grads, np_quantize
 
 
 def np_conv_valid(x, k):
@@ -104,6 +107,94 @@ def test_alpha_is_learned_and_clipped(rng):
     assert float(relu.alpha.numpy()) == pytest.approx(quantizers.ALPHA_MAX)
 
 
+def test_alpha_rate_serializes_and_old_configs_get_the_default(rng, tmp_path):
+    inputs = keras.Input((6,))
+    x = QuantReLU(bits=2, alpha_rate=0.05, alpha_regularizer=keras.regularizers.L2(3e-7), name="fast")(inputs)
+    outputs = QuantReLU(bits=4, alpha_rate=None, name="raw")(x)
+    model = keras.Model(inputs, outputs)
+    model.get_layer("fast").alpha.assign(rng.uniform(0.3, 0.9))
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    assert loaded.get_layer("fast").alpha_rate == 0.05 and loaded.get_layer("raw").alpha_rate is None
+    assert loaded.get_layer("fast").alpha.regularizer.get_config() == {"l2": pytest.approx(3e-7)}
+    assert loaded.get_layer("raw").alpha.regularizer is None
+    x = rng.normal(size=(4, 6)).astype(np.float32)
+    np.testing.assert_array_equal(loaded(x).numpy(), model(x).numpy())
+
+    # A model saved before alpha_rate existed has neither key; it loads with the default.
+    with zipfile.ZipFile(path) as archive:
+        files = {name: archive.read(name) for name in archive.namelist()}
+    config = json.loads(files["config.json"])
+    for layer in config["config"]["layers"]:
+        if layer["class_name"] == "QuantReLU":
+            del layer["config"]["alpha_rate"], layer["config"]["alpha_regularizer"]
+    files["config.json"] = json.dumps(config).encode()
+    old = tmp_path / "old.keras"
+    with zipfile.ZipFile(old, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    loaded = keras.models.load_model(old, safe_mode=True)
+    assert [loaded.get_layer(n).alpha_rate for n in ("fast", "raw")] == [quantizers.DEFAULT_ALPHA_RATE] * 2
+    np.testing.assert_array_equal(loaded(x).numpy(), model(x).numpy())
+
+
+def test_each_replica_clamps_its_own_alpha_gradient(rng, mirrored_strategy):
+    # One SGD(lr=0.1) step of a lone QuantReLU on a batch of 8 split 4 + 4 over two replicas, with
+    # the per-sample loss sum(y * w): replica r differentiates sum over its samples / 8 (its
+    # share of the global mean), clamps 0.01 * its eq. (5) sum, and the all-reduce adds the two.
+    bits, alpha0 = 2, 0.5
+    x = rng.uniform(0.05, 2.0, size=(8, 50)).astype(np.float32)
+    # Replica 0 gets a large upstream gradient (its clamp bites), replica 1 a small one.
+    w = np.concatenate([rng.uniform(20, 30, (4, 50)), rng.uniform(0.1, 1, (4, 50))]).astype(np.float32)
+    with mirrored_strategy.scope():
+        relu = QuantReLU(bits=bits, alpha_initializer=alpha0)
+        model = keras.Sequential([keras.Input((50,)), relu])
+        model.compile(keras.optimizers.SGD(0.1), loss=lambda w, y: keras.ops.sum(y * w, axis=-1))
+    model.fit(x, w, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    top = float(np.float32(3.0) * np.float32(alpha0))
+    per_replica = [
+        np_qrelu_grads(x[i:i + 4].astype(np.float64), alpha0, bits, w[i:i + 4] / 8.0, top, alpha_rate=0.01)[1]
+        for i in (0, 4)
+    ]
+    assert per_replica[0] == 1.0 and 0.05 < per_replica[1] < 1.0
+    # So the step differs from one device's, which clamps the whole batch's sum to 1.
+    whole = np_qrelu_grads(x.astype(np.float64), alpha0, bits, w / 8.0, top, alpha_rate=0.01)[1]
+    assert whole == 1.0
+    assert float(relu.alpha.numpy()) == pytest.approx(alpha0 - 0.1 * sum(per_replica), rel=1e-5)
+
+
+def test_alpha_stays_float32_under_mixed_bfloat16(rng):
+    # The bfloat16 layer reads the float32 alpha, and its gradient is summed and clamped in float32.
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        relu = QuantReLU(bits=2, alpha_initializer=float(rng.uniform(0.2, 0.5)))
+        x = tf.cast(rng.uniform(-0.5, 2.0, size=(64, 100)).astype(np.float32), tf.bfloat16)
+        dy = tf.cast(rng.normal(0.0, 1e-2, size=(64, 100)).astype(np.float32), tf.bfloat16)
+        relu.build(x.shape)
+        with tf.GradientTape() as tape:
+            y = relu(x)
+            loss = tf.reduce_sum(tf.cast(y * dy, tf.float32))
+        grad = tape.gradient(loss, relu.alpha.value)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert y.dtype == tf.bfloat16 and relu.alpha.dtype == "float32" and grad.dtype == tf.float32
+    alpha = float(relu.alpha.numpy())
+    x64, dy64 = (tf.cast(t, tf.float64).numpy() for t in (x, dy))
+    top = float(np.float32(3.0) * np.float32(alpha))
+    np.testing.assert_allclose(grad.numpy(), np_qrelu_grads(x64, alpha, 2, dy64, top, alpha_rate=0.01)[1], rtol=1e-5)
+    np.testing.assert_allclose(tf.cast(y, tf.float64).numpy(), np_qrelu(x64, alpha, 2), rtol=2**-8)
+
+
+def test_alpha_rate_under_mixed_float16_warns():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        with pytest.warns(UserWarning, match=r"mixed_float16 .* clamp of alpha's gradient acts on the scaled"):
+            QuantReLU(bits=2, name="r")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
 def test_training_under_mirrored_strategy_and_save(rng, tmp_path, mirrored_strategy):
     with mirrored_strategy.scope():
         model = small_model(weight_bits=4, activation_bits=4)
@@ -151,6 +242,9 @@ def test_full_precision_layers_equal_keras_layers(rng):
         (lambda: QuantDense(4, weight_bits=16), r"weight_bits=16 is not supported"),
         (lambda: QuantReLU(bits=3), r"bits=3 is not supported; use one of 1, 2, 4, 8"),
         (lambda: QuantReLU(bits=2, alpha_initializer=-0.5), r"alpha_initializer=-0.5 is out of range"),
+        (lambda: QuantReLU(bits=2, alpha_rate=0), r"^alpha_rate=0 is not valid; use a number > 0"),
+        (lambda: QuantReLU(bits=2, alpha_rate=-0.01), r"^alpha_rate=-0.01 is not valid"),
+        (lambda: QuantReLU(bits=2, alpha_rate="0.01"), r"^alpha_rate='0.01' is not valid"),
         (lambda: QuantConv2D(4, 3, per_channel=True), r"per_channel=True needs a quantized kernel"),
         (lambda: QuantDense(4, relax=1.0), r"relax needs a quantized kernel"),
         (lambda: QuantDense(4, weight_bits=2, relax=-1.0), r"relax=-1.0 is not valid"),

@@ -5,12 +5,13 @@ import warnings
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from faqd_tf.features import feature_extractor, feature_layers
 from faqd_tf.layers import QuantConv2D, QuantDense, QuantDepthwiseConv2D, QuantReLU
 from faqd_tf.models import resnet_cifar
-from faqd_tf.quantize import quantize_model
-from tests.test_quantizers import np_quantize
+from faqd_tf.quantize import quantize_model, set_alpha_decay
+from tests.test_quantizers import np_qrelu_grads, np_quantize
 
 
 def test_resnet20_twin_keeps_names_weights_and_quantizes(rng):
@@ -113,3 +114,90 @@ def test_feature_layers_by_resolution_for_models_without_stage_names():
     b = keras.layers.ReLU(name="b2")(b)
     out = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(b))
     assert feature_layers(keras.Model(inputs, out)) == ["a2", "b2"]
+
+
+# ---- activation quantization: the ReLUs found, the alpha update and the alphas' weight decay --
+
+
+def test_no_relu_to_quantize_warns_naming_the_model():
+    model = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2)], name="tanh_net"
+    )
+    with pytest.warns(UserWarning, match=r"found no ReLU to quantize in model 'tanh_net'.*activation_bits=2"):
+        quantize_model(model, weight_bits=4, activation_bits=2)
+    relu_net = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(4), keras.layers.ReLU(name="r"), keras.layers.Dense(2)], name="relu_net"
+    )
+    # Every ReLU skipped is no ReLU quantized either.
+    with pytest.warns(UserWarning, match=r"found no ReLU to quantize in model 'relu_net'"):
+        quantize_model(relu_net, activation_bits=4, skip=["r"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert quantize_model(relu_net, activation_bits=4).get_layer("r").bits == 4
+        quantize_model(model, weight_bits=4)  # no activation_bits asked: nothing to say
+
+
+def test_alpha_rate_reaches_every_quantized_relu_and_is_checked():
+    model = keras.Sequential(
+        [keras.Input((8, 8, 2)), keras.layers.Conv2D(4, 3, activation="relu", name="c1"),
+         keras.layers.ReLU(name="r"), keras.layers.Flatten(), keras.layers.Dense(3)]
+    )
+    twin = quantize_model(model, activation_bits=1, alpha_rate=0.2)
+    relus = [layer for layer in twin.layers if isinstance(layer, QuantReLU)]
+    assert [(layer.name, layer.alpha_rate) for layer in relus] == [("c1_relu", 0.2), ("r", 0.2)]
+    assert quantize_model(model, activation_bits=1).get_layer("r").alpha_rate == 0.01
+    assert quantize_model(model, activation_bits=1, alpha_rate=None).get_layer("r").alpha_rate is None
+    for bad in (0, -1.0, "fast"):
+        with pytest.raises(ValueError, match=r"^alpha_rate=.* is not valid; use a number > 0"):
+            quantize_model(model, activation_bits=1, alpha_rate=bad)
+
+
+def test_builders_take_alpha_rate_and_decay_alphas_with_weight_decay():
+    model = resnet_cifar(8, input_shape=(8, 8, 3), activation_bits=2, weight_decay=5e-4, alpha_rate=0.05)
+    relus = [layer for layer in model.layers if isinstance(layer, QuantReLU)]
+    assert len(relus) == 7 and all(layer.alpha_rate == 0.05 for layer in relus)
+    # The kernels get L2(c), the alphas L2(c * 0.01), the authors' factor.
+    assert model.get_layer("stem_conv").kernel_regularizer.get_config()["l2"] == pytest.approx(5e-4)
+    assert all(layer.alpha.regularizer.get_config()["l2"] == pytest.approx(5e-6) for layer in relus)
+    # Re-quantizing (the two-step recipe) keeps the alphas' decay and takes the new alpha_rate.
+    twin = quantize_model(model, weight_bits=4, activation_bits=2, alpha_rate=None)
+    assert twin.get_layer("stem_relu").alpha.regularizer.get_config()["l2"] == pytest.approx(5e-6)
+    assert twin.get_layer("stem_relu").alpha_rate is None
+    with pytest.raises(ValueError, match=r"^alpha_rate=-0.1 is not valid"):
+        resnet_cifar(8, activation_bits=2, alpha_rate=-0.1)
+
+
+def test_set_alpha_decay_reproduces_the_authors_step(rng):
+    # One SGD step (lr, no momentum, weight decay wd) as the authors take it: the kernel decays
+    # at wd (Keras' decoupled decay), alpha at wd * 0.01 on top of its clamped eq. (5) gradient.
+    lr, wd, batch = 0.5, 0.1, 16
+    inputs = keras.Input((6,))
+    pre = QuantDense(40, name="dense")(inputs)
+    model = keras.Model(inputs, QuantReLU(bits=2, name="relu")(pre))
+    relu, dense = model.get_layer("relu"), model.get_layer("dense")
+    relu.alpha.assign(rng.uniform(0.3, 0.9))
+    x = rng.normal(size=(batch, 6)).astype(np.float32)
+    w = rng.normal(size=(batch, 40)).astype(np.float32)
+    optimizer = keras.optimizers.SGD(lr, weight_decay=wd)
+    assert set_alpha_decay(model, optimizer, wd) == [relu.alpha]
+
+    def loss(w, y):
+        return keras.ops.sum(y * w, axis=-1)
+
+    alpha0, kernel0 = float(relu.alpha.numpy()), dense.kernel.numpy().copy()
+    z = (x @ kernel0 + dense.bias.numpy()).astype(np.float64)
+    clamped = np_qrelu_grads(z, alpha0, 2, w / batch, alpha_rate=0.01)[1]
+    with tf.GradientTape() as tape:
+        kernel_grad = tape.gradient(keras.ops.mean(loss(w, model(x))), dense.kernel).numpy()
+    model.compile(optimizer, loss=loss)
+    model.fit(x, w, batch_size=batch, epochs=1, shuffle=False, verbose=0)
+    assert float(relu.alpha.numpy()) == pytest.approx(alpha0 - lr * (clamped + wd * 0.01 * alpha0), rel=1e-6)
+    np.testing.assert_allclose(dense.kernel.numpy(), kernel0 * (1 - lr * wd) - lr * kernel_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_set_alpha_decay_arguments():
+    model = resnet_cifar(8, input_shape=(8, 8, 3))  # full-precision ReLUs: no alpha to decay
+    assert set_alpha_decay(model, keras.optimizers.SGD(weight_decay=1e-4), 1e-4) == []
+    for kwargs, name in (({"weight_decay": -1.0}, "weight_decay"), ({"weight_decay": 1e-4, "factor": "x"}, "factor")):
+        with pytest.raises(ValueError, match=rf"^set_alpha_decay: {name}=.* must be a number >= 0"):
+            set_alpha_decay(model, keras.optimizers.SGD(), **kwargs)

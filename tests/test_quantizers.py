@@ -42,12 +42,25 @@ def np_qrelu(x, alpha, bits):
     return np.where(x < 0, 0.0, k * alpha)
 
 
-def np_qrelu_grads(x, alpha, bits, dy, top=None):
+def np_qrelu_grads(x, alpha, bits, dy, top=None, alpha_rate=None):
     top = (2**bits - 1) * alpha if top is None else top
     inside = (x > 0) & (x < top)
     dx = np.where(inside, dy, 0.0)
     dsig = np.where(inside, 2 ** (bits - 1), np.where(x >= top, 2**bits - 1, 0.0))
-    return dx, np.sum(dy * dsig)
+    dalpha = np.sum(dy * dsig)
+    # The authors' rule: the summed gradient times rate_factor, clamped to [-1, 1].
+    return dx, dalpha if alpha_rate is None else np.clip(alpha_rate * dalpha, -1.0, 1.0)
+
+
+def qrelu_grads(x, alpha, bits, dy, **kwargs):
+    """(y, dL/dx, dL/dalpha) of L = sum(quantized_relu(x) * dy)."""
+    xt, at = tf.constant(x), tf.constant(alpha, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch([xt, at])
+        y = quantized_relu(xt, at, bits, **kwargs)
+        loss = tf.reduce_sum(y * tf.cast(dy, y.dtype))
+    gx, ga = tape.gradient(loss, [xt, at])
+    return y.numpy(), gx.numpy(), ga.numpy()
 
 
 # ---- weight quantization --------------------------------------------------------------------
@@ -119,7 +132,8 @@ def test_quantized_relu_hand_worked_two_bits():
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
-def test_quantized_relu_forward_and_eq5_gradients(rng, bits):
+@pytest.mark.parametrize("alpha_rate", [None, 0.01, 1.0])
+def test_quantized_relu_forward_and_eq5_gradients(rng, bits, alpha_rate):
     alpha = float(np.float32(rng.uniform(0.05, 0.6)))
     # The op compares x with (2^b - 1) * alpha formed in float32; the boundary point is that value.
     top = float(np.float32(2**bits - 1) * np.float32(alpha))
@@ -128,18 +142,55 @@ def test_quantized_relu_forward_and_eq5_gradients(rng, bits):
         [rng.uniform(-2, 0, 50), rng.uniform(0, top, 200), rng.uniform(top, top + 3, 50), [0.0, top, -0.0]]
     ).astype(np.float32)
     dy = rng.normal(size=x.shape).astype(np.float32)
-    xt, at = tf.constant(x), tf.constant(alpha, tf.float32)
-    with tf.GradientTape() as tape:
-        tape.watch([xt, at])
-        y = quantized_relu(xt, at, bits)
-        loss = tf.reduce_sum(y * dy)
-    gx, ga = tape.gradient(loss, [xt, at])
-    np.testing.assert_allclose(y.numpy(), np_qrelu(x.astype(np.float64), alpha, bits), rtol=1e-5, atol=1e-6)
-    want_dx, want_da = np_qrelu_grads(x.astype(np.float64), alpha, bits, dy.astype(np.float64), top)
-    np.testing.assert_allclose(gx.numpy(), want_dx, rtol=0, atol=0)
-    np.testing.assert_allclose(ga.numpy(), want_da, rtol=1e-5)
+    y, gx, ga = qrelu_grads(x, alpha, bits, dy, alpha_rate=alpha_rate)
+    np.testing.assert_allclose(y, np_qrelu(x.astype(np.float64), alpha, bits), rtol=1e-5, atol=1e-6)
+    want_dx, want_da = np_qrelu_grads(x.astype(np.float64), alpha, bits, dy.astype(np.float64), top, alpha_rate)
+    np.testing.assert_allclose(gx, want_dx, rtol=0, atol=0)
+    np.testing.assert_allclose(ga, want_da, rtol=1e-5)
     # The boundary points: x = 0 passes no gradient, x = top passes none to x and 2^b-1 to alpha.
-    assert gx.numpy()[-3] == 0 and gx.numpy()[-2] == 0
+    assert gx[-3] == 0 and gx[-2] == 0
+
+
+def test_alpha_gradient_hand_worked_raw_scaled_and_clamped():
+    # b = 2, alpha = 0.5, so the top level is 3 * alpha = 1.5. Eq. (5) per activation:
+    #   x = -0.4, 0.0      -> x <= 0            -> 0
+    #   x = 0.3, 0.9, 1.2  -> 0 < x < 1.5       -> 2^(b-1) = 2
+    #   x = 1.5, 3.0       -> x >= 1.5          -> 2^b - 1 = 3
+    x = np.array([-0.4, 0.0, 0.3, 0.9, 1.2, 1.5, 3.0], np.float32)
+    dy = np.array([5.0, 7.0, 1.0, -2.0, 3.0, 4.0, -1.0], np.float32)
+    # Raw sum: 0*5 + 0*7 + 2*(1 - 2 + 3) + 3*(4 - 1) = 4 + 9 = 13.
+    _, gx, raw = qrelu_grads(x, 0.5, 2, dy, alpha_rate=None)
+    assert raw == pytest.approx(13.0)
+    np.testing.assert_array_equal(gx, [0.0, 0.0, 1.0, -2.0, 3.0, 0.0, 0.0])
+    # The authors' default: 13 * 0.01 = 0.13, inside [-1, 1]: the clamp does not bite.
+    assert qrelu_grads(x, 0.5, 2, dy)[2] == pytest.approx(0.13)
+    # Ten times the upstream gradient: 130 * 0.01 = 1.3 -> clamped to 1 (and -1.3 -> -1).
+    assert qrelu_grads(x, 0.5, 2, 10 * dy)[2] == pytest.approx(1.0)
+    assert qrelu_grads(x, 0.5, 2, -10 * dy)[2] == pytest.approx(-1.0)
+    # The same data at alpha_rate=0.05: 130 * 0.05 = 6.5 -> 1; 13 * 0.05 = 0.65 is left alone.
+    assert qrelu_grads(x, 0.5, 2, 10 * dy, alpha_rate=0.05)[2] == pytest.approx(1.0)
+    assert qrelu_grads(x, 0.5, 2, dy, alpha_rate=0.05)[2] == pytest.approx(0.65)
+    # alpha_rate=1.0 is the raw gradient while that lies in [-1, 1] (0.05 * 13 = 0.65), clamped beyond.
+    assert qrelu_grads(x, 0.5, 2, 0.05 * dy, alpha_rate=1.0)[2] == pytest.approx(0.65)
+    assert qrelu_grads(x, 0.5, 2, dy, alpha_rate=1.0)[2] == pytest.approx(1.0)
+    # The gradient to x does not depend on alpha_rate.
+    np.testing.assert_array_equal(qrelu_grads(x, 0.5, 2, dy)[1], gx)
+
+
+def test_alpha_gradient_is_summed_in_float32_for_bfloat16_inputs(rng):
+    # 20,000 bfloat16 activations: a bfloat16 running sum would lose most of the small terms.
+    x = tf.cast(tf.constant(rng.uniform(-0.5, 2.0, size=(20000,)).astype(np.float32)), tf.bfloat16)
+    dy = tf.cast(tf.constant(rng.uniform(0.0, 1e-3, size=(20000,)).astype(np.float32)), tf.bfloat16)
+    alpha = float(np.float32(rng.uniform(0.2, 0.5)))
+    at = tf.constant(alpha, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(at)
+        loss = tf.reduce_sum(tf.cast(quantized_relu(x, at, 2, alpha_rate=None) * dy, tf.float32))
+    ga = tape.gradient(loss, at)
+    assert ga.dtype == tf.float32
+    x64, dy64 = (tf.cast(t, tf.float64).numpy() for t in (x, dy))
+    top = float(np.float32(3.0) * np.float32(alpha))
+    np.testing.assert_allclose(ga.numpy(), np_qrelu_grads(x64, alpha, 2, dy64, top)[1], rtol=1e-5)
 
 
 def test_quantized_relu_at_most_2b_levels(rng):
@@ -155,6 +206,13 @@ def test_quantized_relu_at_most_2b_levels(rng):
 def test_bad_bits_name_the_allowed_values(bits):
     with pytest.raises(ValueError, match=r"bits=.*use one of 1, 2, 4, 8"):
         quantize_weights(np.ones((2, 2), np.float32), bits)
+
+
+@pytest.mark.parametrize("alpha_rate", [0, 0.0, -0.01, "0.01", True, float("inf"), float("nan")])
+def test_bad_alpha_rate_is_one_line_naming_it(alpha_rate):
+    with pytest.raises(ValueError, match=r"^alpha_rate=.* is not valid; use a number > 0 .* or None") as error:
+        quantized_relu(tf.constant([1.0]), 0.5, 2, alpha_rate=alpha_rate)
+    assert "\n" not in str(error.value)
 
 
 def test_bad_alpha_and_per_channel_without_channels():

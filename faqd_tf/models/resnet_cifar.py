@@ -55,6 +55,7 @@ Example:
 import keras
 from keras import layers
 
+from faqd_tf import quantizers
 from faqd_tf.layers import QuantConv2D, QuantDense, QuantReLU
 
 # depth -> (block kind, blocks per stage)
@@ -101,7 +102,8 @@ class ChannelPad(layers.Layer):
 class _Builder:
     """Creates the named, optionally quantized layers shared by the CIFAR and ImageNet ResNets."""
 
-    def __init__(self, weight_bits, activation_bits, per_channel, weight_decay, bn_momentum):
+    def __init__(self, weight_bits, activation_bits, per_channel, weight_decay, bn_momentum,
+                 alpha_rate=quantizers.DEFAULT_ALPHA_RATE):
         if weight_decay is not None and (isinstance(weight_decay, bool) or weight_decay < 0):
             raise ValueError(f"weight_decay={weight_decay!r} must be None or a non-negative float.")
         if isinstance(bn_momentum, bool) or not 0.0 <= float(bn_momentum) < 1.0:
@@ -111,6 +113,7 @@ class _Builder:
         self.per_channel = bool(per_channel)
         self.weight_decay = weight_decay
         self.bn_momentum = float(bn_momentum)
+        self.alpha_rate = quantizers.check_alpha_rate(alpha_rate)
 
     def _regularizer(self):
         # Keras L2(c) adds c * sum(w^2); PyTorch-style weight decay wd corresponds to c = wd / 2.
@@ -137,7 +140,12 @@ class _Builder:
         )(x)
 
     def relu(self, x, name):
-        return QuantReLU(bits=self.activation_bits, name=name)(x)
+        # The authors decay the alphas at the weight decay times ALPHA_DECAY_FACTOR.
+        decay = self.weight_decay * quantizers.ALPHA_DECAY_FACTOR if self.weight_decay else None
+        return QuantReLU(
+            bits=self.activation_bits, alpha_rate=self.alpha_rate, name=name,
+            alpha_regularizer=keras.regularizers.L2(decay) if decay else None,
+        )(x)
 
     def head(self, x, num_classes):
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
@@ -207,7 +215,7 @@ def _preact_bottleneck(b, x, width, strides, prefix, preact, out_name):
 
 def resnet_cifar(depth, num_classes=10, input_shape=(32, 32, 3), weight_bits=None,
                  activation_bits=None, per_channel=False, weight_decay=None,
-                 bn_momentum=BN_MOMENTUM, name=None):
+                 bn_momentum=BN_MOMENTUM, name=None, alpha_rate=quantizers.DEFAULT_ALPHA_RATE):
     """Builds a CIFAR ResNet of depth 8, 14, 20, 32, 44, 56, 110 (basic) or 164 (pre-act bottleneck).
 
     Args:
@@ -219,10 +227,12 @@ def resnet_cifar(depth, num_classes=10, input_shape=(32, 32, 3), weight_bits=Non
       activation_bits: None (plain ReLU) or 1/2/4/8: bits of every ``QuantReLU``.
       per_channel: one weight scale per output channel instead of one per layer.
       weight_decay: None (default; the trainer uses the optimizer's weight decay) or c for an
-        ``L2(c)`` kernel regularizer on every conv and the Dense (c = wd / 2 matches PyTorch's wd).
+        ``L2(c)`` kernel regularizer on every conv and the Dense (c = wd / 2 matches PyTorch's wd),
+        and ``L2(c * 0.01)`` on every alpha (the authors' alpha decay factor).
       bn_momentum: BatchNormalization momentum, 0.9 by default (moving statistics usable after a
         few hundred steps; Keras' 0.99 is too slow for short runs).
       name: model name, default ``f"resnet{depth}"``.
+      alpha_rate: the alpha update of every ``QuantReLU`` (default 0.01; None: raw eq. (5)).
 
     Returns:
       A functional ``keras.Model`` mapping images to logits, with layers ``stage1``..``stage3``.
@@ -232,7 +242,7 @@ def resnet_cifar(depth, num_classes=10, input_shape=(32, 32, 3), weight_bits=Non
         raise ValueError(f"resnet_cifar: depth={depth!r} is not supported; use one of {allowed}.")
     check_num_classes(num_classes)
     kind, n = CIFAR_DEPTHS[depth]
-    b = _Builder(weight_bits, activation_bits, per_channel, weight_decay, bn_momentum)
+    b = _Builder(weight_bits, activation_bits, per_channel, weight_decay, bn_momentum, alpha_rate)
 
     inputs = keras.Input(shape=tuple(input_shape), name="input")
     x = b.conv(inputs, 16, 3, 1, "stem_conv")

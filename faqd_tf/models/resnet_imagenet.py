@@ -27,6 +27,7 @@ Example:
 import keras
 from keras import layers
 
+from faqd_tf import quantizers
 from faqd_tf.models.resnet_cifar import BN_MOMENTUM, _Builder, check_num_classes, residual_branch
 
 IMAGENET_DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
@@ -44,7 +45,7 @@ def _basic_block(b, x, filters, strides, prefix, out_name):
 
 def resnet_imagenet(depth, num_classes=1000, input_shape=(224, 224, 3), small_input=False,
                     weight_bits=None, activation_bits=None, per_channel=False, weight_decay=None,
-                    bn_momentum=BN_MOMENTUM, name=None):
+                    bn_momentum=BN_MOMENTUM, name=None, alpha_rate=quantizers.DEFAULT_ALPHA_RATE):
     """Builds ResNet18 (depth=18) or ResNet34 (depth=34); other depths raise ValueError.
 
     Args:
@@ -52,7 +53,7 @@ def resnet_imagenet(depth, num_classes=1000, input_shape=(224, 224, 3), small_in
       num_classes: width of the ``logits`` layer (raw logits, no softmax).
       input_shape: (H, W, C) of the input.
       small_input: True for small images (Tiny ImageNet 64x64): 3x3 stride-1 stem, no max-pool.
-      weight_bits, activation_bits, per_channel, weight_decay, bn_momentum: as in
+      weight_bits, activation_bits, per_channel, weight_decay, bn_momentum, alpha_rate: as in
         :func:`faqd_tf.models.resnet_cifar.resnet_cifar`.
       name: model name, default ``f"resnet{depth}"``.
     """
@@ -60,7 +61,7 @@ def resnet_imagenet(depth, num_classes=1000, input_shape=(224, 224, 3), small_in
         allowed = ", ".join(str(d) for d in IMAGENET_DEPTHS)
         raise ValueError(f"resnet_imagenet: depth={depth!r} is not supported; use one of {allowed}.")
     check_num_classes(num_classes)
-    b = _Builder(weight_bits, activation_bits, per_channel, weight_decay, bn_momentum)
+    b = _Builder(weight_bits, activation_bits, per_channel, weight_decay, bn_momentum, alpha_rate)
 
     inputs = keras.Input(shape=tuple(input_shape), name="input")
     if small_input:
