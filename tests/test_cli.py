@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from faqd_tf import cli, config
+from faqd_tf import cli, config, training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = "/usr/share/datasets/fashion-mnist"
@@ -48,7 +48,7 @@ def test_make_optimizer_every_optimizer_and_weight_decay(kind, weight_decay):
     # JSON integers (0) are valid numbers in the config; Keras wants floats.
     train = config.resolve_section("train", {"optimizer": kind, "lr": 0.05, "epochs": 2, "weight_decay": weight_decay,
                                              "momentum": 0})
-    opt = cli.make_optimizer(train, steps_per_epoch=10)
+    opt = training.make_optimizer(train, steps_per_epoch=10)
     assert type(opt).__name__ == {"sgd": "SGD", "adam": "AdamW"}[kind]
     # Cosine from lr to 0 over epochs * steps: 0.05 * (1 + cos(pi * t / 20)) / 2.
     schedule = opt._learning_rate

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import pytest
 
-from faqd_tf import callbacks, cli, distribute
+from faqd_tf import callbacks, cli, distribute, runner
 from tests.test_data import _write_idx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -232,8 +232,8 @@ class _Diverge(keras.callbacks.Callback):
 @needs_fmnist
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, teacher_file, monkeypatch, capsys):
     cfg = distill_config(tmp_path, teacher_file, tmp_path / "nan", epochs=3)
-    real = cli.Run.callbacks
-    monkeypatch.setattr(cli.Run, "callbacks", lambda self, stage, csv_name, extra=(): real(self, stage, csv_name, [*extra, _Diverge()]))
+    real = runner.Run.callbacks
+    monkeypatch.setattr(runner.Run, "callbacks", lambda self, stage, csv_name, extra=(): real(self, stage, csv_name, [*extra, _Diverge()]))
     code = cli.main(["--config", cfg, "--stage", "distill", "--set", "strategy=default"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
