@@ -76,6 +76,7 @@ from faqd_tf.data.base import (
     DatasetInfo,
     Request,
     Source,
+    SourceUnavailableError,
 )
 from faqd_tf.data.files import IMAGE_EXTENSIONS, FolderSource, TinyImageNetSource
 from faqd_tf.data.idx import IdxSource, read_idx
@@ -91,6 +92,7 @@ __all__ = [
     "MNIST_STATS",
     "DatasetInfo",
     "Source",
+    "SourceUnavailableError",
     "dataset_info",
     "load",
     "read_idx",

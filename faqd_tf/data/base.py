@@ -102,6 +102,10 @@ def fit_size(image, size, channels):
 
 
 
+class SourceUnavailableError(RuntimeError):
+    """A source that exists but cannot be read here (offline, a missing module); one line."""
+
+
 class Source:
     """The protocol of a data source: what `load` and `dataset_info` ask of it.
 

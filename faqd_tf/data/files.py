@@ -4,11 +4,13 @@ Both walk folders of image files in sorted order, carve validation off each clas
 and decode with TensorFlow.
 """
 
+import functools
 import os
 
 import numpy as np
 import tensorflow as tf
 
+from faqd_tf import inputs
 from faqd_tf.data.base import IMAGENET_STATS, DatasetInfo, Examples, Source, default_augmentation, fit_size, validation_count
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
@@ -18,19 +20,68 @@ IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
 _ORDER_SEED = 230210899
 # Folders: the color mode is read from this many images spread over the sorted file list.
 _CHANNEL_PROBES = 16
+# Without `image_size`, images larger than this on a side would become the network's input size.
+MAX_NATIVE_SIDE = 1024
 
 
 def is_image(name):
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def walk_images(folder):
-    """All images under `folder`, recursively, sorted by path; hidden files and folders skipped."""
+def walk_images(folder, seen=None):
+    """All images under `folder`, recursively, sorted by path; hidden files and folders skipped.
+
+    Symbolic links to folders are followed once: a link back to a folder already walked (a loop,
+    or a second way to the same images) raises, naming it. `seen` maps the folders walked so far
+    (device, inode) to their paths, shared between the walks of one source.
+    """
+    seen = {} if seen is None else seen
+    seen.setdefault(_identity(folder), folder)
     found = []
     for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        dirs[:] = [d for d in sorted(dirs) if not d.startswith(".")]
+        for d in dirs:
+            path = os.path.join(root, d)
+            first = seen.setdefault(_identity(path), path)
+            if first != path:
+                raise ValueError(
+                    f"{path} leads back to {first} (a symbolic link loop, or two ways to one folder); "
+                    f"remove the link so that each image is read once."
+                )
         found.extend(os.path.join(root, f) for f in files if is_image(f))
     return sorted(found)
+
+
+def _identity(path):
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
+
+
+def check_images(paths):
+    """Checks every image file's header (see `faqd_tf.inputs.check_image`) before any is decoded."""
+    for path in paths:
+        _header(path)
+
+
+def check_native_size(path):
+    """Raises if images of the size of `path`, taken as they are, would not suit a network's input."""
+    _, width, height = _header(path)
+    if max(width, height) > MAX_NATIVE_SIDE:
+        raise ValueError(
+            f"images such as {path} are {height} x {width} pixels, too large for a network's input as they are; "
+            f"pass image_size (dataset.image_size in a config), e.g. [224, 224]."
+        )
+
+
+def _header(path):
+    stat = os.stat(path)
+    return _checked(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2**18)
+def _checked(path, mtime_ns, size):
+    del mtime_ns, size  # Cache keys only: a rewritten file is checked again.
+    return inputs.check_image(path)
 
 
 def _no_images_error(label, folder):
@@ -46,10 +97,10 @@ def _index_folder(folder, label):
     """`(class_names, {class index: sorted paths})` of a labeled folder, `(None, {-1: ...})` if flat."""
     entries = sorted((e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name)
     flat = [e.path for e in entries if e.is_file() and is_image(e.name)]
-    classes = {}
+    classes, seen = {}, {_identity(folder): folder}
     for entry in entries:
         if entry.is_dir():
-            files = walk_images(entry.path)
+            files = walk_images(entry.path, seen)
             if files:  # Empty subfolders (stray checkpoints, ...) are not classes.
                 classes[entry.name] = files
     if flat and classes:
@@ -60,6 +111,7 @@ def _index_folder(folder, label):
         )
     if not flat and not classes:
         raise _no_images_error(label, folder)
+    check_images(flat or [p for files in classes.values() for p in files])
     if flat:
         return None, {-1: sorted(flat)}
     names = tuple(sorted(classes))
@@ -109,14 +161,14 @@ def _file_examples(paths, labels, *, size, channels, limit):
 
 def _probe_images(paths):
     """`(height, width)` of the first image and 1 or 3 channels: 3 if any probed image is color."""
-    first = tf.io.decode_image(tf.io.read_file(paths[0]), channels=3, expand_animations=False)
+    _, width, height = _header(paths[0])
     picks = np.unique(np.linspace(0, len(paths) - 1, min(_CHANNEL_PROBES, len(paths))).astype(int))
     channels = 1
     for i in picks:
         if _decoded_channels(paths[i]) >= 3:
             channels = 3
             break
-    return (int(first.shape[0]), int(first.shape[1])), channels
+    return (height, width), channels
 
 
 def _decoded_channels(path):
@@ -174,8 +226,11 @@ class FolderSource(Source):
     def info(self, size, fraction):
         names, groups = self._index("train")
         if self._probed is None:
-            self._probed = _probe_images(sorted(p for files in groups.values() for p in files))
-        native, channels = self._probed
+            paths = sorted(p for files in groups.values() for p in files)
+            self._probed = (paths[0], *_probe_images(paths))
+        first, native, channels = self._probed
+        if size is None:
+            check_native_size(first)
         shape = (*(size or native), channels)
         n_train = sum(len(f) for f in groups.values())
         counts = {"train": n_train}
@@ -227,8 +282,8 @@ class TinyImageNetSource(Source):
         wnids_file = os.path.join(path, "wnids.txt")
         if not os.path.isfile(wnids_file):
             raise FileNotFoundError(f"{label} has no wnids.txt; {layout}.")
-        with open(wnids_file) as f:
-            self.wnids = tuple(line.strip() for line in f if line.strip())
+        text = inputs.read_text(wnids_file, "the wnid list")
+        self.wnids = tuple(line.strip() for line in text.splitlines() if line.strip())
         if not self.wnids or len(set(self.wnids)) != len(self.wnids):
             raise ValueError(
                 f"{label}/wnids.txt is empty or lists a wnid twice; restore the official file."
@@ -241,16 +296,17 @@ class TinyImageNetSource(Source):
 
     def _train_groups(self):
         if self._train is None:
-            groups = {}
+            groups, seen = {}, {}
             for i, wnid in enumerate(self.wnids):
                 folder = os.path.join(self.path, "train", wnid)
-                files = walk_images(folder) if os.path.isdir(folder) else []
+                files = walk_images(folder, seen) if os.path.isdir(folder) else []
                 if not files:
                     raise ValueError(
                         f"{self.source}/train/{wnid} (listed in wnids.txt) has no images; restore "
                         f"it or remove the wnid from wnids.txt."
                     )
                 groups[i] = files
+            check_images([p for files in groups.values() for p in files])
             self._train = groups
         return self._train
 
@@ -268,23 +324,23 @@ class TinyImageNetSource(Source):
             images = os.path.join(val, "images")
             present = {f for f in os.listdir(images) if is_image(f)} if os.path.isdir(images) else set()
             paths, labels = [], []
-            with open(annotations) as f:
-                for number, line in enumerate(f, 1):
-                    fields = line.split()
-                    if not fields:
-                        continue
-                    if len(fields) < 2 or fields[1] not in index:
-                        raise ValueError(
-                            f"{annotations} line {number} names no wnid of wnids.txt "
-                            f"({line.strip()!r}); restore the official file."
-                        )
-                    if fields[0] not in present:
-                        raise FileNotFoundError(
-                            f"{images}/{fields[0]} (line {number} of val_annotations.txt) is "
-                            f"missing; restore val/images."
-                        )
-                    paths.append(os.path.join(images, fields[0]))
-                    labels.append(index[fields[1]])
+            text = inputs.read_text(annotations, "the annotations", limit=64 * 2**20)
+            for number, line in enumerate(text.splitlines(), 1):
+                fields = line.split()
+                if not fields:
+                    continue
+                if len(fields) < 2 or fields[1] not in index:
+                    raise ValueError(
+                        f"{annotations} line {number} names no wnid of wnids.txt "
+                        f"({inputs.shorten(repr(line.strip()))}); restore the official file."
+                    )
+                if fields[0] not in present:
+                    raise FileNotFoundError(
+                        f"{images}/{fields[0]} (line {number} of val_annotations.txt) is "
+                        f"missing; restore val/images."
+                    )
+                paths.append(os.path.join(images, fields[0]))
+                labels.append(index[fields[1]])
             unlabeled = present - {os.path.basename(p) for p in paths}
             if unlabeled:
                 raise ValueError(
@@ -293,6 +349,7 @@ class TinyImageNetSource(Source):
                 )
             if not paths:
                 raise ValueError(f"{annotations} lists no images; restore the official file.")
+            check_images(paths)
             self._val = (paths, labels)
         return self._val
 
@@ -300,6 +357,8 @@ class TinyImageNetSource(Source):
         groups = self._train_groups()
         if self._native is None:
             self._native = _probe_images(groups[0][:1])[0]
+        if size is None:
+            check_native_size(groups[0][0])
         shape = (*(size or self._native), 3)
         counts = {
             "train": sum(len(f) for f in groups.values()),

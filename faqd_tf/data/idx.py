@@ -1,14 +1,13 @@
 """MNIST-format IDX files (``idx:<path>``): ``train-images-idx3-ubyte.gz`` and friends."""
 
 import functools
-import gzip
 import math
 import os
-import zlib
 
 import numpy as np
 import tensorflow as tf
 
+from faqd_tf import inputs
 from faqd_tf.data.base import DatasetInfo, Examples, Source, carve, default_augmentation, fit_size, validation_count
 
 
@@ -38,44 +37,33 @@ def read_idx(path):
     return _read_idx_cached(os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
 
 
-
-
 _IDX_TYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+# Class ids above this are not a classification dataset's (ImageNet-21k has 21,841 classes); the
+# class names and the logits layer would be built for every id up to the largest.
+MAX_CLASSES = 100_000
+# Pixel histograms are counted over this many pixels at a time (np.bincount copies to int64).
+_STATS_CHUNK = 2**22
 
 
 @functools.lru_cache(maxsize=8)
 def _read_idx_cached(path, mtime_ns, size):
     del mtime_ns, size  # Cache keys only: a rewritten file is read again.
-    try:
-        if path.endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                raw = f.read()
-        else:
-            with open(path, "rb") as f:
-                raw = f.read()
-    except (OSError, EOFError, zlib.error) as err:
-        raise ValueError(f"{path} is not a readable gzip file ({err}); download it again.") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES or raw[3] == 0:
-        magic = raw[:4].hex() if len(raw) >= 4 else f"{len(raw)} bytes"
-        raise ValueError(
-            f"{path} is not an IDX file (magic {magic}; expected 00000803 for images or 00000801 for "
-            f"labels); check that it is the right file, uncorrupted."
-        )
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ValueError(f"{path} is truncated inside its header; download it again.")
-    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
-    dtype = np.dtype(_IDX_TYPES[raw[2]])
-    expected = math.prod(shape) * dtype.itemsize  # Python ints: a corrupt header cannot overflow.
-    actual = len(raw) - header
-    if actual != expected:
-        state = "truncated" if actual < expected else "longer than its header says"
-        raise ValueError(
-            f"{path} is {state}: shape {shape} needs {expected} bytes of data, it has {actual}; "
-            f"download it again."
-        )
-    array = np.frombuffer(raw, dtype, offset=header).reshape(shape)
+    with inputs.BinaryFile(path) as f:
+        magic = f.read_exactly(4, "the magic number")
+        if magic[0] != 0 or magic[1] != 0 or magic[2] not in _IDX_TYPES or magic[3] == 0:
+            raise ValueError(
+                f"{path} is not an IDX file (magic {magic.tobytes().hex()}; expected 00000803 for images or "
+                f"00000801 for labels); check that it is the right file, uncorrupted."
+            )
+        ndim = int(magic[3])
+        shape = tuple(int(d) for d in f.read_exactly(4 * ndim, "the header").view(">u4"))
+        dtype = np.dtype(_IDX_TYPES[int(magic[2])])
+        # Python ints: a corrupt header cannot overflow. Checked against the bytes the file can
+        # hold before anything of that size is allocated.
+        expected = math.prod(shape) * dtype.itemsize
+        raw = f.read_exactly(expected, f"shape {shape}")
+        f.expect_end(f"shape {shape} needs {expected:,} bytes of data")
+    array = raw.view(dtype).reshape(shape)
     array = array.astype(dtype.newbyteorder("="), copy=False)
     array.setflags(write=False)
     return array
@@ -83,14 +71,19 @@ def _read_idx_cached(path, mtime_ns, size):
 
 def _channel_stats(images):
     """Per-channel mean and std of uint8 images in [0, 1], from histograms (no float copy)."""
-    means, stds = [], []
+    channels = images.shape[-1]
+    flat = images.reshape(-1, channels)
+    hist = np.zeros((channels, 256), np.float64)
+    for start in range(0, len(flat), _STATS_CHUNK):
+        block = flat[start : start + _STATS_CHUNK]
+        for c in range(channels):
+            hist[c] += np.bincount(block[:, c], minlength=256)
     levels = np.arange(256, dtype=np.float64) / 255.0
-    flat = images.reshape(-1, images.shape[-1])
-    for c in range(flat.shape[1]):
-        hist = np.bincount(flat[:, c], minlength=256).astype(np.float64)
-        total = hist.sum()
-        mean = (hist * levels).sum() / total
-        var = (hist * (levels - mean) ** 2).sum() / total
+    means, stds = [], []
+    for c in range(channels):
+        total = hist[c].sum()
+        mean = (hist[c] * levels).sum() / total
+        var = (hist[c] * (levels - mean) ** 2).sum() / total
         means.append(round(float(mean), 4))
         stds.append(round(float(np.sqrt(var)), 4))
     return tuple(means), tuple(stds)
@@ -140,14 +133,41 @@ class IdxSource(Source):
             )
         if labels.size and labels.min() < 0:
             raise ValueError(f"{labels_file} has negative labels; class ids must be >= 0.")
+        if labels.size and labels.max() >= MAX_CLASSES:
+            at = int(np.argmax(labels))
+            raise ValueError(
+                f"{labels_file} has label {labels[at]} (at position {at}); class ids must be below "
+                f"{MAX_CLASSES:,}; check the file."
+            )
+        if 0 in images.shape[1:3]:
+            raise ValueError(f"{images_file} holds images of {images.shape[1]} x {images.shape[2]} pixels; check the file.")
+        if part == "test" and labels.size:
+            classes = self._num_classes()
+            if labels.max() >= classes:
+                at = int(np.argmax(labels))
+                raise ValueError(
+                    f"{labels_file} has label {labels[at]} (at position {at}), but the train labels have "
+                    f"{classes} classes (0-{classes - 1}); use test files of the same dataset."
+                )
         if images.ndim == 3:
             images = images[..., None]
         return images, labels
+
+    def _num_classes(self):
+        labels = self._arrays("train")[1]
+        return int(labels.max()) + 1 if labels.size else 0
 
     def info(self, size, fraction):
         images, labels = self._arrays("train")
         if self._stats is None:
             self._stats = _channel_stats(images)
+            if 0 in self._stats[1]:
+                channel = self._stats[1].index(0)
+                where = f" of channel {channel}" if images.shape[-1] > 1 else ""
+                raise ValueError(
+                    f"{self._files('train')[0]} has every pixel{where} {int(images[0, 0, 0, channel])} (std 0): "
+                    f"nothing to learn and nothing to normalize by; check the file."
+                )
         shape = (*(size or images.shape[1:3]), images.shape[-1])
         counts = {"train": len(images), "validation": validation_count(len(images), fraction)}
         try:
@@ -155,7 +175,7 @@ class IdxSource(Source):
             counts["test"] = len(self._arrays("test")[0])
         except FileNotFoundError:
             pass
-        num_classes = int(labels.max()) + 1 if labels.size else 0
+        num_classes = self._num_classes()
         return DatasetInfo(
             name=os.path.basename(os.path.normpath(self.path)),
             num_classes=num_classes,

@@ -1,5 +1,9 @@
 """TFDS image classification datasets (``tfds:<name>``), downloaded and prepared on first use."""
 
+import os
+import socket
+import threading
+
 import tensorflow as tf
 
 from faqd_tf.data.base import (
@@ -11,11 +15,38 @@ from faqd_tf.data.base import (
     DatasetInfo,
     Examples,
     Source,
+    SourceUnavailableError,
     carve,
     default_augmentation,
     fit_size,
     validation_count,
 )
+
+# TFDS fetches prepared datasets from its Cloud Storage bucket and most sources from Google
+# storage too. Offline, its downloads retry for minutes before they fail; one connection attempt
+# tells at once.
+_STORAGE = ("storage.googleapis.com", 443)
+_PROBE_SECONDS = 5.0
+
+
+def online():
+    """Whether TFDS's storage host answers a TCP connection within a few seconds (True behind a proxy)."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # only the proxy knows; TFDS's requests go through it
+    answer = []
+
+    def connect():
+        try:
+            socket.create_connection(_STORAGE, timeout=_PROBE_SECONDS).close()
+            answer.append(True)
+        except OSError:
+            answer.append(False)
+
+    # A thread, because name resolution takes no timeout.
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(_PROBE_SECONDS + 1)
+    return answer == [True]
 
 
 def known_stats(name):
@@ -87,17 +118,22 @@ class TfdsSource(Source):
     def _prepare(self):
         if self._prepared:
             return
+        if not self.builder.is_prepared() and not online():
+            raise SourceUnavailableError(
+                f"{self.source} is not prepared in {self.builder.data_dir} and this machine cannot reach "
+                f"{_STORAGE[0]} to download it; connect once to the internet or pass the data_dir that holds it."
+            )
         try:
             self.builder.download_and_prepare()
         except ImportError as err:
             # TFDS imports some dataset-specific dependencies only when it generates the data.
-            raise RuntimeError(
+            raise SourceUnavailableError(
                 f"{self.source} needs the Python module {err.name!r} to download and prepare the "
                 f"data; install it (pip install {err.name})."
             ) from err
         except Exception as err:  # Download and generation errors come in many types.
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            raise RuntimeError(
+            raise SourceUnavailableError(
                 f"{self.source} is not prepared in {self.builder.data_dir} and could not be "
                 f"downloaded ({type(err).__name__}: {reason}); connect once to the internet or "
                 f"pass the data_dir that holds it."
