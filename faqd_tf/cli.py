@@ -1,30 +1,41 @@
-"""The command line behind `train.py`: teacher -> (activation step) -> FAQD distillation -> evaluation.
+"""The command line (`train.py`, or `faqd-tf` when installed): teacher -> (activation step) -> FAQD
+distillation -> evaluation.
 
     python train.py --config configs/cifar10.json                    # every stage still missing
     python train.py --config configs/cifar10.json --stage distill    # one stage
     python train.py --config configs/cifar10.json --set train.epochs=5 --overwrite
     python train.py --config configs/cifar10.json --tune --trials 20 # keras-tuner over the loss weights
+    faqd-tf --config quickstart                                      # a shipped config, by name
 
 A run killed at any moment resumes from its last finished epoch when started again with the same
 command (`keras.callbacks.BackupAndRestore`). Finished outputs are not replaced without
-`--overwrite`. Bad input ends with one line on stderr and exit code 2.
+`--overwrite`. Bad input ends with one line on stderr and exit code 2, before anything is written;
+a run that fails once training began ends with one line and exit code 1. This module is the one
+place where errors become those lines (`main`); set FAQD_TRACEBACK=1 to see the traceback instead.
 """
 
 import argparse
 import os
+import re
 import sys
 
-from faqd_tf.report import write_json
-from faqd_tf.runner import STAGES, Run, UsageError, _say
+from faqd_tf import inputs
+from faqd_tf.runner import STAGES, Run, StageFailed, UsageError
+
+PROG = "train.py"
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        raise UsageError(f"{message} (see train.py --help)")
+        # argparse quotes the values it rejects: keep them short.
+        message = re.sub(r"'([^']{80,})'", lambda m: repr(inputs.shorten(m.group(1))), message)
+        raise UsageError(f"{message} (see {PROG} --help)")
 
 
 def build_parser():
-    parser = _Parser(prog="train.py", description="FAQD: label-free quantization by feature-affinity distillation.")
-    parser.add_argument("--config", required=True, help="JSON config file, e.g. configs/quickstart.json")
+    parser = _Parser(prog=PROG, description="FAQD: label-free quantization by feature-affinity distillation.")
+    parser.add_argument("--config", required=True,
+                        help="JSON config file, e.g. configs/quickstart.json, or a shipped config's name (quickstart)")
     parser.add_argument("--stage", choices=STAGES, default="all", help="stage to run (default: all)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.epochs=5 (repeatable)")
@@ -37,71 +48,74 @@ def build_parser():
 
 
 def run(argv=None):
+    """Parses `argv`, checks every input, then runs; raises on any error (see `main`)."""
     args = build_parser().parse_args(argv)
     from faqd_tf import config as config_module
 
     cfg = config_module.load(args.config, args.set)
     if args.tune and cfg["strategy"] == "multi_worker":
         raise UsageError('--tune runs its trials in one process; set strategy to "default" or "mirrored" for tuning.')
+    if args.trials is not None and not 1 <= args.trials <= 100_000:
+        raise UsageError(f"--trials={args.trials} must be >= 1 and <= 100000.")
     runner = Run(cfg, overwrite=args.overwrite)
-    if args.trials is not None and args.trials < 1:
-        raise UsageError(f"--trials={args.trials} must be >= 1.")
-    if args.tune:
-        runner.preflight(["tune"])
-        os.makedirs(runner.out, exist_ok=True)
-        runner.tune(args.trials or cfg["tune"]["trials"])
-        return 0
-    stages = runner.plan(args.stage)
-    runner.preflight(stages)
-
-    if not stages:
-        raise UsageError(f"every output of this run is in {runner.out} already; pass --overwrite to run it again.")
-    import keras
-
-    keras.utils.set_random_seed(cfg["seed"])
-    os.makedirs(runner.out, exist_ok=True)
-    write_json(os.path.join(runner.out, "config.json"), cfg)
-    _say(f"output directory {runner.out}; stages: {', '.join(stages)}")
-    for stage in stages:
-        if stage == "teacher":
-            runner.train_teacher()
-        elif stage == "distill":
-            runner.distill()
-        elif runner.chief:
-            runner.evaluate(args.export)
-        else:
-            _say("stage evaluate: left to the chief (worker 0), which writes results.json")
+    try:
+        if os.path.isdir(runner.out):
+            runner.lock.acquire()  # a second run on a busy output_dir stops here, at once
+        if args.tune:
+            runner.preflight(["tune"])
+            runner.tune(args.trials or cfg["tune"]["trials"])
+            return 0
+        stages = runner.plan(args.stage)
+        runner.preflight(stages)
+        if not stages:
+            raise UsageError(f"every output of this run is in {runner.out} already; pass --overwrite to run it again.")
+        runner.start(stages, args.export)
+    finally:
+        runner.lock.release()
     return 0
 
 
-def _peer_errors():
-    if "tensorflow" not in sys.modules:  # nothing distributed ran
-        return ()
+def _first_line(error):
+    text = str(getattr(error, "message", None) or error).strip()
+    return inputs.shorten(text.splitlines()[0], 300) if text else type(error).__name__
+
+
+def _stage_failure(failure):
+    """The line for a stage that failed after it began."""
     import tensorflow as tf
 
-    return (tf.errors.UnavailableError, tf.errors.DeadlineExceededError)
+    error = failure.error
+    resume = "run the same command to resume from the last finished epoch"
+    if isinstance(error, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError)):
+        # A worker died or stopped answering; the others' collectives fail with this.
+        cause = _first_line(error).split("aborted by: ")[-1].strip()[:200]
+        return f"the multi-worker job lost a worker ({cause}); start every worker again with the same command to resume from the last backup."
+    if isinstance(error, tf.errors.ResourceExhaustedError):
+        return (f"stage {failure.stage} ran out of memory ({_first_line(error)[:120]}); lower train.batch_size "
+                f"or dataset.image_size, then {resume}.")
+    return f"stage {failure.stage} failed: {_first_line(error)}; fix what it names, then {resume}."
 
 
 def main(argv=None):
+    """Runs the command line; every error ends as one line on stderr with exit code 2 (bad input,
+    nothing written) or 1 (the run failed once it began)."""
     from faqd_tf.callbacks import NonFiniteLossError
-    from faqd_tf.config import ConfigError
+    from faqd_tf.data import SourceUnavailableError
+
+    def fail(message, code):
+        if os.environ.get("FAQD_TRACEBACK"):
+            raise
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return code
 
     try:
         return run(argv)
-    except _peer_errors() as e:
-        # A worker died or stopped answering; the others' collectives fail with this.
-        cause = str(getattr(e, "message", e)).split("aborted by: ")[-1].strip().splitlines()[0][:200]
-        print(f"train.py: error: the multi-worker job lost a worker ({cause}); start every worker again with the same "
-              "command to resume from the last backup.", file=sys.stderr)
-        return 1
+    except StageFailed as e:
+        return fail(_stage_failure(e), 1)
     except NonFiniteLossError as e:
-        print(f"train.py: error: {e}; lower train.lr (or check the data), then run the same command to resume.",
-              file=sys.stderr)
-        return 1
-    except (UsageError, ConfigError, FileNotFoundError, ValueError) as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"train.py: error: {message}", file=sys.stderr)
-        return 2
+        return fail(f"{e}; lower train.lr (or check the data), then run the same command to resume.", 1)
+    except (ValueError, OSError, SourceUnavailableError) as e:  # UsageError, ConfigError and the data's errors
+        return fail(_first_line(e), 2)
     except KeyboardInterrupt:
-        print("train.py: interrupted; run the same command again to resume from the last finished epoch.", file=sys.stderr)
+        print(f"{PROG}: interrupted; run the same command again to resume from the last finished epoch.", file=sys.stderr)
         return 130

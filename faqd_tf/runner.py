@@ -1,12 +1,24 @@
-"""A configured run of the CLI: its plan, the checks made before anything is written, and the stages."""
+"""A configured run of the CLI: its plan, the checks made before anything is written, and the stages.
 
+    run = Run(config)                 # paths and the distribution strategy; nothing read yet
+    stages = run.plan("all")          # the stages whose outputs are missing or were interrupted
+    run.preflight(stages)             # every check that needs no training; nothing written
+    run.start(stages)                 # locks output_dir, writes config.json, runs the stages
+
+Every stage trains with `keras.callbacks.BackupAndRestore` (`faqd_tf.callbacks.SharedBackupAndRestore`)
+and ends in the same order: the model is saved (atomically), then the backup is removed. A kill at
+any moment therefore leaves either a backup to resume from or the finished model, never neither.
+"""
+
+import fcntl
 import json
 import os
+import shutil
 import zipfile
 
+from faqd_tf import inputs
 from faqd_tf.report import plot_curves, print_table, write_json
 from faqd_tf.training import make_optimizer, save_model
-
 
 STAGES = ("teacher", "distill", "evaluate", "all")
 
@@ -15,8 +27,49 @@ class UsageError(ValueError):
     """Bad input from the user: printed as one line, exit code 2."""
 
 
-def _say(message):
+class StageFailed(RuntimeError):
+    """A stage that stopped on an error after it began (`error`): one line, exit code 1."""
+
+    def __init__(self, stage, error):
+        super().__init__(f"stage {stage} failed: {error}")
+        self.stage, self.error = stage, error
+
+
+def say(message):
     print(f"[faqd] {message}", flush=True)
+
+
+class FolderLock:
+    """An exclusive lock on a folder, so that two runs never write one `output_dir`.
+
+    `flock` on the folder's own descriptor: nothing is written for it, and the operating system
+    releases it when the process ends, however it ends, so a crashed run leaves no stale lock.
+    Filesystems without `flock` (some network mounts) run unlocked.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self._fd = None
+
+    def acquire(self):
+        if self._fd is not None:
+            return
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UsageError(
+                f"output_dir {self.path} is in use by another run; wait for it to end or choose another output_dir."
+            ) from None
+        except OSError:
+            pass  # no flock here: run unlocked
+        self._fd = fd
+
+    def release(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class Run:
@@ -38,12 +91,18 @@ class Run:
         self.student_path = os.path.join(self.out, "student.keras")
         self.act_path = os.path.join(self.out, "student_act.keras")
         self.results_path = os.path.join(self.base, "results.json")
+        self.lock = FolderLock(self.out)
+        self.info = None
+
+    def backup(self, stage):
+        # The chief's, shared by all workers.
+        return os.path.join(self.base, "backup", stage)
 
     # --- checks made before anything is written
 
     def _pending(self, path, stage):
-        # An interrupted stage leaves its BackupAndRestore folder (the chief's, shared by all workers).
-        return not os.path.exists(path) or os.path.isdir(os.path.join(self.base, "backup", stage))
+        # An interrupted stage leaves its BackupAndRestore folder.
+        return not os.path.exists(path) or os.path.isdir(self.backup(stage))
 
     def plan(self, stage):
         """The stages to run: `all` runs those whose outputs are missing or were interrupted."""
@@ -60,48 +119,85 @@ class Run:
         return stages
 
     def preflight(self, stages):
-        from faqd_tf import data
+        """Checks every input the `stages` (or ``["tune"]``) will use, short of training: the
+        output folder, every split of the data they read, the models and their fit to the data,
+        the FA layer names. Raises one-line errors; writes nothing."""
+        from faqd_tf import data, models
 
-        self.info = data.dataset_info(self.config["dataset"]["source"], self.config["dataset"]["data_dir"],
-                                      image_size=self.config["dataset"]["image_size"])
+        inputs.check_output_dir(self.out)
+        d = self.config["dataset"]
+        self.info = data.dataset_info(d["source"], d["data_dir"], image_size=d["image_size"])
         if not self.info.num_classes:
             raise UsageError(
-                f"dataset {self.config['dataset']['source']} has no classes (unlabeled); the teacher's training "
+                f"dataset {inputs.shorten(d['source'])} has no classes (unlabeled); the teacher's training "
                 "and evaluation need labeled data: use a labeled source (labels are ignored while distilling)."
             )
+        for split, labels, train in self._datasets(stages):
+            self.dataset(split, labels, train)  # builds the pipeline: every split and argument checked
+        teacher = None
         if "teacher" in stages:
             if self.config["teacher"]["arch"] is None:
                 raise UsageError("stage 'teacher' needs teacher.arch, the architecture to train.")
             self._check_arch(self.config["teacher"]["arch"], "teacher.arch")
             self._check_free(self.teacher_path, "teacher", "teacher")
+            if self.config["teacher"]["file"]:
+                inputs.check_output_dir(os.path.dirname(os.path.abspath(self.teacher_path)), "teacher.file's folder")
+            if "distill" in stages:  # the architecture stands in for the teacher still to train
+                teacher = models.get(self.config["teacher"]["arch"], num_classes=self.info.num_classes,
+                                     input_shape=self.info.image_shape)
         elif not os.path.exists(self.teacher_path):
             raise UsageError(
                 f"teacher file {self.teacher_path} does not exist; run --stage teacher first or set teacher.file."
             )
         else:
-            self._load_model(self.teacher_path, "teacher.file")
+            teacher = self._load_model(self.teacher_path, "teacher.file")
         if "distill" in stages:
             self._check_free(self.student_path, "student", "distill")
             student = self.config["student"]
             if student["init"] == "scratch":
                 self._check_arch(student["arch"] or self.config["teacher"]["arch"], "student.arch")
-            if student["init"] == "file":
-                self._load_model(student["file"], "student.file")
+            self._check_distiller(teacher)
         if "evaluate" in stages and "distill" not in stages:
             if not os.path.exists(self.student_path):
                 raise UsageError(f"student file {self.student_path} does not exist; run --stage distill first.")
+            self._load_model(self.student_path, "student file")
             self._check_free(self.results_path, "results", "evaluate")
+
+    def _datasets(self, stages):
+        """(split, labels, training role) of every dataset the stages build."""
+        d = self.config["dataset"]
+        wanted = []
+        if "teacher" in stages:
+            wanted += [("train", True, "teacher"), (d["validation_split"], True, None)]
+        if "distill" in stages:
+            wanted += [("train", d["labels"], "student"), (d["validation_split"], True, None)]
+        if "evaluate" in stages:
+            wanted.append(("test", True, None))
+        if "tune" in stages:
+            wanted += [("train", d["labels"], "student"), ("validation", True, None)]
+        return list(dict.fromkeys(wanted))
 
     def _check_arch(self, arch, key):
         from faqd_tf import models
 
         if arch not in models.available():
-            raise UsageError(f"{key}={arch!r} is not a known architecture; use one of {', '.join(models.available())}.")
+            raise UsageError(
+                f"{key}={inputs.shorten(repr(arch))} is not a known architecture; use one of {', '.join(models.available())}."
+            )
 
     def _check_free(self, path, what, stage):
-        backup = os.path.join(self.base, "backup", stage)
-        if os.path.exists(path) and not self.overwrite and not os.path.isdir(backup):
+        if os.path.exists(path) and not self.overwrite and not os.path.isdir(self.backup(stage)):
             raise UsageError(f"the {what} output {path} exists; pass --overwrite to replace it.")
+
+    def _check_distiller(self, teacher):
+        """Builds the stage's Distiller once, untrained: the student, the FA layer pairs, the loss options."""
+        from faqd_tf.distiller import Distiller
+
+        student, _ = self.build_student(teacher)
+        try:
+            Distiller(student, teacher, seed=self.config["seed"], **self.config["distill"])
+        except ValueError as err:
+            raise UsageError(f"distill: {str(err).strip().splitlines()[0]}") from None
 
     def _load_model(self, path, key):
         import keras
@@ -113,11 +209,30 @@ class Run:
         try:
             model = keras.models.load_model(path, safe_mode=True)
         except (ValueError, OSError, zipfile.BadZipFile, KeyError, TypeError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = inputs.shorten(str(e).strip().splitlines()[0], 200) if str(e).strip() else type(e).__name__
             raise UsageError(f"{key} {path} is not a loadable Keras model ({reason}); give a .keras file saved by Keras 3.") from None
         if not isinstance(model, keras.Model):
             raise UsageError(f"{key} {path} holds a {type(model).__name__}, not a Keras model.")
+        self._check_fits(model, key, path)
         return model
+
+    def _check_fits(self, model, key, path):
+        """The model takes the data's images and has one logit per class."""
+        source = inputs.shorten(self.config["dataset"]["source"])
+        image_shape, classes = self.info.image_shape, self.info.num_classes
+        shapes = model.input_shape if isinstance(model.input_shape, list) else [model.input_shape]
+        shape = tuple(shapes[0][1:]) if len(shapes) == 1 and shapes[0] is not None else None
+        if shape is None or len(shape) != 3 or any(s is not None and s != e for s, e in zip(shape, image_shape)):
+            raise UsageError(
+                f"{key} {path} takes inputs of shape {shape if shape is not None else shapes}, but {source} yields "
+                f"images of {image_shape}; use a model for this data (or set dataset.image_size)."
+            )
+        outputs = model.output_shape
+        if not isinstance(outputs, tuple) or outputs[-1] != classes:
+            raise UsageError(
+                f"{key} {path} has {outputs[-1] if isinstance(outputs, tuple) else outputs} outputs, but {source} has "
+                f"{classes} classes; use a model trained on this dataset's classes."
+            )
 
     # --- shared pieces
 
@@ -140,17 +255,20 @@ class Run:
     def callbacks(self, stage, history_csv, extra=()):
         import keras
 
-        from faqd_tf.callbacks import SharedBackupAndRestore, StopOnNonFiniteLoss
+        from faqd_tf.callbacks import ResumableCSVLogger, SharedBackupAndRestore, StopOnNonFiniteLoss
 
-        backup = os.path.join(self.base, "backup", stage)
+        backup = self.backup(stage)
         return [
-            # Stops before BackupAndRestore's epoch end, which would save the diverged weights.
+            # Stops before any epoch-end callback, so no backup holds diverged weights.
             StopOnNonFiniteLoss(backup),
-            # Every worker resumes from the chief's backup, so all restart at the same epoch.
-            SharedBackupAndRestore(backup, writer=self.chief),
-            keras.callbacks.CSVLogger(os.path.join(self.out, history_csv), append=True),
-            keras.callbacks.TensorBoard(os.path.join(self.out, "logs", stage), write_graph=False),
+            # Before the backup and the history, so that both hold what they change (relax lambda).
             *extra,
+            # Before the backup: a kill between the two leaves a row that the resumed run replaces.
+            ResumableCSVLogger(os.path.join(self.out, history_csv)),
+            # Every worker resumes from the chief's backup, so all restart at the same epoch. The
+            # stage removes it only once its model is saved.
+            SharedBackupAndRestore(backup, writer=self.chief, delete_checkpoint=False),
+            keras.callbacks.TensorBoard(os.path.join(self.out, "logs", stage), write_graph=False),
         ]
 
     def _steps(self, dataset, train):
@@ -163,19 +281,62 @@ class Run:
             return n
         return int(dataset.reduce(tf.constant(0, tf.int64), lambda c, _: c + 1))
 
+    def _train(self, model, stage, train_ds, val_ds, train, history_csv, save, extra=()):
+        """`fit`, then `save()` (the stage's model, saved atomically), then the backup removed.
+
+        In this order a kill at any moment resumes with nothing lost: before the save the backup is
+        there (a run restored at its last epoch trains no more and saves), after it the model is.
+        """
+        from faqd_tf import distribute
+
+        if not os.path.isdir(self.backup(stage)):
+            # A fresh start (--overwrite): the curves of an earlier run go with it.
+            shutil.rmtree(os.path.join(self.out, "logs", stage), ignore_errors=True)
+        model.fit(train_ds.repeat() if train["steps_per_epoch"] else train_ds, epochs=train["epochs"],
+                  steps_per_epoch=train["steps_per_epoch"], validation_data=val_ds,
+                  callbacks=self.callbacks(stage, history_csv, extra), verbose="auto", shuffle=False)
+        save()
+        # Every worker has saved its copy before the chief removes the shared backup.
+        distribute.barrier(self.strategy())
+        if self.chief:
+            shutil.rmtree(self.backup(stage), ignore_errors=True)
+
     # --- stages
+
+    def start(self, stages, exports=()):
+        """Runs the `stages` (after `preflight`): locks the output folder, writes config.json."""
+        import keras
+        import tensorflow as tf
+
+        keras.utils.set_random_seed(self.config["seed"])
+        os.makedirs(self.out, exist_ok=True)
+        self.lock.acquire()
+        write_json(os.path.join(self.out, "config.json"), self.config)
+        say(f"output directory {self.out}; stages: {', '.join(stages)}")
+        for stage in stages:
+            try:
+                if stage == "teacher":
+                    self.train_teacher()
+                elif stage == "distill":
+                    self.distill()
+                elif self.chief:
+                    self.evaluate(exports)
+                else:
+                    say("stage evaluate: left to the chief (worker 0), which writes results.json")
+            except (OSError, ValueError, tf.errors.OpError) as err:
+                raise StageFailed(stage, err) from err
 
     def train_teacher(self):
         import keras
 
-        from faqd_tf import distribute, models
+        from faqd_tf import models
 
         cfg = self.config["teacher"]
         train_ds = self.dataset("train", True, "teacher")
         val_ds = self.dataset(self.config["dataset"]["validation_split"], True, None)
         steps = self._steps(train_ds, cfg["train"])
-        _say(f"stage teacher: training a full-precision {cfg['arch']} for {cfg['train']['epochs']} epochs "
-             f"({steps} steps each) on {self.config['dataset']['source']}")
+        say(f"stage teacher: training a full-precision {cfg['arch']} for {cfg['train']['epochs']} epochs "
+            f"({steps} steps each) on {self.config['dataset']['source']}")
         with self.strategy().scope():
             model = models.get(cfg["arch"], num_classes=self.info.num_classes, input_shape=self.info.image_shape)
             model.compile(
@@ -183,15 +344,14 @@ class Run:
                 keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                 metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
             )
-        model.fit(train_ds.repeat() if cfg["train"]["steps_per_epoch"] else train_ds, epochs=cfg["train"]["epochs"],
-                  steps_per_epoch=cfg["train"]["steps_per_epoch"], validation_data=val_ds,
-                  callbacks=self.callbacks("teacher", "teacher_history.csv"), verbose="auto", shuffle=False)
-        if self.chief:
-            os.makedirs(os.path.dirname(self.teacher_path) or ".", exist_ok=True)
-            save_model(model, self.teacher_path)
-            _say(f"teacher saved to {self.teacher_path}")
-        # The other workers read the chief's teacher next: wait until it is written.
-        distribute.barrier(self.strategy())
+
+        def save():
+            if self.chief:  # the other workers read the chief's teacher
+                os.makedirs(os.path.dirname(self.teacher_path) or ".", exist_ok=True)
+                save_model(model, self.teacher_path)
+                say(f"teacher saved to {self.teacher_path}")
+
+        self._train(model, "teacher", train_ds, val_ds, cfg["train"], "teacher_history.csv", save)
 
     def build_student(self, teacher):
         from faqd_tf import models
@@ -213,7 +373,8 @@ class Run:
             per_channel=s["per_channel"] and weight_bits is not None, relax=s["relax"] if weight_bits else None,
         ), full
 
-    def _distill(self, teacher, student, stage, train_ds, val_ds, steps):
+    def _distill(self, teacher, student, stage, train_ds, val_ds, steps, path):
+        """One distillation of `student` from `teacher`, saved to `path`; returns the trained student."""
         import keras
 
         from faqd_tf.callbacks import BinaryRelaxScheduler
@@ -226,11 +387,9 @@ class Run:
             distiller.compile(make_optimizer(self.config["train"], steps),
                               metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
         extra = [BinaryRelaxScheduler(self.config["student"]["relax_eta"])] if self.config["student"]["relax"] else []
-        train = self.config["train"]
-        distiller.fit(train_ds.repeat() if train["steps_per_epoch"] else train_ds, epochs=train["epochs"],
-                      steps_per_epoch=train["steps_per_epoch"], validation_data=val_ds,
-                      callbacks=self.callbacks(stage, "history.csv" if stage == "distill" else f"{stage}_history.csv", extra),
-                      verbose="auto", shuffle=False)
+        history = "history.csv" if stage == "distill" else f"{stage}_history.csv"
+        self._train(distiller, stage, train_ds, val_ds, self.config["train"], history,
+                    lambda: save_model(distiller.student, path), extra)
         return distiller.student
 
     def distill(self):
@@ -248,27 +407,29 @@ class Run:
             f" + {d['gamma']}*CE" if d["gamma"] else "")
         mode = "label-free" if not labels else "with labels"
         if two_step:
-            if os.path.exists(self.act_path) and not os.path.isdir(os.path.join(self.base, "backup", "distill")):
-                _say(f"stage distill (1/2): reusing the activation-quantized student {self.act_path}")
+            # Step 1 is done when its student is saved and not being redone: without --overwrite, or
+            # when --overwrite's own run was interrupted in step 2.
+            done = os.path.exists(self.act_path) and not os.path.isdir(self.backup("distill_act")) and (
+                not self.overwrite or os.path.isdir(self.backup("distill")))
+            if done:
+                say(f"stage distill (1/2): reusing the activation-quantized student {self.act_path}")
                 with self.strategy().scope():
                     student = self._load_model(self.act_path, "student_act")
             else:
-                _say(f"stage distill (1/2): {s['activation_bits']}-bit activations, FP weights; loss {terms}, {mode}")
-                student = self._distill(teacher, student, "distill_act", train_ds, val_ds, steps)
-                save_model(student, self.act_path)
+                say(f"stage distill (1/2): {s['activation_bits']}-bit activations, FP weights; loss {terms}, {mode}")
+                student = self._distill(teacher, student, "distill_act", train_ds, val_ds, steps, self.act_path)
             with self.strategy().scope():
                 student = quantize_model(student, weight_bits=s["weight_bits"], activation_bits=s["activation_bits"],
                                          per_channel=s["per_channel"], relax=s["relax"])
-            _say(f"stage distill (2/2): {s['weight_bits']}-bit weights and {s['activation_bits']}-bit activations")
+            say(f"stage distill (2/2): {s['weight_bits']}-bit weights and {s['activation_bits']}-bit activations")
         else:
             bits = f"{s['weight_bits']}-bit weights" if s["weight_bits"] else "FP weights"
             if s["activation_bits"]:
                 bits += f", {s['activation_bits']}-bit activations"
-            _say(f"stage distill: {bits}, init {s['init']}; loss {terms}, {mode}; {self.config['train']['epochs']} "
-                 f"epochs of {steps} steps")
-        student = self._distill(teacher, student, "distill", train_ds, val_ds, steps)
-        save_model(student, self.student_path)
-        _say(f"student saved to {self.student_path}")
+            say(f"stage distill: {bits}, init {s['init']}; loss {terms}, {mode}; {self.config['train']['epochs']} "
+                f"epochs of {steps} steps")
+        self._distill(teacher, student, "distill", train_ds, val_ds, steps, self.student_path)
+        say(f"student saved to {self.student_path}")
 
     def evaluate(self, exports=()):
         import keras
@@ -277,7 +438,7 @@ class Run:
 
         test_ds = self.dataset("test", True, None)
         results = {"dataset": self.config["dataset"]["source"], "split": "test"}
-        _say(f"stage evaluate: teacher and student on the {self.config['dataset']['source']} test split")
+        say(f"stage evaluate: teacher and student on the {self.config['dataset']['source']} test split")
         for role, path in (("teacher", self.teacher_path), ("student", self.student_path)):
             model = self._load_model(path, f"{role} file")
             model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -299,7 +460,7 @@ class Run:
         plot = plot_curves(self.out)
         print_table(results)
         write_json(self.results_path, results)
-        _say(f"results written to {self.results_path}" + (f"; curves in {plot}" if plot else ""))
+        say(f"results written to {self.results_path}" + (f"; curves in {plot}" if plot else ""))
         return results
 
     def export(self, student, kind):
@@ -311,7 +472,7 @@ class Run:
         else:
             path = os.path.join(self.out, "student.faqd")
             export.pack(student, path)
-        _say(f"exported {kind}: {path} ({os.path.getsize(path):,} bytes)")
+        say(f"exported {kind}: {path} ({os.path.getsize(path):,} bytes)")
         return {"file": path, "bytes": os.path.getsize(path)}
 
     def tune(self, trials):
@@ -319,6 +480,8 @@ class Run:
         from faqd_tf.quantize import quantize_model
 
         cfg = self.config
+        os.makedirs(self.out, exist_ok=True)
+        self.lock.acquire()
         train_ds = self.dataset("train", cfg["dataset"]["labels"], "student")
         val_ds = self.dataset("validation", True, None)
         teacher = self._load_model(self.teacher_path, "teacher.file")
@@ -333,7 +496,7 @@ class Run:
             label_free=not cfg["dataset"]["labels"], tune_fa=cfg["tune"]["tune_fa"],
             fa=cfg["distill"]["fa"] or "exact", distiller_kwargs=d,
         )
-        _say(f"tuning: {trials} {cfg['tune']['tuner']} trials of {cfg['tune']['epochs']} epoch(s), objective val_accuracy")
+        say(f"tuning: {trials} {cfg['tune']['tuner']} trials of {cfg['tune']['epochs']} epoch(s), objective val_accuracy")
         best, _ = tuning.search(hypermodel, train_ds, val_ds, tuner=cfg["tune"]["tuner"], max_trials=trials,
                                 epochs=cfg["tune"]["epochs"], directory=os.path.join(self.out, "tuning"),
                                 project_name="faqd", overwrite=self.overwrite)
@@ -341,4 +504,4 @@ class Run:
         best_config["distill"].update(tuning.best_distill_config(best))
         path = os.path.join(self.out, "best_config.json")
         write_json(path, best_config)
-        _say(f"best loss weights {tuning.best_distill_config(best)}; config written to {path}")
+        say(f"best loss weights {tuning.best_distill_config(best)}; config written to {path}")
