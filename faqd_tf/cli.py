@@ -22,18 +22,22 @@ import sys
 from faqd_tf import inputs
 from faqd_tf.runner import STAGES, Run, StageFailed, UsageError
 
-PROG = "train.py"
+
+
+def _prog():
+    # Installed, the command is faqd-tf; from a checkout, train.py.
+    return "faqd-tf" if os.path.basename(sys.argv[0] or "") == "faqd-tf" else "train.py"
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         # argparse quotes the values it rejects: keep them short.
         message = re.sub(r"'([^']{80,})'", lambda m: repr(inputs.shorten(m.group(1))), message)
-        raise UsageError(f"{message} (see {PROG} --help)")
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def build_parser():
-    parser = _Parser(prog=PROG, description="FAQD: label-free quantization by feature-affinity distillation.")
+    parser = _Parser(prog=_prog(), description="FAQD: label-free quantization by feature-affinity distillation.")
     parser.add_argument("--config", required=True,
                         help="JSON config file, e.g. configs/quickstart.json, or a shipped config's name (quickstart)")
     parser.add_argument("--stage", choices=STAGES, default="all", help="stage to run (default: all)")
@@ -105,7 +109,7 @@ def main(argv=None):
     def fail(message, code):
         if os.environ.get("FAQD_TRACEBACK"):
             raise
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+        print(f"{_prog()}: error: {message}", file=sys.stderr)
         return code
 
     try:
@@ -117,5 +121,5 @@ def main(argv=None):
     except (ValueError, OSError, SourceUnavailableError) as e:  # UsageError, ConfigError and the data's errors
         return fail(_first_line(e), 2)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; run the same command again to resume from the last finished epoch.", file=sys.stderr)
+        print(f"{_prog()}: interrupted; run the same command again to resume from the last finished epoch.", file=sys.stderr)
         return 130

@@ -276,14 +276,10 @@ def apply_overrides(config, overrides):
 def shipped():
     """The folder of the configs shipped with faqd-tf: the package data of an installed wheel,
     or the repository's ``configs/``."""
-    from importlib import resources
-
-    try:
-        folder = str(resources.files("faqd_tf.configs"))
-    except ModuleNotFoundError:  # a source checkout: configs/ sits next to the package
-        folder = None
-    if folder is None or not os.path.isdir(folder):
-        folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    package = os.path.dirname(os.path.abspath(__file__))
+    folder = os.path.join(package, "configs")
+    if not os.path.isdir(folder):  # a source checkout: configs/ sits next to the package
+        folder = os.path.join(os.path.dirname(package), "configs")
     return folder
 
 
