@@ -9,43 +9,13 @@ import tensorflow as tf
 from PIL import Image
 
 from faqd_tf import data
+from tests.datafiles import idx_bytes, make_idx, pixels, write_idx
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 # ------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _pixels(rng, shape):
-    # Never all-zero: 0 is excluded and the values vary.
-    return rng.integers(1, 256, size=shape, dtype=np.uint8)
-
-
-def _idx_bytes(array):
-    codes = {np.dtype("uint8"): 0x08, np.dtype("int32"): 0x0C}
-    header = bytes([0, 0, codes[array.dtype], array.ndim])
-    header += np.asarray(array.shape, ">u4").tobytes()
-    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
-
-
-def _write_idx(path, array, compress=True):
-    raw = _idx_bytes(array)
-    with (gzip.open(path, "wb") if compress else open(path, "wb")) as f:
-        f.write(raw)
-
-
-def _make_idx(folder, rng, n_train=40, n_test=12, hw=(6, 5), classes=4):
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = {
-        "train": (_pixels(rng, (n_train, *hw)), rng.integers(0, classes, n_train).astype(np.uint8)),
-        "t10k": (_pixels(rng, (n_test, *hw)), rng.integers(0, classes, n_test).astype(np.uint8)),
-    }
-    arrays["train"][1][0] = classes - 1  # The class count comes from the largest label.
-    for prefix, (images, labels) in arrays.items():
-        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
-        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
-    return arrays
 
 
 def _collect(ds):
@@ -93,10 +63,10 @@ def _decoded(path):
 
 
 def test_read_idx_roundtrip(tmp_path, rng):
-    images = _pixels(rng, (7, 4, 3))
+    images = pixels(rng, (7, 4, 3))
     counts = rng.integers(-1000, 1000, size=(5,)).astype(np.int32)
-    _write_idx(tmp_path / "a-idx3-ubyte.gz", images)
-    _write_idx(tmp_path / "b-idx1-ubyte", counts, compress=False)
+    write_idx(tmp_path / "a-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "b-idx1-ubyte", counts, compress=False)
     np.testing.assert_array_equal(data.read_idx(tmp_path / "a-idx3-ubyte.gz"), images)
     back = data.read_idx(tmp_path / "b-idx1-ubyte")
     np.testing.assert_array_equal(back, counts)
@@ -104,7 +74,7 @@ def test_read_idx_roundtrip(tmp_path, rng):
 
 
 def test_idx_info_and_exact_read(tmp_path, rng):
-    arrays = _make_idx(tmp_path / "digits", rng)
+    arrays = make_idx(tmp_path / "digits", rng)
     source = f"idx:{tmp_path / 'digits'}"
     info = data.dataset_info(source)
     train_raw = arrays["train"][0]
@@ -125,7 +95,7 @@ def test_idx_info_and_exact_read(tmp_path, rng):
 
 
 def test_idx_validation_tail(tmp_path, rng):
-    arrays = _make_idx(tmp_path / "d", rng, n_train=40)
+    arrays = make_idx(tmp_path / "d", rng, n_train=40)
     source, raw = f"idx:{tmp_path / 'd'}", arrays["train"][0]
     info = data.dataset_info(source)
 
@@ -145,9 +115,9 @@ def test_idx_validation_tail(tmp_path, rng):
 
 
 def _corrupt(kind, folder, rng):
-    arrays = _make_idx(folder, rng)
+    arrays = make_idx(folder, rng)
     images_file = folder / "train-images-idx3-ubyte.gz"
-    raw = _idx_bytes(arrays["train"][0])
+    raw = idx_bytes(arrays["train"][0])
     if kind == "magic":
         with gzip.open(images_file, "wb") as f:
             f.write(b"\x12\x34\x08\x03" + raw[4:])
@@ -161,7 +131,7 @@ def _corrupt(kind, folder, rng):
         blob = images_file.read_bytes()
         images_file.write_bytes(blob[: len(blob) // 2])
     elif kind == "count":
-        _write_idx(folder / "train-labels-idx1-ubyte.gz", arrays["train"][1][:-1])
+        write_idx(folder / "train-labels-idx1-ubyte.gz", arrays["train"][1][:-1])
     elif kind == "missing":
         os.remove(folder / "train-labels-idx1-ubyte.gz")
     return images_file
@@ -207,7 +177,7 @@ def test_real_fashion_mnist():
 
 @pytest.mark.parametrize("policy", data.AUGMENTATIONS)
 def test_augmentation_keeps_shape_and_range(tmp_path, rng, policy):
-    _make_idx(tmp_path / "d", rng, n_train=32, hw=(16, 12))
+    make_idx(tmp_path / "d", rng, n_train=32, hw=(16, 12))
     source = f"idx:{tmp_path / 'd'}"
     info = data.dataset_info(source)
     plain = _collect(data.load(source, "train", labels=False, shuffle=False, augment=False))[0]
@@ -222,7 +192,7 @@ def test_augmentation_keeps_shape_and_range(tmp_path, rng, policy):
 
 def test_pad_crop_shifts_whole_images(tmp_path, rng):
     # Each augmented image is its original shifted by at most 1/8 of a side, zero-filled.
-    arrays = _make_idx(tmp_path / "d", rng, n_train=16, hw=(16, 16))
+    arrays = make_idx(tmp_path / "d", rng, n_train=16, hw=(16, 16))
     source = f"idx:{tmp_path / 'd'}"
     info = data.dataset_info(source)
     aug = _collect(data.load(source, "train", labels=False, shuffle=False, augment="crop", seed=5))[0]
@@ -234,7 +204,7 @@ def test_pad_crop_shifts_whole_images(tmp_path, rng):
 
 
 def test_shuffle_is_seeded_and_changes_every_epoch(tmp_path, rng):
-    _make_idx(tmp_path / "d", rng, n_train=40)
+    make_idx(tmp_path / "d", rng, n_train=40)
     source = f"idx:{tmp_path / 'd'}"
     def shuffled():
         return data.load(source, "train", labels=False, augment=False, seed=11, batch_size=None)
@@ -249,7 +219,7 @@ def test_shuffle_is_seeded_and_changes_every_epoch(tmp_path, rng):
 
 
 def test_distribute_dataset(tmp_path, rng, mirrored_strategy):
-    _make_idx(tmp_path / "d", rng, n_train=40)
+    make_idx(tmp_path / "d", rng, n_train=40)
     ds = data.load(f"idx:{tmp_path / 'd'}", "train", batch_size=8, seed=1)
     dist = mirrored_strategy.experimental_distribute_dataset(ds)
     images, labels = next(iter(dist))
@@ -268,7 +238,7 @@ def _fake_tfds(rng, n, shape, classes):
     import tensorflow_datasets as tfds
 
     raw = {
-        split: (_pixels(rng, (n, *shape)), rng.integers(0, classes, n).astype(np.int64))
+        split: (pixels(rng, (n, *shape)), rng.integers(0, classes, n).astype(np.int64))
         for split in ("train", "test")
     }
 
@@ -365,10 +335,10 @@ def test_labeled_folder(tmp_path, rng):
         (root / cls).mkdir(parents=True)
         for i in range(count):
             path = root / cls / f"{i:02d}.png"
-            _save(path, _pixels(rng, (12, 10, 3)))
+            _save(path, pixels(rng, (12, 10, 3)))
             expected[_decoded(path).tobytes()] = index
     for name in ("extra.jpg", "extra.gif"):  # lossy or palette formats: compared as TF decodes them
-        _save(root / "emu" / name, _pixels(rng, (12, 10, 3)))
+        _save(root / "emu" / name, pixels(rng, (12, 10, 3)))
         expected[_decoded(root / "emu" / name).tobytes()] = 2
     (root / "notes.txt").write_text("not an image")
     (root / "empty").mkdir()  # A subfolder without images is not a class.
@@ -410,9 +380,9 @@ def test_unlabeled_flat_folder_grayscale(tmp_path, rng):
     root.mkdir()
     raw = {}
     for i in range(7):
-        pixels = _pixels(rng, (9, 11, 1))
-        _save(root / f"img{i}.png", pixels)
-        raw[pixels.tobytes()] = pixels
+        image = pixels(rng, (9, 11, 1))
+        _save(root / f"img{i}.png", image)
+        raw[image.tobytes()] = image
     info = data.dataset_info(f"folder:{root}")
     assert info.num_classes is None and info.class_names is None
     assert info.image_shape == (9, 11, 1) and info.augmentation == "crop"
@@ -435,9 +405,9 @@ def test_unlabeled_flat_folder_grayscale(tmp_path, rng):
 def test_folder_resizing(tmp_path, rng):
     root = tmp_path / "sizes"
     root.mkdir()
-    _save(root / "a.png", _pixels(rng, (8, 6, 3)))
-    _save(root / "b.png", _pixels(rng, (20, 30, 3)))
-    _save(root / "c.bmp", _pixels(rng, (5, 5, 3)))
+    _save(root / "a.png", pixels(rng, (8, 6, 3)))
+    _save(root / "b.png", pixels(rng, (20, 30, 3)))
+    _save(root / "c.bmp", pixels(rng, (5, 5, 3)))
     cached = data.load(f"folder:{root}", labels=False, augment=False, cache=str(tmp_path / "cache"))
     images = _collect(cached)[0]
     assert images.shape == (3, 8, 6, 3)  # the first image's size
@@ -453,7 +423,7 @@ def test_folder_split_layout(tmp_path, rng):
         for cls in classes:
             (root / split / cls).mkdir(parents=True)
             for i in range(3):
-                _save(root / split / cls / f"{i}.png", _pixels(rng, (6, 6, 3)))
+                _save(root / split / cls / f"{i}.png", pixels(rng, (6, 6, 3)))
     info = data.dataset_info(f"folder:{root}")
     assert info.class_names == ("a", "b", "c")
     assert info.num_examples["test"] == 6
@@ -477,9 +447,9 @@ def test_folder_errors(tmp_path, rng, layout, error, words):
     if layout == "text_only":
         (root / "readme.txt").write_text("hello")
     if layout == "mixed":
-        _save(root / "top.png", _pixels(rng, (4, 4, 3)))
+        _save(root / "top.png", pixels(rng, (4, 4, 3)))
         (root / "cls").mkdir()
-        _save(root / "cls" / "in.png", _pixels(rng, (4, 4, 3)))
+        _save(root / "cls" / "in.png", pixels(rng, (4, 4, 3)))
     with pytest.raises(error) as excinfo:
         data.load(f"folder:{root}", labels=False)
     message = _one_line(excinfo)
@@ -509,7 +479,7 @@ def test_bad_sources(source, words):
     ],
 )
 def test_bad_arguments(tmp_path, rng, kwargs, words):
-    _make_idx(tmp_path / "d", rng)
+    make_idx(tmp_path / "d", rng)
     with pytest.raises(ValueError) as excinfo:
         data.load(f"idx:{tmp_path / 'd'}", **kwargs)
     assert words in _one_line(excinfo)
@@ -529,13 +499,13 @@ def _make_tiny(root, rng, wnids=("n03000003", "n01000001", "n02000002"), per_cla
         (root / "train" / wnid / f"{wnid}_boxes.txt").write_text("")
         for i in range(per_class):
             path = folder / f"{wnid}_{i}.JPEG"
-            _save(path, _pixels(rng, (64, 64, 3)))
+            _save(path, pixels(rng, (64, 64, 3)))
             train[_decoded(path).tobytes()] = index
     lines, val = [], {}
     for i in range(n_val):
         wnid = wnids[int(rng.integers(len(wnids)))]
         path = root / "val" / "images" / f"val_{i}.JPEG"
-        _save(path, _pixels(rng, (64, 64, 3)))
+        _save(path, pixels(rng, (64, 64, 3)))
         lines.append(f"val_{i}.JPEG\t{wnid}\t0\t0\t63\t63\n")
         val[_decoded(path).tobytes()] = wnids.index(wnid)
     (root / "val" / "val_annotations.txt").write_text("".join(lines))
