@@ -19,7 +19,6 @@ ValueError: manifest inflates to more than 100 bytes, more than it can hold; is 
 
 import gzip
 import json
-import math
 import os
 import tempfile
 import warnings
@@ -259,7 +258,9 @@ def check_image(path):
                 if kind == "PNG":
                     image.verify()  # walks every chunk to IEND, checking its CRC
     except Image.DecompressionBombError:
-        kind, width, height = "image", math.inf, math.inf
+        raise ValueError(
+            f"image file {path} has more than {MAX_IMAGE_PIXELS:,} pixels, the most an image may have; shrink or remove it."
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         reason = "an empty file" if os.path.getsize(path) == 0 else f"not a readable image ({shorten(err, 60)})"
         raise ValueError(f"image file {path} is {reason}; remove or replace it.") from None
@@ -270,6 +271,8 @@ def check_image(path):
             f"image file {path} has {width} x {height} pixels, more than the {MAX_IMAGE_PIXELS:,} an image may have; "
             f"shrink or remove it."
         )
+    if width * height == 0:
+        raise ValueError(f"image file {path} has {width} x {height} pixels; remove it.")
     if not _complete(path, _IMAGE_FORMATS[kind]):
         raise ValueError(f"image file {path} is truncated (its {_IMAGE_FORMATS[kind]} data ends early); replace or remove it.")
     return _IMAGE_FORMATS[kind], width, height
