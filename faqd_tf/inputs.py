@@ -262,7 +262,12 @@ def check_image(path):
             f"image file {path} has more than {MAX_IMAGE_PIXELS:,} pixels, the most an image may have; shrink or remove it."
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
-        reason = "an empty file" if os.path.getsize(path) == 0 else f"not a readable image ({shorten(err, 60)})"
+        if os.path.getsize(path) == 0:
+            reason = "an empty file"
+        elif "truncated" in str(err).lower() or isinstance(err, EOFError):
+            reason = "truncated (its data ends early)"
+        else:
+            reason = f"not a readable image ({shorten(err, 60)})"
         raise ValueError(f"image file {path} is {reason}; remove or replace it.") from None
     if kind not in _IMAGE_FORMATS:
         raise ValueError(f"image file {path} holds {kind} data, which is not BMP, GIF, JPEG or PNG; convert or remove it.")

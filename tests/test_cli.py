@@ -11,6 +11,7 @@ import time
 import pytest
 
 from faqd_tf import cli, config
+from tests.helpers import assert_one_line_exit_2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = "/usr/share/datasets/fashion-mnist"
@@ -75,19 +76,6 @@ BAD_CASES = {
     "evaluate a non-model": (lambda t, f: ["--config", write_config(t), "--stage", "evaluate", "--set",
                                            f"teacher.file=\"{f['not_a_model']}\""], r"is not a loadable Keras model"),
 }
-
-
-def assert_one_line_exit_2(argv, pattern, capsys, out):
-    """The CLI's promise for bad input: exit code 2, one line naming the problem, nothing written."""
-    import re
-
-    code = cli.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, (argv, err)
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, (argv, err)
-    assert err.startswith("train.py: error: ")
-    assert re.search(pattern, err), (argv, err)
-    assert not out.exists(), f"{argv} wrote output"
 
 
 @pytest.mark.skipif(not os.path.isdir(FMNIST), reason="needs the Debian package dataset-fashion-mnist")

@@ -6,10 +6,9 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
 
 from faqd_tf import data
-from tests.datafiles import idx_bytes, make_idx, pixels, write_idx
+from tests.helpers import decoded, idx_bytes, make_idx, make_tiny, pixels, save_image, write_idx
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -47,15 +46,6 @@ def _one_line(excinfo):
     message = str(excinfo.value)
     assert "\n" not in message, message
     return message
-
-
-def _save(path, array):
-    Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(path)
-
-
-def _decoded(path):
-    """Pixels of an image file as TF decodes them (so lossy JPEG compares exactly)."""
-    return tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False).numpy()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -335,11 +325,11 @@ def test_labeled_folder(tmp_path, rng):
         (root / cls).mkdir(parents=True)
         for i in range(count):
             path = root / cls / f"{i:02d}.png"
-            _save(path, pixels(rng, (12, 10, 3)))
-            expected[_decoded(path).tobytes()] = index
+            save_image(path, pixels(rng, (12, 10, 3)))
+            expected[decoded(path).tobytes()] = index
     for name in ("extra.jpg", "extra.gif"):  # lossy or palette formats: compared as TF decodes them
-        _save(root / "emu" / name, pixels(rng, (12, 10, 3)))
-        expected[_decoded(root / "emu" / name).tobytes()] = 2
+        save_image(root / "emu" / name, pixels(rng, (12, 10, 3)))
+        expected[decoded(root / "emu" / name).tobytes()] = 2
     (root / "notes.txt").write_text("not an image")
     (root / "empty").mkdir()  # A subfolder without images is not a class.
 
@@ -369,7 +359,7 @@ def test_labeled_folder(tmp_path, rng):
     # Validation: the last round(0.25 * n) files of each class, by name.
     val_images, val_labels = _collect(data.load(source, "val", validation_fraction=0.25))
     assert sorted(val_labels.tolist()) == [0, 1, 2, 2]  # 1 of 4, 1 of 5, 2 of 8
-    tails = {_decoded(root / "cat" / "03.png").tobytes(), _decoded(root / "dog" / "04.png").tobytes()}
+    tails = {decoded(root / "cat" / "03.png").tobytes(), decoded(root / "dog" / "04.png").tobytes()}
     assert tails <= {x.tobytes() for x in _denormalize(val_images, info)}
     _, rest = _collect(data.load(source, "train", validation_fraction=0.25, exclude_validation=True))
     assert len(rest) == 13
@@ -381,7 +371,7 @@ def test_unlabeled_flat_folder_grayscale(tmp_path, rng):
     raw = {}
     for i in range(7):
         image = pixels(rng, (9, 11, 1))
-        _save(root / f"img{i}.png", image)
+        save_image(root / f"img{i}.png", image)
         raw[image.tobytes()] = image
     info = data.dataset_info(f"folder:{root}")
     assert info.num_classes is None and info.class_names is None
@@ -405,9 +395,9 @@ def test_unlabeled_flat_folder_grayscale(tmp_path, rng):
 def test_folder_resizing(tmp_path, rng):
     root = tmp_path / "sizes"
     root.mkdir()
-    _save(root / "a.png", pixels(rng, (8, 6, 3)))
-    _save(root / "b.png", pixels(rng, (20, 30, 3)))
-    _save(root / "c.bmp", pixels(rng, (5, 5, 3)))
+    save_image(root / "a.png", pixels(rng, (8, 6, 3)))
+    save_image(root / "b.png", pixels(rng, (20, 30, 3)))
+    save_image(root / "c.bmp", pixels(rng, (5, 5, 3)))
     cached = data.load(f"folder:{root}", labels=False, augment=False, cache=str(tmp_path / "cache"))
     images = _collect(cached)[0]
     assert images.shape == (3, 8, 6, 3)  # the first image's size
@@ -423,7 +413,7 @@ def test_folder_split_layout(tmp_path, rng):
         for cls in classes:
             (root / split / cls).mkdir(parents=True)
             for i in range(3):
-                _save(root / split / cls / f"{i}.png", pixels(rng, (6, 6, 3)))
+                save_image(root / split / cls / f"{i}.png", pixels(rng, (6, 6, 3)))
     info = data.dataset_info(f"folder:{root}")
     assert info.class_names == ("a", "b", "c")
     assert info.num_examples["test"] == 6
@@ -447,9 +437,9 @@ def test_folder_errors(tmp_path, rng, layout, error, words):
     if layout == "text_only":
         (root / "readme.txt").write_text("hello")
     if layout == "mixed":
-        _save(root / "top.png", pixels(rng, (4, 4, 3)))
+        save_image(root / "top.png", pixels(rng, (4, 4, 3)))
         (root / "cls").mkdir()
-        _save(root / "cls" / "in.png", pixels(rng, (4, 4, 3)))
+        save_image(root / "cls" / "in.png", pixels(rng, (4, 4, 3)))
     with pytest.raises(error) as excinfo:
         data.load(f"folder:{root}", labels=False)
     message = _one_line(excinfo)
@@ -489,32 +479,9 @@ def test_bad_arguments(tmp_path, rng, kwargs, words):
 # Tiny ImageNet layout
 
 
-def _make_tiny(root, rng, wnids=("n03000003", "n01000001", "n02000002"), per_class=4, n_val=7):
-    (root / "val" / "images").mkdir(parents=True)
-    (root / "wnids.txt").write_text("".join(w + "\n" for w in wnids))
-    train = {}
-    for index, wnid in enumerate(wnids):
-        folder = root / "train" / wnid / "images"
-        folder.mkdir(parents=True)
-        (root / "train" / wnid / f"{wnid}_boxes.txt").write_text("")
-        for i in range(per_class):
-            path = folder / f"{wnid}_{i}.JPEG"
-            _save(path, pixels(rng, (64, 64, 3)))
-            train[_decoded(path).tobytes()] = index
-    lines, val = [], {}
-    for i in range(n_val):
-        wnid = wnids[int(rng.integers(len(wnids)))]
-        path = root / "val" / "images" / f"val_{i}.JPEG"
-        _save(path, pixels(rng, (64, 64, 3)))
-        lines.append(f"val_{i}.JPEG\t{wnid}\t0\t0\t63\t63\n")
-        val[_decoded(path).tobytes()] = wnids.index(wnid)
-    (root / "val" / "val_annotations.txt").write_text("".join(lines))
-    return train, val
-
-
 def test_tiny_imagenet(tmp_path, rng):
     root = tmp_path / "tiny-imagenet-200"
-    train, val = _make_tiny(root, rng)
+    train, val = make_tiny(root, rng)
     source = f"tiny_imagenet:{root}"
     info = data.dataset_info(source)
     assert info.class_names == ("n03000003", "n01000001", "n02000002")  # wnids.txt order
@@ -540,7 +507,7 @@ def test_tiny_imagenet(tmp_path, rng):
 
 def test_tiny_imagenet_bad_annotation(tmp_path, rng):
     root = tmp_path / "tiny"
-    _make_tiny(root, rng)
+    make_tiny(root, rng)
     with open(root / "val" / "val_annotations.txt", "a") as f:
         f.write("val_0.JPEG\tn09999999\t0\t0\t63\t63\n")
     with pytest.raises(ValueError) as excinfo:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from faqd_tf import cli, runner
-from tests.datafiles import write_idx
+from tests.helpers import write_idx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = "/usr/share/datasets/fashion-mnist"

@@ -7,7 +7,6 @@ without labels (KD + FA): one fine-tuned from the teacher's weights, one from ra
 import os
 
 import keras
-import numpy as np
 import pytest
 
 from faqd_tf import data
