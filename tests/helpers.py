@@ -2,6 +2,7 @@
 ImageNet layout) and the CLI's promise for bad input."""
 
 import gzip
+import json
 import re
 import struct
 import zlib
@@ -95,3 +96,17 @@ def assert_one_line_exit_2(argv, pattern, capsys, out):
     assert err.startswith("train.py: error: ")
     assert re.search(pattern, err), (argv, err)
     assert not out.exists(), f"{argv} wrote output"
+
+
+def write_config(tmp_path, base, **sections):
+    """Writes `base` with `sections` on top (dicts update its sections, other values replace) to a new
+    config file in `tmp_path`; returns its path."""
+    base = json.loads(json.dumps(base))
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            base.setdefault(key, {}).update(value)
+        else:
+            base[key] = value
+    path = tmp_path / f"config{len(list(tmp_path.glob('config*.json')))}.json"
+    path.write_text(json.dumps(base))
+    return str(path)

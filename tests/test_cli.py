@@ -11,6 +11,7 @@ import time
 import pytest
 
 from faqd_tf import cli, config
+from tests import helpers
 from tests.helpers import assert_one_line_exit_2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,14 +25,7 @@ def write_config(tmp_path, **sections):
         "train": {"epochs": 1, "batch_size": 32},
         "output_dir": str(tmp_path / "out"),
     }
-    for key, value in sections.items():
-        if isinstance(value, dict):
-            base.setdefault(key, {}).update(value)
-        else:
-            base[key] = value
-    path = tmp_path / f"config{len(list(tmp_path.glob('config*.json')))}.json"
-    path.write_text(json.dumps(base))
-    return str(path)
+    return helpers.write_config(tmp_path, base, **sections)
 
 
 def _inputs(tmp_path):

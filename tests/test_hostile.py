@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from faqd_tf import cli, models, runner
+from tests import helpers
 from tests.helpers import assert_one_line_exit_2, idx_bytes, make_idx, make_tiny, pixels, png_with_size, write_idx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,14 +40,7 @@ def write_config(tmp_path, source, **sections):
         "train": {"epochs": 2, "batch_size": 32, "lr": 0.01},
         "output_dir": str(tmp_path / "out"),
     }
-    for key, value in sections.items():
-        if isinstance(value, dict):
-            base.setdefault(key, {}).update(value)
-        else:
-            base[key] = value
-    path = tmp_path / f"config{len(list(tmp_path.glob('config*.json')))}.json"
-    path.write_text(json.dumps(base))
-    return str(path)
+    return helpers.write_config(tmp_path, base, **sections)
 
 
 def refused(tmp_path, capsys, argv, pattern):
