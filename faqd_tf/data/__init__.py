@@ -60,12 +60,17 @@ train = load("idx:/usr/share/datasets/fashion-mnist", "train", labels=False, bat
 test = load("idx:/usr/share/datasets/fashion-mnist", "test", batch_size=256)
 images, labels = next(iter(test))  # (256, 28, 28, 1) float32, (256,) int32
 ```
+
+Layout: each kind of source is a `Source` (the protocol, in `faqd_tf.data.base`) in a module of its
+own (`tfds`; `files` for folders and Tiny ImageNet; `idx`); `pipeline` builds what follows a source.
+Files are checked through `faqd_tf.inputs` before anything is decoded or allocated.
 """
 
 import os
 
 import numpy as np
 
+from faqd_tf import inputs
 from faqd_tf.data import pipeline as _pipeline
 from faqd_tf.data.base import (
     CIFAR10_STATS,
@@ -267,7 +272,7 @@ def _augmentation(augment, split, info):
         return None
     if augment not in AUGMENTATIONS:
         raise ValueError(
-            f"augment={augment!r} is unknown; use None, True, False or one of "
+            f"augment={inputs.shorten(repr(augment))} is unknown; use None, True, False or one of "
             f"{', '.join(AUGMENTATIONS)}."
         )
     return augment
@@ -297,13 +302,14 @@ def _normalization(mean, std, info):
 
 def _parse_source(source):
     usage = "write tfds:<name>, folder:<path>, tiny_imagenet:<path> or idx:<path>, e.g. tfds:cifar10"
+    shown = inputs.shorten(repr(source))
     if not isinstance(source, str) or ":" not in source:
-        raise ValueError(f"source {source!r} has no kind; {usage}.")
+        raise ValueError(f"source {shown} has no kind; {usage}.")
     kind, _, arg = source.partition(":")
     if kind.strip().lower() not in SOURCE_KINDS:
-        raise ValueError(f"source {source!r} has an unknown kind {kind!r}; {usage}.")
+        raise ValueError(f"source {shown} has an unknown kind {inputs.shorten(repr(kind))}; {usage}.")
     if not arg.strip():
-        raise ValueError(f"source {source!r} names nothing after the colon; {usage}.")
+        raise ValueError(f"source {shown} names nothing after the colon; {usage}.")
     return kind.strip().lower(), arg.strip()
 
 
