@@ -110,7 +110,9 @@ def test_teacher_killed_at_its_end_resumes_with_nothing_lost(tmp_path, idx, caps
 
 def test_distillation_killed_during_its_save_resumes_with_nothing_lost(tmp_path, idx, monkeypatch):
     teacher = save_model_file(tmp_path / "teacher.keras", num_classes=CLASSES, input_shape=(*HW, 1))
-    cfg = write_config(tmp_path, f"idx:{idx}", teacher={"arch": None, "file": teacher})
+    # KD alone on an FP student: the stage's save-then-remove order is what is tested, on a short trace.
+    cfg = write_config(tmp_path, f"idx:{idx}", teacher={"arch": None, "file": teacher}, distill={"fa": None},
+                       student={"weight_bits": None})
     out = tmp_path / "out"
     trained = kill_at(monkeypatch, "during the save")
     with pytest.raises(Killed):
