@@ -18,8 +18,18 @@ and the rows
 - QAT: CE on labels only, no teacher;
 - QD (KL + CE) and QD (MSE + CE): distillation of logits plus CE, no FA (the paper's baseline [19]);
 - KD only, label-free: alpha * KD;
-- FAQD, label-free: alpha * KD + beta * FA (eq. 11);
-- FAQD with labels: alpha * KD + beta * FA + gamma * CE (eq. 10).
+- FAQD fro2, label-free: alpha * KD + beta * FA (eq. 11), FA in the squared Frobenius norm of eq. (6);
+- FAQD l1, label-free: the same with the L1 norm of the authors' code;
+- FAQD with labels: alpha * KD + beta * FA + gamma * CE (eq. 10), fro2.
+
+beta is the measured default of each norm (`faqd_tf.options.DEFAULT_BETA`) unless `--beta` is given.
+
+Table "sweep" (the FA weight): label-free FAQD of 2-bit students (`--sweep-bits`) for a range of
+beta per norm (`--sweep-fro2`, `--sweep-l1`), both initializations; beta 0 is the KD-only row.
+
+Pairs share their seed: a seed sets the student's initial weights, the data order and the FFA
+probes, so "FAQD minus KD only" is taken seed by seed (a paired difference), and the report gives
+its mean with a 95% t-interval.
 
 Table "full" (Tables VI-VII: fine-tuned full quantization in two steps): step 1 distills an
 activation-quantized student with FP weights (label-free FAQD, exact FA) from the pre-trained FP
@@ -68,9 +78,12 @@ WEIGHT_ROWS = {
     "QD (KL + CE)": {"kd": "kl", "beta": 0, "gamma": "gamma", "fa": None},
     "QD (MSE + CE)": {"kd": "mse", "beta": 0, "gamma": "gamma", "fa": None},
     "KD only, label-free": {"kd": None, "beta": 0, "gamma": 0, "fa": None},
-    "FAQD, label-free": {"kd": None, "beta": "beta", "gamma": 0, "fa": "exact"},
-    "FAQD with labels": {"kd": None, "beta": "beta", "gamma": "gamma", "fa": "exact"},
+    "FAQD fro2, label-free": {"kd": None, "beta": "beta", "gamma": 0, "fa": "exact", "fa_norm": "fro2"},
+    "FAQD l1, label-free": {"kd": None, "beta": "beta", "gamma": 0, "fa": "exact", "fa_norm": "l1"},
+    "FAQD with labels": {"kd": None, "beta": "beta", "gamma": "gamma", "fa": "exact", "fa_norm": "fro2"},
 }
+FAQD_ROWS = {"fro2": "FAQD fro2, label-free", "l1": "FAQD l1, label-free"}
+BASELINE_ROW = "KD only, label-free"
 FULL_ROWS = {
     "FAQD, exact FA": {"fa": "exact"},
     "FFA k=1": {"fa": "fast", "ffa_k": 1},
@@ -88,7 +101,7 @@ def say(message):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--tables", nargs="+", default=["weight", "full"], choices=["weight", "full"])
+    p.add_argument("--tables", nargs="+", default=["weight", "sweep", "full"], choices=["weight", "sweep", "full"])
     p.add_argument("--inits", nargs="+", default=["fine-tune", "end-to-end"], choices=list(INIT_KD))
     p.add_argument("--bits", type=int, nargs="+", default=[1, 2, 4], choices=[1, 2, 4, 8])
     p.add_argument("--rows", nargs="+", default=None, help="only these rows (names as in the tables)")
@@ -105,7 +118,11 @@ def parse_args(argv=None):
     p.add_argument("--e2e-optimizer", default="adam", choices=["adam", "sgd"])
     p.add_argument("--e2e-lr", type=float, default=3e-3)
     p.add_argument("--alpha", type=float, default=1.0)
-    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--beta", type=float, default=None, help="FA weight (default: each norm's measured default)")
+    p.add_argument("--sweep-bits", type=int, default=2)
+    p.add_argument("--sweep-fro2", type=float, nargs="+", default=[0.1, 1, 10, 100, 1000])
+    p.add_argument("--sweep-l1", type=float, nargs="+", default=[0.01, 0.1, 1, 100, 1000])
+    p.add_argument("--csv", default=None, help="cells file (default <out-dir>/cells.csv); commit it as it grows")
     p.add_argument("--gamma", type=float, default=0.3)
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--per-channel", action="store_true", help="per-channel weight scales (paper: layer-wise)")
@@ -120,7 +137,7 @@ class Bench:
     def __init__(self, args):
         self.args = args
         os.makedirs(args.out_dir, exist_ok=True)
-        self.csv_path = os.path.join(args.out_dir, "cells.csv")
+        self.csv_path = cells_path(args)
         self.done = {self.key(r) for r in read_cells(self.csv_path)}
         self.info = data.dataset_info(FMNIST)
         self._test = None
@@ -191,6 +208,12 @@ class Bench:
                     for bits in a.bits:
                         self.record(self.cell("weight", init, row, f"{bits}-bit", seed),
                                     lambda i=init, r=row, b=bits, s=seed: self.weight_cell(i, r, b, s))
+            for init in a.inits if "sweep" in a.tables else []:
+                for norm, betas in (("fro2", a.sweep_fro2), ("l1", a.sweep_l1)):
+                    for beta in betas:
+                        self.record(self.cell("sweep", init, sweep_row(norm, beta), f"{a.sweep_bits}-bit", seed),
+                                    lambda i=init, n=norm, b=beta, s=seed: self.weight_cell(
+                                        i, FAQD_ROWS[n], a.sweep_bits, s, beta=b))
             if "full" in a.tables:
                 for column, (w, act) in FULL_COLUMNS.items():
                     for row in self.rows(FULL_ROWS):
@@ -233,16 +256,18 @@ class Bench:
         fitted.fit(ds, epochs=epochs, verbose=2)
         return time.perf_counter() - start
 
-    def recipe(self, spec, init):
+    def recipe(self, spec, init, beta=None):
         spec = dict(spec)
         if spec.get("kd", "unset") is None:
             spec["kd"] = INIT_KD[init]
         for term in ("beta", "gamma"):
             if isinstance(spec.get(term), str):
                 spec[term] = getattr(self.args, spec[term])
+        if beta is not None:
+            spec["beta"] = beta
         return spec
 
-    def weight_cell(self, init, row, bits, seed):
+    def weight_cell(self, init, row, bits, seed, beta=None):
         a = self.args
         epochs = a.finetune_epochs if init == "fine-tune" else a.e2e_epochs
         keras.utils.set_random_seed(seed)
@@ -254,7 +279,7 @@ class Bench:
             opt = self.optimizer(a.e2e_optimizer, a.e2e_lr, epochs, self.steps())
         spec = WEIGHT_ROWS[row]
         if spec.get("teacher", True):
-            recipe = self.recipe(spec, init)
+            recipe = self.recipe(spec, init, beta)
             ds = self.train_ds(recipe["gamma"] > 0, seed)
             seconds = self.fit(student, opt, ds, epochs, recipe, self.teacher, seed)
         else:
@@ -289,6 +314,14 @@ class Bench:
         opt = self.optimizer("adam", a.finetune_lr, a.finetune_epochs, self.steps())
         seconds = self.fit(student, opt, self.train_ds(False, seed), a.finetune_epochs, recipe, self.teacher, seed)
         return student, a.finetune_epochs, seconds
+
+
+def cells_path(args):
+    return args.csv or os.path.join(args.out_dir, "cells.csv")
+
+
+def sweep_row(norm, beta):
+    return f"{norm} beta={beta:g}"
 
 
 def read_cells(path):
@@ -353,21 +386,22 @@ def claims(stats):
         for bits in ("1-bit", "2-bit", "4-bit"):
             w = ("weight", init)
             where = f"{init}, {bits}"
-            diff(f"{where}: label-free FAQD minus label-free KD only (FA adds accuracy)",
-                 mean(*w, "FAQD, label-free", bits), mean(*w, "KD only, label-free", bits), "FA helps")
+            for norm, faqd in FAQD_ROWS.items():
+                diff(f"{where}: label-free FAQD ({norm}) minus label-free KD only (FA adds accuracy)",
+                     mean(*w, faqd, bits), mean(*w, BASELINE_ROW, bits), "FA helps")
             diff(f"{where}: label-free FAQD minus QAT with labels (beats supervised QAT)",
-                 mean(*w, "FAQD, label-free", bits), mean(*w, "QAT (CE only, no teacher)", bits), "FAQD higher")
+                 mean(*w, FAQD_ROWS["fro2"], bits), mean(*w, "QAT (CE only, no teacher)", bits), "FAQD higher")
             best_qd = [m for m in (mean(*w, "QD (KL + CE)", bits), mean(*w, "QD (MSE + CE)", bits)) if m is not None]
             if best_qd:
                 diff(f"{where}: label-free FAQD minus the better QD (beats supervised QD)",
-                     mean(*w, "FAQD, label-free", bits), max(best_qd), "FAQD higher")
+                     mean(*w, FAQD_ROWS["fro2"], bits), max(best_qd), "FAQD higher")
             diff(f"{where}: QD with MSE minus QD with KL (Table I: MSE better end-to-end)",
                  mean(*w, "QD (MSE + CE)", bits), mean(*w, "QD (KL + CE)", bits),
                  "MSE higher end-to-end, KL better fine-tuning")
             fp = mean("weight", "end-to-end", "FP student", "FP") if init == "end-to-end" else mean(
                 "reference", "-", "fp_student", "FP")
             diff(f"{where}: label-free FAQD minus the FP student (nearly matches FP)",
-                 mean(*w, "FAQD, label-free", bits), fp, "within about 2 points at 1 bit, at or above FP at 4 bits")
+                 mean(*w, FAQD_ROWS["fro2"], bits), fp, "within about 2 points at 1 bit, at or above FP at 4 bits")
     for column in FULL_COLUMNS:
         exact = mean("full", "fine-tune", "FAQD, exact FA", column)
         for k in (1, 5, 15):
@@ -425,8 +459,163 @@ def tf_version():
     return tf.__version__
 
 
+def paired_difference(cells, a, b):
+    """Seed-by-seed accuracy differences (points) of cells `a` minus cells `b` (keys without seed).
+
+    Returns (mean, 95% t half-width, n, differences); the half-width is nan for n < 2.
+    """
+    from scipy import stats as scipy_stats
+
+    def by_seed(key):
+        return {int(c["seed"]): float(c["accuracy"]) for c in cells
+                if (c["table"], c["init"], c["row"], c["column"]) == key}
+
+    first, second = by_seed(a), by_seed(b)
+    seeds = sorted(set(first) & set(second))
+    d = np.array([100 * (first[s] - second[s]) for s in seeds])
+    if len(d) == 0:
+        return None
+    half = scipy_stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return float(d.mean()), float(half), len(d), d
+
+
+def verdict(stat):
+    mean, half, n, _ = stat
+    if not np.isfinite(half):
+        return "one seed"
+    if mean - half > 0:
+        return "FA helps"
+    if mean + half < 0:
+        return "FA hurts"
+    return "no difference shown"
+
+
+def fmt_diff(stat):
+    if stat is None:
+        return "-"
+    mean, half, n, _ = stat
+    return f"{mean:+.2f} ± {half:.2f} (n={n})" if np.isfinite(half) else f"{mean:+.2f} (n={n})"
+
+
+def fa_effects(cells):
+    """[(init, column, norm, stat)] of FAQD minus KD only, same seed, for the weight and sweep tables."""
+    out = []
+    for init in INIT_KD:
+        for bits in ("1-bit", "2-bit", "4-bit"):
+            for norm, row in FAQD_ROWS.items():
+                stat = paired_difference(cells, ("weight", init, row, bits), ("weight", init, BASELINE_ROW, bits))
+                if stat is not None:
+                    out.append((init, bits, norm, stat))
+    return out
+
+
+def sweep_effects(cells):
+    """{(init, norm): [(beta, accuracy stat, paired difference stat)]} of the sweep table."""
+    out = {}
+    for c in cells:
+        if c["table"] != "sweep":
+            continue
+        norm, beta = c["row"].split(" beta=")
+        out.setdefault((c["init"], norm, c["column"]), set()).add(float(beta))
+    result = {}
+    for (init, norm, column), betas in sorted(out.items()):
+        rows = []
+        for beta in sorted(betas):
+            key = ("sweep", init, sweep_row(norm, beta), column)
+            stat = paired_difference(cells, key, ("weight", init, BASELINE_ROW, column))
+            rows.append((beta, summarize([c for c in cells if (c["table"], c["init"], c["row"], c["column"]) == key])[key], stat))
+        default = ("weight", init, FAQD_ROWS[norm], column)
+        default_cells = [c for c in cells if (c["table"], c["init"], c["row"], c["column"]) == default]
+        if default_cells:
+            from faqd_tf.options import DEFAULT_BETA
+
+            rows.append((DEFAULT_BETA[norm], summarize(default_cells)[default],
+                         paired_difference(cells, default, ("weight", init, BASELINE_ROW, column))))
+            rows.sort(key=lambda r: r[0])
+        result[(init, norm, column)] = rows
+    return result
+
+
+def fa_md(cells):
+    effects = fa_effects(cells)
+    sweeps = sweep_effects(cells)
+    if not effects and not sweeps:
+        return []
+    from faqd_tf.options import DEFAULT_BETA
+
+    parts = ["## Does FA help? FAQD minus KD only, paired by seed", "",
+             f"Label-free, FA at the default weights (beta {DEFAULT_BETA['fro2']:g} for fro2, {DEFAULT_BETA['l1']:g} "
+             "for l1); each difference is taken between runs with the same seed (same initial weights, same data "
+             "order), in accuracy points; ± is the half-width of the 95% t-interval of the mean difference.", "",
+             "| init | bits | FA norm | FAQD minus KD only | verdict |", "|---|---|---|---|---|"]
+    for init, bits, norm, stat in effects:
+        parts.append(f"| {init} | {bits} | {norm} | {fmt_diff(stat)} | {verdict(stat)} |")
+    for (init, norm, column), rows in sweeps.items():
+        parts += ["", f"### FA weight sweep: {init}, {column}, {norm}", "",
+                  "| beta | accuracy (mean ± std) | minus KD only (paired) | verdict |", "|---|---|---|---|"]
+        base = [c for c in cells if (c["table"], c["init"], c["row"], c["column"]) == ("weight", init, BASELINE_ROW, column)]
+        if base:
+            parts.append(f"| 0 (KD only) | {fmt(summarize(base)[('weight', init, BASELINE_ROW, column)])} | - | - |")
+        for beta, stat, diff in rows:
+            parts.append(f"| {beta:g}{' (default)' if beta == DEFAULT_BETA[norm] else ''} | {fmt(stat)} | "
+                         f"{fmt_diff(diff)} | {verdict(diff) if diff else '-'} |")
+    return parts + [""]
+
+
+def plot_fa(cells, path):
+    """Left: paired FAQD - KD-only differences with 95% intervals; right: accuracy against beta."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    effects = fa_effects(cells)
+    sweeps = sweep_effects(cells)
+    if not effects and not sweeps:
+        return False
+    fig, axes = plt.subplots(1, 1 + len({k[0] for k in sweeps}), figsize=(6 + 5 * len({k[0] for k in sweeps}), 4.8),
+                             squeeze=False)
+    ax = axes[0][0]
+    labels = [f"{init} {bits}" for init, bits, norm, _ in effects if norm == "fro2"]
+    for j, norm in enumerate(FAQD_ROWS):
+        pts = [(i, stat) for i, (init, bits, n, stat) in enumerate(e for e in effects if e[2] == norm)]
+        xs = np.array([i for i, _ in pts]) + (j - 0.5) * 0.3
+        ax.errorbar(xs, [s[0] for _, s in pts], yerr=[s[1] if np.isfinite(s[1]) else 0 for _, s in pts], fmt="o",
+                    capsize=3, label=f"FA {norm}")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(labels)), labels, rotation=30)
+    ax.set_ylabel("FAQD minus KD only (accuracy points)")
+    ax.set_title("Paired by seed, 95% t-intervals")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    for ax, init in zip(axes[0][1:], [i for i in INIT_KD if any(k[0] == i for k in sweeps)]):
+        for norm in FAQD_ROWS:
+            for (i, n, column), rows in sweeps.items():
+                if i != init or n != norm:
+                    continue
+                betas = [r[0] for r in rows]
+                means = [r[1][0] for r in rows]
+                stds = [r[1][1] if r[1][2] > 1 else 0 for r in rows]
+                ax.errorbar(betas, means, yerr=stds, marker="o", capsize=3, label=f"{norm}, {column}")
+        base = [c for c in cells if c["table"] == "weight" and c["init"] == init and c["row"] == BASELINE_ROW
+                and any(c["column"] == k[2] for k in sweeps)]
+        if base:
+            m = 100 * np.mean([float(c["accuracy"]) for c in base])
+            ax.axhline(m, color="gray", linestyle="--", label=f"KD only {m:.2f}")
+        ax.set_xscale("log")
+        ax.set_xlabel("beta (FA weight)")
+        ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+        ax.set_title(f"FA weight sweep, {init}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def report(args):
-    cells = read_cells(os.path.join(args.out_dir, "cells.csv"))
+    cells = read_cells(cells_path(args))
     stats = summarize(cells)
     md = args.md or os.path.join(args.out_dir, "reproduce.md")
     png = args.png or os.path.join(args.out_dir, "reproduce.png")
@@ -436,12 +625,12 @@ def report(args):
         "# FAQD ablations on Fashion-MNIST",
         "",
         f"Report: `python benchmarks/reproduce.py {' '.join(sys.argv[1:])}`, from the {len(cells)} runs in "
-        f"`{os.path.join(args.out_dir, 'cells.csv')}` (one row per cell and seed; seeds present: {seeds}; "
+        f"`{cells_path(args)}` (one row per cell and seed; seeds present: {seeds}; "
         "n = seeds per cell).  ",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"TensorFlow {tf_version()}, Keras {keras.__version__}; training settings: " + json.dumps(
             {k: v for k, v in vars(args).items()
-             if k not in ("md", "png", "report_only", "out_dir", "seeds", "tables", "inits", "bits", "rows")}),
+             if k not in ("md", "png", "report_only", "out_dir", "seeds", "tables", "inits", "bits", "rows", "csv")}),
         "",
         f"Teacher {TEACHER}: {fmt(ref.get('teacher'))}; pre-trained FP student {STUDENT}: {fmt(ref.get('fp_student'))} "
         "(test accuracy %, 10,000 test images unless eval_limit is set).",
@@ -461,12 +650,18 @@ def report(args):
                       f"{r} {c}: {np.mean([float(x['sec_per_epoch']) for x in cells if x['row'] == r and x['column'] == c]):.1f}"
                       for r in FULL_ROWS for c in FULL_COLUMNS
                       if any(x["row"] == r and x["column"] == c for x in cells)), ""]
+    fa_png = os.path.splitext(png)[0] + "_fa.png"
+    fa_parts = fa_md(cells)
+    if fa_parts:
+        parts += fa_parts + [f"![FA effect]({os.path.basename(fa_png)})", ""]
     parts += ["## Differences behind the paper's claims", "", *claims(stats), "", f"![bar chart]({os.path.basename(png)})", ""]
     os.makedirs(os.path.dirname(os.path.abspath(md)), exist_ok=True)
     with open(md, "w") as f:
         f.write("\n".join(parts))
     if stats:
         plot(stats, png)
+    if fa_parts:
+        plot_fa(cells, fa_png)
     say(f"report written to {md} and {png}")
 
 

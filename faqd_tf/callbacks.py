@@ -210,3 +210,56 @@ def _torn(weights, meta):
     # BackupAndRestore writes the weights, then the metadata: metadata older than the weights
     # belongs to the backup before.
     return os.stat(meta).st_mtime_ns < os.stat(weights).st_mtime_ns
+
+
+def describe_gradient_norms(norms, weights):
+    """One line of each weighted term's gradient norm and share, and a warning per inert term.
+
+    A term whose gradient is below 1% of the largest term's barely moves the weights: its weight
+    is probably on the wrong scale (e.g. an FA weight meant for another norm).
+
+    >>> line, warnings = describe_gradient_norms({"kd": 2.0, "fa": 0.01}, {"kd": 1.0, "fa": 0.1})
+    >>> line
+    'gradient norms at the start: kd 2 (99.5%), fa 0.01 (0.5%)'
+    >>> warnings
+    ['the weighted fa term (weight 0.1) has 0.5% of the gradient norm of kd; it barely acts: raise its weight']
+    """
+    total = sum(norms.values()) or 1.0
+    line = "gradient norms at the start: " + ", ".join(
+        f"{name} {value:.3g} ({100 * value / total:.1f}%)" for name, value in norms.items())
+    largest = max(norms, key=norms.get)
+    warnings = [
+        f"the weighted {name} term (weight {weights[name]:g}) has {100 * value / norms[largest]:.1f}% of the gradient "
+        f"norm of {largest}; it barely acts: raise its weight"
+        for name, value in norms.items()
+        if name != largest and value < 0.01 * norms[largest] and weights.get(name, 0) > 0
+    ]
+    return line, warnings
+
+
+class GradientShares(keras.callbacks.Callback):
+    """Prints, when training starts, each weighted loss term's gradient norm on one batch.
+
+    For a `faqd_tf.Distiller` (it calls `model.gradient_norms`): a line with the norm and share
+    of `alpha * KD`, `beta * FA` and `gamma * CE`, and a warning for a term below 1% of the
+    largest, which would then barely act.
+
+    Args:
+        batch: one batch as `fit` takes it, or a `tf.data.Dataset` (its first batch).
+        print_fn: where the line goes (default `print`).
+    """
+
+    def __init__(self, batch, print_fn=print):
+        super().__init__()
+        self.batch = batch
+        self.print_fn = print_fn
+        self.norms = None
+
+    def on_train_begin(self, logs=None):
+        model = self.model
+        self.norms = model.gradient_norms(self.batch)
+        weights = {"kd": model.alpha, "fa": model.beta, "ce": model.gamma}
+        line, warnings = describe_gradient_norms(self.norms, weights)
+        self.print_fn(line)
+        for warning in warnings:
+            self.print_fn(f"warning: {warning}")

@@ -5,8 +5,8 @@ where the outputs go. Every key has a default but `dataset.source`; unknown keys
 and out-of-range values raise `ConfigError` naming the key and what is allowed.
 
 >>> config = resolve({"dataset": {"source": "idx:/data/fmnist"}, "student": {"weight_bits": 2}})
->>> config["student"]["weight_bits"], config["distill"]["beta"], config["train"]["schedule"]
-(2, 0.1, 'cosine')
+>>> config["student"]["weight_bits"], config["distill"]["fa_norm"], config["distill"]["beta"]
+(2, 'fro2', None)
 >>> resolve({"dataset": {"source": "idx:x"}, "train": {"epoch": 3}})
 Traceback (most recent call last):
 ...
@@ -18,7 +18,7 @@ import json
 import math
 import os
 
-from faqd_tf import inputs
+from faqd_tf import inputs, options
 from faqd_tf.data import AUGMENTATIONS
 from faqd_tf.quantizers import SUPPORTED_BITS
 
@@ -149,15 +149,18 @@ SCHEMA = {
         "two_step": boolean(True),
     },
     "distill": {
-        "alpha": number(1.0, high=1e4),
-        "beta": number(0.1, high=1e4),
-        "gamma": number(0.0, high=1e4),
-        "kd": choice("mse", ["mse", "kl"]),
+        "alpha": number(1.0, high=1e6),
+        # null: the measured default of fa_norm (faqd_tf.options.DEFAULT_BETA).
+        "beta": Field(None, lambda v: v is None or (_is_num(v) and 0 <= v <= 1e6),
+                      "null (the default of distill.fa_norm) or a number >= 0 and <= 1e6"),
+        "gamma": number(0.0, high=1e6),
+        "kd": choice("mse", list(options.KD)),
         # logits / T overflows float32 for tiny T; T^2 scales the KL down to nothing.
         "temperature": number(1.0, low=0.05, high=100.0),
-        "fa": choice("exact", ["exact", "fast", None]),
+        "fa": choice("exact", [*options.FA, None]),
+        "fa_norm": choice("fro2", list(options.FA_NORMS)),
         "ffa_k": integer(15, 1, 4096),
-        "fa_method": choice("auto", ["auto", "gram", "pairwise"]),
+        "fa_method": choice("auto", list(options.FA_METHODS)),
         "teacher_layers": names(),
         "student_layers": names(),
     },
@@ -221,6 +224,12 @@ def resolve(config):
         raise ConfigError("config: student.init='file' needs student.file, the FP model to quantize.")
     if teacher["arch"] is None and teacher["file"] is None:
         raise ConfigError("config: give teacher.arch (to train a teacher) or teacher.file (a trained .keras model).")
+    distill = out["distill"]
+    if distill["fa_method"] == "gram" and distill["fa_norm"] != "fro2":
+        raise ConfigError(
+            f"config: distill.fa_method=\"gram\" evaluates fa_norm \"fro2\" only; set distill.fa_method to "
+            f"\"auto\" or \"pairwise\" for fa_norm {json.dumps(distill['fa_norm'])}."
+        )
     if out["distill"]["gamma"] > 0 and not out["dataset"]["labels"]:
         raise ConfigError(
             "config: distill.gamma > 0 needs labels; set dataset.labels to true or distill.gamma to 0 (label-free)."

@@ -6,14 +6,20 @@ The loss of one sample (eqs. 10-11 of arXiv 2302.10899) is
         + gamma * CE(labels, student logits)
 
 with KD the MSE (end-to-end) or the temperature-scaled KL (fine-tuning), FA the exact feature
-affinity or its fast estimate (FFA), and gamma = 0 for label-free training: `fit` then takes
-batches of images alone.
+affinity or its fast estimate (FFA) in the squared Frobenius norm of eq. (6) (`fa_norm="fro2"`)
+or the L1 norm the authors' code trains with (`"l1"`), and gamma = 0 for label-free training:
+`fit` then takes batches of images alone. Each term is a mean over the batch; the authors sum FA
+over the batch, so their `fa_coef` c at batch size B is `beta = c * B` here. Left unset, beta is
+the measured default of the norm (`faqd_tf.options.DEFAULT_BETA`), which gives FA about the share
+of the gradient it has in the authors' code; `gradient_norms` shows each term's share.
 
 >>> from faqd_tf.models import resnet_cifar
 >>> from faqd_tf.quantize import quantize_model
 >>> teacher = resnet_cifar(20)
 >>> student = quantize_model(teacher, weight_bits=4)
->>> distiller = Distiller(student, teacher, alpha=1.0, beta=0.1, kd="mse", fa="exact")
+>>> distiller = Distiller(student, teacher, alpha=1.0, kd="mse", fa="exact", fa_norm="fro2")
+>>> distiller.beta == options.DEFAULT_BETA["fro2"]
+True
 >>> distiller.compile(keras.optimizers.SGD(0.01, momentum=0.9, nesterov=True))
 >>> images = np.random.rand(8, 32, 32, 3).astype("float32")
 >>> history = distiller.fit(images, batch_size=4, epochs=1, verbose=0)
@@ -25,17 +31,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from faqd_tf import losses
+from faqd_tf import losses, options
 from faqd_tf.features import paired_extractors
-
-KD_KINDS = ("mse", "kl")
-FA_KINDS = ("exact", "fast", None)
-
-
-def _check_weight(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or value < 0:
-        raise ValueError(f"{name}={value!r} must be a number >= 0.")
-    return float(value)
 
 
 @keras.saving.register_keras_serializable(package="faqd_tf")
@@ -46,13 +43,15 @@ class Distiller(keras.Model):
         student: the Keras model to train (often `quantize_model(teacher)`); outputs logits.
         teacher: the trained full-precision Keras model; frozen, run in inference mode.
         alpha: weight of the KD loss on logits.
-        beta: weight of the summed feature-affinity loss.
+        beta: weight of the feature-affinity loss (summed over the taps); None takes the measured
+            default of `fa_norm` (`faqd_tf.options.DEFAULT_BETA`).
         gamma: weight of the cross-entropy on labels; 0 trains label-free.
         kd: `"mse"` (raw logits; the paper's choice end-to-end) or `"kl"` (fine-tuning).
         temperature: softmax temperature of the KL loss (scaled by T^2).
         fa: `"exact"` feature affinity, `"fast"` (FFA with `ffa_k` Gaussian probes), or None.
+        fa_norm: `"fro2"` (eq. 6) or `"l1"` (the authors' code); see `faqd_tf.losses`.
         ffa_k: number of FFA probes.
-        fa_method: `"auto"`, `"gram"` or `"pairwise"` for the exact FA.
+        fa_method: `"auto"`, `"gram"` (fro2 only) or `"pairwise"` for the exact FA.
         student_layers, teacher_layers: names of the tapped layers, paired in order; None picks
             the stage outputs (see `faqd_tf.features.feature_layers`).
         seed: seed of the FFA probes (the probes of step t use the stateless seed (seed, t)).
@@ -65,11 +64,12 @@ class Distiller(keras.Model):
         student,
         teacher,
         alpha=1.0,
-        beta=0.1,
+        beta=None,
         gamma=0.0,
         kd="mse",
         temperature=1.0,
         fa="exact",
+        fa_norm="fro2",
         ffa_k=15,
         fa_method="auto",
         student_layers=None,
@@ -78,25 +78,19 @@ class Distiller(keras.Model):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.alpha = _check_weight("alpha", alpha)
-        self.beta = _check_weight("beta", beta)
-        self.gamma = _check_weight("gamma", gamma)
-        if kd not in KD_KINDS:
-            raise ValueError(f"kd={kd!r} is not supported; use one of {KD_KINDS}.")
-        if fa not in FA_KINDS:
-            raise ValueError(f"fa={fa!r} is not supported; use 'exact', 'fast' or None.")
-        if not (isinstance(temperature, (int, float)) and temperature > 0):
-            raise ValueError(f"temperature={temperature!r} must be a number > 0.")
-        if isinstance(ffa_k, bool) or not isinstance(ffa_k, int) or ffa_k < 1:
-            raise ValueError(f"ffa_k={ffa_k!r} must be an integer >= 1.")
-        self.kd = kd
-        self.temperature = float(temperature)
-        self.fa = fa
-        self.ffa_k = ffa_k
-        self.fa_method = fa_method
+        self.fa_norm = options.check_fa_norm(fa_norm)
+        self.alpha = options.check_weight(alpha, "alpha")
+        self.beta = options.default_beta(fa_norm) if beta is None else options.check_weight(beta, "beta")
+        self.gamma = options.check_weight(gamma, "gamma")
+        self.kd = options.check_kd(kd)
+        self.temperature = options.check_temperature(temperature)
+        self.fa = options.check_fa(fa)
+        self.ffa_k = options.check_k(ffa_k, "ffa_k")
+        self.fa_method = options.check_fa_method(fa_method, fa_norm)
         self.student_layers = None if student_layers is None else list(student_layers)
         self.teacher_layers = None if teacher_layers is None else list(teacher_layers)
-        self.seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else int(seed)
+        seed = options.check_seed(seed)
+        self.seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else seed
 
         self.student = student
         self.teacher = teacher
@@ -177,7 +171,8 @@ class Distiller(keras.Model):
         return self.student(inputs, training=training)
 
     def _ffa_seed(self, tap):
-        step = self.optimizer.iterations if self.optimizer is not None else 0
+        optimizer = getattr(self, "optimizer", None)  # None before compile (e.g. gradient_norms)
+        step = optimizer.iterations if optimizer is not None else 0
         return tf.stack([tf.constant(self.seed + 7919 * tap, tf.int64), tf.cast(step, tf.int64)])
 
     def loss_terms(self, teacher_outputs, student_outputs, y=None):
@@ -185,15 +180,15 @@ class Distiller(keras.Model):
         # A Keras model with one output returns it bare rather than in a list.
         t_logits, *t_maps = tf.nest.flatten(teacher_outputs)
         s_logits, *s_maps = tf.nest.flatten(student_outputs)
-        terms = {"kd": losses.kd_loss_per_sample(t_logits, s_logits, kind=self.kd, temperature=self.temperature)}
+        terms = {"kd": losses.kd_loss_per_sample(t_logits, s_logits, kd=self.kd, temperature=self.temperature)}
         if self.fa is not None:
             fa = 0.0
             for tap, (t_map, s_map) in enumerate(zip(t_maps, s_maps)):
                 if self.fa == "exact":
-                    fa += losses.feature_affinity_per_sample(t_map, s_map, method=self.fa_method)
+                    fa += losses.feature_affinity_per_sample(t_map, s_map, method=self.fa_method, fa_norm=self.fa_norm)
                 else:
                     fa += losses.fast_feature_affinity_per_sample(
-                        t_map, s_map, k=self.ffa_k, seed=self._ffa_seed(tap)
+                        t_map, s_map, k=self.ffa_k, seed=self._ffa_seed(tap), fa_norm=self.fa_norm
                     )
             terms["fa"] = fa
         if y is not None:
@@ -277,6 +272,56 @@ class Distiller(keras.Model):
         self._update_trackers(terms, self._total(terms), sample_weight, batch)
         return self._logs(y, tf.nest.flatten(student_outputs)[0], sample_weight)
 
+    def gradient_norms(self, data, weighted=True):
+        """The norm of each loss term's gradient with respect to the student's trainable weights.
+
+        Shows whether a term can act at all: a weighted term whose gradient is a small fraction
+        of the largest barely moves the weights. The student runs in training mode as in
+        `train_step`; its batch-norm statistics are restored afterwards, so the call changes
+        nothing.
+
+        Args:
+            data: one batch as `fit` takes it (images, or `(images, labels)` when gamma > 0),
+                or a `tf.data.Dataset`, whose first batch is used.
+            weighted: norms of `alpha * KD`, `beta * FA`, `gamma * CE` (the terms as trained);
+                False gives the unweighted terms.
+
+        Returns:
+            A dict of floats with `kd`, `fa` (when FA is on) and `ce` (when gamma > 0).
+
+        Example:
+
+        >>> from faqd_tf.models import resnet_cifar
+        >>> from faqd_tf.quantize import quantize_model
+        >>> teacher = resnet_cifar(8, input_shape=(16, 16, 3))
+        >>> distiller = Distiller(quantize_model(teacher, weight_bits=4), teacher, kd="kl", temperature=4.0)
+        >>> norms = distiller.gradient_norms(np.random.rand(8, 16, 16, 3).astype("float32"))
+        >>> sorted(norms), all(v >= 0 for v in norms.values())
+        (['fa', 'kd'], True)
+        """
+        if isinstance(data, tf.data.Dataset):
+            data = next(iter(data))
+        x, y, sample_weight = self._unpack(data)
+        weights = {"kd": self.alpha, "fa": self.beta, "ce": self.gamma} if weighted else {}
+        state = [(v, tf.identity(v)) for v in self.student.non_trainable_variables]
+        teacher_outputs = self.teacher_features(x, training=False)
+        with tf.GradientTape(persistent=True) as tape:
+            student_outputs = self.student_features(x, training=True)
+            terms = self.loss_terms(teacher_outputs, student_outputs, y)
+            if self.gamma == 0:
+                terms.pop("ce", None)
+            means = {}
+            for name, value in terms.items():
+                if sample_weight is not None:
+                    value = value * tf.cast(tf.reshape(sample_weight, [-1]), value.dtype)
+                means[name] = weights.get(name, 1.0) * tf.reduce_mean(value)
+        for variable, value in state:
+            variable.assign(value)
+        variables = self.student.trainable_variables
+        norms = {name: float(tf.linalg.global_norm(tape.gradient(mean, variables))) for name, mean in means.items()}
+        del tape
+        return norms
+
     def predict_step(self, data):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         return self.student(x, training=False)
@@ -302,6 +347,7 @@ class Distiller(keras.Model):
                 "kd": self.kd,
                 "temperature": self.temperature,
                 "fa": self.fa,
+                "fa_norm": self.fa_norm,
                 "ffa_k": self.ffa_k,
                 "fa_method": self.fa_method,
                 "student_layers": self.student_layers,

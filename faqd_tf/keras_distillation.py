@@ -3,9 +3,12 @@
 `FeatureAffinityDistillation` taps one teacher layer and one student layer, like
 `keras.distillation.FeatureDistillation`: the Keras Distiller reads its `teacher_layer_name` and
 `student_layer_name`, builds the feature extractors and hands the two 4-D maps to `compute_loss`,
-which returns the exact feature affinity (eq. 6 of arXiv 2302.10899) or its fast estimate (FFA,
-eq. 15), averaged over the batch. One instance per tapped pair; combine them with
-`keras.distillation.LogitsDistillation` and weigh them with `distillation_loss_weights`.
+which returns the exact feature affinity (eq. 6 of arXiv 2302.10899, or the L1 norm of the
+authors' code) or its fast estimate (FFA, eq. 15), averaged over the batch. One instance per tapped
+pair; combine them with `keras.distillation.LogitsDistillation` and weigh them with
+`distillation_loss_weights`: `faqd_tf.options.DEFAULT_BETA[fa_norm]` as the weight of each tap
+gives FA about the gradient share it has in the authors' code (as the Distiller's `beta`, which
+weighs every tap alike).
 
 >>> import keras
 >>> loss = FeatureAffinityDistillation(teacher_layer_name="stage2", student_layer_name="stage2")
@@ -16,9 +19,7 @@ True
 import keras
 import tensorflow as tf
 
-from faqd_tf import losses
-
-METHODS = ("exact", "fast")
+from faqd_tf import losses, options
 
 
 @keras.saving.register_keras_serializable(package="faqd_tf")
@@ -29,9 +30,10 @@ class FeatureAffinityDistillation(keras.distillation.DistillationLoss):
         teacher_layer_name: name of the teacher layer with a 4-D `(batch, H, W, C)` output.
         student_layer_name: name of the student layer with a 4-D output; its H, W rule (a teacher
             map of another size is resized, bilinear) and its channels may differ from the teacher's.
-        method: `"exact"` (`faqd_tf.losses.feature_affinity`) or `"fast"` (FFA with `k` probes).
+        fa: `"exact"` (`faqd_tf.losses.feature_affinity`) or `"fast"` (FFA with `k` probes).
+        fa_norm: `"fro2"` (eq. 6) or `"l1"` (the authors' code).
         k: number of Gaussian probes of FFA.
-        fa_method: `"auto"`, `"gram"` or `"pairwise"`: evaluation of the exact FA.
+        fa_method: `"auto"`, `"gram"` (fro2 only) or `"pairwise"`: evaluation of the exact FA.
         seed: FFA probes. None draws fresh probes on every call; an int seeds a generator owned by
             this loss, so a run is reproducible and each step still gets new probes.
 
@@ -42,7 +44,8 @@ class FeatureAffinityDistillation(keras.distillation.DistillationLoss):
         self,
         teacher_layer_name=None,
         student_layer_name=None,
-        method="exact",
+        fa="exact",
+        fa_norm="fro2",
         k=15,
         fa_method="auto",
         seed=None,
@@ -52,18 +55,15 @@ class FeatureAffinityDistillation(keras.distillation.DistillationLoss):
                 "FeatureAffinityDistillation needs teacher_layer_name and student_layer_name: feature "
                 "affinity compares 4-D feature maps, not the final logits."
             )
-        if method not in METHODS:
-            raise ValueError(f"method={method!r} is not supported; use 'exact' or 'fast'.")
-        if fa_method not in losses.METHODS:
-            raise ValueError(f"fa_method={fa_method!r} is not supported; use one of {losses.METHODS}.")
         self.teacher_layer_name = teacher_layer_name
         self.student_layer_name = student_layer_name
-        self.method = method
-        self.k = losses._check_k(k)
-        self.fa_method = fa_method
-        self.seed = losses.check_seed(seed)
+        self.fa = options.check_fa(fa, allow_none=False)
+        self.fa_norm = options.check_fa_norm(fa_norm)
+        self.k = options.check_k(k)
+        self.fa_method = options.check_fa_method(fa_method, fa_norm)
+        self.seed = options.check_seed(seed)
         self._generator = None
-        if method == "fast" and seed is not None:
+        if fa == "fast" and seed is not None:
             # Created eagerly (not while a train step is traced); advances once per call.
             with tf.init_scope():
                 self._generator = tf.random.Generator.from_seed(self.seed)
@@ -98,16 +98,17 @@ class FeatureAffinityDistillation(keras.distillation.DistillationLoss):
                 )
 
     def compute_loss(self, teacher_outputs, student_outputs, **kwargs):
-        if self.method == "exact":
-            return losses.feature_affinity(teacher_outputs, student_outputs, method=self.fa_method)
+        if self.fa == "exact":
+            return losses.feature_affinity(teacher_outputs, student_outputs, method=self.fa_method, fa_norm=self.fa_norm)
         seed = self._generator if self._generator is not None else None
-        return losses.fast_feature_affinity(teacher_outputs, student_outputs, k=self.k, seed=seed)
+        return losses.fast_feature_affinity(teacher_outputs, student_outputs, k=self.k, seed=seed, fa_norm=self.fa_norm)
 
     def get_config(self):
         return {
             "teacher_layer_name": self.teacher_layer_name,
             "student_layer_name": self.student_layer_name,
-            "method": self.method,
+            "fa": self.fa,
+            "fa_norm": self.fa_norm,
             "k": self.k,
             "fa_method": self.fa_method,
             "seed": self.seed,
@@ -120,7 +121,7 @@ class FeatureAffinityDistillation(keras.distillation.DistillationLoss):
     def __repr__(self):
         return (
             f"FeatureAffinityDistillation(teacher_layer_name={self.teacher_layer_name!r}, "
-            f"student_layer_name={self.student_layer_name!r}, method={self.method!r})"
+            f"student_layer_name={self.student_layer_name!r}, fa={self.fa!r}, fa_norm={self.fa_norm!r})"
         )
 
 

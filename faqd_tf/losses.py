@@ -1,70 +1,73 @@
 """Distillation losses of FAQD: feature affinity (exact and fast) and KD on logits.
 
 Feature affinity (eq. 6 of arXiv 2302.10899): each pixel's channel vector is normalized to unit
-length, `F` in R^{N x C} with `N = H * W`, `S = F F^T` holds the N x N pixel cosines, and the loss
-of one sample is `||S_T - S_S||_F^2 / N^2`. Teacher and student may differ in channels; a teacher
-map with another H, W is first resized (bilinear) to the student's.
+length, `F` in R^{N x C} with `N = H * W`, and `S = F F^T` holds the N x N pixel cosines. Two norms
+of `D = S_T - S_S` per sample (`fa_norm`):
 
-Three exact evaluations:
+- `"fro2"`: `||D||_F^2 / N^2`, eq. (6) of the paper;
+- `"l1"`: `sum |D_ij| / N^2`, the mean absolute difference, as the authors' code trains
+  (lzj994/FAQD `fa_loss(order=1)`).
 
-- `"pairwise"` forms the N x N difference: O(N^2 C) time, O(N^2) memory.
-- `"gram"` uses `||A A^T - B B^T||^2 = ||A^T A||^2 - 2 ||A^T B||^2 + ||B^T B||^2`:
-  O(N C^2) time, O(C^2) memory. The three terms are ~N^2/C while the loss of a nearly converged
-  student is orders of magnitude smaller, so they are formed in float64.
-- `"auto"` picks the cheaper one for the static shape (gram when the shape is unknown).
+Both are averaged over the batch. The authors' code sums over the batch instead, which ties the
+strength to the batch size: their `fa_coef` c at batch size B is `beta = c * B` here
+(`faqd_tf.options.DEFAULT_BETA` holds the measured defaults). Teacher and student may differ in
+channels; a teacher map with another H, W is first resized (bilinear) to the student's.
 
-Fast feature affinity (eqs. 14-15) is an unbiased estimate with k Gaussian probes, O(k N C).
+Everything runs in float32 (bfloat16/float16 maps are cast up), with no cancellation when the
+student is close to the teacher: with `A`, `B` the unit pixel rows (the narrower one padded with
+zero channels, which leaves its affinity unchanged), `M = A - B` and `P = A + B` are formed from
+the raw difference and sum of the maps, and `D = (M P^T + P M^T) / 2` is small exactly when `M` is.
+Exact evaluations (`fa_method`):
+
+- `"pairwise"`: `D` in row tiles of `TILE_ELEMENTS_PER_SAMPLE` entries a sample, forward and backward:
+  O(N^2 C) time, bounded memory; both norms.
+- `"gram"` (`"fro2"` only): `||D||_F^2 = 1/2 <M^T M, P^T P> + 1/2 tr((M^T P)^2)` from C x C products,
+  O(N C^2) time. Every term scales with `|M|^2`. If the channels of the student are a rotation of
+  the teacher's (S_S close to S_T while M is not small) the terms cancel; the estimated rounding
+  error is checked and such a batch is evaluated pairwise instead.
+- `"auto"`: the cheaper one for the static shape.
+
+Fast feature affinity (eqs. 14-15) probes `D` with k Gaussian vectors `z`, `D z` computed as
+`(M (P^T z) + P (M^T z)) / 2` in O(k N C): for `"fro2"` the unbiased `(1/k) sum ||D z||^2 / N^2`;
+for `"l1"` the authors' `sum |D z|` form, scaled so that it estimates the mean over rows of the
+row RMS of `D` (the same scale as the exact L1; see `fast_feature_affinity_per_sample`).
 
 Example:
 
 >>> import numpy as np
 >>> x = np.random.default_rng(0).normal(size=(2, 8, 8, 16)).astype("float32")
->>> float(feature_affinity(x, x))
-0.0
+>>> float(feature_affinity(x, x)), float(feature_affinity(x, x, fa_norm="l1"))
+(0.0, 0.0)
 """
 
-import numbers
+import math
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-METHODS = ("auto", "pairwise", "gram")
-KD_KINDS = ("mse", "kl")
+from faqd_tf import options
+from faqd_tf.options import check_seed  # noqa: F401  (re-exported: the FFA seed rules live here)
+
 # Guards the squared norm of an all-zero channel vector (dead ReLU pixel); such a pixel maps to the
 # zero vector instead of NaN.
 NORM_EPSILON = 1e-12
-# Cost model of "auto", fitted to forward+backward timings on a 2-core CPU (C in 16..128, N in
-# 16..576): a float64 multiply-add of the gram form costs about GRAM_COST_FACTOR float32 ones of
-# the pairwise form, and each of the N^2 pairwise entries costs about PAIRWISE_ENTRY_COST more
-# (memory-bound squares and sums, forward and backward). Crossover: N ~ 1.5 C.
-GRAM_COST_FACTOR = 1.5
-PAIRWISE_ENTRY_COST = 64.0
+# Entries of S_T - S_S per sample held at once by the pairwise evaluation (one row tile, forward
+# or backward): 2^16 float32 = 256 KiB a sample, 16 MiB at batch 64 (a 56x56 map: 157 tiles of 20
+# rows), whatever N is.
+TILE_ELEMENTS_PER_SAMPLE = 2**16
+# A gram evaluation whose estimated relative rounding error exceeds this is redone pairwise.
+GRAM_RELATIVE_ERROR_LIMIT = 1e-5
+_FLOAT32_EPS = 2.0**-24
+# Cost model of "auto", fitted to forward+backward timings on a 2-core CPU (benchmarks/fa_cost.py):
+# per sample, pairwise costs N^2 (4 C + PAIRWISE_ENTRY_COST) and gram GRAM_PRODUCTS N C^2 + GRAM_ROW_COST N C
+# (multiply-add units; C is the padded channel count).
+PAIRWISE_ENTRY_COST = 24.0
+GRAM_PRODUCTS = 7.0
+GRAM_ROW_COST = 60.0
 
 
 # --------------------------------------------------------------------------------------- checks
-
-
-def _check_method(method, p):
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not supported; use one of {', '.join(METHODS)}.")
-    if p not in (1, 2):
-        raise ValueError(f"p={p!r} is not supported; use 1 (L1, authors' code) or 2 (eq. 6).")
-    if p == 1 and method == "gram":
-        raise ValueError("p=1 needs method='pairwise' (or 'auto'); the gram form is exact for p=2 only.")
-
-
-def check_seed(seed):
-    """`seed` as an int, or None; anything else is a one-line ValueError."""
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-        raise ValueError(f"seed={seed!r} is not supported; use an int or None.")
-    return None if seed is None else int(seed)
-
-
-def _check_k(k):
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k={k!r} is not supported; use an integer >= 1 (number of random probes).")
-    return int(k)
 
 
 def _as_float_tensor(x):
@@ -102,6 +105,12 @@ def _check_logits(teacher_logits, student_logits):
     return teacher_logits, student_logits
 
 
+def _check_tile_rows(tile_rows):
+    if tile_rows is not None and (isinstance(tile_rows, bool) or not isinstance(tile_rows, int) or tile_rows < 1):
+        raise ValueError(f"tile_rows={tile_rows!r} is not supported; use None (automatic) or an integer >= 1.")
+    return tile_rows
+
+
 # ------------------------------------------------------------------------------- preprocessing
 
 
@@ -119,40 +128,79 @@ def _align(teacher_map, student_map):
     return teacher_map, student_map
 
 
-@tf.custom_gradient
-def _unit_rows64(x):
-    """Unit rows in float64 of a float32 (batch, N, C) tensor.
+def _unwatched(*tensors):
+    """The tensors, invisible to an enclosing eager `GradientTape`.
 
-    Written out by hand: differentiating `tf.math.l2_normalize` costs about twice as many float64
-    passes over the maps, and exact FA is dominated by them at large N.
+    Inside a `tf.custom_gradient` the gradient is written out; without this an eager tape would
+    still record every op of the forward pass (and keep every row tile of the pairwise form alive).
     """
-    x64 = tf.cast(x, tf.float64)
-    squared = tf.reduce_sum(tf.square(x64), axis=-1, keepdims=True)
-    inv_norm = tf.math.rsqrt(tf.maximum(squared, NORM_EPSILON))
-    unit = x64 * inv_norm
-
-    def grad(upstream):
-        radial = unit * tf.reduce_sum(unit * upstream, axis=-1, keepdims=True)
-        # Below the epsilon the scale is a constant, so nothing is projected out.
-        radial = tf.where(squared > NORM_EPSILON, radial, tf.zeros_like(radial))
-        return tf.cast(inv_norm * (upstream - radial), x.dtype)
-
-    return unit, grad
+    return [tf.stop_gradient(t) for t in tensors]
 
 
-def _pixels(x, dtype):
-    """(batch, H, W, C) float32 -> (batch, N, C) unit channel vectors in `dtype`."""
+def _pixel_rows(x, channels):
+    """(batch, H, W, C) -> (batch, N, channels), zero channels appended where C < channels."""
     shape = tf.shape(x)
-    channels = x.shape[-1] if x.shape[-1] is not None else shape[-1]
-    x = tf.reshape(x, [shape[0], shape[1] * shape[2], channels])
-    if dtype == tf.float64:
-        return _unit_rows64(x)
-    return tf.math.l2_normalize(tf.cast(x, dtype), axis=-1, epsilon=NORM_EPSILON)
+    c = x.shape[-1] if x.shape[-1] is not None else shape[-1]
+    x = tf.reshape(x, [shape[0], shape[1] * shape[2], c])
+    if x.shape[-1] is not None and x.shape[-1] == channels:
+        return x
+    return tf.pad(x, [[0, 0], [0, 0], [0, channels - tf.shape(x)[-1]]])
 
 
-def _num_pixels(x):
-    """N = H * W of the (batch, N, C) tensor, as a float64 tensor."""
-    return tf.cast(tf.shape(x)[1], tf.float64)
+def _difference_and_sum(teacher_map, student_map):
+    """`M = A - B` and `P = A + B` of the unit pixel rows `A` (teacher), `B` (student), accurately.
+
+    Formed from `d = x - y` and `s = x + y` of the raw rows rather than from A and B: with
+    `r = 1 / |x|`, `A - B = d r_x + y (r_x - r_y)` and `A + B = s r_x - y (r_x - r_y)`, where
+    `r_x - r_y = (|y|^2 - |x|^2) r_x r_y / (|x| + |y|)` and `|y|^2 - |x|^2 = -<d, s>`. Nothing
+    cancels, so M keeps its relative precision however close the student is.
+    """
+    c_t, c_s = teacher_map.shape[-1], student_map.shape[-1]
+    if c_t is not None and c_s is not None:
+        channels = max(c_t, c_s)
+    else:
+        channels = tf.maximum(tf.shape(teacher_map)[-1], tf.shape(student_map)[-1])
+    return _unit_difference_and_sum(_pixel_rows(teacher_map, channels), _pixel_rows(student_map, channels))
+
+
+@tf.custom_gradient
+def _unit_difference_and_sum(x, y):
+    x, y = _unwatched(x, y)
+    sq_x = tf.reduce_sum(tf.square(x), axis=-1, keepdims=True)
+    sq_y = tf.reduce_sum(tf.square(y), axis=-1, keepdims=True)
+    # Below the epsilon a pixel's scale is a constant (1e6): an all-zero pixel stays zero.
+    nx, ny = tf.maximum(sq_x, NORM_EPSILON), tf.maximum(sq_y, NORM_EPSILON)
+    norm_x, norm_y = tf.sqrt(nx), tf.sqrt(ny)
+    d, s = x - y, x + y
+    exact_gap = -tf.reduce_sum(d * s, axis=-1, keepdims=True)
+    gap = tf.where(tf.logical_and(sq_x > NORM_EPSILON, sq_y > NORM_EPSILON), exact_gap, ny - nx)
+    dr = gap / (norm_x * norm_y * (norm_x + norm_y))  # r_x - r_y
+    # Scaled by the longer vector's 1/|.|, every term is at most 2 in size, so nothing cancels even
+    # when one pixel is (nearly) zero: with |x| >= |y|, M = d r_x + y (r_x - r_y),
+    # P = s r_x - y (r_x - r_y); with |x| < |y|, M = d r_y + x (r_x - r_y), P = s r_y + x (r_x - r_y).
+    x_longer = nx >= ny
+    inv_longer = 1.0 / tf.maximum(norm_x, norm_y)
+    shorter = tf.where(x_longer, y, x)
+    m = d * inv_longer + shorter * dr
+    p = s * inv_longer + shorter * tf.where(x_longer, -dr, dr)
+
+    def grad(dm, dp):
+        # M and P are A - B and A + B: the gradient is that of two normalizations (written out,
+        # as autodiff of the accurate forward would cost three times the passes over the maps).
+        def through_unit(raw, upstream, squared, inv_norm):
+            unit = raw * inv_norm
+            radial = unit * tf.reduce_sum(unit * upstream, axis=-1, keepdims=True)
+            # Below the epsilon the scale is a constant, so nothing is projected out.
+            radial = tf.where(squared > NORM_EPSILON, radial, tf.zeros_like(radial))
+            return inv_norm * (upstream - radial)
+
+        return through_unit(x, dp + dm, sq_x, 1.0 / norm_x), through_unit(y, dp - dm, sq_y, 1.0 / norm_y)
+
+    return (m, p), grad
+
+
+def _num_pixels(m):
+    return tf.cast(tf.shape(m)[1], tf.float32)
 
 
 def _static_num_pixels(shape):
@@ -160,26 +208,27 @@ def _static_num_pixels(shape):
     return None if h is None or w is None else h * w
 
 
-def _resolve_method(method, p, n, c_t, c_s):
+def _resolve_method(method, fa_norm, n, c_t, c_s):
     if method != "auto":
         return method
-    if p == 1:
+    if fa_norm != "fro2":
         return "pairwise"
     if n is None or c_t is None or c_s is None:
-        return "gram"  # Never risk an N x N matrix of unknown size.
-    pairwise_cost = n * n * (c_t + c_s + PAIRWISE_ENTRY_COST)
-    gram_cost = GRAM_COST_FACTOR * n * (c_t * c_t + c_t * c_s + c_s * c_s)
+        return "gram"  # Never risk the N^2 cost for a shape of unknown size.
+    c = max(c_t, c_s)
+    pairwise_cost = n * n * (4 * c + PAIRWISE_ENTRY_COST)
+    gram_cost = GRAM_PRODUCTS * n * c * c + GRAM_ROW_COST * n * c
     return "pairwise" if pairwise_cost < gram_cost else "gram"
 
 
-def resolve_method(teacher_map_shape, student_map_shape, method="auto", p=2):
-    """The exact evaluation ("pairwise" or "gram") used for maps of the given shapes.
+def resolve_method(teacher_map_shape, student_map_shape, method="auto", fa_norm="fro2"):
+    """The exact evaluation (`"pairwise"` or `"gram"`) used for maps of the given shapes.
 
     Args:
         teacher_map_shape: shape `(batch, H_T, W_T, C_T)` of the teacher's map.
         student_map_shape: shape `(batch, H, W, C_S)` of the student's map.
         method: `"auto"`, `"pairwise"` or `"gram"`.
-        p: 2 (eq. 6) or 1 (L1, pairwise only).
+        fa_norm: `"fro2"` or `"l1"` (pairwise only).
 
     Returns:
         `"pairwise"` or `"gram"`.
@@ -191,77 +240,134 @@ def resolve_method(teacher_map_shape, student_map_shape, method="auto", p=2):
     >>> resolve_method((32, 32, 32, 16), (32, 32, 32, 16))
     'gram'
     """
-    _check_method(method, p)
+    options.check_fa_norm(fa_norm)
+    options.check_fa_method(method, fa_norm, name="method")
     t, s = tf.TensorShape(teacher_map_shape), tf.TensorShape(student_map_shape)
-    return _resolve_method(method, p, _static_num_pixels(s), t[-1], s[-1])
+    return _resolve_method(method, fa_norm, _static_num_pixels(s), t[-1], s[-1])
 
 
 # ---------------------------------------------------------------------------- feature affinity
 
 
-def _pairwise_per_sample(a, b, p):
-    """Exact FA from the N x N difference, accurate when the student is close to the teacher.
+def _entry_loss(d, fa_norm):
+    return tf.abs(d) if fa_norm == "l1" else tf.square(d)
 
-    `a`, `b` are float64 unit pixel vectors. With equal channel counts the difference is formed as
-    `A E^T + E B^T` with `E = A - B`: both terms are as small as the difference itself, so float32
-    products lose nothing to cancellation.
+
+def _entry_grad(d, fa_norm):
+    return tf.sign(d) if fa_norm == "l1" else 2.0 * d
+
+
+def _tile_layout(n, tile_rows):
+    """(rows per tile, number of tiles): Python ints when N is static, which XLA needs."""
+    if isinstance(n, int):
+        rows = tile_rows or max(1, TILE_ELEMENTS_PER_SAMPLE // max(n, 1))
+        rows = max(1, min(rows, n))
+        return rows, -(-n // rows)
+    rows = tf.constant(tile_rows) if tile_rows else tf.maximum(1, TILE_ELEMENTS_PER_SAMPLE // tf.maximum(n, 1))
+    rows = tf.maximum(1, tf.minimum(rows, n))
+    return rows, (n + rows - 1) // rows
+
+
+def _tiled_totals(m, p, fa_norm, tile_rows=None):
+    """Per-sample `sum f(D_ij)` of `D = (M P^T + P M^T) / 2`, one row tile of D at a time.
+
+    A tile of rows J is `D_J = [M_J, P_J] [P, M]^T / 2`. With `G = f'(D)`, symmetric like D, the
+    gradient is `[dM, dP] = G [P, M] = sum_J G_J^T [P_J, M_J]`: the backward pass recomputes each
+    tile and accumulates, so no N x N tensor is ever kept. The rows are padded to a whole number of
+    equal tiles (zero rows add nothing), with static sizes where N is static, as XLA needs.
     """
-    if a.shape[-1] is not None and a.shape[-1] == b.shape[-1]:
-        e = a - b
-        left, right = tf.concat([a, e], axis=-1), tf.concat([e, b], axis=-1)
-    else:
-        left, right = tf.concat([a, b], axis=-1), tf.concat([a, -b], axis=-1)
-    diff = tf.linalg.matmul(
-        tf.cast(left, tf.float32), tf.cast(right, tf.float32), transpose_b=True
-    )  # S_T - S_S, (batch, N, N)
-    total = tf.reduce_sum(tf.abs(diff) if p == 1 else tf.square(diff), axis=[1, 2])
-    n = tf.cast(tf.shape(diff)[1], tf.float32)
-    return total / (n * n)
+
+    @tf.custom_gradient
+    def totals(m, p):
+        m, p = _unwatched(m, p)
+        n = m.shape[1] if m.shape[1] is not None else tf.shape(m)[1]
+        rows, num_tiles = _tile_layout(n, tile_rows)
+        left = tf.concat([m, p], axis=-1)  # (batch, N, 2C)
+        right = tf.concat([p, m], axis=-1)
+
+        def tiles_of(x):
+            # (tiles, batch, rows, 2C): tile i holds rows i*rows .. (i+1)*rows - 1, zero-padded.
+            x = tf.pad(x, [[0, 0], [0, num_tiles * rows - n], [0, 0]])
+            return tf.transpose(tf.reshape(x, [-1, num_tiles, rows, x.shape[-1] or tf.shape(x)[-1]]), [1, 0, 2, 3])
+
+        left_tiles = tiles_of(left)
+
+        def tile_of_d(i):
+            return 0.5 * tf.linalg.matmul(left_tiles[i], right, transpose_b=True)  # (batch, rows, N)
+
+        def forward(i, acc):
+            return i + 1, acc + tf.reduce_sum(_entry_loss(tile_of_d(i), fa_norm), axis=[1, 2])
+
+        _, total = tf.while_loop(
+            lambda i, _: i < num_tiles, forward, (tf.constant(0), tf.zeros_like(m[:, 0, 0])),
+            parallel_iterations=1,  # one tile alive at a time: that is the memory bound
+        )
+
+        def grad(upstream):
+            right_tiles = tiles_of(right)
+
+            def backward(i, acc):
+                g = _entry_grad(tile_of_d(i), fa_norm)
+                return i + 1, acc + tf.linalg.matmul(g, right_tiles[i], transpose_a=True)
+
+            _, g = tf.while_loop(
+                lambda i, _: i < num_tiles, backward, (tf.constant(0), tf.zeros_like(left)), parallel_iterations=1
+            )
+            dm, dp = tf.split(g * upstream[:, None, None], 2, axis=-1)
+            return dm, dp
+
+        return total, grad
+
+    return totals(m, p)
 
 
-@tf.custom_gradient
-def _gram_totals(a, b):
-    """Per-sample ||A A^T - B B^T||_F^2 from the C x C products (float64), with its gradient.
+def _gram_totals(m, p):
+    """Per-sample `||D||_F^2` from C x C products, and the size of the terms that cancel in it."""
 
-    float64 keeps the cancellation of the three ~N^2/C terms exact enough; the hand-written
-    gradient reuses the forward products (d/dB = 4 (B B^T B - A A^T B) = 4 (B G_bb - A G_ab)).
-    """
-    g_aa = tf.linalg.matmul(a, a, transpose_a=True)
-    g_ab = tf.linalg.matmul(a, b, transpose_a=True)
-    g_bb = tf.linalg.matmul(b, b, transpose_a=True)
-    total = (
-        tf.reduce_sum(tf.square(g_aa), axis=[1, 2])
-        - 2.0 * tf.reduce_sum(tf.square(g_ab), axis=[1, 2])
-        + tf.reduce_sum(tf.square(g_bb), axis=[1, 2])
-    )
+    @tf.custom_gradient
+    def totals(m, p):
+        m, p = _unwatched(m, p)
+        g_mm = tf.linalg.matmul(m, m, transpose_a=True)
+        g_pp = tf.linalg.matmul(p, p, transpose_a=True)
+        x = tf.linalg.matmul(m, p, transpose_a=True)  # M^T P
+        x_t = tf.linalg.matrix_transpose(x)
+        first, second = g_mm * g_pp, x * x_t
+        total = 0.5 * (tf.reduce_sum(first, axis=[1, 2]) + tf.reduce_sum(second, axis=[1, 2]))
+        terms = 0.5 * (tf.reduce_sum(tf.abs(first), axis=[1, 2]) + tf.reduce_sum(tf.abs(second), axis=[1, 2]))
 
-    def grad(upstream):
-        scale = 4.0 * upstream[:, None, None]
-        grad_a = scale * (tf.linalg.matmul(a, g_aa) - tf.linalg.matmul(b, g_ab, transpose_b=True))
-        grad_b = scale * (tf.linalg.matmul(b, g_bb) - tf.linalg.matmul(a, g_ab))
-        return grad_a, grad_b
+        def grad(upstream, _):
+            # d/dM = M P^T P + P M^T P, d/dP = P M^T M + M P^T M, from the forward products.
+            dm = tf.linalg.matmul(m, g_pp) + tf.linalg.matmul(p, x)
+            dp = tf.linalg.matmul(p, g_mm) + tf.linalg.matmul(m, x_t)
+            scale = upstream[:, None, None]
+            return dm * scale, dp * scale
 
-    return total, grad
+        return (total, terms), grad
 
-
-def _gram_per_sample(a, b):
-    """Exact FA without the N x N matrix."""
-    n = _num_pixels(a)
-    # Rounding can leave a tiny negative value for identical affinities; the loss is a squared norm.
-    return tf.cast(tf.maximum(_gram_totals(a, b), 0.0) / (n * n), tf.float32)
+    return totals(m, p)
 
 
-def feature_affinity_per_sample(teacher_map, student_map, method="auto", p=2):
-    """Per-sample feature affinity loss `||S_T - S_S||_F^2 / N^2` (eq. 6).
+def _gram_per_sample(m, p, tile_rows):
+    total, terms = _gram_totals(m, p)
+    total = tf.maximum(total, 0.0)  # rounding can leave a tiny negative for identical affinities
+    # The terms carry a relative rounding error of about eps * sqrt(N) each.
+    error = _FLOAT32_EPS * tf.sqrt(_num_pixels(m)) * tf.stop_gradient(terms)
+    cancelled = tf.reduce_any(error > GRAM_RELATIVE_ERROR_LIMIT * tf.stop_gradient(total))
+    return tf.cond(cancelled, lambda: _tiled_totals(m, p, "fro2", tile_rows), lambda: total)
+
+
+def feature_affinity_per_sample(teacher_map, student_map, method="auto", fa_norm="fro2", tile_rows=None):
+    """Per-sample feature affinity loss: `||S_T - S_S||_F^2 / N^2` (eq. 6) or `sum|S_T - S_S| / N^2`.
 
     Args:
         teacher_map: `(batch, H_T, W_T, C_T)` teacher features; resized (bilinear) to the
             student's H, W when they differ.
         student_map: `(batch, H, W, C_S)` student features.
-        method: `"auto"` (cheaper exact form for the shape), `"pairwise"` (N x N) or `"gram"`
-            (C x C, float64).
-        p: 2 for eq. 6; 1 for the elementwise mean `sum|S_T - S_S| / N^2` of the authors' code
-            (pairwise only).
+        method: `"auto"` (cheaper exact form for the shape), `"pairwise"` (N x N in row tiles) or
+            `"gram"` (C x C products; `fa_norm="fro2"` only).
+        fa_norm: `"fro2"` (eq. 6) or `"l1"` (the authors' code).
+        tile_rows: rows of S_T - S_S per tile of the pairwise form; None sizes tiles to
+            `TILE_ELEMENTS_PER_SAMPLE` entries a sample. The result does not depend on it.
 
     Returns:
         float32 tensor of shape `(batch,)`.
@@ -275,20 +381,25 @@ def feature_affinity_per_sample(teacher_map, student_map, method="auto", p=2):
     >>> feature_affinity_per_sample(t, s).shape
     TensorShape([4])
     """
-    _check_method(method, p)
+    options.check_fa_norm(fa_norm)
+    options.check_fa_method(method, fa_norm, name="method")
+    _check_tile_rows(tile_rows)
     teacher_map, student_map = _check_maps(teacher_map, student_map)
     teacher_map, student_map = _align(teacher_map, student_map)
     method = _resolve_method(
-        method, p, _static_num_pixels(student_map.shape), teacher_map.shape[-1], student_map.shape[-1]
+        method, fa_norm, _static_num_pixels(student_map.shape), teacher_map.shape[-1], student_map.shape[-1]
     )
-    a, b = _pixels(teacher_map, tf.float64), _pixels(student_map, tf.float64)
+    m, p = _difference_and_sum(teacher_map, student_map)
+    n = _num_pixels(m)
     if method == "pairwise":
-        return _pairwise_per_sample(a, b, p)
-    return _gram_per_sample(a, b)
+        total = _tiled_totals(m, p, fa_norm, tile_rows)
+    else:
+        total = _gram_per_sample(m, p, tile_rows)
+    return total / (n * n)
 
 
-def feature_affinity(teacher_map, student_map, method="auto", p=2):
-    """Feature affinity loss (eq. 6), averaged over the batch.
+def feature_affinity(teacher_map, student_map, method="auto", fa_norm="fro2", tile_rows=None):
+    """Feature affinity loss, averaged over the batch.
 
     See `feature_affinity_per_sample` for the arguments.
 
@@ -306,7 +417,9 @@ def feature_affinity(teacher_map, student_map, method="auto", p=2):
     >>> abs(a - b) < 1e-5 * a
     True
     """
-    return tf.reduce_mean(feature_affinity_per_sample(teacher_map, student_map, method=method, p=p))
+    return tf.reduce_mean(
+        feature_affinity_per_sample(teacher_map, student_map, method=method, fa_norm=fa_norm, tile_rows=tile_rows)
+    )
 
 
 # ----------------------------------------------------------------------- fast feature affinity
@@ -347,11 +460,19 @@ def _stateless_seed(seed):
     return seed
 
 
-def fast_feature_affinity_per_sample(teacher_map, student_map, k=15, seed=None):
-    """Per-sample fast feature affinity (eq. 15), an unbiased estimate of `feature_affinity_per_sample`.
+def fast_feature_affinity_per_sample(teacher_map, student_map, k=15, seed=None, fa_norm="fro2"):
+    """Per-sample fast feature affinity (eq. 15): k Gaussian probes `z_l` of `D = S_T - S_S`.
 
-    `L = (1/k) sum_l ||(S_T - S_S) z_l||^2 / N^2` with `z_l ~ N(0, I_N)`, computed as
-    `A (A^T z) - B (B^T z)` in O(k N C); each sample gets its own probes.
+    - `fa_norm="fro2"`: `(1/k) sum_l ||D z_l||^2 / N^2`, an unbiased estimate of the exact
+      `"fro2"` loss (Prop. 4.1).
+    - `fa_norm="l1"`: `sqrt(pi/2) sqrt(N) (1/k) sum_l ||D z_l||_1 / N^2`. As `E|D_i z| =
+      sqrt(2/pi) ||D_i||_2`, this is an unbiased estimate of the mean over rows of the row RMS of D,
+      which bounds the exact `"l1"` loss (mean |D_ij|) from above and equals it when a row's
+      differences are of one size (for Gaussian-like rows exact/fast is about 0.8). The authors'
+      `fast_fa_loss(order=1)` omits the factor `sqrt(pi/2) sqrt(N)`, which makes their FFA weaker
+      than their FA by about that factor (26 at 32 x 32); with it one `beta` serves both.
+
+    `D z` is `(M (P^T z) + P (M^T z)) / 2`, O(k N C), each sample with its own probes.
 
     Args:
         teacher_map: `(batch, H_T, W_T, C_T)`; resized to the student's H, W when they differ.
@@ -360,6 +481,7 @@ def fast_feature_affinity_per_sample(teacher_map, student_map, k=15, seed=None):
         seed: `None` (fresh probes from a generator private to this module), an int (same seed,
             same value), a shape-`(2,)` integer stateless seed (e.g. `(seed, step)`), or a
             `tf.random.Generator` to draw from. The global random state is never used.
+        fa_norm: `"fro2"` or `"l1"`.
 
     Returns:
         float32 tensor of shape `(batch,)`.
@@ -374,20 +496,22 @@ def fast_feature_affinity_per_sample(teacher_map, student_map, k=15, seed=None):
     >>> bool(np.all(v1.numpy() == v2.numpy()))
     True
     """
-    k = _check_k(k)
+    k = options.check_k(k)
+    options.check_fa_norm(fa_norm)
     teacher_map, student_map = _check_maps(teacher_map, student_map)
     teacher_map, student_map = _align(teacher_map, student_map)
-    a, b = _pixels(teacher_map, tf.float32), _pixels(student_map, tf.float32)
-    shape = tf.shape(b)
+    m, p = _difference_and_sum(teacher_map, student_map)
+    shape = tf.shape(m)
     z = tf.random.stateless_normal([shape[0], shape[1], k], seed=_stateless_seed(seed))
-    at_z = tf.linalg.matmul(a, z, transpose_a=True)
-    bt_z = tf.linalg.matmul(b, z, transpose_a=True)
-    u = tf.linalg.matmul(a, at_z) - tf.linalg.matmul(b, bt_z)  # (S_T - S_S) z, (batch, N, k)
-    n = tf.cast(shape[1], tf.float32)
+    u = 0.5 * (tf.linalg.matmul(m, tf.linalg.matmul(p, z, transpose_a=True))
+               + tf.linalg.matmul(p, tf.linalg.matmul(m, z, transpose_a=True)))  # D z, (batch, N, k)
+    n = _num_pixels(m)
+    if fa_norm == "l1":
+        return math.sqrt(math.pi / 2) * tf.reduce_sum(tf.abs(u), axis=[1, 2]) / (k * n * tf.sqrt(n))
     return tf.reduce_sum(tf.square(u), axis=[1, 2]) / (k * n * n)
 
 
-def fast_feature_affinity(teacher_map, student_map, k=15, seed=None):
+def fast_feature_affinity(teacher_map, student_map, k=15, seed=None, fa_norm="fro2"):
     """Fast feature affinity (eq. 15), averaged over the batch.
 
     See `fast_feature_affinity_per_sample` for the arguments.
@@ -402,26 +526,19 @@ def fast_feature_affinity(teacher_map, student_map, k=15, seed=None):
     >>> float(fast_feature_affinity(x, x, k=3, seed=1))
     0.0
     """
-    return tf.reduce_mean(fast_feature_affinity_per_sample(teacher_map, student_map, k=k, seed=seed))
+    return tf.reduce_mean(fast_feature_affinity_per_sample(teacher_map, student_map, k=k, seed=seed, fa_norm=fa_norm))
 
 
 # ------------------------------------------------------------------------------------------- KD
 
 
-def _check_kd(kind, temperature):
-    if kind not in KD_KINDS:
-        raise ValueError(f"kind={kind!r} is not supported; use one of {', '.join(KD_KINDS)}.")
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
-        raise ValueError(f"temperature={temperature!r} is not supported; use a number > 0.")
-
-
-def kd_loss_per_sample(teacher_logits, student_logits, kind="mse", temperature=1.0):
+def kd_loss_per_sample(teacher_logits, student_logits, kd="mse", temperature=1.0):
     """Per-sample knowledge distillation loss on logits.
 
     Args:
         teacher_logits: `(batch, classes)`.
         student_logits: `(batch, classes)`.
-        kind: `"mse"`: mean over classes of `(t - s)^2` on raw logits (temperature unused);
+        kd: `"mse"`: mean over classes of `(t - s)^2` on raw logits (temperature unused);
             `"kl"`: `KL(softmax(t/T) || softmax(s/T)) * T^2`.
         temperature: `T > 0`.
 
@@ -430,23 +547,23 @@ def kd_loss_per_sample(teacher_logits, student_logits, kind="mse", temperature=1
 
     Example:
 
-    >>> kd_loss_per_sample([[1.0, 2.0]], [[1.0, 4.0]], kind="mse").numpy()
+    >>> kd_loss_per_sample([[1.0, 2.0]], [[1.0, 4.0]], kd="mse").numpy()
     array([2.], dtype=float32)
     """
-    _check_kd(kind, temperature)
+    options.check_kd(kd)
+    temperature = options.check_temperature(temperature)
     teacher_logits, student_logits = _check_logits(teacher_logits, student_logits)
     t = tf.cast(teacher_logits, tf.float32)
     s = tf.cast(student_logits, tf.float32)
-    if kind == "mse":
+    if kd == "mse":
         return tf.reduce_mean(tf.square(t - s), axis=-1)
-    temperature = float(temperature)
     log_p = tf.nn.log_softmax(t / temperature, axis=-1)
     log_q = tf.nn.log_softmax(s / temperature, axis=-1)
     # The T^2 factor keeps gradient magnitudes comparable across temperatures (Hinton et al.).
     return tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), axis=-1) * (temperature * temperature)
 
 
-def kd_loss(teacher_logits, student_logits, kind="mse", temperature=1.0):
+def kd_loss(teacher_logits, student_logits, kd="mse", temperature=1.0):
     """Knowledge distillation loss on logits, averaged over the batch.
 
     See `kd_loss_per_sample` for the arguments.
@@ -456,47 +573,45 @@ def kd_loss(teacher_logits, student_logits, kind="mse", temperature=1.0):
 
     Example:
 
-    >>> round(float(kd_loss([[0.0, 0.0]], [[0.0, 0.0]], kind="kl", temperature=4.0)), 6)
+    >>> round(float(kd_loss([[0.0, 0.0]], [[0.0, 0.0]], kd="kl", temperature=4.0)), 6)
     0.0
     """
-    return tf.reduce_mean(kd_loss_per_sample(teacher_logits, student_logits, kind, temperature))
+    return tf.reduce_mean(kd_loss_per_sample(teacher_logits, student_logits, kd, temperature))
 
 
 # ------------------------------------------------------------------------------ Keras wrappers
 
 
-def _dtype_config(loss):
-    return loss._dtype_policy.name
-
-
 @keras.saving.register_keras_serializable(package="faqd_tf")
 class FeatureAffinity(keras.losses.Loss):
-    """Feature affinity loss (eq. 6) as a Keras loss: `y_true` is the teacher's map, `y_pred` the student's.
+    """Feature affinity loss as a Keras loss: `y_true` is the teacher's map, `y_pred` the student's.
 
     Args:
         method: `"auto"`, `"pairwise"` or `"gram"` (see `feature_affinity_per_sample`).
-        p: 2 (eq. 6) or 1 (L1 of the authors' code, pairwise).
+        fa_norm: `"fro2"` (eq. 6) or `"l1"` (the authors' code).
         name, reduction, dtype: as for `keras.losses.Loss`.
 
     Example:
 
     >>> import numpy as np
     >>> x = np.random.default_rng(0).normal(size=(2, 8, 8, 4)).astype("float32")
-    >>> float(FeatureAffinity()(x, x))
+    >>> float(FeatureAffinity(fa_norm="l1")(x, x))
     0.0
     """
 
-    def __init__(self, method="auto", p=2, name="feature_affinity", reduction="sum_over_batch_size", dtype=None):
-        _check_method(method, p)
+    def __init__(self, method="auto", fa_norm="fro2", name="feature_affinity", reduction="sum_over_batch_size",
+                 dtype=None):
+        options.check_fa_norm(fa_norm)
+        options.check_fa_method(method, fa_norm, name="method")
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.method = method
-        self.p = p
+        self.fa_norm = fa_norm
 
     def call(self, y_true, y_pred):
-        return feature_affinity_per_sample(y_true, y_pred, method=self.method, p=self.p)
+        return feature_affinity_per_sample(y_true, y_pred, method=self.method, fa_norm=self.fa_norm)
 
     def get_config(self):
-        return {**super().get_config(), "method": self.method, "p": self.p, "dtype": _dtype_config(self)}
+        return {**super().get_config(), "method": self.method, "fa_norm": self.fa_norm, "dtype": self.dtype}
 
 
 @keras.saving.register_keras_serializable(package="faqd_tf")
@@ -510,6 +625,7 @@ class FastFeatureAffinity(keras.losses.Loss):
     Args:
         k: number of random probes, >= 1.
         seed: int or None.
+        fa_norm: `"fro2"` or `"l1"` (see `fast_feature_affinity_per_sample`).
         name, reduction, dtype: as for `keras.losses.Loss`.
 
     Example:
@@ -523,9 +639,11 @@ class FastFeatureAffinity(keras.losses.Loss):
     True
     """
 
-    def __init__(self, k=15, seed=None, name="fast_feature_affinity", reduction="sum_over_batch_size", dtype=None):
-        self.k = _check_k(k)
-        self.seed = check_seed(seed)
+    def __init__(self, k=15, seed=None, fa_norm="fro2", name="fast_feature_affinity",
+                 reduction="sum_over_batch_size", dtype=None):
+        self.k = options.check_k(k)
+        self.seed = options.check_seed(seed)
+        self.fa_norm = options.check_fa_norm(fa_norm)
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self._generator = None
 
@@ -541,10 +659,10 @@ class FastFeatureAffinity(keras.losses.Loss):
         return self._generator
 
     def call(self, y_true, y_pred):
-        return fast_feature_affinity_per_sample(y_true, y_pred, k=self.k, seed=self.generator)
+        return fast_feature_affinity_per_sample(y_true, y_pred, k=self.k, seed=self.generator, fa_norm=self.fa_norm)
 
     def get_config(self):
-        return {**super().get_config(), "k": self.k, "seed": self.seed, "dtype": _dtype_config(self)}
+        return {**super().get_config(), "k": self.k, "seed": self.seed, "fa_norm": self.fa_norm, "dtype": self.dtype}
 
 
 @keras.saving.register_keras_serializable(package="faqd_tf")
@@ -552,7 +670,7 @@ class KDLoss(keras.losses.Loss):
     """Knowledge distillation on logits as a Keras loss: `y_true` is the teacher's, `y_pred` the student's.
 
     Args:
-        kind: `"mse"` (raw logits) or `"kl"` (`KL(softmax(t/T) || softmax(s/T)) * T^2`).
+        kd: `"mse"` (raw logits) or `"kl"` (`KL(softmax(t/T) || softmax(s/T)) * T^2`).
         temperature: `T > 0` (KL only).
         name, reduction, dtype: as for `keras.losses.Loss`.
 
@@ -562,19 +680,14 @@ class KDLoss(keras.losses.Loss):
     2.0
     """
 
-    def __init__(self, kind="mse", temperature=1.0, name="kd_loss", reduction="sum_over_batch_size", dtype=None):
-        _check_kd(kind, temperature)
+    def __init__(self, kd="mse", temperature=1.0, name="kd_loss", reduction="sum_over_batch_size", dtype=None):
+        options.check_kd(kd)
+        self.temperature = options.check_temperature(temperature)
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.kind = kind
-        self.temperature = float(temperature)
+        self.kd = kd
 
     def call(self, y_true, y_pred):
-        return kd_loss_per_sample(y_true, y_pred, kind=self.kind, temperature=self.temperature)
+        return kd_loss_per_sample(y_true, y_pred, kd=self.kd, temperature=self.temperature)
 
     def get_config(self):
-        return {
-            **super().get_config(),
-            "kind": self.kind,
-            "temperature": self.temperature,
-            "dtype": _dtype_config(self),
-        }
+        return {**super().get_config(), "kd": self.kd, "temperature": self.temperature, "dtype": self.dtype}

@@ -252,7 +252,9 @@ class Run:
             limit=d["limit"] if train else d["eval_limit"], seed=self.config["seed"], data_dir=d["data_dir"],
         )
 
-    def callbacks(self, stage, history_csv, extra=()):
+    def callbacks(self, stage, history_csv, extra=(), at_start=()):
+        """The stage's callbacks; `extra` act at epoch ends (before the backup), `at_start` when
+        training starts (after the backup restored the weights)."""
         import keras
 
         from faqd_tf.callbacks import ResumableCSVLogger, SharedBackupAndRestore, StopOnNonFiniteLoss
@@ -268,6 +270,7 @@ class Run:
             # Every worker resumes from the chief's backup, so all restart at the same epoch. The
             # stage removes it only once its model is saved.
             SharedBackupAndRestore(backup, writer=self.chief, delete_checkpoint=False),
+            *at_start,
             keras.callbacks.TensorBoard(os.path.join(self.out, "logs", stage), write_graph=False),
         ]
 
@@ -281,7 +284,7 @@ class Run:
             return n
         return int(dataset.reduce(tf.constant(0, tf.int64), lambda c, _: c + 1))
 
-    def _train(self, model, stage, train_ds, val_ds, train, history_csv, save, extra=()):
+    def _train(self, model, stage, train_ds, val_ds, train, history_csv, save, extra=(), at_start=()):
         """`fit`, then `save()` (the stage's model, saved atomically), then the backup removed.
 
         In this order a kill at any moment resumes with nothing lost: before the save the backup is
@@ -294,7 +297,7 @@ class Run:
             shutil.rmtree(os.path.join(self.out, "logs", stage), ignore_errors=True)
         model.fit(train_ds.repeat() if train["steps_per_epoch"] else train_ds, epochs=train["epochs"],
                   steps_per_epoch=train["steps_per_epoch"], validation_data=val_ds,
-                  callbacks=self.callbacks(stage, history_csv, extra), verbose="auto", shuffle=False)
+                  callbacks=self.callbacks(stage, history_csv, extra, at_start), verbose="auto", shuffle=False)
         save()
         # Every worker has saved its copy before the chief removes the shared backup.
         distribute.barrier(self.strategy())
@@ -377,7 +380,7 @@ class Run:
         """One distillation of `student` from `teacher`, saved to `path`; returns the trained student."""
         import keras
 
-        from faqd_tf.callbacks import BinaryRelaxScheduler
+        from faqd_tf.callbacks import BinaryRelaxScheduler, GradientShares
         from faqd_tf.distiller import Distiller
 
         d = self.config["distill"]
@@ -387,9 +390,11 @@ class Run:
             distiller.compile(make_optimizer(self.config["train"], steps),
                               metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
         extra = [BinaryRelaxScheduler(self.config["student"]["relax_eta"])] if self.config["student"]["relax"] else []
+        # A user must see when a weighted term is too weak to act (e.g. an FA weight on the wrong scale).
+        shares = GradientShares(train_ds.take(1), print_fn=say)
         history = "history.csv" if stage == "distill" else f"{stage}_history.csv"
         self._train(distiller, stage, train_ds, val_ds, self.config["train"], history,
-                    lambda: save_model(distiller.student, path), extra)
+                    lambda: save_model(distiller.student, path), extra, [shares])
         return distiller.student
 
     def distill(self):
@@ -403,7 +408,10 @@ class Run:
         with self.strategy().scope():
             teacher = self._load_model(self.teacher_path, "teacher.file")
             student, two_step = self.build_student(teacher)
-        terms = f"{d['alpha']}*KD({d['kd']})" + (f" + {d['beta']}*FA({d['fa']})" if d["fa"] else "") + (
+        from faqd_tf import options
+
+        beta = options.default_beta(d["fa_norm"]) if d["beta"] is None else d["beta"]
+        terms = f"{d['alpha']}*KD({d['kd']})" + (f" + {beta}*FA({d['fa']}, {d['fa_norm']})" if d["fa"] else "") + (
             f" + {d['gamma']}*CE" if d["gamma"] else "")
         mode = "label-free" if not labels else "with labels"
         if two_step:

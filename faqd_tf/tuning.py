@@ -4,7 +4,11 @@
 (metrics `["accuracy"]`) of a fresh student from the trained full-precision teacher. It tunes
 
     alpha        weight of the KD term           Float, log sampling, default range [0.1, 2]
-    beta         weight of the FA term           Float, log sampling, default range [0.01, 1]
+    fa_norm      norm of the FA term             Fixed (one norm) or Choice of "fro2", "l1"
+    beta         weight of the FA term           Float, log sampling, default range
+                                                 [d / 30, 10 d] around the norm's measured
+                                                 default d (30 for fro2, 10 for l1); with a
+                                                 Choice of norms, one `beta_<norm>` per norm
     gamma        weight of the cross-entropy     Float, default range [0, 1]; Fixed 0 when label_free
     temperature  KL temperature (kd="kl" only)   Choice, default [1, 2, 4, 8]; Fixed 1 for kd="mse"
     use_fa       FA term on or off (tune_fa)     Boolean
@@ -14,8 +18,7 @@ hyperparameter values alone determine its Distiller (`best_distill_config`). The
 student's accuracy on a labeled validation set, `keras_tuner.Objective("val_accuracy", "max")`:
 the training batches may be images alone (label-free FAQD), the validation batches carry labels.
 Any keras-tuner tuner takes the hypermodel (`RandomSearch`, `BayesianOptimization`, `Hyperband`);
-`search` wraps the three. keras-tuner's `BayesianOptimization` needs scikit-learn
-(`pip install keras-tuner[bayesian]`), which is not among this project's requirements.
+`search` wraps the three (`BayesianOptimization` uses scikit-learn, a requirement of this project).
 
 >>> import keras_tuner
 >>> from faqd_tf.models import resnet_cifar
@@ -27,9 +30,9 @@ Any keras-tuner tuner takes the hypermodel (`RandomSearch`, `BayesianOptimizatio
 >>> type(distiller).__name__, distiller.gamma, distiller.fa
 ('Distiller', 0.0, 'exact')
 >>> sorted(hp.values)
-['alpha', 'beta', 'fa_kind', 'gamma', 'kd', 'temperature', 'use_fa']
+['alpha', 'beta', 'fa_kind', 'fa_norm', 'gamma', 'kd', 'temperature', 'use_fa']
 >>> best_distill_config({"alpha": 0.5, "beta": 0.1, "gamma": 0.0, "temperature": 4, "use_fa": False})
-{'alpha': 0.5, 'beta': 0.0, 'gamma': 0.0, 'temperature': 4.0, 'fa': None}
+{'alpha': 0.5, 'beta': 0.0, 'gamma': 0.0, 'temperature': 4.0, 'fa': None, 'fa_norm': 'fro2'}
 
 A search, with images-only training batches and labeled validation batches::
 
@@ -38,7 +41,6 @@ A search, with images-only training batches and labeled validation batches::
     json.dump(best_distill_config(best), open("best.json", "w"))
 """
 
-import importlib.util
 import numbers
 import tempfile
 
@@ -46,37 +48,13 @@ import keras
 import keras_tuner
 import tensorflow as tf
 
-from faqd_tf.distiller import FA_KINDS, KD_KINDS, Distiller
+from faqd_tf import options
+from faqd_tf.distiller import Distiller
 
 OBJECTIVE = "val_accuracy"
 TUNERS = ("random", "bayesian", "hyperband")
 _NO_FA = "none"  # the `fa_kind` value of fa=None (a Fixed hyperparameter cannot hold None)
-DEFAULTS = {"alpha": 1.0, "beta": 0.1, "gamma": 0.0, "temperature": 1.0}
-
-
-def _allow_search_without_tensorboard():
-    """keras-tuner 1.4 imports tensorboard in every trial on the TensorFlow backend, though it
-    uses it only to add hparams logging to a `keras.callbacks.TensorBoard` callback, and
-    TensorFlow no longer installs tensorboard. Without tensorboard, trials without such a
-    callback skip that import (with one, the original code runs and names what is missing)."""
-    if importlib.util.find_spec("tensorboard") is not None:
-        return
-    from keras_tuner.src.engine import tuner as tuner_module
-
-    original = tuner_module.Tuner._configure_tensorboard_dir
-    if getattr(original, "_faqd_tensorboard_free", False):
-        return
-
-    def configure_tensorboard_dir(self, callbacks, trial, execution=0):
-        if any(callback.__class__.__name__ == "TensorBoard" for callback in callbacks):
-            return original(self, callbacks, trial, execution)
-        return None
-
-    configure_tensorboard_dir._faqd_tensorboard_free = True
-    tuner_module.Tuner._configure_tensorboard_dir = configure_tensorboard_dir
-
-
-_allow_search_without_tensorboard()
+DEFAULTS = {"alpha": 1.0, "gamma": 0.0, "temperature": 1.0}  # beta: options.DEFAULT_BETA of the norm
 
 
 def default_optimizer():
@@ -129,8 +107,10 @@ class FAQDHyperModel(keras_tuner.HyperModel):
             default SGD with Nesterov momentum 0.9 and learning rate 0.01.
         kd, fa, ffa_k, fa_method, student_layers, teacher_layers, seed: fixed `Distiller`
             arguments. `fa` is the FA kind used when the trial turns FA on (None: never).
+        fa_norm: `"fro2"` or `"l1"` (fixed), or a list of them to search.
         alpha_range, beta_range: (low, high) searched on a log scale (low > 0), or one number
-            to fix the weight.
+            to fix the weight. `beta_range=None` searches `[d / 30, 10 d]` around the norm's
+            measured default `d = faqd_tf.options.DEFAULT_BETA[fa_norm]`.
         gamma_range: (low, high) searched on a linear scale, or one number; ignored (gamma is
             fixed at 0) when `label_free`.
         temperatures: KL temperatures to choose from (one number fixes it); only tuned for
@@ -139,13 +119,13 @@ class FAQDHyperModel(keras_tuner.HyperModel):
             With `label_free=False` the training batches must be (images, labels).
         tune_fa: add the Boolean `use_fa` (FA term on/off); False keeps FA on (when `fa` is set).
         metrics: compiled metrics of the Distiller; must yield the objective's `accuracy`.
-        distiller_kwargs: the fixed Distiller arguments as one dict (keys among kd, ffa_k,
+        distiller_kwargs: the fixed Distiller arguments as one dict (keys among kd, fa_norm, ffa_k,
             fa_method, student_layers, teacher_layers, seed); its entries override the keywords.
         name, tunable: as for `keras_tuner.HyperModel`.
 
-    Hyperparameter names: `alpha`, `beta`, `gamma`, `temperature`, `use_fa` (when `tune_fa` and
-    `fa` is set), and the Fixed `kd` and `fa_kind`. `beta` is sampled even when `use_fa` is off
-    (it is then unused), which keeps the space free of conditional scopes.
+    Hyperparameter names: `alpha`, `beta` (or `beta_fro2`, `beta_l1` under a Choice of norms),
+    `gamma`, `temperature`, `use_fa` (when `tune_fa` and `fa` is set), `fa_norm`, and the Fixed
+    `kd` and `fa_kind`. `beta` is sampled even when `use_fa` is off (it is then unused).
     """
 
     def __init__(
@@ -156,13 +136,14 @@ class FAQDHyperModel(keras_tuner.HyperModel):
         *,
         kd="mse",
         fa="exact",
+        fa_norm="fro2",
         ffa_k=15,
         fa_method="auto",
         student_layers=None,
         teacher_layers=None,
         seed=None,
         alpha_range=(0.1, 2.0),
-        beta_range=(0.01, 1.0),
+        beta_range=None,
         gamma_range=(0.0, 1.0),
         temperatures=(1, 2, 4, 8),
         label_free=True,
@@ -173,8 +154,8 @@ class FAQDHyperModel(keras_tuner.HyperModel):
         tunable=True,
     ):
         super().__init__(name=name, tunable=tunable)
-        fixed = {"kd": kd, "ffa_k": ffa_k, "fa_method": fa_method, "student_layers": student_layers,
-                 "teacher_layers": teacher_layers, "seed": seed}
+        fixed = {"kd": kd, "fa_norm": fa_norm, "ffa_k": ffa_k, "fa_method": fa_method,
+                 "student_layers": student_layers, "teacher_layers": teacher_layers, "seed": seed}
         extra = dict(distiller_kwargs or {})
         tuned = sorted(set(extra) & {"alpha", "beta", "gamma", "temperature", "fa"})
         if tuned:
@@ -187,6 +168,13 @@ class FAQDHyperModel(keras_tuner.HyperModel):
             raise ValueError(f"distiller_kwargs has unknown keys {unknown}; allowed: {sorted(fixed)}.")
         fixed.update(extra)
         kd = fixed["kd"]
+        norms = fixed.pop("fa_norm")
+        norms = [norms] if isinstance(norms, str) else list(norms)
+        if not norms or len(set(norms)) != len(norms):
+            raise ValueError(f"fa_norm={norms!r} must name one norm or a list of distinct norms.")
+        self.fa_norms = [options.check_fa_norm(n) for n in norms]
+        for norm in self.fa_norms:
+            options.check_fa_method(fixed["fa_method"], norm)
         if not isinstance(teacher, keras.Model):
             raise ValueError(f"teacher must be a Keras model, got {teacher!r}.")
         if not callable(student_fn):
@@ -195,10 +183,8 @@ class FAQDHyperModel(keras_tuner.HyperModel):
             )
         if optimizer_fn is not None and not callable(optimizer_fn):
             raise ValueError(f"optimizer_fn must be a zero-argument callable, got {optimizer_fn!r}.")
-        if kd not in KD_KINDS:
-            raise ValueError(f"kd={kd!r} is not supported; use one of {KD_KINDS}.")
-        if fa not in FA_KINDS:
-            raise ValueError(f"fa={fa!r} is not supported; use 'exact', 'fast' or None.")
+        options.check_kd(kd)
+        options.check_fa(fa)
         self.teacher = teacher
         self.student_fn = student_fn
         self.optimizer_fn = optimizer_fn or default_optimizer
@@ -207,7 +193,11 @@ class FAQDHyperModel(keras_tuner.HyperModel):
         self.label_free = bool(label_free)
         self.tune_fa = bool(tune_fa) and fa is not None
         self.alpha_range = _range("alpha_range", alpha_range, log=True)
-        self.beta_range = _range("beta_range", beta_range, log=True)
+        self.beta_ranges = {
+            norm: _range("beta_range", (options.default_beta(norm) / 30, options.default_beta(norm) * 10)
+                         if beta_range is None else beta_range, log=True)
+            for norm in self.fa_norms
+        }
         self.gamma_range = (0.0, 0.0) if self.label_free else _range("gamma_range", gamma_range, log=False)
         self.temperatures = _choices("temperatures", temperatures) if kd == "kl" else [1.0]
         self.metrics = list(metrics) if metrics is not None else None
@@ -226,8 +216,17 @@ class FAQDHyperModel(keras_tuner.HyperModel):
         hp.Fixed("kd", self.kd)
         hp.Fixed("fa_kind", self.fa or _NO_FA)
         self._float(hp, "alpha", self.alpha_range, True, DEFAULTS["alpha"])
+        if len(self.fa_norms) == 1:
+            hp.Fixed("fa_norm", self.fa_norms[0])
+        else:
+            hp.Choice("fa_norm", self.fa_norms, default=self.fa_norms[0])
         if self.fa is not None:
-            self._float(hp, "beta", self.beta_range, True, DEFAULTS["beta"])
+            for norm in self.fa_norms:
+                if len(self.fa_norms) == 1:
+                    self._float(hp, "beta", self.beta_ranges[norm], True, options.default_beta(norm))
+                else:
+                    with hp.conditional_scope("fa_norm", [norm]):
+                        self._float(hp, f"beta_{norm}", self.beta_ranges[norm], True, options.default_beta(norm))
             if self.tune_fa:
                 hp.Boolean("use_fa", default=True)
         self._float(hp, "gamma", self.gamma_range, False, 0.3)
@@ -260,10 +259,11 @@ class FAQDHyperModel(keras_tuner.HyperModel):
 def best_distill_config(hp_values, fa="exact"):
     """The `Distiller` loss arguments of a trial's hyperparameter values, JSON-serializable.
 
-    Returns a dict with `alpha`, `beta`, `gamma`, `temperature` (floats) and `fa` ("exact",
-    "fast" or None). `fa` is read from the `fa_kind` value when present, else the argument `fa`;
-    `use_fa=False` gives fa None and beta 0. Missing weights take the Distiller's defaults, and
-    keys other than the hyperparameter names (e.g. Hyperband's "tuner/...") are ignored.
+    Returns a dict with `alpha`, `beta`, `gamma`, `temperature` (floats), `fa` ("exact",
+    "fast" or None) and `fa_norm`. `fa` is read from the `fa_kind` value when present, else the
+    argument `fa`; `use_fa=False` gives fa None and beta 0. `beta` is `beta_<fa_norm>` when the
+    norm was searched. Missing weights take the Distiller's defaults (beta: the norm's measured
+    default), and other keys (e.g. Hyperband's "tuner/...") are ignored.
     """
     if isinstance(hp_values, keras_tuner.HyperParameters):
         hp_values = hp_values.values
@@ -273,10 +273,12 @@ def best_distill_config(hp_values, fa="exact"):
         raise ValueError(f"fa_kind={kind!r} is not supported; use 'exact', 'fast' or {_NO_FA!r}.")
     fa = None if kind == _NO_FA or not values.get("use_fa", True) else kind
     config = {name: float(values.get(name, default)) for name, default in DEFAULTS.items()}
-    if fa is None:
-        config["beta"] = 0.0
+    norm = options.check_fa_norm(values.get("fa_norm", "fro2"))
+    config["beta"] = 0.0 if fa is None else float(
+        values.get(f"beta_{norm}", values.get("beta", options.default_beta(norm))))
     config["fa"] = fa
-    return {key: config[key] for key in ("alpha", "beta", "gamma", "temperature", "fa")}
+    config["fa_norm"] = norm
+    return {key: config[key] for key in ("alpha", "beta", "gamma", "temperature", "fa", "fa_norm")}
 
 
 def _labels_missing(validation_data):

@@ -50,7 +50,7 @@ BAD_CASES = {
     "bits": (lambda t, f: ["--config", write_config(t, student={"weight_bits": 3})],
              r"student.weight_bits=3 is not valid; use one of 1, 2, 4, 8"),
     "negative weight": (lambda t, f: ["--config", write_config(t, distill={"beta": -0.1})],
-                        r"distill.beta=-0.1 is not valid; use a number >= 0"),
+                        r"distill.beta=-0.1 is not valid; use null \(the default of distill.fa_norm\) or a number >= 0"),
     "kd": (lambda t, f: ["--config", write_config(t, distill={"kd": "l1"})], r"distill.kd=\"l1\" is not valid; use one of \"mse\", \"kl\""),
     "gamma without labels": (lambda t, f: ["--config", write_config(t, distill={"gamma": 0.3})], r"gamma > 0 needs labels"),
     "init file": (lambda t, f: ["--config", write_config(t, student={"init": "file"})], r"student.init='file' needs student.file"),

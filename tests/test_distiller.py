@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from faqd_tf import losses
+from faqd_tf import losses, options
+from faqd_tf.callbacks import GradientShares
 from faqd_tf.distiller import Distiller
 from faqd_tf.features import feature_extractor
 from faqd_tf.layers import QuantConv2D, QuantDense, QuantReLU
@@ -36,8 +37,8 @@ def weights_of(model):
     return {v.path: v.numpy().copy() for v in model.weights}
 
 
-@pytest.mark.parametrize("kd, fa", [("mse", "exact"), ("kl", "exact"), ("mse", None)])
-def test_one_train_step_equals_hand_written_tape(rng, kd, fa):
+@pytest.mark.parametrize("kd, fa, fa_norm", [("mse", "exact", "fro2"), ("kl", "exact", "l1"), ("mse", None, "fro2")])
+def test_one_train_step_equals_hand_written_tape(rng, kd, fa, fa_norm):
     teacher = tiny_net(name="teacher")
     random_weights(teacher, rng)
     student = quantize_model(teacher, weight_bits=2, activation_bits=4)
@@ -48,7 +49,8 @@ def test_one_train_step_equals_hand_written_tape(rng, kd, fa):
     alpha, beta, gamma, lr, T = 0.7, 0.3, 0.2, 0.05, 2.0
     teacher_before = weights_of(teacher)
 
-    distiller = Distiller(student, teacher, alpha=alpha, beta=beta, gamma=gamma, kd=kd, temperature=T, fa=fa)
+    distiller = Distiller(student, teacher, alpha=alpha, beta=beta, gamma=gamma, kd=kd, temperature=T, fa=fa,
+                          fa_norm=fa_norm)
     distiller.compile(keras.optimizers.SGD(lr))
     distiller.fit(x, y, batch_size=6, epochs=1, verbose=0, shuffle=False)
 
@@ -67,7 +69,8 @@ def test_one_train_step_equals_hand_written_tape(rng, kd, fa):
         ce = tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(y, s_logits, from_logits=True))
         loss = alpha * kd_value + gamma * ce
         if fa:
-            loss += beta * sum(losses.feature_affinity(t, s, method="pairwise") for t, s in zip(t_maps, s_maps))
+            loss += beta * sum(losses.feature_affinity(t, s, method="pairwise", fa_norm=fa_norm)
+                               for t, s in zip(t_maps, s_maps))
     grads = tape.gradient(loss, twin.trainable_variables)
     for v, g in zip(twin.trainable_variables, grads):
         v.assign(v.constraint(v - lr * g) if v.constraint else v - lr * g)
@@ -150,27 +153,117 @@ def test_sample_weights_weight_the_loss(rng):
     assert logs["loss"] == pytest.approx(float(np.sum(per_sample.numpy() * w) / 8), rel=1e-5)
 
 
-def test_bad_setups_are_clear_errors(rng):
+def test_label_free_fit_without_gamma_refuses_labels_it_needs(rng):
     teacher = tiny_net()
-    student = quantize_model(teacher, weight_bits=2)
-    x = rng.normal(size=(4, 12, 12, 3)).astype(np.float32)
-    distiller = Distiller(student, teacher, gamma=0.3)
+    distiller = Distiller(quantize_model(teacher, weight_bits=2), teacher, gamma=0.3)
     distiller.compile("sgd")
+    x = rng.normal(size=(4, 12, 12, 3)).astype(np.float32)
     with pytest.raises(ValueError, match=r"gamma=0.3 weights a cross-entropy term but the batches carry no labels"):
         distiller.fit(x, batch_size=4, epochs=1, verbose=0)
-    with pytest.raises(ValueError, match=r"teacher has 2 feature taps .* and the student 1"):
-        Distiller(student, teacher, teacher_layers=["stage1", "stage2"], student_layers=["stage2"])
-    with pytest.raises(ValueError, match=r"no layer named 'nope'"):
-        Distiller(student, teacher, student_layers=["nope", "stage2"])
-    with pytest.raises(ValueError, match=r"kd='l1' is not supported"):
-        Distiller(student, teacher, kd="l1")
-    with pytest.raises(ValueError, match=r"beta=-1 must be a number >= 0"):
-        Distiller(student, teacher, beta=-1)
+    with pytest.raises(ValueError, match="takes no loss"):
+        distiller.compile("sgd", loss="mse")
+
+
+BAD_SETUPS = {
+    "taps": (dict(teacher_layers=["stage1", "stage2"], student_layers=["stage2"]),
+             r"teacher has 2 feature taps .* and the student 1"),
+    "layer": (dict(student_layers=["nope", "stage2"]), r"no layer named 'nope'"),
+    "kd": (dict(kd="l1"), r"kd='l1' is not supported"),
+    "beta": (dict(beta=-1), r"beta=-1 is not supported; use a finite number >= 0"),
+    "alpha_nan": (dict(alpha=float("nan")), r"alpha=nan is not supported"),
+    "temperature_bool": (dict(temperature=True), r"temperature=True is not supported"),
+    "fa_norm": (dict(fa_norm="l2"), r"fa_norm='l2' is not supported; use one of 'fro2', 'l1'"),
+    "fa_method": (dict(fa_method="exact"), r"fa_method='exact' is not supported"),
+    "gram_l1": (dict(fa_norm="l1", fa_method="gram"), r"fa_method='gram' evaluates fa_norm='fro2' only"),
+    "ffa_k": (dict(ffa_k=0), r"ffa_k=0 is not supported"),
+    "seed": (dict(seed="x"), r"seed='x' is not supported"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SETUPS))
+def test_bad_setups_are_one_line_errors(case):
+    teacher = tiny_net()
+    student = quantize_model(teacher, weight_bits=2)
+    kwargs, message = BAD_SETUPS[case]
+    with pytest.raises(ValueError, match=message) as info:
+        Distiller(student, teacher, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_logit_mismatch_is_a_clear_error():
+    teacher = tiny_net()
     other = keras.Sequential([keras.Input((12, 12, 3)), keras.layers.Flatten(), keras.layers.Dense(7)])
     with pytest.raises(ValueError, match=r"student has 7 logits and the teacher 5"):
         Distiller(other, teacher, fa=None)
-    with pytest.raises(ValueError, match="takes no loss"):
-        distiller.compile("sgd", loss="mse")
+
+
+@pytest.mark.parametrize("fa_norm", ["fro2", "l1"])
+def test_beta_defaults_to_the_measured_value_of_the_norm(fa_norm):
+    teacher = tiny_net()
+    distiller = Distiller(quantize_model(teacher, weight_bits=2), teacher, fa_norm=fa_norm)
+    assert distiller.beta == options.DEFAULT_BETA[fa_norm] > 0
+    assert Distiller.from_config(distiller.get_config()).beta == distiller.beta
+
+
+@pytest.mark.parametrize("fa, fa_norm", [("exact", "fro2"), ("exact", "l1"), (None, "fro2")])
+def test_gradient_norms_match_a_hand_built_tape_and_change_nothing(rng, fa, fa_norm):
+    teacher = tiny_net(name="teacher")
+    random_weights(teacher, rng)
+    student = quantize_model(teacher, weight_bits=4, activation_bits=4)
+    random_weights(student, rng)  # not a copy of the teacher: every term has a gradient
+    x = rng.normal(size=(6, 12, 12, 3)).astype(np.float32)
+    y = rng.integers(0, 5, size=(6,))
+    alpha, beta, gamma, T = 0.7, 3.0, 0.4, 2.0
+    distiller = Distiller(student, teacher, alpha=alpha, beta=beta, gamma=gamma, kd="kl", temperature=T, fa=fa,
+                          fa_norm=fa_norm)
+    before = weights_of(student)
+    norms = distiller.gradient_norms((x, y))
+    raw = distiller.gradient_norms((x, y), weighted=False)
+    for path, value in weights_of(student).items():  # batch-norm statistics restored, weights untouched
+        np.testing.assert_array_equal(value, before[path], err_msg=path)
+
+    t_logits, *t_maps = feature_extractor(teacher)(x, training=False)
+    with tf.GradientTape(persistent=True) as tape:
+        s_logits, *s_maps = feature_extractor(student)(x, training=True)
+        p = tf.nn.softmax(t_logits / T)
+        terms = {
+            "kd": alpha * T**2 * tf.reduce_mean(
+                tf.reduce_sum(p * (tf.math.log(p) - tf.nn.log_softmax(s_logits / T)), axis=-1)),
+            "ce": gamma * tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(y, s_logits, from_logits=True)),
+        }
+        if fa:
+            terms["fa"] = beta * sum(losses.feature_affinity(t, s, method="pairwise", fa_norm=fa_norm)
+                                     for t, s in zip(t_maps, s_maps))
+    want = {name: np.sqrt(sum(float(tf.reduce_sum(g * g)) for g in tape.gradient(v, student.trainable_variables)
+                              if g is not None)) for name, v in terms.items()}
+    assert sorted(norms) == sorted(want)
+    # L1 takes sign(S_T - S_S): an entry within rounding of 0 may flip between two float32 runs
+    # (the CPU's matmuls do not promise bitwise-equal sums), and each flip moves a small gradient
+    # by ~0.3% here.
+    rel = 2e-2 if fa_norm == "l1" else 1e-4
+    for name in want:
+        assert norms[name] == pytest.approx(want[name], rel=rel if name == "fa" else 1e-4), name
+        assert norms[name] == pytest.approx({"kd": alpha, "fa": beta, "ce": gamma}[name] * raw[name], rel=1e-6)
+        assert norms[name] > 0
+
+
+def test_gradient_shares_callback_warns_about_an_inert_term():
+    rng = np.random.default_rng(0)  # pinned: the last assertion is about this draw's gradient sizes
+    teacher = tiny_net()
+    random_weights(teacher, rng)
+    student = quantize_model(teacher, weight_bits=4)
+    random_weights(student, rng)
+    x = rng.normal(size=(8, 12, 12, 3)).astype(np.float32)
+    lines = []
+    for beta in (1e-9, None):
+        distiller = Distiller(student, teacher, beta=beta)
+        distiller.compile(keras.optimizers.SGD(0.0))
+        callback = GradientShares(x[:4], print_fn=lines.append)
+        distiller.fit(x, batch_size=4, epochs=1, verbose=0, callbacks=[callback])
+        assert set(callback.norms) == {"kd", "fa"}
+    assert lines[0].startswith("gradient norms at the start: kd ")
+    assert lines[1].startswith("warning: the weighted fa term (weight 1e-09) has 0.0% of the gradient norm of kd")
+    assert len(lines) == 3 and "warning" not in lines[2]  # the default beta gives FA real weight
 
 
 def test_distiller_config_round_trip(rng):

@@ -233,7 +233,8 @@ class _Diverge(keras.callbacks.Callback):
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, teacher_file, monkeypatch, capsys):
     cfg = distill_config(tmp_path, teacher_file, tmp_path / "nan", epochs=3)
     real = runner.Run.callbacks
-    monkeypatch.setattr(runner.Run, "callbacks", lambda self, stage, csv_name, extra=(): real(self, stage, csv_name, [*extra, _Diverge()]))
+    monkeypatch.setattr(runner.Run, "callbacks", lambda self, stage, csv_name, extra=(), at_start=(): real(
+        self, stage, csv_name, [*extra, _Diverge()], at_start))
     code = cli.main(["--config", cfg, "--stage", "distill", "--set", "strategy=default"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1

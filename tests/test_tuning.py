@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from faqd_tf import options
 from faqd_tf.distiller import Distiller
 from faqd_tf.layers import QuantConv2D, QuantDense, QuantReLU
 from faqd_tf.quantize import quantize_model
@@ -73,13 +74,13 @@ def test_random_search_label_free_training_labeled_validation(rng, tmp_path):
     assert best["gamma"] == 0.0 and best["kd"] == "kl"
 
     config = best_distill_config(best)
-    assert set(config) == {"alpha", "beta", "gamma", "temperature", "fa"}
+    assert set(config) == {"alpha", "beta", "gamma", "temperature", "fa", "fa_norm"}
     assert json.loads(json.dumps(config)) == config
     assert 0.1 <= config["alpha"] <= 2.0
     assert config["temperature"] in (1.0, 2.0, 4.0, 8.0)
     assert config["fa"] == ("exact" if best["use_fa"] else None)
-    if config["fa"] is not None:
-        assert 0.01 <= config["beta"] <= 1.0
+    if config["fa"] is not None:  # the default range: [d / 30, 10 d] around fro2's default d
+        assert options.DEFAULT_BETA["fro2"] / 30 <= config["beta"] <= options.DEFAULT_BETA["fro2"] * 10
     student = quantize_model(teacher, weight_bits=None, activation_bits=4)
     distiller = Distiller(student, teacher, kd="kl", **config)
     assert (distiller.alpha, distiller.beta, distiller.gamma, distiller.fa) == (
@@ -117,7 +118,7 @@ def test_search_space_follows_the_options(rng):
         label_free=False, gamma_range=(0.1, 0.9),
     ).declare_hyperparameters(hp)
     space = {h.name: h for h in hp.space}
-    assert set(space) == {"kd", "fa_kind", "alpha", "beta", "use_fa", "gamma", "temperature"}
+    assert set(space) == {"kd", "fa_kind", "fa_norm", "alpha", "beta", "use_fa", "gamma", "temperature"}
     for name, low, high, sampling in [("alpha", 0.2, 3.0, "log"), ("beta", 0.05, 0.5, "log"),
                                       ("gamma", 0.1, 0.9, "linear")]:
         h = space[name]
@@ -132,7 +133,7 @@ def test_search_space_follows_the_options(rng):
     hp = keras_tuner.HyperParameters()
     hypermodel_of(teacher, kd="mse", tune_fa=False, alpha_range=1.5).declare_hyperparameters(hp)
     fixed = {h.name: h.value for h in hp.space if isinstance(h, keras_tuner.engine.hyperparameters.Fixed)}
-    assert fixed == {"kd": "mse", "fa_kind": "exact", "alpha": 1.5, "gamma": 0.0, "temperature": 1.0}
+    assert fixed == {"kd": "mse", "fa_kind": "exact", "fa_norm": "fro2", "alpha": 1.5, "gamma": 0.0, "temperature": 1.0}
     assert {h.name for h in hp.space} == set(fixed) | {"beta"}
 
     # The fixed Distiller arguments may also come as one dict (as the CLI passes them).
@@ -145,6 +146,25 @@ def test_search_space_follows_the_options(rng):
         hypermodel_of(teacher, distiller_kwargs={"alpha": 1.0})
     with pytest.raises(ValueError, match="unknown keys"):
         hypermodel_of(teacher, distiller_kwargs={"epochs": 1})
+
+    # A choice of norms: one beta per norm, each around its norm's default, under a condition.
+    hp = keras_tuner.HyperParameters()
+    both = hypermodel_of(teacher, fa_norm=["fro2", "l1"])
+    both.declare_hyperparameters(hp)
+    space = {h.name: h for h in hp.space}
+    assert list(space["fa_norm"].values) == ["fro2", "l1"]
+    for norm in ("fro2", "l1"):
+        d = options.DEFAULT_BETA[norm]
+        assert (space[f"beta_{norm}"].min_value, space[f"beta_{norm}"].max_value) == pytest.approx((d / 30, 10 * d))
+    values = {"fa_norm": "l1", "beta_l1": 3.0, "fa_kind": "exact"}
+    assert both.distiller_kwargs(values)["beta"] == 3.0 and both.distiller_kwargs(values)["fa_norm"] == "l1"
+    l1 = hypermodel_of(teacher, distiller_kwargs={"fa_norm": "l1"})
+    hp = keras_tuner.HyperParameters()
+    assert l1.build(hp).fa_norm == "l1" and hp.values["beta"] == options.DEFAULT_BETA["l1"]
+    with pytest.raises(ValueError, match="fa_norm='l2' is not supported"):
+        hypermodel_of(teacher, fa_norm=["fro2", "l2"])
+    with pytest.raises(ValueError, match="fa_method='gram' evaluates fa_norm='fro2' only"):
+        hypermodel_of(teacher, fa_norm="l1", fa_method="gram")
 
     with pytest.raises(ValueError, match="log scale"):
         hypermodel_of(teacher, alpha_range=(0.0, 1.0))
@@ -170,10 +190,11 @@ def test_label_free_fixes_gamma_at_zero_and_build_compiles():
 def test_best_distill_config_and_search_arguments(rng, tmp_path):
     assert best_distill_config({"alpha": 2, "beta": 0.5, "use_fa": True, "fa_kind": "fast",
                                 "tuner/epochs": 3}) == {
-        "alpha": 2.0, "beta": 0.5, "gamma": 0.0, "temperature": 1.0, "fa": "fast"}
+        "alpha": 2.0, "beta": 0.5, "gamma": 0.0, "temperature": 1.0, "fa": "fast", "fa_norm": "fro2"}
     assert best_distill_config({"beta": 0.5, "use_fa": False})["fa"] is None
     assert best_distill_config({"fa_kind": "none", "beta": 0.5}) == {
-        "alpha": 1.0, "beta": 0.0, "gamma": 0.0, "temperature": 1.0, "fa": None}
+        "alpha": 1.0, "beta": 0.0, "gamma": 0.0, "temperature": 1.0, "fa": None, "fa_norm": "fro2"}
+    assert best_distill_config({"fa_kind": "exact", "fa_norm": "l1"})["beta"] == options.DEFAULT_BETA["l1"]
     hp = keras_tuner.HyperParameters()
     hp.Fixed("alpha", 0.7)
     assert best_distill_config(hp)["alpha"] == 0.7
