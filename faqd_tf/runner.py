@@ -21,6 +21,8 @@ from faqd_tf.report import plot_curves, print_table, write_json
 from faqd_tf.training import make_optimizer, save_model
 
 STAGES = ("teacher", "distill", "evaluate", "all")
+# The stages that train, in order (the two-step distillation's activation step first).
+_TRAINED = ("teacher", "distill_act", "distill")
 
 
 class UsageError(ValueError):
@@ -293,8 +295,12 @@ class Run:
         from faqd_tf import distribute
 
         if not os.path.isdir(self.backup(stage)):
-            # A fresh start (--overwrite): the curves of an earlier run go with it.
+            # A fresh start (--overwrite): the curves of an earlier run go with it, and so do the
+            # backups of the stages after it, which started from this stage's old model.
             shutil.rmtree(os.path.join(self.out, "logs", stage), ignore_errors=True)
+            if self.chief:
+                for later in _TRAINED[_TRAINED.index(stage) + 1 :]:
+                    shutil.rmtree(self.backup(later), ignore_errors=True)
         model.fit(train_ds.repeat() if train["steps_per_epoch"] else train_ds, epochs=train["epochs"],
                   steps_per_epoch=train["steps_per_epoch"], validation_data=val_ds,
                   callbacks=self.callbacks(stage, history_csv, extra, at_start), verbose="auto", shuffle=False)
