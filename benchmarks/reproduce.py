@@ -61,7 +61,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from faqd_tf import data, models  # noqa: E402
-from faqd_tf.cli import Run, make_optimizer  # noqa: E402
+from faqd_tf.training import make_optimizer, save_model  # noqa: E402
 from faqd_tf.config import resolve_section  # noqa: E402
 from faqd_tf.distiller import Distiller  # noqa: E402
 from faqd_tf.quantize import quantize_model  # noqa: E402
@@ -185,7 +185,7 @@ class Bench:
         model.compile(self.optimizer("sgd", 0.1, epochs, steps, 5e-4),
                       keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
         model.fit(self.train_ds(True, 0, full=True), epochs=epochs, verbose=2)
-        Run._save(model, path)
+        save_model(model, path)
         return model
 
     # --- cells
@@ -297,7 +297,7 @@ class Bench:
             recipe = self.recipe({"kd": None, "beta": "beta", "gamma": 0, "fa": "exact"}, "fine-tune")
             opt = self.optimizer("adam", a.finetune_lr, a.finetune_epochs, self.steps())
             seconds = self.fit(student, opt, self.train_ds(False, seed), a.finetune_epochs, recipe, self.teacher, seed)
-            Run._save(student, path)
+            save_model(student, path)
             return student, a.finetune_epochs, seconds
 
         if not os.path.exists(path):

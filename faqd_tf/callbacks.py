@@ -1,19 +1,29 @@
 """Keras callbacks of FAQD."""
 
+import csv
+import json
+import os
+import shutil
+
 import keras
 import numpy as np
 
 
+def _walk(layer, seen):
+    if id(layer) in seen:
+        return
+    seen.add(id(layer))
+    yield layer
+    # `Model.layers` lists a model's layers, and for a subclassed model (a Distiller) the layers
+    # and models it tracks as attributes (its student and teacher).
+    for sub in getattr(layer, "layers", ()):
+        yield from _walk(sub, seen)
+
+
 def relaxed_layers(model):
     """Every layer under `model` (nested models and a Distiller's student included) with a
-    BinaryRelax factor."""
-    # `_flatten_layers` walks nested models and layers tracked as attributes (e.g. a Distiller's
-    # student), which `model.layers` does not.
-    return [
-        layer
-        for layer in model._flatten_layers(include_self=True, recursive=True)
-        if getattr(layer, "relax_lambda", None) is not None
-    ]
+    BinaryRelax factor, each once."""
+    return [layer for layer in _walk(model, set()) if getattr(layer, "relax_lambda", None) is not None]
 
 
 class BinaryRelaxScheduler(keras.callbacks.Callback):
@@ -93,22 +103,91 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
         return f"the checkpoint of epoch {self._epoch} (the last good one) is kept{where}"
 
 
+class ResumableCSVLogger(keras.callbacks.CSVLogger):
+    """`keras.callbacks.CSVLogger` whose file holds one row per epoch of the run, however often the
+    run was interrupted and resumed.
+
+    At the first epoch of a `fit` (after `BackupAndRestore` has restored where training stopped)
+    it drops the rows of that epoch and later ones: a run that starts at epoch 0 begins an empty
+    history, a resumed run does not repeat the row of an epoch it trains again.
+
+    >>> import tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "history.csv")
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    >>> model.compile("sgd", "mse")
+    >>> x, y = np.ones((4, 2)), np.ones((4, 1))
+    >>> for _ in range(2):  # run twice from scratch: one history, not two
+    ...     _ = model.fit(x, y, epochs=2, verbose=0, callbacks=[ResumableCSVLogger(path)])
+    >>> [row["epoch"] for row in csv.DictReader(open(path))]
+    ['0', '1']
+    """
+
+    def __init__(self, filename, separator=","):
+        super().__init__(filename, separator=separator, append=True)
+        self._opened = False
+
+    def on_train_begin(self, logs=None):
+        self._opened = False  # opened at the first epoch, once the epoch it starts at is known
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if not self._opened:
+            self._keep_before(epoch)
+            super().on_train_begin()
+            self._opened = True
+
+    def _keep_before(self, epoch):
+        if not os.path.exists(self.filename):
+            return
+        if epoch == 0:
+            os.remove(self.filename)  # a new run: a new header too
+            return
+        with open(self.filename, newline="") as f:
+            rows = list(csv.reader(f, delimiter=self.sep))
+        kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) < epoch]
+        partial = self.filename + ".partial"
+        with open(partial, "w", newline="") as f:
+            csv.writer(f, delimiter=self.sep).writerows(kept)
+        os.replace(partial, self.filename)
+
+
 class SharedBackupAndRestore(keras.callbacks.BackupAndRestore):
     """`keras.callbacks.BackupAndRestore` for a job of several workers sharing one backup folder.
 
     Every worker restores from the folder, so a restarted job resumes at one epoch on all of them;
-    only the writer (the chief) saves and finally deletes it. Backups are double
-    (`double_checkpoint=True`): a backup cut short by a kill falls back to the one before it.
+    only the writer (the chief) saves and, with `delete_checkpoint`, finally deletes it. Backups are
+    double (`double_checkpoint=True`): a backup cut short by a kill falls back to the one before it,
+    also when the kill came between its weights and its epoch number (a metadata file older than
+    the weights, or not whole).
 
     Args:
         backup_dir: the shared folder.
         writer: True on the one process that writes it.
         save_freq: as for `keras.callbacks.BackupAndRestore`.
+        delete_checkpoint: delete the folder at the end of training; False leaves that to the
+            caller, e.g. after it has saved the trained model.
     """
 
-    def __init__(self, backup_dir, writer=True, save_freq="epoch"):
-        super().__init__(backup_dir, save_freq=save_freq, double_checkpoint=True)
+    def __init__(self, backup_dir, writer=True, save_freq="epoch", delete_checkpoint=True):
+        super().__init__(backup_dir, save_freq=save_freq, double_checkpoint=True, delete_checkpoint=delete_checkpoint)
         self.writer = bool(writer)
+
+    def on_train_begin(self, logs=None):
+        weights, meta = self._weights_path, self._training_metadata_path
+        prev_weights, prev_meta = self._prev_weights_path, self._prev_training_metadata_path
+        if _torn(weights, meta):
+            # Fall back to the backup before (none: start over, as before the first backup).
+            whole = os.path.exists(prev_weights) and not _torn(prev_weights, prev_meta)
+            if self.writer:
+                for source, target in ((prev_weights, weights), (prev_meta, meta)):
+                    if whole:
+                        shutil.copy(source, target)
+                    elif os.path.exists(target):
+                        os.remove(target)
+            elif whole:  # the writer repairs the folder; read the whole backup meanwhile
+                self._weights_path, self._training_metadata_path = prev_weights, prev_meta
+            else:
+                self._weights_path = self._training_metadata_path = os.path.join(self.backup_dir, "none")
+        super().on_train_begin(logs)
 
     def _save_model(self):
         if self.writer:
@@ -117,6 +196,20 @@ class SharedBackupAndRestore(keras.callbacks.BackupAndRestore):
     def on_train_end(self, logs=None):
         if self.writer:
             super().on_train_end(logs)
+
+
+def _torn(weights, meta):
+    """Whether a backup's weights exist without a whole metadata file written after them."""
+    if not os.path.exists(weights):
+        return False
+    try:
+        with open(meta) as f:
+            json.load(f)["epoch"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
+    # BackupAndRestore writes the weights, then the metadata: metadata older than the weights
+    # belongs to the backup before.
+    return os.stat(meta).st_mtime_ns < os.stat(weights).st_mtime_ns
 
 
 def describe_gradient_norms(norms, weights):

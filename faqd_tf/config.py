@@ -15,9 +15,11 @@ faqd_tf.config.ConfigError: config: unknown key 'train.epoch'; keys of 'train' a
 
 import copy
 import json
+import math
 import os
 
-from faqd_tf import options
+from faqd_tf import inputs, options
+from faqd_tf.data import AUGMENTATIONS
 from faqd_tf.quantizers import SUPPORTED_BITS
 
 
@@ -40,25 +42,31 @@ def _is_int(v):
 
 
 def _is_num(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    # Finite: JSON's Infinity, NaN and 1e999 (inf) are no learning rate or weight.
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def string(default=REQUIRED, nullable=False):
-    return Field(default, lambda v: isinstance(v, str) or (nullable and v is None), "a string" + (" or null" if nullable else ""))
+def string(default=REQUIRED, nullable=False, nonempty=False):
+    def check(v):
+        return (nullable and v is None) or (isinstance(v, str) and not (nonempty and not v.strip()))
+
+    return Field(default, check, ("a non-empty string" if nonempty else "a string") + (" or null" if nullable else ""))
 
 
 def choice(default, options):
     return Field(default, lambda v: v in options, "one of " + ", ".join(json.dumps(o) for o in options))
 
 
-def integer(default, low=None, nullable=False):
+def integer(default, low, high, nullable=False):
     def check(v):
-        return (nullable and v is None) or (_is_int(v) and (low is None or v >= low))
+        return (nullable and v is None) or (_is_int(v) and low <= v <= high)
 
-    return Field(default, check, f"an integer >= {low}" + (" or null" if nullable else ""))
+    return Field(default, check, f"an integer >= {low} and <= {high}" + (" or null" if nullable else ""))
 
 
 def number(default, low=0.0, high=None, strict=False):
+    """A finite number >= `low` (> `low` if `strict`) and <= `high` when given."""
+
     def check(v):
         if not _is_num(v):
             return False
@@ -87,18 +95,24 @@ def bits(default):
     return Field(default, BITS.check, "one of 1, 2, 4, 8 or null (full precision)")
 
 
+# Sane ceilings: beyond them a value is a typo, and would fail deep inside training instead.
+MAX_EPOCHS = 100_000
+MAX_STEPS = 10**9
+MAX_EXAMPLES = 2**31 - 1
+
+
 def _train_schema(epochs, lr):
     return {
-        "epochs": integer(epochs, 1),
-        "batch_size": integer(128, 1),
+        "epochs": integer(epochs, 1, MAX_EPOCHS),
+        "batch_size": integer(128, 1, 2**16),
         "optimizer": choice("sgd", ["sgd", "adam"]),
-        "lr": number(lr, strict=True),
+        "lr": number(lr, strict=True, high=10.0),
         "momentum": number(0.9, high=1.0),
         "nesterov": boolean(True),
         "schedule": choice("cosine", ["cosine", "constant"]),
-        "warmup_epochs": integer(0, 0),
-        "weight_decay": number(1e-4),
-        "steps_per_epoch": integer(None, 1, nullable=True),
+        "warmup_epochs": integer(0, 0, MAX_EPOCHS),
+        "weight_decay": number(1e-4, high=1.0),
+        "steps_per_epoch": integer(None, 1, MAX_STEPS, nullable=True),
     }
 
 
@@ -108,13 +122,13 @@ SCHEMA = {
         "data_dir": string(None, nullable=True),
         "labels": boolean(False),
         "validation_split": choice("test", ["test", "validation"]),
-        "limit": integer(None, 1, nullable=True),
-        "eval_limit": integer(None, 1, nullable=True),
-        "augment": Field(None, lambda v: v is None or isinstance(v, (bool, str)), "null, true, false or an augmentation name"),
+        "limit": integer(None, 1, MAX_EXAMPLES, nullable=True),
+        "eval_limit": integer(None, 1, MAX_EXAMPLES, nullable=True),
+        "augment": choice(None, [None, True, False, *AUGMENTATIONS]),
         "image_size": Field(
             None,
-            lambda v: v is None or (isinstance(v, list) and len(v) == 2 and all(_is_int(n) and n > 0 for n in v)),
-            "null or [height, width]",
+            lambda v: v is None or (isinstance(v, list) and len(v) == 2 and all(_is_int(n) and 0 < n <= 4096 for n in v)),
+            "null or [height, width] of 1 to 4096 pixels each",
         ),
     },
     "teacher": {
@@ -129,46 +143,48 @@ SCHEMA = {
         "weight_bits": bits(4),
         "activation_bits": bits(None),
         "per_channel": boolean(False),
-        "relax": Field(None, lambda v: v is None or (_is_num(v) and v > 0), "null or a number > 0 (initial BinaryRelax lambda)"),
-        "relax_eta": number(1.02, low=1.0, strict=True),
+        "relax": Field(None, lambda v: v is None or (_is_num(v) and 0 < v <= 1e6),
+                       "null or a number > 0 and <= 1e6 (initial BinaryRelax lambda)"),
+        "relax_eta": number(1.02, low=1.0, high=10.0, strict=True),
         "two_step": boolean(True),
         "alpha_rate": number(0.01, strict=True),
     },
     "distill": {
-        "alpha": number(1.0),
+        "alpha": number(1.0, high=1e6),
         # null: the measured default of fa_norm (faqd_tf.options.DEFAULT_BETA).
-        "beta": Field(None, lambda v: v is None or (_is_num(v) and v >= 0),
-                      "null (the default of distill.fa_norm) or a number >= 0"),
-        "gamma": number(0.0),
+        "beta": Field(None, lambda v: v is None or (_is_num(v) and 0 <= v <= 1e6),
+                      "null (the default of distill.fa_norm) or a number >= 0 and <= 1e6"),
+        "gamma": number(0.0, high=1e6),
         "kd": choice("mse", list(options.KD)),
-        "temperature": number(1.0, strict=True),
+        # logits / T overflows float32 for tiny T; T^2 scales the KL down to nothing.
+        "temperature": number(1.0, low=0.05, high=100.0),
         "fa": choice("exact", [*options.FA, None]),
         "fa_norm": choice("fro2", list(options.FA_NORMS)),
-        "ffa_k": integer(15, 1),
+        "ffa_k": integer(15, 1, 4096),
         "fa_method": choice("auto", list(options.FA_METHODS)),
         "teacher_layers": names(),
         "student_layers": names(),
     },
     "train": _train_schema(200, 0.01),
     "tune": {
-        "trials": integer(10, 1),
-        "epochs": integer(1, 1),
+        "trials": integer(10, 1, 100_000),
+        "epochs": integer(1, 1, MAX_EPOCHS),
         "tuner": choice("random", ["random", "bayesian", "hyperband"]),
         "tune_fa": boolean(True),
     },
     "strategy": choice("default", ["default", "mirrored", "multi_worker"]),
-    "output_dir": string("saved_models/run"),
-    "seed": integer(0, 0),
+    "output_dir": string("saved_models/run", nonempty=True),
+    "seed": integer(0, 0, 2**32 - 1),
 }
 
 
 def _resolve(schema, given, prefix):
     if not isinstance(given, dict):
         where = f"'{prefix}'" if prefix else "the config"
-        raise ConfigError(f"config: {where} must be a JSON object, got {json.dumps(given)}.")
+        raise ConfigError(f"config: {where} must be a JSON object, got {inputs.describe(given)}.")
     unknown = sorted(set(given) - set(schema))
     if unknown:
-        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        key = inputs.shorten(f"{prefix}.{unknown[0]}" if prefix else unknown[0])
         where = f"'{prefix}'" if prefix else "the top level"
         raise ConfigError(f"config: unknown key '{key}'; keys of {where} are: {', '.join(sorted(schema))}")
     out = {}
@@ -184,7 +200,7 @@ def _resolve(schema, given, prefix):
             continue
         value = given[name]
         if not spec.check(value):
-            raise ConfigError(f"config: {key}={json.dumps(value)} is not valid; use {spec.allowed}.")
+            raise ConfigError(f"config: {key}={inputs.describe(value)} is not valid; use {spec.allowed}.")
         out[name] = value
     return out
 
@@ -224,44 +240,88 @@ def resolve(config):
 
 def _parse_override(item):
     if "=" not in item:
-        raise ConfigError(f"--set {item!r}: write KEY=VALUE, e.g. --set train.epochs=5.")
+        raise ConfigError(f"--set {inputs.shorten(repr(item))}: write KEY=VALUE, e.g. --set train.epochs=5.")
     key, raw = item.split("=", 1)
+    key = key.strip()
     try:
-        value = json.loads(raw)
+        value = inputs.loads_json(raw, f"--set {inputs.shorten(key)}")
     except json.JSONDecodeError:
         value = raw  # a bare string such as --set dataset.source=idx:/data
-    return key.strip(), value
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return key, value
 
 
 def apply_overrides(config, overrides):
     """Sets `section.key=value` items (values parsed as JSON when they parse) on a raw config."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"config: the config must be a JSON object, got {inputs.describe(config)}.")
     config = copy.deepcopy(config)
     for item in overrides or ():
         key, value = _parse_override(item)
         node, schema = config, SCHEMA
         parts = key.split(".")
+        shown = inputs.shorten(key)
         for depth, part in enumerate(parts):
             if not isinstance(schema, dict) or part not in schema:
-                where = ".".join(parts[:depth]) or "the top level"
+                where = inputs.shorten(".".join(parts[:depth])) or "the top level"
                 allowed = ", ".join(sorted(schema)) if isinstance(schema, dict) else "none"
-                raise ConfigError(f"--set {key}: unknown key '{key}'; keys of {where} are: {allowed}")
+                raise ConfigError(f"--set {shown}: unknown key '{shown}'; keys of {where} are: {allowed}")
             schema = schema[part]
             if depth == len(parts) - 1:
                 if isinstance(schema, dict):
-                    raise ConfigError(f"--set {key}: '{key}' is a section; set one of its keys, e.g. {key}.{next(iter(schema))}.")
+                    raise ConfigError(f"--set {shown}: '{shown}' is a section; set one of its keys, e.g. {shown}.{next(iter(schema))}.")
                 node[part] = value
             else:
                 node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    section = ".".join(parts[: depth + 1])
+                    raise ConfigError(
+                        f"--set {shown}: '{section}' is {inputs.describe(node)} in the config file, not an object; "
+                        f"fix the file or set the whole section, e.g. --set {section}={{}}."
+                    )
     return config
 
 
+def shipped():
+    """The folder of the configs shipped with faqd-tf: the package data of an installed wheel,
+    or the repository's ``configs/``."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    folder = os.path.join(package, "configs")
+    if not os.path.isdir(folder):  # a source checkout: configs/ sits next to the package
+        folder = os.path.join(os.path.dirname(package), "configs")
+    return folder
+
+
+def shipped_names():
+    """The names of the shipped configs (``quickstart``, ``cifar10``, ...)."""
+    return sorted(n[: -len(".json")] for n in os.listdir(shipped()) if n.endswith(".json"))
+
+
+def find(name):
+    """The config file `name`: a path, or else the name of a shipped config.
+
+    >>> os.path.basename(find("quickstart"))
+    'quickstart.json'
+    """
+    if os.path.exists(name) or os.sep in name:
+        return name
+    candidate = os.path.join(shipped(), name if name.endswith(".json") else name + ".json")
+    return candidate if os.path.isfile(candidate) else name
+
+
 def load(path, overrides=None):
-    """Reads, overrides and resolves a JSON config file."""
+    """Reads, overrides and resolves a JSON config file (a path, or a shipped config's name)."""
+    path = find(os.fspath(path))
     if not os.path.isfile(path):
-        raise ConfigError(f"config file {path} does not exist; pass --config with a JSON file such as configs/quickstart.json.")
+        raise ConfigError(
+            f"config file {inputs.shorten(path)} does not exist; pass --config with a JSON file or the name of a "
+            f"shipped config ({', '.join(shipped_names())})."
+        )
     try:
-        with open(path) as f:
-            raw = json.load(f)
+        raw = inputs.loads_json(inputs.read_text(path, "config file"), f"config file {path}")
     except json.JSONDecodeError as e:
         raise ConfigError(f"config file {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}).") from None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return resolve(apply_overrides(raw, overrides))

@@ -11,6 +11,8 @@ import time
 import pytest
 
 from faqd_tf import cli, config
+from tests import helpers
+from tests.helpers import assert_one_line_exit_2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = "/usr/share/datasets/fashion-mnist"
@@ -23,91 +25,58 @@ def write_config(tmp_path, **sections):
         "train": {"epochs": 1, "batch_size": 32},
         "output_dir": str(tmp_path / "out"),
     }
-    for key, value in sections.items():
-        if isinstance(value, dict):
-            base.setdefault(key, {}).update(value)
-        else:
-            base[key] = value
-    path = tmp_path / f"config{len(list(tmp_path.glob('config*.json')))}.json"
-    path.write_text(json.dumps(base))
-    return str(path)
+    return helpers.write_config(tmp_path, base, **sections)
 
 
-def test_all_shipped_configs_resolve():
-    folder = os.path.join(ROOT, "configs")
-    names = sorted(f for f in os.listdir(folder) if f.endswith(".json"))
-    assert {"cifar10.json", "cifar100.json", "tiny_imagenet.json", "fashion_mnist.json", "quickstart.json"} <= set(names)
-    for name in names:
-        resolved = config.load(os.path.join(folder, name))
-        assert resolved["dataset"]["source"]
-
-
-@pytest.mark.parametrize("kind", ["sgd", "adam"])
-@pytest.mark.parametrize("weight_decay", [0, 0.0, 5e-4])
-def test_make_optimizer_every_optimizer_and_weight_decay(kind, weight_decay):
-    # JSON integers (0) are valid numbers in the config; Keras wants floats.
-    train = config.resolve_section("train", {"optimizer": kind, "lr": 0.05, "epochs": 2, "weight_decay": weight_decay,
-                                             "momentum": 0})
-    opt = cli.make_optimizer(train, steps_per_epoch=10)
-    assert type(opt).__name__ == {"sgd": "SGD", "adam": "AdamW"}[kind]
-    # Cosine from lr to 0 over epochs * steps: 0.05 * (1 + cos(pi * t / 20)) / 2.
-    schedule = opt._learning_rate
-    assert [float(schedule(t)) for t in (0, 10, 20)] == pytest.approx([0.05, 0.025, 0.0], abs=1e-7)
-    assert (opt.weight_decay or 0.0) == pytest.approx(weight_decay)
-
-
-def test_overrides_parse_json_and_strings():
-    raw = {"dataset": {"source": "idx:x"}}
-    out = config.resolve(config.apply_overrides(raw, ["train.epochs=5", "distill.fa=null", "dataset.source=tfds:cifar10"]))
-    assert out["train"]["epochs"] == 5 and out["distill"]["fa"] is None and out["dataset"]["source"] == "tfds:cifar10"
-
-
-def _bad_cases(tmp_path):
+def _inputs(tmp_path):
+    """Files the bad cases point at."""
     empty = tmp_path / "empty_folder"
     empty.mkdir()
     not_a_model = tmp_path / "teacher.keras"
     not_a_model.write_text("this is not a model")
     not_json = tmp_path / "bad.json"
     not_json.write_text("{'dataset': ")
-    return [
-        (["--config", str(tmp_path / "missing.json")], r"config file .*missing.json does not exist"),
-        (["--config", str(not_json)], r"is not valid JSON"),
-        (["--config", write_config(tmp_path, colour="red")], r"unknown key 'colour'"),
-        (["--config", write_config(tmp_path, train={"epoch": 3})], r"unknown key 'train.epoch'; keys of 'train' are"),
-        (["--config", write_config(tmp_path, train={"epochs": "ten"})], r"train.epochs=\"ten\" is not valid; use an integer >= 1"),
-        (["--config", write_config(tmp_path, student={"weight_bits": 3})], r"student.weight_bits=3 is not valid; use one of 1, 2, 4, 8"),
-        (["--config", write_config(tmp_path, distill={"beta": -0.1})], r"distill.beta=-0.1 is not valid; use null \(the default of distill.fa_norm\) or a number >= 0"),
-        (["--config", write_config(tmp_path, distill={"kd": "l1"})], r"distill.kd=\"l1\" is not valid; use one of \"mse\", \"kl\""),
-        (["--config", write_config(tmp_path, distill={"gamma": 0.3})], r"gamma > 0 needs labels"),
-        (["--config", write_config(tmp_path, student={"init": "file"})], r"student.init='file' needs student.file"),
-        (["--config", write_config(tmp_path), "--set", "train.epochs"], r"write KEY=VALUE"),
-        (["--config", write_config(tmp_path), "--set", "train.speed=3"], r"unknown key 'train.speed'"),
-        (["--config", write_config(tmp_path), "--stage", "bogus"], r"invalid choice: 'bogus'"),
-        (["--config", write_config(tmp_path), "--tune", "--trials", "0"], r"--trials=0 must be >= 1"),
-        (["--config", write_config(tmp_path, dataset={"source": "s3:bucket"})], r"s3:bucket"),
-        (["--config", write_config(tmp_path, dataset={"source": f"folder:{empty}"})], r"has no images"),
-        (["--config", write_config(tmp_path, dataset={"source": f"idx:{tmp_path / 'nowhere'}"})], r"nowhere"),
-        (["--config", write_config(tmp_path, teacher={"arch": "resnet7"})], r"teacher.arch='resnet7' is not a known architecture"),
-        (["--config", write_config(tmp_path, teacher={"arch": None, "file": str(not_a_model)})], r"is not a loadable Keras model"),
-        (["--config", write_config(tmp_path), "--stage", "distill"], r"teacher file .*teacher.keras does not exist; run --stage teacher first"),
-        (["--config", write_config(tmp_path), "--stage", "evaluate", "--set", f"teacher.file=\"{not_a_model}\""], r"is not a loadable Keras model"),
-    ]
+    return {"empty": empty, "not_a_model": not_a_model, "not_json": not_json}
+
+
+BAD_CASES = {
+    "missing config": (lambda t, f: ["--config", str(t / "missing.json")], r"config file .*missing.json does not exist"),
+    "not JSON": (lambda t, f: ["--config", str(f["not_json"])], r"is not valid JSON"),
+    "unknown key": (lambda t, f: ["--config", write_config(t, colour="red")], r"unknown key 'colour'"),
+    "unknown train key": (lambda t, f: ["--config", write_config(t, train={"epoch": 3})],
+                          r"unknown key 'train.epoch'; keys of 'train' are"),
+    "wrong type": (lambda t, f: ["--config", write_config(t, train={"epochs": "ten"})],
+                   r"train.epochs=\"ten\" is not valid; use an integer >= 1"),
+    "bits": (lambda t, f: ["--config", write_config(t, student={"weight_bits": 3})],
+             r"student.weight_bits=3 is not valid; use one of 1, 2, 4, 8"),
+    "negative weight": (lambda t, f: ["--config", write_config(t, distill={"beta": -0.1})],
+                        r"distill.beta=-0.1 is not valid; use null \(the default of distill.fa_norm\) or a number >= 0"),
+    "kd": (lambda t, f: ["--config", write_config(t, distill={"kd": "l1"})], r"distill.kd=\"l1\" is not valid; use one of \"mse\", \"kl\""),
+    "gamma without labels": (lambda t, f: ["--config", write_config(t, distill={"gamma": 0.3})], r"gamma > 0 needs labels"),
+    "init file": (lambda t, f: ["--config", write_config(t, student={"init": "file"})], r"student.init='file' needs student.file"),
+    "--set without =": (lambda t, f: ["--config", write_config(t), "--set", "train.epochs"], r"write KEY=VALUE"),
+    "--set unknown": (lambda t, f: ["--config", write_config(t), "--set", "train.speed=3"], r"unknown key 'train.speed'"),
+    "--stage": (lambda t, f: ["--config", write_config(t), "--stage", "bogus"], r"invalid choice: 'bogus'"),
+    "--trials": (lambda t, f: ["--config", write_config(t), "--tune", "--trials", "0"], r"--trials=0 must be >= 1"),
+    "source kind": (lambda t, f: ["--config", write_config(t, dataset={"source": "s3:bucket"})], r"s3:bucket"),
+    "empty folder": (lambda t, f: ["--config", write_config(t, dataset={"source": f"folder:{f['empty']}"})], r"has no images"),
+    "missing folder": (lambda t, f: ["--config", write_config(t, dataset={"source": f"idx:{t / 'nowhere'}"})], r"nowhere"),
+    "architecture": (lambda t, f: ["--config", write_config(t, teacher={"arch": "resnet7"})],
+                     r"teacher.arch='resnet7' is not a known architecture"),
+    "teacher not a model": (lambda t, f: ["--config", write_config(t, teacher={"arch": None, "file": str(f["not_a_model"])})],
+                            r"is not a loadable Keras model"),
+    "no teacher yet": (lambda t, f: ["--config", write_config(t), "--stage", "distill"],
+                       r"teacher file .*teacher.keras does not exist; run --stage teacher first"),
+    "evaluate a non-model": (lambda t, f: ["--config", write_config(t), "--stage", "evaluate", "--set",
+                                           f"teacher.file=\"{f['not_a_model']}\""], r"is not a loadable Keras model"),
+}
 
 
 @pytest.mark.skipif(not os.path.isdir(FMNIST), reason="needs the Debian package dataset-fashion-mnist")
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
-    cases = _bad_cases(tmp_path)
-    assert len(cases) >= 15
-    for argv, pattern in cases:
-        code = cli.main(argv)
-        err = capsys.readouterr().err.strip()
-        assert code == 2, (argv, err)
-        assert len(err.splitlines()) == 1 and "Traceback" not in err, (argv, err)
-        assert err.startswith("train.py: error: ")
-        import re
-
-        assert re.search(pattern, err), (argv, err)
-        assert not (tmp_path / "out").exists(), f"{argv} wrote output"
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, case):
+    argv, pattern = BAD_CASES[case]
+    assert_one_line_exit_2(argv(tmp_path, _inputs(tmp_path)), pattern, capsys, tmp_path / "out")
 
 
 def test_subprocess_exit_code_and_existing_outputs(tmp_path):

@@ -6,46 +6,15 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
 
 from faqd_tf import data
+from tests.helpers import decoded, idx_bytes, make_idx, make_tiny, pixels, save_image, write_idx
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 # ------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _pixels(rng, shape):
-    # Never all-zero: 0 is excluded and the values vary.
-    return rng.integers(1, 256, size=shape, dtype=np.uint8)
-
-
-def _idx_bytes(array):
-    codes = {np.dtype("uint8"): 0x08, np.dtype("int32"): 0x0C}
-    header = bytes([0, 0, codes[array.dtype], array.ndim])
-    header += np.asarray(array.shape, ">u4").tobytes()
-    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
-
-
-def _write_idx(path, array, compress=True):
-    raw = _idx_bytes(array)
-    with (gzip.open(path, "wb") if compress else open(path, "wb")) as f:
-        f.write(raw)
-
-
-def _make_idx(folder, rng, n_train=40, n_test=12, hw=(6, 5), classes=4):
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = {
-        "train": (_pixels(rng, (n_train, *hw)), rng.integers(0, classes, n_train).astype(np.uint8)),
-        "t10k": (_pixels(rng, (n_test, *hw)), rng.integers(0, classes, n_test).astype(np.uint8)),
-    }
-    arrays["train"][1][0] = classes - 1  # The class count comes from the largest label.
-    for prefix, (images, labels) in arrays.items():
-        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
-        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
-    return arrays
 
 
 def _collect(ds):
@@ -79,24 +48,15 @@ def _one_line(excinfo):
     return message
 
 
-def _save(path, array):
-    Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(path)
-
-
-def _decoded(path):
-    """Pixels of an image file as TF decodes them (so lossy JPEG compares exactly)."""
-    return tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False).numpy()
-
-
 # ------------------------------------------------------------------------------------------------
 # IDX
 
 
 def test_read_idx_roundtrip(tmp_path, rng):
-    images = _pixels(rng, (7, 4, 3))
+    images = pixels(rng, (7, 4, 3))
     counts = rng.integers(-1000, 1000, size=(5,)).astype(np.int32)
-    _write_idx(tmp_path / "a-idx3-ubyte.gz", images)
-    _write_idx(tmp_path / "b-idx1-ubyte", counts, compress=False)
+    write_idx(tmp_path / "a-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "b-idx1-ubyte", counts, compress=False)
     np.testing.assert_array_equal(data.read_idx(tmp_path / "a-idx3-ubyte.gz"), images)
     back = data.read_idx(tmp_path / "b-idx1-ubyte")
     np.testing.assert_array_equal(back, counts)
@@ -104,7 +64,7 @@ def test_read_idx_roundtrip(tmp_path, rng):
 
 
 def test_idx_info_and_exact_read(tmp_path, rng):
-    arrays = _make_idx(tmp_path / "digits", rng)
+    arrays = make_idx(tmp_path / "digits", rng)
     source = f"idx:{tmp_path / 'digits'}"
     info = data.dataset_info(source)
     train_raw = arrays["train"][0]
@@ -125,7 +85,7 @@ def test_idx_info_and_exact_read(tmp_path, rng):
 
 
 def test_idx_validation_tail(tmp_path, rng):
-    arrays = _make_idx(tmp_path / "d", rng, n_train=40)
+    arrays = make_idx(tmp_path / "d", rng, n_train=40)
     source, raw = f"idx:{tmp_path / 'd'}", arrays["train"][0]
     info = data.dataset_info(source)
 
@@ -145,9 +105,9 @@ def test_idx_validation_tail(tmp_path, rng):
 
 
 def _corrupt(kind, folder, rng):
-    arrays = _make_idx(folder, rng)
+    arrays = make_idx(folder, rng)
     images_file = folder / "train-images-idx3-ubyte.gz"
-    raw = _idx_bytes(arrays["train"][0])
+    raw = idx_bytes(arrays["train"][0])
     if kind == "magic":
         with gzip.open(images_file, "wb") as f:
             f.write(b"\x12\x34\x08\x03" + raw[4:])
@@ -161,7 +121,7 @@ def _corrupt(kind, folder, rng):
         blob = images_file.read_bytes()
         images_file.write_bytes(blob[: len(blob) // 2])
     elif kind == "count":
-        _write_idx(folder / "train-labels-idx1-ubyte.gz", arrays["train"][1][:-1])
+        write_idx(folder / "train-labels-idx1-ubyte.gz", arrays["train"][1][:-1])
     elif kind == "missing":
         os.remove(folder / "train-labels-idx1-ubyte.gz")
     return images_file
@@ -207,7 +167,7 @@ def test_real_fashion_mnist():
 
 @pytest.mark.parametrize("policy", data.AUGMENTATIONS)
 def test_augmentation_keeps_shape_and_range(tmp_path, rng, policy):
-    _make_idx(tmp_path / "d", rng, n_train=32, hw=(16, 12))
+    make_idx(tmp_path / "d", rng, n_train=32, hw=(16, 12))
     source = f"idx:{tmp_path / 'd'}"
     info = data.dataset_info(source)
     plain = _collect(data.load(source, "train", labels=False, shuffle=False, augment=False))[0]
@@ -222,7 +182,7 @@ def test_augmentation_keeps_shape_and_range(tmp_path, rng, policy):
 
 def test_pad_crop_shifts_whole_images(tmp_path, rng):
     # Each augmented image is its original shifted by at most 1/8 of a side, zero-filled.
-    arrays = _make_idx(tmp_path / "d", rng, n_train=16, hw=(16, 16))
+    arrays = make_idx(tmp_path / "d", rng, n_train=16, hw=(16, 16))
     source = f"idx:{tmp_path / 'd'}"
     info = data.dataset_info(source)
     aug = _collect(data.load(source, "train", labels=False, shuffle=False, augment="crop", seed=5))[0]
@@ -234,7 +194,7 @@ def test_pad_crop_shifts_whole_images(tmp_path, rng):
 
 
 def test_shuffle_is_seeded_and_changes_every_epoch(tmp_path, rng):
-    _make_idx(tmp_path / "d", rng, n_train=40)
+    make_idx(tmp_path / "d", rng, n_train=40)
     source = f"idx:{tmp_path / 'd'}"
     def shuffled():
         return data.load(source, "train", labels=False, augment=False, seed=11, batch_size=None)
@@ -249,7 +209,7 @@ def test_shuffle_is_seeded_and_changes_every_epoch(tmp_path, rng):
 
 
 def test_distribute_dataset(tmp_path, rng, mirrored_strategy):
-    _make_idx(tmp_path / "d", rng, n_train=40)
+    make_idx(tmp_path / "d", rng, n_train=40)
     ds = data.load(f"idx:{tmp_path / 'd'}", "train", batch_size=8, seed=1)
     dist = mirrored_strategy.experimental_distribute_dataset(ds)
     images, labels = next(iter(dist))
@@ -268,7 +228,7 @@ def _fake_tfds(rng, n, shape, classes):
     import tensorflow_datasets as tfds
 
     raw = {
-        split: (_pixels(rng, (n, *shape)), rng.integers(0, classes, n).astype(np.int64))
+        split: (pixels(rng, (n, *shape)), rng.integers(0, classes, n).astype(np.int64))
         for split in ("train", "test")
     }
 
@@ -288,6 +248,15 @@ def _fake_tfds(rng, n, shape, classes):
     return raw, as_dataset
 
 
+@pytest.fixture
+def tfds_online(monkeypatch):
+    """Mocked TFDS data needs no network: the check for it answers yes."""
+    from faqd_tf.data import tfds
+
+    monkeypatch.setattr(tfds, "online", lambda: True)
+
+
+@pytest.mark.usefixtures("tfds_online")
 @pytest.mark.parametrize(
     "name, shape, stats",
     [
@@ -356,11 +325,11 @@ def test_labeled_folder(tmp_path, rng):
         (root / cls).mkdir(parents=True)
         for i in range(count):
             path = root / cls / f"{i:02d}.png"
-            _save(path, _pixels(rng, (12, 10, 3)))
-            expected[_decoded(path).tobytes()] = index
+            save_image(path, pixels(rng, (12, 10, 3)))
+            expected[decoded(path).tobytes()] = index
     for name in ("extra.jpg", "extra.gif"):  # lossy or palette formats: compared as TF decodes them
-        _save(root / "emu" / name, _pixels(rng, (12, 10, 3)))
-        expected[_decoded(root / "emu" / name).tobytes()] = 2
+        save_image(root / "emu" / name, pixels(rng, (12, 10, 3)))
+        expected[decoded(root / "emu" / name).tobytes()] = 2
     (root / "notes.txt").write_text("not an image")
     (root / "empty").mkdir()  # A subfolder without images is not a class.
 
@@ -390,7 +359,7 @@ def test_labeled_folder(tmp_path, rng):
     # Validation: the last round(0.25 * n) files of each class, by name.
     val_images, val_labels = _collect(data.load(source, "val", validation_fraction=0.25))
     assert sorted(val_labels.tolist()) == [0, 1, 2, 2]  # 1 of 4, 1 of 5, 2 of 8
-    tails = {_decoded(root / "cat" / "03.png").tobytes(), _decoded(root / "dog" / "04.png").tobytes()}
+    tails = {decoded(root / "cat" / "03.png").tobytes(), decoded(root / "dog" / "04.png").tobytes()}
     assert tails <= {x.tobytes() for x in _denormalize(val_images, info)}
     _, rest = _collect(data.load(source, "train", validation_fraction=0.25, exclude_validation=True))
     assert len(rest) == 13
@@ -401,9 +370,9 @@ def test_unlabeled_flat_folder_grayscale(tmp_path, rng):
     root.mkdir()
     raw = {}
     for i in range(7):
-        pixels = _pixels(rng, (9, 11, 1))
-        _save(root / f"img{i}.png", pixels)
-        raw[pixels.tobytes()] = pixels
+        image = pixels(rng, (9, 11, 1))
+        save_image(root / f"img{i}.png", image)
+        raw[image.tobytes()] = image
     info = data.dataset_info(f"folder:{root}")
     assert info.num_classes is None and info.class_names is None
     assert info.image_shape == (9, 11, 1) and info.augmentation == "crop"
@@ -426,9 +395,9 @@ def test_unlabeled_flat_folder_grayscale(tmp_path, rng):
 def test_folder_resizing(tmp_path, rng):
     root = tmp_path / "sizes"
     root.mkdir()
-    _save(root / "a.png", _pixels(rng, (8, 6, 3)))
-    _save(root / "b.png", _pixels(rng, (20, 30, 3)))
-    _save(root / "c.bmp", _pixels(rng, (5, 5, 3)))
+    save_image(root / "a.png", pixels(rng, (8, 6, 3)))
+    save_image(root / "b.png", pixels(rng, (20, 30, 3)))
+    save_image(root / "c.bmp", pixels(rng, (5, 5, 3)))
     cached = data.load(f"folder:{root}", labels=False, augment=False, cache=str(tmp_path / "cache"))
     images = _collect(cached)[0]
     assert images.shape == (3, 8, 6, 3)  # the first image's size
@@ -444,7 +413,7 @@ def test_folder_split_layout(tmp_path, rng):
         for cls in classes:
             (root / split / cls).mkdir(parents=True)
             for i in range(3):
-                _save(root / split / cls / f"{i}.png", _pixels(rng, (6, 6, 3)))
+                save_image(root / split / cls / f"{i}.png", pixels(rng, (6, 6, 3)))
     info = data.dataset_info(f"folder:{root}")
     assert info.class_names == ("a", "b", "c")
     assert info.num_examples["test"] == 6
@@ -468,9 +437,9 @@ def test_folder_errors(tmp_path, rng, layout, error, words):
     if layout == "text_only":
         (root / "readme.txt").write_text("hello")
     if layout == "mixed":
-        _save(root / "top.png", _pixels(rng, (4, 4, 3)))
+        save_image(root / "top.png", pixels(rng, (4, 4, 3)))
         (root / "cls").mkdir()
-        _save(root / "cls" / "in.png", _pixels(rng, (4, 4, 3)))
+        save_image(root / "cls" / "in.png", pixels(rng, (4, 4, 3)))
     with pytest.raises(error) as excinfo:
         data.load(f"folder:{root}", labels=False)
     message = _one_line(excinfo)
@@ -487,10 +456,9 @@ def test_bad_sources(source, words):
     assert words in _one_line(excinfo)
 
 
-def test_bad_arguments(tmp_path, rng):
-    _make_idx(tmp_path / "d", rng)
-    source = f"idx:{tmp_path / 'd'}"
-    for kwargs, words in [
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
         ({"split": "dev"}, "split='dev'"),
         ({"image_size": (0, 4)}, "image_size"),
         ({"augment": "mixup"}, "augment='mixup'"),
@@ -498,42 +466,22 @@ def test_bad_arguments(tmp_path, rng):
         ({"limit": -1}, "limit"),
         ({"validation_fraction": 1.5}, "validation_fraction"),
         ({"mean": (0.1, 0.2)}, "1 channel(s)"),
-    ]:
-        with pytest.raises(ValueError) as excinfo:
-            data.load(source, **kwargs)
-        assert words in _one_line(excinfo)
+    ],
+)
+def test_bad_arguments(tmp_path, rng, kwargs, words):
+    make_idx(tmp_path / "d", rng)
+    with pytest.raises(ValueError) as excinfo:
+        data.load(f"idx:{tmp_path / 'd'}", **kwargs)
+    assert words in _one_line(excinfo)
 
 
 # ------------------------------------------------------------------------------------------------
 # Tiny ImageNet layout
 
 
-def _make_tiny(root, rng, wnids=("n03000003", "n01000001", "n02000002"), per_class=4, n_val=7):
-    (root / "val" / "images").mkdir(parents=True)
-    (root / "wnids.txt").write_text("".join(w + "\n" for w in wnids))
-    train = {}
-    for index, wnid in enumerate(wnids):
-        folder = root / "train" / wnid / "images"
-        folder.mkdir(parents=True)
-        (root / "train" / wnid / f"{wnid}_boxes.txt").write_text("")
-        for i in range(per_class):
-            path = folder / f"{wnid}_{i}.JPEG"
-            _save(path, _pixels(rng, (64, 64, 3)))
-            train[_decoded(path).tobytes()] = index
-    lines, val = [], {}
-    for i in range(n_val):
-        wnid = wnids[int(rng.integers(len(wnids)))]
-        path = root / "val" / "images" / f"val_{i}.JPEG"
-        _save(path, _pixels(rng, (64, 64, 3)))
-        lines.append(f"val_{i}.JPEG\t{wnid}\t0\t0\t63\t63\n")
-        val[_decoded(path).tobytes()] = wnids.index(wnid)
-    (root / "val" / "val_annotations.txt").write_text("".join(lines))
-    return train, val
-
-
 def test_tiny_imagenet(tmp_path, rng):
     root = tmp_path / "tiny-imagenet-200"
-    train, val = _make_tiny(root, rng)
+    train, val = make_tiny(root, rng)
     source = f"tiny_imagenet:{root}"
     info = data.dataset_info(source)
     assert info.class_names == ("n03000003", "n01000001", "n02000002")  # wnids.txt order
@@ -559,7 +507,7 @@ def test_tiny_imagenet(tmp_path, rng):
 
 def test_tiny_imagenet_bad_annotation(tmp_path, rng):
     root = tmp_path / "tiny"
-    _make_tiny(root, rng)
+    make_tiny(root, rng)
     with open(root / "val" / "val_annotations.txt", "a") as f:
         f.write("val_0.JPEG\tn09999999\t0\t0\t63\t63\n")
     with pytest.raises(ValueError) as excinfo:

@@ -16,8 +16,8 @@ import keras
 import numpy as np
 import pytest
 
-from faqd_tf import callbacks, cli, distribute
-from tests.test_data import _write_idx
+from faqd_tf import cli, runner
+from tests.helpers import write_idx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = "/usr/share/datasets/fashion-mnist"
@@ -140,8 +140,8 @@ def test_each_example_once_per_epoch_across_workers(tmp_path, n, batch):
     folder = tmp_path / "ids"
     folder.mkdir()
     images = np.repeat(np.arange(n, dtype=np.uint8)[:, None, None], 4, 1).repeat(4, 2)
-    _write_idx(folder / "train-images-idx3-ubyte.gz", images)
-    _write_idx(folder / "train-labels-idx1-ubyte.gz", (np.arange(n) % 10).astype(np.uint8))
+    write_idx(folder / "train-images-idx3-ubyte.gz", images)
+    write_idx(folder / "train-labels-idx1-ubyte.gz", (np.arange(n) % 10).astype(np.uint8))
     script = os.path.join(ROOT, "tests", "multi_worker_shard.py")
     outs = [str(tmp_path / f"seen{i}.json") for i in range(2)]
     ports = free_ports(2)
@@ -232,8 +232,9 @@ class _Diverge(keras.callbacks.Callback):
 @needs_fmnist
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, teacher_file, monkeypatch, capsys):
     cfg = distill_config(tmp_path, teacher_file, tmp_path / "nan", epochs=3)
-    real = cli.Run.callbacks
-    monkeypatch.setattr(cli.Run, "callbacks", lambda self, stage, csv_name, extra=(): real(self, stage, csv_name, [*extra, _Diverge()]))
+    real = runner.Run.callbacks
+    monkeypatch.setattr(runner.Run, "callbacks", lambda self, stage, csv_name, extra=(), at_start=(): real(
+        self, stage, csv_name, [*extra, _Diverge()], at_start))
     code = cli.main(["--config", cfg, "--stage", "distill", "--set", "strategy=default"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
@@ -250,31 +251,6 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, te
     restored = Distiller(quantize_model(teacher, weight_bits=4), teacher)
     restored.load_weights(backup / "latest.weights.h5")
     assert all(np.isfinite(w).all() for w in restored.get_weights())
-
-
-def test_strategy_choices_and_tf_config_errors(monkeypatch):
-    monkeypatch.delenv("TF_CONFIG", raising=False)
-    with pytest.raises(ValueError, match="needs the TF_CONFIG environment variable"):
-        distribute.get_strategy("multi_worker")
-    with pytest.raises(ValueError, match="strategy='ring' is not supported"):
-        distribute.get_strategy("ring")
-    monkeypatch.setenv("TF_CONFIG", "{not json")
-    with pytest.raises(ValueError, match="TF_CONFIG is not valid JSON"):
-        distribute.tf_config()
-    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}))
-    with pytest.raises(ValueError, match="is not in its cluster"):
-        distribute.tf_config()
-    default = distribute.get_strategy("default")
-    assert distribute.is_chief(default) and distribute.output_dir("out", default) == "out"
-    distribute.barrier(default)  # no-op on one process
-
-
-def test_stop_on_non_finite_names_the_term():
-    cb = callbacks.StopOnNonFiniteLoss("ck")
-    cb.on_epoch_begin(2)
-    cb.on_train_batch_end(0, {"loss": 1.0, "fa": 0.5, "accuracy": float("nan")})  # metrics are not losses
-    with pytest.raises(callbacks.NonFiniteLossError, match=r"the fa loss became inf at epoch 3, batch 5; .*epoch 2 .* in ck"):
-        cb.on_train_batch_end(4, {"loss": 1.0, "fa": float("inf")})
 
 
 def test_cli_multi_worker_without_tf_config_is_one_line_exit_2(tmp_path, teacher_file, monkeypatch, capsys):

@@ -7,7 +7,6 @@ without labels (KD + FA): one fine-tuned from the teacher's weights, one from ra
 import os
 
 import keras
-import numpy as np
 import pytest
 
 from faqd_tf import data
@@ -16,6 +15,8 @@ from faqd_tf.layers import QuantConv2D, QuantDense, QuantReLU
 from faqd_tf.quantize import quantize_model
 
 FMNIST = "idx:/usr/share/datasets/fashion-mnist"
+# Pinned: the test asserts accuracies after training, which vary with the seed (see the notes below).
+SEED = 0
 pytestmark = pytest.mark.skipif(
     not os.path.isdir("/usr/share/datasets/fashion-mnist"), reason="needs the Debian package dataset-fashion-mnist"
 )
@@ -39,7 +40,8 @@ def accuracy(model, test):
     return model.evaluate(test, verbose=0, return_dict=True)["accuracy"]
 
 
-def test_label_free_4bit_student_on_fashion_mnist(seed):
+def test_label_free_4bit_student_on_fashion_mnist():
+    seed = SEED
     keras.utils.set_random_seed(seed)
     train_labeled = data.load(FMNIST, "train", batch_size=64, limit=6000, seed=seed, augment=False)
     train_images = data.load(FMNIST, "train", labels=False, batch_size=64, limit=6000, seed=seed, augment=False)

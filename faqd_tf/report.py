@@ -1,0 +1,75 @@
+"""What a run reports: the teacher/student table, `results.json` and the training curves."""
+
+import csv
+import json
+import os
+
+# The CSV history of each stage, in the order the stages run, with the curve's label.
+HISTORIES = (("teacher", "teacher_history.csv"), ("activation step", "distill_act_history.csv"),
+             ("student", "history.csv"))
+
+
+def write_json(path, value):
+    """Writes `value` as JSON to `path` through a renamed temporary file (never half a file)."""
+    partial = path + ".partial"
+    with open(partial, "w") as f:
+        json.dump(value, f, indent=2)
+    os.replace(partial, path)
+
+
+def _kib(bits):
+    return f"{bits / 8 / 1024:,.1f} KiB"
+
+
+def print_table(results):
+    """Prints the teacher/student accuracy and size table of an evaluation's `results`."""
+    t, s = results["teacher"], results["student"]
+    rows = [
+        ("model", "test accuracy", "parameters", "size (float32)", "size (packed)"),
+        ("teacher", f"{100 * t['accuracy']:.2f}%", f"{t['parameters']:,}", _kib(t["float32_bits"]), _kib(t["packed_bits"])),
+        ("student", f"{100 * s['accuracy']:.2f}%", f"{s['parameters']:,}", _kib(s["float32_bits"]), _kib(s["packed_bits"])),
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, row in enumerate(rows):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    print(f"accuracy gap (teacher - student): {100 * results['accuracy_gap']:.2f} points; "
+          f"student is {s['compression']:.1f}x smaller than the float32 teacher")
+
+
+def plot_curves(out):
+    """Plots the loss and validation accuracy of the stages' histories in `out` to `out/curves.png`.
+
+    Returns the path of the plot, or None when no stage has a history yet.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(name, os.path.join(out, f)) for name, f in HISTORIES]
+    runs = [(n, p) for n, p in runs if os.path.exists(p)]
+    if not runs:
+        return None
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    offset = 0  # stages follow each other on one epoch axis
+    for name, path in runs:
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+        epochs = [offset + int(r["epoch"]) + 1 for r in rows]
+        offset = epochs[-1] if epochs else offset
+        what = "cross-entropy" if name == "teacher" else "distillation loss"
+        ax_loss.plot(epochs, [float(r["loss"]) for r in rows], marker="o", label=f"{name}: {what}")
+        if rows and "val_accuracy" in rows[0]:
+            ax_acc.plot(epochs, [100 * float(r["val_accuracy"]) for r in rows], marker="o", label=name)
+    ax_loss.set(xlabel="epoch (stages in order)", ylabel="training loss", yscale="log", title="training loss")
+    ax_acc.set(xlabel="epoch (stages in order)", ylabel="validation accuracy (%)", title="validation accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path = os.path.join(out, "curves.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,44 @@
+"""Training pieces shared by the CLI, the benchmarks and user code: the optimizer of a config, a
+model save that a kill cannot leave half-written."""
+
+import os
+
+
+def make_optimizer(train, steps_per_epoch):
+    """The optimizer of a resolved `train` config section (SGD or AdamW, cosine or constant lr).
+
+    >>> from faqd_tf.config import resolve_section
+    >>> opt = make_optimizer(resolve_section("train", {"optimizer": "adam", "lr": 3e-4, "epochs": 2}), 50)
+    >>> type(opt).__name__, round(float(opt.learning_rate), 6)
+    ('AdamW', 0.0003)
+    """
+    import keras
+
+    total = max(1, train["epochs"] * steps_per_epoch)
+    lr = train["lr"]
+    if train["schedule"] == "cosine":
+        warmup = train["warmup_epochs"] * steps_per_epoch
+        lr = keras.optimizers.schedules.CosineDecay(
+            0.0 if warmup else lr, decay_steps=max(1, total - warmup),
+            warmup_target=lr if warmup else None, warmup_steps=warmup,
+        )
+    if train["optimizer"] == "adam":
+        # AdamW takes a float (0.0 is plain Adam); SGD takes None for no decay.
+        return keras.optimizers.AdamW(lr, weight_decay=float(train["weight_decay"]))
+    return keras.optimizers.SGD(
+        lr, momentum=float(train["momentum"]), nesterov=train["nesterov"], weight_decay=train["weight_decay"] or None
+    )
+
+
+def save_model(model, path):
+    """`model.save(path)` that never leaves half a file at `path`: written next to it, then renamed.
+
+    >>> import tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "m.keras")
+    >>> save_model(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]), path)
+    >>> sorted(os.listdir(os.path.dirname(path)))
+    ['m.keras']
+    """
+    partial = path[: -len(".keras")] + ".partial.keras"
+    model.save(partial)
+    os.replace(partial, path)

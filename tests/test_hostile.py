@@ -1,0 +1,402 @@
+"""Hostile and unlucky inputs to the CLI, its config and data sources (issue 17), built here.
+
+The promise (README, "What happens when..."): bad input ends in one line naming it and what to do,
+exit code 2 and nothing written; a run killed at any moment resumes with nothing lost; a file of a
+few MB never makes the process grow past a few hundred MB (checked under an address-space limit).
+"""
+
+import csv
+import gzip
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from faqd_tf import cli, models, runner
+from tests import helpers
+from tests.helpers import assert_one_line_exit_2, idx_bytes, make_idx, make_tiny, pixels, png_with_size, write_idx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HW, CLASSES = (12, 12), 4
+
+
+@pytest.fixture
+def idx(tmp_path, rng):
+    """A tiny IDX dataset: 64 train and 16 test images of 12 x 12 pixels, 4 classes."""
+    make_idx(tmp_path / "idx", rng, n_train=64, n_test=16, hw=HW, classes=CLASSES)
+    return tmp_path / "idx"
+
+
+def write_config(tmp_path, source, **sections):
+    base = {
+        "dataset": {"source": source},
+        "teacher": {"arch": "resnet8", "train": {"epochs": 2, "batch_size": 32, "lr": 0.05}},
+        "train": {"epochs": 2, "batch_size": 32, "lr": 0.01},
+        "output_dir": str(tmp_path / "out"),
+    }
+    return helpers.write_config(tmp_path, base, **sections)
+
+
+def refused(tmp_path, capsys, argv, pattern):
+    assert_one_line_exit_2(argv, pattern, capsys, tmp_path / "out")
+
+
+def history(path):
+    with open(path) as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f)]
+
+
+def save_model_file(path, **kwargs):
+    keras.utils.set_random_seed(5)
+    models.get("resnet8", **kwargs).save(path)
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Kills: a run killed at any moment resumes with nothing lost
+
+
+class Killed(BaseException):
+    """A kill: nothing catches it, nothing after it runs."""
+
+
+def kill_at(monkeypatch, point):
+    """Makes the next model save die at `point`; returns the weights of the model it was saving."""
+    real = runner.save_model
+    seen = {}
+
+    def save_model(model, path):
+        seen["weights"] = [w.copy() for w in model.get_weights()]
+        if point == "during the save":
+            open(path[: -len(".keras")] + ".partial.keras", "wb").write(b"half a zip")
+            raise Killed
+        if point == "after the save":
+            real(model, path)
+        raise Killed
+
+    monkeypatch.setattr(runner, "save_model", save_model)
+    return seen
+
+
+# A kill before the save leaves what a kill during it leaves, less the half-written file.
+@pytest.mark.parametrize("point", ["during the save", "after the save"])
+def test_teacher_killed_at_its_end_resumes_with_nothing_lost(tmp_path, idx, capsys, monkeypatch, point):
+    cfg = write_config(tmp_path, f"idx:{idx}")
+    out = tmp_path / "out"
+    trained = kill_at(monkeypatch, point)
+    with pytest.raises(Killed):
+        cli.main(["--config", cfg, "--stage", "teacher"])
+    assert (out / "backup" / "teacher").is_dir()  # the backup outlives every kill before it is done
+    assert history(out / "teacher_history.csv") == [0, 1]
+
+    monkeypatch.undo()
+    assert cli.main(["--config", cfg, "--stage", "teacher"]) == 0
+    assert history(out / "teacher_history.csv") == [0, 1]  # no epoch lost, none trained twice
+    assert not (out / "backup" / "teacher").exists() and not (out / "teacher.partial.keras").exists()
+    for saved, expected in zip(keras.models.load_model(out / "teacher.keras").get_weights(), trained["weights"]):
+        np.testing.assert_array_equal(saved, expected)
+
+    if point == "after the save":  # --overwrite on the finished run starts a clean history
+        assert cli.main(["--config", cfg, "--stage", "teacher", "--overwrite", "--set", "teacher.train.epochs=1"]) == 0
+        assert history(out / "teacher_history.csv") == [0]
+        assert len(os.listdir(out / "logs" / "teacher" / "train")) == 1  # one run's TensorBoard events
+
+
+def test_distillation_killed_during_its_save_resumes_with_nothing_lost(tmp_path, idx, monkeypatch):
+    teacher = save_model_file(tmp_path / "teacher.keras", num_classes=CLASSES, input_shape=(*HW, 1))
+    # KD alone on an FP student: the stage's save-then-remove order is what is tested, on a short trace.
+    cfg = write_config(tmp_path, f"idx:{idx}", teacher={"arch": None, "file": teacher}, distill={"fa": None},
+                       student={"weight_bits": None})
+    out = tmp_path / "out"
+    trained = kill_at(monkeypatch, "during the save")
+    with pytest.raises(Killed):
+        cli.main(["--config", cfg, "--stage", "distill"])
+    monkeypatch.undo()
+    assert cli.main(["--config", cfg, "--stage", "distill"]) == 0
+    assert history(out / "history.csv") == [0, 1]
+    assert not (out / "backup" / "distill").exists()
+    for saved, expected in zip(keras.models.load_model(out / "student.keras").get_weights(), trained["weights"]):
+        np.testing.assert_array_equal(saved, expected)
+
+
+def test_busy_output_dir_stops_at_once(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    other = runner.FolderLock(str(tmp_path / "out"))
+    other.acquire()  # another run holds the folder
+    try:
+        # The data source is missing too: the lock is checked before anything else.
+        argv = ["--config", write_config(tmp_path, f"idx:{tmp_path / 'nowhere'}")]
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"train.py: error: output_dir {tmp_path / 'out'} is in use by another run; "
+                       "wait for it to end or choose another output_dir."]
+        assert os.listdir(tmp_path / "out") == []
+    finally:
+        other.release()
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad data, caught before anything is written
+
+
+def _png(path, rng, hw=HW):
+    Image.fromarray(pixels(rng, (*hw, 3))).save(path)
+
+
+def _folder(root, rng, test=True, per_class=3):
+    for split in ("train", "test") if test else ("train",):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(per_class):
+                _png(root / split / cls / f"{i}.png", rng)
+    return root
+
+
+def _damage(kind, path, rng):
+    if kind == "truncated":
+        _png(path, rng)
+        path.write_bytes(path.read_bytes()[:-30])
+    elif kind == "zero-byte":
+        path.write_bytes(b"")
+    else:
+        path.write_text("<html>not an image</html>")
+
+
+@pytest.mark.parametrize("kind, words", [("truncated", "is truncated"), ("zero-byte", "is an empty file"),
+                                         ("non-image", "is not a readable image")])
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_broken_image_in_a_folder_is_named(tmp_path, rng, capsys, kind, words, split):
+    root = _folder(tmp_path / "pics", rng)
+    bad = root / split / "b" / "9.png"
+    _damage(kind, bad, rng)
+    refused(tmp_path, capsys, ["--config", write_config(tmp_path, f"folder:{root}")], f"image file {bad} {words}")
+
+
+def test_huge_image_needs_an_image_size(tmp_path, rng, capsys):
+    root = _folder(tmp_path / "pics", rng)
+    Image.new("L", (6000, 6000)).save(root / "train" / "a" / "0.png")  # the first image sets the size
+    refused(tmp_path, capsys, ["--config", write_config(tmp_path, f"folder:{root}")],
+            r"are 6000 x 6000 pixels, too large for a network's input as they are; pass image_size")
+
+
+def test_symlink_loop_in_a_folder_is_named(tmp_path, rng, capsys):
+    root = _folder(tmp_path / "pics", rng)
+    loop = root / "train" / "a" / "again"
+    loop.symlink_to(root / "train" / "a")
+    refused(tmp_path, capsys, ["--config", write_config(tmp_path, f"folder:{root}")], f"{loop} leads back to")
+
+
+def _without(path):
+    os.remove(path)
+
+
+@pytest.mark.parametrize(
+    "layout, extra, words",
+    [
+        ("idx", {}, r"has no t10k-images-idx3-ubyte.gz"),
+        ("idx", {"dataset": {"validation_split": "validation"}}, r"has no t10k-images-idx3-ubyte.gz"),
+        ("folder", {}, r"has no test split"),
+        ("tiny", {}, r"has no val/val_annotations.txt"),
+    ],
+)
+def test_missing_test_split_is_caught_before_training(tmp_path, rng, capsys, layout, extra, words):
+    if layout == "idx":
+        make_idx(tmp_path / "d", rng, hw=HW)
+        _without(tmp_path / "d" / "t10k-images-idx3-ubyte.gz")
+        source = f"idx:{tmp_path / 'd'}"
+    elif layout == "folder":
+        source = f"folder:{_folder(tmp_path / 'd', rng, test=False, per_class=10)}"
+    else:
+        make_tiny(tmp_path / "d", rng)
+        _without(tmp_path / "d" / "val" / "val_annotations.txt")
+        source = f"tiny_imagenet:{tmp_path / 'd'}"
+    refused(tmp_path, capsys, ["--config", write_config(tmp_path, source, **extra)], words)
+
+
+def test_test_labels_outside_the_classes(tmp_path, rng, capsys):
+    make_idx(tmp_path / "d", rng, hw=HW, classes=CLASSES)
+    labels = rng.integers(0, CLASSES, 12).astype(np.uint8)
+    labels[5] = CLASSES + 3
+    write_idx(tmp_path / "d" / "t10k-labels-idx1-ubyte.gz", labels)
+    refused(tmp_path, capsys, ["--config", write_config(tmp_path, f"idx:{tmp_path / 'd'}")],
+            r"t10k-labels-idx1-ubyte.gz has label 7 \(at position 5\), but the train labels have 4 classes")
+
+
+def test_constant_images_name_the_file(tmp_path, rng, capsys):
+    make_idx(tmp_path / "d", rng, hw=HW)
+    write_idx(tmp_path / "d" / "train-images-idx3-ubyte.gz", np.zeros((40, *HW), np.uint8))
+    refused(tmp_path, capsys, ["--config", write_config(tmp_path, f"idx:{tmp_path / 'd'}")],
+            r"train-images-idx3-ubyte.gz has every pixel 0 \(std 0\)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Models that do not fit the data, FA layers that do not exist: caught before training
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"num_classes": CLASSES, "input_shape": (32, 32, 3)}, r"takes inputs of shape \(32, 32, 3\), but .* yields images of \(12, 12, 1\)"),
+        ({"num_classes": 10, "input_shape": (*HW, 1)}, r"has 10 outputs, but .* has 4 classes"),
+    ],
+)
+def test_teacher_that_does_not_fit_the_data(tmp_path, idx, capsys, kwargs, words):
+    teacher = save_model_file(tmp_path / "t.keras", **kwargs)
+    refused(tmp_path, capsys, ["--config", write_config(tmp_path, f"idx:{idx}", teacher={"arch": None, "file": teacher})],
+            f"teacher.file .*t.keras {words}")
+
+
+def test_unknown_fa_layer_is_caught_before_the_teacher_trains(tmp_path, idx, capsys):
+    cfg = write_config(tmp_path, f"idx:{idx}", distill={"teacher_layers": ["stage1", "nope"], "student_layers": ["stage1", "nope"]})
+    refused(tmp_path, capsys, ["--config", cfg], r"distill: Model 'resnet8' has no layer named 'nope'")
+
+
+# ------------------------------------------------------------------------------------------------
+# Config and command line
+
+
+def _deep(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text('{"a":' * 50_000)  # 250 KB, deeper than Python's parser goes
+    return str(path)
+
+
+def _bytes(tmp_path, raw):
+    path = tmp_path / "raw.json"
+    path.write_bytes(raw)
+    return str(path)
+
+
+CONFIG_CASES = {
+    "deep JSON": (lambda t, c: ["--config", _deep(t)], r"nests lists and objects deeper than 32 levels"),
+    "--set into a non-object": (lambda t, c: ["--config", _bytes(t, b'{"dataset": {"source": "idx:x"}, "train": 5}'),
+                                              "--set", "train.epochs=1"], r"'train' is 5 in the config file, not an object"),
+    "lr inf": (lambda t, c: ["--config", c, "--set", "train.lr=1e999"], r"train.lr=Infinity is not valid"),
+    "temperature 1e-300": (lambda t, c: ["--config", c, "--set", "distill.temperature=1e-300"],
+                           r"distill.temperature=1e-300 is not valid; use a number >= 0.05"),
+    "unknown augment": (lambda t, c: ["--config", c, "--set", "dataset.augment=mixup"], r'dataset.augment="mixup" is not valid'),
+    "5000-digit int": (lambda t, c: ["--config", c, "--set", "train.batch_size=" + "9" * 5000],
+                       r"train.batch_size=<an integer of 5,000 digits> is not valid"),
+    "5000-digit --trials": (lambda t, c: ["--config", c, "--tune", "--trials", "9" * 5000],
+                            r"invalid int value: '9{80}\.\.\. \(5,000 characters\)'"),
+    "non-UTF-8": (lambda t, c: ["--config", _bytes(t, b'{"output_dir": "\xff"}')], r"raw.json is not UTF-8 text \(byte 0xff"),
+    "50 MB string": (lambda t, c: ["--config", _bytes(t, b'{"output_dir": "' + b"x" * 50 * 2**20 + b'"}')],
+                     r"raw.json is 50.0 MiB, more than the 1.0 MiB it may be"),
+    "100 KB string": (lambda t, c: ["--config", c, "--set", "dataset.labels=" + "y" * 100_000],
+                      r"dataset.labels=\"y{79}\.\.\. \(100,002 characters\) is not valid"),
+    "empty output_dir": (lambda t, c: ["--config", c, "--set", 'output_dir=""'], r"output_dir=\"\" is not valid; use a non-empty string"),
+    "output_dir in /proc": (lambda t, c: ["--config", c, "--set", "output_dir=/proc/faqd"], r"output_dir /proc/faqd cannot be written"),
+    "output_dir is a file": (lambda t, c: ["--config", c, "--set", f"output_dir={c}"], r"is a file, not a folder"),
+    "output_dir under a file": (lambda t, c: ["--config", c, "--set", f"output_dir={c}/run"], r"lies under .*, which is a file"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES))
+def test_hostile_config_and_arguments(tmp_path, idx, capsys, case):
+    argv, pattern = CONFIG_CASES[case]
+    argv = argv(tmp_path, write_config(tmp_path, f"idx:{idx}"))
+    refused(tmp_path, capsys, argv, pattern)
+
+
+def test_tfds_offline_says_so_at_once(tmp_path, capsys, monkeypatch):
+    import socket
+
+    from faqd_tf.data import tfds
+
+    def no_network(*args, **kwargs):
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(tfds.socket, "create_connection", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)  # and TFDS's own downloads with it
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = write_config(tmp_path, "tfds:mnist", dataset={"data_dir": str(tmp_path / "tfds")})
+    refused(tmp_path, capsys, ["--config", cfg], r"tfds:mnist is not prepared in .* and this machine cannot reach storage.googleapis.com")
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory: small files that claim gigabytes, read under an address-space limit
+
+_BOUNDED = textwrap.dedent(
+    """
+    import json, resource, sys
+    from faqd_tf import data
+    # Everything imported; from here the process may grow by at most 400 MB.
+    size = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (size + 400 * 2**20, resource.RLIM_INFINITY))
+    results = {}
+    for name, source in json.loads(sys.argv[1]).items():
+        try:
+            data.dataset_info(source, image_size=None)
+            results[name] = "accepted"
+        except MemoryError:
+            results[name] = "MemoryError"
+        except (ValueError, OSError) as err:
+            results[name] = str(err)
+    print(json.dumps(results))
+    """
+)
+
+
+def _gzip_members(path, head, zeros, repeat, more=None):
+    """A gzip file of `head` + `zeros` zero bytes, then `repeat` more members of `more` (or `zeros`) zero bytes."""
+    member = gzip.compress(b"\0" * (more or zeros), compresslevel=9)
+    with open(path, "wb") as f:
+        f.write(gzip.compress(head + b"\0" * zeros, compresslevel=9))
+        for _ in range(repeat):
+            f.write(member)
+
+
+def test_small_files_never_grow_the_process_past_a_few_hundred_mb(tmp_path, rng):
+    sources = {}
+
+    def idx_folder(name, images=None, labels=None):
+        folder = tmp_path / name
+        make_idx(folder, rng, n_train=40, hw=HW)
+        if labels is not None:
+            write_idx(folder / "train-labels-idx1-ubyte.gz", labels)
+        if images is not None:
+            images(folder / "train-images-idx3-ubyte.gz")
+        sources[name] = f"idx:{folder}"
+
+    absurd = rng.integers(0, 4, 40).astype(np.int32)
+    absurd[7] = 2**31 - 1
+    idx_folder("absurd label", labels=absurd)
+    # 3 GiB of images declared, all of them present as zeros: 3 MB of gzip.
+    n = 3 * 2**30 // 784
+    header = bytes([0, 0, 8, 3]) + np.asarray([n, 28, 28], ">u4").tobytes()
+    idx_folder("gzip bomb", images=lambda p: _gzip_members(p, header, 2**24, 191))
+    # Declares 60,000 images, holds 40.
+    idx_folder("declared beyond the bytes", images=lambda p: p.write_bytes(
+        gzip.compress(bytes([0, 0, 8, 3]) + np.asarray([60000, *HW], ">u4").tobytes() + idx_bytes(pixels(rng, (40, *HW)))[16:])))
+    # 60 MiB of black images, under the inflation floor: read whole, statistics in bounded chunks.
+    black = 60 * 2**20 // 144
+    header = bytes([0, 0, 8, 3]) + np.asarray([black, *HW], ">u4").tobytes()
+    idx_folder("black", images=lambda p: _gzip_members(p, header, black * 144 - 59 * 2**20, 59, 2**20),
+               labels=rng.integers(0, 4, black).astype(np.uint8))
+    # A PNG that claims 100,000 x 100,000 pixels.
+    pics = tmp_path / "pics" / "a"
+    pics.mkdir(parents=True)
+    png_with_size(pics / "0.png", 100_000, 100_000)
+    sources["png bomb"] = f"folder:{tmp_path / 'pics'}"
+
+    env = {**os.environ, "MALLOC_ARENA_MAX": "2", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "-c", _BOUNDED, json.dumps(sources)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = {
+        "absurd label": "has label 2147483647 (at position 7); class ids must be below 100,000",
+        "gzip bomb": "declares 3.0 GiB of data, more than its",
+        "declared beyond the bytes": "is truncated",
+        "black": "has every pixel 0 (std 0)",
+        "png bomb": "has more than 67,108,864 pixels",
+    }
+    for name, words in expected.items():
+        assert words in results[name], (name, results[name])
