@@ -47,7 +47,6 @@ import numpy as np
 import tensorflow as tf
 
 from faqd_tf import options
-from faqd_tf.options import check_seed  # noqa: F401  (re-exported: the FFA seed rules live here)
 
 # Guards the squared norm of an all-zero channel vector (dead ReLU pixel); such a pixel maps to the
 # zero vector instead of NaN.

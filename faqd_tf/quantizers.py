@@ -26,7 +26,8 @@ import tensorflow as tf
 
 SUPPORTED_BITS = (1, 2, 4, 8)
 LLOYD_ITERATIONS = 8
-# Authors' initial resolutions of the quantized ReLU (design.md); 8 bits continues the ~4x/2-bit trend.
+# Authors' initial resolutions of the quantized ReLU (lzj994/FAQD CIFAR/quant_uni_type.py, bit_alpha);
+# 8 bits continues the ~4x per 2 bits trend.
 DEFAULT_ALPHA = {1: 1.2221, 2: 0.6511, 4: 0.1946, 8: 0.0125}
 ALPHA_MIN, ALPHA_MAX = 1e-3, 5.0
 # Authors' rate_factor: alpha's summed eq. (5) gradient is scaled by it and clamped to [-1, 1].

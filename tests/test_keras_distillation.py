@@ -5,7 +5,6 @@ import json
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from faqd_tf import losses
 from faqd_tf.keras_distillation import FeatureAffinityDistillation

@@ -11,7 +11,7 @@ import tensorflow as tf
 from faqd_tf import quantizers
 from faqd_tf.callbacks import BinaryRelaxScheduler
 from faqd_tf.layers import QuantConv2D, QuantDense, QuantDepthwiseConv2D, QuantReLU
-from tests.test_quantizers import np_qrelu, np_qrelu_grads, np_quantize
+from tests.references import np_qrelu, np_qrelu_grads, np_quantize
 
 
 def np_conv_valid(x, k):
@@ -80,8 +80,10 @@ def toy_data(rng, n=96):
     return x, y
 
 
-def test_small_quantized_model_trains_saves_and_loads(rng, tmp_path):
-    # 4 bits: at 2 bits this 8-channel model sometimes stalls for 15 epochs on fresh data.
+def test_small_quantized_model_trains_saves_and_loads(tmp_path):
+    # Pinned: the test asserts a training outcome (at 2 bits this model stalls on some draws).
+    rng = np.random.default_rng(0)
+    keras.utils.set_random_seed(0)
     model = small_model(weight_bits=4, activation_bits=4)
     model.compile(keras.optimizers.Adam(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     x, y = toy_data(rng)
@@ -195,7 +197,9 @@ def test_alpha_rate_under_mixed_float16_warns():
         keras.mixed_precision.set_global_policy("float32")
 
 
-def test_training_under_mirrored_strategy_and_save(rng, tmp_path, mirrored_strategy):
+def test_training_under_mirrored_strategy_and_save(tmp_path, mirrored_strategy):
+    rng = np.random.default_rng(1)  # pinned: the test asserts that training lowers the loss
+    keras.utils.set_random_seed(1)
     with mirrored_strategy.scope():
         model = small_model(weight_bits=4, activation_bits=4)
         model.compile(keras.optimizers.Adam(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))

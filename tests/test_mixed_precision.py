@@ -3,7 +3,6 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from faqd_tf import quantizers
 from faqd_tf.distiller import Distiller

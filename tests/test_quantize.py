@@ -11,7 +11,7 @@ from faqd_tf.features import feature_extractor, feature_layers
 from faqd_tf.layers import QuantConv2D, QuantDense, QuantDepthwiseConv2D, QuantReLU
 from faqd_tf.models import resnet_cifar
 from faqd_tf.quantize import quantize_model, set_alpha_decay
-from tests.test_quantizers import np_qrelu_grads, np_quantize
+from tests.references import np_qrelu_grads, np_quantize
 
 
 def test_resnet20_twin_keeps_names_weights_and_quantizes(rng):

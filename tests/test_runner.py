@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
-from faqd_tf import config, runner
+from faqd_tf import cli, config, runner
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
 
 
 def _run(tmp_path, overwrite=False, **teacher):
@@ -68,3 +70,26 @@ def test_folder_lock_is_exclusive_and_dies_with_its_holder(tmp_path):
     again.acquire()
     again.release()
     assert os.listdir(tmp_path) == []  # nothing written for the lock
+
+
+@pytest.mark.skipif(not os.path.isdir(FMNIST), reason="needs the Debian package dataset-fashion-mnist")
+def test_distill_stage_reports_each_terms_gradient_share(tmp_path, capsys):
+    """A user sees FA's share of the gradient when distillation starts, and a warning when it is inert."""
+    import json
+
+    import keras
+
+    from faqd_tf import models
+
+    keras.utils.set_random_seed(0)
+    models.get("resnet8", input_shape=(28, 28, 1)).save(tmp_path / "teacher.keras")
+    cfg = {"dataset": {"source": f"idx:{FMNIST}", "limit": 64, "eval_limit": 32},
+           "teacher": {"arch": None, "file": str(tmp_path / "teacher.keras")},
+           "distill": {"beta": 1e-7, "kd": "kl", "temperature": 4.0},
+           "train": {"epochs": 1, "batch_size": 32}, "output_dir": str(tmp_path / "out")}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert cli.main(["--config", str(tmp_path / "config.json"), "--stage", "distill"]) == 0
+    out = capsys.readouterr().out
+    assert "loss 1.0*KD(kl) + 1e-07*FA(exact, fro2), label-free" in out
+    assert "[faqd] gradient norms at the start: kd " in out
+    assert "[faqd] warning: the weighted fa term (weight 1e-07) has 0.0% of the gradient norm of kd" in out

@@ -41,7 +41,7 @@ full-precision model and its quantized twin:
 - ``avg_pool`` (GlobalAveragePooling2D) and ``logits`` (no softmax).
 
 Batch normalization uses ``momentum=0.9`` by default (Keras' 0.99 leaves 0.99^n of the initial
-moving statistics after n steps, which wrecks evaluation of short runs, see design.md) and
+moving statistics after n steps: a run of 282 steps evaluated at 15% while it trained at 87%) and
 ``epsilon=1e-5`` (PyTorch's default, so weights ported from PyTorch checkpoints give the same
 outputs).
 
