@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from faqd_tf import export, quantizers
-from faqd_tf.export import HEADER_SIZE, _pack_codes, _unpack_codes, freeze, pack, read_manifest, run_tflite, to_tflite, unpack
+from faqd_tf.export import HEADER_SIZE, freeze, pack, read_manifest, run_tflite, to_tflite, unpack
+from faqd_tf.export.packed import _HEADER, _pack_codes, _unpack_codes
 from faqd_tf.layers import QuantConv2D, QuantDense, QuantDepthwiseConv2D, QuantReLU
 from faqd_tf.models import resnet_cifar
 from faqd_tf.quantizers import FrozenQuantizer
@@ -86,7 +87,7 @@ def test_code_packing_round_trip(rng, bits):
 
 @pytest.mark.parametrize(
     "bits, per_channel",
-    # 8 bits per channel is where re-quantizing codes*scale can move codes (see faqd_tf.export).
+    # 8 bits per channel is where re-quantizing codes*scale can move codes (see faqd_tf.export.frozen).
     [(1, False), (1, True), (2, False), (2, True), (4, False), (4, True), (8, True)],
 )
 def test_pack_unpack_round_trip(rng, tmp_path, bits, per_channel):
@@ -192,13 +193,13 @@ def test_unregistered_layers_give_a_clear_error(tmp_path):
 def write_faqd(path, manifest_bytes, payload):
     """A packed file with a valid header and checksum around any manifest bytes and payload."""
     digest = hashlib.sha256(manifest_bytes + payload).digest()
-    header = export._HEADER.pack(export.MAGIC, export.FORMAT_VERSION, len(manifest_bytes), len(payload), digest)
+    header = _HEADER.pack(export.MAGIC, export.FORMAT_VERSION, len(manifest_bytes), len(payload), digest)
     path.write_bytes(header + manifest_bytes + payload)
 
 
 def packed_parts(path):
     data = path.read_bytes()
-    manifest_len = export._HEADER.unpack_from(data)[2]
+    manifest_len = _HEADER.unpack_from(data)[2]
     return read_manifest(path), data[HEADER_SIZE + manifest_len :]
 
 
