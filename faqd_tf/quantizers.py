@@ -317,7 +317,7 @@ class FrozenQuantizer(BaseWeightQuantizer):
     channel) the kernel was quantized with, so `precision` and `codes()` keep working: a frozen
     model (`faqd_tf.export.freeze`, `faqd_tf.export.unpack`) can be summarized, packed again byte
     for byte, and exported with its integer codes. Re-quantizing ``codes * scale`` with
-    `WeightQuantizer` is not exactly idempotent (see `faqd_tf.export`), hence this class.
+    `WeightQuantizer` is not exactly idempotent (see `faqd_tf.export.frozen`), hence this class.
 
     >>> q = FrozenQuantizer(bits=2, scale=[0.5])
     >>> codes, scale = q.codes(np.array([-0.5, 0.0, 0.5], "float32"))
