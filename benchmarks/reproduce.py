@@ -42,10 +42,11 @@ the initializations of ``--inits``:
 Rows: "FAQD, exact FA" (KD + beta * FA, the main row), "KD only, label-free" (both steps KD only, the
 FA-versus-KD pair by seed), and FFA at k = 1, 5, 15 (Table VII; step 1 shared with the exact FA row).
 Every QuantReLU learns alpha by the authors' rule (`alpha_rate` 0.01) with their alpha weight decay
-(`set_alpha_decay`, `--full-weight-decay`). The optimizer (``--full-optimizer``, SGD Nesterov 0.9 by
-default, as the paper; Adam as the weight table) names the cells' table, "full sgd" or "full adam",
-and so does every training setting that differs from its default (e.g. "full sgd, subset=60000"), so
-runs with other budgets, data or students (``--full-student``) land in cells of their own.
+(`set_alpha_decay`, `--full-weight-decay`); beta is the FA default. The optimizer (``--full-optimizer``:
+SGD Nesterov 0.9, cosine, the paper's, by default; Adam as in the weight table) names the cells'
+table, "full sgd" or "full adam", and so does every setting of the cell that differs from its default
+(e.g. "full sgd, subset=60000"), so runs with other budgets, data or students (``--full-student``)
+land in tables of their own and the report compares them with the defaults, seed by seed.
 
 Every cell is run once per seed (``--seeds``); a seed sets the student's initial weights, the data
 order and the FFA probes (the teacher and the pre-trained FP student are trained once, seed 0).
@@ -104,9 +105,14 @@ FULL_ROWS = {
 }
 FULL_COLUMNS = {"FP": (None, None), "4W4A": (4, 4), "1W1A": (1, 1)}
 FULL_MAIN = "FAQD, exact FA"
-# Settings that change a full-quantization cell; a value other than the default names its table.
-FULL_SETTINGS = ("full_student", "subset", "finetune_epochs", "e2e_epochs", "batch_size", "full_sgd_lr",
-                 "finetune_lr", "e2e_lr", "full_weight_decay", "alpha", "beta", "temperature", "per_channel")
+# Settings that change a full-quantization cell, by (optimizer, init); a value other than the default
+# names its table, so a cell's table says how it was trained.
+FULL_SETTINGS = ("full_student", "subset", "batch_size", "full_weight_decay", "alpha", "beta", "temperature",
+                 "per_channel")
+FULL_INIT_SETTINGS = {("sgd", "fine-tune"): ("finetune_epochs", "full_ft_lr"),
+                      ("sgd", "end-to-end"): ("e2e_epochs", "full_e2e_lr"),
+                      ("adam", "fine-tune"): ("finetune_epochs", "finetune_lr"),
+                      ("adam", "end-to-end"): ("e2e_epochs", "e2e_lr")}
 INIT_KD = {"fine-tune": "kl", "end-to-end": "mse"}
 
 
@@ -140,8 +146,8 @@ def parse_args(argv=None):
     p.add_argument("--sweep-l1", type=float, nargs="+", default=[0.01, 0.1, 1, 100, 1000])
     p.add_argument("--full-optimizer", nargs="+", default=["sgd"], choices=["sgd", "adam"],
                    help="optimizers of the full table (sgd: Nesterov 0.9, cosine; adam: --finetune-lr / --e2e-lr)")
-    p.add_argument("--full-sgd-lr", type=float, nargs=2, default=[0.01, 0.1], metavar=("FINE_TUNE", "END_TO_END"),
-                   help="SGD learning rates of the full table (the paper's fine-tune 0.01; 0.1 from scratch)")
+    p.add_argument("--full-ft-lr", type=float, default=0.01, help="SGD learning rate of the full table, fine-tune")
+    p.add_argument("--full-e2e-lr", type=float, default=0.1, help="SGD learning rate of the full table, end-to-end")
     p.add_argument("--full-weight-decay", type=float, default=1e-4,
                    help="weight decay of the full table; the alphas get it times 0.01 (set_alpha_decay)")
     p.add_argument("--full-student", default=STUDENT, choices=list(models.available()[:7]),
@@ -244,8 +250,8 @@ class Bench:
                                     lambda i=init, n=norm, b=beta, s=seed: self.weight_cell(
                                         i, FAQD_ROWS[n], a.sweep_bits, s, beta=b))
             for optimizer in a.full_optimizer if "full" in a.tables else []:
-                table = full_table(a, optimizer)
                 for init in a.inits:
+                    table = full_table(a, optimizer, init)
                     for column in a.full_columns:
                         if column == "FP" and init == "fine-tune":
                             continue  # the pre-trained FP student is that reference
@@ -332,7 +338,7 @@ class Bench:
         """The optimizer of a full-quantization cell; the student's alphas get the authors' decay."""
         a = self.args
         if kind == "sgd":
-            lr = a.full_sgd_lr[0 if init == "fine-tune" else 1]
+            lr = a.full_ft_lr if init == "fine-tune" else a.full_e2e_lr
         else:
             lr = a.finetune_lr if init == "fine-tune" else a.e2e_lr
         opt = self.optimizer(kind, lr, epochs, self.steps(), a.full_weight_decay)
@@ -346,7 +352,7 @@ class Bench:
         """Step 1 of two-step full quantization: A-bit activations, FP weights, from the pre-trained
         FP student; KD only for the KD-only row, else FAQD with exact FA (shared by the FA rows)."""
         a = self.args
-        table = full_table(a, optimizer)
+        table = full_table(a, optimizer, "fine-tune")
         kd_only = row == BASELINE_ROW
         step_row = STEP1_ROWS[kd_only]
         cell = self.cell(table, "fine-tune", step_row, f"{act}A32W", seed)
@@ -388,11 +394,12 @@ class Bench:
 STEP1_ROWS = {False: "step 1: activations only", True: "step 1: activations only, KD only"}
 
 
-def full_table(args, optimizer):
-    """The table name of full-quantization cells: the optimizer, then every setting off its default."""
+def full_table(args, optimizer, init):
+    """The table name of full-quantization cells: the optimizer, then every setting of the cell off its default."""
     defaults = vars(parse_args([]))
-    changed = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={' '.join(map(str, v)) if isinstance(v, list) else v}"
-               for k in FULL_SETTINGS for v in [getattr(args, k)] if v != defaults[k]]
+    changed = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+               for k in FULL_SETTINGS + FULL_INIT_SETTINGS[optimizer, init]
+               for v in [getattr(args, k)] if v != defaults[k]]
     return ", ".join([f"full {optimizer}", *changed])
 
 
