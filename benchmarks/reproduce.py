@@ -147,7 +147,8 @@ def parse_args(argv=None):
     p.add_argument("--full-optimizer", nargs="+", default=["sgd"], choices=["sgd", "adam"],
                    help="optimizers of the full table (sgd: Nesterov 0.9, cosine; adam: --finetune-lr / --e2e-lr)")
     p.add_argument("--full-ft-lr", type=float, default=0.01, help="SGD learning rate of the full table, fine-tune")
-    p.add_argument("--full-e2e-lr", type=float, default=0.1, help="SGD learning rate of the full table, end-to-end")
+    p.add_argument("--full-e2e-lr", type=float, default=0.03,
+                   help="SGD learning rate of the full table, end-to-end (0.1 lets FA drive alphas to their floor)")
     p.add_argument("--full-weight-decay", type=float, default=1e-4,
                    help="weight decay of the full table; the alphas get it times 0.01 (set_alpha_decay)")
     p.add_argument("--full-student", default=STUDENT, choices=list(models.available()[:7]),
