@@ -684,7 +684,7 @@ def plot_full(stats, path):
     tables = full_tables(stats)
     groups = [(t, i, c) for t in tables if "," not in t for i in INIT_KD for c in FULL_COLUMNS
               if any((t, i, r, c) in stats for r in (FULL_MAIN, BASELINE_ROW))]
-    gaps = [(t, i) for t in tables for i in INIT_KD if (t, i, FULL_MAIN, "1W1A") in stats]
+    gaps = [t for t in tables if (t, "fine-tune", FULL_MAIN, "1W1A") in stats]
     if not groups:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(15, 5.4), gridspec_kw={"width_ratios": [1.6, 1]})
@@ -694,14 +694,16 @@ def plot_full(stats, path):
         for j, (name, values) in enumerate(series):
             means = [v[0] if v else np.nan for v in values]
             errs = [v[1] if v and v[2] > 1 else 0 for v in values]
-            ax.bar(np.arange(len(labels)) + (j - (len(series) - 1) / 2) * width, means, width, yerr=errs,
-                   capsize=2, label=name)
+            drawn = ax.bar(np.arange(len(labels)) + (j - (len(series) - 1) / 2) * width, means, width, yerr=errs,
+                           capsize=2, label=name)
+            ax.bar_label(drawn, fmt="%.1f", fontsize=6, padding=2)
         for x, ref in enumerate(refs):
             if ref:
                 ax.hlines(ref[0], x - 0.45, x + 0.45, color="black", linestyle="--", linewidth=1,
                           label="FP reference" if x == min(i for i, r in enumerate(refs) if r) else None)
         ax.set_xticks(np.arange(len(labels)), labels, fontsize=8)
         ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+        ax.set_ylim(0, 100)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="lower left")
 
@@ -712,15 +714,14 @@ def plot_full(stats, path):
     ax.set_title("Full quantization, label-free, default settings")
     ax = axes[1]
     if gaps:
-        labels = [(t.split(", ", 1)[1].replace(", ", "\n") if "," in t else f"{t[len('full '):]} (defaults)") + f"\n{i}"
-                  for t, i in gaps]
-        bars(ax, labels, [("step 1: 1A32W", [stats.get((t, i, STEP1_ROWS[False], "1A32W")) for t, i in gaps]),
-                          ("1W1A", [stats.get((t, i, FULL_MAIN, "1W1A")) for t, i in gaps])],
-             [full_fp(stats, t, i) for t, i in gaps])
-        ax.set_title(f"1W1A ({FULL_MAIN}) by setting")
+        labels = [t[len("full "):].replace(", ", "\n") + ("" if "," in t else "\ndefaults") for t in gaps]
+        bars(ax, labels, [("step 1: 1A32W", [stats.get((t, "fine-tune", STEP1_ROWS[False], "1A32W")) for t in gaps]),
+                          ("step 2: 1W1A", [stats.get((t, "fine-tune", FULL_MAIN, "1W1A")) for t in gaps])],
+             [full_fp(stats, t, "fine-tune") for t in gaps])
+        ax.set_title(f"Two-step 1W1A ({FULL_MAIN}) by setting")
     else:
         ax.axis("off")
-    fig.suptitle(f"Full quantization on Fashion-MNIST: {TEACHER} teacher")
+    fig.suptitle(f"Full quantization on Fashion-MNIST: {TEACHER} teacher, {STUDENT} students unless named")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -918,6 +919,7 @@ def report(args):
             parts += [f"FP reference: {fp}.", "", table_md(stats, "weight", init, weight_rows, ["FP", "1-bit", "2-bit", "4-bit"]), ""]
     parts += full_md(cells, stats)
     full_png = os.path.splitext(png)[0] + "_full.png"
+    os.makedirs(os.path.dirname(os.path.abspath(full_png)), exist_ok=True)
     if plot_full(stats, full_png):
         parts += [f"![full quantization]({os.path.basename(full_png)})", ""]
     fa_png = os.path.splitext(png)[0] + "_fa.png"
