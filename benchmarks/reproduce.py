@@ -31,10 +31,22 @@ Pairs share their seed: a seed sets the student's initial weights, the data orde
 probes, so "FAQD minus KD only" is taken seed by seed (a paired difference), and the report gives
 its mean with a 95% t-interval.
 
-Table "full" (Tables VI-VII: fine-tuned full quantization in two steps): step 1 distills an
-activation-quantized student with FP weights (label-free FAQD, exact FA) from the pre-trained FP
-ResNet8; step 2 quantizes its weights too and distills again, label-free, with the exact FA or
-with FFA at k = 1, 5, 15. Columns 4W4A and 1W1A. Step 1 is shared by the rows of a column.
+Table "full" (Tables VI-VII: full quantization, weights and activations, label-free), columns 4W4A
+and 1W1A (``--full-columns``; "FP" adds an unquantized end-to-end student of the same recipe), for
+the initializations of ``--inits``:
+
+- fine-tune, in two steps as the authors do: step 1 distills an activation-quantized student with FP
+  weights from the pre-trained FP student; step 2 quantizes its weights too and distills again;
+- end-to-end (Table VI "pre-trained: No"): a fully quantized student from random weights, one step.
+
+Rows: "FAQD, exact FA" (KD + beta * FA, the main row), "KD only, label-free" (both steps KD only, the
+FA-versus-KD pair by seed), and FFA at k = 1, 5, 15 (Table VII; step 1 shared with the exact FA row).
+Every QuantReLU learns alpha by the authors' rule (`alpha_rate` 0.01) with their alpha weight decay
+(`set_alpha_decay`, `--full-weight-decay`); beta is the FA default. The optimizer (``--full-optimizer``:
+SGD Nesterov 0.9, cosine, the paper's, by default; Adam as in the weight table) names the cells'
+table, "full sgd" or "full adam", and so does every setting of the cell that differs from its default
+(e.g. "full sgd, subset=60000"), so runs with other budgets, data or students (``--full-student``)
+land in tables of their own and the report compares them with the defaults, seed by seed.
 
 Every cell is run once per seed (``--seeds``); a seed sets the student's initial weights, the data
 order and the FFA probes (the teacher and the pre-trained FP student are trained once, seed 0).
@@ -64,7 +76,7 @@ from faqd_tf import data, models  # noqa: E402
 from faqd_tf.training import make_optimizer, save_model  # noqa: E402
 from faqd_tf.config import resolve_section  # noqa: E402
 from faqd_tf.distiller import Distiller  # noqa: E402
-from faqd_tf.quantize import quantize_model  # noqa: E402
+from faqd_tf.quantize import quantize_model, set_alpha_decay  # noqa: E402
 
 FMNIST = "idx:/usr/share/datasets/fashion-mnist"
 TEACHER, STUDENT = "resnet14", "resnet8"
@@ -86,11 +98,21 @@ FAQD_ROWS = {"fro2": "FAQD fro2, label-free", "l1": "FAQD l1, label-free"}
 BASELINE_ROW = "KD only, label-free"
 FULL_ROWS = {
     "FAQD, exact FA": {"fa": "exact"},
+    BASELINE_ROW: {"fa": None, "beta": 0},
     "FFA k=1": {"fa": "fast", "ffa_k": 1},
     "FFA k=5": {"fa": "fast", "ffa_k": 5},
     "FFA k=15": {"fa": "fast", "ffa_k": 15},
 }
-FULL_COLUMNS = {"4W4A": (4, 4), "1W1A": (1, 1)}
+FULL_COLUMNS = {"FP": (None, None), "4W4A": (4, 4), "1W1A": (1, 1)}
+FULL_MAIN = "FAQD, exact FA"
+# Settings that change a full-quantization cell, by (optimizer, init); a value other than the default
+# names its table, so a cell's table says how it was trained.
+FULL_SETTINGS = ("full_student", "subset", "batch_size", "full_weight_decay", "alpha", "beta", "temperature",
+                 "per_channel")
+FULL_INIT_SETTINGS = {("sgd", "fine-tune"): ("finetune_epochs", "full_ft_lr"),
+                      ("sgd", "end-to-end"): ("e2e_epochs", "full_e2e_lr"),
+                      ("adam", "fine-tune"): ("finetune_epochs", "finetune_lr"),
+                      ("adam", "end-to-end"): ("e2e_epochs", "e2e_lr")}
 INIT_KD = {"fine-tune": "kl", "end-to-end": "mse"}
 
 
@@ -122,6 +144,17 @@ def parse_args(argv=None):
     p.add_argument("--sweep-bits", type=int, default=2)
     p.add_argument("--sweep-fro2", type=float, nargs="+", default=[0.1, 1, 10, 100, 1000])
     p.add_argument("--sweep-l1", type=float, nargs="+", default=[0.01, 0.1, 1, 100, 1000])
+    p.add_argument("--full-optimizer", nargs="+", default=["sgd"], choices=["sgd", "adam"],
+                   help="optimizers of the full table (sgd: Nesterov 0.9, cosine; adam: --finetune-lr / --e2e-lr)")
+    p.add_argument("--full-ft-lr", type=float, default=0.01, help="SGD learning rate of the full table, fine-tune")
+    p.add_argument("--full-e2e-lr", type=float, default=0.03,
+                   help="SGD learning rate of the full table, end-to-end (0.1 lets FA drive alphas to their floor)")
+    p.add_argument("--full-weight-decay", type=float, default=1e-4,
+                   help="weight decay of the full table; the alphas get it times 0.01 (set_alpha_decay)")
+    p.add_argument("--full-student", default=STUDENT, choices=list(models.available()[:7]),
+                   help="student of the full table; another than resnet8 is pre-trained once, seed 1")
+    p.add_argument("--full-columns", nargs="+", default=["4W4A", "1W1A"], choices=list(FULL_COLUMNS),
+                   help="FP: an unquantized student of the same recipe (end-to-end only)")
     p.add_argument("--csv", default=None, help="cells file (default <out-dir>/cells.csv); commit it as it grows")
     p.add_argument("--gamma", type=float, default=0.3)
     p.add_argument("--temperature", type=float, default=4.0)
@@ -174,17 +207,17 @@ class Bench:
         n = self.args.pretrain_limit or 60000 if full else min(self.args.subset, 60000)
         return -(-n // self.args.batch_size)
 
-    def pretrained(self, name, arch, epochs):
+    def pretrained(self, name, arch, epochs, seed=0):
         """The teacher or the pre-trained FP student: trained once with labels on all images, cached."""
         path = os.path.join(self.args.out_dir, f"{name}.keras")
         if os.path.exists(path):
             return keras.models.load_model(path, safe_mode=True)
         say(f"{name}: training a full-precision {arch} with labels for {epochs} epochs on the training images")
         steps = self.steps(full=True)
-        model = self.build(arch, 0)
+        model = self.build(arch, seed)
         model.compile(self.optimizer("sgd", 0.1, epochs, steps, 5e-4),
                       keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
-        model.fit(self.train_ds(True, 0, full=True), epochs=epochs, verbose=2)
+        model.fit(self.train_ds(True, seed, full=True), epochs=epochs, verbose=2)
         save_model(model, path)
         return model
 
@@ -194,7 +227,10 @@ class Bench:
         a = self.args
         self.teacher = self.pretrained("teacher", TEACHER, a.teacher_epochs)
         self.fp_student = self.pretrained("fp_student", STUDENT, a.fp_epochs)
-        for name, model in (("teacher", self.teacher), ("fp_student", self.fp_student)):
+        references = [("teacher", self.teacher), ("fp_student", self.fp_student)]
+        if "full" in a.tables and a.full_student != STUDENT:
+            references.append((fp_reference(a.full_student), self.pretrained_student(a.full_student)))
+        for name, model in references:
             self.record({"table": "reference", "init": "-", "row": name, "column": "FP", "seed": 0},
                         lambda m=model: (m, 0, 0.0))
         for seed in a.seeds:
@@ -214,11 +250,17 @@ class Bench:
                         self.record(self.cell("sweep", init, sweep_row(norm, beta), f"{a.sweep_bits}-bit", seed),
                                     lambda i=init, n=norm, b=beta, s=seed: self.weight_cell(
                                         i, FAQD_ROWS[n], a.sweep_bits, s, beta=b))
-            if "full" in a.tables:
-                for column, (w, act) in FULL_COLUMNS.items():
-                    for row in self.rows(FULL_ROWS):
-                        self.record(self.cell("full", "fine-tune", row, column, seed),
-                                    lambda r=row, w=w, act=act, s=seed: self.full_cell(r, w, act, s))
+            for optimizer in a.full_optimizer if "full" in a.tables else []:
+                for init in a.inits:
+                    table = full_table(a, optimizer, init)
+                    for column in a.full_columns:
+                        if column == "FP" and init == "fine-tune":
+                            continue  # the pre-trained FP student is that reference
+                        for row in self.rows(FULL_ROWS):
+                            if column == "FP" and FULL_ROWS[row].get("fa") == "fast":
+                                continue
+                            self.record(self.cell(table, init, row, column, seed),
+                                        lambda i=init, r=row, c=column, s=seed, o=optimizer: self.full_cell(i, r, c, s, o))
 
     def rows(self, table):
         return [r for r in table if self.args.rows is None or r in self.args.rows]
@@ -286,16 +328,42 @@ class Bench:
             seconds = self.fit(student, opt, self.train_ds(True, seed), epochs)
         return student, epochs, seconds
 
-    def activation_student(self, act, seed):
-        """Step 1 of full quantization, shared by the rows of a column: A-bit activations, FP weights."""
-        cell = self.cell("full", "fine-tune", "step 1: activations only", f"{act}A32W", seed)
-        path = os.path.join(self.args.out_dir, f"act{act}_seed{seed}.keras")
+    def pretrained_student(self, arch):
+        """The pre-trained FP `arch` that two-step full quantization starts from (seed 1 for another
+        arch than the student's, so that a ResNet14 student is not the teacher itself)."""
+        if arch == STUDENT:
+            return self.fp_student
+        return self.pretrained(fp_reference(arch), arch, self.args.fp_epochs, seed=1)
+
+    def full_optimizer(self, kind, init, epochs, student):
+        """The optimizer of a full-quantization cell; the student's alphas get the authors' decay."""
+        a = self.args
+        if kind == "sgd":
+            lr = a.full_ft_lr if init == "fine-tune" else a.full_e2e_lr
+        else:
+            lr = a.finetune_lr if init == "fine-tune" else a.e2e_lr
+        opt = self.optimizer(kind, lr, epochs, self.steps(), a.full_weight_decay)
+        set_alpha_decay(student, opt, a.full_weight_decay)
+        return opt
+
+    def full_recipe(self, row, init):
+        return self.recipe({"kd": None, "beta": "beta", "gamma": 0, **FULL_ROWS[row]}, init)
+
+    def activation_student(self, row, act, seed, optimizer):
+        """Step 1 of two-step full quantization: A-bit activations, FP weights, from the pre-trained
+        FP student; KD only for the KD-only row, else FAQD with exact FA (shared by the FA rows)."""
+        a = self.args
+        table = full_table(a, optimizer, "fine-tune")
+        kd_only = row == BASELINE_ROW
+        step_row = STEP1_ROWS[kd_only]
+        cell = self.cell(table, "fine-tune", step_row, f"{act}A32W", seed)
+        path = os.path.join(a.out_dir, f"step1_{slug(table)}_{'kd' if kd_only else 'faqd'}_a{act}_seed{seed}.keras")
 
         def train():
-            a = self.args
-            student = quantize_model(self.fp_student, weight_bits=None, activation_bits=act)
-            recipe = self.recipe({"kd": None, "beta": "beta", "gamma": 0, "fa": "exact"}, "fine-tune")
-            opt = self.optimizer("adam", a.finetune_lr, a.finetune_epochs, self.steps())
+            keras.utils.set_random_seed(seed)
+            student = quantize_model(self.pretrained_student(a.full_student), weight_bits=None, activation_bits=act)
+            recipe = self.full_recipe(BASELINE_ROW if kd_only else FULL_MAIN, "fine-tune")
+            opt = self.full_optimizer(optimizer, "fine-tune", a.finetune_epochs, student)
             seconds = self.fit(student, opt, self.train_ds(False, seed), a.finetune_epochs, recipe, self.teacher, seed)
             save_model(student, path)
             return student, a.finetune_epochs, seconds
@@ -305,15 +373,44 @@ class Bench:
             self.record(cell, train)
         return keras.models.load_model(path, safe_mode=True)
 
-    def full_cell(self, row, weight_bits, act, seed):
+    def full_cell(self, init, row, column, seed, optimizer):
         a = self.args
-        step1 = self.activation_student(act, seed)
-        keras.utils.set_random_seed(seed)
-        student = quantize_model(step1, weight_bits=weight_bits, activation_bits=act, per_channel=a.per_channel)
-        recipe = self.recipe({"kd": None, "beta": "beta", "gamma": 0, **FULL_ROWS[row]}, "fine-tune")
-        opt = self.optimizer("adam", a.finetune_lr, a.finetune_epochs, self.steps())
-        seconds = self.fit(student, opt, self.train_ds(False, seed), a.finetune_epochs, recipe, self.teacher, seed)
-        return student, a.finetune_epochs, seconds
+        weight_bits, act = FULL_COLUMNS[column]
+        per_channel = a.per_channel and weight_bits is not None
+        if init == "fine-tune":
+            step1 = self.activation_student(row, act, seed, optimizer)
+            keras.utils.set_random_seed(seed)
+            student = quantize_model(step1, weight_bits=weight_bits, activation_bits=act, per_channel=per_channel)
+            epochs = a.finetune_epochs
+        else:
+            student = self.build(a.full_student, seed, weight_bits=weight_bits, activation_bits=act,
+                                 per_channel=per_channel)
+            epochs = a.e2e_epochs
+        recipe = self.full_recipe(row, init)
+        opt = self.full_optimizer(optimizer, init, epochs, student)
+        seconds = self.fit(student, opt, self.train_ds(False, seed), epochs, recipe, self.teacher, seed)
+        return student, epochs, seconds
+
+
+STEP1_ROWS = {False: "step 1: activations only", True: "step 1: activations only, KD only"}
+
+
+def full_table(args, optimizer, init):
+    """The table name of full-quantization cells: the optimizer, then every setting of the cell off its default."""
+    defaults = vars(parse_args([]))
+    changed = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+               for k in FULL_SETTINGS + FULL_INIT_SETTINGS[optimizer, init]
+               for v in [getattr(args, k)] if v != defaults[k]]
+    return ", ".join([f"full {optimizer}", *changed])
+
+
+def fp_reference(arch):
+    """The reference row of the pre-trained FP `arch` student."""
+    return "fp_student" if arch == STUDENT else f"fp_{arch}"
+
+
+def slug(text):
+    return "".join(ch if ch.isalnum() else "_" for ch in text)
 
 
 def cells_path(args):
@@ -402,11 +499,12 @@ def claims(stats):
                 "reference", "-", "fp_student", "FP")
             diff(f"{where}: label-free FAQD minus the FP student (nearly matches FP)",
                  mean(*w, FAQD_ROWS["fro2"], bits), fp, "within about 2 points at 1 bit, at or above FP at 4 bits")
-    for column in FULL_COLUMNS:
-        exact = mean("full", "fine-tune", "FAQD, exact FA", column)
-        for k in (1, 5, 15):
-            diff(f"full {column}: FFA k={k} minus exact FA (k=15 comparable)",
-                 mean("full", "fine-tune", f"FFA k={k}", column), exact, "k=1 noisy, k=15 within ~0.5 point")
+    for table in full_tables(stats):
+        for column in FULL_COLUMNS:
+            exact = mean(table, "fine-tune", FULL_MAIN, column)
+            for k in (1, 5, 15):
+                diff(f"{table} {column}: FFA k={k} minus exact FA (k=15 comparable)",
+                     mean(table, "fine-tune", f"FFA k={k}", column), exact, "k=1 noisy, k=15 within ~0.5 point")
     return out
 
 
@@ -417,8 +515,7 @@ def plot(stats, path):
     import matplotlib.pyplot as plt
 
     panels = [("weight", "fine-tune", [r for r in WEIGHT_ROWS if r != "FP student"], ["1-bit", "2-bit", "4-bit"]),
-              ("weight", "end-to-end", [r for r in WEIGHT_ROWS if r != "FP student"], ["1-bit", "2-bit", "4-bit"]),
-              ("full", "fine-tune", list(FULL_ROWS), list(FULL_COLUMNS))]
+              ("weight", "end-to-end", [r for r in WEIGHT_ROWS if r != "FP student"], ["1-bit", "2-bit", "4-bit"])]
     panels = [p for p in panels if any((p[0], p[1], r, c) in stats for r in p[2] for c in p[3])]
     if not panels:
         return
@@ -445,12 +542,190 @@ def plot(stats, path):
         ax.set_xlim(-0.5, len(columns) - 0.5)
         ax.set_ylim(max(0, min(lows) - 3) if lows else 0, 100 if not ref else max(ref[0], max(lows, default=0)) + 1.5)
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title({"weight": "weights only", "full": "full quantization, two-step"}[table] + f", {init}")
+        ax.set_title(f"weights only, {init}")
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=3, frameon=False)
     fig.suptitle("FAQD ablations on Fashion-MNIST: ResNet14 teacher, ResNet8 students (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------ report: full quantization
+
+
+def full_tables(stats):
+    """The full-quantization tables present, those at default settings first."""
+    names = {k[0] for k in stats if k[0] == "full" or k[0].startswith("full ")}
+    return sorted(names, key=lambda t: (t.count(","), t))
+
+
+def table_setting(table, key):
+    """The value of setting `key` in a full table's name ("full sgd, subset=60000"), or None."""
+    for part in table.split(", ")[1:]:
+        name, _, value = part.partition("=")
+        if name == key:
+            return value
+    return None
+
+
+def full_fp(stats, table, init):
+    """The FP reference of a full table: the pre-trained FP student the two steps start from, or
+    (end-to-end) the FP column of the same recipe."""
+    if init == "end-to-end":
+        return stats.get((table, init, FULL_MAIN, "FP"))
+    return stats.get(("reference", "-", fp_reference(table_setting(table, "full_student") or STUDENT), "FP"))
+
+
+def full_md(cells, stats):
+    """The full-quantization section: tables, FA and optimizer differences paired by seed, the 1W1A gap."""
+    tables = full_tables(stats)
+    if not tables:
+        return []
+
+    def present(table, init, rows, columns):
+        return [c for c in columns if any((table, init, r, c) in stats for r in rows)]
+
+    def pair(a, b):
+        return paired_difference(cells, a, b)
+
+    parts = ["## Full quantization, label-free (weights and activations)", "",
+             "Table names carry the optimizer and every setting off its default. Fine-tune: two steps from the "
+             "pre-trained FP student (step 1 activations only, step 2 weights too; each row's step 1 uses its own "
+             "loss, the FFA rows share the exact FA's). End-to-end: from random weights, one step (Table VI "
+             "\"pre-trained: No\"); its FP column is an unquantized student of the same recipe.", ""]
+    for table in tables:
+        parts += [f"### {table}", ""]
+        effects = []
+        for init in INIT_KD:
+            if not any(k[:2] == (table, init) for k in stats):
+                continue
+            if init == "fine-tune":
+                steps = [("step 1, activations only (FP weights)", list(STEP1_ROWS.values()), ["4A32W", "1A32W"]),
+                         ("step 2, weights and activations", list(FULL_ROWS), ["4W4A", "1W1A"])]
+            else:
+                steps = [("end-to-end, from random weights", list(FULL_ROWS), list(FULL_COLUMNS))]
+            for title, rows, columns in steps:
+                columns = present(table, init, rows, columns)
+                if columns:
+                    parts += [f"{title}:", "", table_md(stats, table, init, rows, columns), ""]
+                for column in columns:
+                    main, base = (rows[0], rows[1]) if rows[0] in STEP1_ROWS.values() else (FULL_MAIN, BASELINE_ROW)
+                    stat = pair((table, init, main, column), (table, init, base, column))
+                    if stat is not None:
+                        effects.append((init, column, stat))
+            fp = full_fp(stats, table, init)
+            if fp:
+                what = "FP column above" if init == "end-to-end" else "pre-trained FP student"
+                parts += [f"FP reference ({init}, {what}): {fmt(fp)}.", ""]
+        if effects:
+            parts += ["FA's effect, FAQD minus KD only, paired by seed (points; ± the 95% t-interval's half-width):", "",
+                      "| init | column | FAQD minus KD only | verdict |", "|---|---|---|---|"]
+            parts += [f"| {init} | {column} | {fmt_diff(stat)} | {verdict(stat)} |" for init, column, stat in effects]
+            parts.append("")
+        ffa = [(r, c) for r in FULL_ROWS if r.startswith("FFA") for c in FULL_COLUMNS if (table, "fine-tune", r, c) in stats]
+        if ffa:
+            secs = {(r, c): np.mean([float(x["sec_per_epoch"]) for x in cells if (x["table"], x["init"], x["row"], x["column"])
+                                     == (table, "fine-tune", r, c)]) for r, c in [(FULL_MAIN, c) for c in FULL_COLUMNS] + ffa
+                    if (table, "fine-tune", r, c) in stats}
+            parts += ["Seconds per epoch of step 2 (the FA/FFA cost, Table VII): "
+                      + ", ".join(f"{r} {c}: {v:.1f}" for (r, c), v in secs.items()), ""]
+    parts += optimizer_md(cells, stats, tables) + gap_md(cells, stats, tables)
+    return parts
+
+
+def optimizer_md(cells, stats, tables):
+    """SGD minus Adam, same settings otherwise, paired by seed."""
+    lines = []
+    for sgd in [t for t in tables if t.startswith("full sgd")]:
+        adam = sgd.replace("full sgd", "full adam", 1)
+        for key in sorted(k for k in stats if k[0] == adam):
+            stat = paired_difference(cells, (sgd, *key[1:]), key)
+            if stat is not None:
+                lines.append(f"| {sgd[len('full sgd, '):] or 'default'} | {key[1]} | {key[2]} | {key[3]} | "
+                             f"{fmt(stats.get((sgd, *key[1:])))} | {fmt(stats[key])} | {fmt_diff(stat)} |")
+    if not lines:
+        return []
+    return ["### Optimizer: SGD minus Adam, paired by seed", "",
+            "| settings | init | row | column | SGD | Adam | SGD minus Adam |", "|---|---|---|---|---|---|---|",
+            *lines, ""]
+
+
+def gap_md(cells, stats, tables):
+    """1W1A of the main row against its FP reference, and each setting against the defaults (paired)."""
+    lines = []
+    for table in tables:
+        base = table.split(", ")[0]
+        for init in INIT_KD:
+            one = stats.get((table, init, FULL_MAIN, "1W1A"))
+            if one is None:
+                continue
+            fp = full_fp(stats, table, init)
+            step1 = stats.get((table, init, STEP1_ROWS[False], "1A32W"))
+            versus = paired_difference(cells, (table, init, FULL_MAIN, "1W1A"), (base, init, FULL_MAIN, "1W1A")) \
+                if table != base else None
+            lines.append(f"| {table} | {init} | {fmt(step1)} | {fmt(one)} | {fmt(fp)} | "
+                         f"{f'{one[0] - fp[0]:+.2f}' if fp else '-'} | {fmt_diff(versus) if versus else '-'} |")
+    if not lines:
+        return []
+    return ["### 1W1A: how close to FP, and what each setting changes", "",
+            f"Row {FULL_MAIN!r}. The last column is the paired difference to the same table at default settings.", "",
+            "| table | init | 1A32W (step 1) | 1W1A | FP reference | 1W1A minus FP | minus defaults |",
+            "|---|---|---|---|---|---|---|", *lines, ""]
+
+
+def plot_full(stats, path):
+    """Left: full quantization at default settings, FAQD and KD only per column, with the FP
+    references; right: 1W1A (and its step 1) at each setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tables = full_tables(stats)
+    groups = [(t, i, c) for t in tables if "," not in t for i in INIT_KD for c in FULL_COLUMNS
+              if any((t, i, r, c) in stats for r in (FULL_MAIN, BASELINE_ROW))]
+    gaps = [t for t in tables if (t, "fine-tune", FULL_MAIN, "1W1A") in stats]
+    if not groups:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.4), gridspec_kw={"width_ratios": [1.6, 1]})
+
+    def bars(ax, labels, series, refs):
+        width = 0.8 / len(series)
+        for j, (name, values) in enumerate(series):
+            means = [v[0] if v else np.nan for v in values]
+            errs = [v[1] if v and v[2] > 1 else 0 for v in values]
+            drawn = ax.bar(np.arange(len(labels)) + (j - (len(series) - 1) / 2) * width, means, width, yerr=errs,
+                           capsize=2, label=name)
+            ax.bar_label(drawn, fmt="%.1f", fontsize=6, padding=2)
+        for x, ref in enumerate(refs):
+            if ref:
+                ax.hlines(ref[0], x - 0.45, x + 0.45, color="black", linestyle="--", linewidth=1,
+                          label="FP reference" if x == min(i for i, r in enumerate(refs) if r) else None)
+        ax.set_xticks(np.arange(len(labels)), labels, fontsize=8)
+        ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+        ax.set_ylim(0, 100)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="lower left")
+
+    ax = axes[0]
+    labels = [f"{t[len('full '):]}\n{i}\n{c}" for t, i, c in groups]
+    bars(ax, labels, [(r, [stats.get((t, i, r, c)) for t, i, c in groups]) for r in (FULL_MAIN, BASELINE_ROW)],
+         [full_fp(stats, t, i) if c != "FP" else None for t, i, c in groups])
+    ax.set_title("Full quantization, label-free, default settings")
+    ax = axes[1]
+    if gaps:
+        labels = [t[len("full "):].replace(", ", "\n") + ("" if "," in t else "\ndefaults") for t in gaps]
+        bars(ax, labels, [("step 1: 1A32W", [stats.get((t, "fine-tune", STEP1_ROWS[False], "1A32W")) for t in gaps]),
+                          ("step 2: 1W1A", [stats.get((t, "fine-tune", FULL_MAIN, "1W1A")) for t in gaps])],
+             [full_fp(stats, t, "fine-tune") for t in gaps])
+        ax.set_title(f"Two-step 1W1A ({FULL_MAIN}) by setting")
+    else:
+        ax.axis("off")
+    fig.suptitle(f"Full quantization on Fashion-MNIST: {TEACHER} teacher, {STUDENT} students unless named")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def tf_version():
@@ -642,14 +917,11 @@ def report(args):
             parts += [f"## Weights quantized, activations FP: {init}", ""]
             fp = "the pre-trained FP student above" if init == "fine-tune" else "the FP student row"
             parts += [f"FP reference: {fp}.", "", table_md(stats, "weight", init, weight_rows, ["FP", "1-bit", "2-bit", "4-bit"]), ""]
-    if any(k[0] == "full" for k in stats):
-        parts += ["## Full quantization, fine-tuned in two steps (label-free)", "",
-                  table_md(stats, "full", "fine-tune", ["step 1: activations only"], ["4A32W", "1A32W"]), "",
-                  table_md(stats, "full", "fine-tune", list(FULL_ROWS), list(FULL_COLUMNS)), "",
-                  "Seconds per epoch of step 2 (the FA/FFA cost, Table VII): " + ", ".join(
-                      f"{r} {c}: {np.mean([float(x['sec_per_epoch']) for x in cells if x['row'] == r and x['column'] == c]):.1f}"
-                      for r in FULL_ROWS for c in FULL_COLUMNS
-                      if any(x["row"] == r and x["column"] == c for x in cells)), ""]
+    parts += full_md(cells, stats)
+    full_png = os.path.splitext(png)[0] + "_full.png"
+    os.makedirs(os.path.dirname(os.path.abspath(full_png)), exist_ok=True)
+    if plot_full(stats, full_png):
+        parts += [f"![full quantization]({os.path.basename(full_png)})", ""]
     fa_png = os.path.splitext(png)[0] + "_fa.png"
     fa_parts = fa_md(cells)
     if fa_parts:
