@@ -288,7 +288,8 @@ def table(rows):
             if r["status"] == "ok":
                 cells.append(f"{_num(r, 'time_ms_median'):.1f} ms / {_num(r, 'rss_increase_mb'):.0f} MB")
             elif r["status"] == "skipped":
-                cells.append(f"skipped (est. {_num(r, 'estimate_mb') / 1024:.1f} GB)")
+                # the note says which limit: memory estimate or --pairwise-max-n
+                cells.append(f"skipped ({r.get('note') or 'estimate %.1f GB' % (_num(r, 'estimate_mb') / 1024)})")
             else:
                 cells.append(r["status"])
         lines.append(f"| {h}x{h}x{c} | {b} | {h * h} | " + " | ".join(cells) + f" | {resolved} |")
