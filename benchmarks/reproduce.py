@@ -926,15 +926,18 @@ def report(args):
     fa_parts = fa_md(cells)
     if fa_parts:
         parts += fa_parts + [f"![FA effect]({os.path.basename(fa_png)})", ""]
-    parts += ["## Differences behind the paper's claims", "", *claims(stats), "", f"![bar chart]({os.path.basename(png)})", ""]
+    has_weight = any(k[0] == "weight" for k in stats)
+    if has_weight:  # the claims and the bar chart are about the weight tables
+        parts += ["## Differences behind the paper's claims", "", *claims(stats), "",
+                  f"![bar chart]({os.path.basename(png)})", ""]
     os.makedirs(os.path.dirname(os.path.abspath(md)), exist_ok=True)
     with open(md, "w") as f:
         f.write("\n".join(parts))
-    if stats:
+    if has_weight:
         plot(stats, png)
     if fa_parts:
         plot_fa(cells, fa_png)
-    say(f"report written to {md} and {png}")
+    say(f"report written to {md}" + (f" and {png}" if has_weight else "") + (f", {full_png}" if os.path.exists(full_png) else ""))
 
 
 def main(argv=None):
