@@ -903,7 +903,10 @@ def report(args):
         f"`{cells_path(args)}` (one row per cell and seed; seeds present: {seeds}; "
         "n = seeds per cell).  ",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"TensorFlow {tf_version()}, Keras {keras.__version__}; training settings: " + json.dumps(
+        f"TensorFlow {tf_version()}, Keras {keras.__version__}; "
+        # A report-only call did not train: its arguments need not be those the runs used.
+        + ("settings of this call (report only; each run's epochs and steps are in the CSV): "
+           if args.report_only else "training settings: ") + json.dumps(
             {k: v for k, v in vars(args).items()
              if k not in ("md", "png", "report_only", "out_dir", "seeds", "tables", "inits", "bits", "rows", "csv")}),
         "",
