@@ -50,6 +50,7 @@ import tensorflow as tf
 
 from faqd_tf import options
 from faqd_tf.distiller import Distiller
+from faqd_tf.quantize import set_alpha_decay
 
 OBJECTIVE = "val_accuracy"
 TUNERS = ("random", "bayesian", "hyperband")
@@ -243,12 +244,17 @@ class FAQDHyperModel(keras_tuner.HyperModel):
     def build(self, hp):
         """A fresh student distilled from the teacher: a `Distiller` compiled with `metrics`."""
         self.declare_hyperparameters(hp)
-        distiller = Distiller(self.student_fn(), self.teacher, **self.distiller_kwargs(hp.values))
+        student = self.student_fn()
+        distiller = Distiller(student, self.teacher, **self.distiller_kwargs(hp.values))
         if not distiller.built:
             # fit() never calls the Distiller itself, and keras-tuner saves (and Hyperband
             # reloads) each trial's weights, which Keras allows only for built models.
             distiller.build((None, *self.teacher.inputs[0].shape[1:]))
-        distiller.compile(optimizer=self.optimizer_fn(), metrics=self.metrics)
+        optimizer = self.optimizer_fn()
+        if optimizer.weight_decay:
+            # Trials train as the CLI's distillation does: the alphas get the authors' own decay.
+            set_alpha_decay(student, optimizer, float(optimizer.weight_decay))
+        distiller.compile(optimizer=optimizer, metrics=self.metrics)
         return distiller
 
     def fit(self, hp, model, *args, **kwargs):

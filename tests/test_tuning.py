@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from faqd_tf import options
+from faqd_tf import options, quantizers
 from faqd_tf.distiller import Distiller
 from faqd_tf.layers import QuantConv2D, QuantDense, QuantReLU
 from faqd_tf.quantize import quantize_model
@@ -185,6 +185,29 @@ def test_label_free_fixes_gamma_at_zero_and_build_compiles():
     hp = keras_tuner.HyperParameters()
     distiller = labeled.build(hp)
     assert 0.2 <= hp.values["gamma"] <= 0.8 and distiller.gamma == hp.values["gamma"]
+
+
+def test_trials_give_the_alphas_the_authors_decay():
+    """As the CLI's distillation: alphas leave the decoupled decay and get weight_decay * 0.01 as L2."""
+    teacher = tiny_teacher()
+    decay = 5e-4
+    hypermodel = hypermodel_of(teacher, optimizer_fn=lambda: keras.optimizers.SGD(0.01, weight_decay=decay))
+    distiller = hypermodel.build(keras_tuner.HyperParameters())
+    relus = [layer for layer in distiller.student.layers if isinstance(layer, QuantReLU)]
+    assert len(relus) == 2
+    for layer in relus:
+        assert isinstance(layer.alpha_regularizer, keras.regularizers.L2)
+        assert layer.alpha_regularizer.l2 == pytest.approx(decay * quantizers.ALPHA_DECAY_FACTOR / 2)
+    # One step of zero gradients: only the decoupled decay moves the variables; not the alphas.
+    kernel = distiller.student.get_layer("conv1").kernel
+    before = [v.numpy() for v in (kernel, relus[0].alpha)]
+    distiller.optimizer.apply_gradients([(tf.zeros_like(v), v) for v in (kernel, relus[0].alpha)])
+    np.testing.assert_allclose(kernel.numpy(), before[0] * (1 - 0.01 * decay), rtol=1e-6)
+    np.testing.assert_array_equal(relus[0].alpha.numpy(), before[1])
+    # Without weight decay nothing changes.
+    plain = hypermodel_of(teacher, optimizer_fn=lambda: keras.optimizers.SGD(0.01)).build(keras_tuner.HyperParameters())
+    assert all(layer.alpha_regularizer is None
+               for layer in plain.student.layers if isinstance(layer, QuantReLU))
 
 
 def test_best_distill_config_and_search_arguments(rng, tmp_path):
