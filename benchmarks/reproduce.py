@@ -107,8 +107,8 @@ FULL_COLUMNS = {"FP": (None, None), "4W4A": (4, 4), "1W1A": (1, 1)}
 FULL_MAIN = "FAQD, exact FA"
 # Settings that change a full-quantization cell, by (optimizer, init); a value other than the default
 # names its table, so a cell's table says how it was trained.
-FULL_SETTINGS = ("full_student", "subset", "batch_size", "full_weight_decay", "alpha", "beta", "temperature",
-                 "per_channel")
+FULL_SETTINGS = ("full_student", "subset", "batch_size", "full_weight_decay", "full_clipnorm", "alpha", "beta",
+                 "temperature", "per_channel")
 FULL_INIT_SETTINGS = {("sgd", "fine-tune"): ("finetune_epochs", "full_ft_lr"),
                       ("sgd", "end-to-end"): ("e2e_epochs", "full_e2e_lr"),
                       ("adam", "fine-tune"): ("finetune_epochs", "finetune_lr"),
@@ -151,6 +151,8 @@ def parse_args(argv=None):
                    help="SGD learning rate of the full table, end-to-end (0.1 lets FA drive alphas to their floor)")
     p.add_argument("--full-weight-decay", type=float, default=1e-4,
                    help="weight decay of the full table; the alphas get it times 0.01 (set_alpha_decay)")
+    p.add_argument("--full-clipnorm", type=float, default=None,
+                   help="clip the global gradient norm in the full table (train.global_clipnorm; the authors clip)")
     p.add_argument("--full-student", default=STUDENT, choices=list(models.available()[:7]),
                    help="student of the full table; another than resnet8 is pre-trained once, seed 1")
     p.add_argument("--full-columns", nargs="+", default=["4W4A", "1W1A"], choices=list(FULL_COLUMNS),
@@ -199,8 +201,9 @@ class Bench:
         keras.utils.set_random_seed(seed)
         return models.get(arch, num_classes=self.info.num_classes, input_shape=self.info.image_shape, **bits)
 
-    def optimizer(self, kind, lr, epochs, steps, weight_decay=0.0):
-        train = resolve_section("train", {"optimizer": kind, "lr": lr, "epochs": epochs, "weight_decay": weight_decay})
+    def optimizer(self, kind, lr, epochs, steps, weight_decay=0.0, global_clipnorm=None):
+        train = resolve_section("train", {"optimizer": kind, "lr": lr, "epochs": epochs, "weight_decay": weight_decay,
+                                          "global_clipnorm": global_clipnorm})
         return make_optimizer(train, steps)
 
     def steps(self, full=False):
@@ -342,7 +345,7 @@ class Bench:
             lr = a.full_ft_lr if init == "fine-tune" else a.full_e2e_lr
         else:
             lr = a.finetune_lr if init == "fine-tune" else a.e2e_lr
-        opt = self.optimizer(kind, lr, epochs, self.steps(), a.full_weight_decay)
+        opt = self.optimizer(kind, lr, epochs, self.steps(), a.full_weight_decay, a.full_clipnorm)
         set_alpha_decay(student, opt, a.full_weight_decay)
         return opt
 

@@ -112,6 +112,10 @@ def _train_schema(epochs, lr):
         "schedule": choice("cosine", ["cosine", "constant"]),
         "warmup_epochs": integer(0, 0, MAX_EPOCHS),
         "weight_decay": number(1e-4, high=1.0),
+        # The authors' full-quantization script clips the global gradient norm (at 20 for their
+        # batch-summed losses); null: no clipping.
+        "global_clipnorm": Field(None, lambda v: v is None or (_is_num(v) and 0 < v <= 1e6),
+                                 "null or a number > 0 and <= 1e6"),
         "steps_per_epoch": integer(None, 1, MAX_STEPS, nullable=True),
     }
 

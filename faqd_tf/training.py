@@ -22,11 +22,14 @@ def make_optimizer(train, steps_per_epoch):
             0.0 if warmup else lr, decay_steps=max(1, total - warmup),
             warmup_target=lr if warmup else None, warmup_steps=warmup,
         )
+    clip = train.get("global_clipnorm")
+    clip = None if clip is None else float(clip)
     if train["optimizer"] == "adam":
         # AdamW takes a float (0.0 is plain Adam); SGD takes None for no decay.
-        return keras.optimizers.AdamW(lr, weight_decay=float(train["weight_decay"]))
+        return keras.optimizers.AdamW(lr, weight_decay=float(train["weight_decay"]), global_clipnorm=clip)
     return keras.optimizers.SGD(
-        lr, momentum=float(train["momentum"]), nesterov=train["nesterov"], weight_decay=train["weight_decay"] or None
+        lr, momentum=float(train["momentum"]), nesterov=train["nesterov"], weight_decay=train["weight_decay"] or None,
+        global_clipnorm=clip,
     )
 
 

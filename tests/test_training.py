@@ -31,6 +31,29 @@ def test_warmup_then_cosine():
     assert [float(schedule(t)) for t in range(21)] == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_global_clipnorm_bounds_the_step(kind, rng):
+    """One step from zero state: plain SGD moves by lr * g; clipped, by lr * g * c / |g|."""
+    train = config.resolve_section("train", {"optimizer": kind, "lr": 0.1, "epochs": 1, "schedule": "constant",
+                                             "weight_decay": 0, "momentum": 0, "nesterov": False,
+                                             "global_clipnorm": 2})
+    opt = training.make_optimizer(train, steps_per_epoch=1)
+    assert opt.global_clipnorm == 2.0
+    assert training.make_optimizer(config.resolve_section("train", {}), 1).global_clipnorm is None
+    if kind == "sgd":
+        w = keras.Variable(rng.normal(size=(5,)).astype("float32"))
+        g = (10 * rng.normal(size=(5,))).astype("float32")  # |g| well above 2
+        before = w.numpy().copy()
+        opt.apply_gradients([(keras.ops.convert_to_tensor(g), w)])
+        np.testing.assert_allclose(w.numpy(), before - 0.1 * g * 2 / np.linalg.norm(g.astype(np.float64)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [0, -1, "20", True, 1e9])
+def test_global_clipnorm_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match="global_clipnorm"):
+        config.resolve_section("train", {"global_clipnorm": bad})
+
+
 def test_save_model_is_atomic(tmp_path, rng, monkeypatch):
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     path = str(tmp_path / "m.keras")
