@@ -10,7 +10,7 @@ and out-of-range values raise `ConfigError` naming the key and what is allowed.
 >>> resolve({"dataset": {"source": "idx:x"}, "train": {"epoch": 3}})
 Traceback (most recent call last):
 ...
-faqd_tf.config.ConfigError: config: unknown key 'train.epoch'; keys of 'train' are: batch_size, epochs, lr, momentum, nesterov, optimizer, schedule, steps_per_epoch, warmup_epochs, weight_decay
+faqd_tf.config.ConfigError: config: unknown key 'train.epoch'; keys of 'train' are: batch_size, epochs, global_clipnorm, lr, momentum, nesterov, optimizer, schedule, steps_per_epoch, warmup_epochs, weight_decay
 """
 
 import copy
