@@ -76,6 +76,14 @@ def number(default, low=0.0, high=None, strict=False):
     return Field(default, check, f"a number {bound}" + (f" and <= {high}" if high is not None else ""))
 
 
+def optional_number(low, high, strict=False, null="null", note=""):
+    """null (`null` says what it stands for) or a number as `number(low, high, strict)` allows."""
+    allowed = number(None, low, high, strict).check
+    show = lambda x: f"{x:g}".replace("e+0", "e")  # 0, 1e6: as a user writes them
+    return Field(None, lambda v: v is None or allowed(v),
+                 f"{null} or a number {'>' if strict else '>='} {show(low)} and <= {show(high)}{note}")
+
+
 def boolean(default):
     return Field(default, lambda v: isinstance(v, bool), "true or false")
 
@@ -114,8 +122,7 @@ def _train_schema(epochs, lr):
         "weight_decay": number(1e-4, high=1.0),
         # The authors' full-quantization script clips the global gradient norm (at 20 for their
         # batch-summed losses); null: no clipping.
-        "global_clipnorm": Field(None, lambda v: v is None or (_is_num(v) and 0 < v <= 1e6),
-                                 "null or a number > 0 and <= 1e6"),
+        "global_clipnorm": optional_number(0, 1e6, strict=True),
         "steps_per_epoch": integer(None, 1, MAX_STEPS, nullable=True),
     }
 
@@ -147,8 +154,7 @@ SCHEMA = {
         "weight_bits": bits(4),
         "activation_bits": bits(None),
         "per_channel": boolean(False),
-        "relax": Field(None, lambda v: v is None or (_is_num(v) and 0 < v <= 1e6),
-                       "null or a number > 0 and <= 1e6 (initial BinaryRelax lambda)"),
+        "relax": optional_number(0, 1e6, strict=True, note=" (initial BinaryRelax lambda)"),
         "relax_eta": number(1.02, low=1.0, high=10.0, strict=True),
         "two_step": boolean(True),
         "alpha_rate": number(0.01, strict=True),
@@ -156,8 +162,7 @@ SCHEMA = {
     "distill": {
         "alpha": number(1.0, high=1e6),
         # null: the measured default of fa_norm (faqd_tf.options.DEFAULT_BETA).
-        "beta": Field(None, lambda v: v is None or (_is_num(v) and 0 <= v <= 1e6),
-                      "null (the default of distill.fa_norm) or a number >= 0 and <= 1e6"),
+        "beta": optional_number(0, 1e6, null="null (the default of distill.fa_norm)"),
         "gamma": number(0.0, high=1e6),
         "kd": choice("mse", list(options.KD)),
         # logits / T overflows float32 for tiny T; T^2 scales the KL down to nothing.
