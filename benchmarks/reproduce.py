@@ -176,6 +176,8 @@ class Bench:
         self.done = {self.key(r) for r in read_cells(self.csv_path)}
         self.info = data.dataset_info(FMNIST)
         self._test = None
+        # Callbacks added to every fit, made per trained model (benchmarks/full_alphas.py logs alphas).
+        self.fit_callbacks = lambda model: []
 
     @staticmethod
     def key(row):
@@ -298,7 +300,7 @@ class Bench:
             fitted = Distiller(model, teacher, alpha=self.args.alpha, temperature=self.args.temperature, seed=seed, **recipe)
             fitted.compile(optimizer)
         start = time.perf_counter()
-        fitted.fit(ds, epochs=epochs, verbose=2)
+        fitted.fit(ds, epochs=epochs, verbose=2, callbacks=self.fit_callbacks(model))
         return time.perf_counter() - start
 
     def recipe(self, spec, init, beta=None):
@@ -926,7 +928,8 @@ def report(args):
     parts += full_md(cells, stats)
     full_png = os.path.splitext(png)[0] + "_full.png"
     os.makedirs(os.path.dirname(os.path.abspath(full_png)), exist_ok=True)
-    if plot_full(stats, full_png):
+    has_full = plot_full(stats, full_png)
+    if has_full:
         parts += [f"![full quantization]({os.path.basename(full_png)})", ""]
     fa_png = os.path.splitext(png)[0] + "_fa.png"
     fa_parts = fa_md(cells)
@@ -943,7 +946,7 @@ def report(args):
         plot(stats, png)
     if fa_parts:
         plot_fa(cells, fa_png)
-    say(f"report written to {md}" + (f" and {png}" if has_weight else "") + (f", {full_png}" if os.path.exists(full_png) else ""))
+    say(f"report written to {md}" + (f" and {png}" if has_weight else "") + (f", {full_png}" if has_full else ""))
 
 
 def main(argv=None):
