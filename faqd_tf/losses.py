@@ -56,13 +56,13 @@ NORM_EPSILON = 1e-12
 # rows), whatever N is.
 TILE_ELEMENTS_PER_SAMPLE = 2**16
 # A gram evaluation whose estimated relative rounding error exceeds this is redone pairwise.
-GRAM_RELATIVE_ERROR_LIMIT = 1e-5
+GRAM_RELATIVE_ERROR_LIMIT = 1e-3
 _FLOAT32_EPS = 2.0**-24
 # Cost model of "auto", fitted to forward+backward timings on a 2-core CPU (benchmarks/fa_cost.py):
 # per sample, pairwise costs N^2 (4 C + PAIRWISE_ENTRY_COST) and gram GRAM_PRODUCTS N C^2 + GRAM_ROW_COST N C
 # (multiply-add units; C is the padded channel count).
 PAIRWISE_ENTRY_COST = 24.0
-GRAM_PRODUCTS = 7.0
+GRAM_PRODUCTS = 5.0
 GRAM_ROW_COST = 60.0
 
 
@@ -146,6 +146,16 @@ def _pixel_rows(x, channels):
     return tf.pad(x, [[0, 0], [0, 0], [0, channels - tf.shape(x)[-1]]])
 
 
+def _rows_of_both(teacher_map, student_map):
+    """Both maps as (batch, N, C) pixel rows with one channel count (the narrower padded with zeros)."""
+    c_t, c_s = teacher_map.shape[-1], student_map.shape[-1]
+    if c_t is not None and c_s is not None:
+        channels = max(c_t, c_s)
+    else:
+        channels = tf.maximum(tf.shape(teacher_map)[-1], tf.shape(student_map)[-1])
+    return _pixel_rows(teacher_map, channels), _pixel_rows(student_map, channels)
+
+
 def _difference_and_sum(teacher_map, student_map):
     """`M = A - B` and `P = A + B` of the unit pixel rows `A` (teacher), `B` (student), accurately.
 
@@ -154,12 +164,7 @@ def _difference_and_sum(teacher_map, student_map):
     `r_x - r_y = (|y|^2 - |x|^2) r_x r_y / (|x| + |y|)` and `|y|^2 - |x|^2 = -<d, s>`. Nothing
     cancels, so M keeps its relative precision however close the student is.
     """
-    c_t, c_s = teacher_map.shape[-1], student_map.shape[-1]
-    if c_t is not None and c_s is not None:
-        channels = max(c_t, c_s)
-    else:
-        channels = tf.maximum(tf.shape(teacher_map)[-1], tf.shape(student_map)[-1])
-    return _unit_difference_and_sum(_pixel_rows(teacher_map, channels), _pixel_rows(student_map, channels))
+    return _unit_difference_and_sum(*_rows_of_both(teacher_map, student_map))
 
 
 def _row_dot(a, b):
@@ -196,11 +201,10 @@ def _difference_and_sum_forward(x, y):
 
 
 @_fused
-def _through_unit(raw, dp, dm, sign, squared):
-    """The gradient through `A = raw / |raw|` of the upstream `dp + sign * dm` (the gradient for A
-    of M = A - B and P = A + B is dp + dm; for B, dp - dm): (upstream - A <A, upstream>) / |raw|.
-    Below the epsilon the scale is a constant, so nothing is projected out."""
-    upstream = dp + sign * dm
+def _through_unit(raw, upstream, squared):
+    """The gradient through `A = raw / |raw|` of `upstream` (the gradient for A):
+    (upstream - A <A, upstream>) / |raw|. Below the epsilon the scale is a constant, so nothing is
+    projected out."""
     inv_norm = tf.math.rsqrt(tf.maximum(squared, NORM_EPSILON))
     coef = tf.where(squared > NORM_EPSILON, _row_dot(raw, upstream) * inv_norm * inv_norm, 0.0)
     return upstream * inv_norm - raw * (coef * inv_norm)
@@ -212,10 +216,10 @@ def _unit_difference_and_sum(x, y):
     m, p, sq_x, sq_y = _difference_and_sum_forward(x, y)
 
     def grad(dm, dp):
-        # M and P are A - B and A + B: the gradient is that of two normalizations (written out, as
+        # M and P are A - B and A + B: the gradient for A is dp + dm, for B dp - dm (written out, as
         # autodiff of the accurate forward would cost three times the passes over the maps). Two
         # calls, so that the teacher's, which nothing asks for in training, is pruned from the graph.
-        return _through_unit(x, dp, dm, 1.0, sq_x), _through_unit(y, dp, dm, -1.0, sq_y)
+        return _through_unit(x, dp + dm, sq_x), _through_unit(y, dp - dm, sq_y)
 
     return (m, p), grad
 
@@ -229,6 +233,14 @@ def _static_num_pixels(shape):
     return None if h is None or w is None else h * w
 
 
+def _whole(n, tile_rows):
+    """Whether the pairwise form holds all of D at once (no row tiles) for N pixels."""
+    if not isinstance(n, int):
+        return False
+    rows = tile_rows or TILE_ELEMENTS_PER_SAMPLE // max(n, 1)
+    return rows >= n
+
+
 def _resolve_method(method, fa_norm, n, c_t, c_s):
     if method != "auto":
         return method
@@ -237,7 +249,10 @@ def _resolve_method(method, fa_norm, n, c_t, c_s):
     if n is None or c_t is None or c_s is None:
         return "gram"  # Never risk the N^2 cost for a shape of unknown size.
     c = max(c_t, c_s)
-    pairwise_cost = n * n * (4 * c + PAIRWISE_ENTRY_COST)
+    # Per sample, in multiply-adds: the pairwise form holding D whole makes two N x N x C products
+    # (D, and D B for the gradient), in row tiles four more (D recomputed, and the teacher's side);
+    # the gram form five N x C x C products. Both make a few passes over the N x C rows.
+    pairwise_cost = n * n * ((2 if _whole(n, None) else 6) * c + PAIRWISE_ENTRY_COST)
     gram_cost = GRAM_PRODUCTS * n * c * c + GRAM_ROW_COST * n * c
     return "pairwise" if pairwise_cost < gram_cost else "gram"
 
@@ -268,6 +283,11 @@ def resolve_method(teacher_map_shape, student_map_shape, method="auto", fa_norm=
 
 
 # ---------------------------------------------------------------------------- feature affinity
+#
+# Each exact form is a pair (forward, backward) on M and P: the forward returns the per-sample
+# totals and a `backward(upstream)` that returns the gradients for the unit rows A (teacher) and B
+# (student). Two separate results, so that the teacher's, which training never asks for, is pruned
+# from the graph.
 
 
 def _entry_loss(d, fa_norm):
@@ -297,96 +317,209 @@ def _tile_layout(n, tile_rows):
     return rows, tiles, tiles * rows
 
 
-def _tiled_totals(m, p, fa_norm, tile_rows=None, active=None):
-    """Per-sample `sum f(D_ij)` of `D = (M P^T + P M^T) / 2`, one row tile of D at a time.
+def _tiles(m, p, tile_rows, active):
+    """The row tiles of `D = (M P^T + P M^T) / 2`: (tile function, loop count, M, P as tiled)."""
+    n = m.shape[1] if m.shape[1] is not None else tf.shape(m)[1]
+    rows, num_tiles, padded = _tile_layout(n, tile_rows)
+    loops = num_tiles if active is None else tf.where(active, num_tiles, 0)
+    if isinstance(padded, int) and padded == n:
+        mp, pp = m, p
+    else:
+        mp, pp = (tf.pad(x, [[0, 0], [0, padded - n], [0, 0]]) for x in (m, p))
+
+    def tile_of_d(i):
+        m_j, p_j = mp[:, i * rows:(i + 1) * rows], pp[:, i * rows:(i + 1) * rows]
+        d = tf.linalg.matmul(m_j, p, transpose_b=True) + tf.linalg.matmul(p_j, m, transpose_b=True)
+        return 0.5 * d, m_j, p_j  # (batch, rows, N)
+
+    return tile_of_d, loops
+
+
+def _tiled_forward(m, p, fa_norm, tile_rows=None, active=None):
+    """Per-sample `sum f(D_ij)`, one row tile of D at a time. With `active` (a boolean scalar) false
+    the loop runs no tile and the result is zero: a fallback that costs nothing when unused."""
+    tile_of_d, loops = _tiles(m, p, tile_rows, active)
+
+    def forward(i, acc):
+        return i + 1, acc + tf.reduce_sum(_entry_loss(tile_of_d(i)[0], fa_norm), axis=[1, 2])
+
+    return tf.while_loop(
+        lambda i, _: i < loops, forward, (tf.constant(0), tf.zeros_like(m[:, 0, 0])),
+        parallel_iterations=1,  # one tile alive at a time: that is the memory bound
+    )[1]
+
+
+def _tiled_backward(m, p, fa_norm, tile_rows=None, active=None):
+    """The gradients of `_tiled_forward`'s totals for M and P (upstream 1).
 
     A tile of rows J is `D_J = (M_J P^T + P_J M^T) / 2`. With `G = f'(D)`, symmetric like D, the
-    gradient is `dM = G P = sum_J G_J^T P_J` and `dP = G M = sum_J G_J^T M_J`: the backward pass
-    recomputes each tile and accumulates, so no N x N tensor is ever kept, and nothing is scattered
-    or padded where N is static (XLA needs static shapes). With `active` (a boolean scalar) false
-    the loops run no tile and the result is zero: a fallback that costs nothing when unused.
+    gradient is `dM = G P = sum_J G_J^T P_J` and `dP = G M = sum_J G_J^T M_J`: each tile is
+    recomputed and accumulated, so no N x N tensor is ever kept, and nothing is scattered or padded
+    where N is static (XLA needs static shapes).
+    """
+    tile_of_d, loops = _tiles(m, p, tile_rows, active)
+
+    def backward(i, dm, dp):
+        d, m_j, p_j = tile_of_d(i)
+        g = _entry_grad(d, fa_norm)
+        return (i + 1, dm + tf.linalg.matmul(g, p_j, transpose_a=True),
+                dp + tf.linalg.matmul(g, m_j, transpose_a=True))
+
+    _, dm, dp = tf.while_loop(
+        lambda i, *_: i < loops, backward, (tf.constant(0), tf.zeros_like(m), tf.zeros_like(p)),
+        parallel_iterations=1,
+    )
+    return dm, dp
+
+
+def _tiled(m, p, fa_norm, tile_rows):
+    total = _tiled_forward(m, p, fa_norm, tile_rows)
+
+    def backward(upstream):
+        dm, dp = _tiled_backward(m, p, fa_norm, tile_rows)
+        scale = upstream[:, None, None]
+        # A = (P + M) / 2 and B = (P - M) / 2 of the forward, so dA = dP + dM and dB = dP - dM.
+        return (dp + dm) * scale, (dp - dm) * scale
+
+    return total, backward
+
+
+def _whole_pairwise(m, p, fa_norm):
+    """The pairwise form with all of D at once (small N): one N x N x C product each way.
+
+    `D = (Z + Z^T) / 2` with `Z = M P^T` is exactly symmetric, and so is `G = f'(D)`; from
+    `D = A A^T - B B^T` the gradients are `dA = 2 G A` and `dB = -2 G B`.
+    """
+    z = tf.linalg.matmul(m, p, transpose_b=True)
+    d = 0.5 * (z + tf.linalg.matrix_transpose(z))
+    total = tf.reduce_sum(_entry_loss(d, fa_norm), axis=[1, 2])
+
+    def backward(upstream):
+        g = _entry_grad(d, fa_norm) * (2.0 * upstream[:, None, None])
+        return tf.linalg.matmul(g, 0.5 * (p + m)), -tf.linalg.matmul(g, 0.5 * (p - m))
+
+    return total, backward
+
+
+def _gram_products(m, p):
+    """The C x C products of the gram form, the per-sample total, and its estimated relative error.
+
+    `||D||_F^2 = 1/2 <M^T M, P^T P> + 1/2 tr((M^T P)^2)`. The terms that cancel in the total carry a
+    relative rounding error of about eps * sqrt(N) each (the C x C products sum N float32 terms),
+    so `eps sqrt(N) sum|terms| / total` estimates the total's relative error.
+    """
+    g_mm = tf.linalg.matmul(m, m, transpose_a=True)
+    g_pp = tf.linalg.matmul(p, p, transpose_a=True)
+    x = tf.linalg.matmul(m, p, transpose_a=True)  # M^T P
+    x_t = tf.linalg.matrix_transpose(x)
+    first, second = g_mm * g_pp, x * x_t
+    total = 0.5 * (tf.reduce_sum(first, axis=[1, 2]) + tf.reduce_sum(second, axis=[1, 2]))
+    terms = 0.5 * (tf.reduce_sum(tf.abs(first), axis=[1, 2]) + tf.reduce_sum(tf.abs(second), axis=[1, 2]))
+    error = _FLOAT32_EPS * tf.sqrt(_num_pixels(m)) * terms
+    return (g_mm, g_pp, x, x_t), total, error
+
+
+def gram_error_estimate(teacher_map, student_map):
+    """Per-sample estimate of the gram form's relative rounding error (float32, before any fallback).
+
+    A sample whose estimate exceeds `GRAM_RELATIVE_ERROR_LIMIT` is evaluated pairwise instead. On
+    real feature maps (benchmarks/fa_accuracy.py) the actual error of the loss is 0.01-0.3 times the
+    estimate and the gradient's smaller still; `inf` marks a total that rounding left at or below 0.
+
+    Example:
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> t = np.maximum(rng.normal(size=(2, 8, 8, 16)), 0).astype("float32")
+    >>> s = np.maximum(rng.normal(size=(2, 8, 8, 16)), 0).astype("float32")
+    >>> bool(np.all(gram_error_estimate(t, s).numpy() < GRAM_RELATIVE_ERROR_LIMIT))
+    True
+    """
+    teacher_map, student_map = _align(*_check_maps(teacher_map, student_map))
+    m, p, _, _ = _difference_and_sum_forward(*_rows_of_both(teacher_map, student_map))
+    _, total, error = _gram_products(m, p)
+    return tf.where(total > 0.0, error / tf.maximum(total, 1e-30), tf.where(error > 0.0, np.inf, 0.0))
+
+
+def _gram(m, p, tile_rows):
+    """The gram form (`_gram_products`), O(N C^2).
+
+    The gradients are `dM = M P^T P + P M^T P` and `dP = P M^T M + M P^T M`, so for the unit rows
+    `dB = dP - dM = P (M^T M - M^T P) + M (P^T M - P^T P)` and `dA = dP + dM`: two N x C x C
+    products each. A sample whose estimated rounding error exceeds `GRAM_RELATIVE_ERROR_LIMIT` is
+    evaluated pairwise (in row tiles) instead, alone: the other samples keep the gram result.
+    """
+    (g_mm, g_pp, x, x_t), total, error = _gram_products(m, p)
+    cancelled = error > GRAM_RELATIVE_ERROR_LIMIT * total
+    redo = _SampleSubset(cancelled)
+    total = redo.replace(tf.maximum(total, 0.0),  # rounding can leave a tiny negative for identical affinities
+                         lambda m_i, p_i: _tiled_forward(m_i, p_i, "fro2", tile_rows), m, p)
+
+    def backward(upstream):
+        # The upstream factor applied to the C x C factors, not to the N x C results.
+        scale = upstream[:, None, None]
+        to_b = (tf.linalg.matmul(p, (g_mm - x) * scale), tf.linalg.matmul(m, (x_t - g_pp) * scale))
+        to_a = (tf.linalg.matmul(p, (g_mm + x) * scale), tf.linalg.matmul(m, (x_t + g_pp) * scale))
+        grad_a, grad_b = to_a[0] + to_a[1], to_b[0] + to_b[1]
+
+        def pairwise(m_i, p_i, sign):
+            dm, dp = _tiled_backward(m_i, p_i, "fro2", tile_rows)
+            return dp + sign * dm
+
+        return (redo.replace(grad_a, lambda m_i, p_i: pairwise(m_i, p_i, 1.0), m, p, upstream),
+                redo.replace(grad_b, lambda m_i, p_i: pairwise(m_i, p_i, -1.0), m, p, upstream))
+
+    return total, backward
+
+
+class _SampleSubset:
+    """The samples of a batch flagged by a boolean (batch,) mask, redone one at a time.
+
+    A loop over the flagged samples only (none: no iteration), with static shapes throughout (the
+    flagged indices come first in a stable sort), so it compiles under XLA and costs nothing when
+    no sample is flagged.
     """
 
+    def __init__(self, flagged):
+        self.count = tf.reduce_sum(tf.cast(flagged, tf.int32))
+        self.order = tf.argsort(tf.cast(flagged, tf.int32), direction="DESCENDING", stable=True)
+
+    def replace(self, values, fn, m, p, upstream=None):
+        """`values` with the flagged samples' entries replaced by `fn(m[i:i+1], p[i:i+1])` (times
+        `upstream[i]` when given)."""
+
+        def body(j, out):
+            i = self.order[j]
+            new = fn(tf.gather(m, [i]), tf.gather(p, [i]))  # a static shape, which XLA needs
+            if upstream is not None:
+                new = new * upstream[i]
+            return j + 1, tf.tensor_scatter_nd_update(out, [[i]], new)
+
+        return tf.while_loop(lambda j, _: j < self.count, body, (tf.constant(0), values), parallel_iterations=1)[1]
+
+
+def _exact_totals(x, y, method, fa_norm, tile_rows):
+    """Per-sample `sum f(D_ij)` of the raw pixel rows x (teacher), y (student), with its gradient."""
+
     @tf.custom_gradient
-    def totals(m, p):
-        m, p = _unwatched(m, p)
-        n = m.shape[1] if m.shape[1] is not None else tf.shape(m)[1]
-        rows, num_tiles, padded = _tile_layout(n, tile_rows)
-        loops = num_tiles if active is None else tf.where(active, num_tiles, 0)
-        if isinstance(padded, int) and padded == n:
-            mp, pp = m, p
+    def totals(x, y):
+        x, y = _unwatched(x, y)
+        m, p, sq_x, sq_y = _difference_and_sum_forward(x, y)
+        n = m.shape[1]
+        if method == "gram":
+            total, backward = _gram(m, p, tile_rows)
+        elif _whole(n, tile_rows):
+            total, backward = _whole_pairwise(m, p, fa_norm)
         else:
-            mp, pp = (tf.pad(x, [[0, 0], [0, padded - n], [0, 0]]) for x in (m, p))
-
-        def tile_of_d(i):
-            m_j, p_j = mp[:, i * rows:(i + 1) * rows], pp[:, i * rows:(i + 1) * rows]
-            d = tf.linalg.matmul(m_j, p, transpose_b=True) + tf.linalg.matmul(p_j, m, transpose_b=True)
-            return 0.5 * d, m_j, p_j  # (batch, rows, N)
-
-        def forward(i, acc):
-            return i + 1, acc + tf.reduce_sum(_entry_loss(tile_of_d(i)[0], fa_norm), axis=[1, 2])
-
-        _, total = tf.while_loop(
-            lambda i, _: i < loops, forward, (tf.constant(0), tf.zeros_like(m[:, 0, 0])),
-            parallel_iterations=1,  # one tile alive at a time: that is the memory bound
-        )
+            total, backward = _tiled(m, p, fa_norm, tile_rows)
 
         def grad(upstream):
-            def backward(i, dm, dp):
-                d, m_j, p_j = tile_of_d(i)
-                g = _entry_grad(d, fa_norm)
-                return (i + 1, dm + tf.linalg.matmul(g, p_j, transpose_a=True),
-                        dp + tf.linalg.matmul(g, m_j, transpose_a=True))
-
-            _, dm, dp = tf.while_loop(
-                lambda i, *_: i < loops, backward, (tf.constant(0), tf.zeros_like(m), tf.zeros_like(p)),
-                parallel_iterations=1,
-            )
-            scale = upstream[:, None, None]
-            return dm * scale, dp * scale
+            grad_a, grad_b = backward(upstream)
+            return _through_unit(x, grad_a, sq_x), _through_unit(y, grad_b, sq_y)
 
         return total, grad
 
-    return totals(m, p)
-
-
-def _gram_totals(m, p):
-    """Per-sample `||D||_F^2` from C x C products, and the size of the terms that cancel in it."""
-
-    @tf.custom_gradient
-    def totals(m, p):
-        m, p = _unwatched(m, p)
-        g_mm = tf.linalg.matmul(m, m, transpose_a=True)
-        g_pp = tf.linalg.matmul(p, p, transpose_a=True)
-        x = tf.linalg.matmul(m, p, transpose_a=True)  # M^T P
-        x_t = tf.linalg.matrix_transpose(x)
-        first, second = g_mm * g_pp, x * x_t
-        total = 0.5 * (tf.reduce_sum(first, axis=[1, 2]) + tf.reduce_sum(second, axis=[1, 2]))
-        terms = 0.5 * (tf.reduce_sum(tf.abs(first), axis=[1, 2]) + tf.reduce_sum(tf.abs(second), axis=[1, 2]))
-
-        def grad(upstream, _):
-            # d/dM = M P^T P + P M^T P, d/dP = P M^T M + M P^T M, from the forward products (the
-            # upstream factor applied to the C x C factors, not to the N x C results).
-            scale = upstream[:, None, None]
-            dm = tf.linalg.matmul(m, g_pp * scale) + tf.linalg.matmul(p, x * scale)
-            dp = tf.linalg.matmul(p, g_mm * scale) + tf.linalg.matmul(m, x_t * scale)
-            return dm, dp
-
-        return (total, terms), grad
-
-    return totals(m, p)
-
-
-def _gram_per_sample(m, p, tile_rows):
-    total, terms = _gram_totals(m, p)
-    total = tf.maximum(total, 0.0)  # rounding can leave a tiny negative for identical affinities
-    # The terms carry a relative rounding error of about eps * sqrt(N) each.
-    error = _FLOAT32_EPS * tf.sqrt(_num_pixels(m)) * tf.stop_gradient(terms)
-    cancelled = error > GRAM_RELATIVE_ERROR_LIMIT * tf.stop_gradient(total)
-    # Not a tf.cond: XLA cannot differentiate through one from outside; the fallback's loops run
-    # no tile unless some sample needs them.
-    fallback = _tiled_totals(m, p, "fro2", tile_rows, active=tf.reduce_any(cancelled))
-    return tf.where(cancelled, fallback, total)
+    return totals(x, y)
 
 
 def feature_affinity_per_sample(teacher_map, student_map, method="auto", fa_norm="fro2", tile_rows=None):
@@ -396,8 +529,8 @@ def feature_affinity_per_sample(teacher_map, student_map, method="auto", fa_norm
         teacher_map: `(batch, H_T, W_T, C_T)` teacher features; resized (bilinear) to the
             student's H, W when they differ.
         student_map: `(batch, H, W, C_S)` student features.
-        method: `"auto"` (cheaper exact form for the shape), `"pairwise"` (N x N in row tiles) or
-            `"gram"` (C x C products; `fa_norm="fro2"` only).
+        method: `"auto"` (cheaper exact form for the shape), `"pairwise"` (N x N, in row tiles
+            when N is large) or `"gram"` (C x C products; `fa_norm="fro2"` only).
         fa_norm: `"fro2"` (eq. 6) or `"l1"` (the authors' code).
         tile_rows: rows of S_T - S_S per tile of the pairwise form; None sizes tiles to
             `TILE_ELEMENTS_PER_SAMPLE` entries a sample. The result does not depend on it.
@@ -422,13 +555,9 @@ def feature_affinity_per_sample(teacher_map, student_map, method="auto", fa_norm
     method = _resolve_method(
         method, fa_norm, _static_num_pixels(student_map.shape), teacher_map.shape[-1], student_map.shape[-1]
     )
-    m, p = _difference_and_sum(teacher_map, student_map)
-    n = _num_pixels(m)
-    if method == "pairwise":
-        total = _tiled_totals(m, p, fa_norm, tile_rows)
-    else:
-        total = _gram_per_sample(m, p, tile_rows)
-    return total / (n * n)
+    x, y = _rows_of_both(teacher_map, student_map)
+    n = _num_pixels(x)
+    return _exact_totals(x, y, method, fa_norm, tile_rows) / (n * n)
 
 
 def feature_affinity(teacher_map, student_map, method="auto", fa_norm="fro2", tile_rows=None):
@@ -533,15 +662,46 @@ def fast_feature_affinity_per_sample(teacher_map, student_map, k=15, seed=None, 
     options.check_fa_norm(fa_norm)
     teacher_map, student_map = _check_maps(teacher_map, student_map)
     teacher_map, student_map = _align(teacher_map, student_map)
-    m, p = _difference_and_sum(teacher_map, student_map)
-    shape = tf.shape(m)
+    x, y = _rows_of_both(teacher_map, student_map)
+    shape = tf.shape(x)
     z = tf.random.stateless_normal([shape[0], shape[1], k], seed=_stateless_seed(seed))
-    u = 0.5 * (tf.linalg.matmul(m, tf.linalg.matmul(p, z, transpose_a=True))
-               + tf.linalg.matmul(p, tf.linalg.matmul(m, z, transpose_a=True)))  # D z, (batch, N, k)
-    n = _num_pixels(m)
+    n = _num_pixels(x)
     if fa_norm == "l1":
-        return math.sqrt(math.pi / 2) * tf.reduce_sum(tf.abs(u), axis=[1, 2]) / (k * n * tf.sqrt(n))
-    return tf.reduce_sum(tf.square(u), axis=[1, 2]) / (k * n * n)
+        return math.sqrt(math.pi / 2) * _probed_totals(x, y, z, fa_norm) / (k * n * tf.sqrt(n))
+    return _probed_totals(x, y, z, fa_norm) / (k * n * n)
+
+
+def _probed_totals(x, y, z, fa_norm):
+    """Per-sample `sum f(U)` of the probes `U = D z = (M (P^T z) + P (M^T z)) / 2`, with its gradient.
+
+    From `U = A (A^T z) - B (B^T z)` and `G = dL/dU`, the gradients for the unit rows are
+    `dB = -(G (B^T z)^T + z (G^T B))` and `dA = G (A^T z)^T + z (G^T A)`: two N x k x C products a
+    side (autodiff of the forward would take eight).
+    """
+
+    @tf.custom_gradient
+    def totals(x, y):
+        x, y, probes = _unwatched(x, y, z)
+        m, p, sq_x, sq_y = _difference_and_sum_forward(x, y)
+        pz = tf.linalg.matmul(p, probes, transpose_a=True)  # (batch, C, k)
+        mz = tf.linalg.matmul(m, probes, transpose_a=True)
+        u = 0.5 * (tf.linalg.matmul(m, pz) + tf.linalg.matmul(p, mz))  # D z, (batch, N, k)
+        total = tf.reduce_sum(_entry_loss(u, fa_norm), axis=[1, 2])
+
+        def grad(upstream):
+            g = _entry_grad(u, fa_norm) * upstream[:, None, None]
+
+            def side(rows, rows_z):  # G (R^T z)^T + z (G^T R) for the unit rows R
+                return (tf.linalg.matmul(g, rows_z, transpose_b=True)
+                        + tf.linalg.matmul(probes, tf.linalg.matmul(g, rows, transpose_a=True)))
+
+            grad_a = side(0.5 * (p + m), 0.5 * (pz + mz))
+            grad_b = -side(0.5 * (p - m), 0.5 * (pz - mz))
+            return _through_unit(x, grad_a, sq_x), _through_unit(y, grad_b, sq_y)
+
+        return total, grad
+
+    return totals(x, y)
 
 
 def fast_feature_affinity(teacher_map, student_map, k=15, seed=None, fa_norm="fro2"):

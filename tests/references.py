@@ -1,9 +1,10 @@
-"""Float64 NumPy references of the paper's quantizers, shared by the quantizer, layer and
-quantize_model tests (eqs. 1, 4 and 5 of arXiv 2302.10899, written out independently)."""
+"""Float64 NumPy references of the paper's formulas, written out independently: the quantizers
+(eqs. 1, 4 and 5 of arXiv 2302.10899; quantizer, layer and quantize_model tests) and the feature
+affinity loss with its gradient (eq. 6; loss and real-data tests)."""
 
 import numpy as np
 
-from faqd_tf import quantizers
+from faqd_tf import losses, quantizers
 
 
 def np_lloyd(abs_w, scale, n_levels, axes, iterations):
@@ -45,3 +46,44 @@ def np_qrelu_grads(x, alpha, bits, dy, top=None, alpha_rate=None):
     dalpha = np.sum(dy * dsig)
     # The authors' rule: the summed gradient times rate_factor, clamped to [-1, 1].
     return dx, dalpha if alpha_rate is None else np.clip(alpha_rate * dalpha, -1.0, 1.0)
+
+
+# ---- feature affinity (eq. 6) ---------------------------------------------------------------
+
+
+def np_pixels(x):
+    x = np.asarray(x, np.float64)
+    b, h, w, c = x.shape
+    x = x.reshape(b, h * w, c)
+    sq = np.sum(x * x, axis=-1, keepdims=True)
+    return x, x / np.sqrt(np.maximum(sq, losses.NORM_EPSILON))
+
+
+def np_affinity_diff(t, s):
+    _, a = np_pixels(t)
+    _, b = np_pixels(s)
+    return a @ a.transpose(0, 2, 1) - b @ b.transpose(0, 2, 1)
+
+
+def np_fa_per_sample(t, s, fa_norm="fro2"):
+    d = np_affinity_diff(t, s)
+    n = d.shape[1]
+    return (np.sum(np.abs(d), axis=(1, 2)) if fa_norm == "l1" else np.sum(d * d, axis=(1, 2))) / n**2
+
+
+def np_fa_grad(t, s, fa_norm="fro2", wrt="student", weight=None):
+    """d mean_b(L_b) / d student_map (or teacher_map), analytic: through S = F F^T and the normalization.
+
+    `weight` overrides dL/dD (as a function of D), e.g. to bound the effect of ambiguous L1 signs.
+    """
+    d = np_affinity_diff(t, s)
+    if wrt == "teacher":  # L is symmetric in the two maps
+        d, s = -d, t
+    raw, b = np_pixels(s)
+    batch, n, _ = b.shape
+    if weight is None:
+        weight = (lambda x: 2.0 * np.sign(x)) if fa_norm == "l1" else (lambda x: 4.0 * x)
+    g = -(weight(d) @ b) / (n**2 * batch)  # d L / d B
+    norm = np.linalg.norm(raw, axis=-1, keepdims=True)
+    grad = (g - b * np.sum(b * g, axis=-1, keepdims=True)) / norm
+    return grad.reshape(np.shape(s))
