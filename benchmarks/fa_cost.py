@@ -1,32 +1,33 @@
-"""Cost of feature affinity: exact (pairwise, gram, auto; fro2 and l1) against fast FA (k = 1, 5, 15).
+"""Cost of feature affinity on real feature maps: exact (pairwise, gram, auto; fro2 and l1) against FFA.
 
-For each map size (batch, H, W, C), teacher and student of the same shape, one step is the loss
-plus its gradient w.r.t. the student map, under `tf.function`. Methods:
+Not run in CI. The maps are real: the quickstart's trained FP ResNet8 (Fashion-MNIST,
+`benchmarks/real_pairs.py`) and a 4-bit student (`--start finetune`: its twin; `end_to_end`: fresh
+weights), rebuilt for larger inputs with the same weights, so that stage k (C = 16, 32, 64 channels)
+has an H x W map: a map of H x W x C is the stage-k output for Fashion-MNIST images resized to
+`H * 2^(k-1)` pixels. One step is the loss plus its gradient with respect to the student's map,
+under `tf.function`. Methods:
 
-- `gram`: exact fro2 from C x C products of M = A - B, P = A + B in float32 (the library's);
-- `gram_sym`: the same from one (2C x 2C) product [M P]^T [M P] (symmetric products in one call);
-- `gram_f64`: the textbook expansion ||A^T A||^2 - 2||A^T B||^2 + ||B^T B||^2 in float64 with a
-  hand-written gradient, as this library computed it before (for comparison);
-- `pairwise`, `pairwise_l1`: exact fro2 / L1 from row tiles of the N x N difference;
+- `gram`: exact fro2 from C x C products (the library's); `pairwise`, `pairwise_l1`: exact fro2 / L1
+  from the N x N difference (whole when it fits `TILE_ELEMENTS_PER_SAMPLE`, else in row tiles);
 - `auto`: the library's choice for fro2;
 - `ffa_k1`, `ffa_k5`, `ffa_k15` (fro2) and `ffa_k15_l1`: fast FA.
 
+`--inputs random` times random normal maps instead (a synthetic check, labelled as such).
 Reported per method:
 
 - time: median wall time per step. Each map size runs in its own subprocess; after two warm-up
   calls per method (trace + first run) the methods are timed in `--rounds` interleaved rounds
   (round r times every method before round r+1), so a change of machine load hits all alike;
 - memory: the peak resident set size (VmHWM) while the method runs alone (warm-up), after resetting
-  the peak with /proc/self/clear_refs, and its increase over the resident size just before.
+  the peak with /proc/self/clear_refs, and its increase over the resident size just before;
+- `flagged`: the share of samples whose gram error estimate asks for the pairwise fallback.
 
 A method whose estimated working memory exceeds `--mem-limit-gb`, or the pairwise forms above
 `--pairwise-max-n` pixels (seconds per step), is skipped with the reason. Writes a CSV, a log-log plot
 of time per sample against N = H * W (as Fig. 4 of arXiv 2302.10899, with the exact forms added),
-and prints a markdown table and the ratios the issue asks about.
+and prints a markdown table and the ratios:
 
-Usage (from the repository root):
-
-    python benchmarks/fa_cost.py --out-csv docs/fa_cost.csv --out-png docs/fa_cost.png
+    python benchmarks/fa_cost.py --out-csv docs/fa_cost.csv --out-png docs/fa_cost.png --md docs/fa_cost.md
 """
 
 import argparse
@@ -40,10 +41,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ["ffa_k1", "ffa_k5", "ffa_k15", "ffa_k15_l1", "gram", "gram_sym", "gram_f64", "auto", "pairwise",
-           "pairwise_l1"]
+METHODS = ["ffa_k1", "ffa_k5", "ffa_k15", "ffa_k15_l1", "gram", "auto", "pairwise", "pairwise_l1"]
 FIELDS = [
-    "height", "width", "channels", "batch", "n", "method", "resolved", "status", "time_ms_median",
+    "inputs", "start", "height", "width", "channels", "batch", "n", "method", "resolved", "status", "flagged", "time_ms_median",
     "time_ms_min", "reps", "peak_rss_mb", "rss_increase_mb", "estimate_mb", "note",
 ]
 
@@ -54,7 +54,7 @@ def estimate_bytes(method, batch, n, c):
         # Row tiles of 2^16 entries a sample, a few alive at once, plus the maps.
         return 4 * batch * 2**16 * 4 + 12 * batch * n * c * 4
     if method.startswith("gram"):
-        return 12 * batch * n * c * (8 if method == "gram_f64" else 4)
+        return 12 * batch * n * c * 4
     k = int(method.split("_k")[1].split("_")[0])
     return 4 * batch * n * (k + 2 * c) * 4
 
@@ -75,66 +75,40 @@ def _reset_peak_rss():
         f.write("5")
 
 
-def _variants(tf, losses):
-    """The comparison forms that are not library methods."""
-
-    @tf.custom_gradient
-    def gram_sym_totals(m, p):
-        w = tf.concat([m, p], axis=-1)
-        c = m.shape[-1]
-        g = tf.linalg.matmul(w, w, transpose_a=True)  # [[MtM, MtP], [PtM, PtP]]
-        g_mm, x, g_pp = g[:, :c, :c], g[:, :c, c:], g[:, c:, c:]
-        x_t = tf.linalg.matrix_transpose(x)
-        total = 0.5 * (tf.reduce_sum(g_mm * g_pp, axis=[1, 2]) + tf.reduce_sum(x * x_t, axis=[1, 2]))
-
-        def grad(up):
-            dm = tf.linalg.matmul(m, g_pp) + tf.linalg.matmul(p, x)
-            dp = tf.linalg.matmul(p, g_mm) + tf.linalg.matmul(m, x_t)
-            return dm * up[:, None, None], dp * up[:, None, None]
-
-        return total, grad
-
-    def gram_sym(t, s):
-        m, p = losses._difference_and_sum(t, s)
-        n = tf.cast(tf.shape(m)[1], tf.float32)
-        return tf.reduce_mean(gram_sym_totals(m, p) / (n * n))
-
-    @tf.custom_gradient
-    def f64_totals(a, b):
-        g_aa = tf.linalg.matmul(a, a, transpose_a=True)
-        g_ab = tf.linalg.matmul(a, b, transpose_a=True)
-        g_bb = tf.linalg.matmul(b, b, transpose_a=True)
-        sq = lambda g: tf.reduce_sum(tf.square(g), axis=[1, 2])
-        total = sq(g_aa) - 2.0 * sq(g_ab) + sq(g_bb)
-
-        def grad(up):
-            scale = 4.0 * up[:, None, None]
-            return (scale * (tf.linalg.matmul(a, g_aa) - tf.linalg.matmul(b, g_ab, transpose_b=True)),
-                    scale * (tf.linalg.matmul(b, g_bb) - tf.linalg.matmul(a, g_ab)))
-
-        return total, grad
-
-    def gram_f64(t, s):
-        shape = tf.shape(s)
-        rows = lambda x: tf.math.l2_normalize(
-            tf.cast(tf.reshape(x, [shape[0], shape[1] * shape[2], x.shape[-1]]), tf.float64), axis=-1, epsilon=1e-12)
-        total = f64_totals(rows(t), rows(s))
-        n = tf.cast(shape[1] * shape[2], tf.float64)
-        return tf.cast(tf.reduce_mean(total / (n * n)), tf.float32)
-
-    return {"gram_sym": gram_sym, "gram_f64": gram_f64}
-
-
 def loss_of(method, tf, losses):
     if method.startswith("ffa"):
         k = int(method.split("_k")[1].split("_")[0])
         norm = "l1" if method.endswith("_l1") else "fro2"
         return lambda t, s: losses.fast_feature_affinity(t, s, k=k, seed=1, fa_norm=norm)
-    if method in ("gram_sym", "gram_f64"):
-        return _variants(tf, losses)[method]
     if method == "pairwise_l1":
         return lambda t, s: losses.feature_affinity(t, s, method="pairwise", fa_norm="l1")
     return lambda t, s: losses.feature_affinity(t, s, method=method)
+
+
+def real_maps(h, c, batch, start):
+    """Stage maps of H x H x C from the quickstart's trained ResNet8 and a 4-bit student, on real
+    Fashion-MNIST images resized so that the stage with C channels is H x H."""
+    import keras
+
+    from benchmarks import real_pairs
+    from faqd_tf import data, models
+    from faqd_tf.features import paired_extractors
+    from faqd_tf.quantize import quantize_model
+
+    stage = {16: 1, 32: 2, 64: 3}[c]
+    size = h * 2 ** (stage - 1)
+    trained = keras.models.load_model(real_pairs.quickstart_teacher(), safe_mode=True)
+    teacher = models.get("resnet8", num_classes=10, input_shape=(size, size, 1))
+    teacher.set_weights(trained.get_weights())  # the weights do not depend on the input size
+    if start == "finetune":
+        student = quantize_model(teacher, weight_bits=4)
+    else:
+        keras.utils.set_random_seed(0)
+        student = models.get("resnet8", num_classes=10, input_shape=(size, size, 1), weight_bits=4)
+    images = next(iter(data.load(real_pairs.FMNIST, "train", labels=False, batch_size=batch, seed=0,
+                                 image_size=(size, size), augment=False)))
+    t_ext, s_ext = paired_extractors(teacher, student, [f"stage{stage}"], [f"stage{stage}"])
+    return t_ext(images, training=False)[1].numpy(), s_ext(images, training=True)[1].numpy()
 
 
 def worker(spec):
@@ -147,13 +121,18 @@ def worker(spec):
 
     h, c, batch = spec["height"], spec["channels"], spec["batch"]
     n = h * h
-    rng = np.random.default_rng(0)
-    teacher = tf.constant(rng.normal(size=(batch, h, h, c)).astype("float32"))
-    student = tf.Variable(rng.normal(size=(batch, h, h, c)).astype("float32"))
+    if spec["inputs"] == "real":
+        t_map, s_map = real_maps(h, c, batch, spec["start"])
+    else:
+        rng = np.random.default_rng(0)
+        t_map, s_map = (rng.normal(size=(batch, h, h, c)).astype("float32") for _ in range(2))
+    teacher, student = tf.constant(t_map), tf.Variable(s_map)
+    flagged = float(np.mean(losses.gram_error_estimate(teacher, student).numpy() > losses.GRAM_RELATIVE_ERROR_LIMIT))
 
     steps, rows = {}, {}
     for method in METHODS:
-        row = {"height": h, "width": h, "channels": c, "batch": batch, "n": n, "method": method}
+        row = {"inputs": spec["inputs"], "start": spec["start"], "height": h, "width": h, "channels": c,
+               "batch": batch, "n": n, "method": method, "flagged": round(flagged, 4)}
         resolved = losses.resolve_method(teacher.shape, student.shape) if method == "auto" else method
         row["resolved"] = resolved
         estimate = estimate_bytes(resolved, batch, n, c)
@@ -206,7 +185,8 @@ def run_all(args):
     for h in args.sizes:
         for c in args.channels:
             batch = args.large_batch if h >= args.large_from else args.batch
-            spec = dict(height=h, channels=c, batch=batch, mem_limit_gb=args.mem_limit_gb, rounds=args.rounds,
+            spec = dict(inputs=args.inputs, start=args.start, height=h, channels=c, batch=batch,
+                        mem_limit_gb=args.mem_limit_gb, rounds=args.rounds,
                         reps=args.reps, time_budget=args.time_budget, pairwise_max_n=args.pairwise_max_n)
             t0 = time.perf_counter()
             proc = subprocess.run(
@@ -217,7 +197,8 @@ def run_all(args):
             done = {r["method"] for r in got}
             for method in METHODS:
                 if method not in done:  # the worker died (e.g. out of memory) before reporting it
-                    got.append(dict(height=h, width=h, channels=c, batch=batch, n=h * h, method=method,
+                    got.append(dict(inputs=args.inputs, start=args.start, height=h, width=h, channels=c,
+                                    batch=batch, n=h * h, method=method,
                                     status="failed", note=f"worker exit code {proc.returncode}"))
             rows.extend(got)
             print(f"# {h}x{h}x{c} batch {batch}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
@@ -266,7 +247,7 @@ def plot(rows, path):
         ax.set_yscale("log")
         ax.set_xlabel("N = H * W")
         ax.set_ylabel("forward + backward time per sample (ms)")
-        ax.set_title(f"C = {c}, per sample (batch 32; 8 at 112x112)")
+        ax.set_title(f"C = {c}, per sample (real maps; batch 32, 8 at 112x112)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -276,8 +257,8 @@ def plot(rows, path):
 def table(rows):
     configs = sorted({(int(r["height"]), int(r["channels"]), int(r["batch"])) for r in rows})
     lines = [
-        "| H x W x C | batch | N | " + " | ".join(METHODS) + " | auto uses |",
-        "|---|---|---|" + "---|" * len(METHODS) + "---|",
+        "| H x W x C | batch | N | " + " | ".join(METHODS) + " | auto uses | flagged |",
+        "|---|---|---|" + "---|" * len(METHODS) + "---|---|",
     ]
     for h, c, b in configs:
         cells, resolved = [], ""
@@ -292,7 +273,8 @@ def table(rows):
                 cells.append(f"skipped ({r.get('note') or 'estimate %.1f GB' % (_num(r, 'estimate_mb') / 1024)})")
             else:
                 cells.append(r["status"])
-        lines.append(f"| {h}x{h}x{c} | {b} | {h * h} | " + " | ".join(cells) + f" | {resolved} |")
+        flagged = next(r for r in rows if (int(r["height"]), int(r["channels"])) == (h, c)).get("flagged", "")
+        lines.append(f"| {h}x{h}x{c} | {b} | {h * h} | " + " | ".join(cells) + f" | {resolved} | {flagged} |")
     return "\n".join(lines)
 
 
@@ -305,15 +287,22 @@ def ratios(rows):
 
     out = []
     configs = sorted({(int(r["height"]), int(r["channels"])) for r in rows})
-    header = "| H x W x C | exact fro2 (auto) / FFA k=15 | gram / gram_f64 | gram_sym / gram | pairwise / gram | pairwise_l1 / FFA k=15 l1 |"
+    header = ("| H x W x C | exact fro2 (auto) / FFA k=15 | cheaper | pairwise / gram | auto picks the cheaper exact form "
+              "| pairwise_l1 / FFA k=15 l1 |")
     out += [header, "|---|---|---|---|---|---|"]
     for h, c in configs:
         def ratio(a, b):
             x, y = get(h, c, a), get(h, c, b)
             return f"{x / y:.2f}" if x and y else "-"
 
-        out.append(f"| {h}x{h}x{c} | {ratio('auto', 'ffa_k15')} | {ratio('gram', 'gram_f64')} | "
-                   f"{ratio('gram_sym', 'gram')} | {ratio('pairwise', 'gram')} | {ratio('pairwise_l1', 'ffa_k15_l1')} |")
+        auto, ffa, gram, pairwise = (get(h, c, m) for m in ("auto", "ffa_k15", "gram", "pairwise"))
+        cheaper = "-" if not (auto and ffa) else ("exact" if auto < ffa else "FFA k=15")
+        resolved = next((r.get("resolved") for r in rows if (int(r["height"]), int(r["channels"]), r["method"])
+                         == (h, c, "auto")), "")
+        best = None if not (gram and pairwise) else ("gram" if gram <= pairwise else "pairwise")
+        picks = "-" if best is None else ("yes" if resolved == best else f"no ({resolved}; {best} is cheaper)")
+        out.append(f"| {h}x{h}x{c} | {ratio('auto', 'ffa_k15')} | {cheaper} | {ratio('pairwise', 'gram')} | {picks} | "
+                   f"{ratio('pairwise_l1', 'ffa_k15_l1')} |")
     for r in rows:
         if r["method"] == "pairwise_l1" and int(r["height"]) == 56 and r["status"] == "ok":
             out.append(f"\nExact L1 (row tiles) at 56x56x{r['channels']}, batch {r['batch']}: peak RSS "
@@ -324,7 +313,9 @@ def ratios(rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32, 56, 112])
+    parser.add_argument("--inputs", default="real", choices=["real", "random"], help="random: synthetic maps")
+    parser.add_argument("--start", default="finetune", choices=["finetune", "end_to_end"], help="the student (real maps)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[7, 14, 28, 56, 112])
     parser.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--large-batch", type=int, default=8, help="batch from --large-from on")
@@ -336,6 +327,7 @@ def main():
     parser.add_argument("--pairwise-max-n", type=int, default=3136, help="skip the pairwise forms above this N")
     parser.add_argument("--out-csv", default=os.path.join(ROOT, "docs", "fa_cost.csv"))
     parser.add_argument("--out-png", default=os.path.join(ROOT, "docs", "fa_cost.png"))
+    parser.add_argument("--md", default=None, help="markdown report")
     parser.add_argument("--from-csv", help="re-plot and re-tabulate an existing CSV without measuring")
     args = parser.parse_args()
     if args.worker:
@@ -353,10 +345,17 @@ def main():
               f"load average before {load[0]:.2f}, after {os.getloadavg()[0]:.2f}; "
               f"total {time.perf_counter() - t0:.0f} s")
     plot(rows, args.out_png)
-    print("time (median) / increase of peak RSS over the RSS before the method ran\n")
-    print(table(rows))
-    print()
-    print(ratios(rows))
+    first = rows[0] if rows else {}
+    inputs = "real Fashion-MNIST maps" if first.get("inputs", "real") == "real" else "random maps (synthetic)"
+    text = "\n".join([f"Command: `python benchmarks/fa_cost.py {' '.join(sys.argv[1:])}`  ",
+                      f"Machine: {platform.machine()}, {os.cpu_count()} cores. Maps: {inputs}, student start "
+                      f"{first.get('start', '-')}. Time (median) / increase of peak RSS over the RSS before the "
+                      "method ran; `flagged`: share of samples the gram check redoes pairwise.", "",
+                      table(rows), "", ratios(rows), ""])
+    print(text)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(text)
 
 
 if __name__ == "__main__":

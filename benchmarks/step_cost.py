@@ -1,21 +1,29 @@
-"""Cost of feature affinity in whole distillation steps: teacher ResNet56 -> 4-bit ResNet20.
+"""Cost of feature affinity in whole distillation steps, on real images with trained teachers.
 
-Not run in CI. Each variant runs in its own process (a fresh TensorFlow, nothing shared):
+Not run in CI. Pairs (`benchmarks/real_pairs.py`, trained and cached on first use):
 
-- `kd`: label-free KD only (MSE on logits);
-- `fa_fro2`: KD + exact FA, squared Frobenius norm (eq. 6), on the 3 stage outputs;
-- `fa_l1`: KD + exact FA, L1 norm (the authors' code);
-- `ffa`: KD + FFA (k = 15, fro2).
+- `quickstart`: the quickstart's FP ResNet8 on Fashion-MNIST 28x28 -> 4-bit ResNet8, batch 128, KL T=4;
+- `cifar`: FP ResNet56 -> 4-bit ResNet20 on Fashion-MNIST resized to 32x32x3, batch 64, MSE.
 
-A process builds the networks (random weights: the cost does not depend on them), a `Distiller`
-compiled with SGD, and fits `--warmup + --steps` steps on random CIFAR-shaped images; a callback
-times every step, and the median of the steps after the warm-up is the step time. The variants run
-in `--rounds` interleaved rounds (round r runs every variant and batch size before round r+1), and
-the ratio to KD-only is taken within a round, then the median over rounds. Peak RSS (VmHWM) and
-the resident size at the stages of a process (TensorFlow imported, models built, after the first
-step, at the end) show where memory goes.
+Each pair runs from two starts: `finetune` (the FP weights quantized: the quickstart's twin, or the
+pre-trained FP ResNet20) and `end_to_end` (fresh weights). Variants, label-free, FA on the stage outputs
+at the default beta:
 
-    python benchmarks/step_cost.py --out-csv docs/step_cost.csv --md docs/step_cost.md
+- `kd`: KD only; `fa`: KD + exact FA (fro2, `fa_method="auto"`); `fa_l1`: exact L1;
+- `ffa`: KD + FFA (k = 15, fro2);
+- `fa_ref`: exact FA of the library at `--ref` (a git commit, checked out into a temporary worktree),
+  for a before/after comparison in the same rounds.
+
+Each (pair, start, variant) runs in its own process (a fresh TensorFlow): it builds the Distiller
+(SGD Nesterov), fits `--warmup + --steps` steps on real training batches, and a callback times
+every step; the median after the warm-up is the step time. Variants run in `--rounds` interleaved
+rounds, and the ratio to KD only is taken within a round, then the median over rounds. `--inputs
+random` adds rows on random normal images (labelled synthetic in the report). The `fa` process
+also counts, on the batches it trained on, how often the gram form's error estimate exceeds the
+fallback limit (`faqd_tf.losses.GRAM_RELATIVE_ERROR_LIMIT`, and the 1e-5 of the old library): the
+fraction of samples and of batches, per tap.
+
+    python benchmarks/step_cost.py --ref 3675507 --out-csv docs/step_cost.csv --md docs/step_cost.md
 """
 
 import argparse
@@ -25,21 +33,25 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAIRS = {"quickstart": dict(batch=128, kd="kl", temperature=4.0), "cifar": dict(batch=64, kd="mse", temperature=1.0)}
 VARIANTS = {
     "kd": dict(fa=None),
-    "fa_fro2": dict(fa="exact", fa_norm="fro2"),
+    "fa": dict(fa="exact", fa_norm="fro2"),
     "fa_l1": dict(fa="exact", fa_norm="l1"),
     "ffa": dict(fa="fast", fa_norm="fro2", ffa_k=15),
+    "fa_ref": dict(fa="exact", fa_norm="fro2"),
 }
-STAGES = ("import", "models", "first_step", "end")
-FIELDS = ["round", "variant", "batch", "step_ms_median", "step_ms_min", "steps", "peak_rss_mb", "fa_methods",
-          *[f"{kind}_{stage}_mb" for stage in STAGES for kind in ("rss", "anon", "file")]]
+OLD_LIMIT = 1e-5  # the fallback limit before issue 22
+FIELDS = ["round", "pair", "start", "inputs", "variant", "batch", "step_ms_median", "step_ms_min", "steps",
+          "peak_rss_mb", "fa_methods", "fallback_samples", "fallback_batches", "old_limit_samples",
+          "old_limit_batches", "load_average"]
 
 
-def _rss_mb(key="VmRSS"):
+def _rss_mb(key):
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(key + ":"):
@@ -47,36 +59,37 @@ def _rss_mb(key="VmRSS"):
     return float("nan")
 
 
-def _memory(stage):
-    """Resident size at a stage: all of it, anonymous (heap, tensors), file-backed (mapped libraries)."""
-    return {f"rss_{stage}_mb": round(_rss_mb(), 1), f"anon_{stage}_mb": round(_rss_mb("RssAnon"), 1),
-            f"file_{stage}_mb": round(_rss_mb("RssFile"), 1)}
-
-
 def worker(spec):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    sys.path.insert(0, ROOT)
+    sys.path.insert(0, spec["library_root"])  # the library under test (this checkout, or --ref's)
+    sys.path.insert(1, ROOT)  # benchmarks.real_pairs always from this checkout
     import keras
     import numpy as np
     import tensorflow as tf
 
-    from faqd_tf import losses, models
+    from benchmarks import real_pairs
+    from faqd_tf import losses
     from faqd_tf.distiller import Distiller
 
-    out = _memory("import")
-    keras.utils.set_random_seed(0)
-    teacher = models.get("resnet56", num_classes=10, input_shape=(32, 32, 3))
-    student = models.get("resnet20", num_classes=10, input_shape=(32, 32, 3), weight_bits=4)
-    distiller = Distiller(student, teacher, kd="mse", seed=0, **VARIANTS[spec["variant"]])
+    assert os.path.dirname(os.path.dirname(os.path.abspath(losses.__file__))) == os.path.abspath(spec["library_root"])
+    pair = PAIRS[spec["pair"]]
+    teacher, student = real_pairs.pair(spec["pair"], 4, spec["start"], seed=0)
+    distiller = Distiller(student, teacher, kd=pair["kd"], temperature=pair["temperature"], seed=0,
+                          **VARIANTS[spec["variant"]])
     distiller.compile(keras.optimizers.SGD(0.01, momentum=0.9, nesterov=True))
-    out.update(_memory("models"))
+    out = {}
+    maps = list(zip(distiller.teacher_features.outputs[1:], distiller.student_features.outputs[1:]))
     if distiller.fa == "exact":
-        shapes = [(t.shape, s.shape) for t, s in zip(distiller.teacher_features.outputs[1:],
-                                                     distiller.student_features.outputs[1:])]
-        out["fa_methods"] = "/".join(losses.resolve_method(t, s, fa_norm=distiller.fa_norm) for t, s in shapes)
-    batch = spec["batch"]
-    images = np.random.default_rng(0).uniform(size=(4 * batch, 32, 32, 3)).astype("float32")
-    data = tf.data.Dataset.from_tensor_slices(images).batch(batch, drop_remainder=True).repeat()
+        out["fa_methods"] = "/".join(losses.resolve_method(t.shape, s.shape, fa_norm=distiller.fa_norm) for t, s in maps)
+    batch = pair["batch"]
+    steps = spec["warmup"] + spec["steps"]
+    if spec["inputs"] == "real":
+        data = real_pairs.images(spec["pair"], "train", batch_size=batch, seed=0).take(steps)
+    else:
+        shape = teacher.input_shape[1:]
+        images = np.random.default_rng(0).normal(size=(4 * batch, *shape)).astype("float32")
+        data = tf.data.Dataset.from_tensor_slices(images).batch(batch, drop_remainder=True).repeat().take(steps)
+    data = data.cache()
 
     class Timer(keras.callbacks.Callback):
         def __init__(self):
@@ -89,34 +102,79 @@ def worker(spec):
         def on_train_batch_end(self, step, logs=None):
             float(logs["loss"])  # the step's result is ready
             self.times.append(time.perf_counter() - self.start)
-            if step == 0:
-                out.update(_memory("first_step"))
 
     timer = Timer()
-    distiller.fit(data, steps_per_epoch=spec["warmup"] + spec["steps"], epochs=1, verbose=0, callbacks=[timer])
+    distiller.fit(data, steps_per_epoch=steps, epochs=1, verbose=0, callbacks=[timer])
     timed = timer.times[spec["warmup"]:]
     out.update(step_ms_median=round(1e3 * float(np.median(timed)), 2), step_ms_min=round(1e3 * min(timed), 2),
-               steps=len(timed), peak_rss_mb=round(_rss_mb("VmHWM"), 1), **_memory("end"))
+               steps=len(timed), peak_rss_mb=round(_rss_mb("VmHWM"), 1))
+    if spec["variant"] == "fa" and distiller.fa_norm == "fro2":
+        out.update(fallback_counts(distiller, data, losses))
     print("RESULT " + json.dumps(out), flush=True)
+
+
+def fallback_counts(distiller, data, losses):
+    """Per tap, the share of samples and of batches whose gram error estimate exceeds the limit
+    (the batches it trained on, the student in training mode as in `train_step`)."""
+    import numpy as np
+
+    limits = {"fallback": losses.GRAM_RELATIVE_ERROR_LIMIT, "old_limit": OLD_LIMIT}
+    flagged = {k: [] for k in limits}
+    state = [(v, v.numpy()) for v in distiller.student.non_trainable_variables]
+    for x in data:
+        t_maps = distiller.teacher_features(x, training=False)[1:]
+        s_maps = distiller.student_features(x, training=True)[1:]
+        estimates = [losses.gram_error_estimate(t, s).numpy() for t, s in zip(t_maps, s_maps)]
+        for key, limit in limits.items():
+            flagged[key].append(np.stack([e > limit for e in estimates]))  # (taps, batch)
+    for variable, value in state:
+        variable.assign(value)
+    out = {}
+    for key, per_batch in flagged.items():
+        a = np.stack(per_batch)  # (batches, taps, batch)
+        out[f"{key}_samples"] = "/".join(f"{v:.3f}" for v in a.mean(axis=(0, 2)))
+        out[f"{key}_batches"] = "/".join(f"{v:.3f}" for v in a.any(axis=2).mean(axis=0))
+    return out
+
+
+def ref_checkout(ref):
+    """A detached worktree of `ref` (the library before a change), removed at exit."""
+    import atexit
+
+    path = tempfile.mkdtemp(prefix="faqd_ref_")
+    subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", "-f", path, ref], check=True,
+                   capture_output=True)
+    atexit.register(lambda: subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", path],
+                                           capture_output=True))
+    return path
 
 
 def run(args):
     rows = []
+    ref_root = ref_checkout(args.ref) if "fa_ref" in args.variants else None
+    cells = [(pair, start, "real") for pair in args.pairs for start in args.starts]
+    if "random" in args.inputs:
+        cells += [(pair, "finetune", "random") for pair in args.pairs]
     for r in range(args.rounds):
-        for batch in args.batches:
+        for pair, start, inputs in cells:
             for variant in args.variants:
-                spec = dict(variant=variant, batch=batch, warmup=args.warmup, steps=args.steps)
+                if inputs == "random" and variant not in ("kd", "fa", "ffa"):
+                    continue
+                spec = dict(pair=pair, start=start, inputs=inputs, variant=variant, warmup=args.warmup, steps=args.steps,
+                            library_root=ref_root if variant == "fa_ref" else ROOT)
                 t0 = time.perf_counter()
                 proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
                                       capture_output=True, text=True)
                 lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
                 if proc.returncode or not lines:
                     print(proc.stderr[-3000:], file=sys.stderr)
-                    raise SystemExit(f"step_cost: {variant} at batch {batch} failed (exit {proc.returncode})")
-                row = {"round": r, "variant": variant, "batch": batch, **json.loads(lines[-1][7:])}
+                    raise SystemExit(f"step_cost: {pair} {start} {variant} failed (exit {proc.returncode})")
+                row = {"round": r, "pair": pair, "start": start, "inputs": inputs, "variant": variant,
+                       "batch": PAIRS[pair]["batch"], "load_average": round(os.getloadavg()[0], 2),
+                       **json.loads(lines[-1][7:])}
                 rows.append(row)
-                print(f"[step_cost] round {r} batch {batch} {variant}: {row['step_ms_median']} ms/step, peak RSS "
-                      f"{row['peak_rss_mb']} MB ({time.perf_counter() - t0:.0f} s)", flush=True)
+                print(f"[step_cost] round {r} {pair} {start} {inputs} {variant}: {row['step_ms_median']} ms/step "
+                      f"({time.perf_counter() - t0:.0f} s, load {row['load_average']})", flush=True)
                 if args.out_csv:
                     write_csv(rows, args.out_csv)
     return rows
@@ -124,55 +182,75 @@ def run(args):
 
 def write_csv(rows, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as f:
+    tmp = path + ".part"
+    with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, FIELDS)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: row.get(k, "") for k in FIELDS})
+    os.replace(tmp, path)
+
+
+def ratios(rows, cell, variant):
+    """Per round, the variant's step time over KD only's in the same cell and round."""
+    out = []
+    for r in rows:
+        if (r["pair"], r["start"], r["inputs"], r["variant"]) == (*cell, variant):
+            base = [b for b in rows if (b["pair"], b["start"], b["inputs"], b["variant"], str(b["round"]))
+                    == (*cell, "kd", str(r["round"]))]
+            if base:
+                out.append(float(r["step_ms_median"]) / float(base[0]["step_ms_median"]))
+    return out
 
 
 def report(rows, command):
     import numpy as np
 
+    loads = [float(r["load_average"]) for r in rows if r.get("load_average") not in ("", None)]
     lines = [f"Command: `{command}`  ",
-             f"Machine: {platform.machine()}, {os.cpu_count()} cores; load average at the end "
-             f"{os.getloadavg()[0]:.2f}. Teacher ResNet56 (FP) -> 4-bit ResNet20, label-free, KD = MSE, "
-             "FA on the 3 stage outputs at the default beta; SGD Nesterov; random 32x32x3 images.", "",
-             "| batch | variant | exact FA per tap | ms per step (median over rounds) | / KD only (median of per-round ratios) | peak RSS MB |",
-             "|---|---|---|---|---|---|"]
-    batches = sorted({int(r["batch"]) for r in rows})
+             f"Machine: {platform.machine()}, {os.cpu_count()} cores; 1-minute load average during the runs "
+             f"{min(loads):.2f}-{max(loads):.2f} (median {np.median(loads):.2f}). Label-free, 4-bit students, SGD "
+             "Nesterov, FA on the stage outputs at the default beta; real Fashion-MNIST training batches unless "
+             "marked *random (synthetic)*. Ratios: step time over KD only's in the same round, median over rounds.", "",
+             "| pair | start | inputs | variant | exact FA per tap | ms per step (median) | / KD only (rounds) | "
+             "peak RSS MB |", "|---|---|---|---|---|---|---|---|"]
+    cells = sorted({(r["pair"], r["start"], r["inputs"]) for r in rows}, key=lambda c: (c[2] != "real", c))
     variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
-    for batch in batches:
+    for cell in cells:
         for variant in variants:
-            mine = [r for r in rows if int(r["batch"]) == batch and r["variant"] == variant]
-            ratios = []
-            for r in mine:
-                base = [b for b in rows if int(b["batch"]) == batch and b["variant"] == "kd" and b["round"] == r["round"]]
-                if base:
-                    ratios.append(float(r["step_ms_median"]) / float(base[0]["step_ms_median"]))
-            lines.append(f"| {batch} | {variant} | {mine[0].get('fa_methods') or '-'} | "
+            mine = [r for r in rows if (r["pair"], r["start"], r["inputs"], r["variant"]) == (*cell, variant)]
+            if not mine:
+                continue
+            ratio = ratios(rows, cell, variant)
+            inputs = "real" if cell[2] == "real" else "*random (synthetic)*"
+            lines.append(f"| {cell[0]} | {cell[1]} | {inputs} | {variant} | {mine[0].get('fa_methods') or '-'} | "
                          f"{np.median([float(r['step_ms_median']) for r in mine]):.0f} | "
-                         f"{np.median(ratios):.3f} (rounds: {', '.join(f'{x:.3f}' for x in ratios)}) | "
+                         f"**{np.median(ratio):.2f}** ({', '.join(f'{x:.2f}' for x in ratio)}) | "
                          f"{max(float(r['peak_rss_mb']) for r in mine):.0f} |")
-    lines += ["", "Resident size (MB) of each process at its stages, median over rounds: all / anonymous "
-              "(heap and tensors) / file-backed (mapped libraries):", "",
-              "| batch | variant | TensorFlow imported | models built | after the first step | end | peak |",
-              "|---|---|---|---|---|---|---|"]
-    for batch in batches:
-        for variant in variants:
-            mine = [r for r in rows if int(r["batch"]) == batch and r["variant"] == variant]
-            cells = ["/".join(f"{np.median([float(r[f'{kind}_{stage}_mb']) for r in mine]):.0f}"
-                              for kind in ("rss", "anon", "file")) for stage in STAGES]
-            peak = np.median([float(r["peak_rss_mb"]) for r in mine])
-            lines.append(f"| {batch} | {variant} | " + " | ".join(cells) + f" | {peak:.0f} |")
+    fa_rows = [r for r in rows if r["variant"] == "fa" and r.get("fallback_samples")]
+    if fa_rows:
+        lines += ["", "How often the gram form's error check fires on the batches trained on (per tap, stage 1/2/3; "
+                  "fraction of samples, and of batches with at least one such sample), at the new limit "
+                  "and at the old one (1e-5), median over rounds:", "",
+                  "| pair | start | inputs | samples, new limit | batches, new limit | samples, old limit | batches, old limit |",
+                  "|---|---|---|---|---|---|---|"]
+        for cell in cells:
+            mine = [r for r in fa_rows if (r["pair"], r["start"], r["inputs"]) == cell]
+            if mine:
+                r = mine[len(mine) // 2]
+                lines.append(f"| {cell[0]} | {cell[1]} | {cell[2]} | {r['fallback_samples']} | {r['fallback_batches']} | "
+                             f"{r['old_limit_samples']} | {r['old_limit_batches']} |")
     return "\n".join(lines) + "\n"
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--batches", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    p.add_argument("--starts", nargs="+", default=["finetune", "end_to_end"], choices=["finetune", "end_to_end"])
+    p.add_argument("--variants", nargs="+", default=["kd", "fa", "ffa", "fa_ref"], choices=list(VARIANTS))
+    p.add_argument("--inputs", nargs="+", default=["real", "random"], choices=["real", "random"])
+    p.add_argument("--ref", default="3675507", help="git commit of the library for the fa_ref variant")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)

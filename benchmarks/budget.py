@@ -1,0 +1,197 @@
+"""FAQD against KD only at a budget long enough to resolve FA's effect, paired by seed (issue 24).
+
+Not run in CI: about 7-20 hours of CPU here. Every cell is one run of the library's own pipeline,
+`train.py --config configs/quickstart.json` (stages distill and evaluate) with the pinned teacher
+`docs/budget/teacher.keras` (the quickstart's FP ResNet8, trained once and committed so that cells
+run in different sessions distill from the same network), on all 60,000 Fashion-MNIST training
+images, label-free, scored on the 10,000 test images after every epoch (`history.csv`) and at the end:
+
+- `fine-tune`: the teacher's weights quantized to 2 and 4 bits, KL (T = 4), SGD Nesterov lr 0.01,
+  cosine, weight decay 1e-4, `--finetune-epochs` (15) epochs (the quickstart's recipe, longer);
+- `end-to-end`: a fresh 2-bit ResNet8, MSE on logits, SGD Nesterov lr 0.01, cosine over the run,
+  weight decay 1e-4 (the authors' weight-quantization schedule, lzj994/FAQD), `--e2e-epochs` (30).
+
+Arms: `KD only` (`distill.fa = null`) and `FAQD` (exact FA, fro2, the default beta). A seed fixes the
+student's initial weights and the data order, so the two arms of a seed differ only in the loss.
+
+A killed cell resumes from its last finished epoch when this command runs again (the runner's
+epoch backups); a finished cell is never rerun. Each finished cell appends its row to `--csv`
+(`table,init,row,column,seed,accuracy,epochs,steps,seconds,sec_per_epoch`, as the other reproduce
+CSVs) and its per-epoch test accuracy to `--curves`. `--workers 2` runs two cells at once, each on
+one thread (more steps per second on this 2-core machine than one cell on two threads).
+
+    python benchmarks/budget.py --workers 2 --out-dir /work/runs/budget
+    python benchmarks/budget.py --report-only --md docs/budget.md --png docs/budget.png
+"""
+
+import argparse
+import concurrent.futures
+import csv
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+DOCS = os.path.join(ROOT, "docs", "budget")
+TEACHER = os.path.join(DOCS, "teacher.keras")
+CELL_FIELDS = ["table", "init", "row", "column", "seed", "accuracy", "epochs", "steps", "seconds", "sec_per_epoch"]
+CURVE_FIELDS = ["init", "bits", "arm", "seed", "epoch", "val_accuracy", "kd", "fa", "loss"]
+ARMS = {"KD only": None, "FAQD": "exact"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    init: str  # "fine-tune" or "end-to-end"
+    bits: int
+    arm: str  # a key of ARMS
+    seed: int
+    epochs: int
+
+    @property
+    def name(self):
+        arm = "kd" if self.arm == "KD only" else "faqd"
+        return f"{self.init}_{self.bits}bit_{arm}_seed{self.seed}_{self.epochs}ep"
+
+    def overrides(self):
+        """The `--set` values of this cell on top of configs/quickstart.json."""
+        fine_tune = self.init == "fine-tune"
+        return {
+            "teacher.file": TEACHER,
+            "student.init": "teacher" if fine_tune else "scratch",
+            "student.weight_bits": self.bits,
+            "distill.fa": ARMS[self.arm],
+            "distill.kd": "kl" if fine_tune else "mse",
+            "distill.temperature": 4.0 if fine_tune else 1.0,
+            "train.epochs": self.epochs,
+            "train.lr": 0.01,
+            "train.weight_decay": 1e-4,
+            "seed": self.seed,
+        }
+
+
+def cells(args):
+    out = []
+    for seed in args.seeds:
+        for bits in args.finetune_bits:
+            out += [Cell("fine-tune", bits, arm, seed, args.finetune_epochs) for arm in ARMS]
+        for bits in args.e2e_bits:
+            out += [Cell("end-to-end", bits, arm, seed, args.e2e_epochs) for arm in ARMS]
+    return out
+
+
+def read_rows(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def append_rows(path, fields, rows):
+    """Appends `rows` (whole lines, flushed and synced: a kill never leaves half a row)."""
+    new = not os.path.exists(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def done(cell, rows):
+    return any((r["init"], r["row"], r["column"], r["seed"], r["epochs"])
+               == (cell.init, cell.arm, f"{cell.bits}-bit", str(cell.seed), str(cell.epochs)) for r in rows)
+
+
+def run_cell(cell, args):
+    """Runs (or resumes) one cell through train.py; returns its cell row and curve rows."""
+    out = os.path.join(args.out_dir, cell.name)
+    command = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "quickstart.json"),
+               "--set", f"output_dir={out}"]
+    for key, value in cell.overrides().items():
+        command += ["--set", f"{key}={json.dumps(value)}"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    if args.workers > 1:  # one thread per cell: the cells share the cores
+        env.update(TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1", OMP_NUM_THREADS="1")
+    os.makedirs(out, exist_ok=True)
+    start = time.perf_counter()
+    with open(os.path.join(out, "train.log"), "a") as log:
+        proc = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise RuntimeError(f"{cell.name}: train.py exited with {proc.returncode}; see {out}/train.log")
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    history = read_rows(os.path.join(out, "history.csv"))
+    seconds = time.perf_counter() - start
+    steps = cell.epochs * -(-60000 // 128)
+    row = dict(table="budget", init=cell.init, row=cell.arm, column=f"{cell.bits}-bit", seed=cell.seed,
+               accuracy=round(results["student"]["accuracy"], 4), epochs=cell.epochs, steps=steps,
+               seconds=round(seconds, 1), sec_per_epoch=round(seconds / cell.epochs, 1))
+    curve = [dict(init=cell.init, bits=cell.bits, arm=cell.arm, seed=cell.seed, epoch=int(h["epoch"]) + 1,
+                  val_accuracy=round(float(h["val_accuracy"]), 4), kd=h.get("kd", ""), fa=h.get("fa", ""),
+                  loss=h.get("loss", "")) for h in history]
+    return row, curve
+
+
+def ensure_teacher():
+    """The pinned teacher: the quickstart's FP ResNet8 (trained here once if the file is missing)."""
+    if not os.path.exists(TEACHER):
+        import shutil
+
+        from benchmarks import real_pairs
+
+        os.makedirs(DOCS, exist_ok=True)
+        shutil.copyfile(real_pairs.quickstart_teacher(), TEACHER + ".part")
+        os.replace(TEACHER + ".part", TEACHER)
+    return TEACHER
+
+
+def run(args):
+    ensure_teacher()
+    todo = [c for c in cells(args) if not done(c, read_rows(args.csv))]
+    print(f"[budget] {len(todo)} cells to run ({len(cells(args)) - len(todo)} finished)", flush=True)
+    with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
+        futures = {pool.submit(run_cell, c, args): c for c in todo}
+        for future in concurrent.futures.as_completed(futures):
+            cell = futures[future]
+            try:
+                row, curve = future.result()
+            except RuntimeError as e:
+                print(f"[budget] {e}", flush=True)
+                continue
+            append_rows(args.csv, CELL_FIELDS, [row])
+            append_rows(args.curves, CURVE_FIELDS, curve)
+            print(f"[budget] {cell.name}: {100 * row['accuracy']:.2f}% ({row['sec_per_epoch']} s/epoch)", flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    p.add_argument("--finetune-bits", type=int, nargs="*", default=[4, 2])
+    p.add_argument("--e2e-bits", type=int, nargs="*", default=[2])
+    p.add_argument("--finetune-epochs", type=int, default=15)
+    p.add_argument("--e2e-epochs", type=int, default=30)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out-dir", default=os.path.join(ROOT, "saved_models", "budget"))
+    p.add_argument("--csv", default=os.path.join(DOCS, "cells.csv"))
+    p.add_argument("--curves", default=os.path.join(DOCS, "curves.csv"))
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--md", default=None)
+    p.add_argument("--png", default=None)
+    args = p.parse_args(argv)
+    if not args.report_only:
+        run(args)
+    if args.md or args.png:
+        from benchmarks import budget_report
+
+        budget_report.write(read_rows(args.csv), read_rows(args.curves), args.md, args.png,
+                            "python benchmarks/budget.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

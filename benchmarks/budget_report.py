@@ -1,0 +1,101 @@
+"""The report of `benchmarks/budget.py`: paired differences with 95% intervals, and the test curves.
+
+    python benchmarks/budget.py --report-only --md docs/budget.md --png docs/budget.png
+"""
+
+import os
+import platform
+
+import numpy as np
+
+from benchmarks.reproduce import paired_difference, verdict
+
+ARMS = ("KD only", "FAQD")
+
+
+def settings(cells):
+    """(init, column, epochs) of every setting that has cells, in a fixed order."""
+    keys = {(c["init"], c["column"], c["epochs"]) for c in cells}
+    return sorted(keys, key=lambda k: (k[0] != "fine-tune", k[1], int(k[2])))
+
+
+def flattens(curve, within=0.1):
+    """The first epoch from which the mean curve stays within `within` points of its final value."""
+    final = curve[-1]
+    for i in range(len(curve)):
+        if np.all(np.abs(np.asarray(curve[i:]) - final) <= within):
+            return i + 1
+    return len(curve)
+
+
+def mean_curves(curves, init, bits, arm):
+    """(epochs, mean, std, n) of the per-epoch test accuracy (points) over the seeds with whole curves."""
+    by_seed = {}
+    for r in curves:
+        if (r["init"], int(r["bits"]), r["arm"]) == (init, bits, arm):
+            by_seed.setdefault(int(r["seed"]), {})[int(r["epoch"])] = 100 * float(r["val_accuracy"])
+    if not by_seed:
+        return None
+    length = max(len(v) for v in by_seed.values())
+    whole = np.array([[v[e] for e in range(1, length + 1)] for v in by_seed.values() if len(v) == length])
+    return np.arange(1, length + 1), whole.mean(0), whole.std(0, ddof=1) if len(whole) > 1 else 0 * whole[0], len(whole)
+
+
+def table(cells, curves):
+    lines = ["| init | bits | epochs | KD only (mean ± std) | FAQD (mean ± std) | FAQD minus KD only (95% CI) | n | "
+             "verdict | KD only flattens at epoch |", "|---|---|---|---|---|---|---|---|---|"]
+    for init, column, epochs in settings(cells):
+        mine = [c for c in cells if (c["init"], c["column"], c["epochs"]) == (init, column, epochs)]
+        acc = {arm: np.array([100 * float(c["accuracy"]) for c in mine if c["row"] == arm]) for arm in ARMS}
+        stat = paired_difference(mine, ("budget", init, "FAQD", column), ("budget", init, "KD only", column))
+        curve = mean_curves(curves, init, int(column.split("-")[0]), "KD only")
+        flat = f"{flattens(curve[1])} of {len(curve[1])}" if curve else "-"
+        cell = lambda a: f"{a.mean():.2f} ± {a.std(ddof=1):.2f}" if len(a) > 1 else (f"{a[0]:.2f}" if len(a) else "-")  # noqa: E731
+        diff = f"**{stat[0]:+.2f} ± {stat[1]:.2f}**" if stat else "-"
+        lines.append(f"| {init} | {column} | {epochs} | {cell(acc['KD only'])} | {cell(acc['FAQD'])} | {diff} | "
+                     f"{stat[2] if stat else 0} | {verdict(stat) if stat else '-'} | {flat} |")
+    return "\n".join(lines)
+
+
+def plot(cells, curves, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(init, int(column.split("-")[0])) for init, column, _ in settings(cells)]
+    panels = list(dict.fromkeys(panels))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (init, bits) in zip(axes[0], panels):
+        for arm, color in zip(ARMS, ("tab:blue", "tab:orange")):
+            got = mean_curves(curves, init, bits, arm)
+            if got is None:
+                continue
+            epochs, mean, std, n = got
+            ax.plot(epochs, mean, color=color, label=f"{arm} (n={n})")
+            ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.25)
+        ax.set_title(f"{init}, {bits}-bit weights")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy % (mean ± std over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Label-free 4/2-bit ResNet8 from the FP ResNet8 teacher, Fashion-MNIST (60,000 images)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write(cells, curves, md, png, command):
+    cells = [c for c in cells if c["table"] == "budget"]
+    text = "\n".join([
+        f"Command: `{command}`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores. Every cell: `train.py` with configs/quickstart.json "
+        "and the pinned teacher docs/budget/teacher.keras; accuracy on the 10,000 test images after the last epoch. "
+        "Differences are paired by seed (same initial weights and data order).", "",
+        table(cells, curves), "",
+    ])
+    if md:
+        with open(md, "w") as f:
+            f.write(text)
+    print(text)
+    if png and cells:
+        plot(cells, curves, png)
