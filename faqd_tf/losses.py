@@ -634,7 +634,10 @@ def fast_feature_affinity_per_sample(teacher_map, student_map, k=15, seed=None, 
       `fast_fa_loss(order=1)` omits the factor `sqrt(pi/2) sqrt(N)`, which makes their FFA weaker
       than their FA by about that factor (26 at 32 x 32); with it one `beta` serves both.
 
-    `D z` is `(M (P^T z) + P (M^T z)) / 2`, O(k N C), each sample with its own probes.
+    `D z` is `(M (P^T z) + P (M^T z)) / 2`, O(k N C). The probes of a call are shared by the samples
+    of the batch, as in the authors' code: each sample's estimate stays unbiased, and drawing them
+    costs 1/batch of per-sample probes (Gaussian sampling of per-sample probes took longer than the
+    whole exact FA on a 2-core CPU: 23 ms per step for one 28 x 28 tap at batch 128, k = 15).
 
     Args:
         teacher_map: `(batch, H_T, W_T, C_T)`; resized to the student's H, W when they differ.
@@ -664,7 +667,7 @@ def fast_feature_affinity_per_sample(teacher_map, student_map, k=15, seed=None, 
     teacher_map, student_map = _align(teacher_map, student_map)
     x, y = _rows_of_both(teacher_map, student_map)
     shape = tf.shape(x)
-    z = tf.random.stateless_normal([shape[0], shape[1], k], seed=_stateless_seed(seed))
+    z = tf.random.stateless_normal([1, shape[1], k], seed=_stateless_seed(seed))  # matmuls broadcast it
     n = _num_pixels(x)
     if fa_norm == "l1":
         return math.sqrt(math.pi / 2) * _probed_totals(x, y, z, fa_norm) / (k * n * tf.sqrt(n))
