@@ -12,7 +12,7 @@ Deployment (`faqd_tf.export`: packed files, TFLite) is imported on demand.
 ('faqd_tf.quantize', 'QuantConv2D')
 """
 
-import importlib
+from importlib import import_module as _import_module
 
 from faqd_tf._version import __version__
 from faqd_tf.summary import summary  # loads Keras only when it runs
@@ -35,7 +35,7 @@ def __getattr__(name):
         raise AttributeError(f"module 'faqd_tf' has no attribute {name!r}")
     # Only the module that defines `name`: the package's own modules import its submodules with
     # `from faqd_tf import quantizers`, which comes here while they are half loaded.
-    module = importlib.import_module(_LAZY[name])
+    module = _import_module(_LAZY[name])
     value = module if module.__name__ == f"faqd_tf.{name}" else getattr(module, name)
     globals()[name] = value
     return value
