@@ -1,14 +1,45 @@
 """faqd-tf: label-free quantization of Keras models by Feature Affinity assisted Distillation (FAQD).
 
-Importing the package registers its layers, quantizers and losses with Keras, so saved models
-load with `keras.models.load_model(path, safe_mode=True)`. Deployment (`faqd_tf.export`: packed
-files, TFLite) is imported on demand.
+Importing the package loads no TensorFlow, so that the command line (`faqd_tf.cli`, which Python
+imports after this package) answers `--help` and refuses a bad config at once. The names below load
+on first use. A module registers its Keras classes when it loads, so saved models load with
+`keras.models.load_model(path, safe_mode=True)` once `faqd_tf.layers` has (the layers and quantizers):
+`import faqd_tf.layers`, or use `faqd_tf.models`, `quantize_model` or `Distiller`, which load it.
+Deployment (`faqd_tf.export`: packed files, TFLite) is imported on demand.
+
+>>> import faqd_tf
+>>> faqd_tf.quantize_model.__module__, faqd_tf.layers.QuantConv2D.__name__
+('faqd_tf.quantize', 'QuantConv2D')
 """
 
-from faqd_tf import layers, losses, models, quantizers  # noqa: F401  (registers serializable classes)
+from importlib import import_module as _import_module
+
 from faqd_tf._version import __version__
-from faqd_tf.distiller import Distiller
-from faqd_tf.quantize import quantize_model
-from faqd_tf.summary import summary
+from faqd_tf.summary import summary  # loads Keras only when it runs
 
 __all__ = ["Distiller", "quantize_model", "summary", "layers", "losses", "models", "quantizers", "__version__"]
+
+# Name -> the module that defines it (a module stands for itself).
+_LAZY = {
+    "Distiller": "faqd_tf.distiller",
+    "quantize_model": "faqd_tf.quantize",
+    "layers": "faqd_tf.layers",
+    "losses": "faqd_tf.losses",
+    "models": "faqd_tf.models",
+    "quantizers": "faqd_tf.quantizers",
+}
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'faqd_tf' has no attribute {name!r}")
+    # Only the module that defines `name`: the package's own modules import its submodules with
+    # `from faqd_tf import quantizers`, which comes here while they are half loaded.
+    module = _import_module(_LAZY[name])
+    value = module if module.__name__ == f"faqd_tf.{name}" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

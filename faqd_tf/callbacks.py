@@ -1,12 +1,19 @@
 """Keras callbacks of FAQD."""
 
+import contextlib
 import csv
+import errno
+import hashlib
+import io
 import json
 import os
 import shutil
+import tempfile
 
 import keras
 import numpy as np
+
+from faqd_tf.training import written_aside
 
 
 def _walk(layer, seen):
@@ -144,20 +151,27 @@ class ResumableCSVLogger(keras.callbacks.CSVLogger):
         with open(self.filename, newline="") as f:
             rows = list(csv.reader(f, delimiter=self.sep))
         kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) < epoch]
-        partial = self.filename + ".partial"
-        with open(partial, "w", newline="") as f:
+        with written_aside(self.filename) as partial, open(partial, "w", newline="") as f:
             csv.writer(f, delimiter=self.sep).writerows(kept)
-        os.replace(partial, self.filename)
+
+
+class BackupWriteError(OSError):
+    """An epoch backup that could not be written (a full disk); the message says which backup is kept."""
 
 
 class SharedBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """`keras.callbacks.BackupAndRestore` for a job of several workers sharing one backup folder.
+    """`keras.callbacks.BackupAndRestore` for a job of several workers sharing one backup folder,
+    whose backups neither a kill nor a full disk can leave unusable.
 
     Every worker restores from the folder, so a restarted job resumes at one epoch on all of them;
     only the writer (the chief) saves and, with `delete_checkpoint`, finally deletes it. Backups are
-    double (`double_checkpoint=True`): a backup cut short by a kill falls back to the one before it,
-    also when the kill came between its weights and its epoch number (a metadata file older than
-    the weights, or not whole).
+    double, in Keras's files (``latest.weights.h5`` with ``training_metadata.json``, and the
+    generation before as ``*.bkp``), but written differently: the weights are serialized in memory,
+    the new generation is written next to the others and renamed into place, so a write that fails
+    (`BackupWriteError`) or is killed leaves both generations as they were. The metadata records
+    the weights' size and SHA-256: a generation whose weights do not match it (or, for a backup of
+    plain Keras, whose metadata is older than its weights or not whole) is never restored; the one
+    before it is.
 
     Args:
         backup_dir: the shared folder.
@@ -171,47 +185,166 @@ class SharedBackupAndRestore(keras.callbacks.BackupAndRestore):
         super().__init__(backup_dir, save_freq=save_freq, double_checkpoint=True, delete_checkpoint=delete_checkpoint)
         self.writer = bool(writer)
 
+    # BackupAndRestore names its files only in these attributes (Keras 3.12-3.15); there is no public
+    # hook for where it reads and writes, so they are read and, while restoring, redirected.
+    def _generations(self):
+        return ((self._weights_path, self._training_metadata_path),
+                (self._prev_weights_path, self._prev_training_metadata_path))
+
     def on_train_begin(self, logs=None):
-        # BackupAndRestore names its files only in these attributes (Keras 3.12-3.15); there is no
-        # public hook for a torn backup, so the repair reads and, on a worker, redirects them.
-        weights, meta = self._weights_path, self._training_metadata_path
-        prev_weights, prev_meta = self._prev_weights_path, self._prev_training_metadata_path
-        if _torn(weights, meta):
-            # Fall back to the backup before (none: start over, as before the first backup).
-            whole = os.path.exists(prev_weights) and not _torn(prev_weights, prev_meta)
-            if self.writer:
-                for source, target in ((prev_weights, weights), (prev_meta, meta)):
-                    if whole:
-                        shutil.copy(source, target)
-                    elif os.path.exists(target):
-                        os.remove(target)
-            elif whole:  # the writer repairs the folder; read the whole backup meanwhile
-                self._weights_path, self._training_metadata_path = prev_weights, prev_meta
-            else:
-                self._weights_path = self._training_metadata_path = os.path.join(self.backup_dir, "none")
-        super().on_train_begin(logs)
+        latest, previous = self._generations()
+        if self.writer:
+            self._repair()
+            super().on_train_begin(logs)
+            return
+        # A reader leaves the folder to the writer; it restores the first whole generation.
+        whole = next((g for g in (latest, previous) if _whole(*g)), None)
+        with tempfile.TemporaryDirectory() as scratch:
+            if whole is None:
+                restore = (os.path.join(scratch, "none"),) * 2
+            elif whole is latest:
+                restore = latest
+            else:  # Keras loads weights only from a file named *.weights.h5
+                restore = (os.path.join(scratch, "restore.weights.h5"), os.path.join(scratch, "restore.json"))
+                for source, target in zip(previous, restore):
+                    shutil.copy2(source, target)
+            self._weights_path, self._training_metadata_path = restore
+            try:
+                super().on_train_begin(logs)
+            finally:
+                self._weights_path, self._training_metadata_path = latest
+
+    def _repair(self):
+        """Leaves the folder as a whole latest generation (or none), and no partial files."""
+        latest, previous = self._generations()
+        for path in (*latest, *previous):
+            _remove(path + _PARTIAL)  # what a killed or failed write left
+        if not _whole(*previous):
+            for path in previous:
+                _remove(path)
+        if not _whole(*latest):
+            # Never trusted: the one before becomes the latest (as a link: no space, whole at every step).
+            for path in latest:
+                _remove(path)
+            for source, target in zip(previous, latest) if os.path.exists(previous[0]) else ():
+                _replace_with_copy(source, target)
 
     def _save_model(self):
-        if self.writer:
-            super()._save_model()
+        if not self.writer:
+            return
+        (weights, meta), (prev_weights, prev_meta) = self._generations()
+        data = _weights_bytes(self.model)
+        record = {"epoch": self._current_epoch, "batch": self._last_batch_seen, "weights_bytes": len(data),
+                  "weights_sha256": hashlib.sha256(data).hexdigest()}
+        staged = []  # (partial, final) in the order they are renamed
+        try:
+            os.makedirs(self.backup_dir, exist_ok=True)
+            if os.path.exists(weights):  # the latest becomes the one before: weights first, then metadata
+                for source, target in ((weights, prev_weights), (meta, prev_meta)):
+                    staged.append((target + _PARTIAL, target))
+                    _link_or_copy(source, target + _PARTIAL)
+            for path, content in ((weights, data), (meta, json.dumps(record).encode())):
+                staged.append((path + _PARTIAL, path))
+                _write_file(path + _PARTIAL, content)
+        except OSError as err:
+            for partial, _ in staged:
+                _remove(partial)
+            failure = BackupWriteError(self._failure(err))
+            failure.errno = err.errno  # the CLI tells a full disk from other failures by it
+            raise failure from err
+        # Renames only, each leaving a whole generation to fall back to: the one before, then the
+        # latest (its weights, whose old metadata no longer matches them, then its metadata).
+        for partial, final in staged:
+            os.replace(partial, final)
+            _remove(partial)  # left by a rename onto a link to the same file, which does nothing
+
+    def _failure(self, err):
+        kept = "no earlier backup exists"
+        if _whole(self._weights_path, self._training_metadata_path):
+            with open(self._training_metadata_path) as f:
+                kept = f"the backup of epoch {json.load(f)['epoch']} is kept"
+        return (f"the backup of epoch {self._current_epoch} could not be written to {self.backup_dir} "
+                f"({err.strerror or err}); {kept}")
 
     def on_train_end(self, logs=None):
         if self.writer:
             super().on_train_end(logs)
 
 
-def _torn(weights, meta):
-    """Whether a backup's weights exist without a whole metadata file written after them."""
-    if not os.path.exists(weights):
-        return False
+_PARTIAL = ".partial"
+
+
+def _weights_bytes(model):
+    """The `model.save_weights` file (``.weights.h5``, optimizer state included) of `model`, in memory.
+
+    HDF5 then never writes to the disk: a full disk fails Python's own write of these bytes, with
+    one `OSError`, instead of leaving h5py a half-written file that it tries to flush again at exit
+    (tracebacks, then a segmentation fault). Keras offers no public way to save weights to memory;
+    this is what `model.save_weights` does with a path (keras.src.saving.saving_lib, 3.12-3.15).
+    """
+    from keras.src.saving import saving_lib
+
+    buffer = io.BytesIO()
+    store = saving_lib.H5IOStore(buffer, mode="w")
+    try:
+        saving_lib._save_state(model, weights_store=store, assets_store=None, inner_path="", visited_saveables=set())
+    finally:
+        store.close()
+    return buffer.getvalue()
+
+
+def _write_file(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # on the disk before it is renamed into place (a power cut)
+
+
+def _link_or_copy(source, target):
+    # A hard link costs no space and keeps the file's mtime; some filesystems have none.
+    _remove(target)
+    try:
+        os.link(source, target)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        shutil.copy2(source, target)
+
+
+def _replace_with_copy(source, target):
+    """`target` replaced, whole, by a copy (a link where possible) of `source`."""
+    try:
+        _link_or_copy(source, target + _PARTIAL)
+        os.replace(target + _PARTIAL, target)
+    finally:
+        _remove(target + _PARTIAL)
+
+
+def _remove(path):
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+def _whole(weights, meta):
+    """Whether a backup generation can be restored: its weights and a whole metadata file that
+    matches them (size and SHA-256), or, for Keras's own metadata, was written after them."""
     try:
         with open(meta) as f:
-            json.load(f)["epoch"]
+            record = json.load(f)
+        int(record["epoch"])
+        if "weights_sha256" not in record:
+            # BackupAndRestore writes the weights, then the metadata: metadata older than the
+            # weights belongs to the backup before.
+            return os.stat(meta).st_mtime_ns >= os.stat(weights).st_mtime_ns
+        if os.path.getsize(weights) != record["weights_bytes"]:
+            return False
+        digest = hashlib.sha256()
+        with open(weights, "rb") as f:
+            for block in iter(lambda: f.read(2**20), b""):
+                digest.update(block)
+        return digest.hexdigest() == record["weights_sha256"]
     except (OSError, ValueError, KeyError, TypeError):
-        return True
-    # BackupAndRestore writes the weights, then the metadata: metadata older than the weights
-    # belongs to the backup before.
-    return os.stat(meta).st_mtime_ns < os.stat(weights).st_mtime_ns
+        return False
 
 
 def describe_gradient_norms(norms, weights):

@@ -15,13 +15,19 @@ place where errors become those lines (`main`); set FAQD_TRACEBACK=1 to see the 
 """
 
 import argparse
+import errno
 import os
 import re
 import sys
 
+from faqd_tf import config as config_module
 from faqd_tf import inputs
 from faqd_tf.runner import STAGES, Run, StageFailed, UsageError
 
+# The longest line an error may print; longer values in it are shortened first (never its reason).
+MAX_LINE = 300
+# The levels of TF_CPP_MIN_LOG_LEVEL: 0 logs INFO, which TensorFlow's start-up notices are.
+_INFO = "0"
 
 
 def _prog():
@@ -46,32 +52,69 @@ def build_parser():
     parser.add_argument("--overwrite", action="store_true", help="replace finished outputs")
     parser.add_argument("--tune", action="store_true", help="search alpha, beta, gamma, temperature with keras-tuner")
     parser.add_argument("--trials", type=int, default=None, help="number of tuning trials (default: tune.trials)")
-    # The kinds of faqd_tf.export.KINDS (listed here: parsing imports no TensorFlow).
+    # The kinds of faqd_tf.export.KINDS, listed here: parsing imports no TensorFlow (the preflight
+    # checks each kind against faqd_tf.export).
     parser.add_argument("--export", choices=["packed", "tflite", "tflite-int8", "tflite-full"], action="append", default=[],
                         help="also export the student after evaluation (repeatable)")
     return parser
 
 
-def run(argv=None):
-    """Parses `argv`, checks every input, then runs; raises on any error (see `main`)."""
-    args = build_parser().parse_args(argv)
-    from faqd_tf import config as config_module
+def import_tensorflow_quietly():
+    """Imports TensorFlow (and Keras) with its C++ start-up notices hidden.
 
+    While it loads, TensorFlow's runtime prints notices (oneDNN, "Could not find cuda drivers",
+    cpu_feature_guard) straight to file descriptor 2, whatever TF_CPP_MIN_LOG_LEVEL says; they would
+    bury the one-line errors of this command. They are hidden unless the user asked for TensorFlow's
+    INFO lines (TF_CPP_MIN_LOG_LEVEL=0). Python exceptions still surface.
+    """
+    if "tensorflow" in sys.modules:
+        return
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if os.environ["TF_CPP_MIN_LOG_LEVEL"].strip() == _INFO:
+        import keras  # noqa: F401
+        import tensorflow  # noqa: F401
+
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import keras  # noqa: F401
+        import tensorflow as tf
+
+        # The runtime's first device notices come with the first operation; a multi-worker run
+        # (TF_CONFIG) must configure its collectives before any, so it skips this.
+        if not os.environ.get("TF_CONFIG"):
+            tf.constant(0.0)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def run(argv=None):
+    """Parses `argv`, checks every input, then runs; raises on any error (see `main`).
+
+    The config is read and checked before TensorFlow loads: a bad one costs no TensorFlow start-up.
+    """
+    args = build_parser().parse_args(argv)
     cfg = config_module.load(args.config, args.set)
     if args.tune and cfg["strategy"] == "multi_worker":
         raise UsageError('--tune runs its trials in one process; set strategy to "default" or "mirrored" for tuning.')
     if args.trials is not None and not 1 <= args.trials <= 100_000:
         raise UsageError(f"--trials={args.trials} must be >= 1 and <= 100000.")
+    import_tensorflow_quietly()
     runner = Run(cfg, overwrite=args.overwrite)
     try:
         if os.path.isdir(runner.out):
             runner.lock.acquire()  # a second run on a busy output_dir stops here, at once
         if args.tune:
-            runner.preflight(["tune"])
+            runner.preflight(["tune"], args.export)
             runner.tune(args.trials or cfg["tune"]["trials"])
             return 0
         stages = runner.plan(args.stage)
-        runner.preflight(stages)
+        runner.preflight(stages, args.export)
         if not stages:
             raise UsageError(f"every output of this run is in {runner.out} already; pass --overwrite to run it again.")
         runner.start(stages, args.export)
@@ -82,7 +125,15 @@ def run(argv=None):
 
 def _first_line(error):
     text = str(getattr(error, "message", None) or error).strip()
-    return inputs.shorten(text.splitlines()[0], 300) if text else type(error).__name__
+    return inputs.clip(text.splitlines()[0], MAX_LINE) if text else type(error).__name__
+
+
+def _reason(error):
+    """The error's line, to go inside a sentence (its full stop would end up before a semicolon)."""
+    if isinstance(error, OSError) and error.strerror:  # without Python's "[Errno 28] " prefix
+        where = f": {error.filename}" if error.filename else ""
+        return inputs.clip(f"{error.strerror}{where}", MAX_LINE).rstrip(".")
+    return _first_line(error).rstrip(".")
 
 
 def _stage_failure(failure):
@@ -90,22 +141,32 @@ def _stage_failure(failure):
     import tensorflow as tf
 
     error = failure.error
-    resume = "run the same command to resume from the last finished epoch"
+    if failure.stage == "evaluate":  # no epochs to resume: the trained models are kept
+        again = "run the same command again"
+    else:
+        again = "run the same command to resume from the last finished epoch"
     if isinstance(error, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError)):
         # A worker died or stopped answering; the others' collectives fail with this.
         cause = _first_line(error).split("aborted by: ")[-1].strip()[:200]
         return f"the multi-worker job lost a worker ({cause}); start every worker again with the same command to resume from the last backup."
     if isinstance(error, tf.errors.ResourceExhaustedError):
         return (f"stage {failure.stage} ran out of memory ({_first_line(error)[:120]}); lower train.batch_size "
-                f"or dataset.image_size, then {resume}.")
-    return f"stage {failure.stage} failed: {_first_line(error)}; fix what it names, then {resume}."
+                f"or dataset.image_size, then {again}.")
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = f" writing {error.filename}" if error.filename else f": {_reason(error)}"
+        return f"stage {failure.stage} ran out of disk space{what}; free some space, then {again}."
+    return f"stage {failure.stage} failed: {_reason(error)}; fix what it names, then {again}."
+
+
+def _loaded(module, name):
+    """`(module.name,)` if `module` is loaded, else `()` (an `except` clause that matches nothing):
+    an error class of a module that never loaded cannot have been raised."""
+    return (getattr(sys.modules[module], name),) if module in sys.modules else ()
 
 
 def main(argv=None):
     """Runs the command line; every error ends as one line on stderr with exit code 2 (bad input,
     nothing written) or 1 (the run failed once it began)."""
-    from faqd_tf.callbacks import NonFiniteLossError
-    from faqd_tf.data import SourceUnavailableError
 
     def fail(message, code):
         if os.environ.get("FAQD_TRACEBACK"):
@@ -117,9 +178,10 @@ def main(argv=None):
         return run(argv)
     except StageFailed as e:
         return fail(_stage_failure(e), 1)
-    except NonFiniteLossError as e:
-        return fail(f"{e}; lower train.lr (or check the data), then run the same command to resume.", 1)
-    except (ValueError, OSError, SourceUnavailableError) as e:  # UsageError, ConfigError and the data's errors
+    except _loaded("faqd_tf.callbacks", "NonFiniteLossError") as e:
+        return fail(f"{_reason(e)}; lower train.lr (or check the data), then run the same command to resume.", 1)
+    # UsageError, ConfigError and the data's errors.
+    except (ValueError, OSError, *_loaded("faqd_tf.data", "SourceUnavailableError")) as e:
         return fail(_first_line(e), 2)
     except KeyboardInterrupt:
         print(f"{_prog()}: interrupted; run the same command again to resume from the last finished epoch.", file=sys.stderr)

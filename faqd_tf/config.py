@@ -19,8 +19,7 @@ import math
 import os
 
 from faqd_tf import inputs, options
-from faqd_tf.data import AUGMENTATIONS
-from faqd_tf.quantizers import SUPPORTED_BITS
+from faqd_tf.options import AUGMENTATIONS, SUPPORTED_BITS
 
 
 class ConfigError(ValueError):
@@ -322,15 +321,17 @@ def find(name):
 def load(path, overrides=None):
     """Reads, overrides and resolves a JSON config file (a path, or a shipped config's name)."""
     path = find(os.fspath(path))
+    shown = inputs.shorten(path)
     if not os.path.isfile(path):
+        state = "is a directory" if os.path.isdir(path) else "does not exist"
         raise ConfigError(
-            f"config file {inputs.shorten(path)} does not exist; pass --config with a JSON file or the name of a "
-            f"shipped config ({', '.join(shipped_names())})."
+            f"config file {shown} {state}; pass --config with a JSON file or the name of a shipped config "
+            f"({', '.join(shipped_names())})."
         )
     try:
-        raw = inputs.loads_json(inputs.read_text(path, "config file"), f"config file {path}")
+        raw = inputs.loads_json(inputs.read_text(path, "config file"), f"config file {shown}")
     except json.JSONDecodeError as e:
-        raise ConfigError(f"config file {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}).") from None
+        raise ConfigError(f"config file {shown} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}).") from None
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return resolve(apply_overrides(raw, overrides))

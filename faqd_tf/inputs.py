@@ -15,11 +15,14 @@ Traceback (most recent call last):
 ValueError: manifest inflates to more than 100 bytes, more than it can hold; is it the right file?
 >>> shorten("a" * 100, limit=10)
 'aaaaaaaaaa... (100 characters)'
+>>> clip("idx:/" + "a" * 120_000 + " does not exist; check the path.", 200)
+'idx:/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa... (120,005 characters) does not exist; check the path.'
 """
 
 import gzip
 import json
 import os
+import re
 import tempfile
 import warnings
 import zlib
@@ -48,6 +51,22 @@ def shorten(text, limit=MESSAGE_CHARS):
     if len(text) <= limit:
         return text
     return f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def clip(line, limit):
+    """A message `line` cut to `limit` characters by shortening its values, never its reason.
+
+    Runs of more than `MESSAGE_CHARS` non-blank characters (paths, values) are shortened first; a
+    line still too long keeps its start (what it names) and its end (what to do).
+    """
+    line = str(line)
+    if len(line) <= limit:
+        return line
+    line = re.sub(rf"\S{{{MESSAGE_CHARS + 1},}}", lambda m: shorten(m.group(0)), line)
+    if len(line) <= limit:
+        return line
+    half = (limit - len(" ... ")) // 2
+    return f"{line[:half]} ... {line[len(line) - half:]}"
 
 
 def check_size(declared, present, what, advice="download it again"):
@@ -178,7 +197,10 @@ def _parse_int(text):
 
 
 def loads_json(text, what, max_depth=MAX_JSON_DEPTH):
-    """Parses JSON from a user; overlong integers become `LongInteger`s, deep nesting an error.
+    """Parses JSON from a user; overlong integers become `LongInteger`s, deep nesting and a key
+    given twice in one object are errors.
+
+    JSON allows a key twice (the last wins); a user who wrote it twice made a mistake.
 
     >>> loads_json('{"epochs": 3}', "config")
     {'epochs': 3}
@@ -186,19 +208,37 @@ def loads_json(text, what, max_depth=MAX_JSON_DEPTH):
     Traceback (most recent call last):
     ...
     ValueError: config nests lists and objects deeper than 32 levels; a config is a few levels deep.
+    >>> loads_json('{"train": {"lr": 0.1, "epochs": 3, "lr": 0.2}}', "config")
+    Traceback (most recent call last):
+    ...
+    ValueError: config gives the key 'train.lr' twice; keep one of them.
     """
     deep = f"{what} nests lists and objects deeper than {max_depth} levels; a config is a few levels deep."
+    twice = {}  # id of a parsed object -> its first key given twice
+
+    def pairs_to_dict(pairs):
+        out = {}
+        for key, value in pairs:
+            if key in out and id(out) not in twice:
+                twice[id(out)] = key
+            out[key] = value
+        return out
+
     try:
-        value = json.loads(text, parse_int=_parse_int)
+        value = json.loads(text, parse_int=_parse_int, object_pairs_hook=pairs_to_dict)
     except RecursionError:
         raise ValueError(deep) from None
-    stack = [(value, 1)]
+    stack = [(value, 1, ())]
     while stack:
-        node, depth = stack.pop()
+        node, depth, path = stack.pop()
         if isinstance(node, (dict, list)):
             if depth > max_depth:
                 raise ValueError(deep)
-            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+            if id(node) in twice:
+                key = shorten(".".join((*path, twice[id(node)])))
+                raise ValueError(f"{what} gives the key '{key}' twice; keep one of them.")
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            stack.extend((child, depth + 1, (*path, str(key))) for key, child in items)
     return value
 
 
@@ -313,6 +353,7 @@ __all__ = [
     "check_limit",
     "check_output_dir",
     "check_size",
+    "clip",
     "describe",
     "inflate",
     "inflation_limit",

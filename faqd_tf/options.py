@@ -1,8 +1,9 @@
-"""The options of the FAQD losses, named and checked once.
+"""The options of FAQD (its losses, quantizers and data augmentation), named and checked once.
 
 `losses`, `Distiller`, `keras_distillation`, `tuning` and the config schema take the same options
 under the same names; their allowed values and their checks live here, so a value one of them
-accepts is accepted by all, and a bad value gets the same one-line `ValueError` everywhere.
+accepts is accepted by all, and a bad value gets the same one-line `ValueError` everywhere. The
+module loads no TensorFlow: the command line checks a config against it before TensorFlow starts.
 
 >>> check_fa_norm("l1")
 'l1'
@@ -16,6 +17,12 @@ import math
 import numbers
 
 import numpy as np
+
+SUPPORTED_BITS = (1, 2, 4, 8)
+"""Bit widths of quantized weights and activations (`faqd_tf.quantizers`)."""
+
+AUGMENTATIONS = ("crop", "crop_flip", "resized_crop_flip")
+"""Augmentation policies of the data pipelines (`faqd_tf.data`)."""
 
 KD = ("mse", "kl")
 """`kd`: MSE on raw logits (the paper's end-to-end choice) or the temperature-scaled KL (fine-tuning)."""

@@ -24,7 +24,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-SUPPORTED_BITS = (1, 2, 4, 8)
+from faqd_tf.options import SUPPORTED_BITS
+
 LLOYD_ITERATIONS = 8
 # Authors' initial resolutions of the quantized ReLU (lzj994/FAQD CIFAR/quant_uni_type.py, bit_alpha);
 # 8 bits continues the ~4x per 2 bits trend.

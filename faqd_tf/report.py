@@ -4,6 +4,8 @@ import csv
 import json
 import os
 
+from faqd_tf.training import written_aside
+
 # The CSV history of each stage, in the order the stages run, with the curve's label.
 HISTORIES = (("teacher", "teacher_history.csv"), ("activation step", "distill_act_history.csv"),
              ("student", "history.csv"))
@@ -11,10 +13,8 @@ HISTORIES = (("teacher", "teacher_history.csv"), ("activation step", "distill_ac
 
 def write_json(path, value):
     """Writes `value` as JSON to `path` through a renamed temporary file (never half a file)."""
-    partial = path + ".partial"
-    with open(partial, "w") as f:
+    with written_aside(path) as partial, open(partial, "w") as f:
         json.dump(value, f, indent=2)
-    os.replace(partial, path)
 
 
 def _kib(bits):

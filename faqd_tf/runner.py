@@ -2,8 +2,8 @@
 
     run = Run(config)                 # paths and the distribution strategy; nothing read yet
     stages = run.plan("all")          # the stages whose outputs are missing or were interrupted
-    run.preflight(stages)             # every check that needs no training; nothing written
-    run.start(stages)                 # locks output_dir, writes config.json, runs the stages
+    run.preflight(stages, exports)    # every check that needs no training; nothing written
+    run.start(stages, exports)        # locks output_dir, writes config.json, runs the stages
 
 Every stage trains with `keras.callbacks.BackupAndRestore` (`faqd_tf.callbacks.SharedBackupAndRestore`)
 and ends in the same order: the model is saved (atomically), then the backup is removed. A kill at
@@ -39,6 +39,12 @@ class StageFailed(RuntimeError):
 
 def say(message):
     print(f"[faqd] {message}", flush=True)
+
+
+def _has_quantized_kernel(model):
+    from faqd_tf.summary import iter_layers, quantized_kernel_bits
+
+    return any(quantized_kernel_bits(layer) is not None for _, layer, _ in iter_layers(model))
 
 
 class FolderLock:
@@ -120,12 +126,16 @@ class Run:
             stages.append("evaluate")
         return stages
 
-    def preflight(self, stages):
-        """Checks every input the `stages` (or ``["tune"]``) will use, short of training: the
-        output folder, every split of the data they read, the models and their fit to the data,
-        the FA layer names. Raises one-line errors; writes nothing."""
+    def preflight(self, stages, exports=()):
+        """Checks every input the `stages` (or ``["tune"]``) and the `exports` (kinds of
+        `faqd_tf.export.KINDS`) will use, short of training: the output folder, every split of the
+        data they read, the models and their fit to the data, the FA layer names, the export paths.
+        Raises one-line errors; writes nothing."""
         from faqd_tf import data, models
 
+        if exports and stages and "evaluate" not in stages:  # no stages: the caller says every output is there
+            raise UsageError("--export writes the student at the end of the evaluate stage, which this command does "
+                             "not run; run --stage evaluate (or all) with it, or leave --export out.")
         inputs.check_output_dir(self.out)
         d = self.config["dataset"]
         self.info = data.dataset_info(d["source"], d["data_dir"], image_size=d["image_size"])
@@ -134,9 +144,11 @@ class Run:
                 f"dataset {inputs.shorten(d['source'])} has no classes (unlabeled); the teacher's training "
                 "and evaluation need labeled data: use a labeled source (labels are ignored while distilling)."
             )
-        for split, labels, train in self._datasets(stages):
+        if "teacher" in stages:
+            self._check_classes()
+        for split, labels, train in self._datasets(stages, exports):
             self.dataset(split, labels, train)  # builds the pipeline: every split and argument checked
-        teacher = None
+        teacher = quantized = None  # quantized: whether the final student has quantized kernels
         if "teacher" in stages:
             if self.config["teacher"]["arch"] is None:
                 raise UsageError("stage 'teacher' needs teacher.arch, the architecture to train.")
@@ -155,18 +167,48 @@ class Run:
             teacher = self._load_model(self.teacher_path, "teacher.file")
         if "distill" in stages:
             self._check_free(self.student_path, "student", "distill")
-            student = self.config["student"]
-            if student["init"] == "scratch":
-                self._check_arch(student["arch"] or self.config["teacher"]["arch"], "student.arch")
-            self._check_distiller(teacher)
+            s = self.config["student"]
+            if s["init"] == "scratch":
+                self._check_arch(s["arch"] or self.config["teacher"]["arch"], "student.arch")
+            student, two_step = self._check_distiller(teacher)
+            quantized = two_step or _has_quantized_kernel(student)  # two steps: weights quantized in the second
         if "evaluate" in stages and "distill" not in stages:
             if not os.path.exists(self.student_path):
                 raise UsageError(f"student file {self.student_path} does not exist; run --stage distill first.")
-            self._load_model(self.student_path, "student file")
+            quantized = _has_quantized_kernel(self._load_model(self.student_path, "student file"))
             self._check_free(self.results_path, "results", "evaluate")
+        if exports and stages:
+            self._check_exports(exports, quantized)
 
-    def _datasets(self, stages):
-        """(split, labels, training role) of every dataset the stages build."""
+    def _check_classes(self):
+        """The teacher learns to tell classes apart: with one, it trains to loss 0 and learns nothing."""
+        classes = self.info.train_classes if self.info.train_classes is not None else self.info.num_classes
+        if classes < 2:
+            raise UsageError(
+                f"dataset {inputs.shorten(self.config['dataset']['source'])} has one class in its train labels; "
+                "a teacher needs two or more to learn anything (with one it trains to loss 0): use a dataset "
+                "of several classes, or give a trained teacher in teacher.file."
+            )
+
+    def _check_exports(self, exports, quantized):
+        """Each export kind can be written once the evaluation is done: its file name is not taken
+        by a folder, the student has the quantized kernels the kind stores (`quantized`)."""
+        from faqd_tf import export
+
+        for kind in dict.fromkeys(exports):
+            if kind not in export.KINDS:
+                raise UsageError(f"--export {inputs.shorten(kind)} is not an export; use one of {', '.join(export.KINDS)}.")
+            path = os.path.join(self.out, export.FILENAMES[kind])
+            if os.path.isdir(path):
+                raise UsageError(f"--export {kind} writes the file {path}, which is a folder; move it away or "
+                                 "choose another output_dir.")
+            if export.needs_quantized(kind) and not quantized:
+                others = ", ".join(k for k in export.KINDS if not export.needs_quantized(k))
+                raise UsageError(f"--export {kind} stores a quantized student's integer codes, but the student has no "
+                                 f"quantized kernel; set student.weight_bits, or export {others}.")
+
+    def _datasets(self, stages, exports=()):
+        """(split, labels, training role) of every dataset the stages and exports build."""
         d = self.config["dataset"]
         wanted = []
         if "teacher" in stages:
@@ -177,6 +219,11 @@ class Run:
             wanted.append(("test", True, None))
         if "tune" in stages:
             wanted += [("train", d["labels"], "student"), ("validation", True, None)]
+        if exports and "evaluate" in stages:
+            from faqd_tf import export
+
+            if any(export.needs_calibration(kind) for kind in exports if kind in export.KINDS):
+                wanted.append(("train", False, None))  # unlabeled calibration images (see `export`)
         return list(dict.fromkeys(wanted))
 
     def _check_arch(self, arch, key):
@@ -192,14 +239,16 @@ class Run:
             raise UsageError(f"the {what} output {path} exists; pass --overwrite to replace it.")
 
     def _check_distiller(self, teacher):
-        """Builds the stage's Distiller once, untrained: the student, the FA layer pairs, the loss options."""
+        """Builds the stage's Distiller once, untrained: the student, the FA layer pairs, the loss
+        options. Returns the student and whether it is the activation step's (two steps)."""
         from faqd_tf.distiller import Distiller
 
-        student, _ = self.build_student(teacher)
+        student, two_step = self.build_student(teacher)
         try:
             Distiller(student, teacher, seed=self.config["seed"], **self.config["distill"])
         except ValueError as err:
             raise UsageError(f"distill: {str(err).strip().splitlines()[0]}") from None
+        return student, two_step
 
     def _load_model(self, path, key):
         import keras

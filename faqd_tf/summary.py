@@ -30,12 +30,12 @@ Example:
 
 import dataclasses
 
-import keras
-
 __all__ = ["LayerSummary", "ModelSummary", "iter_layers", "kernel_scale_count", "quantized_kernel_bits", "summary"]
 
 
 def _sublayers(layer):
+    import keras  # here, not at the top: `import faqd_tf` (which binds `summary`) loads no TensorFlow
+
     # The public ways to a layer's children: a model's `layers`, a wrapper's (TimeDistributed...)
     # `layer`. Any other layer is a leaf, its sub-layers' weights counted as its own.
     if isinstance(layer, keras.Model):
@@ -244,6 +244,8 @@ def summary(model, print_fn=print):
     Returns:
         A :class:`ModelSummary` (``rows`` of :class:`LayerSummary`, totals and ``compression_ratio``).
     """
+    import keras
+
     if not isinstance(model, keras.layers.Layer):
         raise ValueError(f"summary needs a Keras model or layer, got {type(model).__name__}.")
     if not model.built:

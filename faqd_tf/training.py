@@ -1,6 +1,7 @@
 """Training pieces shared by the CLI, the benchmarks and user code: the optimizer of a config, a
-model save that a kill cannot leave half-written."""
+model save that neither a kill nor a full disk leaves half-written."""
 
+import contextlib
 import os
 
 
@@ -33,6 +34,31 @@ def make_optimizer(train, steps_per_epoch):
     )
 
 
+@contextlib.contextmanager
+def written_aside(path, partial=None):
+    """Yields a file name next to `path` (default `path + ".partial"`) to write; when the block ends
+    it is renamed to `path`, when the block fails (a full disk, an interrupt) it is removed. So
+    `path` is never half a file, and a failed write leaves nothing behind.
+
+    >>> import tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "notes.txt")
+    >>> with written_aside(path) as partial, open(partial, "w") as f:
+    ...     _ = f.write("whole")
+    >>> open(path).read(), os.listdir(os.path.dirname(path))
+    ('whole', ['notes.txt'])
+    """
+    partial = partial or path + ".partial"
+    try:
+        yield partial
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        if isinstance(err, OSError) and err.filename is None:
+            err.filename = path  # some writers (Keras's zip of a .keras file) name no file
+        raise
+    os.replace(partial, path)
+
+
 def save_model(model, path):
     """`model.save(path)` that never leaves half a file at `path`: written next to it, then renamed.
 
@@ -42,6 +68,5 @@ def save_model(model, path):
     >>> sorted(os.listdir(os.path.dirname(path)))
     ['m.keras']
     """
-    partial = path[: -len(".keras")] + ".partial.keras"
-    model.save(partial)
-    os.replace(partial, path)
+    with written_aside(path, path[: -len(".keras")] + ".partial.keras") as partial:
+        model.save(partial)

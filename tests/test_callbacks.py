@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 
 import keras
 import numpy as np
@@ -73,7 +74,8 @@ def test_history_restarts_on_a_fresh_run_and_drops_repeated_rows_on_resume(tmp_p
     assert _history(path) == [0, 1]
 
 
-@pytest.mark.parametrize("damage", ["half-written metadata", "metadata older than the weights", "metadata missing"])
+@pytest.mark.parametrize("damage", ["half-written metadata", "metadata older than the weights", "metadata missing",
+                                    "truncated weights", "weights of another epoch"])
 def test_torn_backup_falls_back_to_the_one_before(tmp_path, rng, damage):
     x, y = rng.normal(size=(8, 3)), rng.normal(size=(8, 2))
     backup = str(tmp_path / "backup")
@@ -87,9 +89,16 @@ def test_torn_backup_falls_back_to_the_one_before(tmp_path, rng, damage):
         open(meta, "w").write('{"epoch": ')
     elif damage == "metadata missing":
         os.remove(meta)
-    else:
+    elif damage == "metadata older than the weights":  # Keras's own metadata: no digest of the weights
         open(meta, "w").write(json.dumps({"epoch": 2, "batch": 0}))
         os.utime(weights, ns=(os.stat(meta).st_mtime_ns + 10**9,) * 2)
+    else:  # weights that are not those the (whole, newer) metadata describes: never trusted
+        if damage == "truncated weights":  # a full disk, a power cut
+            data = open(weights, "rb").read()
+            open(weights, "wb").write(data[: len(data) // 2])
+        else:
+            shutil.copy(weights + ".bkp", weights)
+        os.utime(meta, ns=(os.stat(weights).st_mtime_ns + 10**9,) * 2)
 
     again = _Record()
     _model().fit(x, y, epochs=3, batch_size=4, verbose=0,
@@ -98,6 +107,23 @@ def test_torn_backup_falls_back_to_the_one_before(tmp_path, rng, damage):
     for restored, expected in zip(again.weights[2], first.weights[2]):
         np.testing.assert_array_equal(restored, expected)
     assert not os.path.exists(backup)  # deleted at the end (delete_checkpoint=True)
+
+
+def test_a_reader_restores_the_backup_before_a_torn_one_without_writing(tmp_path, rng):
+    x, y = rng.normal(size=(8, 3)), rng.normal(size=(8, 2))
+    backup = tmp_path / "backup"
+    first = _Record()
+    _model().fit(x, y, epochs=3, batch_size=4, verbose=0,
+                 callbacks=[callbacks.SharedBackupAndRestore(str(backup), delete_checkpoint=False), first])
+    (backup / "training_metadata.json").write_text('{"epoch": ')  # the writer was killed writing it
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in backup.iterdir()}
+    again = _Record()
+    _model().fit(x, y, epochs=3, batch_size=4, verbose=0,
+                 callbacks=[callbacks.SharedBackupAndRestore(str(backup), writer=False), again])
+    assert again.epochs == [2]
+    for restored, expected in zip(again.weights[2], first.weights[2]):
+        np.testing.assert_array_equal(restored, expected)
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in backup.iterdir()} == before
 
 
 def test_a_reader_restores_without_writing(tmp_path, rng):

@@ -86,6 +86,7 @@ from faqd_tf.data.base import (
 from faqd_tf.data.files import IMAGE_EXTENSIONS, FolderSource, TinyImageNetSource
 from faqd_tf.data.idx import IdxSource, read_idx
 from faqd_tf.data.tfds import TfdsSource
+from faqd_tf.options import AUGMENTATIONS
 
 __all__ = [
     "AUGMENTATIONS",
@@ -103,7 +104,6 @@ __all__ = [
     "read_idx",
 ]
 
-AUGMENTATIONS = ("crop", "crop_flip", "resized_crop_flip")
 SOURCE_KINDS = ("tfds", "folder", "tiny_imagenet", "idx")
 
 

@@ -26,6 +26,8 @@ class DatasetInfo:
         std: per-channel standard deviation divided by after that.
         class_names: class names in label order (TFDS names, subfolder names, wnids), or `None`.
         augmentation: the policy `load` applies to the train split by default (see `AUGMENTATIONS`).
+        train_classes: how many classes the train split's labels hold, where headers and file lists
+            tell (IDX labels, class folders); `None` where only a pass over the data would (TFDS).
     """
 
     name: str
@@ -36,6 +38,7 @@ class DatasetInfo:
     std: tuple
     class_names: tuple | None = None
     augmentation: str = "crop_flip"
+    train_classes: int | None = None
 
 @dataclasses.dataclass(frozen=True)
 class Request:

@@ -249,6 +249,7 @@ class FolderSource(Source):
             std=(0.5,) * channels,
             class_names=names,
             augmentation=default_augmentation(shape),
+            train_classes=None if names is None else len(groups),  # a class is a folder with images
         )
 
     def examples(self, split, request):
@@ -375,6 +376,7 @@ class TinyImageNetSource(Source):
             std=IMAGENET_STATS[1],
             class_names=self.wnids,
             augmentation="resized_crop_flip",
+            train_classes=len(groups),  # every wnid has images (checked)
         )
 
     def examples(self, split, request):

@@ -185,6 +185,7 @@ class IdxSource(Source):
             std=self._stats[1],
             class_names=tuple(str(i) for i in range(num_classes)),
             augmentation=default_augmentation(shape),
+            train_classes=int(np.count_nonzero(np.bincount(labels))) if labels.size else 0,
         )
 
     def examples(self, split, request):

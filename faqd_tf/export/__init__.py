@@ -38,6 +38,7 @@ __all__ = [
     "MAGIC",
     "MODES",
     "freeze",
+    "needs_quantized",
     "pack",
     "read_manifest",
     "run_tflite",
@@ -58,6 +59,15 @@ FILENAMES = {
 def needs_calibration(kind):
     """Whether export `kind` needs unlabeled calibration images (`write(..., calibration=...)`)."""
     return kind == "tflite-full"
+
+
+def needs_quantized(kind):
+    """Whether export `kind` stores integer codes, so needs a model with quantized kernels.
+
+    >>> [kind for kind in KINDS if needs_quantized(kind)]
+    ['tflite-int8', 'tflite-full']
+    """
+    return kind in ("tflite-int8", "tflite-full")
 
 
 def write(kind, model, path, calibration=None):
