@@ -19,13 +19,18 @@ zero channels, which leaves its affinity unchanged), `M = A - B` and `P = A + B`
 the raw difference and sum of the maps, and `D = (M P^T + P M^T) / 2` is small exactly when `M` is.
 Exact evaluations (`fa_method`):
 
-- `"pairwise"`: `D` in row tiles of `TILE_ELEMENTS_PER_SAMPLE` entries a sample, forward and backward:
-  O(N^2 C) time, bounded memory; both norms.
+- `"pairwise"`: `D` itself, O(N^2 C) time; both norms. Held whole when it fits
+  `TILE_ELEMENTS_PER_SAMPLE` entries a sample (one N x N x C product each way), else in row tiles
+  recomputed in the backward pass (bounded memory).
 - `"gram"` (`"fro2"` only): `||D||_F^2 = 1/2 <M^T M, P^T P> + 1/2 tr((M^T P)^2)` from C x C products,
   O(N C^2) time. Every term scales with `|M|^2`. If the channels of the student are a rotation of
-  the teacher's (S_S close to S_T while M is not small) the terms cancel; the estimated rounding
-  error is checked and such a batch is evaluated pairwise instead.
+  the teacher's (S_S close to S_T while M is not small) the terms cancel: a sample whose estimated
+  rounding error (`gram_error_estimate`) exceeds `GRAM_RELATIVE_ERROR_LIMIT` is evaluated pairwise
+  instead, alone. On real feature maps that never happens (benchmarks/fa_accuracy.py).
 - `"auto"`: the cheaper one for the static shape.
+
+The gradients are written out (`tf.custom_gradient`), for the student's map only unless the
+teacher's is asked for too: two N x C x C products (gram), one N x N x C product (whole pairwise).
 
 Fast feature affinity (eqs. 14-15) probes `D` with k Gaussian vectors `z`, `D z` computed as
 `(M (P^T z) + P (M^T z)) / 2` in O(k N C): for `"fro2"` the unbiased `(1/k) sum ||D z||^2 / N^2`;
@@ -55,7 +60,10 @@ NORM_EPSILON = 1e-12
 # or backward): 2^16 float32 = 256 KiB a sample, 16 MiB at batch 64 (a 56x56 map: 157 tiles of 20
 # rows), whatever N is.
 TILE_ELEMENTS_PER_SAMPLE = 2**16
-# A gram evaluation whose estimated relative rounding error exceeds this is redone pairwise.
+# A sample whose gram evaluation has an estimated relative rounding error above this is redone
+# pairwise. The bound training needs: loss and gradient within 1e-3 of float64. The actual error of
+# the loss is 0.01-0.3x the estimate and the gradient's smaller still (benchmarks/fa_accuracy.py,
+# and channel-permuted near-converged maps), so 1e-3 keeps both inside it; real maps estimate 1e-5.
 GRAM_RELATIVE_ERROR_LIMIT = 1e-3
 _FLOAT32_EPS = 2.0**-24
 # Cost model of "auto", fitted to forward+backward timings on a 2-core CPU (benchmarks/fa_cost.py):
