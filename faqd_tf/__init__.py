@@ -7,8 +7,9 @@ files, TFLite) is imported on demand.
 
 from faqd_tf import layers, losses, models, quantizers  # noqa: F401  (registers serializable classes)
 from faqd_tf._version import __version__
+from faqd_tf.batchnorm import recalibrate_batchnorm
 from faqd_tf.distiller import Distiller
 from faqd_tf.quantize import quantize_model
 from faqd_tf.summary import summary
 
-__all__ = ["Distiller", "quantize_model", "summary", "layers", "losses", "models", "quantizers", "__version__"]
+__all__ = ["Distiller", "quantize_model", "recalibrate_batchnorm", "summary", "layers", "losses", "models", "quantizers", "__version__"]
