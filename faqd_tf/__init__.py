@@ -17,12 +17,13 @@ from importlib import import_module as _import_module
 from faqd_tf._version import __version__
 from faqd_tf.summary import summary  # loads Keras only when it runs
 
-__all__ = ["Distiller", "quantize_model", "summary", "layers", "losses", "models", "quantizers", "__version__"]
+__all__ = ["Distiller", "quantize_model", "recalibrate_batchnorm", "summary", "layers", "losses", "models", "quantizers", "__version__"]
 
 # Name -> the module that defines it (a module stands for itself).
 _LAZY = {
     "Distiller": "faqd_tf.distiller",
     "quantize_model": "faqd_tf.quantize",
+    "recalibrate_batchnorm": "faqd_tf.batchnorm",
     "layers": "faqd_tf.layers",
     "losses": "faqd_tf.losses",
     "models": "faqd_tf.models",
