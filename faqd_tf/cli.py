@@ -47,7 +47,8 @@ def build_parser():
     parser.add_argument("--tune", action="store_true", help="search alpha, beta, gamma, temperature with keras-tuner")
     parser.add_argument("--trials", type=int, default=None, help="number of tuning trials (default: tune.trials)")
     # The kinds of faqd_tf.export.KINDS (listed here: parsing imports no TensorFlow).
-    parser.add_argument("--export", choices=["packed", "tflite", "tflite-int8", "tflite-full"], action="append", default=[],
+    parser.add_argument("--export", choices=["packed", "tflite", "tflite-int8", "tflite-int4", "tflite-full", "onnx"],
+                        action="append", default=[],
                         help="also export the student after evaluation (repeatable)")
     return parser
 
@@ -71,7 +72,7 @@ def run(argv=None):
             runner.tune(args.trials or cfg["tune"]["trials"])
             return 0
         stages = runner.plan(args.stage)
-        runner.preflight(stages)
+        runner.preflight(stages, args.export)
         if not stages:
             raise UsageError(f"every output of this run is in {runner.out} already; pass --overwrite to run it again.")
         runner.start(stages, args.export)

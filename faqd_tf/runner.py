@@ -120,10 +120,11 @@ class Run:
             stages.append("evaluate")
         return stages
 
-    def preflight(self, stages):
+    def preflight(self, stages, exports=()):
         """Checks every input the `stages` (or ``["tune"]``) will use, short of training: the
         output folder, every split of the data they read, the models and their fit to the data,
-        the FA layer names. Raises one-line errors; writes nothing."""
+        the FA layer names, that the `exports` can convert the student. Raises one-line errors;
+        writes nothing."""
         from faqd_tf import data, models
 
         inputs.check_output_dir(self.out)
@@ -158,12 +159,20 @@ class Run:
             student = self.config["student"]
             if student["init"] == "scratch":
                 self._check_arch(student["arch"] or self.config["teacher"]["arch"], "student.arch")
-            self._check_distiller(teacher)
+            student = self._check_distiller(teacher)
         if "evaluate" in stages and "distill" not in stages:
             if not os.path.exists(self.student_path):
                 raise UsageError(f"student file {self.student_path} does not exist; run --stage distill first.")
-            self._load_model(self.student_path, "student file")
+            student = self._load_model(self.student_path, "student file")
             self._check_free(self.results_path, "results", "evaluate")
+        if "evaluate" in stages and exports:
+            from faqd_tf import export
+
+            for kind in exports:
+                try:
+                    export.check(kind, student)
+                except ValueError as err:
+                    raise UsageError(f"--export {kind}: {err}") from None
 
     def _datasets(self, stages):
         """(split, labels, training role) of every dataset the stages build."""
@@ -192,7 +201,8 @@ class Run:
             raise UsageError(f"the {what} output {path} exists; pass --overwrite to replace it.")
 
     def _check_distiller(self, teacher):
-        """Builds the stage's Distiller once, untrained: the student, the FA layer pairs, the loss options."""
+        """Builds the stage's Distiller once, untrained: the student, the FA layer pairs, the loss
+        options; returns the (untrained) student."""
         from faqd_tf.distiller import Distiller
 
         student, _ = self.build_student(teacher)
@@ -200,6 +210,7 @@ class Run:
             Distiller(student, teacher, seed=self.config["seed"], **self.config["distill"])
         except ValueError as err:
             raise UsageError(f"distill: {str(err).strip().splitlines()[0]}") from None
+        return student
 
     def _load_model(self, path, key):
         import keras

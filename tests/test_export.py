@@ -500,7 +500,7 @@ def test_full_integer_resnet_keeps_every_code(rng, tmp_path):
     [
         (None, dict(mode="int8"), r"has no quantized kernels; quantize it first"),
         (None, dict(mode="full", calibration=np.zeros((2, 8, 8, 3), np.float32)), r"has no quantized kernels"),
-        (2, dict(mode="int4"), r"mode='int4' is not a TFLite export mode; use one of float, int8, full"),
+        (2, dict(mode="int2"), r"mode='int2' is not a TFLite export mode; use one of float, int8, int4, full"),
         (2, dict(mode="full"), r"mode='full' needs calibration images"),
         (2, dict(mode="full", calibration=np.zeros((2, 28, 28, 1), np.float32)), r"Calibration images have shape \(28, 28, 1\)"),
         (2, dict(mode="full", calibration=np.zeros((0, 8, 8, 3), np.float32)), r"hold no images"),
@@ -525,5 +525,5 @@ def test_write_maps_the_cli_kinds(rng, tmp_path):
     assert size == (tmp_path / "student-int8.tflite").stat().st_size
     assert_codes_stored(model, tmp_path / "student-int8.tflite", ["conv", "dw", "fc"])
     assert export.write("packed", model, tmp_path / "student.faqd") == (tmp_path / "student.faqd").stat().st_size
-    with pytest.raises(ValueError, match="Unknown export kind 'onnx'; use one of packed, tflite, tflite-int8, tflite-full"):
-        export.write("onnx", model, tmp_path / "x")
+    with pytest.raises(ValueError, match="Unknown export kind 'tflite-int2'; use one of packed, tflite, tflite-int8, tflite-int4, tflite-full, onnx"):
+        export.write("tflite-int2", model, tmp_path / "x")
