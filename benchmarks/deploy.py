@@ -15,10 +15,11 @@ quickstart). Images are normalized as faqd_tf.data normalizes the IDX files ((x/
    the int4 TFLite and the ONNX files (tests/test_export_lowbit.py's readers) and compared with
    ``kernel_codes()``;
 4. every file runs on the 10,000 test images (batches of 500): top-1 agreement with the Keras student,
-   largest absolute logit difference, accuracy; and batch-1 latency at ``--threads`` threads (median
-   of ``--runs`` calls; the five files of a row interleaved in ``--rounds`` rounds, so that load on
-   the shared machine hits them alike; the load average is recorded with each row). TFLite runs in
-   the LiteRT interpreter (``ai_edge_litert``, default XNNPACK delegate), ONNX in onnxruntime (CPU).
+   largest absolute logit difference (and the largest absolute Keras logit, for scale), accuracy;
+   and batch-1 latency at each of the ``--threads`` counts (median of ``--runs`` calls; the five
+   files of a row interleaved in ``--rounds`` rounds, so that load on the shared machine hits them
+   alike; the load average is recorded with each row). TFLite runs in the LiteRT interpreter
+   (``ai_edge_litert``, default XNNPACK delegate), ONNX in onnxruntime (CPU).
 
 Writes one CSV row per file (``--csv``), a markdown table (``--md``) and a chart (``--png``):
 
@@ -236,7 +237,8 @@ def main(argv=None):
     parser.add_argument("--distill-steps", type=int, default=300)
     parser.add_argument("--runs", type=int, default=300, help="batch-1 calls per file for the median latency")
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, nargs="+", default=[2, 1],
+                        help="thread counts to time batch 1 at (the first also runs the test set)")
     parser.add_argument("--cache", default="saved_models/deploy")
     parser.add_argument("--csv", default="saved_models/deploy/deploy.csv")
     parser.add_argument("--md", default="saved_models/deploy/deploy.md")
@@ -265,17 +267,15 @@ def main(argv=None):
                                     os.path.join(args.cache, f"{tag}_w{bits}.keras"), args.seed)
             keras_logits = student.predict(x_test, batch_size=500, verbose=0)
             keras_pred = keras_logits.argmax(1)
-            paths, sizes, runners, stats = [], [], [], []
+            paths, sizes, stats = [], [], []
             for fmt in FORMATS:
                 path = os.path.join(args.cache, f"{tag}_w{bits}_{fmt}.{'onnx' if fmt == 'onnx' else 'tflite'}")
                 start = time.perf_counter()
                 sizes.append(write(student, fmt, path, x_train[:200]))
                 seconds = time.perf_counter() - start
                 codes = check_codes(student, fmt, path) if fmt in ("int4", "onnx") else ""
-                runner = Runner(path, args.threads)
-                logits = predict(runner, x_test)
+                logits = predict(Runner(path, args.threads[0]), x_test)
                 paths.append(path)
-                runners.append(runner)
                 stats.append({
                     "acc": float(np.mean(logits.argmax(1) == y_test)),
                     "agree": float(np.mean(logits.argmax(1) == keras_pred)),
@@ -285,17 +285,21 @@ def main(argv=None):
                 print(f"  w{bits} {fmt}: {sizes[-1]:,} B in {seconds:.1f} s, agree {100 * stats[-1]['agree']:.2f}%, "
                       f"max |dlogit| {stats[-1]['max_logit_diff']:.2e} {codes}", flush=True)
             load_before = os.getloadavg()[0]
-            times = latencies(runners, x_test[0], args.runs, args.rounds)
+            times = {t: latencies([Runner(p, t) for p in paths], x_test[0], args.runs, args.rounds) for t in args.threads}
             load = (load_before + os.getloadavg()[0]) / 2
-            for fmt, size, stat, ms in zip(FORMATS, sizes, stats, times):
+            for i, (fmt, size, stat) in enumerate(zip(FORMATS, sizes, stats)):
                 rows.append({
                     "arch": arch, "input": shape, "bits": bits, "format": fmt, "bytes": size,
                     "float_over_size": sizes[0] / size, "keras_acc": float(np.mean(keras_pred == y_test)),
                     "acc": stat["acc"], "agree": stat["agree"], "max_logit_diff": stat["max_logit_diff"],
-                    "latency_ms": ms, "load_avg": load, "codes_from_file": stat["codes"],
+                    "max_abs_logit": float(np.max(np.abs(keras_logits))),
+                    **{f"latency_ms_{t}_threads": times[t][i] for t in args.threads},
+                    "load_avg": load, "codes_from_file": stat["codes"],
                     "teacher_acc": teacher_acc, "params": student.count_params(),
                 })
-            print("  " + ", ".join(f"{fmt} {ms:.3f} ms" for fmt, ms in zip(FORMATS, times)) + f" (load {load:.2f})", flush=True)
+            for t in args.threads:
+                print(f"  {t} threads: " + ", ".join(f"{fmt} {ms:.3f} ms" for fmt, ms in zip(FORMATS, times[t])), flush=True)
+            print(f"  (load {load:.2f})", flush=True)
 
     command = "python benchmarks/deploy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     for path in (args.csv, args.md, args.png):
@@ -307,20 +311,22 @@ def main(argv=None):
         writer.writerows(rows)
     from importlib.metadata import version
 
-    header = ("| network | weights | format | size | float / size | agreement with Keras | max abs logit diff "
-              "| accuracy (Keras) | latency ms | load avg | codes read from the file |")
+    threads = " / ".join(map(str, args.threads))
+    header = ("| network | weights | format | size | float / size | agreement with Keras | max abs logit diff (max abs logit) "
+              f"| accuracy (Keras) | latency ms, {threads} threads | load avg | codes read from the file |")
     lines = [header, "|" + "|".join(["---"] * (header.count("|") - 1)) + "|"]
     for r in rows:
+        latency = " / ".join(f"{r[f'latency_ms_{t}_threads']:.3f}" for t in args.threads)
         lines.append(
             f"| {r['arch']} ({r['input']}) | {r['bits']}-bit | {r['format']} | {r['bytes'] / 1024:,.1f} kB "
-            f"| {r['float_over_size']:.2f}x | {100 * r['agree']:.2f}% | {r['max_logit_diff']:.2e} "
-            f"| {100 * r['acc']:.2f}% ({100 * r['keras_acc']:.2f}%) | {r['latency_ms']:.3f} | {r['load_avg']:.2f} "
+            f"| {r['float_over_size']:.2f}x | {100 * r['agree']:.2f}% | {r['max_logit_diff']:.2e} ({r['max_abs_logit']:.1f}) "
+            f"| {100 * r['acc']:.2f}% ({100 * r['keras_acc']:.2f}%) | {latency} | {r['load_avg']:.2f} "
             f"| {r['codes_from_file'] or '-'} |"
         )
     teachers = sorted({(r["arch"], r["input"], r["teacher_acc"]) for r in rows})
     text = (
         f"TensorFlow {tf.__version__}, Keras {keras.__version__}, ai-edge-litert {version('ai-edge-litert')}, "
-        f"onnxruntime {onnxruntime.__version__}; {args.threads} threads; {cpu_model()}, {os.cpu_count()} cores; "
+        f"onnxruntime {onnxruntime.__version__}; {cpu_model()}, {os.cpu_count()} cores; "
         f"{time.perf_counter() - started:.0f} s.\nCommand: `{command.strip()}`\n"
         + "".join(f"Teacher {a} ({s}): {100 * acc:.2f}%.\n" for a, s, acc in teachers)
         + "\n" + "\n".join(lines) + "\n"
@@ -330,11 +336,11 @@ def main(argv=None):
     with open(args.md, "w") as f:
         f.write(text)
     if args.png:
-        plot(rows, args.png)
+        plot(rows, args.png, args.threads)
     return 0
 
 
-def plot(rows, path):
+def plot(rows, path, threads):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -350,12 +356,13 @@ def plot(rows, path):
         offset = (k - (len(FORMATS) - 1) / 2) * width
         label = "onnx" if fmt == "onnx" else f"tflite {fmt}"
         ax_kb.bar(x + offset, [by_cell[c]["bytes"] / 1024 for c in cells], width, label=label)
-        ax_ms.bar(x + offset, [by_cell[c]["latency_ms"] for c in cells], width, label=label)
-    for ax, title in ((ax_kb, "file size (kB, log scale)"), (ax_ms, "batch-1 latency (ms, median, 2 threads)")):
+        ax_ms.bar(x + offset, [by_cell[c][f"latency_ms_{threads[0]}_threads"] for c in cells], width, label=label)
+    for ax, title in ((ax_kb, "file size (kB, log scale)"),
+                      (ax_ms, f"batch-1 latency (ms, median, {threads[0]} thread{'s' * (threads[0] > 1)}, log scale)")):
         ax.set_xticks(x, labels)
         ax.set_title(title)
         ax.legend(fontsize=8)
-    ax_kb.set_yscale("log")
+        ax.set_yscale("log")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot written to {path}")

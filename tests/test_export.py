@@ -40,6 +40,16 @@ def randomize(model, rng):
     return model
 
 
+def assert_matches_but_rare_step_flips(got, want, tol=1e-5):
+    """`got` equals `want` (rtol = atol = `tol`) in every sample but at most one. With quantized
+    ReLUs, a pre-activation within float rounding of a step edge can land one level apart in two
+    runtimes that sum in different orders: rare, and in one sample; a wrong conversion moves them all."""
+    got, want = np.asarray(got), np.asarray(want)
+    close = np.isclose(got, want, rtol=tol, atol=tol).reshape(len(got), -1).all(axis=1)
+    assert close.sum() >= len(close) - 1, (
+        f"{int((~close).sum())} of {len(close)} samples differ; max abs diff {np.abs(got - want).max():.3g}")
+
+
 def tiny_model(bits, per_channel, activation_bits=2, relax=None):
     inputs = keras.Input((8, 8, 3), name="image")
     x = QuantConv2D(6, 3, padding="same", weight_bits=bits, per_channel=per_channel, relax=relax, name="conv")(inputs)
@@ -421,15 +431,15 @@ def test_tflite_float_matches_keras(rng, tmp_path, activation_bits):
     path = tmp_path / "tiny.tflite"
     size = to_tflite(model, path)
     assert size == path.stat().st_size > 0
-    x = rng.normal(size=(6, 8, 8, 3)).astype(np.float32)
-    np.testing.assert_allclose(run_tflite(path, x), model(x, training=False), rtol=1e-5, atol=1e-5)
+    x = rng.normal(size=(8, 8, 8, 3)).astype(np.float32)
+    assert_matches_but_rare_step_flips(run_tflite(path, x), model(x, training=False))
 
 
 def test_tflite_float_resnet_matches_keras(rng, tmp_path):
     model = randomize(resnet_cifar(8, input_shape=(16, 16, 3), weight_bits=4, activation_bits=4), rng)
-    x = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
+    x = rng.normal(size=(8, 16, 16, 3)).astype(np.float32)
     size = to_tflite(model, tmp_path / "resnet.tflite")
-    np.testing.assert_allclose(run_tflite(tmp_path / "resnet.tflite", x), model(x, training=False), rtol=1e-5, atol=1e-5)
+    assert_matches_but_rare_step_flips(run_tflite(tmp_path / "resnet.tflite", x), model(x, training=False))
     assert size > 4 * 0.9 * model.count_params()  # float32 weights in the flatbuffer
 
 

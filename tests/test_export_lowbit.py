@@ -6,6 +6,7 @@ arithmetic (layouts from LiteRT's UnpackPackedIntToInt8 and the ONNX spec: first
 bits, two's complement), never through the exporter's code.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from faqd_tf.export import check_onnx, pack, run_onnx, run_tflite, to_onnx, to_t
 from faqd_tf.layers import QuantConv2D, QuantDense, QuantDepthwiseConv2D, QuantReLU
 from faqd_tf.models import ChannelPad, resnet_cifar
 from tests import helpers
-from tests.test_export import bn_factor, randomize, tiny_model
+from tests.test_export import assert_matches_but_rare_step_flips, bn_factor, randomize, tiny_model
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -190,7 +191,7 @@ def test_onnx_stores_the_codes_and_matches_keras(rng, tmp_path, bits, per_channe
         np.testing.assert_array_equal(stored_scale, scale.reshape(-1) if per_channel else scale.reshape(()))
         assert axis == (0 if per_channel else None)
     x = rng.normal(size=(16, 8, 8, 3)).astype(np.float32)
-    np.testing.assert_allclose(run_onnx(path, x), model(x, training=False), rtol=1e-5, atol=1e-5)
+    assert_matches_but_rare_step_flips(run_onnx(path, x), model(x, training=False))
 
 
 def test_onnx_weight_type_forces_the_storage(rng, tmp_path):
@@ -342,10 +343,16 @@ def test_check_names_the_layer_without_converting():
     export.check("tflite-int4", unsupported_model())  # TFLite converts any Keras layer
 
 
+def quietly(write, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "to_tflite\\(mode='int4'\\) stored these kernels as int8")
+        return write(*args, **kwargs)
+
+
 def _writers():
     return {
         "onnx": lambda model, path: to_onnx(model, path),
-        "tflite-int4": lambda model, path: to_tflite(model, path, mode="int4"),
+        "tflite-int4": lambda model, path: quietly(to_tflite, model, path, mode="int4"),
         "packed": lambda model, path: pack(model, path),
     }
 
@@ -404,6 +411,30 @@ def test_cli_refuses_an_onnx_export_it_cannot_write_before_training(tmp_path, ca
     helpers.assert_one_line_exit_2(["--config", config, "--export", "onnx"],
                                    r"--export onnx: to_onnx cannot convert layer 'norm' \(LayerNormalization\)",
                                    capsys, tmp_path / "out")
+
+
+@pytest.mark.skipif(not os.path.isdir(FMNIST), reason="needs the Debian package dataset-fashion-mnist")
+def test_cli_writes_the_low_bit_exports(rng, tmp_path):
+    from faqd_tf import cli
+
+    out = tmp_path / "out"
+    out.mkdir()
+    teacher = randomize(resnet_cifar(8, input_shape=(28, 28, 1)), rng)
+    teacher.save(out / "teacher.keras")
+    quantize_model(teacher, weight_bits=2).save(out / "student.keras")
+    config = helpers.write_config(tmp_path, {
+        "dataset": {"source": f"idx:{FMNIST}", "limit": 64, "eval_limit": 64}, "output_dir": str(out)})
+    argv = ["--config", config, "--stage", "evaluate", "--export", "tflite-int4", "--export", "onnx"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.main(argv) == 0
+    assert not [w for w in caught if "stored these kernels as int8" in str(w.message)]  # no depthwise layer
+    results = json.loads((out / "results.json").read_text())
+    for kind in ("tflite-int4", "onnx"):
+        path = out / export.FILENAMES[kind]
+        assert results["exports"][kind] == {"file": str(path), "bytes": path.stat().st_size}
+    assert set(export.kernel_types(out / "student-int4.tflite").values()) == {"INT4", "FLOAT32"}
+    assert {k[0] for k in onnx_kernels(out / "student.onnx")[0].values()} == {"INT2"}
 
 
 def test_importing_the_package_loads_no_converter():

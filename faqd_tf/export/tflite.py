@@ -38,8 +38,9 @@ int4 weights of these ops (tensorflow/tensorflow#64193, moved to LiteRT#73). ai-
 ``DEQUANTIZED_WEIGHT_RECOVERY`` installs and runs offline and produces INT4 CONV_2D/FULLY_CONNECTED
 kernels from a float file whose weights lie on a grid, but it infers each channel's grid from the
 float values (the smallest gap between distinct magnitudes): a channel whose codes share a factor
-(only +-2, +-4, +-6, say) comes back with halved codes and a doubled scale, and the scale carries
-the float rounding of ``codes * scale * bn_factor``. Here the codes come from ``kernel_codes()``
+(only +-2, +-4, +-6, say) comes back with halved codes and a doubled scale, and the scales carry
+the float rounding of the products (checked with ai-edge-quantizer 0.10: codes 2, -2, 6, -4 at
+scale 0.01 came back as 1, -1, 3, -2 at 0.02; a scale of 0.03 as 0.02999999). Here the codes come from ``kernel_codes()``
 itself, through the same flatbuffer pass as ``"int8"``, and no further dependency is needed.
 INT2 is not written: LiteRT's FULLY_CONNECTED runs INT2 weights, but its CONV_2D hybrid kernel
 accepts an INT2 filter and silently computes wrong outputs (measured: errors as large as the
