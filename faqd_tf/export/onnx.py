@@ -29,9 +29,10 @@ channels-last data. Anything else is refused, before anything is written, by a V
 layer.
 
 Why the graph is written here with ``onnx.helper``: Keras's ``model.export(format="onnx")`` goes
-through tf2onnx, which fails on Keras 3 models (tf2onnx#2348) and would in any case convert the
-float kernels (it has no notion of the student's integer codes), so the codes would have to be
-re-found in its output as they are in the TFLite converter's. The students use a small set of layer
+through tf2onnx, reported broken with Keras 3 (onnx/tensorflow-onnx#2329, open) and with NumPy 2
+(#2373; this project runs NumPy 2), and not tried here; it would in any case convert the float
+kernels (it has no notion of the student's integer codes), so the codes would have to be re-found in
+its output as they are in the TFLite converter's. The students use a small set of layer
 types, each a few ONNX nodes, so writing the graph directly is short and keeps the codes exact by
 construction. ``onnx`` and ``onnxruntime`` are imported only by `to_onnx`/`run_onnx`.
 
