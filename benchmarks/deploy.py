@@ -1,39 +1,53 @@
-"""Deploying the low-bit student as TFLite: file size, interpreter latency, accuracy and agreement.
+"""Deploying the low-bit student: TFLite (float, int8, full integer, int4) and ONNX files compared.
 
-For ResNet8 on Fashion-MNIST (28x28x1, the quickstart network) and ResNet20 (CIFAR shape: Fashion-MNIST
-zero-padded to 32x32 and repeated to 3 channels), at 1/2/4-bit weights (layer-wise scales, activations
-full precision, the classifier full precision, as in the quickstart):
+For ResNet8 on Fashion-MNIST (28x28x1, the quickstart network), ResNet20 and MobileNetV2 (width 0.5,
+depthwise convolutions; both on Fashion-MNIST zero-padded to 32x32 and repeated to 3 channels), at
+the `--bits` weight widths (layer-wise scales, full-precision activations and classifier, as in the
+quickstart). Images are normalized as faqd_tf.data normalizes the IDX files ((x/255 - mean) / std).
 
-1. a full-precision teacher is trained with labels (SGD, cosine) and cached under ``--cache``;
+1. a full-precision teacher is trained with labels (SGD, cosine) and cached under ``--cache``, or
+   read from ``--teacher-file ARCH=PATH`` (the quickstart's teacher.keras for resnet8);
 2. each student is ``quantize_model(teacher, weight_bits=b)`` fine-tuned label-free with
    ``faqd_tf.Distiller`` (KL on logits, T = 4, no feature affinity) for ``--distill-steps`` steps,
    also cached;
-3. each student is exported with ``faqd_tf.export.to_tflite`` in modes ``float``, ``int8`` (the integer
-   codes as int8 kernels, float activations) and ``full`` (int8 activations calibrated on 200 training
-   images); the ``int8``/``full`` files are checked to hold the codes;
-4. every file runs in the LiteRT interpreter (``ai_edge_litert``, default XNNPACK delegate, 2 threads):
-   latency of batch 1 (median of ``--runs`` invokes, the three files interleaved in rounds so that load
-   on the shared machine hits them alike), accuracy on the 10,000 test images and top-1 agreement with
-   the Keras student.
+3. each student is exported as ``to_tflite`` modes ``float``, ``int8``, ``full`` (int8 activations
+   calibrated on 200 training images) and ``int4``, and as ``to_onnx``; the codes are read back from
+   the int4 TFLite and the ONNX files (tests/test_export_lowbit.py's readers) and compared with
+   ``kernel_codes()``;
+4. every file runs on the 10,000 test images (batches of 500): top-1 agreement with the Keras student,
+   largest absolute logit difference (and the largest absolute Keras logit, for scale), accuracy;
+   and batch-1 latency at each of the ``--threads`` counts (median of ``--runs`` calls; the five
+   files of a row interleaved in ``--rounds`` rounds, so that load on the shared machine hits them
+   alike; the load average is recorded with each row). TFLite runs in the LiteRT interpreter
+   (``ai_edge_litert``, default XNNPACK delegate), ONNX in onnxruntime (CPU).
 
-    python benchmarks/deploy.py --md saved_models/deploy/deploy.md --png docs/deploy.png
+Writes one CSV row per file (``--csv``), a markdown table (``--md``) and a chart (``--png``):
+
+    python benchmarks/deploy.py --cache /work/runs/deploy \\
+        --teacher-file resnet8=saved_models/quickstart/teacher.keras \\
+        --csv docs/deploy.csv --md docs/deploy.md --png docs/deploy.png
 """
 
 import argparse
+import csv
 import gzip
 import os
 import sys
 import time
+import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
 from benchmarks.export_sizes import cpu_model  # noqa: E402
 
 FASHION = "/usr/share/datasets/fashion-mnist"
-MODES = ("float", "int8", "full")
+FORMATS = ("float", "int8", "full", "int4", "onnx")
+ARCHS = ("resnet8", "resnet20", "mobilenetv2")
+MOBILENET_ALPHA = 0.5
 
 
 def read_idx(path):
@@ -49,29 +63,50 @@ def read_idx(path):
 
 
 def fashion_mnist(pad_to_rgb32):
-    x_train = read_idx(os.path.join(FASHION, "train-images-idx3-ubyte.gz"))
-    y_train = read_idx(os.path.join(FASHION, "train-labels-idx1-ubyte.gz")).astype(np.int64)
-    x_test = read_idx(os.path.join(FASHION, "t10k-images-idx3-ubyte.gz"))
-    y_test = read_idx(os.path.join(FASHION, "t10k-labels-idx1-ubyte.gz")).astype(np.int64)
+    """Train and test images normalized as faqd_tf.data does for IDX files, and labels."""
+    from faqd_tf.data import dataset_info
 
-    def prepare(x):
-        x = x.astype(np.float32)[..., None] / 255.0
+    info = dataset_info(f"idx:{FASHION}")
+    mean, std = np.float32(info.mean[0]), np.float32(info.std[0])
+
+    def prepare(name):
+        x = read_idx(os.path.join(FASHION, f"{name}-images-idx3-ubyte.gz"))[..., None]
         if pad_to_rgb32:
             x = np.repeat(np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0))), 3, axis=-1)
-        return x
+        return (x.astype(np.float32) / 255.0 - mean) / std
 
-    return prepare(x_train), y_train, prepare(x_test), y_test
+    def labels(name):
+        return read_idx(os.path.join(FASHION, f"{name}-labels-idx1-ubyte.gz")).astype(np.int64)
+
+    return prepare("train"), labels("train"), prepare("t10k"), labels("t10k")
+
+
+def build(arch, input_shape):
+    import keras
+
+    from faqd_tf.models import resnet_cifar
+
+    if arch == "mobilenetv2":
+        model = keras.applications.MobileNetV2(input_shape=input_shape, alpha=MOBILENET_ALPHA, weights=None,
+                                               classes=10, classifier_activation=None)
+        for layer in model.layers:
+            # Keras's MobileNetV2 uses momentum 0.999: after a few hundred steps its moving statistics
+            # still hold most of their initial values (see the design notes).
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = 0.9
+        return model
+    return resnet_cifar(int(arch[len("resnet"):]), input_shape=input_shape, num_classes=10)
 
 
 def teacher_model(arch, x, y, epochs, path, seed):
     import keras
 
-    from faqd_tf.models import resnet_cifar
+    import faqd_tf  # noqa: F401  (registers the custom layers)
 
     if os.path.exists(path):
         return keras.models.load_model(path, safe_mode=True)
     keras.utils.set_random_seed(seed)
-    model = resnet_cifar(int(arch[len("resnet"):]), input_shape=x.shape[1:], num_classes=10)
+    model = build(arch, x.shape[1:])
     steps = epochs * (len(x) // 128)
     schedule = keras.optimizers.schedules.CosineDecay(0.1, steps)
     model.compile(
@@ -105,156 +140,229 @@ def student_model(teacher, bits, x, steps, path, seed):
     return student
 
 
-def interpreter(path, threads):
-    from ai_edge_litert.interpreter import Interpreter
+def write(student, fmt, path, calibration):
+    """Exports `student` as `fmt`; returns the file size."""
+    from faqd_tf.export import to_onnx, to_tflite
 
-    return Interpreter(model_path=path, num_threads=threads)
-
-
-def predict(path, x, threads, batch=500):
-    runner = interpreter(path, threads)
-    index = runner.get_input_details()[0]["index"]
-    runner.resize_tensor_input(index, (batch, *x.shape[1:]))
-    runner.allocate_tensors()
-    out = runner.get_output_details()[0]["index"]
-    logits = []
-    for start in range(0, len(x), batch):
-        chunk = x[start : start + batch]
-        if len(chunk) < batch:
-            runner.resize_tensor_input(index, chunk.shape)
-            runner.allocate_tensors()
-        runner.set_tensor(index, chunk)
-        runner.invoke()
-        logits.append(runner.get_tensor(out).copy())
-    return np.concatenate(logits)
+    if fmt == "onnx":
+        return to_onnx(student, path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "to_tflite\\(mode='int4'\\) stored these kernels as int8")  # checked below
+        return to_tflite(student, path, mode=fmt, calibration=calibration)
 
 
-def latencies(paths, image, threads, runs, rounds):
-    """Median batch-1 invoke time (ms) of each file; files interleaved, `runs` invokes each."""
-    runners = []
-    for path in paths:
-        runner = interpreter(path, threads)
-        index = runner.get_input_details()[0]["index"]
-        runner.resize_tensor_input(index, (1, *image.shape))
-        runner.allocate_tensors()
-        runner.set_tensor(index, image[None])
-        for _ in range(10):  # warm-up
-            runner.invoke()
-        runners.append(runner)
-    times = [[] for _ in paths]
+def check_codes(student, fmt, path):
+    """'yes' when every quantized kernel read back from the file equals the student's codes (and, in
+    int4 TFLite, is INT4 unless depthwise); else raises."""
+    from faqd_tf.export.frozen import _quantized_layers
+    from faqd_tf.layers import QuantDepthwiseConv2D, QuantDense
+    from tests.test_export_lowbit import assert_tflite_codes, onnx_kernels
+
+    layers = [layer for _, layer in _quantized_layers(student).values()]
+    if fmt == "int4":
+        assert_tflite_codes(student, path, {
+            layer.name: "INT8" if isinstance(layer, QuantDepthwiseConv2D) else "INT4" for layer in layers})
+        return f"{sum(not isinstance(layer, QuantDepthwiseConv2D) for layer in layers)}/{len(layers)} INT4"
+    kernels = onnx_kernels(path)[0]
+    for layer in layers:
+        codes, scale = (np.asarray(a) for a in layer.kernel_codes())
+        codes = codes.T if isinstance(layer, QuantDense) else codes.transpose(3, 2, 0, 1)
+        kind, stored, stored_scale, _ = kernels[layer.name]
+        if not (np.array_equal(stored, codes.astype(np.int64)) and np.array_equal(stored_scale.reshape(-1), scale.reshape(-1))):
+            raise AssertionError(f"{path}: {layer.name} does not hold the student's codes and scales")
+    return f"{len(layers)}/{len(layers)} {kind}"
+
+
+class Runner:
+    """Batch-1 and batched inference of one exported file (a LiteRT interpreter or an ORT session)."""
+
+    def __init__(self, path, threads):
+        self.onnx = path.endswith(".onnx")
+        if self.onnx:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            self.input = self.session.get_inputs()[0].name
+        else:
+            from ai_edge_litert.interpreter import Interpreter
+
+            self.interpreter = Interpreter(model_path=path, num_threads=threads)
+            self.input = self.interpreter.get_input_details()[0]["index"]
+            self.output = self.interpreter.get_output_details()[0]["index"]
+            self.shape = None
+
+    def __call__(self, x):
+        if self.onnx:
+            return self.session.run(None, {self.input: x})[0]
+        if self.shape != x.shape:
+            self.interpreter.resize_tensor_input(self.input, x.shape)
+            self.interpreter.allocate_tensors()
+            self.shape = x.shape
+        self.interpreter.set_tensor(self.input, x)
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self.output).copy()
+
+
+def predict(runner, x, batch=500):
+    return np.concatenate([runner(x[i : i + batch]) for i in range(0, len(x), batch)])
+
+
+def latencies(runners, image, runs, rounds):
+    """Median batch-1 call time (ms) of each runner; runners interleaved, `runs` calls each."""
+    x = image[None]
+    for runner in runners:
+        for _ in range(10):  # warm-up (and the batch-1 allocation)
+            runner(x)
+    times = [[] for _ in runners]
     per_round = -(-runs // rounds)
     for _ in range(rounds):
         for i, runner in enumerate(runners):
             for _ in range(per_round):
                 start = time.perf_counter()
-                runner.invoke()
+                runner(x)
                 times[i].append(time.perf_counter() - start)
     return [1000 * float(np.median(t)) for t in times]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--archs", nargs="+", default=["resnet8", "resnet20"])
-    parser.add_argument("--bits", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
+    parser.add_argument("--bits", type=int, nargs="+", default=[4, 2])
+    parser.add_argument("--teacher-file", action="append", default=[], metavar="ARCH=PATH",
+                        help="use this trained teacher for ARCH instead of training one")
     parser.add_argument("--teacher-epochs", type=int, default=2)
     parser.add_argument("--distill-steps", type=int, default=300)
-    parser.add_argument("--runs", type=int, default=300, help="batch-1 invokes per file for the median latency")
+    parser.add_argument("--runs", type=int, default=300, help="batch-1 calls per file for the median latency")
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, nargs="+", default=[2, 1],
+                        help="thread counts to time batch 1 at (the first also runs the test set)")
     parser.add_argument("--cache", default="saved_models/deploy")
+    parser.add_argument("--csv", default="saved_models/deploy/deploy.csv")
     parser.add_argument("--md", default="saved_models/deploy/deploy.md")
-    parser.add_argument("--png", default=None, help="bar chart of latency and size")
+    parser.add_argument("--png", default=None, help="chart of size and latency per format")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    teacher_files = dict(item.split("=", 1) for item in args.teacher_file)
 
     import keras
+    import onnxruntime
     import tensorflow as tf
-
-    from faqd_tf.export import to_tflite
 
     os.makedirs(args.cache, exist_ok=True)
     rows = []
+    started = time.perf_counter()
     for arch in args.archs:
-        pad = arch != "resnet8"
-        x_train, y_train, x_test, y_test = fashion_mnist(pad_to_rgb32=pad)
+        x_train, y_train, x_test, y_test = fashion_mnist(pad_to_rgb32=arch != "resnet8")
         shape = "x".join(map(str, x_train.shape[1:]))
-        teacher = teacher_model(arch, x_train, y_train, args.teacher_epochs,
-                                os.path.join(args.cache, f"{arch}_{shape}_teacher.keras"), args.seed)
+        tag = f"{arch}_{shape}"
+        teacher_path = teacher_files.get(arch, os.path.join(args.cache, f"{tag}_teacher.keras"))
+        teacher = teacher_model(arch, x_train, y_train, args.teacher_epochs, teacher_path, args.seed)
         teacher_acc = float(np.mean(teacher.predict(x_test, batch_size=500, verbose=0).argmax(1) == y_test))
-        print(f"{arch} ({shape}) teacher: {100 * teacher_acc:.2f}%", flush=True)
+        print(f"{arch} ({shape}) teacher {teacher_path}: {100 * teacher_acc:.2f}%", flush=True)
         for bits in args.bits:
             student = student_model(teacher, bits, x_train, args.distill_steps,
-                                    os.path.join(args.cache, f"{arch}_{shape}_w{bits}.keras"), args.seed)
+                                    os.path.join(args.cache, f"{tag}_w{bits}.keras"), args.seed)
             keras_logits = student.predict(x_test, batch_size=500, verbose=0)
             keras_pred = keras_logits.argmax(1)
-            paths, sizes, preds = [], [], []
-            for mode in MODES:
-                path = os.path.join(args.cache, f"{arch}_{shape}_w{bits}_{mode}.tflite")
+            paths, sizes, stats = [], [], []
+            for fmt in FORMATS:
+                path = os.path.join(args.cache, f"{tag}_w{bits}_{fmt}.{'onnx' if fmt == 'onnx' else 'tflite'}")
                 start = time.perf_counter()
-                sizes.append(to_tflite(student, path, mode=mode, calibration=x_train[:200]))
-                print(f"  w{bits} {mode}: {sizes[-1]:,} B, converted in {time.perf_counter() - start:.1f} s", flush=True)
+                sizes.append(write(student, fmt, path, x_train[:200]))
+                seconds = time.perf_counter() - start
+                codes = check_codes(student, fmt, path) if fmt in ("int4", "onnx") else ""
+                logits = predict(Runner(path, args.threads[0]), x_test)
                 paths.append(path)
-                preds.append(predict(path, x_test, args.threads).argmax(1))
-            times = latencies(paths, x_test[0], args.threads, args.runs, args.rounds)
-            row = {
-                "arch": arch, "shape": shape, "bits": bits, "teacher": teacher_acc,
-                "keras": float(np.mean(keras_pred == y_test)), "params": student.count_params(),
-            }
-            for mode, size, pred, ms in zip(MODES, sizes, preds, times):
-                row[mode] = {"bytes": size, "acc": float(np.mean(pred == y_test)),
-                             "agree": float(np.mean(pred == keras_pred)), "ms": ms}
-            rows.append(row)
-            print("  " + ", ".join(f"{m}: {row[m]['bytes']:,} B, {100 * row[m]['acc']:.2f}%, agree "
-                                   f"{100 * row[m]['agree']:.2f}%, {row[m]['ms']:.3f} ms" for m in MODES), flush=True)
+                stats.append({
+                    "acc": float(np.mean(logits.argmax(1) == y_test)),
+                    "agree": float(np.mean(logits.argmax(1) == keras_pred)),
+                    "max_logit_diff": float(np.max(np.abs(logits - keras_logits))),
+                    "codes": codes,
+                })
+                print(f"  w{bits} {fmt}: {sizes[-1]:,} B in {seconds:.1f} s, agree {100 * stats[-1]['agree']:.2f}%, "
+                      f"max |dlogit| {stats[-1]['max_logit_diff']:.2e} {codes}", flush=True)
+            load_before = os.getloadavg()[0]
+            times = {t: latencies([Runner(p, t) for p in paths], x_test[0], args.runs, args.rounds) for t in args.threads}
+            load = (load_before + os.getloadavg()[0]) / 2
+            for i, (fmt, size, stat) in enumerate(zip(FORMATS, sizes, stats)):
+                rows.append({
+                    "arch": arch, "input": shape, "bits": bits, "format": fmt, "bytes": size,
+                    "float_over_size": sizes[0] / size, "keras_acc": float(np.mean(keras_pred == y_test)),
+                    "acc": stat["acc"], "agree": stat["agree"], "max_logit_diff": stat["max_logit_diff"],
+                    "max_abs_logit": float(np.max(np.abs(keras_logits))),
+                    **{f"latency_ms_{t}_threads": times[t][i] for t in args.threads},
+                    "load_avg": load, "codes_from_file": stat["codes"],
+                    "teacher_acc": teacher_acc, "params": student.count_params(),
+                })
+            for t in args.threads:
+                print(f"  {t} threads: " + ", ".join(f"{fmt} {ms:.3f} ms" for fmt, ms in zip(FORMATS, times[t])), flush=True)
+            print(f"  (load {load:.2f})", flush=True)
 
     command = "python benchmarks/deploy.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    header = ("| network | weights | Keras student acc. | float .tflite | int8 .tflite | full .tflite | float/int8 size "
-              "| acc. float / int8 / full | agreement with Keras: float / int8 / full | latency ms: float / int8 / full "
-              "| float/full speed-up |")
+    for path in (args.csv, args.md, args.png):
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(args.csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    from importlib.metadata import version
+
+    threads = " / ".join(map(str, args.threads))
+    header = ("| network | weights | format | size | float / size | agreement with Keras | max abs logit diff (max abs logit) "
+              f"| accuracy (Keras) | latency ms, {threads} threads | load avg | codes read from the file |")
     lines = [header, "|" + "|".join(["---"] * (header.count("|") - 1)) + "|"]
     for r in rows:
-        f, i, q = r["float"], r["int8"], r["full"]
+        latency = " / ".join(f"{r[f'latency_ms_{t}_threads']:.3f}" for t in args.threads)
         lines.append(
-            f"| {r['arch']} ({r['shape']}) | {r['bits']}-bit | {100 * r['keras']:.2f}% | {f['bytes'] / 1024:,.1f} kB "
-            f"| {i['bytes'] / 1024:,.1f} kB | {q['bytes'] / 1024:,.1f} kB | {f['bytes'] / i['bytes']:.2f}x "
-            f"| {100 * f['acc']:.2f} / {100 * i['acc']:.2f} / {100 * q['acc']:.2f} "
-            f"| {100 * f['agree']:.2f} / {100 * i['agree']:.2f} / {100 * q['agree']:.2f} "
-            f"| {f['ms']:.3f} / {i['ms']:.3f} / {q['ms']:.3f} | {f['ms'] / q['ms']:.2f}x |"
+            f"| {r['arch']} ({r['input']}) | {r['bits']}-bit | {r['format']} | {r['bytes'] / 1024:,.1f} kB "
+            f"| {r['float_over_size']:.2f}x | {100 * r['agree']:.2f}% | {r['max_logit_diff']:.2e} ({r['max_abs_logit']:.1f}) "
+            f"| {100 * r['acc']:.2f}% ({100 * r['keras_acc']:.2f}%) | {latency} | {r['load_avg']:.2f} "
+            f"| {r['codes_from_file'] or '-'} |"
         )
-    teachers = sorted({(r["arch"], r["shape"], r["teacher"]) for r in rows})
+    teachers = sorted({(r["arch"], r["input"], r["teacher_acc"]) for r in rows})
     text = (
-        f"TensorFlow {tf.__version__}, Keras {keras.__version__}, LiteRT interpreter (ai_edge_litert), "
-        f"{args.threads} threads; {cpu_model()}, {os.cpu_count()} cores.\nCommand: `{command.strip()}`\n"
+        f"TensorFlow {tf.__version__}, Keras {keras.__version__}, ai-edge-litert {version('ai-edge-litert')}, "
+        f"onnxruntime {onnxruntime.__version__}; {cpu_model()}, {os.cpu_count()} cores; "
+        f"{time.perf_counter() - started:.0f} s.\nCommand: `{command.strip()}`\n"
         + "".join(f"Teacher {a} ({s}): {100 * acc:.2f}%.\n" for a, s, acc in teachers)
         + "\n" + "\n".join(lines) + "\n"
     )
     print()
     print(text)
-    os.makedirs(os.path.dirname(os.path.abspath(args.md)), exist_ok=True)
     with open(args.md, "w") as f:
         f.write(text)
     if args.png:
-        plot(rows, args.png)
+        plot(rows, args.png, args.threads)
     return 0
 
 
-def plot(rows, path):
+def plot(rows, path, threads):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['arch']}\n{r['bits']}-bit" for r in rows]
-    x = np.arange(len(rows))
-    width = 0.27
-    fig, (ax_ms, ax_kb) = plt.subplots(1, 2, figsize=(12, 4))
-    for k, mode in enumerate(MODES):
-        ax_ms.bar(x + (k - 1) * width, [r[mode]["ms"] for r in rows], width, label=mode)
-        ax_kb.bar(x + (k - 1) * width, [r[mode]["bytes"] / 1024 for r in rows], width, label=mode)
-    for ax, title in ((ax_ms, "batch-1 latency (ms, median)"), (ax_kb, "file size (kB)")):
+    cells = list(dict.fromkeys((r["arch"], r["bits"]) for r in rows))
+    labels = [f"{arch}\n{bits}-bit" for arch, bits in cells]
+    x = np.arange(len(cells))
+    width = 0.8 / len(FORMATS)
+    fig, (ax_kb, ax_ms) = plt.subplots(1, 2, figsize=(13, 4.2))
+    for k, fmt in enumerate(FORMATS):
+        by_cell = {(r["arch"], r["bits"]): r for r in rows if r["format"] == fmt}
+        offset = (k - (len(FORMATS) - 1) / 2) * width
+        label = "onnx" if fmt == "onnx" else f"tflite {fmt}"
+        ax_kb.bar(x + offset, [by_cell[c]["bytes"] / 1024 for c in cells], width, label=label)
+        ax_ms.bar(x + offset, [by_cell[c][f"latency_ms_{threads[0]}_threads"] for c in cells], width, label=label)
+    for ax, title in ((ax_kb, "file size (kB, log scale)"),
+                      (ax_ms, f"batch-1 latency (ms, median, {threads[0]} thread{'s' * (threads[0] > 1)}, log scale)")):
         ax.set_xticks(x, labels)
         ax.set_title(title)
-        ax.legend()
+        ax.legend(fontsize=8)
+        ax.set_yscale("log")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot written to {path}")

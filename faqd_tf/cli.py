@@ -54,7 +54,8 @@ def build_parser():
     parser.add_argument("--trials", type=int, default=None, help="number of tuning trials (default: tune.trials)")
     # The kinds of faqd_tf.export.KINDS, listed here: parsing imports no TensorFlow (the preflight
     # checks each kind against faqd_tf.export).
-    parser.add_argument("--export", choices=["packed", "tflite", "tflite-int8", "tflite-full"], action="append", default=[],
+    parser.add_argument("--export", choices=["packed", "tflite", "tflite-int8", "tflite-int4", "tflite-full", "onnx"],
+                        action="append", default=[],
                         help="also export the student after evaluation (repeatable)")
     return parser
 

@@ -129,8 +129,8 @@ class Run:
     def preflight(self, stages, exports=()):
         """Checks every input the `stages` (or ``["tune"]``) and the `exports` (kinds of
         `faqd_tf.export.KINDS`) will use, short of training: the output folder, every split of the
-        data they read, the models and their fit to the data, the FA layer names, the export paths.
-        Raises one-line errors; writes nothing."""
+        data they read, the models and their fit to the data, the FA layer names, the export paths
+        and that each export can convert the student. Raises one-line errors; writes nothing."""
         from faqd_tf import data, models
 
         if exports and stages and "evaluate" not in stages:  # no stages: the caller says every output is there
@@ -175,10 +175,11 @@ class Run:
         if "evaluate" in stages and "distill" not in stages:
             if not os.path.exists(self.student_path):
                 raise UsageError(f"student file {self.student_path} does not exist; run --stage distill first.")
-            quantized = _has_quantized_kernel(self._load_model(self.student_path, "student file"))
+            student = self._load_model(self.student_path, "student file")
+            quantized = _has_quantized_kernel(student)
             self._check_free(self.results_path, "results", "evaluate")
         if exports and stages:
-            self._check_exports(exports, quantized)
+            self._check_exports(exports, quantized, student)
 
     def _check_classes(self):
         """The teacher learns to tell classes apart: with one, it trains to loss 0 and learns nothing."""
@@ -190,9 +191,10 @@ class Run:
                 "of several classes, or give a trained teacher in teacher.file."
             )
 
-    def _check_exports(self, exports, quantized):
+    def _check_exports(self, exports, quantized, student):
         """Each export kind can be written once the evaluation is done: its file name is not taken
-        by a folder, the student has the quantized kernels the kind stores (`quantized`)."""
+        by a folder, the student has the quantized kernels the kind stores (`quantized`), and the
+        format can convert each of its layers (`faqd_tf.export.check`)."""
         from faqd_tf import export
 
         for kind in dict.fromkeys(exports):
@@ -206,6 +208,10 @@ class Run:
                 others = ", ".join(k for k in export.KINDS if not export.needs_quantized(k))
                 raise UsageError(f"--export {kind} stores a quantized student's integer codes, but the student has no "
                                  f"quantized kernel; set student.weight_bits, or export {others}.")
+            try:
+                export.check(kind, student)
+            except ValueError as err:
+                raise UsageError(f"--export {kind}: {err}") from None
 
     def _datasets(self, stages, exports=()):
         """(split, labels, training role) of every dataset the stages and exports build."""

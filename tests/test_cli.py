@@ -59,7 +59,7 @@ BAD_CASES = {
     "alpha_rate": (lambda t, f: ["--config", write_config(t, student={"alpha_rate": 0})], r"student.alpha_rate=0 is not valid"),
     "global_clipnorm": (lambda t, f: ["--config", write_config(t, train={"global_clipnorm": 0})],
                         r"train.global_clipnorm=0 is not valid; use null or a number > 0"),
-    "--export": (lambda t, f: ["--config", write_config(t), "--export", "tflite-int4"], r"invalid choice: 'tflite-int4'"),
+    "--export": (lambda t, f: ["--config", write_config(t), "--export", "tflite-int2"], r"invalid choice: 'tflite-int2'"),
     "gamma without labels": (lambda t, f: ["--config", write_config(t, distill={"gamma": 0.3})], r"gamma > 0 needs labels"),
     "init file": (lambda t, f: ["--config", write_config(t, student={"init": "file"})], r"student.init='file' needs student.file"),
     "--set without =": (lambda t, f: ["--config", write_config(t), "--set", "train.epochs"], r"write KEY=VALUE"),

@@ -40,6 +40,16 @@ def randomize(model, rng):
     return model
 
 
+def assert_matches_but_rare_step_flips(got, want, tol=1e-5):
+    """`got` equals `want` (rtol = atol = `tol`) in every sample but at most one. With quantized
+    ReLUs, a pre-activation within float rounding of a step edge can land one level apart in two
+    runtimes that sum in different orders: rare, and in one sample; a wrong conversion moves them all."""
+    got, want = np.asarray(got), np.asarray(want)
+    close = np.isclose(got, want, rtol=tol, atol=tol).reshape(len(got), -1).all(axis=1)
+    assert close.sum() >= len(close) - 1, (
+        f"{int((~close).sum())} of {len(close)} samples differ; max abs diff {np.abs(got - want).max():.3g}")
+
+
 def tiny_model(bits, per_channel, activation_bits=2, relax=None):
     inputs = keras.Input((8, 8, 3), name="image")
     x = QuantConv2D(6, 3, padding="same", weight_bits=bits, per_channel=per_channel, relax=relax, name="conv")(inputs)
@@ -421,15 +431,15 @@ def test_tflite_float_matches_keras(rng, tmp_path, activation_bits):
     path = tmp_path / "tiny.tflite"
     size = to_tflite(model, path)
     assert size == path.stat().st_size > 0
-    x = rng.normal(size=(6, 8, 8, 3)).astype(np.float32)
-    np.testing.assert_allclose(run_tflite(path, x), model(x, training=False), rtol=1e-5, atol=1e-5)
+    x = rng.normal(size=(8, 8, 8, 3)).astype(np.float32)
+    assert_matches_but_rare_step_flips(run_tflite(path, x), model(x, training=False))
 
 
 def test_tflite_float_resnet_matches_keras(rng, tmp_path):
     model = randomize(resnet_cifar(8, input_shape=(16, 16, 3), weight_bits=4, activation_bits=4), rng)
-    x = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
+    x = rng.normal(size=(8, 16, 16, 3)).astype(np.float32)
     size = to_tflite(model, tmp_path / "resnet.tflite")
-    np.testing.assert_allclose(run_tflite(tmp_path / "resnet.tflite", x), model(x, training=False), rtol=1e-5, atol=1e-5)
+    assert_matches_but_rare_step_flips(run_tflite(tmp_path / "resnet.tflite", x), model(x, training=False))
     assert size > 4 * 0.9 * model.count_params()  # float32 weights in the flatbuffer
 
 
@@ -500,7 +510,7 @@ def test_full_integer_resnet_keeps_every_code(rng, tmp_path):
     [
         (None, dict(mode="int8"), r"has no quantized kernels; quantize it first"),
         (None, dict(mode="full", calibration=np.zeros((2, 8, 8, 3), np.float32)), r"has no quantized kernels"),
-        (2, dict(mode="int4"), r"mode='int4' is not a TFLite export mode; use one of float, int8, full"),
+        (2, dict(mode="int2"), r"mode='int2' is not a TFLite export mode; use one of float, int8, int4, full"),
         (2, dict(mode="full"), r"mode='full' needs calibration images"),
         (2, dict(mode="full", calibration=np.zeros((2, 28, 28, 1), np.float32)), r"Calibration images have shape \(28, 28, 1\)"),
         (2, dict(mode="full", calibration=np.zeros((0, 8, 8, 3), np.float32)), r"hold no images"),
@@ -525,5 +535,5 @@ def test_write_maps_the_cli_kinds(rng, tmp_path):
     assert size == (tmp_path / "student-int8.tflite").stat().st_size
     assert_codes_stored(model, tmp_path / "student-int8.tflite", ["conv", "dw", "fc"])
     assert export.write("packed", model, tmp_path / "student.faqd") == (tmp_path / "student.faqd").stat().st_size
-    with pytest.raises(ValueError, match="Unknown export kind 'onnx'; use one of packed, tflite, tflite-int8, tflite-full"):
-        export.write("onnx", model, tmp_path / "x")
+    with pytest.raises(ValueError, match="Unknown export kind 'tflite-int2'; use one of packed, tflite, tflite-int8, tflite-int4, tflite-full, onnx"):
+        export.write("tflite-int2", model, tmp_path / "x")

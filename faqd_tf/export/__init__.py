@@ -1,9 +1,12 @@
-"""Deploying a quantized student: a packed `.faqd` file, or TFLite; and the export kinds of the CLI.
+"""Deploying a quantized student: a packed `.faqd` file, TFLite or ONNX; and the export kinds of the CLI.
 
 One module per format: :mod:`faqd_tf.export.packed` (the bit-packed file, its specification and
-the checks that keep a hostile file from loading), :mod:`faqd_tf.export.tflite` (float, int8 and
-fully integer TFLite that store the student's exact integer codes) and :mod:`faqd_tf.export.frozen`
-(the frozen copy both start from). `write` is the front door the CLI's ``--export`` uses.
+the checks that keep a hostile file from loading), :mod:`faqd_tf.export.tflite` (float, int8, int4
+and fully integer TFLite that store the student's exact integer codes), :mod:`faqd_tf.export.onnx`
+(ONNX with the codes as INT2/INT4/INT8 initializers) and :mod:`faqd_tf.export.frozen` (the frozen
+copy the TFLite export starts from). `write` is the front door the CLI's ``--export`` uses, `check`
+the test it runs before training. ``onnx``, ``onnxruntime`` and ``ai_edge_litert`` are imported
+only when a file of theirs is written or run.
 
 Example:
 
@@ -16,6 +19,7 @@ Example:
 'faqd_tf.packed_model'
 >>> [kind for kind in KINDS if needs_calibration(kind)]
 ['tflite-full']
+>>> check("onnx", model)  # raises a ValueError naming any layer the export cannot convert
 """
 
 from faqd_tf.export.frozen import freeze
@@ -29,7 +33,8 @@ from faqd_tf.export.packed import (
     read_manifest,
     unpack,
 )
-from faqd_tf.export.tflite import MODES, run_tflite, to_tflite
+from faqd_tf.export.onnx import WEIGHT_TYPES, check_onnx, run_onnx, to_onnx
+from faqd_tf.export.tflite import MODES, kernel_types, run_tflite, to_tflite
 
 __all__ = [
     "FILENAMES",
@@ -37,23 +42,32 @@ __all__ = [
     "KINDS",
     "MAGIC",
     "MODES",
+    "WEIGHT_TYPES",
+    "check",
+    "check_onnx",
     "freeze",
+    "kernel_types",
     "needs_quantized",
     "pack",
     "read_manifest",
+    "run_onnx",
     "run_tflite",
+    "to_onnx",
     "to_tflite",
     "unpack",
     "write",
 ]
 
-KINDS = ("packed", "tflite", "tflite-int8", "tflite-full")
+KINDS = ("packed", "tflite", "tflite-int8", "tflite-int4", "tflite-full", "onnx")
 FILENAMES = {
     "packed": "student.faqd",
     "tflite": "student.tflite",
     "tflite-int8": "student-int8.tflite",
+    "tflite-int4": "student-int4.tflite",
     "tflite-full": "student-full.tflite",
+    "onnx": "student.onnx",
 }
+_TFLITE_MODES = {"tflite": "float", "tflite-int8": "int8", "tflite-int4": "int4", "tflite-full": "full"}
 
 
 def needs_calibration(kind):
@@ -65,20 +79,35 @@ def needs_quantized(kind):
     """Whether export `kind` stores integer codes, so needs a model with quantized kernels.
 
     >>> [kind for kind in KINDS if needs_quantized(kind)]
-    ['tflite-int8', 'tflite-full']
+    ['tflite-int8', 'tflite-int4', 'tflite-full']
     """
-    return kind in ("tflite-int8", "tflite-full")
+    return kind in ("tflite-int8", "tflite-int4", "tflite-full")
+
+
+def _check_kind(kind):
+    if kind not in KINDS:
+        raise ValueError(f"Unknown export kind {kind!r}; use one of {', '.join(KINDS)}.")
+
+
+def check(kind, model):
+    """Raises a one-line ValueError when export `kind` cannot convert a layer of `model` (ONNX has a
+    fixed set, see :mod:`faqd_tf.export.onnx`); cheap, needs no converter, writes nothing. The CLI
+    runs it before training, so an impossible export stops the run before it starts."""
+    _check_kind(kind)
+    if kind == "onnx":
+        check_onnx(model)
 
 
 def write(kind, model, path, calibration=None):
     """Writes `model` as export `kind` (one of `KINDS`) to `path`; returns the file size in bytes.
 
-    ``"packed"``: :func:`pack`; ``"tflite"``, ``"tflite-int8"``, ``"tflite-full"``: :func:`to_tflite`
-    in mode ``"float"``, ``"int8"``, ``"full"`` (which calibrates on `calibration`).
+    ``"packed"``: :func:`pack`; ``"tflite"``, ``"tflite-int8"``, ``"tflite-int4"``, ``"tflite-full"``:
+    :func:`to_tflite` in mode ``"float"``, ``"int8"``, ``"int4"``, ``"full"`` (which calibrates on
+    `calibration`); ``"onnx"``: :func:`to_onnx`.
     """
-    if kind not in KINDS:
-        raise ValueError(f"Unknown export kind {kind!r}; use one of {', '.join(KINDS)}.")
+    _check_kind(kind)
     if kind == "packed":
         return pack(model, path)
-    mode = {"tflite": "float", "tflite-int8": "int8", "tflite-full": "full"}[kind]
-    return to_tflite(model, path, mode=mode, calibration=calibration)
+    if kind == "onnx":
+        return to_onnx(model, path)
+    return to_tflite(model, path, mode=_TFLITE_MODES[kind], calibration=calibration)

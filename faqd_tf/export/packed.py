@@ -92,22 +92,56 @@ _MAX_RANK = 8
 _MAX_DIM = 2**31
 
 
+def _check_output_path(path):
+    """Raises a one-line ValueError when `path` cannot receive a file: a folder, or a missing or
+    non-folder parent. Checked before any conversion work (and again by the write itself)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"Output path {path} is a folder; give a file name inside it.")
+    if not os.path.isdir(folder):
+        what = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise ValueError(f"Output path {path}: its folder {folder} {what}; create the folder first.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"Output path {path}: the folder {folder} is not writable.")
+
+
 def _write_atomically(path, chunks):
-    """Writes `chunks` to `path` through a temporary file: a failure leaves no partial file."""
+    """Writes `chunks` to `path` through a temporary file in the same folder, renamed when complete:
+    a failure at any point (a full disk, a folder in the way) leaves no partial file."""
+    path = os.fspath(path)
     partial = f"{path}.partial"
+    opened = False
     try:
         with open(partial, "wb") as f:
+            opened = True
             for chunk in chunks:
                 f.write(chunk)
         os.replace(partial, path)
+        opened = False
     finally:
-        if os.path.exists(partial):
+        # Only a file this call created is removed (never a folder or file it failed to open).
+        if opened and os.path.isfile(partial):
             os.remove(partial)
     return sum(len(chunk) for chunk in chunks)
 
 
 # --------------------------------------------------------------------------------------------
 # Bit packing
+
+
+def _pack_bits(u, bits):
+    """Unsigned `bits`-bit integers `u` packed ``8 / bits`` per byte, the first in the least
+    significant bits (LSB first; the last byte zero-padded). ONNX INT4/INT2 and TFLite INT4 tensors
+    use this layout too, on the two's-complement bits of the codes."""
+    u = np.asarray(u, np.uint8).reshape(-1)
+    if bits == 8:
+        return u.tobytes()
+    per_byte = 8 // bits
+    pad = (-u.size) % per_byte
+    u = np.concatenate([u, np.zeros(pad, np.uint8)]).reshape(-1, per_byte)
+    shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
+    return np.bitwise_or.reduce(u << shifts, axis=1).astype(np.uint8).tobytes()
 
 
 def _pack_codes(codes, bits):
@@ -117,13 +151,7 @@ def _pack_codes(codes, bits):
         u = (codes > 0).astype(np.uint8)
     else:
         u = (np.rint(codes).astype(np.int64) + quantizers.levels(bits)).astype(np.uint8)
-    if bits == 8:
-        return u.tobytes()
-    per_byte = 8 // bits
-    pad = (-u.size) % per_byte
-    u = np.concatenate([u, np.zeros(pad, np.uint8)]).reshape(-1, per_byte)
-    shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
-    return np.bitwise_or.reduce(u << shifts, axis=1).astype(np.uint8).tobytes()
+    return _pack_bits(u, bits)
 
 
 def _unpack_codes(data, bits, count):
@@ -157,6 +185,7 @@ def pack(model, path):
     Quantized kernels are stored as their integer codes at `weight_bits` bits plus float32 scales;
     every other weight in float32; plus the model's Keras config, so :func:`unpack` rebuilds it.
     """
+    _check_output_path(path)
     config_json = _model_json(model)
     quantized = _quantized_layers(model)
     entries, chunks, offset = [], [], 0

@@ -1,7 +1,8 @@
-"""TFLite export of a quantized student (`to_tflite`) and a runner for the result (`run_tflite`).
+"""TFLite export of a quantized student (`to_tflite`), a runner for the result (`run_tflite`) and
+what its kernels are stored as (`kernel_types`).
 
 Converted with Keras's public route (``model.export(format="litert")``) from
-:func:`faqd_tf.export.freeze` (model), builtin TFLite ops only, in one of three modes:
+:func:`faqd_tf.export.freeze` (model), builtin TFLite ops only, in one of four modes:
 
 - ``"float"``: float32 weights and activations; outputs equal Keras' up to float rounding.
 - ``"int8"``: every quantized kernel is stored as an int8 tensor whose values are the student's
@@ -9,6 +10,12 @@ Converted with Keras's public route (``model.export(format="litert")``) from
   as the TFLite quantization scale (one, or one per output channel); activations stay float
   (TFLite's hybrid kernels). Other weights (BatchNormalization folded into biases, full-precision
   layers) stay float32.
+- ``"int4"``: as ``"int8"``, but the kernels of CONV_2D and FULLY_CONNECTED ops are INT4 tensors
+  (two codes per byte, the first in the low nibble, two's complement: LiteRT's
+  ``UnpackPackedIntToInt8``), which LiteRT's hybrid CONV_2D and FULLY_CONNECTED kernels run with
+  float activations. 1-, 2- and 4-bit codes fit. Kernels LiteRT cannot run at int4 stay int8 and
+  are named in a warning: DEPTHWISE_CONV_2D (its hybrid kernel refuses INT4 filters: "Type FLOAT32
+  with filter type INT4 not currently supported") and 8-bit layers (their codes need 8 bits).
 - ``"full"``: the same int8 codes, and int8 activations calibrated on unlabeled images (the
   converter's representative dataset). Where a ``QuantReLU`` is the activation, its output is an
   int8 tensor of scale ``alpha`` and zero point -128: level ``k * alpha`` is the integer ``k - 128``
@@ -24,8 +31,20 @@ trained grid (tensorflow/model-optimization#574). So the codes are written into 
 flatbuffer afterwards (with ``ai_edge_litert``'s flatbuffer schema): each quantized layer's kernel is
 located by its values (the codes times a per-channel factor, or the converter's rounding of that),
 its integers and scales replaced, and, in ``"full"`` mode, its int32 bias re-expressed in the new
-``input_scale * weight_scale``. int4 storage is not offered: the TFLite converter has no option to
-produce int4 weights for these ops (tensorflow/tensorflow#64193, moved to LiteRT#73, open).
+``input_scale * weight_scale``.
+
+Why int4 is written here rather than by ai-edge-quantizer: the TFLite converter has no option for
+int4 weights of these ops (tensorflow/tensorflow#64193, moved to LiteRT#73). ai-edge-quantizer's
+``DEQUANTIZED_WEIGHT_RECOVERY`` installs and runs offline and produces INT4 CONV_2D/FULLY_CONNECTED
+kernels from a float file whose weights lie on a grid, but it infers each channel's grid from the
+float values (the smallest gap between distinct magnitudes): a channel whose codes share a factor
+(only +-2, +-4, +-6, say) comes back with halved codes and a doubled scale, and the scales carry
+the float rounding of the products (checked with ai-edge-quantizer 0.10: codes 2, -2, 6, -4 at
+scale 0.01 came back as 1, -1, 3, -2 at 0.02; a scale of 0.03 as 0.02999999). Here the codes come from ``kernel_codes()``
+itself, through the same flatbuffer pass as ``"int8"``, and no further dependency is needed.
+INT2 is not written: LiteRT's FULLY_CONNECTED runs INT2 weights, but its CONV_2D hybrid kernel
+accepts an INT2 filter and silently computes wrong outputs (measured: errors as large as the
+logits), so 1- and 2-bit codes are stored as INT4.
 
 Example:
 
@@ -37,22 +56,29 @@ Example:
 >>> x = np.random.rand(2, 16, 16, 3).astype("float32")
 >>> run_tflite(path, x).shape
 (2, 10)
+>>> nbytes = to_tflite(model, path, mode="int4")
+>>> sorted(set(kernel_types(path).values()))
+['FLOAT32', 'INT4']
 """
 
 import os
 import tempfile
+import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from faqd_tf.export.frozen import _first_line, _layer_codes, _quantized_layers, freeze
-from faqd_tf.export.packed import _is_count, _write_atomically
+from faqd_tf.export.packed import _check_output_path, _is_count, _pack_bits, _write_atomically
 from faqd_tf.layers import QuantReLU
+from faqd_tf.summary import quantized_kernel_bits
 
-__all__ = ["MODES", "run_tflite", "to_tflite"]
+__all__ = ["MODES", "kernel_types", "run_tflite", "to_tflite"]
 
-MODES = ("float", "int8", "full")
+MODES = ("float", "int8", "int4", "full")
+# The ops whose hybrid (float activation) kernels in LiteRT run INT4 filters.
+_INT4_OPS = ("CONV_2D", "FULLY_CONNECTED")
 # Ops whose input 1 is a kernel, and the channel axis of that kernel in TFLite's layout.
 _KERNEL_AXIS = {"CONV_2D": 0, "FULLY_CONNECTED": 0, "DEPTHWISE_CONV_2D": 3}
 # The op versions TFLite gives a hybrid (float input, int8 kernel) op: per-tensor, per-channel
@@ -160,8 +186,9 @@ def to_tflite(model, path, mode="float", calibration=None, calibration_samples=2
     Args:
         model: a built Functional or Sequential model; quantized for `"int8"` and `"full"`.
         path: output file; written atomically (no partial file on failure).
-        mode: `"float"`, `"int8"` (the integer codes as int8 kernels, float activations) or
-            `"full"` (int8 kernels and activations); see the module docstring.
+        mode: `"float"`, `"int8"` (the integer codes as int8 kernels, float activations), `"int4"`
+            (int4 kernels where LiteRT runs them, int8 elsewhere, with a warning naming those
+            layers) or `"full"` (int8 kernels and activations); see the module docstring.
         calibration: for `"full"`: unlabeled images, an array ``(N, *input_shape)``, a
             `tf.data.Dataset` or an iterable of batches (`x` or `(x, ...)`; labels are ignored).
         calibration_samples: how many of those images calibrate the activation ranges.
@@ -179,11 +206,21 @@ def to_tflite(model, path, mode="float", calibration=None, calibration_samples=2
         raise ValueError("mode='full' needs calibration images (calibration=x_train[:200], labels not needed).")
     if not _is_count(calibration_samples) or calibration_samples < 1:
         raise ValueError(f"calibration_samples={calibration_samples!r} must be a positive integer.")
+    _check_output_path(path)
     images = _calibration_images(calibration, model, calibration_samples) if mode == "full" else None
     deploy = freeze(model)
     flatbuffer = _convert(_integer_graph(deploy) if mode == "full" else deploy, mode, images, batch_size)
     if mode != "float":
-        flatbuffer = _store_codes(flatbuffer, deploy, mode)
+        flatbuffer, as_int8 = _store_codes(flatbuffer, deploy, mode)
+        if as_int8:
+            reasons = {}
+            for name, reason in as_int8:
+                reasons.setdefault(reason, []).append(name)
+            warnings.warn(
+                "to_tflite(mode='int4') stored these kernels as int8: "
+                + "; ".join(f"{', '.join(names)} ({reason})" for reason, names in reasons.items()),
+                stacklevel=2,
+            )
     return _write_atomically(path, [flatbuffer])
 
 
@@ -261,13 +298,15 @@ class _Flatbuffer:
                 sites.append((op, name, int(op.inputs[1])))
         return sites
 
-    def set_values(self, index, values, tensor_type, scales, axis):
+    def set_values(self, index, data, tensor_type, scales, axis):
+        """Points tensor `index` at a new buffer holding `data` (bytes) of `tensor_type`, quantized
+        with `scales` (zero points 0) along `axis`."""
         tensor = self.tensors[index]
         others = [t for i, t in enumerate(self.tensors) if i != index and t.buffer == tensor.buffer]
         if not others and tensor.buffer:
             self.model.buffers[tensor.buffer].data = None  # no longer referenced
         buffer = self.schema.BufferT()
-        buffer.data = np.frombuffer(values.tobytes(), np.uint8)
+        buffer.data = np.frombuffer(data, np.uint8)
         self.model.buffers.append(buffer)
         tensor.buffer = len(self.model.buffers) - 1
         tensor.type = tensor_type
@@ -301,10 +340,12 @@ class _Flatbuffer:
 
 
 def _store_codes(flatbuffer, model, mode):
-    """`flatbuffer` with every quantized kernel of `model` stored as its int8 codes."""
+    """`flatbuffer` with every quantized kernel of `model` stored as its codes: int8, or in mode
+    ``"int4"`` int4 where LiteRT runs it; and the `(layer name, reason)` of the kernels that mode
+    ``"int4"`` left at int8."""
     fb = _Flatbuffer(flatbuffer)
     sites = fb.kernel_sites()
-    used = set()
+    used, as_int8 = set(), []
     for _, layer in _quantized_layers(model).values():
         codes, _ = _layer_codes(layer)
         matches = []
@@ -333,12 +374,19 @@ def _store_codes(flatbuffer, model, mode):
         # Equal up to the float rounding of recovering them: one scale, as trained (layer-wise).
         per_tensor = np.all(np.abs(scale - scale[0]) <= 1e-6 * scale[0])
         scales = scale[:1] if per_tensor else scale
-        fb.set_values(index, values, fb.schema.TensorType.INT8, scales, axis)
-        if mode == "int8":
+        if mode == "int4" and op_name in _INT4_OPS and quantized_kernel_bits(layer) <= 4:
+            # Two's complement nibbles, LSB first (LiteRT's UnpackPackedIntToInt8).
+            fb.set_values(index, _pack_bits(values.astype(np.uint8) & 0x0F, 4), fb.schema.TensorType.INT4, scales, axis)
+        else:
+            if mode == "int4":
+                as_int8.append((layer.name, f"{quantized_kernel_bits(layer)}-bit codes" if op_name in _INT4_OPS
+                                else f"{op_name}: no int4 kernel in LiteRT"))
+            fb.set_values(index, values.tobytes(), fb.schema.TensorType.INT8, scales, axis)
+        if mode in ("int8", "int4"):
             fb.set_version(op, _HYBRID_VERSION[op_name][0 if per_tensor else 1])
         elif len(op.inputs) > 2 and op.inputs[2] >= 0:
             _rescale_bias(fb, op, scales)
-    return fb.serialize()
+    return fb.serialize(), as_int8
 
 
 def _rescale_bias(fb, op, weight_scales):
@@ -349,7 +397,24 @@ def _rescale_bias(fb, op, weight_scales):
     old = np.asarray(fb.tensors[index].quantization.scale, np.float64)
     new = input_scale * np.asarray(weight_scales, np.float64)
     rescaled = np.rint(bias.astype(np.float64) * old / new).astype(np.int32)
-    fb.set_values(index, rescaled, fb.schema.TensorType.INT32, new, 0)
+    fb.set_values(index, rescaled.tobytes(), fb.schema.TensorType.INT32, new, 0)
+
+
+def kernel_types(path):
+    """``{tensor name: storage type}`` of the kernels (input 1 of every CONV_2D, DEPTHWISE_CONV_2D
+    and FULLY_CONNECTED op) of a `.tflite` file, read from the file: ``"INT4"``, ``"INT8"``,
+    ``"FLOAT32"``, ... The tensor names hold the Keras layer names."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    with open(path, "rb") as f:
+        fb = _Flatbuffer(f.read())
+    names = {value: key for key, value in vars(schema.TensorType).items() if not key.startswith("_")}
+    found = {}
+    for op in fb.graph.operators:
+        if _builtin_name(schema, fb.model.operatorCodes[op.opcodeIndex]) in _KERNEL_AXIS and len(op.inputs) > 1:
+            tensor = fb.tensors[op.inputs[1]]
+            found[tensor.name.decode() if isinstance(tensor.name, bytes) else tensor.name] = names[tensor.type]
+    return found
 
 
 def run_tflite(path, x, num_threads=None):

@@ -1,0 +1,469 @@
+"""ONNX export of a quantized student (`to_onnx`), a runner for the result (`run_onnx`), and the
+check of which layers it converts (`check_onnx`).
+
+Every quantized kernel is an integer initializer holding the student's codes (``kernel_codes()``)
+followed by a ``DequantizeLinear`` with the student's scale (one, or one per output channel; zero
+point 0), which feeds a float ``Conv``/``Gemm``: the file stores the codes at (nearly) their bit
+width, any ONNX runtime dequantizes them to the float kernel ``codes * scale`` the student computes
+with, and activations stay float. The storage type follows the student's bits: INT2 for 1- and
+2-bit codes (ONNX opset 25), INT4 for 4-bit (opset 21), INT8 for 8-bit; `weight_type` forces a wider
+(or, where the codes fit, narrower) one. INT4 and INT2 tensors are packed two and four per byte,
+the first element in the low bits, two's complement (the ONNX spec's layout). Kernels of
+full-precision layers are float32 initializers.
+
+A quantized ReLU (``QuantReLU`` with `bits`) is written as its own definition,
+``alpha * clip(floor(x / alpha) + 1, 0, 2^b - 1)`` and 0 where ``x < 0`` (``Div``, ``Floor``,
+``Clip``, ``Mul``, ``Where``), the float32 operations the Keras layer performs, so its outputs lie
+exactly on the grid ``k * alpha``. BatchNormalization is a per-channel ``Mul`` and ``Add`` (the
+inference form ``x * m + (beta - mean * m)``, ``m = gamma / sqrt(var + eps)``), not folded into the
+kernels, so the stored codes and scales stay the student's own.
+
+The graph takes and returns tensors in Keras's layout (images NHWC); inside, 4-D tensors are NCHW
+(ONNX's ``Conv`` layout), with one ``Transpose`` after each input and before a ``Flatten`` or a
+4-D output. Supported layers: `Conv2D` (groups too), `DepthwiseConv2D`, `Dense` (on 2-D inputs) and
+their faqd_tf quantized versions, `BatchNormalization`, `ReLU` (with `max_value`), `QuantReLU`,
+`Activation` and fused activations (``linear``, ``relu``, ``relu6``, ``softmax``), `Add`,
+`MaxPooling2D`, `AveragePooling2D`, `GlobalAveragePooling2D`, `GlobalMaxPooling2D`,
+`ZeroPadding2D`, `ChannelPad`, `Flatten`, `Dropout`, nested Functional or Sequential models,
+channels-last data. Anything else is refused, before anything is written, by a ValueError naming the
+layer.
+
+Why the graph is written here with ``onnx.helper``: Keras's ``model.export(format="onnx")`` goes
+through tf2onnx, reported broken with Keras 3 (onnx/tensorflow-onnx#2329, open) and with NumPy 2
+(#2373; this project runs NumPy 2), and not tried here; it would in any case convert the float
+kernels (it has no notion of the student's integer codes), so the codes would have to be re-found in
+its output as they are in the TFLite converter's. The students use a small set of layer
+types, each a few ONNX nodes, so writing the graph directly is short and keeps the codes exact by
+construction. ``onnx`` and ``onnxruntime`` are imported only by `to_onnx`/`run_onnx`.
+
+Example:
+
+>>> from faqd_tf.models import resnet_cifar
+>>> import os, tempfile
+>>> model = resnet_cifar(8, input_shape=(16, 16, 3), weight_bits=4)
+>>> path = os.path.join(tempfile.mkdtemp(), "student.onnx")
+>>> nbytes = to_onnx(model, path)
+>>> x = np.random.rand(2, 16, 16, 3).astype("float32")
+>>> bool(np.allclose(run_onnx(path, x), model(x), atol=1e-4))
+True
+"""
+
+import importlib.util
+
+import keras
+import numpy as np
+
+from faqd_tf._version import __version__
+from faqd_tf.export.frozen import _layer_codes
+from faqd_tf.export.packed import _check_output_path, _pack_bits, _write_atomically
+from faqd_tf.layers import QuantConv2D, QuantDense, QuantDepthwiseConv2D, QuantReLU
+from faqd_tf.models.resnet_cifar import ChannelPad
+from faqd_tf.summary import quantized_kernel_bits
+
+__all__ = ["WEIGHT_TYPES", "check_onnx", "run_onnx", "to_onnx"]
+
+WEIGHT_TYPES = ("int2", "int4", "int8")
+_DEFAULT_TYPE = {1: "int2", 2: "int2", 4: "int4", 8: "int8"}
+_BITS = {"int2": 2, "int4": 4, "int8": 8}
+# INT4 initializers need opset 21, INT2 opset 25.
+_OPSET = {"int2": 25, "int4": 21, "int8": 21}
+_ACTIVATIONS = ("linear", "relu", "relu6", "softmax")
+_NCHW, _NHWC = (0, 3, 1, 2), (0, 2, 3, 1)
+
+
+class _Tensor:
+    """A tensor of the graph being built: its name and rank (4-D tensors are NCHW inside)."""
+
+    def __init__(self, name, rank):
+        self.name, self.rank = name, rank
+
+
+class _Graph:
+    """Nodes and initializers as plain tuples; `to_proto` turns them into an ONNX model."""
+
+    def __init__(self, weight_type):
+        self.weight_type = weight_type
+        self.nodes, self.initializers, self.storage = [], [], {}
+        self._names = set()
+
+    def name(self, hint):
+        name, i = hint, 1
+        while name in self._names:
+            i += 1
+            name = f"{hint}_{i}"
+        self._names.add(name)
+        return name
+
+    def const(self, hint, array):
+        name = self.name(hint)
+        self.initializers.append((name, np.ascontiguousarray(array), None))
+        return name
+
+    def op(self, op_type, inputs, hint, rank, **attrs):
+        output = self.name(hint)
+        self.nodes.append((op_type, [getattr(x, "name", x) for x in inputs], output, attrs))
+        return _Tensor(output, rank)
+
+    def codes(self, hint, codes, storage):
+        """An integer initializer of `codes` stored as `storage` (``"int2"``, ``"int4"``, ``"int8"``)."""
+        bits = _BITS[storage]
+        # Two's complement in `bits` bits, packed LSB first.
+        data = _pack_bits(codes.astype(np.int8).astype(np.uint8) & np.uint8(2**bits - 1), bits)
+        name = self.name(hint)
+        self.initializers.append((name, codes.shape, (storage, data)))
+        return name
+
+    def kernel(self, layer, codes_layout, float_kernel, axis):
+        """The float kernel of `layer` as the ONNX op wants it: ``DequantizeLinear(codes, scale)``
+        for a quantized layer, a float32 initializer otherwise. `codes_layout` maps the codes (shape
+        of ``kernel_to_quantize()``) to the op's layout, `float_kernel` does the same for a float
+        kernel; `axis` is the output-channel axis there."""
+        bits = quantized_kernel_bits(layer)
+        if bits is None:
+            return self.const(f"{layer.name}/kernel", float_kernel(np.asarray(keras.ops.convert_to_numpy(layer.kernel), np.float32)))
+        codes, scale = _layer_codes(layer)
+        codes = codes_layout(np.rint(codes).astype(np.int8))
+        storage = self.weight_type or _DEFAULT_TYPE[bits]
+        low, high = -(2 ** (_BITS[storage] - 1)), 2 ** (_BITS[storage] - 1) - 1
+        if codes.size and (codes.min() < low or codes.max() > high):
+            raise ValueError(
+                f"Layer {layer.name!r} has {bits}-bit codes in [{int(codes.min())}, {int(codes.max())}], which "
+                f"weight_type={storage!r} cannot hold ([{low}, {high}]); use a wider weight_type or None."
+            )
+        self.storage[layer.name] = storage
+        scale = scale.reshape(-1).astype(np.float32)
+        per_channel = scale.size > 1
+        inputs = [self.codes(f"{layer.name}/codes", codes, storage),
+                  self.const(f"{layer.name}/scale", scale if per_channel else scale.reshape(()))]
+        attrs = {"axis": axis} if per_channel else {}
+        return self.op("DequantizeLinear", inputs, f"{layer.name}/kernel", codes.ndim, **attrs).name
+
+    def to_proto(self, inputs, outputs, name):
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+
+        types = {"int2": TensorProto.INT2, "int4": TensorProto.INT4, "int8": TensorProto.INT8}
+        initializers = []
+        for init_name, value, packed in self.initializers:
+            if packed is None:
+                initializers.append(numpy_helper.from_array(value, init_name))
+                continue
+            tensor = TensorProto(name=init_name, data_type=types[packed[0]], dims=list(value))
+            tensor.raw_data = packed[1]
+            initializers.append(tensor)
+        nodes = [helper.make_node(op_type, node_inputs, [output], name=output, **attrs)
+                 for op_type, node_inputs, output, attrs in self.nodes]
+        graph = helper.make_graph(nodes, name, inputs, outputs, initializers)
+        opset = max([21] + [_OPSET[s] for s in self.storage.values()])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                                  producer_name="faqd_tf", producer_version=__version__)
+        onnx.checker.check_model(model, full_check=True)
+        return model
+
+
+# --------------------------------------------------------------------------------------------
+# Layers
+
+
+def _require(module):
+    if importlib.util.find_spec(module) is None:
+        raise ValueError(f"ONNX export needs the {module!r} package: pip install onnx onnxruntime (or faqd-tf[onnx]).")
+
+
+def _fail(layer, problem):
+    return ValueError(f"to_onnx cannot convert layer {layer.name!r} ({type(layer).__name__}): {problem}.")
+
+
+def _activation_name(fn):
+    name = getattr(fn, "__name__", None)
+    return name if name in _ACTIVATIONS else None
+
+
+def _activation(g, x, name, hint):
+    if name == "relu":
+        return g.op("Relu", [x], hint, x.rank)
+    if name == "relu6":
+        return g.op("Clip", [x, g.const(f"{hint}/min", np.float32(0)), g.const(f"{hint}/max", np.float32(6))], hint, x.rank)
+    if name == "softmax":
+        return g.op("Softmax", [x], hint, x.rank, axis=1 if x.rank == 4 else -1)
+    return x
+
+
+def _spatial(layer, x):
+    if x.rank != 4:
+        raise _fail(layer, f"it takes a rank-{x.rank} input; only 4-D images (N, H, W, C) are supported")
+
+
+def _padding(layer, window):
+    """ONNX padding attributes of Keras's "valid"/"same" for a `window` (kernel or pool size)."""
+    if layer.padding == "valid":
+        return {"pads": [0, 0, 0, 0]}
+    if any(s != 1 for s in layer.strides):
+        # TensorFlow's "same": the odd pixel of padding at the end. (Keras has no strided dilation.)
+        return {"auto_pad": "SAME_UPPER"}
+    # Stride 1: (k - 1) * d pixels whatever the input size; explicit, as onnxruntime runs no
+    # dilated convolution under auto_pad.
+    total = [(k - 1) * d for k, d in zip(window, getattr(layer, "dilation_rate", (1, 1)))]
+    return {"pads": [t // 2 for t in total] + [t - t // 2 for t in total]}
+
+
+def _conv(g, layer, x):
+    _spatial(layer, x)
+    depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
+    if depthwise:
+        # (kh, kw, C, m) is quantized as (kh, kw, 1, C*m); ONNX wants (C*m, 1, kh, kw), group C.
+        group = int(layer.kernel.shape[2])
+        codes_layout = lambda c: c.transpose(3, 2, 0, 1)  # noqa: E731
+        float_kernel = lambda k: k.reshape(k.shape[0], k.shape[1], 1, -1).transpose(3, 2, 0, 1)  # noqa: E731
+    else:
+        group = int(getattr(layer, "groups", 1))
+        codes_layout = float_kernel = lambda k: k.transpose(3, 2, 0, 1)  # noqa: E731
+    inputs = [x, g.kernel(layer, codes_layout, float_kernel, axis=0)]
+    if layer.use_bias:
+        inputs.append(g.const(f"{layer.name}/bias", np.asarray(keras.ops.convert_to_numpy(layer.bias), np.float32)))
+    y = g.op("Conv", inputs, layer.name, 4, kernel_shape=list(layer.kernel_size), strides=list(layer.strides),
+             dilations=list(layer.dilation_rate), group=group, **_padding(layer, layer.kernel_size))
+    return _activation(g, y, _activation_name(layer.activation), f"{layer.name}/activation")
+
+
+def _dense(g, layer, x):
+    if x.rank != 2:
+        raise _fail(layer, f"it takes a rank-{x.rank} input; to_onnx converts Dense on (batch, features) inputs only")
+    # Gemm with the kernel stored (out, in): onnxruntime 1.32 rewrites DequantizeLinear -> MatMul
+    # with per-channel scales into its MatMulNBits kernel, which quantizes the activations to 8 bits
+    # and at 2 bits computes wrong outputs (measured); DequantizeLinear -> Gemm it leaves alone.
+    inputs = [x, g.kernel(layer, lambda c: c.T, lambda k: k.T, axis=0)]
+    if layer.use_bias:
+        inputs.append(g.const(f"{layer.name}/bias", np.asarray(keras.ops.convert_to_numpy(layer.bias), np.float32)))
+    y = g.op("Gemm", inputs, layer.name, 2, transB=1)
+    return _activation(g, y, _activation_name(layer.activation), f"{layer.name}/activation")
+
+
+def _channel_shape(x, values):
+    """Per-channel `values` shaped to broadcast over `x` (channels on axis 1)."""
+    return values.reshape((-1,) + (1,) * (x.rank - 2)).astype(np.float32)
+
+
+def _batch_norm(g, layer, x):
+    if layer.axis not in (-1, x.rank - 1):
+        raise _fail(layer, f"axis={layer.axis}; only the channel (last) axis is supported")
+
+    def get(variable, default):
+        return default if variable is None else np.asarray(keras.ops.convert_to_numpy(variable), np.float32)
+
+    mean, var = get(layer.moving_mean, None), get(layer.moving_variance, None)
+    gamma, beta = get(layer.gamma, np.ones_like(mean)), get(layer.beta, np.zeros_like(mean))
+    # What tf.nn.batch_normalization computes: x * m + (beta - mean * m), in float32.
+    m = (np.float32(1) / np.sqrt(var + np.float32(layer.epsilon))) * gamma
+    y = g.op("Mul", [x, g.const(f"{layer.name}/multiplier", _channel_shape(x, m))], f"{layer.name}/mul", x.rank)
+    return g.op("Add", [y, g.const(f"{layer.name}/shift", _channel_shape(x, beta - mean * m))], layer.name, x.rank)
+
+
+def _relu(g, layer, x):
+    if layer.max_value is None:
+        return g.op("Relu", [x], layer.name, x.rank)
+    bounds = [g.const(f"{layer.name}/min", np.float32(0)), g.const(f"{layer.name}/max", np.float32(layer.max_value))]
+    return g.op("Clip", [x, *bounds], layer.name, x.rank)
+
+
+def _quant_relu(g, layer, x):
+    if layer.bits is None:
+        return g.op("Relu", [x], layer.name, x.rank)
+    alpha = g.const(f"{layer.name}/alpha", np.float32(keras.ops.convert_to_numpy(layer.alpha)))
+    n = layer.name
+    # k = clip(floor(x / alpha) + 1, 0, 2^b - 1); y = k * alpha, and 0 where x < 0 (faqd_tf.quantizers).
+    k = g.op("Floor", [g.op("Div", [x, alpha], f"{n}/div", x.rank)], f"{n}/floor", x.rank)
+    zero = g.const(f"{n}/zero", np.float32(0))
+    k = g.op("Add", [k, g.const(f"{n}/one", np.float32(1))], f"{n}/step", x.rank)
+    k = g.op("Clip", [k, zero, g.const(f"{n}/top", np.float32(2**layer.bits - 1))], f"{n}/level", x.rank)
+    y = g.op("Mul", [k, alpha], f"{n}/grid", x.rank)
+    negative = g.op("Less", [x, zero], f"{n}/negative", x.rank)
+    return g.op("Where", [negative, zero, y], n, x.rank)
+
+
+def _activation_layer(g, layer, x):
+    return _activation(g, x, _activation_name(layer.activation), layer.name)
+
+
+def _add(g, layer, *args):
+    xs = list(args[0]) if len(args) == 1 else list(args)
+    y = xs[0]
+    for i, x in enumerate(xs[1:], start=1):  # left to right, as Keras sums
+        y = g.op("Add", [y, x], layer.name if i == len(xs) - 1 else f"{layer.name}/{i}", x.rank)
+    return y
+
+
+def _pool(g, layer, x):
+    _spatial(layer, x)
+    attrs = dict(kernel_shape=list(layer.pool_size), strides=list(layer.strides), **_padding(layer, layer.pool_size))
+    if isinstance(layer, keras.layers.AveragePooling2D):
+        return g.op("AveragePool", [x], layer.name, 4, count_include_pad=0, **attrs)
+    return g.op("MaxPool", [x], layer.name, 4, **attrs)
+
+
+def _global_pool(g, layer, x):
+    _spatial(layer, x)
+    op = "GlobalAveragePool" if isinstance(layer, keras.layers.GlobalAveragePooling2D) else "GlobalMaxPool"
+    if layer.keepdims:
+        return g.op(op, [x], layer.name, 4)
+    return g.op("Flatten", [g.op(op, [x], f"{layer.name}/pool", 4)], layer.name, 2, axis=1)
+
+
+def _pad(g, layer, x, before, after):
+    pads = g.const(f"{layer.name}/pads", np.array([*before, *after], np.int64))
+    return g.op("Pad", [x, pads], layer.name, x.rank)
+
+
+def _zero_padding(g, layer, x):
+    _spatial(layer, x)
+    (top, bottom), (left, right) = layer.padding
+    return _pad(g, layer, x, [0, 0, top, left], [0, 0, bottom, right])
+
+
+def _channel_pad(g, layer, x):
+    _spatial(layer, x)
+    return _pad(g, layer, x, [0, layer.before, 0, 0], [0, layer.after, 0, 0])
+
+
+def _flatten(g, layer, x):
+    if x.rank == 4:  # Keras flattens NHWC
+        x = g.op("Transpose", [x], f"{layer.name}/nhwc", 4, perm=list(_NHWC))
+    if x.rank == 2:
+        return x
+    return g.op("Flatten", [x], layer.name, 2, axis=1)
+
+
+def _identity(g, layer, x):
+    return x
+
+
+# Exact classes: a subclass may compute something else in `call`.
+_CONVERTERS = {
+    keras.layers.Conv2D: _conv, QuantConv2D: _conv,
+    keras.layers.DepthwiseConv2D: _conv, QuantDepthwiseConv2D: _conv,
+    keras.layers.Dense: _dense, QuantDense: _dense,
+    keras.layers.BatchNormalization: _batch_norm,
+    keras.layers.ReLU: _relu, QuantReLU: _quant_relu, keras.layers.Activation: _activation_layer,
+    keras.layers.Add: _add,
+    keras.layers.MaxPooling2D: _pool, keras.layers.AveragePooling2D: _pool,
+    keras.layers.GlobalAveragePooling2D: _global_pool, keras.layers.GlobalMaxPooling2D: _global_pool,
+    keras.layers.ZeroPadding2D: _zero_padding, ChannelPad: _channel_pad,
+    keras.layers.Flatten: _flatten, keras.layers.Dropout: _identity,
+}
+
+
+def _problem(layer):
+    """Why `layer` cannot be converted (one phrase), or None."""
+    if type(layer) not in _CONVERTERS:
+        return "no ONNX conversion for this layer type (supported: " + ", ".join(
+            sorted({t.__name__ for t in _CONVERTERS})) + ")"
+    if getattr(layer, "data_format", "channels_last") != "channels_last":
+        return f"data_format={layer.data_format!r}; only channels_last is supported"
+    fn = getattr(layer, "activation", None)
+    if fn is not None and _activation_name(fn) is None:
+        return f"activation {getattr(fn, '__name__', fn)!r}; supported: {', '.join(_ACTIVATIONS)}"
+    if getattr(layer, "padding", "valid") not in ("valid", "same") and not isinstance(layer, keras.layers.ZeroPadding2D):
+        return f"padding={layer.padding!r}"
+    if isinstance(layer, keras.layers.ReLU) and (layer.negative_slope or layer.threshold):
+        return "negative_slope and threshold must be 0"
+    if quantized_kernel_bits(layer) is not None and not callable(getattr(layer, "kernel_codes", None)):
+        return "its quantized kernel has no kernel_codes()"
+    return None
+
+
+def _layers(model):
+    """Every layer of `model` that the graph runs, nested models walked (not the models themselves)."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _layers(layer)
+        elif not isinstance(layer, keras.layers.InputLayer):
+            yield layer
+
+
+def check_onnx(model: keras.Model) -> None:
+    """Raises a one-line ValueError naming the first layer of `model` that `to_onnx` cannot convert
+    (or the missing ``onnx`` package).
+
+    Runs no conversion and imports nothing: the CLI checks an ``--export onnx`` request with it
+    before training.
+    """
+    _require("onnx")
+    if not isinstance(model, keras.Model) or not model.inputs:
+        raise ValueError(f"to_onnx needs a built Functional or Sequential Keras model, got {model!r}.")
+    for layer in _layers(model):
+        problem = _problem(layer)
+        if problem:
+            raise _fail(layer, problem)
+
+
+def _functional(model):
+    from faqd_tf.quantize import _as_functional
+
+    return _as_functional(model)
+
+
+def _run(g, model, inputs):
+    """Adds `model`'s layers to `g`, fed by the `_Tensor`s `inputs`; returns its output `_Tensor`s."""
+
+    def convert(operation):
+        if isinstance(operation, keras.Model):
+            return lambda *args, **kwargs: _run(g, operation, args)
+        return lambda *args, **kwargs: _CONVERTERS[type(operation)](g, operation, *args)
+
+    outputs = _functional(model)._run_through_graph(inputs, operation_fn=convert)
+    return keras.tree.flatten(outputs)
+
+
+def _dims(x, name):
+    """ONNX dims of the Keras tensor `x`: a symbolic batch, and named symbols for unknown sizes."""
+    return ["batch"] + [d if d is not None else f"{name}_dim{j}" for j, d in enumerate(x.shape[1:], start=1)]
+
+
+def to_onnx(model: keras.Model, path, weight_type: str | None = None) -> int:
+    """Writes `model` (inference mode) as an ONNX file at `path`; returns its size in bytes.
+
+    Args:
+        model: a built Functional or Sequential model of the supported layers (module docstring);
+            quantized layers are stored as their integer codes, the others in float32.
+        path: output file; written through a temporary file in the same folder (no partial file
+            on failure).
+        weight_type: None (default): INT2 for 1- and 2-bit codes, INT4 for 4-bit, INT8 for
+            8-bit; or ``"int2"``, ``"int4"``, ``"int8"`` for every quantized layer (ValueError if a
+            layer's codes do not fit).
+    """
+    if weight_type is not None and weight_type not in WEIGHT_TYPES:
+        raise ValueError(f"weight_type={weight_type!r} is not valid; use None or one of {', '.join(WEIGHT_TYPES)}.")
+    check_onnx(model)
+    _check_output_path(path)
+    from onnx import TensorProto, helper  # check_onnx made sure it is there
+
+    g = _Graph(weight_type)
+    graph_inputs, feeds = [], []
+    for i, x in enumerate(model.inputs):
+        if len(x.shape) not in (2, 4) or str(x.dtype) != "float32":
+            raise ValueError(f"to_onnx takes float32 inputs of rank 2 or 4; input {i} is {x.dtype} of shape {x.shape}.")
+        name = g.name(getattr(x, "name", None) or f"input_{i}")
+        graph_inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, _dims(x, name)))
+        tensor = _Tensor(name, len(x.shape))
+        feeds.append(g.op("Transpose", [tensor], f"{name}/nchw", 4, perm=list(_NCHW)) if tensor.rank == 4 else tensor)
+    outputs = _run(g, model, feeds)
+    graph_outputs = []
+    for i, (y, keras_output) in enumerate(zip(outputs, model.outputs)):
+        name = g.name("output" if len(outputs) == 1 else f"output_{i}")
+        perm = {"perm": list(_NHWC)} if y.rank == 4 else {}
+        g.nodes.append(("Transpose" if y.rank == 4 else "Identity", [y.name], name, perm))
+        graph_outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, _dims(keras_output, name)))
+    proto = g.to_proto(graph_inputs, graph_outputs, model.name)
+    return _write_atomically(path, [proto.SerializeToString()])
+
+
+def run_onnx(path, x, num_threads=None):
+    """Runs an `.onnx` file on the batch `x` with onnxruntime (CPU); returns its first output."""
+    _require("onnxruntime")
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if num_threads:
+        options.intra_op_num_threads = int(num_threads)
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: np.asarray(x, np.float32)})[0]
