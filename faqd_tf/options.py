@@ -15,6 +15,7 @@ ValueError: fa_norm='l2' is not supported; use one of 'fro2', 'l1'.
 
 import math
 import numbers
+import warnings
 
 import numpy as np
 
@@ -112,6 +113,33 @@ def check_seed(seed, name="seed"):
     if seed is not None and (isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral)):
         raise ValueError(f"{name}={seed!r} is not supported; use an int or None.")
     return None if seed is None else int(seed)
+
+
+def renamed(given, old, new, value, owner):
+    """`value` of the argument `new`, or that of `old` (its former name) if `given` (the caller's
+    leftover keyword arguments) holds it, with a `DeprecationWarning`; any other leftover is a TypeError.
+
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     renamed({"k": 5}, "k", "ffa_k", 15, "FeatureAffinityDistillation")
+    5
+    >>> str(caught[0].message)
+    "FeatureAffinityDistillation: the argument 'k' is now called 'ffa_k'; the old name will go in a later release."
+    """
+    given = dict(given)
+    if old in given:
+        warnings.warn(f"{owner}: the argument {old!r} is now called {new!r}; the old name will go in a later release.",
+                      DeprecationWarning, stacklevel=3)
+        value = given.pop(old)
+    if given:
+        raise TypeError(f"{owner} got unexpected keyword arguments {', '.join(sorted(given))}.")
+    return value
+
+
+def fresh_seed():
+    """A seed drawn from the operating system, for an owner of random probes given none (an int < 2^31)."""
+    return int(np.random.SeedSequence().entropy % (2**31))
 
 
 def default_beta(fa_norm):
