@@ -105,6 +105,9 @@ def run(argv=None):
     if args.trials is not None and not 1 <= args.trials <= 100_000:
         raise UsageError(f"--trials={args.trials} must be >= 1 and <= 100000.")
     import_tensorflow_quietly()
+    from faqd_tf import compat
+
+    compat.check_keras_version()  # before anything is written: this Keras's private API is known
     runner = Run(cfg, overwrite=args.overwrite)
     try:
         if os.path.isdir(runner.out):
@@ -180,8 +183,9 @@ def main(argv=None):
         return fail(_stage_failure(e), 1)
     except _loaded("faqd_tf.callbacks", "NonFiniteLossError") as e:
         return fail(f"{_reason(e)}; lower train.lr (or check the data), then run the same command to resume.", 1)
-    # UsageError, ConfigError and the data's errors.
-    except (ValueError, OSError, *_loaded("faqd_tf.data", "SourceUnavailableError")) as e:
+    # UsageError, ConfigError, the data's errors and a Keras whose private API is not known.
+    except (ValueError, OSError, *_loaded("faqd_tf.data", "SourceUnavailableError"),
+            *_loaded("faqd_tf.compat", "KerasVersionError")) as e:
         return fail(_first_line(e), 2)
     except KeyboardInterrupt:
         print(f"{_prog()}: interrupted; run the same command again to resume from the last finished epoch.", file=sys.stderr)
