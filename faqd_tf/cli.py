@@ -93,7 +93,7 @@ def import_tensorflow_quietly():
         os.close(devnull)
 
 
-def run(argv=None):
+def run(argv=None, callbacks=()):
     """Parses `argv`, checks every input, then runs; raises on any error (see `main`).
 
     The config is read and checked before TensorFlow loads: a bad one costs no TensorFlow start-up.
@@ -108,13 +108,13 @@ def run(argv=None):
     from faqd_tf import compat
 
     compat.check_keras_version()  # before anything is written: this Keras's private API is known
-    runner = Run(cfg, overwrite=args.overwrite)
+    runner = Run(cfg, overwrite=args.overwrite, callbacks=callbacks)
     try:
         if os.path.isdir(runner.out):
             runner.lock.acquire()  # a second run on a busy output_dir stops here, at once
         if args.tune:
             runner.preflight(["tune"], args.export)
-            runner.tune(args.trials or cfg["tune"]["trials"])
+            runner.tune(args.trials)
             return 0
         stages = runner.plan(args.stage)
         runner.preflight(stages, args.export)
@@ -127,8 +127,7 @@ def run(argv=None):
 
 
 def _first_line(error):
-    text = str(getattr(error, "message", None) or error).strip()
-    return inputs.clip(text.splitlines()[0], MAX_LINE) if text else type(error).__name__
+    return inputs.first_line(error, MAX_LINE)
 
 
 def _reason(error):
@@ -167,9 +166,10 @@ def _loaded(module, name):
     return (getattr(sys.modules[module], name),) if module in sys.modules else ()
 
 
-def main(argv=None):
+def main(argv=None, callbacks=()):
     """Runs the command line; every error ends as one line on stderr with exit code 2 (bad input,
-    nothing written) or 1 (the run failed once it began)."""
+    nothing written) or 1 (the run failed once it began). `callbacks` (Keras callbacks) join every
+    training stage's `fit`, for tools and tests that drive the command line from Python."""
 
     def fail(message, code):
         if os.environ.get("FAQD_TRACEBACK"):
@@ -178,7 +178,7 @@ def main(argv=None):
         return code
 
     try:
-        return run(argv)
+        return run(argv, callbacks)
     except StageFailed as e:
         return fail(_stage_failure(e), 1)
     except _loaded("faqd_tf.callbacks", "NonFiniteLossError") as e:

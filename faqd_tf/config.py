@@ -131,7 +131,8 @@ SCHEMA = {
         "source": string(),
         "data_dir": string(None, nullable=True),
         "labels": boolean(False),
-        "validation_split": choice("test", ["test", "validation"]),
+        # Scored after every epoch of the training stages; null: none (the evaluate stage scores the test split).
+        "validation_split": choice("test", ["test", "validation", None]),
         "limit": integer(None, 1, MAX_EXAMPLES, nullable=True),
         "eval_limit": integer(None, 1, MAX_EXAMPLES, nullable=True),
         "augment": choice(None, [None, True, False, *AUGMENTATIONS]),

@@ -69,6 +69,18 @@ def clip(line, limit):
     return f"{line[:half]} ... {line[len(line) - half:]}"
 
 
+def first_line(error: BaseException, limit: int | None = None) -> str:
+    """The first line of `error`'s message (the name of its type when it has none), cut to `limit`
+    characters by `clip` when given.
+
+    >>> first_line(ValueError("bad value\nin detail")), first_line(ValueError()), first_line(OSError(" "))
+    ('bad value', 'ValueError', 'OSError')
+    """
+    text = str(getattr(error, "message", None) or error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line if limit is None else clip(line, limit)
+
+
 def check_size(declared, present, what, advice="download it again"):
     """Raises when the `declared` size of `what` (from its header) is not the `present` size."""
     if declared != present:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from faqd_tf import callbacks, cli, config, export, models, runner
+from faqd_tf import callbacks, cli, config, export, models, runner, training
 from tests import helpers
 from tests.helpers import assert_one_line_exit_2, idx_bytes, make_idx, make_tiny, pixels, png_with_size, write_idx
 
@@ -71,7 +71,7 @@ class Killed(BaseException):
 
 def kill_at(monkeypatch, point):
     """Makes the next model save die at `point`; returns the weights of the model it was saving."""
-    real = runner.save_model
+    real = training.save_model
     seen = {}
 
     def save_model(model, path):
@@ -83,7 +83,7 @@ def kill_at(monkeypatch, point):
             real(model, path)
         raise Killed
 
-    monkeypatch.setattr(runner, "save_model", save_model)
+    monkeypatch.setattr(training, "save_model", save_model)  # the stages save through it
     return seen
 
 
@@ -218,10 +218,10 @@ def test_a_backup_write_that_fails_keeps_the_one_before(tmp_path, rng, capsys, m
     """The same without root: the kernel refuses the write of epoch 2's backup (RLIMIT_FSIZE: EFBIG)."""
     out = tmp_path / "out"
     argv = ["--config", distill_case(tmp_path, rng, out), "--stage", "distill"]
-    save = callbacks.SharedBackupAndRestore._save_model
+    save = callbacks.SharedBackupAndRestore.write_backup
 
     def save_under_a_file_size_limit(self):
-        if self._current_epoch != 2:
+        if self.position()[0] != 2:
             return save(self)
         soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
         handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of the process
@@ -232,7 +232,7 @@ def test_a_backup_write_that_fails_keeps_the_one_before(tmp_path, rng, capsys, m
             resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
             signal.signal(signal.SIGXFSZ, handler)
 
-    monkeypatch.setattr(callbacks.SharedBackupAndRestore, "_save_model", save_under_a_file_size_limit)
+    monkeypatch.setattr(callbacks.SharedBackupAndRestore, "write_backup", save_under_a_file_size_limit)
     assert cli.main(argv) == 1
     backup = out / "backup" / "distill"
     assert capsys.readouterr().err.strip().splitlines() == [
