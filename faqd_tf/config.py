@@ -36,10 +36,6 @@ class Field:
         self.default, self.check, self.allowed = default, check, allowed
 
 
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _is_num(v):
     # Finite: JSON's Infinity, NaN and 1e999 (inf) are no learning rate or weight.
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -58,7 +54,7 @@ def choice(default, options):
 
 def integer(default, low, high, nullable=False):
     def check(v):
-        return (nullable and v is None) or (_is_int(v) and low <= v <= high)
+        return (nullable and v is None) or (options.is_integer(v) and low <= v <= high)
 
     return Field(default, check, f"an integer >= {low} and <= {high}" + (" or null" if nullable else ""))
 
@@ -138,7 +134,7 @@ SCHEMA = {
         "augment": choice(None, [None, True, False, *AUGMENTATIONS]),
         "image_size": Field(
             None,
-            lambda v: v is None or (isinstance(v, list) and len(v) == 2 and all(_is_int(n) and 0 < n <= 4096 for n in v)),
+            lambda v: v is None or (isinstance(v, list) and len(v) == 2 and all(options.is_integer(n) and 0 < n <= 4096 for n in v)),
             "null or [height, width] of 1 to 4096 pixels each",
         ),
     },

@@ -101,16 +101,25 @@ def check_weight(weight, name):
     return float(weight)
 
 
+def is_integer(value) -> bool:
+    """Whether `value` is an integer (a Python or NumPy int, not a bool): the package's one integer check.
+
+    >>> is_integer(3), is_integer(np.int64(3)), is_integer(True), is_integer(3.0)
+    (True, True, False, False)
+    """
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
 def check_k(k, name="k"):
     """The number of FFA probes: an integer >= 1."""
-    if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral) or k < 1:
+    if not is_integer(k) or k < 1:
         raise ValueError(f"{name}={k!r} is not supported; use an integer >= 1 (number of random probes).")
     return int(k)
 
 
 def check_seed(seed, name="seed"):
     """`seed` as an int, or None."""
-    if seed is not None and (isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral)):
+    if seed is not None and not is_integer(seed):
         raise ValueError(f"{name}={seed!r} is not supported; use an int or None.")
     return None if seed is None else int(seed)
 

@@ -24,7 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from faqd_tf.options import SUPPORTED_BITS
+from faqd_tf.options import SUPPORTED_BITS, is_integer
 
 LLOYD_ITERATIONS = 8
 # Authors' initial resolutions of the quantized ReLU (lzj994/FAQD CIFAR/quant_uni_type.py, bit_alpha);
@@ -44,7 +44,7 @@ def check_bits(bits, name="bits", allow_none=False):
     allowed = ", ".join(str(b) for b in SUPPORTED_BITS)
     if allow_none:
         allowed += " or None (full precision)"
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+    if not is_integer(bits) or bits not in SUPPORTED_BITS:
         raise ValueError(f"{name}={bits!r} is not supported; use one of {allowed}.")
     return int(bits)
 

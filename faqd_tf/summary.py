@@ -30,6 +30,8 @@ Example:
 
 import dataclasses
 
+from faqd_tf.options import is_integer
+
 __all__ = ["LayerSummary", "ModelSummary", "iter_layers", "kernel_scale_count", "quantized_kernel_bits", "summary"]
 
 
@@ -81,9 +83,9 @@ def quantized_kernel_bits(layer):
     bits = getattr(quantizer, "precision", None)
     if quantizer is None or getattr(layer, "kernel", None) is None:
         return None
-    if isinstance(bits, bool) or not isinstance(bits, int):
+    if not is_integer(bits):
         return None
-    return bits
+    return int(bits)
 
 
 def kernel_scale_count(layer):

@@ -86,7 +86,7 @@ from faqd_tf.data.base import (
 from faqd_tf.data.files import IMAGE_EXTENSIONS, FolderSource, TinyImageNetSource
 from faqd_tf.data.idx import IdxSource, read_idx
 from faqd_tf.data.tfds import TfdsSource
-from faqd_tf.options import AUGMENTATIONS
+from faqd_tf.options import AUGMENTATIONS, is_integer
 
 __all__ = [
     "AUGMENTATIONS",
@@ -197,9 +197,9 @@ def load(
     split = _check_split(split)
     size = _check_image_size(image_size)
     _check_fraction(validation_fraction)
-    if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
+    if batch_size is not None and (not is_integer(batch_size) or batch_size < 1):
         raise ValueError(f"batch_size={batch_size!r} is invalid; pass a positive int or None.")
-    if limit is not None and (not _is_int(limit) or limit < 1):
+    if limit is not None and (not is_integer(limit) or limit < 1):
         raise ValueError(f"limit={limit!r} is invalid; pass a positive int or None.")
 
     shuffle = split == "train" if shuffle is None else bool(shuffle)
@@ -238,10 +238,6 @@ def load(
 # Argument checks
 
 
-def _is_int(value):
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _check_split(split):
     name = {"val": "validation"}.get(split, split) if isinstance(split, str) else split
     if name not in ("train", "validation", "test"):
@@ -252,8 +248,8 @@ def _check_split(split):
 def _check_image_size(image_size):
     if image_size is None:
         return None
-    size = (image_size, image_size) if _is_int(image_size) else tuple(image_size)
-    if len(size) != 2 or not all(_is_int(s) and s > 0 for s in size):
+    size = (image_size, image_size) if is_integer(image_size) else tuple(image_size)
+    if len(size) != 2 or not all(is_integer(s) and s > 0 for s in size):
         raise ValueError(f"image_size={image_size!r} is invalid; pass (height, width) or an int.")
     return int(size[0]), int(size[1])
 

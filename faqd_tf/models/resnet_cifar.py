@@ -56,6 +56,7 @@ import keras
 from keras import layers
 
 from faqd_tf import quantizers
+from faqd_tf.options import is_integer
 from faqd_tf.layers import QuantConv2D, QuantDense, QuantReLU
 
 # depth -> (block kind, blocks per stage)
@@ -77,10 +78,10 @@ class ChannelPad(layers.Layer):
     def __init__(self, before, after, **kwargs):
         super().__init__(**kwargs)
         for key, value in (("before", before), ("after", after)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not is_integer(value) or value < 0:
                 raise ValueError(f"ChannelPad: {key}={value!r} must be a non-negative int.")
-        self.before = before
-        self.after = after
+        self.before = int(before)
+        self.after = int(after)
 
     def call(self, inputs):
         rank = len(inputs.shape)
@@ -156,9 +157,9 @@ class _Builder:
 
 
 def check_num_classes(num_classes):
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    if not is_integer(num_classes) or num_classes < 1:
         raise ValueError(f"num_classes={num_classes!r} must be a positive int.")
-    return num_classes
+    return int(num_classes)
 
 
 def _basic_block(b, x, filters, strides, prefix, out_name):
