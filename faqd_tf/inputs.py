@@ -70,7 +70,7 @@ def clip(line, limit):
 
 
 def first_line(error: BaseException, limit: int | None = None) -> str:
-    """The first line of `error`'s message (the name of its type when it has none), cut to `limit`
+    r"""The first line of `error`'s message (the name of its type when it has none), cut to `limit`
     characters by `clip` when given.
 
     >>> first_line(ValueError("bad value\nin detail")), first_line(ValueError()), first_line(OSError(" "))

@@ -52,6 +52,17 @@ class FolderLock:
     `flock` on the folder's own descriptor: nothing is written for it, and the operating system
     releases it when the process ends, however it ends, so a crashed run leaves no stale lock.
     Filesystems without `flock` (some network mounts) run unlocked.
+
+    >>> import tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> lock = FolderLock(folder)
+    >>> lock.acquire()
+    >>> FolderLock(folder).acquire()
+    Traceback (most recent call last):
+    ...
+    faqd_tf.runner.UsageError: output_dir ... is in use by another run; wait for it to end or choose another output_dir.
+    >>> lock.release(); os.listdir(folder)
+    []
     """
 
     def __init__(self, path):
