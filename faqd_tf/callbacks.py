@@ -147,6 +147,31 @@ class ResumableCSVLogger(keras.callbacks.CSVLogger):
             csv.writer(f, delimiter=self.sep).writerows(kept)
 
 
+class ResumeDataOrder(keras.callbacks.Callback):
+    """Makes a resumed `fit` see its epochs' data in the order an uninterrupted one would.
+
+    A seeded, shuffled `tf.data` pipeline (and a per-epoch random stream, like the augmentation's)
+    draws a new order for every iterator made on it, and `fit` makes new ones every epoch: a run
+    resumed after epoch e would train epoch e + 1 in the order of epoch 1. Once `backup` has restored
+    the training state, this makes (and drops) as many iterators of `dataset` as `fit` had made by
+    then (`faqd_tf.compat.fit_iterators_before`), so the next epoch gets the order it would have had.
+    For `fit` without `steps_per_epoch` (one pass per epoch).
+
+    Args:
+        dataset: the training `tf.data.Dataset` that `fit` iterates.
+        backup: the `faqd_tf.compat.BackupAndRestore` (e.g. `SharedBackupAndRestore`) before it.
+    """
+
+    def __init__(self, dataset, backup):
+        super().__init__()
+        self.dataset = dataset
+        self.backup = backup
+
+    def on_train_begin(self, logs=None):
+        for _ in range(compat.fit_iterators_before(self.backup.restored_epoch(), self.dataset)):
+            iter(self.dataset)
+
+
 class BackupWriteError(OSError):
     """An epoch backup that could not be written (a full disk); the message says which backup is kept."""
 

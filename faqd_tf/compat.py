@@ -3,7 +3,8 @@
 Keras has no public way to do a few things this package needs: build a model's compiled metrics
 from a label spec before a label-free `fit` under a strategy, tell whether a model was created under
 a `tf.distribute` strategy, redirect or replace how `keras.callbacks.BackupAndRestore` reads and
-writes its files, and serialize a model's weights (with its optimizer state) to memory. Each is done
+writes its files (and learn the epoch it restored), serialize a model's weights (with its optimizer
+state) to memory, and know how many times `fit` iterates a dataset before an epoch. Each is done
 here, and only here, through private attributes whose names and meaning were checked on the Keras
 versions of `VERIFIED_KERAS` (the private pieces' source compared on Keras 3.12.0, 3.13.0 and 3.14.0;
 the test suite run on 3.15.1). On another Keras the first use fails with one line
@@ -101,6 +102,22 @@ def weights_bytes(model: keras.Model) -> bytes:
     return buffer.getvalue()
 
 
+def fit_iterators_before(epoch: int, dataset) -> int:
+    """How many iterators `fit` (without `steps_per_epoch`) has made on the finite `tf.data`
+    `dataset` when epoch `epoch` (0-based) begins.
+
+    Keras's epoch iterator makes one at the start of every epoch and, when the dataset's cardinality
+    gives the number of batches, one more at the end of it, which the next epoch replaces
+    (``keras.src.trainers.epoch_iterator.EpochIterator._enumerate_iterator``; measured, for both
+    cases, by tests/test_compat.py).
+    """
+    _verified()
+    import tensorflow as tf
+
+    known = int(dataset.cardinality()) != int(tf.data.UNKNOWN_CARDINALITY)
+    return max(epoch, 0) * (2 if known else 1)
+
+
 # --------------------------------------------------------------------------- BackupAndRestore
 
 
@@ -112,6 +129,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
 
     - `generations()`: ``((weights, metadata), (previous weights, previous metadata))`` paths;
     - `position()`: ``(epoch, batch)`` that the next backup records;
+    - `restored_epoch()`: the epoch training resumes at;
     - `restoring_from(weights, metadata)`: a context in which `on_train_begin` restores from other files;
     - `write_backup()`: called where Keras would write a backup (its ``_save_model``); by default
       Keras's own write.
@@ -127,6 +145,11 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def position(self) -> tuple[int, int]:
         return self._current_epoch, self._last_batch_seen
+
+    def restored_epoch(self) -> int:
+        """The epoch `fit` resumes at once `on_train_begin` restored a backup (0: none restored);
+        Keras tells only the model (``model._initial_epoch``)."""
+        return int(getattr(self.model, "_initial_epoch", None) or 0)
 
     @contextlib.contextmanager
     def restoring_from(self, weights: str, metadata: str):

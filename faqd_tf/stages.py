@@ -26,6 +26,7 @@ from faqd_tf.callbacks import (
     BinaryRelaxScheduler,
     GradientShares,
     ResumableCSVLogger,
+    ResumeDataOrder,
     SharedBackupAndRestore,
     StopOnNonFiniteLoss,
 )
@@ -202,21 +203,23 @@ class Workspace:
 
         return int(dataset.reduce(tf.constant(0, tf.int64), lambda c, _: c + 1))
 
-    def callbacks(self, stage, history_csv, extra=(), at_start=()):
+    def callbacks(self, stage, history_csv, extra=(), at_start=(), train_ds=None):
         """A training stage's callbacks; `extra` act at epoch ends (before the backup), `at_start`
-        when training starts (after the backup restored the weights)."""
-        backup = self.backup(stage)
+        when training starts (after the backup restored the weights). With `train_ds` (a pipeline
+        that `fit` passes once an epoch), a resumed run sees it in the uninterrupted run's order."""
+        # Every worker resumes from the chief's backup, so all restart at the same epoch. The stage
+        # removes it only once its model is saved.
+        backup = SharedBackupAndRestore(self.backup(stage), writer=self.chief, delete_checkpoint=False)
         return [
             # Stops before any epoch-end callback, so no backup holds diverged weights.
-            StopOnNonFiniteLoss(backup),
+            StopOnNonFiniteLoss(self.backup(stage)),
             # Before the backup and the history, so that both hold what they change (relax lambda).
             *extra,
             *self.extra_callbacks,
             # Before the backup: a kill between the two leaves a row that the resumed run replaces.
             ResumableCSVLogger(os.path.join(self.out, history_csv)),
-            # Every worker resumes from the chief's backup, so all restart at the same epoch. The
-            # stage removes it only once its model is saved.
-            SharedBackupAndRestore(backup, writer=self.chief, delete_checkpoint=False),
+            backup,
+            *([ResumeDataOrder(train_ds, backup)] if train_ds is not None else []),
             *at_start,
             keras.callbacks.TensorBoard(os.path.join(self.out, "logs", stage), write_graph=False),
         ]
@@ -234,9 +237,12 @@ class Workspace:
             if self.chief:
                 for later in TRAINED[TRAINED.index(stage) + 1 :]:
                     shutil.rmtree(self.backup(later), ignore_errors=True)
+        # One pass a epoch, unless steps_per_epoch sets epochs apart from passes (then a resumed run
+        # starts a fresh pass).
+        passes = train_ds if not train["steps_per_epoch"] else None
         model.fit(train_ds.repeat() if train["steps_per_epoch"] else train_ds, epochs=train["epochs"],
                   steps_per_epoch=train["steps_per_epoch"], validation_data=val_ds,
-                  callbacks=self.callbacks(stage, history_csv, extra, at_start), verbose="auto", shuffle=False)
+                  callbacks=self.callbacks(stage, history_csv, extra, at_start, passes), verbose="auto", shuffle=False)
         save()
         # Every worker has saved its copy before the chief removes the shared backup.
         distribute.barrier(self.strategy)

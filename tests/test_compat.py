@@ -89,3 +89,43 @@ def test_backup_and_restore_names_and_hooks(tmp_path):
     backup.set_model(_model())
     backup.on_epoch_end(0)  # Keras's own hook calls write_backup
     assert written == [(1, 0)]
+
+
+@pytest.mark.parametrize("size", ["known", "unknown"])
+def test_fit_iterators_before_matches_what_fit_does(size):
+    """Epoch e of a `fit` sees the data of a fresh `fit` that starts after `fit_iterators_before(e)`
+    iterators were made (what `callbacks.ResumeDataOrder` relies on)."""
+    import tensorflow as tf
+
+    seen = []
+
+    class Recording(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(1)
+
+        def call(self, x):
+            return self.dense(x)
+
+        def train_step(self, data):
+            tf.py_function(lambda x: seen.append(x.numpy()[:, 0].astype(int).tolist()), [data], [])
+            return {"steps": tf.constant(1.0)}
+
+    def fit(epochs, skip=0):
+        ds = tf.data.Dataset.range(12).map(lambda i: tf.cast(tf.reshape(i, [1]), tf.float32))
+        if size == "unknown":
+            ds = ds.filter(lambda x: True)
+        ds = ds.shuffle(12, seed=3, reshuffle_each_iteration=True).batch(4)
+        for _ in range(compat.fit_iterators_before(skip, ds)):
+            iter(ds)
+        model = Recording()
+        model(np.zeros((1, 1), np.float32))
+        model.compile("sgd")
+        seen.clear()
+        model.fit(ds, epochs=epochs, verbose=0)
+        return [seen[i:i + 3] for i in range(0, len(seen), 3)]
+
+    whole = fit(3)
+    assert len(whole) == 3 and whole[0] != whole[1] != whole[2]
+    for epoch in (1, 2):
+        assert fit(1, skip=epoch) == [whole[epoch]]

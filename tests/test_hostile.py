@@ -128,6 +128,49 @@ def test_distillation_killed_during_its_save_resumes_with_nothing_lost(tmp_path,
         np.testing.assert_array_equal(saved, expected)
 
 
+class _TrainingState(keras.callbacks.Callback):
+    """Kills the run (`Killed`) before batch `kill_at = (epoch, batch)`, or records, when training
+    ends, the student's weights and the optimizer's state (iterations, momenta)."""
+
+    def __init__(self, kill_at=None):
+        super().__init__()
+        self.kill_at, self.state = kill_at, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if (self._epoch, batch) == self.kill_at:
+            raise Killed
+
+    def on_train_end(self, logs=None):
+        self.state = [np.array(v) for v in self.model.student.weights + self.model.optimizer.variables]
+
+
+def test_distillation_killed_mid_run_resumes_as_if_never_killed(tmp_path, idx):
+    """Killed in its second epoch, the same command resumes from the first epoch's backup and ends
+    with the weights and the optimizer state of a run that was never killed, bit for bit (the
+    shuffled data of each epoch comes in the same order: `callbacks.ResumeDataOrder`)."""
+    teacher = save_model_file(tmp_path / "teacher.keras", num_classes=CLASSES, input_shape=(*HW, 1))
+    argv = {}
+    for name in ("whole", "killed"):
+        argv[name] = ["--stage", "distill", "--config", write_config(
+            tmp_path, f"idx:{idx}", teacher={"arch": None, "file": teacher}, output_dir=str(tmp_path / name),
+            dataset={"limit": 32, "eval_limit": 16}, train={"epochs": 3, "batch_size": 16, "lr": 0.05})]
+    whole = _TrainingState()
+    assert cli.main(argv["whole"], callbacks=[whole]) == 0
+    with pytest.raises(Killed):
+        cli.main(argv["killed"], callbacks=[_TrainingState(kill_at=(1, 1))])
+    assert history(tmp_path / "killed" / "history.csv") == [0]
+    resumed = _TrainingState()
+    assert cli.main(argv["killed"], callbacks=[resumed]) == 0
+    assert history(tmp_path / "killed" / "history.csv") == [0, 1, 2]
+    assert len(resumed.state) == len(whole.state)
+    for got, want in zip(resumed.state, whole.state):
+        np.testing.assert_array_equal(got, want)
+    assert int(resumed.state[len(resumed.model.student.weights)]) == 3 * 2  # the optimizer's iterations
+
+
 def test_busy_output_dir_stops_at_once(tmp_path, capsys):
     (tmp_path / "out").mkdir()
     other = runner.FolderLock(str(tmp_path / "out"))

@@ -464,8 +464,12 @@ def test_ffa_zero_for_identical_maps_and_resizes_teacher(rng):
     t = maps(rng, (2, 8, 8, 4))
     for fa_norm in ("fro2", "l1"):
         assert float(fast_feature_affinity(t, t, k=3, seed=1, fa_norm=fa_norm)) == pytest.approx(0.0, abs=1e-9)
-    s = maps(rng, (2, 4, 4, 5))
-    assert fast_feature_affinity_per_sample(t, s, k=2, seed=1).shape == (2,)
+    s = maps(rng, (2, 4, 4, 5))  # other H, W and channels: the teacher is resized (bilinear) first
+    seed = int(rng.integers(2**31))
+    z = tf.random.stateless_normal([1, 16, 3], seed=tf.constant([seed, 0], tf.int64)).numpy()
+    for fa_norm in ("fro2", "l1"):
+        got = fast_feature_affinity_per_sample(t, s, k=3, seed=seed, fa_norm=fa_norm)
+        assert rel_err(got, np_ffa_per_sample(resized(t, s), s, z, fa_norm)) <= RTOL
 
 
 def test_ffa_seeds(rng):

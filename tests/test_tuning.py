@@ -71,6 +71,12 @@ def test_random_search_label_free_training_labeled_validation(rng, tmp_path):
     assert tuner.oracle.objective.name == "val_accuracy" and tuner.oracle.objective.direction == "max"
     check_completed_with_val_accuracy(tuner, trials=2)
     assert best == tuner.get_best_hyperparameters(1)[0].values
+    # The best is the trial of highest score, and a trial's score is its best val_accuracy.
+    trials = list(tuner.oracle.trials.values())
+    for trial in trials:
+        assert trial.score == trial.metrics.get_best_value("val_accuracy")
+    top = max(trial.score for trial in trials)
+    assert best in [trial.hyperparameters.values for trial in trials if trial.score == top]
     assert best["gamma"] == 0.0 and best["kd"] == "kl"
 
     config = best_distill_config(best)
