@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
@@ -16,8 +18,11 @@ from faqd_tf import compat
 from faqd_tf.summary import iter_layers
 from faqd_tf.training import PARTIAL, written_aside
 
+if TYPE_CHECKING:
+    import tensorflow as tf
 
-def relaxed_layers(model):
+
+def relaxed_layers(model: keras.Layer) -> list[keras.Layer]:
     """Every layer under `model` (nested models and a Distiller's student included) with a
     BinaryRelax factor, each once."""
     return [layer for _, layer, _ in iter_layers(model) if getattr(layer, "relax_lambda", None) is not None]
@@ -38,7 +43,7 @@ class BinaryRelaxScheduler(keras.callbacks.Callback):
     4.0
     """
 
-    def __init__(self, eta=1.02):
+    def __init__(self, eta: float = 1.02):
         super().__init__()
         if not eta > 1:
             raise ValueError(f"eta={eta!r} must be greater than 1 (lambda grows each epoch).")
@@ -75,7 +80,7 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
     faqd_tf.callbacks.NonFiniteLossError: the loss became nan at epoch 1, batch 2; no epoch had finished, so there is no checkpoint
     """
 
-    def __init__(self, backup_dir=None):
+    def __init__(self, backup_dir: str | None = None):
         super().__init__()
         self.backup_dir = backup_dir
         self._epoch = 0
@@ -121,7 +126,7 @@ class ResumableCSVLogger(keras.callbacks.CSVLogger):
     ['0', '1']
     """
 
-    def __init__(self, filename, separator=","):
+    def __init__(self, filename: str, separator: str = ","):
         super().__init__(filename, separator=separator, append=True)
         self._opened = False
 
@@ -162,7 +167,7 @@ class ResumeDataOrder(keras.callbacks.Callback):
         backup: the `faqd_tf.compat.BackupAndRestore` (e.g. `SharedBackupAndRestore`) before it.
     """
 
-    def __init__(self, dataset, backup):
+    def __init__(self, dataset: "tf.data.Dataset", backup: compat.BackupAndRestore):
         super().__init__()
         self.dataset = dataset
         self.backup = backup
@@ -198,7 +203,8 @@ class SharedBackupAndRestore(compat.BackupAndRestore):
             caller, e.g. after it has saved the trained model.
     """
 
-    def __init__(self, backup_dir: str, writer: bool = True, save_freq="epoch", delete_checkpoint: bool = True):
+    def __init__(self, backup_dir: str, writer: bool = True, save_freq: str | int = "epoch",
+                 delete_checkpoint: bool = True):
         super().__init__(backup_dir, save_freq=save_freq, double_checkpoint=True, delete_checkpoint=delete_checkpoint)
         self.writer = bool(writer)
 
@@ -325,7 +331,7 @@ def _whole(weights, meta):
         return False
 
 
-def describe_gradient_norms(norms, weights):
+def describe_gradient_norms(norms: dict[str, float], weights: dict[str, float]) -> tuple[str, list[str]]:
     """One line of each weighted term's gradient norm and share, and a warning per inert term.
 
     A term whose gradient is below 1% of the largest term's barely moves the weights: its weight
@@ -362,7 +368,8 @@ class GradientShares(keras.callbacks.Callback):
         print_fn: where the line goes (default `print`).
     """
 
-    def __init__(self, batch, print_fn=print):
+    def __init__(self, batch: "tf.Tensor | np.ndarray | tuple | tf.data.Dataset",
+                 print_fn: Callable[[str], None] = print):
         super().__init__()
         self.batch = batch
         self.print_fn = print_fn

@@ -19,6 +19,7 @@ import errno
 import os
 import re
 import sys
+from collections.abc import Sequence
 
 from faqd_tf import config as config_module
 from faqd_tf import inputs
@@ -42,7 +43,7 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=_prog(), description="FAQD: label-free quantization by feature-affinity distillation.")
     parser.add_argument("--config", required=True,
                         help="JSON config file, e.g. configs/quickstart.json, or a shipped config's name (quickstart)")
@@ -59,7 +60,7 @@ def build_parser():
     return parser
 
 
-def import_tensorflow_quietly():
+def import_tensorflow_quietly() -> None:
     """Imports TensorFlow (and Keras) with its C++ start-up notices hidden.
 
     While it loads, TensorFlow's runtime prints notices (oneDNN, "Could not find cuda drivers",
@@ -93,7 +94,7 @@ def import_tensorflow_quietly():
         os.close(devnull)
 
 
-def run(argv=None, callbacks=()):
+def run(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:
     """Parses `argv`, checks every input, then runs; raises on any error (see `main`).
 
     The config is read and checked before TensorFlow loads: a bad one costs no TensorFlow start-up.
@@ -166,7 +167,7 @@ def _loaded(module, name):
     return (getattr(sys.modules[module], name),) if module in sys.modules else ()
 
 
-def main(argv=None, callbacks=()):
+def main(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:
     """Runs the command line; every error ends as one line on stderr with exit code 2 (bad input,
     nothing written) or 1 (the run failed once it began). `callbacks` (Keras callbacks) join every
     training stage's `fit`, for tools and tests that drive the command line from Python."""

@@ -21,11 +21,16 @@ faqd_tf.compat.KerasVersionError: faqd-tf uses private parts of Keras verified o
 
 import contextlib
 import io
+from collections.abc import Iterator
 import os
 import re
 import warnings
+from typing import TYPE_CHECKING
 
 import keras
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 VERIFIED_KERAS = ((3, 12), (3, 15))
 """The (major, minor) range of Keras, both ends included, whose private API this module was checked on."""
@@ -67,7 +72,7 @@ def _verified():
 # ------------------------------------------------------------------------------------ Model
 
 
-def compiled_metrics(model: keras.Model):
+def compiled_metrics(model: keras.Model) -> object | None:
     """The `CompileMetrics` that `model.compile(metrics=...)` made (``model._compile_metrics``), or None.
 
     Keras builds them from the first labeled batch; a `Distiller` fitted on images alone under a
@@ -102,7 +107,7 @@ def weights_bytes(model: keras.Model) -> bytes:
     return buffer.getvalue()
 
 
-def fit_iterators_before(epoch: int, dataset) -> int:
+def fit_iterators_before(epoch: int, dataset: "tf.data.Dataset") -> int:
     """How many iterators `fit` (without `steps_per_epoch`) has made on the finite `tf.data`
     `dataset` when epoch `epoch` (0-based) begins.
 
@@ -152,7 +157,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         return int(getattr(self.model, "_initial_epoch", None) or 0)
 
     @contextlib.contextmanager
-    def restoring_from(self, weights: str, metadata: str):
+    def restoring_from(self, weights: str, metadata: str) -> Iterator[None]:
         saved = self._weights_path, self._training_metadata_path
         self._weights_path, self._training_metadata_path = weights, metadata
         try:

@@ -210,7 +210,7 @@ def _resolve(schema, given, prefix):
     return out
 
 
-def resolve_section(section, given):
+def resolve_section(section: str, given: dict) -> dict:
     """One section of the schema (e.g. ``"train"``) checked and filled in with defaults.
 
     >>> resolve_section("train", {"epochs": 3})["lr"]
@@ -222,7 +222,7 @@ def resolve_section(section, given):
     return _resolve(SCHEMA[section], given, section)
 
 
-def resolve(config):
+def resolve(config: dict) -> dict:
     """The complete config: `config` (a dict) checked and filled in with defaults."""
     out = _resolve(SCHEMA, config, "")
     student, teacher = out["student"], out["teacher"]
@@ -257,7 +257,7 @@ def _parse_override(item):
     return key, value
 
 
-def apply_overrides(config, overrides):
+def apply_overrides(config: dict, overrides: list[str]) -> dict:
     """Sets `section.key=value` items (values parsed as JSON when they parse) on a raw config."""
     if not isinstance(config, dict):
         raise ConfigError(f"config: the config must be a JSON object, got {inputs.describe(config)}.")
@@ -288,7 +288,7 @@ def apply_overrides(config, overrides):
     return config
 
 
-def shipped():
+def shipped() -> str:
     """The folder of the configs shipped with faqd-tf: the package data of an installed wheel,
     or the repository's ``configs/``."""
     package = os.path.dirname(os.path.abspath(__file__))
@@ -298,12 +298,12 @@ def shipped():
     return folder
 
 
-def shipped_names():
+def shipped_names() -> list[str]:
     """The names of the shipped configs (``quickstart``, ``cifar10``, ...)."""
     return sorted(n[: -len(".json")] for n in os.listdir(shipped()) if n.endswith(".json"))
 
 
-def find(name):
+def find(name: str) -> str:
     """The config file `name`: a path, or else the name of a shipped config.
 
     >>> os.path.basename(find("quickstart"))
@@ -315,7 +315,7 @@ def find(name):
     return candidate if os.path.isfile(candidate) else name
 
 
-def load(path, overrides=None):
+def load(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
     """Reads, overrides and resolves a JSON config file (a path, or a shipped config's name)."""
     path = find(os.fspath(path))
     shown = inputs.shorten(path)

@@ -177,7 +177,7 @@ class Distiller(keras.Model):
         optimizer = getattr(self, "optimizer", None)  # None before compile (e.g. gradient_norms)
         return optimizer.iterations if optimizer is not None else 0
 
-    def loss_terms(self, teacher_outputs, student_outputs, y=None) -> dict:
+    def loss_terms(self, teacher_outputs: list, student_outputs: list, y: tf.Tensor | None = None) -> dict:
         """Per-sample loss terms of the feature extractors' outputs: a dict by term name (`kd`, `fa`
         summed over the taps, `ce` when gamma > 0) of `(batch,)` tensors."""
         teacher, student = terms.Outputs.of(teacher_outputs), terms.Outputs.of(student_outputs)
@@ -255,7 +255,8 @@ class Distiller(keras.Model):
         self._update_trackers(values, self._total(values), sample_weight, batch)
         return self._logs(y, logits, sample_weight)
 
-    def gradient_norms(self, data, weighted: bool = True) -> dict[str, float]:
+    def gradient_norms(self, data: tuple | tf.Tensor | np.ndarray | tf.data.Dataset,
+                       weighted: bool = True) -> dict[str, float]:
         """The norm of each loss term's gradient with respect to the student's trainable weights.
 
         Shows whether a term can act at all: a weighted term whose gradient is a small fraction
@@ -305,7 +306,7 @@ class Distiller(keras.Model):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         return self.student(x, training=False)
 
-    def evaluate_teacher(self, x, **kwargs):
+    def evaluate_teacher(self, x, **kwargs) -> dict:
         """The teacher's loss and accuracy on labeled data (`x` as for `evaluate`), as a dict."""
         # A model of its own: compiling the teacher would change the shared network's state.
         evaluator = keras.Model(self.teacher.inputs, self.teacher.outputs, name="teacher_eval")

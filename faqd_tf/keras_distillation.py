@@ -43,13 +43,13 @@ class FeatureAffinityDistillation(keras.distillation.DistillationLoss):
 
     def __init__(
         self,
-        teacher_layer_name=None,
-        student_layer_name=None,
-        fa="exact",
-        fa_norm="fro2",
-        ffa_k=15,
-        fa_method="auto",
-        seed=None,
+        teacher_layer_name: str | None = None,
+        student_layer_name: str | None = None,
+        fa: str = "exact",
+        fa_norm: str = "fro2",
+        ffa_k: int = 15,
+        fa_method: str = "auto",
+        seed: int | None = None,
         **renamed,
     ):
         ffa_k = options.renamed(renamed, "k", "ffa_k", ffa_k, type(self).__name__)

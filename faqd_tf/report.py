@@ -11,7 +11,7 @@ HISTORIES = (("teacher", "teacher_history.csv"), ("activation step", "distill_ac
              ("student", "history.csv"))
 
 
-def write_json(path: str, value) -> None:
+def write_json(path: str, value: object) -> None:
     """Writes `value` as JSON to `path` through a renamed temporary file (never half a file)."""
     with written_aside(path) as partial, open(partial, "w") as f:
         json.dump(value, f, indent=2)

@@ -16,8 +16,13 @@ stages do, when a `Run` is made.
 
 import fcntl
 import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from faqd_tf import inputs
+
+if TYPE_CHECKING:
+    from faqd_tf import stages
 
 # The stages' names, here once.
 TEACHER, DISTILL, EVALUATE, TUNE, EXPORT = "teacher", "distill", "evaluate", "tune", "export"
@@ -37,12 +42,12 @@ class UsageError(ValueError):
 class StageFailed(RuntimeError):
     """A stage that stopped on an error after it began (`error`): one line, exit code 1."""
 
-    def __init__(self, stage, error):
+    def __init__(self, stage: str, error: BaseException):
         super().__init__(f"stage {stage} failed: {error}")
         self.stage, self.error = stage, error
 
 
-def say(message):
+def say(message: str) -> None:
     print(f"[faqd] {message}", flush=True)
 
 
@@ -65,11 +70,11 @@ class FolderLock:
     []
     """
 
-    def __init__(self, path):
+    def __init__(self, path: str):
         self.path = path
         self._fd = None
 
-    def acquire(self):
+    def acquire(self) -> None:
         if self._fd is not None:
             return
         fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
@@ -84,7 +89,7 @@ class FolderLock:
             pass  # no flock here: run unlocked
         self._fd = fd
 
-    def release(self):
+    def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -99,7 +104,7 @@ class Run:
         callbacks: Keras callbacks added to every training stage's `fit`.
     """
 
-    def __init__(self, config: dict, overwrite: bool = False, callbacks=()):
+    def __init__(self, config: dict, overwrite: bool = False, callbacks: Sequence = ()):
         # Here, not at the top: the stages load TensorFlow, which the command line defers.
         from faqd_tf import distribute, stages
 
@@ -112,7 +117,7 @@ class Run:
         self.lock = FolderLock(self.out)
         self._registry = stages.REGISTRY
 
-    def stage(self, name: str, **options):
+    def stage(self, name: str, **options) -> "stages.Stage":
         """The stage `name` of this run's config (`faqd_tf.stages.REGISTRY`)."""
         return self._registry[name].of(self.workspace, self.config, **options)
 
@@ -132,7 +137,7 @@ class Run:
         export = self.stage(EXPORT, kinds=exports) if exports and EVALUATE in names else None
         return [self.stage(name, export=export) if name == EVALUATE else self.stage(name) for name in names], export
 
-    def preflight(self, names: list[str], exports=()) -> None:
+    def preflight(self, names: list[str], exports: Sequence[str] = ()) -> None:
         """Checks every input the stages `names` (or ``["tune"]``) and the `exports` (kinds of
         `faqd_tf.export.KINDS`) will use, short of training: the output folder, every split of the
         data they read, the models and their fit to the data, the FA layer names, the export paths.
@@ -155,7 +160,7 @@ class Run:
         for stage in checked:
             stage.check(found)
 
-    def start(self, names: list[str], exports=()) -> None:
+    def start(self, names: list[str], exports: Sequence[str] = ()) -> None:
         """Runs the stages `names` (after `preflight`): locks the output folder, writes config.json."""
         import keras
         import tensorflow as tf

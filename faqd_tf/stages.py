@@ -18,8 +18,10 @@ import json
 import os
 import shutil
 import zipfile
+from collections.abc import Callable, Sequence
 
 import keras
+import tensorflow as tf
 
 from faqd_tf import data, distribute, inputs, models, terms, training
 from faqd_tf.callbacks import (
@@ -73,7 +75,7 @@ class Workspace:
             non-finite loss, before the history and the backup).
     """
 
-    def __init__(self, config: dict, overwrite: bool, strategy, callbacks=()):
+    def __init__(self, config: dict, overwrite: bool, strategy: tf.distribute.Strategy, callbacks: Sequence = ()):
         self.overwrite = overwrite
         self.strategy = strategy
         self.chief = distribute.is_chief(strategy)
@@ -105,13 +107,13 @@ class Workspace:
     def pending(self, path: str, stage: str) -> bool:
         return not os.path.exists(path) or self.interrupted(stage)
 
-    def check_free(self, path, what, stage):
+    def check_free(self, path: str, what: str, stage: str) -> None:
         if os.path.exists(path) and not self.overwrite and not self.interrupted(stage):
             raise UsageError(f"the {what} output {path} exists; pass --overwrite to replace it.")
 
     # --- data
 
-    def read_info(self):
+    def read_info(self) -> data.DatasetInfo:
         """The dataset's info (`faqd_tf.data.dataset_info`); a dataset without classes is refused."""
         d = self.dataset_config
         self.info = data.dataset_info(d["source"], d["data_dir"], image_size=d["image_size"])
@@ -122,7 +124,7 @@ class Workspace:
             )
         return self.info
 
-    def dataset(self, spec: Data):
+    def dataset(self, spec: Data) -> tf.data.Dataset:
         d = self.dataset_config
         return data.load(
             d["source"], spec.split, labels=spec.labels, batch_size=spec.batch_size or self.eval_batch_size,
@@ -135,17 +137,16 @@ class Workspace:
         split = self.dataset_config["validation_split"]
         return [] if split is None else [Data(split, True)]
 
-    def training_sets(self, train: Data):
+    def training_sets(self, train: Data) -> tuple[tf.data.Dataset, tf.data.Dataset | None]:
         """The pipelines of a training stage: `train`, and the validation set or None."""
         validation = self.validation()
         return self.dataset(train), self.dataset(validation[0]) if validation else None
 
     # --- models
 
-    def load_model(self, path, key):
-        """The Keras model in `path`, checked against the data (`key` names it in messages)."""
-        from faqd_tf import layers  # noqa: F401  (registers the custom layers)
-
+    def load_model(self, path: str, key: str) -> keras.Model:
+        """The Keras model in `path`, checked against the data (`key` names it in messages). The
+        package's layers are registered: this module imports `faqd_tf.models` and `faqd_tf.quantize`."""
         if not os.path.isfile(path):
             raise UsageError(f"{key} {path} does not exist; point it at a .keras model file.")
         try:
@@ -158,14 +159,14 @@ class Workspace:
         self.check_fits(model, key, path)
         return model
 
-    def load_teacher(self):
+    def load_teacher(self) -> keras.Model:
         if not os.path.exists(self.teacher_path):
             raise UsageError(
                 f"teacher file {self.teacher_path} does not exist; run --stage teacher first or set teacher.file."
             )
         return self.load_model(self.teacher_path, "teacher.file")
 
-    def check_fits(self, model, key, path):
+    def check_fits(self, model: keras.Model, key: str, path: str) -> None:
         """The model takes the data's images and has one logit per class."""
         source = inputs.shorten(self.dataset_config["source"])
         image_shape, classes = self.info.image_shape, self.info.num_classes
@@ -184,7 +185,7 @@ class Workspace:
             )
 
     @staticmethod
-    def check_arch(arch, key):
+    def check_arch(arch: str | None, key: str) -> None:
         if arch not in models.available():
             raise UsageError(
                 f"{key}={inputs.shorten(repr(arch))} is not a known architecture; use one of {', '.join(models.available())}."
@@ -193,17 +194,16 @@ class Workspace:
     # --- training
 
     @staticmethod
-    def steps(dataset, train):
+    def steps(dataset: tf.data.Dataset, train: dict) -> int:
         if train["steps_per_epoch"]:
             return train["steps_per_epoch"]
         n = int(dataset.cardinality())
         if n > 0:
             return n
-        import tensorflow as tf
-
         return int(dataset.reduce(tf.constant(0, tf.int64), lambda c, _: c + 1))
 
-    def callbacks(self, stage, history_csv, extra=(), at_start=(), train_ds=None):
+    def callbacks(self, stage: str, history_csv: str, extra: Sequence = (), at_start: Sequence = (),
+                  train_ds: tf.data.Dataset | None = None) -> list[keras.callbacks.Callback]:
         """A training stage's callbacks; `extra` act at epoch ends (before the backup), `at_start`
         when training starts (after the backup restored the weights). With `train_ds` (a pipeline
         that `fit` passes once an epoch), a resumed run sees it in the uninterrupted run's order."""
@@ -224,7 +224,8 @@ class Workspace:
             keras.callbacks.TensorBoard(os.path.join(self.out, "logs", stage), write_graph=False),
         ]
 
-    def train(self, model, stage, train_ds, val_ds, train, history_csv, save, extra=(), at_start=()):
+    def train(self, model: keras.Model, stage: str, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset | None,
+              train: dict, history_csv: str, save: Callable[[], None], extra: Sequence = (), at_start: Sequence = ()) -> None:
         """`fit`, then `save()` (the stage's model, saved atomically), then the backup removed.
 
         In this order a kill at any moment resumes with nothing lost: before the save the backup is
@@ -291,7 +292,7 @@ class TeacherStage(Stage):
     name = TEACHER
     sections = ("teacher", "dataset")
 
-    def __init__(self, workspace, teacher, dataset):
+    def __init__(self, workspace: Workspace, teacher: dict, dataset: dict):
         super().__init__(workspace)
         self.teacher, self.dataset = teacher, dataset
 
@@ -355,7 +356,7 @@ class DistillStage(Stage):
     name = DISTILL
     sections = ("distill", "student", "train", "dataset", "teacher")
 
-    def __init__(self, workspace, distill, student, train, dataset, teacher):
+    def __init__(self, workspace: Workspace, distill: dict, student: dict, train: dict, dataset: dict, teacher: dict):
         super().__init__(workspace)
         self.distill, self.student, self.train, self.dataset = distill, student, train, dataset
         self.student_arch = student["arch"] or teacher["arch"]  # a fresh student: the teacher's by default
@@ -472,7 +473,7 @@ class ExportStage(Stage):
     name = EXPORT
     sections = ()
 
-    def __init__(self, workspace, kinds=()):
+    def __init__(self, workspace: Workspace, kinds: Sequence[str] = ()):
         super().__init__(workspace)
         self.kinds = list(dict.fromkeys(kinds))
 
@@ -525,7 +526,7 @@ class EvaluateStage(Stage):
     name = EVALUATE
     sections = ("dataset",)
 
-    def __init__(self, workspace, dataset, export: ExportStage | None = None):
+    def __init__(self, workspace: Workspace, dataset: dict, export: ExportStage | None = None):
         super().__init__(workspace)
         self.dataset = dataset
         self.export = export
@@ -582,14 +583,15 @@ class TuneStage(Stage):
     name = TUNE
     sections = ("tune", "distill", "student", "train", "dataset")
 
-    def __init__(self, workspace, tune, distill, student, train, dataset, whole=None, trials=None):
+    def __init__(self, workspace: Workspace, tune: dict, distill: dict, student: dict, train: dict, dataset: dict,
+                 whole: dict | None = None, trials: int | None = None):
         super().__init__(workspace)
         self.tune, self.distill, self.student, self.train, self.dataset = tune, distill, student, train, dataset
         self.whole = whole  # the whole config, written back with the best values
         self.trials = trials or tune["trials"]
 
     @classmethod
-    def of(cls, workspace, config, **options):
+    def of(cls, workspace: Workspace, config: dict, **options) -> "TuneStage":
         return super().of(workspace, config, whole=config, **options)
 
     def datasets(self):

@@ -21,7 +21,8 @@ A new term is one `LossTerm` subclass (a `name`, a `__call__`, a `__str__` for t
 """
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -37,7 +38,7 @@ class Outputs:
     maps: Sequence[Any]
 
     @classmethod
-    def of(cls, extractor_outputs) -> "Outputs":
+    def of(cls, extractor_outputs: Any) -> "Outputs":
         """From a `faqd_tf.features.feature_extractor`'s `[logits, map_1, ...]` (or the logits alone)."""
         logits, *maps = tf.nest.flatten(extractor_outputs)
         return cls(logits, maps)
@@ -127,7 +128,7 @@ class CETerm(LossTerm):
     name = "ce"
     needs_labels = True
 
-    def missing_labels(self):
+    def missing_labels(self) -> str:
         return (f"gamma={self.weight} weights a cross-entropy term but the batches carry no labels; "
                 "feed (images, labels) batches, or set gamma=0 for label-free distillation.")
 
@@ -142,7 +143,7 @@ class CETerm(LossTerm):
 def from_options(alpha: float = 1.0, beta: float | None = None, gamma: float = 0.0, kd: str = "mse",
                  temperature: float = 1.0, fa: str | None = "exact", fa_norm: str = "fro2", ffa_k: int = 15,
                  fa_method: str = "auto", seed: int = 0, taps: Sequence[tuple[str, str]] = (),
-                 teacher_layers=None, student_layers=None) -> list[LossTerm]:
+                 teacher_layers: list[str] | None = None, student_layers: list[str] | None = None) -> list[LossTerm]:
     """The terms of the `Distiller`'s options (its constructor's names, so a config's `distill`
     section passes whole; the layer names are not read here, the tapped pairs come as `taps`): KD
     always, FA unless `fa` is None, CE when `gamma > 0`. `beta=None` takes `fa_norm`'s measured default."""

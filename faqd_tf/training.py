@@ -3,12 +3,17 @@ model save that neither a kill nor a full disk leaves half-written."""
 
 import contextlib
 import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import keras
 
 PARTIAL = ".partial"
 """The suffix of a file being written aside (`written_aside`): never a whole file; a run removes what a kill left."""
 
 
-def make_optimizer(train, steps_per_epoch):
+def make_optimizer(train: dict, steps_per_epoch: int) -> "keras.optimizers.Optimizer":
     """The optimizer of a resolved `train` config section (SGD or AdamW, cosine or constant lr).
 
     >>> from faqd_tf.config import resolve_section
@@ -37,7 +42,8 @@ def make_optimizer(train, steps_per_epoch):
     )
 
 
-def compile_classifier(model, optimizer="rmsprop"):
+def compile_classifier(model: "keras.Model",
+                       optimizer: "str | keras.optimizers.Optimizer" = "rmsprop") -> "keras.Model":
     """Compiles `model`, a classifier that outputs logits, with the project's loss and metric:
     sparse categorical cross-entropy from logits, and the accuracy named `accuracy`."""
     import keras
@@ -47,7 +53,7 @@ def compile_classifier(model, optimizer="rmsprop"):
     return model
 
 
-def evaluate_classifier(model, data, **kwargs) -> dict:
+def evaluate_classifier(model: "keras.Model", data: "tf.data.Dataset | tuple", **kwargs) -> dict:
     """`model`'s `loss` and `accuracy` on labeled `data` (as `evaluate` takes it), after `compile_classifier`.
 
     >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
@@ -63,7 +69,7 @@ def evaluate_classifier(model, data, **kwargs) -> dict:
 
 
 @contextlib.contextmanager
-def written_aside(path, partial=None):
+def written_aside(path: str, partial: str | None = None) -> Iterator[str]:
     """Yields a file name next to `path` (default `path + PARTIAL`) to write; when the block ends
     it is renamed to `path`, when the block fails (a full disk, an interrupt) it is removed. So
     `path` is never half a file, and a failed write leaves nothing behind.
@@ -90,7 +96,7 @@ def written_aside(path, partial=None):
         os.remove(partial)
 
 
-def save_model(model, path):
+def save_model(model: "keras.Model", path: str) -> None:
     """`model.save(path)` that never leaves half a file at `path`: written next to it, then renamed.
 
     >>> import tempfile

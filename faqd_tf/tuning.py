@@ -44,9 +44,11 @@ A search, with images-only training batches and labeled validation batches::
 import numbers
 import tempfile
 import warnings
+from collections.abc import Callable, Sequence
 
 import keras
 import keras_tuner
+import numpy as np
 import tensorflow as tf
 
 from faqd_tf import options
@@ -63,12 +65,12 @@ FIXED = ("kd", "fa_norm", "ffa_k", "fa_method", "student_layers", "teacher_layer
 """The `Distiller` options a search keeps as given."""
 
 
-def default_optimizer():
+def default_optimizer() -> keras.optimizers.Optimizer:
     """The paper's fine-tuning optimizer: SGD, Nesterov momentum 0.9, learning rate 0.01."""
     return keras.optimizers.SGD(learning_rate=0.01, momentum=0.9, nesterov=True)
 
 
-def objective():
+def objective() -> keras_tuner.Objective:
     """The tuning objective: the student's validation accuracy, maximized."""
     return keras_tuner.Objective(OBJECTIVE, "max")
 
@@ -138,8 +140,8 @@ class FAQDHyperModel(keras_tuner.HyperModel):
     def __init__(
         self,
         teacher: keras.Model,
-        student_fn,
-        optimizer_fn=None,
+        student_fn: Callable[[], keras.Model],
+        optimizer_fn: Callable[[], keras.optimizers.Optimizer] | None = None,
         *,
         kd: str = "mse",
         fa: str | None = "exact",
@@ -149,13 +151,13 @@ class FAQDHyperModel(keras_tuner.HyperModel):
         student_layers: list[str] | None = None,
         teacher_layers: list[str] | None = None,
         seed: int | None = None,
-        alpha_range=(0.1, 2.0),
-        beta_range=None,
-        gamma_range=(0.0, 1.0),
-        temperatures=(1, 2, 4, 8),
+        alpha_range: float | tuple[float, float] = (0.1, 2.0),
+        beta_range: float | tuple[float, float] | None = None,
+        gamma_range: float | tuple[float, float] = (0.0, 1.0),
+        temperatures: float | Sequence[float] = (1, 2, 4, 8),
         label_free: bool = True,
         tune_fa: bool = True,
-        metrics=("accuracy",),
+        metrics: Sequence | None = ("accuracy",),
         name: str = "faqd",
         tunable: bool = True,
         **deprecated,
@@ -241,7 +243,7 @@ class FAQDHyperModel(keras_tuner.HyperModel):
             default = min(self.temperatures, key=lambda t: abs(t - 4.0))  # the paper uses T = 3..5
             hp.Choice("temperature", self.temperatures, default=default)
 
-    def distiller_kwargs(self, hp_values):
+    def distiller_kwargs(self, hp_values: dict) -> dict:
         """All `Distiller` keyword arguments (but student and teacher) of the hp values."""
         return {**self.fixed_kwargs, **best_distill_config(hp_values, fa=self.fa)}
 
@@ -281,7 +283,7 @@ def _deprecated_distiller_kwargs(deprecated):
     return extra
 
 
-def best_distill_config(hp_values, fa="exact"):
+def best_distill_config(hp_values: dict | keras_tuner.HyperParameters, fa: str | None = "exact") -> dict:
     """The `Distiller` loss arguments of a trial's hyperparameter values, JSON-serializable.
 
     Returns a dict with `alpha`, `beta`, `gamma`, `temperature` (floats), `fa` ("exact",
@@ -316,8 +318,9 @@ def _labels_missing(validation_data):
     return hasattr(validation_data, "shape")  # an array or tensor of images
 
 
-def make_tuner(hypermodel, tuner="random", max_trials=10, epochs=1, directory=None,
-               project_name="faqd_tuning", overwrite=False, seed=None, **tuner_kwargs):
+def make_tuner(hypermodel: FAQDHyperModel, tuner: str | type = "random", max_trials: int = 10, epochs: int = 1,
+               directory: str | None = None, project_name: str = "faqd_tuning", overwrite: bool = False,
+               seed: int | None = None, **tuner_kwargs) -> keras_tuner.Tuner:
     """A keras-tuner tuner of `hypermodel` on `val_accuracy` (max).
 
     `tuner` is "random", "bayesian", "hyperband" or a `keras_tuner.Tuner` subclass. Hyperband
@@ -345,9 +348,11 @@ def make_tuner(hypermodel, tuner="random", max_trials=10, epochs=1, directory=No
     raise ValueError(f"tuner={tuner!r} is not supported; use one of {TUNERS} or a keras_tuner.Tuner subclass.")
 
 
-def search(hypermodel, train_data, validation_data, tuner="random", max_trials=10, epochs=1,
-           directory=None, project_name="faqd_tuning", overwrite=False, seed=None,
-           callbacks=None, verbose=0, batch_size=None, **tuner_kwargs):
+def search(hypermodel: FAQDHyperModel, train_data: tf.data.Dataset | np.ndarray,
+           validation_data: tf.data.Dataset | tuple, tuner: str | type = "random", max_trials: int = 10,
+           epochs: int = 1, directory: str | None = None, project_name: str = "faqd_tuning", overwrite: bool = False,
+           seed: int | None = None, callbacks: list | None = None, verbose: int | str = 0,
+           batch_size: int | None = None, **tuner_kwargs) -> tuple[dict, keras_tuner.Tuner]:
     """Runs a search and returns `(best_hp_values, tuner)`.
 
     Args:

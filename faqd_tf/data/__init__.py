@@ -67,6 +67,8 @@ Files are checked through `faqd_tf.inputs` before anything is decoded or allocat
 """
 
 import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -88,6 +90,9 @@ from faqd_tf.data.idx import IdxSource, read_idx
 from faqd_tf.data.tfds import TfdsSource
 from faqd_tf.options import AUGMENTATIONS, is_integer
 
+if TYPE_CHECKING:
+    import tensorflow as tf
+
 __all__ = [
     "AUGMENTATIONS",
     "CIFAR10_STATS",
@@ -107,7 +112,8 @@ __all__ = [
 SOURCE_KINDS = ("tfds", "folder", "tiny_imagenet", "idx")
 
 
-def dataset_info(source, data_dir=None, *, image_size=None, validation_fraction=0.1):
+def dataset_info(source: str, data_dir: str | None = None, *, image_size: int | tuple[int, int] | None = None,
+                 validation_fraction: float = 0.1) -> DatasetInfo:
     """Describes a source without building its pipeline (and without downloading TFDS data).
 
     Args:
@@ -133,24 +139,24 @@ def dataset_info(source, data_dir=None, *, image_size=None, validation_fraction=
 
 
 def load(
-    source,
-    split="train",
+    source: str,
+    split: str = "train",
     *,
-    labels=True,
-    batch_size=128,
-    shuffle=None,
-    augment=None,
-    image_size=None,
-    limit=None,
-    seed=None,
-    data_dir=None,
-    drop_remainder=False,
-    cache=None,
-    validation_fraction=0.1,
-    exclude_validation=False,
-    mean=None,
-    std=None,
-):
+    labels: bool = True,
+    batch_size: int | None = 128,
+    shuffle: bool | None = None,
+    augment: bool | str | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    limit: int | None = None,
+    seed: int | None = None,
+    data_dir: str | None = None,
+    drop_remainder: bool = False,
+    cache: bool | str | None = None,
+    validation_fraction: float = 0.1,
+    exclude_validation: bool = False,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> "tf.data.Dataset":
     """Builds a `tf.data.Dataset` of normalized float32 images, batched and prefetched.
 
     It yields `(images, labels)` with int32 class ids, or `images` alone when `labels=False`

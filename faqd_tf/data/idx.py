@@ -11,7 +11,7 @@ from faqd_tf import inputs
 from faqd_tf.data.base import DatasetInfo, Examples, Source, carve, default_augmentation, fit_size, validation_count
 
 
-def read_idx(path):
+def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Reads one IDX file (gzip-compressed or not) into a NumPy array.
 
     Validates the magic number (two zero bytes, a type code, the number of dimensions) and that
