@@ -74,28 +74,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.budget import append_rows  # noqa: E402
-from benchmarks.reproduce_cells import (  # noqa: E402
-    BASELINE_ROW,
-    FAQD_ROWS,
-    FIELDS,
-    FMNIST,
-    FULL_COLUMNS,
-    FULL_MAIN,
-    FULL_ROWS,
-    INIT_KD,
-    STEP1_ROWS,
-    STUDENT,
-    TEACHER,
-    WEIGHT_ROWS,
-    Cell,
-    Schedule,
-    cells_path,
-    fp_reference,
-    key_of,
-    read_cells,
-    say,
-    sweep_row,
-)
+from benchmarks import reproduce_cells as rc  # noqa: E402
+from benchmarks.reproduce_cells import Cell, Schedule, say  # noqa: E402
 from faqd_tf import config as config_module  # noqa: E402
 from faqd_tf.models import available  # noqa: E402
 from faqd_tf.runner import DISTILL, EVALUATE, TEACHER as TEACHER_STAGE, Run  # noqa: E402
@@ -114,7 +94,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--tables", nargs="+", default=["weight", "sweep", "full"], choices=["weight", "sweep", "full"])
-    p.add_argument("--inits", nargs="+", default=["fine-tune", "end-to-end"], choices=list(INIT_KD))
+    p.add_argument("--inits", nargs="+", default=["fine-tune", "end-to-end"], choices=list(rc.INIT_KD))
     p.add_argument("--bits", type=int, nargs="+", default=[1, 2, 4], choices=[1, 2, 4, 8])
     p.add_argument("--rows", nargs="+", default=None, help="only these rows (names as in the tables)")
     p.add_argument("--subset", type=int, default=6400, help="training images the students learn from")
@@ -143,9 +123,9 @@ def parse_args(argv=None):
                    help="weight decay of the full table; the alphas get it times 0.01 (set_alpha_decay)")
     p.add_argument("--full-clipnorm", type=float, default=None,
                    help="clip the global gradient norm in the full table (train.global_clipnorm; the authors clip)")
-    p.add_argument("--full-student", default=STUDENT, choices=list(available()[:7]),
+    p.add_argument("--full-student", default=rc.STUDENT, choices=list(available()[:7]),
                    help="student of the full table; another than resnet8 is pre-trained once, seed 1")
-    p.add_argument("--full-columns", nargs="+", default=["4W4A", "1W1A"], choices=list(FULL_COLUMNS),
+    p.add_argument("--full-columns", nargs="+", default=["4W4A", "1W1A"], choices=list(rc.FULL_COLUMNS),
                    help="FP: an unquantized student of the same recipe (end-to-end only)")
     p.add_argument("--csv", default=None, help="cells file (default <out-dir>/cells.csv); commit it as it grows")
     p.add_argument("--gamma", type=float, default=0.3)
@@ -169,8 +149,8 @@ class Bench:
     def __init__(self, args, callbacks=()):
         self.args = args
         os.makedirs(args.out_dir, exist_ok=True)
-        self.csv_path = cells_path(args)
-        self.done = {key_of(r) for r in read_cells(self.csv_path)}
+        self.csv_path = rc.cells_path(args)
+        self.done = {rc.key_of(r) for r in rc.read_cells(self.csv_path)}
         self.callbacks = list(callbacks)
         self._test = None
 
@@ -197,16 +177,16 @@ class Bench:
     def pretrained_student(self, arch):
         """The pre-trained FP `arch` that two-step full quantization starts from (seed 1 for another
         arch than the student's, so that a ResNet14 student is not the teacher itself)."""
-        if arch == STUDENT:
+        if arch == rc.STUDENT:
             return self.path("fp_student")
-        return self.pretrained(fp_reference(arch), arch, self.args.fp_epochs, seed=1)
+        return self.pretrained(rc.fp_reference(arch), arch, self.args.fp_epochs, seed=1)
 
     # --- a cell: the distill and evaluate stages
 
     def dataset(self, labels, limit):
         a = self.args
         # No validation during training: the evaluate stage scores the test split once.
-        return {"source": FMNIST, "labels": labels, "augment": False, "limit": limit, "eval_limit": a.eval_limit,
+        return {"source": rc.FMNIST, "labels": labels, "augment": False, "limit": limit, "eval_limit": a.eval_limit,
                 "validation_split": None}
 
     def config(self, cell: Cell, output_dir: str) -> dict:
@@ -224,7 +204,7 @@ class Bench:
                 "alpha": a.alpha if r.teacher else 0.0,
                 "beta": (cell.beta if cell.beta is not None else a.beta) if r.fa else 0.0,
                 "gamma": (a.gamma if r.teacher else 1.0) if labels else 0.0,
-                "kd": r.kd or INIT_KD[cell.init], "temperature": a.temperature,
+                "kd": r.kd or rc.INIT_KD[cell.init], "temperature": a.temperature,
                 "fa": r.fa, "fa_norm": r.fa_norm, "ffa_k": r.ffa_k,
             },
             "train": {"optimizer": s.optimizer, "lr": s.lr, "epochs": s.epochs, "batch_size": a.batch_size,
@@ -300,13 +280,13 @@ class Bench:
         from faqd_tf.training import evaluate_classifier
 
         if self._test is None:
-            self._test = data.load(FMNIST, "test", batch_size=500, limit=self.args.eval_limit)
+            self._test = data.load(rc.FMNIST, "test", batch_size=500, limit=self.args.eval_limit)
         accuracy = evaluate_classifier(keras.models.load_model(path, safe_mode=True), self._test, verbose=0)["accuracy"]
-        self.append(dict(zip(FIELDS, (*key, round(float(accuracy), 5), 0, 0, 0.0, ""))))
+        self.append(dict(zip(rc.FIELDS, (*key, round(float(accuracy), 5), 0, 0, 0.0, ""))))
 
     def append(self, row):
-        append_rows(self.csv_path, FIELDS, [row])
-        self.done.add(key_of(row))
+        append_rows(self.csv_path, rc.FIELDS, [row])
+        self.done.add(rc.key_of(row))
 
     def steps(self):
         return -(-min(self.args.subset, 60000) // self.args.batch_size)
@@ -315,10 +295,10 @@ class Bench:
 
     def run_all(self):
         a = self.args
-        references = [("teacher", self.pretrained("teacher", TEACHER, a.teacher_epochs)),
-                      ("fp_student", self.pretrained("fp_student", STUDENT, a.fp_epochs))]
-        if "full" in a.tables and a.full_student != STUDENT:
-            references.append((fp_reference(a.full_student), self.pretrained_student(a.full_student)))
+        references = [("teacher", self.pretrained("teacher", rc.TEACHER, a.teacher_epochs)),
+                      ("fp_student", self.pretrained("fp_student", rc.STUDENT, a.fp_epochs))]
+        if "full" in a.tables and a.full_student != rc.STUDENT:
+            references.append((rc.fp_reference(a.full_student), self.pretrained_student(a.full_student)))
         for name, path in references:
             self.record_reference(name, path)
         for cell in self.cells():
@@ -332,7 +312,7 @@ class Bench:
         a = self.args
         for seed in a.seeds:
             for init in a.inits if "weight" in a.tables else []:
-                for row in self.rows(WEIGHT_ROWS):
+                for row in self.rows(rc.WEIGHT_ROWS):
                     if row == "FP student":
                         if init == "end-to-end":  # QAT's recipe at full precision
                             yield self.weight_cell("weight", init, row, "FP", seed, "QAT (CE only, no teacher)", None)
@@ -342,15 +322,15 @@ class Bench:
             for init in a.inits if "sweep" in a.tables else []:
                 for norm, betas in (("fro2", a.sweep_fro2), ("l1", a.sweep_l1)):
                     for beta in betas:
-                        yield self.weight_cell("sweep", init, sweep_row(norm, beta), f"{a.sweep_bits}-bit", seed,
-                                               FAQD_ROWS[norm], a.sweep_bits, beta=beta)
+                        yield self.weight_cell("sweep", init, rc.sweep_row(norm, beta), f"{a.sweep_bits}-bit", seed,
+                                               rc.FAQD_ROWS[norm], a.sweep_bits, beta=beta)
             for optimizer in a.full_optimizer if "full" in a.tables else []:
                 for init in a.inits:
                     for column in a.full_columns:
                         if column == "FP" and init == "fine-tune":
                             continue  # the pre-trained FP student is that reference
-                        for row in self.rows(FULL_ROWS):
-                            if column == "FP" and FULL_ROWS[row].fa == "fast":
+                        for row in self.rows(rc.FULL_ROWS):
+                            if column == "FP" and rc.FULL_ROWS[row].fa == "fast":
                                 continue
                             yield self.full_cell(init, row, column, seed, optimizer)
 
@@ -361,7 +341,7 @@ class Bench:
             schedule, start = Schedule("adam", a.finetune_lr, a.finetune_epochs), self.path("fp_student")
         else:
             schedule, start = Schedule(a.e2e_optimizer, a.e2e_lr, a.e2e_epochs), None
-        return Cell(table, init, row, column, seed, WEIGHT_ROWS[recipe_row], schedule, start=start, weight_bits=bits,
+        return Cell(table, init, row, column, seed, rc.WEIGHT_ROWS[recipe_row], schedule, start=start, weight_bits=bits,
                     per_channel=a.per_channel and bits is not None, beta=beta)
 
     def full_schedule(self, optimizer, init):
@@ -380,16 +360,16 @@ class Bench:
         end-to-end in one from random weights."""
         a = self.args
         table = full_table(a, optimizer, init)
-        weight_bits, act = FULL_COLUMNS[column]
+        weight_bits, act = rc.FULL_COLUMNS[column]
         common = dict(weight_bits=weight_bits, activation_bits=act, per_channel=a.per_channel and weight_bits is not None)
         if init == "end-to-end":
-            return Cell(table, init, row, column, seed, FULL_ROWS[row], self.full_schedule(optimizer, init),
+            return Cell(table, init, row, column, seed, rc.FULL_ROWS[row], self.full_schedule(optimizer, init),
                         arch=a.full_student, **common)
-        kd_only = row == BASELINE_ROW
-        step1 = Cell(table, init, STEP1_ROWS[kd_only], f"{act}A32W", seed, FULL_ROWS[BASELINE_ROW if kd_only else FULL_MAIN],
+        kd_only = row == rc.BASELINE_ROW
+        step1 = Cell(table, init, rc.STEP1_ROWS[kd_only], f"{act}A32W", seed, rc.FULL_ROWS[rc.BASELINE_ROW if kd_only else rc.FULL_MAIN],
                      self.full_schedule(optimizer, init), start=self.pretrained_student(a.full_student),
                      activation_bits=act)
-        return Cell(table, init, row, column, seed, FULL_ROWS[row], self.full_schedule(optimizer, init),
+        return Cell(table, init, row, column, seed, rc.FULL_ROWS[row], self.full_schedule(optimizer, init),
                     start=self.student_file(step1), step1=step1, **common)
 
 

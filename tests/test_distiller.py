@@ -39,14 +39,20 @@ def weights_of(model):
     return {v.path: v.numpy().copy() for v in model.weights}
 
 
-@pytest.mark.parametrize("kd, fa, fa_norm", [("mse", "exact", "fro2"), ("kl", "exact", "l1"), ("mse", None, "fro2")])
-def test_one_train_step_equals_hand_written_tape(rng, kd, fa, fa_norm):
+def teacher_student_twin(rng):
+    """A random teacher, its 2-bit student (4-bit activations) and the student's twin (same weights)
+    for a hand-written tape, and a batch of 6 images."""
     teacher = tiny_net(name="teacher")
     random_weights(teacher, rng)
     student = quantize_model(teacher, weight_bits=2, activation_bits=4)
     twin = quantize_model(teacher, weight_bits=2, activation_bits=4)
     twin.set_weights(student.get_weights())
-    x = rng.normal(size=(6, 12, 12, 3)).astype(np.float32)
+    return teacher, student, twin, rng.normal(size=(6, 12, 12, 3)).astype(np.float32)
+
+
+@pytest.mark.parametrize("kd, fa, fa_norm", [("mse", "exact", "fro2"), ("kl", "exact", "l1"), ("mse", None, "fro2")])
+def test_one_train_step_equals_hand_written_tape(rng, kd, fa, fa_norm):
+    teacher, student, twin, x = teacher_student_twin(rng)
     y = rng.integers(0, 5, size=(6,))
     alpha, beta, gamma, lr, T = 0.7, 0.3, 0.2, 0.05, 2.0
     teacher_before = weights_of(teacher)
@@ -339,12 +345,7 @@ def test_sample_weights_against_a_hand_written_tape(rng, replicas, mirrored_stra
 def test_fast_fa_step_equals_a_tape_with_the_same_probes(rng, fa_norm):
     """One step with FFA: the probes of each tap at step 0 come from the seeding rule, built here
     from TensorFlow's stateless ops: fold_in(fold_in((seed, 0), crc32 of the layer pair), step)."""
-    teacher = tiny_net(name="teacher")
-    random_weights(teacher, rng)
-    student = quantize_model(teacher, weight_bits=2, activation_bits=4)
-    twin = quantize_model(teacher, weight_bits=2, activation_bits=4)
-    twin.set_weights(student.get_weights())
-    x = rng.normal(size=(6, 12, 12, 3)).astype(np.float32)
+    teacher, student, twin, x = teacher_student_twin(rng)
     alpha, beta, lr, k, seed = 0.7, 3.0, 0.05, 4, int(rng.integers(2**31))
     distiller = Distiller(student, teacher, alpha=alpha, beta=beta, kd="kl", temperature=2.0, fa="fast",
                           fa_norm=fa_norm, ffa_k=k, seed=seed)
