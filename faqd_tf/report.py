@@ -4,10 +4,11 @@ import csv
 import json
 import os
 
+from faqd_tf.runner import ACTIVATION_STEP, TEACHER
 from faqd_tf.training import written_aside
 
 # The CSV history of each stage, in the order the stages run, with the curve's label.
-HISTORIES = (("teacher", "teacher_history.csv"), ("activation step", "distill_act_history.csv"),
+HISTORIES = ((TEACHER, f"{TEACHER}_history.csv"), ("activation step", f"{ACTIVATION_STEP}_history.csv"),
              ("student", "history.csv"))
 
 
@@ -70,7 +71,7 @@ def plot_curves(out: str) -> str | None:
             rows = list(csv.DictReader(f))
         epochs = [offset + int(r["epoch"]) + 1 for r in rows]
         offset = epochs[-1] if epochs else offset
-        what = "cross-entropy" if name == "teacher" else "distillation loss"
+        what = "cross-entropy" if name == TEACHER else "distillation loss"
         ax_loss.plot(epochs, [float(r["loss"]) for r in rows], marker="o", label=f"{name}: {what}")
         # Without validation data Keras's CSVLogger still writes the column, as "NA".
         scored = [(e, r["val_accuracy"]) for e, r in zip(epochs, rows) if r.get("val_accuracy", "NA") != "NA"]

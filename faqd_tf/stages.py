@@ -346,7 +346,7 @@ class TeacherStage(Stage):
                 training.save_model(model, ws.teacher_path)
                 say(f"teacher saved to {ws.teacher_path}")
 
-        ws.train(model, TEACHER, train_ds, val_ds, cfg["train"], "teacher_history.csv", save)
+        ws.train(model, TEACHER, train_ds, val_ds, cfg["train"], f"{TEACHER}_history.csv", save)
 
 
 class DistillStage(Stage):

@@ -16,8 +16,8 @@ A new term is one `LossTerm` subclass (a `name`, a `__call__`, a `__str__` for t
 >>> term = KDTerm(0.5, kd="mse")
 >>> str(term), term(outputs, Outputs(np.array([[1.0, 4.0]], "float32"), [])).numpy().tolist()
 ('0.5*KD(mse)', [2.0])
->>> [str(t) for t in from_options(alpha=1.0, beta=None, gamma=0.3, kd="kl", fa="exact")]
-['1.0*KD(kl)', '30.0*FA(exact, fro2)', '0.3*CE']
+>>> from_options(alpha=1.0, beta=None, gamma=0.3, kd="kl", fa="exact")
+[KDTerm(1.0*KD(kl)), FATerm(30.0*FA(exact, fro2)), CETerm(0.3*CE)]
 """
 
 import dataclasses
@@ -69,6 +69,9 @@ class LossTerm:
 
     def __str__(self):
         return f"{self.weight}*{self.name.upper()}"
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self})"
 
 
 class KDTerm(LossTerm):
