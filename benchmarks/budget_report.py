@@ -8,7 +8,7 @@ import platform
 
 import numpy as np
 
-from benchmarks.reproduce import paired_difference, verdict
+from benchmarks.reproduce_report import paired_difference, verdict
 
 ARMS = ("KD only", "FAQD")
 

@@ -4,33 +4,28 @@ import contextlib
 import csv
 import errno
 import hashlib
-import io
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
 
-from faqd_tf.training import written_aside
+from faqd_tf import compat
+from faqd_tf.summary import iter_layers
+from faqd_tf.training import PARTIAL, written_aside
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 
-def _walk(layer, seen):
-    if id(layer) in seen:
-        return
-    seen.add(id(layer))
-    yield layer
-    # `Model.layers` lists a model's layers, and for a subclassed model (a Distiller) the layers
-    # and models it tracks as attributes (its student and teacher).
-    for sub in getattr(layer, "layers", ()):
-        yield from _walk(sub, seen)
-
-
-def relaxed_layers(model):
+def relaxed_layers(model: keras.Layer) -> list[keras.Layer]:
     """Every layer under `model` (nested models and a Distiller's student included) with a
     BinaryRelax factor, each once."""
-    return [layer for layer in _walk(model, set()) if getattr(layer, "relax_lambda", None) is not None]
+    return [layer for _, layer, _ in iter_layers(model) if getattr(layer, "relax_lambda", None) is not None]
 
 
 class BinaryRelaxScheduler(keras.callbacks.Callback):
@@ -48,7 +43,7 @@ class BinaryRelaxScheduler(keras.callbacks.Callback):
     4.0
     """
 
-    def __init__(self, eta=1.02):
+    def __init__(self, eta: float = 1.02):
         super().__init__()
         if not eta > 1:
             raise ValueError(f"eta={eta!r} must be greater than 1 (lambda grows each epoch).")
@@ -85,7 +80,7 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
     faqd_tf.callbacks.NonFiniteLossError: the loss became nan at epoch 1, batch 2; no epoch had finished, so there is no checkpoint
     """
 
-    def __init__(self, backup_dir=None):
+    def __init__(self, backup_dir: str | None = None):
         super().__init__()
         self.backup_dir = backup_dir
         self._epoch = 0
@@ -94,8 +89,10 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
         self._epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
+        # The total and, for a Distiller, each of its loss terms.
+        losses = {"loss", *(term.name for term in getattr(self.model, "terms", ()))}
         for name, value in (logs or {}).items():
-            if name not in ("loss", "kd", "fa", "ce"):
+            if name not in losses:
                 continue
             value = float(np.asarray(value))
             if not np.isfinite(value):
@@ -129,7 +126,7 @@ class ResumableCSVLogger(keras.callbacks.CSVLogger):
     ['0', '1']
     """
 
-    def __init__(self, filename, separator=","):
+    def __init__(self, filename: str, separator: str = ","):
         super().__init__(filename, separator=separator, append=True)
         self._opened = False
 
@@ -155,11 +152,36 @@ class ResumableCSVLogger(keras.callbacks.CSVLogger):
             csv.writer(f, delimiter=self.sep).writerows(kept)
 
 
+class ResumeDataOrder(keras.callbacks.Callback):
+    """Makes a resumed `fit` see its epochs' data in the order an uninterrupted one would.
+
+    A seeded, shuffled `tf.data` pipeline (and a per-epoch random stream, like the augmentation's)
+    draws a new order for every iterator made on it, and `fit` makes new ones every epoch: a run
+    resumed after epoch e would train epoch e + 1 in the order of epoch 1. Once `backup` has restored
+    the training state, this makes (and drops) as many iterators of `dataset` as `fit` had made by
+    then (`faqd_tf.compat.fit_iterators_before`), so the next epoch gets the order it would have had.
+    For `fit` without `steps_per_epoch` (one pass per epoch).
+
+    Args:
+        dataset: the training `tf.data.Dataset` that `fit` iterates.
+        backup: the `faqd_tf.compat.BackupAndRestore` (e.g. `SharedBackupAndRestore`) before it.
+    """
+
+    def __init__(self, dataset: "tf.data.Dataset", backup: compat.BackupAndRestore):
+        super().__init__()
+        self.dataset = dataset
+        self.backup = backup
+
+    def on_train_begin(self, logs=None):
+        for _ in range(compat.fit_iterators_before(self.backup.restored_epoch(), self.dataset)):
+            iter(self.dataset)
+
+
 class BackupWriteError(OSError):
     """An epoch backup that could not be written (a full disk); the message says which backup is kept."""
 
 
-class SharedBackupAndRestore(keras.callbacks.BackupAndRestore):
+class SharedBackupAndRestore(compat.BackupAndRestore):
     """`keras.callbacks.BackupAndRestore` for a job of several workers sharing one backup folder,
     whose backups neither a kill nor a full disk can leave unusable.
 
@@ -181,18 +203,13 @@ class SharedBackupAndRestore(keras.callbacks.BackupAndRestore):
             caller, e.g. after it has saved the trained model.
     """
 
-    def __init__(self, backup_dir, writer=True, save_freq="epoch", delete_checkpoint=True):
+    def __init__(self, backup_dir: str, writer: bool = True, save_freq: str | int = "epoch",
+                 delete_checkpoint: bool = True):
         super().__init__(backup_dir, save_freq=save_freq, double_checkpoint=True, delete_checkpoint=delete_checkpoint)
         self.writer = bool(writer)
 
-    # BackupAndRestore names its files only in these attributes (Keras 3.12-3.15); there is no public
-    # hook for where it reads and writes, so they are read and, while restoring, redirected.
-    def _generations(self):
-        return ((self._weights_path, self._training_metadata_path),
-                (self._prev_weights_path, self._prev_training_metadata_path))
-
     def on_train_begin(self, logs=None):
-        latest, previous = self._generations()
+        latest, previous = self.generations()
         if self.writer:
             self._repair()
             super().on_train_begin(logs)
@@ -208,17 +225,14 @@ class SharedBackupAndRestore(keras.callbacks.BackupAndRestore):
                 restore = (os.path.join(scratch, "restore.weights.h5"), os.path.join(scratch, "restore.json"))
                 for source, target in zip(previous, restore):
                     shutil.copy2(source, target)
-            self._weights_path, self._training_metadata_path = restore
-            try:
+            with self.restoring_from(*restore):
                 super().on_train_begin(logs)
-            finally:
-                self._weights_path, self._training_metadata_path = latest
 
     def _repair(self):
         """Leaves the folder as a whole latest generation (or none), and no partial files."""
-        latest, previous = self._generations()
+        latest, previous = self.generations()
         for path in (*latest, *previous):
-            _remove(path + _PARTIAL)  # what a killed or failed write left
+            _remove(path + PARTIAL)  # what a killed or failed write left
         if not _whole(*previous):
             for path in previous:
                 _remove(path)
@@ -227,70 +241,49 @@ class SharedBackupAndRestore(keras.callbacks.BackupAndRestore):
             for path in latest:
                 _remove(path)
             for source, target in zip(previous, latest) if os.path.exists(previous[0]) else ():
-                _replace_with_copy(source, target)
+                with written_aside(target) as partial:
+                    _link_or_copy(source, partial)
 
-    def _save_model(self):
+    def write_backup(self):
         if not self.writer:
             return
-        (weights, meta), (prev_weights, prev_meta) = self._generations()
-        data = _weights_bytes(self.model)
-        record = {"epoch": self._current_epoch, "batch": self._last_batch_seen, "weights_bytes": len(data),
+        (weights, meta), (prev_weights, prev_meta) = self.generations()
+        data = compat.weights_bytes(self.model)
+        epoch, batch = self.position()
+        record = {"epoch": epoch, "batch": batch, "weights_bytes": len(data),
                   "weights_sha256": hashlib.sha256(data).hexdigest()}
-        staged = []  # (partial, final) in the order they are renamed
+        rotate = os.path.exists(weights)  # the latest becomes the one before
+        # Renamed into place when every file is written, in this order, each rename leaving a whole
+        # generation to fall back to: the one before (weights, then metadata), then the latest (its
+        # weights, whose old metadata no longer matches them, then its metadata). The contexts are
+        # entered in the reverse order: they finish (rename) last in, first out.
+        order = [*((prev_weights, prev_meta) if rotate else ()), weights, meta]
         try:
             os.makedirs(self.backup_dir, exist_ok=True)
-            if os.path.exists(weights):  # the latest becomes the one before: weights first, then metadata
-                for source, target in ((weights, prev_weights), (meta, prev_meta)):
-                    staged.append((target + _PARTIAL, target))
-                    _link_or_copy(source, target + _PARTIAL)
-            for path, content in ((weights, data), (meta, json.dumps(record).encode())):
-                staged.append((path + _PARTIAL, path))
-                _write_file(path + _PARTIAL, content)
+            with contextlib.ExitStack() as stack:
+                aside = {path: stack.enter_context(written_aside(path)) for path in reversed(order)}
+                if rotate:
+                    _link_or_copy(weights, aside[prev_weights])
+                    _link_or_copy(meta, aside[prev_meta])
+                _write_file(aside[weights], data)
+                _write_file(aside[meta], json.dumps(record).encode())
         except OSError as err:
-            for partial, _ in staged:
-                _remove(partial)
             failure = BackupWriteError(self._failure(err))
             failure.errno = err.errno  # the CLI tells a full disk from other failures by it
             raise failure from err
-        # Renames only, each leaving a whole generation to fall back to: the one before, then the
-        # latest (its weights, whose old metadata no longer matches them, then its metadata).
-        for partial, final in staged:
-            os.replace(partial, final)
-            _remove(partial)  # left by a rename onto a link to the same file, which does nothing
 
     def _failure(self, err):
+        (weights, meta), _ = self.generations()
         kept = "no earlier backup exists"
-        if _whole(self._weights_path, self._training_metadata_path):
-            with open(self._training_metadata_path) as f:
+        if _whole(weights, meta):
+            with open(meta) as f:
                 kept = f"the backup of epoch {json.load(f)['epoch']} is kept"
-        return (f"the backup of epoch {self._current_epoch} could not be written to {self.backup_dir} "
+        return (f"the backup of epoch {self.position()[0]} could not be written to {self.backup_dir} "
                 f"({err.strerror or err}); {kept}")
 
     def on_train_end(self, logs=None):
         if self.writer:
             super().on_train_end(logs)
-
-
-_PARTIAL = ".partial"
-
-
-def _weights_bytes(model):
-    """The `model.save_weights` file (``.weights.h5``, optimizer state included) of `model`, in memory.
-
-    HDF5 then never writes to the disk: a full disk fails Python's own write of these bytes, with
-    one `OSError`, instead of leaving h5py a half-written file that it tries to flush again at exit
-    (tracebacks, then a segmentation fault). Keras offers no public way to save weights to memory;
-    this is what `model.save_weights` does with a path (keras.src.saving.saving_lib, 3.12-3.15).
-    """
-    from keras.src.saving import saving_lib
-
-    buffer = io.BytesIO()
-    store = saving_lib.H5IOStore(buffer, mode="w")
-    try:
-        saving_lib._save_state(model, weights_store=store, assets_store=None, inner_path="", visited_saveables=set())
-    finally:
-        store.close()
-    return buffer.getvalue()
 
 
 def _write_file(path, data):
@@ -309,15 +302,6 @@ def _link_or_copy(source, target):
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise
         shutil.copy2(source, target)
-
-
-def _replace_with_copy(source, target):
-    """`target` replaced, whole, by a copy (a link where possible) of `source`."""
-    try:
-        _link_or_copy(source, target + _PARTIAL)
-        os.replace(target + _PARTIAL, target)
-    finally:
-        _remove(target + _PARTIAL)
 
 
 def _remove(path):
@@ -347,7 +331,7 @@ def _whole(weights, meta):
         return False
 
 
-def describe_gradient_norms(norms, weights):
+def describe_gradient_norms(norms: dict[str, float], weights: dict[str, float]) -> tuple[str, list[str]]:
     """One line of each weighted term's gradient norm and share, and a warning per inert term.
 
     A term whose gradient is below 1% of the largest term's barely moves the weights: its weight
@@ -384,7 +368,8 @@ class GradientShares(keras.callbacks.Callback):
         print_fn: where the line goes (default `print`).
     """
 
-    def __init__(self, batch, print_fn=print):
+    def __init__(self, batch: "tf.Tensor | np.ndarray | tuple | tf.data.Dataset",
+                 print_fn: Callable[[str], None] = print):
         super().__init__()
         self.batch = batch
         self.print_fn = print_fn
@@ -393,8 +378,7 @@ class GradientShares(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         model = self.model
         self.norms = model.gradient_norms(self.batch)
-        weights = {"kd": model.alpha, "fa": model.beta, "ce": model.gamma}
-        line, warnings = describe_gradient_norms(self.norms, weights)
+        line, warnings = describe_gradient_norms(self.norms, {term.name: term.weight for term in model.terms})
         self.print_fn(line)
         for warning in warnings:
             self.print_fn(f"warning: {warning}")

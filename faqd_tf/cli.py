@@ -19,6 +19,7 @@ import errno
 import os
 import re
 import sys
+from collections.abc import Sequence
 
 from faqd_tf import config as config_module
 from faqd_tf import inputs
@@ -42,7 +43,7 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=_prog(), description="FAQD: label-free quantization by feature-affinity distillation.")
     parser.add_argument("--config", required=True,
                         help="JSON config file, e.g. configs/quickstart.json, or a shipped config's name (quickstart)")
@@ -60,7 +61,7 @@ def build_parser():
     return parser
 
 
-def import_tensorflow_quietly():
+def import_tensorflow_quietly() -> None:
     """Imports TensorFlow (and Keras) with its C++ start-up notices hidden.
 
     While it loads, TensorFlow's runtime prints notices (oneDNN, "Could not find cuda drivers",
@@ -94,7 +95,7 @@ def import_tensorflow_quietly():
         os.close(devnull)
 
 
-def run(argv=None):
+def run(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:
     """Parses `argv`, checks every input, then runs; raises on any error (see `main`).
 
     The config is read and checked before TensorFlow loads: a bad one costs no TensorFlow start-up.
@@ -106,13 +107,16 @@ def run(argv=None):
     if args.trials is not None and not 1 <= args.trials <= 100_000:
         raise UsageError(f"--trials={args.trials} must be >= 1 and <= 100000.")
     import_tensorflow_quietly()
-    runner = Run(cfg, overwrite=args.overwrite)
+    from faqd_tf import compat
+
+    compat.check_keras_version()  # before anything is written: this Keras's private API is known
+    runner = Run(cfg, overwrite=args.overwrite, callbacks=callbacks)
     try:
         if os.path.isdir(runner.out):
             runner.lock.acquire()  # a second run on a busy output_dir stops here, at once
         if args.tune:
             runner.preflight(["tune"], args.export)
-            runner.tune(args.trials or cfg["tune"]["trials"])
+            runner.tune(args.trials)
             return 0
         stages = runner.plan(args.stage)
         runner.preflight(stages, args.export)
@@ -125,8 +129,7 @@ def run(argv=None):
 
 
 def _first_line(error):
-    text = str(getattr(error, "message", None) or error).strip()
-    return inputs.clip(text.splitlines()[0], MAX_LINE) if text else type(error).__name__
+    return inputs.first_line(error, MAX_LINE)
 
 
 def _reason(error):
@@ -165,9 +168,10 @@ def _loaded(module, name):
     return (getattr(sys.modules[module], name),) if module in sys.modules else ()
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:
     """Runs the command line; every error ends as one line on stderr with exit code 2 (bad input,
-    nothing written) or 1 (the run failed once it began)."""
+    nothing written) or 1 (the run failed once it began). `callbacks` (Keras callbacks) join every
+    training stage's `fit`, for tools and tests that drive the command line from Python."""
 
     def fail(message, code):
         if os.environ.get("FAQD_TRACEBACK"):
@@ -176,13 +180,14 @@ def main(argv=None):
         return code
 
     try:
-        return run(argv)
+        return run(argv, callbacks)
     except StageFailed as e:
         return fail(_stage_failure(e), 1)
     except _loaded("faqd_tf.callbacks", "NonFiniteLossError") as e:
         return fail(f"{_reason(e)}; lower train.lr (or check the data), then run the same command to resume.", 1)
-    # UsageError, ConfigError and the data's errors.
-    except (ValueError, OSError, *_loaded("faqd_tf.data", "SourceUnavailableError")) as e:
+    # UsageError, ConfigError, the data's errors and a Keras whose private API is not known.
+    except (ValueError, OSError, *_loaded("faqd_tf.data", "SourceUnavailableError"),
+            *_loaded("faqd_tf.compat", "KerasVersionError")) as e:
         return fail(_first_line(e), 2)
     except KeyboardInterrupt:
         print(f"{_prog()}: interrupted; run the same command again to resume from the last finished epoch.", file=sys.stderr)

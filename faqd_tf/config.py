@@ -36,10 +36,6 @@ class Field:
         self.default, self.check, self.allowed = default, check, allowed
 
 
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _is_num(v):
     # Finite: JSON's Infinity, NaN and 1e999 (inf) are no learning rate or weight.
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -58,7 +54,7 @@ def choice(default, options):
 
 def integer(default, low, high, nullable=False):
     def check(v):
-        return (nullable and v is None) or (_is_int(v) and low <= v <= high)
+        return (nullable and v is None) or (options.is_integer(v) and low <= v <= high)
 
     return Field(default, check, f"an integer >= {low} and <= {high}" + (" or null" if nullable else ""))
 
@@ -131,13 +127,14 @@ SCHEMA = {
         "source": string(),
         "data_dir": string(None, nullable=True),
         "labels": boolean(False),
-        "validation_split": choice("test", ["test", "validation"]),
+        # Scored after every epoch of the training stages; null: none (the evaluate stage scores the test split).
+        "validation_split": choice("test", ["test", "validation", None]),
         "limit": integer(None, 1, MAX_EXAMPLES, nullable=True),
         "eval_limit": integer(None, 1, MAX_EXAMPLES, nullable=True),
         "augment": choice(None, [None, True, False, *AUGMENTATIONS]),
         "image_size": Field(
             None,
-            lambda v: v is None or (isinstance(v, list) and len(v) == 2 and all(_is_int(n) and 0 < n <= 4096 for n in v)),
+            lambda v: v is None or (isinstance(v, list) and len(v) == 2 and all(options.is_integer(n) and 0 < n <= 4096 for n in v)),
             "null or [height, width] of 1 to 4096 pixels each",
         ),
     },
@@ -213,7 +210,7 @@ def _resolve(schema, given, prefix):
     return out
 
 
-def resolve_section(section, given):
+def resolve_section(section: str, given: dict) -> dict:
     """One section of the schema (e.g. ``"train"``) checked and filled in with defaults.
 
     >>> resolve_section("train", {"epochs": 3})["lr"]
@@ -225,7 +222,7 @@ def resolve_section(section, given):
     return _resolve(SCHEMA[section], given, section)
 
 
-def resolve(config):
+def resolve(config: dict) -> dict:
     """The complete config: `config` (a dict) checked and filled in with defaults."""
     out = _resolve(SCHEMA, config, "")
     student, teacher = out["student"], out["teacher"]
@@ -260,7 +257,7 @@ def _parse_override(item):
     return key, value
 
 
-def apply_overrides(config, overrides):
+def apply_overrides(config: dict, overrides: list[str]) -> dict:
     """Sets `section.key=value` items (values parsed as JSON when they parse) on a raw config."""
     if not isinstance(config, dict):
         raise ConfigError(f"config: the config must be a JSON object, got {inputs.describe(config)}.")
@@ -291,7 +288,7 @@ def apply_overrides(config, overrides):
     return config
 
 
-def shipped():
+def shipped() -> str:
     """The folder of the configs shipped with faqd-tf: the package data of an installed wheel,
     or the repository's ``configs/``."""
     package = os.path.dirname(os.path.abspath(__file__))
@@ -301,12 +298,12 @@ def shipped():
     return folder
 
 
-def shipped_names():
+def shipped_names() -> list[str]:
     """The names of the shipped configs (``quickstart``, ``cifar10``, ...)."""
     return sorted(n[: -len(".json")] for n in os.listdir(shipped()) if n.endswith(".json"))
 
 
-def find(name):
+def find(name: str) -> str:
     """The config file `name`: a path, or else the name of a shipped config.
 
     >>> os.path.basename(find("quickstart"))
@@ -318,7 +315,7 @@ def find(name):
     return candidate if os.path.isfile(candidate) else name
 
 
-def load(path, overrides=None):
+def load(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
     """Reads, overrides and resolves a JSON config file (a path, or a shipped config's name)."""
     path = find(os.fspath(path))
     shown = inputs.shorten(path)

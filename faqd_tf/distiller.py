@@ -31,7 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from faqd_tf import losses, options
+from faqd_tf import compat, options, terms, training
 from faqd_tf.features import paired_extractors
 
 
@@ -54,27 +54,31 @@ class Distiller(keras.Model):
         fa_method: `"auto"`, `"gram"` (fro2 only) or `"pairwise"` for the exact FA.
         student_layers, teacher_layers: names of the tapped layers, paired in order; None picks
             the stage outputs (see `faqd_tf.features.feature_layers`).
-        seed: seed of the FFA probes (the probes of step t use the stateless seed (seed, t)).
+        seed: seed of the FFA probes: those of tap `(t, s)` at training step `step` are drawn from
+            `faqd_tf.losses.probe_seed(seed, tap_key(t, s), step)`; None draws a seed once.
+
+    The loss is the weighted sum of `distiller.terms` (`faqd_tf.terms`: KD, FA unless `fa` is None,
+    CE when gamma > 0), each logged under its name (`kd`, `fa`, `ce`) next to the total `loss`.
 
     `distiller.student` stays a plain Keras model: save it with `student.save("x.keras")`.
     """
 
     def __init__(
         self,
-        student,
-        teacher,
-        alpha=1.0,
-        beta=None,
-        gamma=0.0,
-        kd="mse",
-        temperature=1.0,
-        fa="exact",
-        fa_norm="fro2",
-        ffa_k=15,
-        fa_method="auto",
-        student_layers=None,
-        teacher_layers=None,
-        seed=None,
+        student: keras.Model,
+        teacher: keras.Model,
+        alpha: float = 1.0,
+        beta: float | None = None,
+        gamma: float = 0.0,
+        kd: str = "mse",
+        temperature: float = 1.0,
+        fa: str | None = "exact",
+        fa_norm: str = "fro2",
+        ffa_k: int = 15,
+        fa_method: str = "auto",
+        student_layers: list[str] | None = None,
+        teacher_layers: list[str] | None = None,
+        seed: int | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -90,7 +94,7 @@ class Distiller(keras.Model):
         self.student_layers = None if student_layers is None else list(student_layers)
         self.teacher_layers = None if teacher_layers is None else list(teacher_layers)
         seed = options.check_seed(seed)
-        self.seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else seed
+        self.seed = options.fresh_seed() if seed is None else seed
 
         self.student = student
         self.teacher = teacher
@@ -102,15 +106,18 @@ class Distiller(keras.Model):
             self.teacher_features, self.student_features = paired_extractors(
                 teacher, student, self.teacher_layers, self.student_layers
             )
+        self.terms = terms.from_options(
+            alpha=self.alpha, beta=self.beta, gamma=self.gamma, kd=self.kd, temperature=self.temperature,
+            fa=self.fa, fa_norm=self.fa_norm, ffa_k=self.ffa_k, fa_method=self.fa_method, seed=self.seed,
+            taps=self.feature_pairs,
+        )
         self.total_tracker = keras.metrics.Mean(name="loss")
-        self.kd_tracker = keras.metrics.Mean(name="kd")
-        self.fa_tracker = keras.metrics.Mean(name="fa")
-        self.ce_tracker = keras.metrics.Mean(name="ce")
+        self.term_trackers = [keras.metrics.Mean(name=term.name) for term in self.terms]
         # Both networks are built, so the Distiller is too (BackupAndRestore needs a built model).
         self.built = True
 
     @property
-    def feature_pairs(self):
+    def feature_pairs(self) -> list[tuple[str, str]]:
         """(teacher layer, student layer) names of the FA terms."""
         return list(zip(self.teacher_features.output_names[1:], self.student_features.output_names[1:]))
 
@@ -136,8 +143,8 @@ class Distiller(keras.Model):
         # Under a tf.distribute strategy, fit first builds the model symbolically from one training
         # batch; a label-free batch has no labels to build the compiled metrics with, so they are
         # built here from the labels of the validation data (or of the training data).
-        compiled = getattr(self, "_compile_metrics", None)
-        if compiled is None or compiled.built or self._distribute_strategy is None:
+        compiled = compat.compiled_metrics(self)
+        if compiled is None or compiled.built or not compat.created_under_strategy(self):
             return
         label_spec = None
         for data, labels in ((x, y), (validation_data, None)):
@@ -155,14 +162,10 @@ class Distiller(keras.Model):
 
     @property
     def metrics(self):
-        trackers = [self.total_tracker, self.kd_tracker]
-        if self.fa is not None:
-            trackers.append(self.fa_tracker)
-        if self.gamma > 0:
-            trackers.append(self.ce_tracker)
+        trackers = [self.total_tracker, *self.term_trackers]
         # Compiled metrics exist only once a labeled batch has built them; asking an unbuilt
         # one for its result fails at the end of a label-free epoch.
-        compiled = getattr(self, "_compile_metrics", None)
+        compiled = compat.compiled_metrics(self)
         if compiled is not None and compiled.built:
             trackers.append(compiled)
         return trackers
@@ -170,45 +173,33 @@ class Distiller(keras.Model):
     def call(self, inputs, training=None):
         return self.student(inputs, training=training)
 
-    def _ffa_seed(self, tap):
+    def _step(self):
         optimizer = getattr(self, "optimizer", None)  # None before compile (e.g. gradient_norms)
-        step = optimizer.iterations if optimizer is not None else 0
-        return tf.stack([tf.constant(self.seed + 7919 * tap, tf.int64), tf.cast(step, tf.int64)])
+        return optimizer.iterations if optimizer is not None else 0
 
-    def loss_terms(self, teacher_outputs, student_outputs, y=None):
-        """Per-sample loss terms: a dict with `kd`, `fa` (summed over taps) and `ce` as (batch,)."""
-        # A Keras model with one output returns it bare rather than in a list.
-        t_logits, *t_maps = tf.nest.flatten(teacher_outputs)
-        s_logits, *s_maps = tf.nest.flatten(student_outputs)
-        terms = {"kd": losses.kd_loss_per_sample(t_logits, s_logits, kd=self.kd, temperature=self.temperature)}
-        if self.fa is not None:
-            fa = 0.0
-            for tap, (t_map, s_map) in enumerate(zip(t_maps, s_maps)):
-                if self.fa == "exact":
-                    fa += losses.feature_affinity_per_sample(t_map, s_map, method=self.fa_method, fa_norm=self.fa_norm)
-                else:
-                    fa += losses.fast_feature_affinity_per_sample(
-                        t_map, s_map, k=self.ffa_k, seed=self._ffa_seed(tap), fa_norm=self.fa_norm
-                    )
-            terms["fa"] = fa
-        if y is not None:
-            s_logits32 = tf.cast(s_logits, tf.float32)
-            if len(y.shape) == len(s_logits.shape) and y.shape[-1] == s_logits.shape[-1] and y.shape[-1] != 1:
-                terms["ce"] = keras.losses.categorical_crossentropy(y, s_logits32, from_logits=True)
-            else:
-                y = tf.reshape(y, [-1])
-                terms["ce"] = keras.losses.sparse_categorical_crossentropy(y, s_logits32, from_logits=True)
-        return terms
+    def loss_terms(self, teacher_outputs: list, student_outputs: list, y: tf.Tensor | None = None) -> dict:
+        """Per-sample loss terms of the feature extractors' outputs: a dict by term name (`kd`, `fa`
+        summed over the taps, `ce` when gamma > 0) of `(batch,)` tensors."""
+        teacher, student = terms.Outputs.of(teacher_outputs), terms.Outputs.of(student_outputs)
+        step = self._step()
+        return {term.name: term(teacher, student, y, step) for term in self.terms}
 
-    def _total(self, terms):
-        total = self.alpha * terms["kd"]
-        if "fa" in terms:
-            total += self.beta * terms["fa"]
-        if self.gamma > 0:
-            total += self.gamma * terms["ce"]
+    def _forward(self, x, y, training):
+        """The one forward pass of `train_step`, `test_step` and `gradient_norms`: the student's
+        logits and each term's per-sample values. The teacher runs in inference mode; its variables
+        are not trainable, so a tape around this records nothing of it."""
+        teacher_outputs = self.teacher_features(x, training=False)
+        student_outputs = self.student_features(x, training=training)
+        return tf.nest.flatten(student_outputs)[0], self.loss_terms(teacher_outputs, student_outputs, y)
+
+    def _total(self, values):
+        total = None
+        for term in self.terms:  # in order: alpha * KD + beta * FA + gamma * CE
+            weighted = term.weight * values[term.name]
+            total = weighted if total is None else total + weighted
         return total
 
-    def _update_trackers(self, terms, total, sample_weight, batch):
+    def _update_trackers(self, values, total, sample_weight, batch):
         def mean(v):
             if sample_weight is None:
                 return tf.reduce_mean(v)
@@ -216,14 +207,11 @@ class Distiller(keras.Model):
             return tf.reduce_sum(v * w) / tf.cast(batch, v.dtype)
 
         self.total_tracker.update_state(mean(total), sample_weight=batch)
-        self.kd_tracker.update_state(mean(terms["kd"]), sample_weight=batch)
-        if "fa" in terms:
-            self.fa_tracker.update_state(mean(terms["fa"]), sample_weight=batch)
-        if self.gamma > 0:
-            self.ce_tracker.update_state(mean(terms["ce"]), sample_weight=batch)
+        for term, tracker in zip(self.terms, self.term_trackers):
+            tracker.update_state(mean(values[term.name]), sample_weight=batch)
 
     def _logs(self, y, student_logits, sample_weight):
-        compiled = self._compile_metrics
+        compiled = compat.compiled_metrics(self)
         if y is not None and compiled is not None:
             compiled.update_state(y, student_logits, sample_weight)
         logs = {}
@@ -236,21 +224,18 @@ class Distiller(keras.Model):
 
     def _unpack(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        if self.gamma > 0 and y is None:
-            raise ValueError(
-                f"gamma={self.gamma} weights a cross-entropy term but the batches carry no labels; "
-                "feed (images, labels) batches, or set gamma=0 for label-free distillation."
-            )
+        if y is None:
+            for term in self.terms:
+                if term.needs_labels:
+                    raise ValueError(term.missing_labels())
         return x, y, sample_weight
 
     def train_step(self, data):
         x, y, sample_weight = self._unpack(data)
         batch = tf.shape(x)[0]
-        teacher_outputs = self.teacher_features(x, training=False)
         with tf.GradientTape() as tape:
-            student_outputs = self.student_features(x, training=True)
-            terms = self.loss_terms(teacher_outputs, student_outputs, y)
-            total = self._total(terms)
+            logits, values = self._forward(x, y, training=True)
+            total = self._total(values)
             # Divides by the global batch size, so that the replicas' summed gradients are
             # the gradient of the mean over the global batch.
             loss = tf.nn.compute_average_loss(total, sample_weight=sample_weight)
@@ -260,19 +245,18 @@ class Distiller(keras.Model):
         variables = self.student.trainable_variables
         gradients = tape.gradient(scaled, variables)
         self.optimizer.apply(gradients, variables)
-        self._update_trackers(terms, total, sample_weight, batch)
-        return self._logs(y, tf.nest.flatten(student_outputs)[0], sample_weight)
+        self._update_trackers(values, total, sample_weight, batch)
+        return self._logs(y, logits, sample_weight)
 
     def test_step(self, data):
         x, y, sample_weight = self._unpack(data)
         batch = tf.shape(x)[0]
-        teacher_outputs = self.teacher_features(x, training=False)
-        student_outputs = self.student_features(x, training=False)
-        terms = self.loss_terms(teacher_outputs, student_outputs, y)
-        self._update_trackers(terms, self._total(terms), sample_weight, batch)
-        return self._logs(y, tf.nest.flatten(student_outputs)[0], sample_weight)
+        logits, values = self._forward(x, y, training=False)
+        self._update_trackers(values, self._total(values), sample_weight, batch)
+        return self._logs(y, logits, sample_weight)
 
-    def gradient_norms(self, data, weighted=True):
+    def gradient_norms(self, data: tuple | tf.Tensor | np.ndarray | tf.data.Dataset,
+                       weighted: bool = True) -> dict[str, float]:
         """The norm of each loss term's gradient with respect to the student's trainable weights.
 
         Shows whether a term can act at all: a weighted term whose gradient is a small fraction
@@ -287,7 +271,7 @@ class Distiller(keras.Model):
                 False gives the unweighted terms.
 
         Returns:
-            A dict of floats with `kd`, `fa` (when FA is on) and `ce` (when gamma > 0).
+            A dict of floats by term name: `kd`, `fa` (when FA is on) and `ce` (when gamma > 0).
 
         Example:
 
@@ -302,19 +286,15 @@ class Distiller(keras.Model):
         if isinstance(data, tf.data.Dataset):
             data = next(iter(data))
         x, y, sample_weight = self._unpack(data)
-        weights = {"kd": self.alpha, "fa": self.beta, "ce": self.gamma} if weighted else {}
         state = [(v, tf.identity(v)) for v in self.student.non_trainable_variables]
-        teacher_outputs = self.teacher_features(x, training=False)
         with tf.GradientTape(persistent=True) as tape:
-            student_outputs = self.student_features(x, training=True)
-            terms = self.loss_terms(teacher_outputs, student_outputs, y)
-            if self.gamma == 0:
-                terms.pop("ce", None)
+            _, values = self._forward(x, y, training=True)
             means = {}
-            for name, value in terms.items():
+            for term in self.terms:
+                value = values[term.name]
                 if sample_weight is not None:
                     value = value * tf.cast(tf.reshape(sample_weight, [-1]), value.dtype)
-                means[name] = weights.get(name, 1.0) * tf.reduce_mean(value)
+                means[term.name] = (term.weight if weighted else 1.0) * tf.reduce_mean(value)
         for variable, value in state:
             variable.assign(value)
         variables = self.student.trainable_variables
@@ -326,14 +306,11 @@ class Distiller(keras.Model):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         return self.student(x, training=False)
 
-    def evaluate_teacher(self, x, **kwargs):
+    def evaluate_teacher(self, x, **kwargs) -> dict:
         """The teacher's loss and accuracy on labeled data (`x` as for `evaluate`), as a dict."""
+        # A model of its own: compiling the teacher would change the shared network's state.
         evaluator = keras.Model(self.teacher.inputs, self.teacher.outputs, name="teacher_eval")
-        evaluator.compile(
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        )
-        return evaluator.evaluate(x, return_dict=True, **kwargs)
+        return training.evaluate_classifier(evaluator, x, **kwargs)
 
     def get_config(self):
         config = super().get_config()

@@ -48,7 +48,7 @@ class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
         return tf.nest.map_structure(one, value)
 
 
-def tf_config():
+def tf_config() -> dict | None:
     """The parsed ``TF_CONFIG`` environment variable, or None when it is not set.
 
     Raises ValueError (one line) when it is not a JSON object with ``cluster`` and ``task``.
@@ -69,7 +69,7 @@ def tf_config():
     return config
 
 
-def get_strategy(kind="default"):
+def get_strategy(kind: str = "default") -> tf.distribute.Strategy:
     """`"default"` (one device), `"mirrored"` (all local GPUs) or `"multi_worker"` (TF_CONFIG)."""
     if kind == "mirrored":
         return tf.distribute.MirroredStrategy()
@@ -85,7 +85,7 @@ def get_strategy(kind="default"):
     raise ValueError(f"strategy={kind!r} is not supported; use one of {', '.join(STRATEGIES)}.")
 
 
-def task(strategy):
+def task(strategy: tf.distribute.Strategy) -> tuple[str, int]:
     """(type, index) of this process in its cluster; ("chief", 0) outside multi-worker training."""
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.task_type:
@@ -93,7 +93,7 @@ def task(strategy):
     return resolver.task_type, int(resolver.task_id or 0)
 
 
-def is_chief(strategy):
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
     """True for the one process that writes a run's outputs: the chief, or worker 0 without one."""
     task_type, index = task(strategy)
     if task_type == "chief":
@@ -103,7 +103,7 @@ def is_chief(strategy):
     return task_type == "worker" and index == 0 and not has_chief
 
 
-def output_dir(base, strategy):
+def output_dir(base: str, strategy: tf.distribute.Strategy) -> str:
     """Where this process writes: `base` for the chief, ``base/workers/<type>_<index>`` otherwise.
 
     Every worker saves its models, history and backups (its own BackupAndRestore state) in a folder
@@ -115,7 +115,7 @@ def output_dir(base, strategy):
     return os.path.join(base, "workers", f"{task_type}_{index}")
 
 
-def barrier(strategy):
+def barrier(strategy: tf.distribute.Strategy) -> None:
     """Returns when every worker has reached it (an all-reduce); a no-op on one process."""
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return

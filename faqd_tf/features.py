@@ -21,7 +21,7 @@ def _spatial_shape(layer):
     return tuple(shape[1:3])
 
 
-def feature_layers(model):
+def feature_layers(model: keras.Model) -> list[str]:
     """The names of the layers whose outputs FA compares when none are given.
 
     Layers named `stage1`, `stage2`, ... (the project's ResNets) if the model has them; otherwise
@@ -44,7 +44,7 @@ def feature_layers(model):
     return list(last_at.values())
 
 
-def feature_extractor(model, layers=None, name=None):
+def feature_extractor(model: keras.Model, layers: list[str] | None = None, name: str | None = None) -> keras.Model:
     """A Keras model returning `[logits, feature_map_1, ..., feature_map_L]`.
 
     Args:
@@ -86,7 +86,8 @@ def feature_extractor(model, layers=None, name=None):
     return keras.Model(inputs, [model.outputs[0], *maps], name=name or f"{model.name}_features")
 
 
-def paired_extractors(teacher, student, teacher_layers=None, student_layers=None):
+def paired_extractors(teacher: keras.Model, student: keras.Model, teacher_layers: list[str] | None = None,
+                      student_layers: list[str] | None = None) -> tuple[keras.Model, keras.Model]:
     """Teacher and student extractors whose feature maps pair up in order."""
     t = feature_extractor(teacher, teacher_layers, name="teacher_features")
     s = feature_extractor(student, student_layers, name="student_features")

@@ -45,7 +45,7 @@ _IMAGE_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG", "GIF": "GIF", "BM
 _READ_CHUNK = 4 * 2**20
 
 
-def shorten(text, limit=MESSAGE_CHARS):
+def shorten(text: object, limit: int = MESSAGE_CHARS) -> str:
     """`text` cut to `limit` characters for a message, saying how long it was."""
     text = str(text)
     if len(text) <= limit:
@@ -53,7 +53,7 @@ def shorten(text, limit=MESSAGE_CHARS):
     return f"{text[:limit]}... ({len(text):,} characters)"
 
 
-def clip(line, limit):
+def clip(line: object, limit: int) -> str:
     """A message `line` cut to `limit` characters by shortening its values, never its reason.
 
     Runs of more than `MESSAGE_CHARS` non-blank characters (paths, values) are shortened first; a
@@ -69,7 +69,19 @@ def clip(line, limit):
     return f"{line[:half]} ... {line[len(line) - half:]}"
 
 
-def check_size(declared, present, what, advice="download it again"):
+def first_line(error: BaseException, limit: int | None = None) -> str:
+    r"""The first line of `error`'s message (the name of its type when it has none), cut to `limit`
+    characters by `clip` when given.
+
+    >>> first_line(ValueError("bad value\nin detail")), first_line(ValueError()), first_line(OSError(" "))
+    ('bad value', 'ValueError', 'OSError')
+    """
+    text = str(getattr(error, "message", None) or error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line if limit is None else clip(line, limit)
+
+
+def check_size(declared: int, present: int, what: str, advice: str = "download it again") -> None:
     """Raises when the `declared` size of `what` (from its header) is not the `present` size."""
     if declared != present:
         state = "truncated" if present < declared else "longer than its header says"
@@ -78,18 +90,18 @@ def check_size(declared, present, what, advice="download it again"):
         )
 
 
-def check_limit(size, limit, what, advice="is it the right file?"):
+def check_limit(size: int, limit: int, what: str, advice: str = "is it the right file?") -> None:
     """Raises when `size` bytes (declared by `what`) exceed `limit`, before anything is allocated."""
     if size > limit:
         raise ValueError(f"{what} declares {_bytes(size)} of data, more than the {_bytes(limit)} it may hold; {advice}")
 
 
-def inflation_limit(compressed_bytes, cap=2**40):
+def inflation_limit(compressed_bytes: int, cap: int = 2**40) -> int:
     """The most bytes `compressed_bytes` of compressed data may inflate to (at most `cap`)."""
     return min(cap, max(INFLATION_FLOOR, MAX_INFLATION * compressed_bytes))
 
 
-def inflate(data, limit, what):
+def inflate(data: bytes, limit: int, what: str) -> bytes:
     """`zlib.decompress(data)`, refusing output beyond `limit` bytes without producing it."""
     inflater = zlib.decompressobj()
     try:
@@ -131,7 +143,7 @@ class BinaryFile:
     def __exit__(self, *exc):
         self._stream.close()
 
-    def read_exactly(self, size, what="its data"):
+    def read_exactly(self, size: int, what: str = "its data"):
         """The next `size` bytes as a uint8 NumPy array; raises if the file cannot hold them."""
         import numpy as np
 
@@ -155,7 +167,7 @@ class BinaryFile:
             filled += got
         return out
 
-    def expect_end(self, what):
+    def expect_end(self, what: str) -> None:
         """Raises if the file holds more bytes."""
         extra = self._guarded(self._stream.read, 1)
         if extra:
@@ -168,7 +180,7 @@ class BinaryFile:
             raise ValueError(f"{self.path} is not a readable gzip file ({err}); download it again.") from None
 
 
-def read_text(path, what, limit=2**20):
+def read_text(path: str, what: str, limit: int = 2**20) -> str:
     """The UTF-8 text of a user's file of at most `limit` bytes; errors name the file."""
     path = os.fspath(path)
     size = os.path.getsize(path)
@@ -196,7 +208,7 @@ def _parse_int(text):
     return LongInteger(text) if len(text.lstrip("-")) > MAX_INT_DIGITS else int(text)
 
 
-def loads_json(text, what, max_depth=MAX_JSON_DEPTH):
+def loads_json(text: str, what: str, max_depth: int = MAX_JSON_DEPTH):
     """Parses JSON from a user; overlong integers become `LongInteger`s, deep nesting and a key
     given twice in one object are errors.
 
@@ -242,7 +254,7 @@ def loads_json(text, what, max_depth=MAX_JSON_DEPTH):
     return value
 
 
-def describe(value, limit=MESSAGE_CHARS):
+def describe(value: object, limit: int = MESSAGE_CHARS) -> str:
     """A JSON rendering of a user's value for a message, cut to `limit` characters."""
     if isinstance(value, LongInteger):
         return repr(value)
@@ -253,7 +265,7 @@ def describe(value, limit=MESSAGE_CHARS):
     return shorten(text, limit)
 
 
-def check_output_dir(path, what="output_dir"):
+def check_output_dir(path: str, what: str = "output_dir") -> None:
     """Raises unless `path` is, or can be created as, a folder this process can write in.
 
     Probes by creating and removing an entry, so that a read-only disk, ``/proc`` or a path under
@@ -283,7 +295,7 @@ def check_output_dir(path, what="output_dir"):
     return path
 
 
-def check_image(path):
+def check_image(path: str) -> tuple[str, int, int]:
     """`(format, width, height)` of an image file, read from its header; raises on anything TF
     cannot decode whole: an empty, truncated or non-image file, another format, too many pixels.
     """

@@ -17,7 +17,6 @@ True
 """
 
 import keras
-import tensorflow as tf
 
 from faqd_tf import losses, options
 
@@ -30,26 +29,30 @@ class FeatureAffinityDistillation(keras.distillation.DistillationLoss):
         teacher_layer_name: name of the teacher layer with a 4-D `(batch, H, W, C)` output.
         student_layer_name: name of the student layer with a 4-D output; its H, W rule (a teacher
             map of another size is resized, bilinear) and its channels may differ from the teacher's.
-        fa: `"exact"` (`faqd_tf.losses.feature_affinity`) or `"fast"` (FFA with `k` probes).
+        fa: `"exact"` (`faqd_tf.losses.feature_affinity`) or `"fast"` (FFA with `ffa_k` probes).
         fa_norm: `"fro2"` (eq. 6) or `"l1"` (the authors' code).
-        k: number of Gaussian probes of FFA.
+        ffa_k: number of Gaussian probes of FFA (formerly `k`, still taken with a `DeprecationWarning`).
         fa_method: `"auto"`, `"gram"` (fro2 only) or `"pairwise"`: evaluation of the exact FA.
-        seed: FFA probes. None draws fresh probes on every call; an int seeds a generator owned by
-            this loss, so a run is reproducible and each step still gets new probes.
+        seed: FFA probes: each call draws fresh ones from `faqd_tf.losses.probe_seed(seed, tap, calls)`
+            (the tap is `faqd_tf.losses.tap_key` of the two layer names, `calls` this loss's count of
+            calls), so a seeded run is reproducible and each step still gets new probes; None draws
+            a seed once, when the loss is made.
 
     Returns from `compute_loss` a float32 scalar (the batch mean).
     """
 
     def __init__(
         self,
-        teacher_layer_name=None,
-        student_layer_name=None,
-        fa="exact",
-        fa_norm="fro2",
-        k=15,
-        fa_method="auto",
-        seed=None,
+        teacher_layer_name: str | None = None,
+        student_layer_name: str | None = None,
+        fa: str = "exact",
+        fa_norm: str = "fro2",
+        ffa_k: int = 15,
+        fa_method: str = "auto",
+        seed: int | None = None,
+        **renamed,
     ):
+        ffa_k = options.renamed(renamed, "k", "ffa_k", ffa_k, type(self).__name__)
         if not teacher_layer_name or not student_layer_name:
             raise ValueError(
                 "FeatureAffinityDistillation needs teacher_layer_name and student_layer_name: feature "
@@ -59,14 +62,11 @@ class FeatureAffinityDistillation(keras.distillation.DistillationLoss):
         self.student_layer_name = student_layer_name
         self.fa = options.check_fa(fa, allow_none=False)
         self.fa_norm = options.check_fa_norm(fa_norm)
-        self.k = options.check_k(k)
+        self.ffa_k = options.check_k(ffa_k, "ffa_k")
         self.fa_method = options.check_fa_method(fa_method, fa_norm)
         self.seed = options.check_seed(seed)
-        self._generator = None
-        if fa == "fast" and seed is not None:
-            # Created eagerly (not while a train step is traced); advances once per call.
-            with tf.init_scope():
-                self._generator = tf.random.Generator.from_seed(self.seed)
+        self._probes = losses.ProbeCounter(self.seed)
+        self._tap = losses.tap_key(teacher_layer_name, student_layer_name)
 
     def validate_model_compatibility(self, teacher, student):
         for role, model, name in (
@@ -100,8 +100,8 @@ class FeatureAffinityDistillation(keras.distillation.DistillationLoss):
     def compute_loss(self, teacher_outputs, student_outputs, **kwargs):
         if self.fa == "exact":
             return losses.feature_affinity(teacher_outputs, student_outputs, method=self.fa_method, fa_norm=self.fa_norm)
-        seed = self._generator if self._generator is not None else None
-        return losses.fast_feature_affinity(teacher_outputs, student_outputs, k=self.k, seed=seed, fa_norm=self.fa_norm)
+        return losses.fast_feature_affinity(teacher_outputs, student_outputs, k=self.ffa_k,
+                                            seed=self._probes.next_seed(self._tap), fa_norm=self.fa_norm)
 
     def get_config(self):
         return {
@@ -109,7 +109,7 @@ class FeatureAffinityDistillation(keras.distillation.DistillationLoss):
             "student_layer_name": self.student_layer_name,
             "fa": self.fa,
             "fa_norm": self.fa_norm,
-            "k": self.k,
+            "ffa_k": self.ffa_k,
             "fa_method": self.fa_method,
             "seed": self.seed,
         }

@@ -32,7 +32,7 @@ from faqd_tf import quantizers
 class Clip(keras.constraints.Constraint):
     """Keeps a weight in `[min_value, max_value]` (the quantized ReLU's resolution alpha)."""
 
-    def __init__(self, min_value=quantizers.ALPHA_MIN, max_value=quantizers.ALPHA_MAX):
+    def __init__(self, min_value: float = quantizers.ALPHA_MIN, max_value: float = quantizers.ALPHA_MAX):
         self.min_value = float(min_value)
         self.max_value = float(max_value)
 
@@ -47,7 +47,8 @@ class QuantizedKernelMixin:
     """What QuantConv2D, QuantDepthwiseConv2D and QuantDense share: the kernel quantizer,
     the BinaryRelax factor, and their configuration."""
 
-    def __init__(self, *args, weight_bits=None, per_channel=False, relax=None, kernel_quantizer=None, **kwargs):
+    def __init__(self, *args, weight_bits: int | None = None, per_channel: bool = False, relax: float | None = None,
+                 kernel_quantizer=None, **kwargs):
         super().__init__(*args, **kwargs)
         self._init_quantizer(weight_bits, per_channel, relax, kernel_quantizer)
 
@@ -93,15 +94,15 @@ class QuantizedKernelMixin:
         self.relax_lambda = None
 
     @property
-    def weight_bits(self):
+    def weight_bits(self) -> int | None:
         return getattr(self.kernel_quantizer, "bits", None)
 
     @property
-    def per_channel(self):
+    def per_channel(self) -> bool:
         return bool(getattr(self.kernel_quantizer, "per_channel", False))
 
     @property
-    def precision(self):
+    def precision(self) -> int | None:
         """Bits of a stored weight (None: full precision); read by bit-counting summaries."""
         return getattr(self.kernel_quantizer, "precision", None)
 
@@ -122,7 +123,7 @@ class QuantizedKernelMixin:
             kwargs["autocast"] = False
         return super().add_weight(*args, **kwargs)
 
-    def quantized_kernel(self, training=None):
+    def quantized_kernel(self, training: bool | None = None):
         """The kernel the forward pass uses: Q(w), the BinaryRelax blend in training, or w."""
         if self.kernel_quantizer is None:
             return ops.cast(self.kernel, self.compute_dtype)
@@ -140,7 +141,7 @@ class QuantizedKernelMixin:
         """
         return self.kernel
 
-    def kernel_codes(self):
+    def kernel_codes(self) -> tuple:
         """`(codes, scale)` of the quantized kernel, ``Q(w) = codes * scale``, as float32 tensors.
 
         `codes` has the shape of `kernel_to_quantize()`; `scale` is a scalar, or one per output
@@ -282,10 +283,10 @@ class QuantReLU(keras.layers.Layer):
 
     def __init__(
         self,
-        bits=None,
+        bits: int | None = None,
         alpha_initializer=None,
-        trainable_alpha=True,
-        alpha_rate=quantizers.DEFAULT_ALPHA_RATE,
+        trainable_alpha: bool = True,
+        alpha_rate: float = quantizers.DEFAULT_ALPHA_RATE,
         alpha_regularizer=None,
         **kwargs,
     ):
@@ -323,7 +324,7 @@ class QuantReLU(keras.layers.Layer):
             self.alpha.regularizer = self._alpha_regularizer
 
     @property
-    def precision(self):
+    def precision(self) -> int | None:
         """Bits of an activation (None: full precision)."""
         return self.bits
 

@@ -46,6 +46,7 @@ Example:
 """
 
 import math
+import zlib
 
 import keras
 import numpy as np
@@ -608,15 +609,51 @@ def _module_generator():
     return _default_generator
 
 
+def probe_seed(seed, *counters):
+    """The stateless seed of a set of FFA probes: the package's one seeding rule.
+
+    Every owner of seeded probes (the `Distiller`, `FastFeatureAffinity`, Keras's Distiller through
+    `faqd_tf.keras_distillation.FeatureAffinityDistillation`) draws the probes of a call from
+    `probe_seed(seed, tap, step)`: the int `seed` as the stateless seed `(seed mod 2^31, 0)`, folded
+    (`tf.random.experimental.stateless_fold_in`) with `tap`, the tapped layer pair's `tap_key`, then
+    with `step`, the training step (the optimizer's iterations) or, for a loss object, its count of
+    calls. So a seed replays a run, and every tap and every step gets fresh probes; under a strategy of
+    several replicas, each replica also folds in its replica id (`fast_feature_affinity_per_sample`).
+    An owner given no seed draws one from the operating system once, when it is made.
+
+    >>> bool(np.all(probe_seed(3, 1, 7).numpy() == probe_seed(3, 1, 7).numpy()))
+    True
+    >>> bool(np.any(probe_seed(3, 1, 7).numpy() != probe_seed(3, 1, 8).numpy()))
+    True
+    >>> probe_seed(3).numpy().tolist()  # no counters: the plain int seed
+    [3, 0]
+    """
+    seed = options.check_seed(seed)
+    if seed is None:
+        raise ValueError("probe_seed needs an int seed; an owner given none draws one with options.fresh_seed().")
+    stateless = tf.constant([seed % (2**31), 0], tf.int64)
+    for counter in counters:
+        stateless = tf.random.experimental.stateless_fold_in(stateless, tf.cast(counter, tf.int64))
+    return stateless
+
+
+def tap_key(teacher_layer, student_layer):
+    """The `tap` of `probe_seed` for a tapped pair: a checksum of the two layer names (an int < 2^31).
+
+    >>> tap_key("stage1", "stage1") == tap_key("stage1", "stage1") != tap_key("stage2", "stage2")
+    True
+    """
+    return zlib.crc32(f"{teacher_layer}\x00{student_layer}".encode()) % (2**31)
+
+
 def _stateless_seed(seed):
-    """A shape-(2,) int32 stateless seed from None, an int, a (2,) seed tensor or a Generator."""
+    """A shape-(2,) int64 stateless seed from None, an int, a (2,) seed tensor or a Generator."""
     if seed is None:
         seed = _module_generator()
     if isinstance(seed, tf.random.Generator):
         seed = seed.make_seeds(1)[:, 0]
     elif isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-        # The second word is the counter slot; a plain int seed uses counter 0.
-        seed = tf.constant([int(seed) % (2**31), 0], tf.int64)
+        seed = probe_seed(int(seed))
     else:
         seed = tf.convert_to_tensor(seed)
         if seed.shape != (2,) or not seed.dtype.is_integer:
@@ -820,13 +857,34 @@ class FeatureAffinity(keras.losses.Loss):
         return {**super().get_config(), "method": self.method, "fa_norm": self.fa_norm, "dtype": self.dtype}
 
 
+class ProbeCounter:
+    """The probe seeds of a loss object that sees no training step: `probe_seed(seed, tap, calls)`,
+    `calls` counting this object's calls (a variable made on first use, outside any `tf.function`).
+
+    >>> counter = ProbeCounter(5)
+    >>> first, second = counter.next_seed(0).numpy(), counter.next_seed(0).numpy()
+    >>> bool(np.all(first == probe_seed(5, 0, 0).numpy())), bool(np.all(second == probe_seed(5, 0, 1).numpy()))
+    (True, True)
+    """
+
+    def __init__(self, seed=None):
+        self.seed = options.fresh_seed() if seed is None else options.check_seed(seed)
+        self._calls = None
+
+    def next_seed(self, tap):
+        if self._calls is None:
+            with tf.init_scope():
+                self._calls = tf.Variable(0, dtype=tf.int64, trainable=False, name="probe_calls")
+        return probe_seed(self.seed, tap, self._calls.assign_add(1) - 1)
+
+
 @keras.saving.register_keras_serializable(package="faqd_tf")
 class FastFeatureAffinity(keras.losses.Loss):
     """Fast feature affinity (eq. 15) as a Keras loss: `y_true` is the teacher's map, `y_pred` the student's.
 
-    The loss owns a `tf.random.Generator` (seeded by `seed`, or non-deterministic when `seed` is
-    None), so every call draws fresh probes, a given seed replays the same sequence, and the
-    global random state is never touched.
+    Every call draws fresh probes, from `probe_seed(seed, 0, calls)` with `calls` the loss's own
+    count of calls, so a given seed replays the same sequence and the global random state is never
+    touched; `seed=None` draws a seed once, when the loss is made.
 
     Args:
         k: number of random probes, >= 1.
@@ -851,21 +909,11 @@ class FastFeatureAffinity(keras.losses.Loss):
         self.seed = options.check_seed(seed)
         self.fa_norm = options.check_fa_norm(fa_norm)
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self._generator = None
-
-    @property
-    def generator(self):
-        """The loss's own `tf.random.Generator`, created on first use (outside any tf.function)."""
-        if self._generator is None:
-            with tf.init_scope():
-                if self.seed is None:
-                    self._generator = tf.random.Generator.from_non_deterministic_state()
-                else:
-                    self._generator = tf.random.Generator.from_seed(self.seed)
-        return self._generator
+        self._probes = ProbeCounter(self.seed)
 
     def call(self, y_true, y_pred):
-        return fast_feature_affinity_per_sample(y_true, y_pred, k=self.k, seed=self.generator, fa_norm=self.fa_norm)
+        return fast_feature_affinity_per_sample(y_true, y_pred, k=self.k, seed=self._probes.next_seed(0),
+                                                fa_norm=self.fa_norm)
 
     def get_config(self):
         return {**super().get_config(), "k": self.k, "seed": self.seed, "fa_norm": self.fa_norm, "dtype": self.dtype}

@@ -15,6 +15,7 @@ ValueError: fa_norm='l2' is not supported; use one of 'fro2', 'l1'.
 
 import math
 import numbers
+import warnings
 
 import numpy as np
 
@@ -53,7 +54,7 @@ def _quote(values):
     return ", ".join(repr(v) for v in values)
 
 
-def check_choice(name, value, allowed, allow_none=False):
+def check_choice(name: str, value: str | None, allowed: tuple[str, ...], allow_none: bool = False) -> str | None:
     """`value` if it is one of `allowed` (or None when `allow_none`), else a one-line ValueError."""
     if (value is None and allow_none) or (isinstance(value, str) and value in allowed):
         return value
@@ -61,19 +62,19 @@ def check_choice(name, value, allowed, allow_none=False):
     raise ValueError(f"{name}={value!r} is not supported; use one of {options}.")
 
 
-def check_kd(kd, name="kd"):
+def check_kd(kd: str, name: str = "kd") -> str:
     return check_choice(name, kd, KD)
 
 
-def check_fa(fa, name="fa", allow_none=True):
+def check_fa(fa: str | None, name: str = "fa", allow_none: bool = True) -> str | None:
     return check_choice(name, fa, FA, allow_none=allow_none)
 
 
-def check_fa_norm(fa_norm, name="fa_norm"):
+def check_fa_norm(fa_norm: str, name: str = "fa_norm") -> str:
     return check_choice(name, fa_norm, FA_NORMS)
 
 
-def check_fa_method(fa_method, fa_norm="fro2", name="fa_method"):
+def check_fa_method(fa_method: str, fa_norm: str = "fro2", name: str = "fa_method") -> str:
     check_choice(name, fa_method, FA_METHODS)
     if fa_method == "gram" and fa_norm != "fro2":
         raise ValueError(
@@ -86,34 +87,70 @@ def _is_real(value):
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
-def check_temperature(temperature, name="temperature"):
+def check_temperature(temperature: float, name: str = "temperature") -> float:
     """A finite temperature > 0 as a float (the KL divides the logits by it)."""
     if not _is_real(temperature) or not math.isfinite(temperature) or not temperature > 0:
         raise ValueError(f"{name}={temperature!r} is not supported; use a finite number > 0.")
     return float(temperature)
 
 
-def check_weight(weight, name):
+def check_weight(weight: float, name: str) -> float:
     """A loss weight (alpha, beta, gamma): a finite number >= 0, as a float."""
     if not _is_real(weight) or not math.isfinite(weight) or weight < 0:
         raise ValueError(f"{name}={weight!r} is not supported; use a finite number >= 0.")
     return float(weight)
 
 
-def check_k(k, name="k"):
+def is_integer(value) -> bool:
+    """Whether `value` is an integer (a Python or NumPy int, not a bool): the package's one integer check.
+
+    >>> is_integer(3), is_integer(np.int64(3)), is_integer(True), is_integer(3.0)
+    (True, True, False, False)
+    """
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def check_k(k: int, name: str = "k") -> int:
     """The number of FFA probes: an integer >= 1."""
-    if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral) or k < 1:
+    if not is_integer(k) or k < 1:
         raise ValueError(f"{name}={k!r} is not supported; use an integer >= 1 (number of random probes).")
     return int(k)
 
 
-def check_seed(seed, name="seed"):
+def check_seed(seed: int | None, name: str = "seed") -> int | None:
     """`seed` as an int, or None."""
-    if seed is not None and (isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral)):
+    if seed is not None and not is_integer(seed):
         raise ValueError(f"{name}={seed!r} is not supported; use an int or None.")
     return None if seed is None else int(seed)
 
 
-def default_beta(fa_norm):
+def renamed(given: dict, old: str, new: str, value: object, owner: str) -> object:
+    """`value` of the argument `new`, or that of `old` (its former name) if `given` (the caller's
+    leftover keyword arguments) holds it, with a `DeprecationWarning`; any other leftover is a TypeError.
+
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     renamed({"k": 5}, "k", "ffa_k", 15, "FeatureAffinityDistillation")
+    5
+    >>> str(caught[0].message)
+    "FeatureAffinityDistillation: the argument 'k' is now called 'ffa_k'; the old name will go in a later release."
+    """
+    given = dict(given)
+    if old in given:
+        warnings.warn(f"{owner}: the argument {old!r} is now called {new!r}; the old name will go in a later release.",
+                      DeprecationWarning, stacklevel=3)
+        value = given.pop(old)
+    if given:
+        raise TypeError(f"{owner} got unexpected keyword arguments {', '.join(sorted(given))}.")
+    return value
+
+
+def fresh_seed() -> int:
+    """A seed drawn from the operating system, for an owner of random probes given none (an int < 2^31)."""
+    return int(np.random.SeedSequence().entropy % (2**31))
+
+
+def default_beta(fa_norm: str) -> float:
     """The measured default FA weight for `fa_norm` (see `DEFAULT_BETA`)."""
     return DEFAULT_BETA[check_fa_norm(fa_norm)]

@@ -24,7 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from faqd_tf.options import SUPPORTED_BITS
+from faqd_tf.options import SUPPORTED_BITS, is_integer
 
 LLOYD_ITERATIONS = 8
 # Authors' initial resolutions of the quantized ReLU (lzj994/FAQD CIFAR/quant_uni_type.py, bit_alpha);
@@ -37,19 +37,19 @@ DEFAULT_ALPHA_RATE = 0.01
 ALPHA_DECAY_FACTOR = 0.01
 
 
-def check_bits(bits, name="bits", allow_none=False):
+def check_bits(bits: int | None, name: str = "bits", allow_none: bool = False) -> int | None:
     """Returns `bits` as an int, or raises `ValueError` naming `name` and the allowed values."""
     if bits is None and allow_none:
         return None
     allowed = ", ".join(str(b) for b in SUPPORTED_BITS)
     if allow_none:
         allowed += " or None (full precision)"
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+    if not is_integer(bits) or bits not in SUPPORTED_BITS:
         raise ValueError(f"{name}={bits!r} is not supported; use one of {allowed}.")
     return int(bits)
 
 
-def levels(bits):
+def levels(bits: int) -> int:
     """Number of positive levels L = 2^(b-1) - 1 of a b-bit symmetric weight quantizer (b >= 2)."""
     return 2 ** (bits - 1) - 1
 
@@ -82,7 +82,7 @@ def _uniform(abs_w, scale, n_levels):
     return tf.clip_by_value(tf.round(abs_w / tf.maximum(scale, tiny)), 0.0, n_levels)
 
 
-def weight_codes(w, bits, per_channel=False, iterations=LLOYD_ITERATIONS):
+def weight_codes(w, bits: int, per_channel: bool = False, iterations: int = LLOYD_ITERATIONS):
     """Integer codes and scale of the b-bit quantization of `w`, without gradients.
 
     Returns `(codes, scale)` with `Q(w) = codes * scale`. For 1 bit the codes are in {-1, 1};
@@ -118,14 +118,14 @@ def weight_codes(w, bits, per_channel=False, iterations=LLOYD_ITERATIONS):
     return sign * _uniform(abs_w, scale, n_levels), scale
 
 
-def quantize_weights_forward(w, bits, per_channel=False, iterations=LLOYD_ITERATIONS):
+def quantize_weights_forward(w, bits: int, per_channel: bool = False, iterations: int = LLOYD_ITERATIONS):
     """Q(w) without a gradient rule (the pure projection); same dtype as `w`."""
     w = tf.convert_to_tensor(w)
     codes, scale = weight_codes(w, bits, per_channel, iterations)
     return tf.cast(codes * scale, w.dtype)
 
 
-def quantize_weights(w, bits, per_channel=False, iterations=LLOYD_ITERATIONS):
+def quantize_weights(w, bits: int, per_channel: bool = False, iterations: int = LLOYD_ITERATIONS):
     """Q(w) in the forward pass, identity gradient to `w` (BinaryConnect STE).
 
     Args:
@@ -148,7 +148,7 @@ def quantize_weights(w, bits, per_channel=False, iterations=LLOYD_ITERATIONS):
     return _ste(w)
 
 
-def binary_relax(w, lam, bits, per_channel=False, iterations=LLOYD_ITERATIONS):
+def binary_relax(w, lam, bits: int, per_channel: bool = False, iterations: int = LLOYD_ITERATIONS):
     """BinaryRelax (eq. 2): `(w + lam * Q(w)) / (1 + lam)`, gradient passed straight to `w`."""
     bits = check_bits(bits)
     w = tf.convert_to_tensor(w)
@@ -165,7 +165,7 @@ def binary_relax(w, lam, bits, per_channel=False, iterations=LLOYD_ITERATIONS):
     return _ste(w)
 
 
-def check_alpha(alpha, name="alpha"):
+def check_alpha(alpha: float, name: str = "alpha") -> float:
     if isinstance(alpha, (int, float)) and not (ALPHA_MIN <= alpha <= ALPHA_MAX):
         raise ValueError(
             f"{name}={alpha!r} is out of range; the quantized ReLU resolution must lie in "
@@ -174,7 +174,7 @@ def check_alpha(alpha, name="alpha"):
     return alpha
 
 
-def check_alpha_rate(alpha_rate, name="alpha_rate"):
+def check_alpha_rate(alpha_rate: float, name: str = "alpha_rate") -> float:
     """Returns `alpha_rate` as a float (or None), or raises `ValueError` naming `name`."""
     if alpha_rate is None:
         return None
@@ -186,7 +186,7 @@ def check_alpha_rate(alpha_rate, name="alpha_rate"):
     return float(alpha_rate)
 
 
-def quantized_relu(x, alpha, bits, alpha_rate=DEFAULT_ALPHA_RATE):
+def quantized_relu(x, alpha, bits: int, alpha_rate: float = DEFAULT_ALPHA_RATE):
     """b-bit quantized ReLU of eq. (4) with the gradients of eq. (5).
 
     Forward: 0 for x < 0; k*alpha for (k-1)*alpha <= x < k*alpha, 1 <= k <= 2^b - 1;
@@ -254,12 +254,12 @@ class BaseWeightQuantizer:
     shell around pure functions.
     """
 
-    def __init__(self, bits, per_channel=False):
+    def __init__(self, bits: int, per_channel: bool = False):
         self.bits = check_bits(bits)
         self.per_channel = bool(per_channel)
 
     @property
-    def precision(self):
+    def precision(self) -> int:
         return self.bits
 
     def __call__(self, w):
@@ -293,7 +293,7 @@ class WeightQuantizer(BaseWeightQuantizer):
     2
     """
 
-    def __init__(self, bits=4, per_channel=False, iterations=LLOYD_ITERATIONS):
+    def __init__(self, bits: int = 4, per_channel: bool = False, iterations: int = LLOYD_ITERATIONS):
         super().__init__(bits, per_channel)
         self.iterations = int(iterations)
 
@@ -326,7 +326,7 @@ class FrozenQuantizer(BaseWeightQuantizer):
     ([-1.0, 0.0, 1.0], 0.5)
     """
 
-    def __init__(self, bits, per_channel=False, scale=None):
+    def __init__(self, bits: int, per_channel: bool = False, scale=None):
         super().__init__(bits, per_channel)
         self.scale = None if scale is None else [float(s) for s in np.asarray(scale, np.float32).reshape(-1)]
         if self.scale is not None and not self.per_channel and len(self.scale) != 1:
@@ -372,17 +372,17 @@ _REGISTRY = {
 }
 
 
-def serialize(quantizer):
+def serialize(quantizer: "BaseWeightQuantizer") -> dict:
     return keras.saving.serialize_keras_object(quantizer)
 
 
-def deserialize(config):
+def deserialize(config: dict) -> "BaseWeightQuantizer":
     return keras.saving.deserialize_keras_object(
         config, module_objects={"WeightQuantizer": WeightQuantizer, "FrozenQuantizer": FrozenQuantizer}
     )
 
 
-def get(identifier):
+def get(identifier: "str | dict | BaseWeightQuantizer | None") -> "BaseWeightQuantizer | None":
     """A weight quantizer from a name (`"ste_sign"`, `"ternary"`, `"int4"`, ...), a config dict,
     a quantizer object (`WeightQuantizer`, `FrozenQuantizer`), or None.
 

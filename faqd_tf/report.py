@@ -4,14 +4,15 @@ import csv
 import json
 import os
 
+from faqd_tf.runner import ACTIVATION_STEP, TEACHER
 from faqd_tf.training import written_aside
 
 # The CSV history of each stage, in the order the stages run, with the curve's label.
-HISTORIES = (("teacher", "teacher_history.csv"), ("activation step", "distill_act_history.csv"),
+HISTORIES = ((TEACHER, f"{TEACHER}_history.csv"), ("activation step", f"{ACTIVATION_STEP}_history.csv"),
              ("student", "history.csv"))
 
 
-def write_json(path, value):
+def write_json(path: str, value: object) -> None:
     """Writes `value` as JSON to `path` through a renamed temporary file (never half a file)."""
     with written_aside(path) as partial, open(partial, "w") as f:
         json.dump(value, f, indent=2)
@@ -21,8 +22,19 @@ def _kib(bits):
     return f"{bits / 8 / 1024:,.1f} KiB"
 
 
-def print_table(results):
-    """Prints the teacher/student accuracy and size table of an evaluation's `results`."""
+def print_table(results: dict) -> None:
+    """Prints the teacher/student accuracy and size table of an evaluation's `results`.
+
+    >>> model = {"parameters": 1000, "float32_bits": 32000}
+    >>> print_table({"teacher": {**model, "accuracy": 0.9, "packed_bits": 32000},
+    ...              "student": {**model, "accuracy": 0.88, "packed_bits": 4000, "compression": 8.0},
+    ...              "accuracy_gap": 0.02})
+    model    test accuracy  parameters  size (float32)  size (packed)
+    -------  -------------  ----------  --------------  -------------
+    teacher  90.00%         1,000       3.9 KiB         3.9 KiB
+    student  88.00%         1,000       3.9 KiB         0.5 KiB
+    accuracy gap (teacher - student): 2.00 points; student is 8.0x smaller than the float32 teacher
+    """
     t, s = results["teacher"], results["student"]
     rows = [
         ("model", "test accuracy", "parameters", "size (float32)", "size (packed)"),
@@ -38,7 +50,7 @@ def print_table(results):
           f"student is {s['compression']:.1f}x smaller than the float32 teacher")
 
 
-def plot_curves(out):
+def plot_curves(out: str) -> str | None:
     """Plots the loss and validation accuracy of the stages' histories in `out` to `out/curves.png`.
 
     Returns the path of the plot, or None when no stage has a history yet.
@@ -59,10 +71,12 @@ def plot_curves(out):
             rows = list(csv.DictReader(f))
         epochs = [offset + int(r["epoch"]) + 1 for r in rows]
         offset = epochs[-1] if epochs else offset
-        what = "cross-entropy" if name == "teacher" else "distillation loss"
+        what = "cross-entropy" if name == TEACHER else "distillation loss"
         ax_loss.plot(epochs, [float(r["loss"]) for r in rows], marker="o", label=f"{name}: {what}")
-        if rows and "val_accuracy" in rows[0]:
-            ax_acc.plot(epochs, [100 * float(r["val_accuracy"]) for r in rows], marker="o", label=name)
+        # Without validation data Keras's CSVLogger still writes the column, as "NA".
+        scored = [(e, r["val_accuracy"]) for e, r in zip(epochs, rows) if r.get("val_accuracy", "NA") != "NA"]
+        if scored:
+            ax_acc.plot([e for e, _ in scored], [100 * float(v) for _, v in scored], marker="o", label=name)
     ax_loss.set(xlabel="epoch (stages in order)", ylabel="training loss", yscale="log", title="training loss")
     ax_acc.set(xlabel="epoch (stages in order)", ylabel="validation accuracy (%)", title="validation accuracy")
     for ax in (ax_loss, ax_acc):

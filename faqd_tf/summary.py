@@ -29,6 +29,13 @@ Example:
 """
 
 import dataclasses
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from faqd_tf.options import is_integer
+
+if TYPE_CHECKING:
+    import keras
 
 __all__ = ["LayerSummary", "ModelSummary", "iter_layers", "kernel_scale_count", "quantized_kernel_bits", "summary"]
 
@@ -45,7 +52,7 @@ def _sublayers(layer):
     return []
 
 
-def iter_layers(model, prefix=""):
+def iter_layers(model: "keras.Layer", prefix: str = "") -> Iterator[tuple[str, "keras.Layer", list]]:
     """Yields `(path, layer, own_weights)` for every layer of `model`, nested models walked depth first.
 
     `path` is ``outer/inner`` for a layer of a nested model; `own_weights` are the variables the layer
@@ -71,7 +78,7 @@ def iter_layers(model, prefix=""):
     yield from walk(model, prefix)
 
 
-def quantized_kernel_bits(layer):
+def quantized_kernel_bits(layer: "keras.Layer") -> int | None:
     """Bits of `layer`'s quantized kernel, or None if its kernel is stored in full precision.
 
     A layer has a quantized kernel when it has a `kernel` and a `kernel_quantizer` whose `precision`
@@ -81,12 +88,12 @@ def quantized_kernel_bits(layer):
     bits = getattr(quantizer, "precision", None)
     if quantizer is None or getattr(layer, "kernel", None) is None:
         return None
-    if isinstance(bits, bool) or not isinstance(bits, int):
+    if not is_integer(bits):
         return None
-    return bits
+    return int(bits)
 
 
-def kernel_scale_count(layer):
+def kernel_scale_count(layer: "keras.Layer") -> int:
     """Number of 32-bit scales of a quantized kernel: 1 (layer-wise), or one per output channel
     (the last axis of the kernel as quantized; depthwise: input channels x depth multiplier)."""
     if not getattr(getattr(layer, "kernel_quantizer", None), "per_channel", False):
@@ -121,11 +128,11 @@ class LayerSummary:
     output_shape: str = ""
 
     @property
-    def float32_bytes(self):
+    def float32_bytes(self) -> float:
         return self.float32_bits / 8
 
     @property
-    def packed_bytes(self):
+    def packed_bytes(self) -> float:
         return self.packed_bits / 8
 
 
@@ -140,43 +147,43 @@ class ModelSummary:
         return sum(getattr(row, field) for row in self.rows)
 
     @property
-    def total_params(self):
+    def total_params(self) -> int:
         return self._total("params")
 
     @property
-    def trainable_params(self):
+    def trainable_params(self) -> int:
         return self._total("trainable_params")
 
     @property
-    def non_trainable_params(self):
+    def non_trainable_params(self) -> int:
         return self._total("non_trainable_params")
 
     @property
-    def quantized_params(self):
+    def quantized_params(self) -> int:
         return self._total("quantized_params")
 
     @property
-    def float32_bits(self):
+    def float32_bits(self) -> int:
         return self._total("float32_bits")
 
     @property
-    def packed_bits(self):
+    def packed_bits(self) -> int:
         return self._total("packed_bits")
 
     @property
-    def float32_bytes(self):
+    def float32_bytes(self) -> float:
         return self.float32_bits / 8
 
     @property
-    def packed_bytes(self):
+    def packed_bytes(self) -> float:
         return self.packed_bits / 8
 
     @property
-    def compression_ratio(self):
+    def compression_ratio(self) -> float:
         """float32 size / packed size (1.0 for a model without quantized kernels)."""
         return self.float32_bits / self.packed_bits if self.packed_bits else 1.0
 
-    def lines(self):
+    def lines(self) -> list[str]:
         """The table as a list of text lines."""
 
         def bits(value):
@@ -234,7 +241,7 @@ def _output_shape(layer):
     return str(tuple(shape))
 
 
-def summary(model, print_fn=print):
+def summary(model: "keras.Model", print_fn: Callable[[str], None] | None = print) -> "ModelSummary":
     """Prints and returns a per-layer table of bits, parameters and memory of a (quantized) Keras model.
 
     Args:

@@ -3,9 +3,17 @@ model save that neither a kill nor a full disk leaves half-written."""
 
 import contextlib
 import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import keras
+
+PARTIAL = ".partial"
+"""The suffix of a file being written aside (`written_aside`): never a whole file; a run removes what a kill left."""
 
 
-def make_optimizer(train, steps_per_epoch):
+def make_optimizer(train: dict, steps_per_epoch: int) -> "keras.optimizers.Optimizer":
     """The optimizer of a resolved `train` config section (SGD or AdamW, cosine or constant lr).
 
     >>> from faqd_tf.config import resolve_section
@@ -34,9 +42,35 @@ def make_optimizer(train, steps_per_epoch):
     )
 
 
+def compile_classifier(model: "keras.Model",
+                       optimizer: "str | keras.optimizers.Optimizer" = "rmsprop") -> "keras.Model":
+    """Compiles `model`, a classifier that outputs logits, with the project's loss and metric:
+    sparse categorical cross-entropy from logits, and the accuracy named `accuracy`."""
+    import keras
+
+    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+    return model
+
+
+def evaluate_classifier(model: "keras.Model", data: "tf.data.Dataset | tuple", **kwargs) -> dict:
+    """`model`'s `loss` and `accuracy` on labeled `data` (as `evaluate` takes it), after `compile_classifier`.
+
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    >>> x = np.random.rand(8, 3).astype("float32")
+    >>> y = np.argmax(model.predict(x, verbose=0), axis=1)  # the labels it predicts
+    >>> evaluate_classifier(model, (x, y), verbose=0)["accuracy"]
+    1.0
+    """
+    compile_classifier(model)
+    if isinstance(data, tuple):
+        return model.evaluate(*data, return_dict=True, **kwargs)
+    return model.evaluate(data, return_dict=True, **kwargs)
+
+
 @contextlib.contextmanager
-def written_aside(path, partial=None):
-    """Yields a file name next to `path` (default `path + ".partial"`) to write; when the block ends
+def written_aside(path: str, partial: str | None = None) -> Iterator[str]:
+    """Yields a file name next to `path` (default `path + PARTIAL`) to write; when the block ends
     it is renamed to `path`, when the block fails (a full disk, an interrupt) it is removed. So
     `path` is never half a file, and a failed write leaves nothing behind.
 
@@ -47,7 +81,7 @@ def written_aside(path, partial=None):
     >>> open(path).read(), os.listdir(os.path.dirname(path))
     ('whole', ['notes.txt'])
     """
-    partial = partial or path + ".partial"
+    partial = partial or path + PARTIAL
     try:
         yield partial
     except BaseException as err:
@@ -57,9 +91,12 @@ def written_aside(path, partial=None):
             err.filename = path  # some writers (Keras's zip of a .keras file) name no file
         raise
     os.replace(partial, path)
+    # A rename onto a hard link of the same file does nothing and leaves `partial` (POSIX rename).
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(partial)
 
 
-def save_model(model, path):
+def save_model(model: "keras.Model", path: str) -> None:
     """`model.save(path)` that never leaves half a file at `path`: written next to it, then renamed.
 
     >>> import tempfile
@@ -68,5 +105,6 @@ def save_model(model, path):
     >>> sorted(os.listdir(os.path.dirname(path)))
     ['m.keras']
     """
-    with written_aside(path, path[: -len(".keras")] + ".partial.keras") as partial:
+    # Keras saves a model only to a name ending in .keras.
+    with written_aside(path, path[: -len(".keras")] + PARTIAL + ".keras") as partial:
         model.save(partial)

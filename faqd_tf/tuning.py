@@ -43,9 +43,12 @@ A search, with images-only training batches and labeled validation batches::
 
 import numbers
 import tempfile
+import warnings
+from collections.abc import Callable, Sequence
 
 import keras
 import keras_tuner
+import numpy as np
 import tensorflow as tf
 
 from faqd_tf import options
@@ -56,14 +59,18 @@ OBJECTIVE = "val_accuracy"
 TUNERS = ("random", "bayesian", "hyperband")
 _NO_FA = "none"  # the `fa_kind` value of fa=None (a Fixed hyperparameter cannot hold None)
 DEFAULTS = {"alpha": 1.0, "gamma": 0.0, "temperature": 1.0}  # beta: options.DEFAULT_BETA of the norm
+TUNED = ("alpha", "beta", "gamma", "temperature", "fa")
+"""The `Distiller` options a search sets (`fa` only on or off: `use_fa`)."""
+FIXED = ("kd", "fa_norm", "ffa_k", "fa_method", "student_layers", "teacher_layers", "seed")
+"""The `Distiller` options a search keeps as given."""
 
 
-def default_optimizer():
+def default_optimizer() -> keras.optimizers.Optimizer:
     """The paper's fine-tuning optimizer: SGD, Nesterov momentum 0.9, learning rate 0.01."""
     return keras.optimizers.SGD(learning_rate=0.01, momentum=0.9, nesterov=True)
 
 
-def objective():
+def objective() -> keras_tuner.Objective:
     """The tuning objective: the student's validation accuracy, maximized."""
     return keras_tuner.Objective(OBJECTIVE, "max")
 
@@ -120,9 +127,10 @@ class FAQDHyperModel(keras_tuner.HyperModel):
             With `label_free=False` the training batches must be (images, labels).
         tune_fa: add the Boolean `use_fa` (FA term on/off); False keeps FA on (when `fa` is set).
         metrics: compiled metrics of the Distiller; must yield the objective's `accuracy`.
-        distiller_kwargs: the fixed Distiller arguments as one dict (keys among kd, fa_norm, ffa_k,
-            fa_method, student_layers, teacher_layers, seed); its entries override the keywords.
         name, tunable: as for `keras_tuner.HyperModel`.
+
+    The fixed options arrive as keywords (`FIXED`); from a config's `distill` section, use
+    `FAQDHyperModel.from_config`. (`distiller_kwargs=`, a dict of them, is deprecated.)
 
     Hyperparameter names: `alpha`, `beta` (or `beta_fro2`, `beta_l1` under a Choice of norms),
     `gamma`, `temperature`, `use_fa` (when `tune_fa` and `fa` is set), `fa_norm`, and the Fixed
@@ -131,43 +139,33 @@ class FAQDHyperModel(keras_tuner.HyperModel):
 
     def __init__(
         self,
-        teacher,
-        student_fn,
-        optimizer_fn=None,
+        teacher: keras.Model,
+        student_fn: Callable[[], keras.Model],
+        optimizer_fn: Callable[[], keras.optimizers.Optimizer] | None = None,
         *,
-        kd="mse",
-        fa="exact",
-        fa_norm="fro2",
-        ffa_k=15,
-        fa_method="auto",
-        student_layers=None,
-        teacher_layers=None,
-        seed=None,
-        alpha_range=(0.1, 2.0),
-        beta_range=None,
-        gamma_range=(0.0, 1.0),
-        temperatures=(1, 2, 4, 8),
-        label_free=True,
-        tune_fa=True,
-        metrics=("accuracy",),
-        distiller_kwargs=None,
-        name="faqd",
-        tunable=True,
+        kd: str = "mse",
+        fa: str | None = "exact",
+        fa_norm: str | list[str] = "fro2",
+        ffa_k: int = 15,
+        fa_method: str = "auto",
+        student_layers: list[str] | None = None,
+        teacher_layers: list[str] | None = None,
+        seed: int | None = None,
+        alpha_range: float | tuple[float, float] = (0.1, 2.0),
+        beta_range: float | tuple[float, float] | None = None,
+        gamma_range: float | tuple[float, float] = (0.0, 1.0),
+        temperatures: float | Sequence[float] = (1, 2, 4, 8),
+        label_free: bool = True,
+        tune_fa: bool = True,
+        metrics: Sequence | None = ("accuracy",),
+        name: str = "faqd",
+        tunable: bool = True,
+        **deprecated,
     ):
         super().__init__(name=name, tunable=tunable)
         fixed = {"kd": kd, "fa_norm": fa_norm, "ffa_k": ffa_k, "fa_method": fa_method,
                  "student_layers": student_layers, "teacher_layers": teacher_layers, "seed": seed}
-        extra = dict(distiller_kwargs or {})
-        tuned = sorted(set(extra) & {"alpha", "beta", "gamma", "temperature", "fa"})
-        if tuned:
-            raise ValueError(
-                f"distiller_kwargs sets {tuned}, which the search tunes; give their ranges "
-                "(alpha_range, beta_range, gamma_range, temperatures) and the FA kind as fa=... instead."
-            )
-        unknown = sorted(set(extra) - set(fixed))
-        if unknown:
-            raise ValueError(f"distiller_kwargs has unknown keys {unknown}; allowed: {sorted(fixed)}.")
-        fixed.update(extra)
+        fixed.update(_deprecated_distiller_kwargs(deprecated))
         kd = fixed["kd"]
         norms = fixed.pop("fa_norm")
         norms = [norms] if isinstance(norms, str) else list(norms)
@@ -204,6 +202,14 @@ class FAQDHyperModel(keras_tuner.HyperModel):
         self.metrics = list(metrics) if metrics is not None else None
         self.fixed_kwargs = fixed  # the Distiller arguments that no hyperparameter sets
 
+    @classmethod
+    def from_config(cls, teacher: keras.Model, distill: dict, student_fn, optimizer_fn=None, **kwargs):
+        """The search of a config's `distill` section (`faqd_tf.config`): its `FIXED` options kept,
+        its FA kind used when a trial turns FA on (`"exact"` when the section has none); the weights
+        and the temperature are searched (`kwargs`: the ranges, `label_free`, `tune_fa`, ...)."""
+        fixed = {key: distill[key] for key in FIXED if key in distill}
+        return cls(teacher, student_fn, optimizer_fn, fa=distill.get("fa") or "exact", **fixed, **kwargs)
+
     @staticmethod
     def _float(hp, name, bounds, log, default):
         low, high = bounds
@@ -237,7 +243,7 @@ class FAQDHyperModel(keras_tuner.HyperModel):
             default = min(self.temperatures, key=lambda t: abs(t - 4.0))  # the paper uses T = 3..5
             hp.Choice("temperature", self.temperatures, default=default)
 
-    def distiller_kwargs(self, hp_values):
+    def distiller_kwargs(self, hp_values: dict) -> dict:
         """All `Distiller` keyword arguments (but student and teacher) of the hp values."""
         return {**self.fixed_kwargs, **best_distill_config(hp_values, fa=self.fa)}
 
@@ -245,11 +251,8 @@ class FAQDHyperModel(keras_tuner.HyperModel):
         """A fresh student distilled from the teacher: a `Distiller` compiled with `metrics`."""
         self.declare_hyperparameters(hp)
         student = self.student_fn()
+        # Built when made (keras-tuner saves, and Hyperband reloads, each trial's weights).
         distiller = Distiller(student, self.teacher, **self.distiller_kwargs(hp.values))
-        if not distiller.built:
-            # fit() never calls the Distiller itself, and keras-tuner saves (and Hyperband
-            # reloads) each trial's weights, which Keras allows only for built models.
-            distiller.build((None, *self.teacher.inputs[0].shape[1:]))
         optimizer = self.optimizer_fn()
         if optimizer.weight_decay:
             # Trials train as the CLI's distillation does: the alphas get the authors' own decay.
@@ -257,12 +260,30 @@ class FAQDHyperModel(keras_tuner.HyperModel):
         distiller.compile(optimizer=optimizer, metrics=self.metrics)
         return distiller
 
-    def fit(self, hp, model, *args, **kwargs):
-        """`model.fit(*args, **kwargs)`: the tuner passes data, epochs, validation_data, callbacks."""
-        return model.fit(*args, **kwargs)
+
+def _deprecated_distiller_kwargs(deprecated):
+    """The fixed options of the deprecated `distiller_kwargs=` dict, checked."""
+    deprecated = dict(deprecated)
+    extra = dict(deprecated.pop("distiller_kwargs", None) or {})
+    if deprecated:
+        raise TypeError(f"FAQDHyperModel got unexpected keyword arguments {', '.join(sorted(deprecated))}.")
+    if extra:
+        warnings.warn("FAQDHyperModel: distiller_kwargs is deprecated; pass the fixed options as keywords "
+                      "(or use FAQDHyperModel.from_config with a config's distill section).", DeprecationWarning,
+                      stacklevel=3)
+    tuned = sorted(set(extra) & set(TUNED))
+    if tuned:
+        raise ValueError(
+            f"distiller_kwargs sets {tuned}, which the search tunes; give their ranges "
+            "(alpha_range, beta_range, gamma_range, temperatures) and the FA kind as fa=... instead."
+        )
+    unknown = sorted(set(extra) - set(FIXED))
+    if unknown:
+        raise ValueError(f"distiller_kwargs has unknown keys {unknown}; allowed: {sorted(FIXED)}.")
+    return extra
 
 
-def best_distill_config(hp_values, fa="exact"):
+def best_distill_config(hp_values: dict | keras_tuner.HyperParameters, fa: str | None = "exact") -> dict:
     """The `Distiller` loss arguments of a trial's hyperparameter values, JSON-serializable.
 
     Returns a dict with `alpha`, `beta`, `gamma`, `temperature` (floats), `fa` ("exact",
@@ -297,8 +318,9 @@ def _labels_missing(validation_data):
     return hasattr(validation_data, "shape")  # an array or tensor of images
 
 
-def make_tuner(hypermodel, tuner="random", max_trials=10, epochs=1, directory=None,
-               project_name="faqd_tuning", overwrite=False, seed=None, **tuner_kwargs):
+def make_tuner(hypermodel: FAQDHyperModel, tuner: str | type = "random", max_trials: int = 10, epochs: int = 1,
+               directory: str | None = None, project_name: str = "faqd_tuning", overwrite: bool = False,
+               seed: int | None = None, **tuner_kwargs) -> keras_tuner.Tuner:
     """A keras-tuner tuner of `hypermodel` on `val_accuracy` (max).
 
     `tuner` is "random", "bayesian", "hyperband" or a `keras_tuner.Tuner` subclass. Hyperband
@@ -326,9 +348,11 @@ def make_tuner(hypermodel, tuner="random", max_trials=10, epochs=1, directory=No
     raise ValueError(f"tuner={tuner!r} is not supported; use one of {TUNERS} or a keras_tuner.Tuner subclass.")
 
 
-def search(hypermodel, train_data, validation_data, tuner="random", max_trials=10, epochs=1,
-           directory=None, project_name="faqd_tuning", overwrite=False, seed=None,
-           callbacks=None, verbose=0, batch_size=None, **tuner_kwargs):
+def search(hypermodel: FAQDHyperModel, train_data: tf.data.Dataset | np.ndarray,
+           validation_data: tf.data.Dataset | tuple, tuner: str | type = "random", max_trials: int = 10,
+           epochs: int = 1, directory: str | None = None, project_name: str = "faqd_tuning", overwrite: bool = False,
+           seed: int | None = None, callbacks: list | None = None, verbose: int | str = 0,
+           batch_size: int | None = None, **tuner_kwargs) -> tuple[dict, keras_tuner.Tuner]:
     """Runs a search and returns `(best_hp_values, tuner)`.
 
     Args:

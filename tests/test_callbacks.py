@@ -13,7 +13,13 @@ from faqd_tf import callbacks
 
 
 def test_stop_on_non_finite_names_the_term():
+    from faqd_tf.distiller import Distiller
+    from faqd_tf.models import resnet_cifar
+    from faqd_tf.quantize import quantize_model
+
+    teacher = resnet_cifar(8, input_shape=(16, 16, 3))
     cb = callbacks.StopOnNonFiniteLoss("ck")
+    cb.set_model(Distiller(quantize_model(teacher, weight_bits=2), teacher))  # its terms: kd and fa
     cb.on_epoch_begin(2)
     cb.on_train_batch_end(0, {"loss": 1.0, "fa": 0.5, "accuracy": float("nan")})  # metrics are not losses
     with pytest.raises(callbacks.NonFiniteLossError, match=r"the fa loss became inf at epoch 3, batch 5; .*epoch 2 .* in ck"):

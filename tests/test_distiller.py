@@ -1,5 +1,7 @@
 """Distiller: one step equals a hand-written tape, replicas agree, label-free fit works."""
 
+import zlib
+
 import keras
 import numpy as np
 import pytest
@@ -37,14 +39,20 @@ def weights_of(model):
     return {v.path: v.numpy().copy() for v in model.weights}
 
 
-@pytest.mark.parametrize("kd, fa, fa_norm", [("mse", "exact", "fro2"), ("kl", "exact", "l1"), ("mse", None, "fro2")])
-def test_one_train_step_equals_hand_written_tape(rng, kd, fa, fa_norm):
+def teacher_student_twin(rng):
+    """A random teacher, its 2-bit student (4-bit activations) and the student's twin (same weights)
+    for a hand-written tape, and a batch of 6 images."""
     teacher = tiny_net(name="teacher")
     random_weights(teacher, rng)
     student = quantize_model(teacher, weight_bits=2, activation_bits=4)
     twin = quantize_model(teacher, weight_bits=2, activation_bits=4)
     twin.set_weights(student.get_weights())
-    x = rng.normal(size=(6, 12, 12, 3)).astype(np.float32)
+    return teacher, student, twin, rng.normal(size=(6, 12, 12, 3)).astype(np.float32)
+
+
+@pytest.mark.parametrize("kd, fa, fa_norm", [("mse", "exact", "fro2"), ("kl", "exact", "l1"), ("mse", None, "fro2")])
+def test_one_train_step_equals_hand_written_tape(rng, kd, fa, fa_norm):
+    teacher, student, twin, x = teacher_student_twin(rng)
     y = rng.integers(0, 5, size=(6,))
     alpha, beta, gamma, lr, T = 0.7, 0.3, 0.2, 0.05, 2.0
     teacher_before = weights_of(teacher)
@@ -274,3 +282,119 @@ def test_distiller_config_round_trip(rng):
     for key in ("alpha", "beta", "gamma", "kd", "temperature", "fa", "ffa_k", "seed"):
         assert getattr(again, key) == getattr(distiller, key)
     assert again.feature_pairs == [("stage1", "stage1"), ("stage2", "stage2")]
+
+
+def _per_sample_loss(t_logits, s_logits, t_maps, s_maps, y, alpha, beta, gamma, T, fa_terms):
+    """alpha * KL + beta * FA + gamma * CE of each sample, written out (FA by `fa_terms`)."""
+    p = tf.nn.softmax(t_logits / T)
+    kd = T**2 * tf.reduce_sum(p * (tf.math.log(p) - tf.nn.log_softmax(s_logits / T)), axis=-1)
+    ce = tf.keras.losses.sparse_categorical_crossentropy(y, s_logits, from_logits=True)
+    return alpha * kd + beta * sum(fa_terms(t, s, tap) for tap, (t, s) in enumerate(zip(t_maps, s_maps))) + gamma * ce
+
+
+def _sgd_step(model, loss_fn, lr):
+    with tf.GradientTape() as tape:
+        loss = loss_fn()
+    for v, g in zip(model.trainable_variables, tape.gradient(loss, model.trainable_variables)):
+        v.assign(v.constraint(v - lr * g) if v.constraint else v - lr * g)
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_sample_weights_against_a_hand_written_tape(rng, replicas, mirrored_strategy):
+    """fit with sample weights takes one step of sum_i w_i loss_i / batch: a sample of weight 0 adds
+    nothing (it still counts in the batch statistics of BatchNormalization), on one or two replicas."""
+    teacher = tiny_net(name="teacher")
+    random_weights(teacher, rng)
+    start = quantize_model(teacher, weight_bits=2, activation_bits=4)
+    x = rng.normal(size=(8, 12, 12, 3)).astype(np.float32)
+    y = rng.integers(0, 5, size=(8,))
+    w = rng.uniform(0.5, 2.0, size=(8,)).astype(np.float32)
+    w[rng.choice(8, size=3, replace=False)] = 0.0
+    alpha, beta, gamma, lr, T = 0.7, 0.3, 0.2, 0.05, 2.0
+
+    strategy = mirrored_strategy if replicas == 2 else tf.distribute.get_strategy()
+    with strategy.scope():
+        t = tiny_net(name="teacher")
+        t.set_weights(teacher.get_weights())
+        student = quantize_model(t, weight_bits=2, activation_bits=4)
+        student.set_weights(start.get_weights())
+        distiller = Distiller(student, t, alpha=alpha, beta=beta, gamma=gamma, kd="kl", temperature=T)
+        distiller.compile(keras.optimizers.SGD(lr))
+    assert strategy.num_replicas_in_sync == replicas
+    distiller.fit(x, y, sample_weight=w, batch_size=8, epochs=1, verbose=0, shuffle=False)
+
+    twin = quantize_model(teacher, weight_bits=2, activation_bits=4)
+    twin.set_weights(start.get_weights())
+    t_logits, *t_maps = feature_extractor(teacher)(x, training=False)
+    kept = np.flatnonzero(w)
+
+    def loss():
+        s_logits, *s_maps = feature_extractor(twin)(x, training=True)  # the whole batch, as fit sees it
+        per_sample = _per_sample_loss(t_logits, s_logits, t_maps, s_maps, y, alpha, beta, gamma, T,
+                                      lambda t, s, _: losses.feature_affinity_per_sample(t, s, method="pairwise"))
+        return tf.reduce_sum(tf.gather(per_sample, kept) * w[kept]) / 8  # only the weighted samples
+
+    _sgd_step(twin, loss, lr)
+    got, want = weights_of(student), weights_of(twin)
+    for path in want:
+        np.testing.assert_allclose(got[path], want[path], rtol=1e-5, atol=1e-5, err_msg=path)
+    assert any(not np.allclose(got[p], v.numpy()) for p, v in zip(got, start.weights)), "the step changed nothing"
+
+
+@pytest.mark.parametrize("fa_norm", ["fro2", "l1"])
+def test_fast_fa_step_equals_a_tape_with_the_same_probes(rng, fa_norm):
+    """One step with FFA: the probes of each tap at step 0 come from the seeding rule, built here
+    from TensorFlow's stateless ops: fold_in(fold_in((seed, 0), crc32 of the layer pair), step)."""
+    teacher, student, twin, x = teacher_student_twin(rng)
+    alpha, beta, lr, k, seed = 0.7, 3.0, 0.05, 4, int(rng.integers(2**31))
+    distiller = Distiller(student, teacher, alpha=alpha, beta=beta, kd="kl", temperature=2.0, fa="fast",
+                          fa_norm=fa_norm, ffa_k=k, seed=seed)
+    distiller.compile(keras.optimizers.SGD(lr))
+    distiller.fit(x, batch_size=6, epochs=1, verbose=0, shuffle=False)
+
+    def probe_seed(tap):
+        teacher_layer, student_layer = distiller.feature_pairs[tap]
+        pair = zlib.crc32(f"{teacher_layer}\x00{student_layer}".encode()) % 2**31
+        fold = tf.random.experimental.stateless_fold_in
+        return fold(fold(tf.constant([seed, 0], tf.int64), tf.constant(pair, tf.int64)), tf.constant(0, tf.int64))
+
+    t_logits, *t_maps = feature_extractor(teacher)(x, training=False)
+
+    def loss():
+        s_logits, *s_maps = feature_extractor(twin)(x, training=True)
+        ffa = lambda t, s, tap: losses.fast_feature_affinity_per_sample(t, s, k=k, seed=probe_seed(tap), fa_norm=fa_norm)  # noqa: E731
+        return tf.reduce_mean(_per_sample_loss(t_logits, s_logits, t_maps, s_maps, np.zeros(6), alpha, beta, 0.0, 2.0, ffa))
+
+    _sgd_step(twin, loss, lr)
+    got, want = weights_of(student), weights_of(twin)
+    for path in want:
+        np.testing.assert_allclose(got[path], want[path], rtol=1e-5, atol=1e-6, err_msg=path)
+    # Other probes move the weights elsewhere: the comparison can tell the probes apart.
+    twin.set_weights(quantize_model(teacher, weight_bits=2, activation_bits=4).get_weights())
+    seed += 1
+    _sgd_step(twin, loss, lr)
+    assert any(not np.allclose(got[p], v, rtol=1e-5, atol=1e-6) for p, v in weights_of(twin).items())
+
+
+def test_replicas_get_distinct_halves_of_each_batch(mirrored_strategy):
+    """Under two replicas each step's batch is split: each replica trains on half of it, no sample
+    twice, and every sample of the epoch once."""
+    seen = []
+
+    class Recording(Distiller):
+        def train_step(self, data):
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            tf.py_function(lambda r, x: seen.append((int(r), np.rint(x.numpy()[:, 0, 0, 0]).astype(int).tolist())),
+                           [replica, data], [])
+            return super().train_step(data)
+
+    ids = np.arange(24, dtype=np.float32)
+    x = np.broadcast_to(ids[:, None, None, None], (24, 12, 12, 3)).copy()
+    with mirrored_strategy.scope():
+        teacher = tiny_net(name="teacher")
+        distiller = Recording(quantize_model(teacher, weight_bits=4), teacher, fa=None)
+        distiller.compile(keras.optimizers.SGD(0.0))
+    distiller.fit(tf.data.Dataset.from_tensor_slices(x).shuffle(24, seed=1).batch(8), epochs=1, verbose=0)
+    assert sorted(r for r, _ in seen) == [0, 0, 0, 1, 1, 1]  # three steps, two replicas
+    assert all(len(batch) == 4 for _, batch in seen)  # half of each batch of 8
+    assert sorted(i for _, batch in seen for i in batch) == list(range(24))

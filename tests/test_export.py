@@ -502,7 +502,10 @@ def test_full_integer_resnet_keeps_every_code(rng, tmp_path):
     convs = [layer.name for layer in model.layers if isinstance(layer, QuantConv2D) and layer.weight_bits]
     assert len(convs) == 7
     assert_codes_stored(model, path, convs)
-    assert run_tflite(path, images[:3]).shape == (3, 10)
+    # Its logits: int8 activations flip a 2-bit ReLU step now and then (measured: 6-13% relative
+    # error over 16 random ResNets, seeds 0-15).
+    got, want = run_tflite(path, images), model(images, training=False).numpy()
+    assert got.shape == (16, 10) and np.linalg.norm(got - want) <= 0.25 * np.linalg.norm(want)
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from faqd_tf import callbacks, cli, config, export, models, runner
+from faqd_tf import callbacks, cli, config, export, models, runner, training
 from tests import helpers
 from tests.helpers import assert_one_line_exit_2, idx_bytes, make_idx, make_tiny, pixels, png_with_size, write_idx
 
@@ -71,7 +71,7 @@ class Killed(BaseException):
 
 def kill_at(monkeypatch, point):
     """Makes the next model save die at `point`; returns the weights of the model it was saving."""
-    real = runner.save_model
+    real = training.save_model
     seen = {}
 
     def save_model(model, path):
@@ -83,7 +83,7 @@ def kill_at(monkeypatch, point):
             real(model, path)
         raise Killed
 
-    monkeypatch.setattr(runner, "save_model", save_model)
+    monkeypatch.setattr(training, "save_model", save_model)  # the stages save through it
     return seen
 
 
@@ -126,6 +126,51 @@ def test_distillation_killed_during_its_save_resumes_with_nothing_lost(tmp_path,
     assert not (out / "backup" / "distill").exists()
     for saved, expected in zip(keras.models.load_model(out / "student.keras").get_weights(), trained["weights"]):
         np.testing.assert_array_equal(saved, expected)
+
+
+class _TrainingState(keras.callbacks.Callback):
+    """Kills the run (`Killed`) before batch `kill_at = (epoch, batch)`, or records, when training
+    ends, the student's weights and the optimizer's state (iterations, momenta)."""
+
+    def __init__(self, kill_at=None):
+        super().__init__()
+        self.kill_at, self.state = kill_at, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if (self._epoch, batch) == self.kill_at:
+            raise Killed
+
+    def on_train_end(self, logs=None):
+        self.state = [np.array(v) for v in self.model.student.weights + self.model.optimizer.variables]
+
+
+def test_distillation_killed_mid_run_resumes_as_if_never_killed(tmp_path, idx):
+    """Killed in its second epoch, the same command resumes from the first epoch's backup and ends
+    with the weights and the optimizer state of a run that was never killed, bit for bit (the
+    shuffled data of each epoch comes in the same order: `callbacks.ResumeDataOrder`)."""
+    teacher = save_model_file(tmp_path / "teacher.keras", num_classes=CLASSES, input_shape=(*HW, 1))
+    argv = {}
+    for name in ("whole", "killed"):
+        # KD alone on an FP student (a short trace): the resume is what is tested.
+        argv[name] = ["--stage", "distill", "--config", write_config(
+            tmp_path, f"idx:{idx}", teacher={"arch": None, "file": teacher}, output_dir=str(tmp_path / name),
+            distill={"fa": None}, student={"weight_bits": None}, dataset={"limit": 32, "eval_limit": 16},
+            train={"epochs": 2, "batch_size": 16, "lr": 0.05})]
+    whole = _TrainingState()
+    assert cli.main(argv["whole"], callbacks=[whole]) == 0
+    with pytest.raises(Killed):
+        cli.main(argv["killed"], callbacks=[_TrainingState(kill_at=(1, 1))])
+    assert history(tmp_path / "killed" / "history.csv") == [0]
+    resumed = _TrainingState()
+    assert cli.main(argv["killed"], callbacks=[resumed]) == 0
+    assert history(tmp_path / "killed" / "history.csv") == [0, 1]
+    assert len(resumed.state) == len(whole.state)
+    for got, want in zip(resumed.state, whole.state):
+        np.testing.assert_array_equal(got, want)
+    assert int(resumed.state[len(resumed.model.student.weights)]) == 2 * 2  # the optimizer's iterations
 
 
 def test_busy_output_dir_stops_at_once(tmp_path, capsys):
@@ -218,10 +263,10 @@ def test_a_backup_write_that_fails_keeps_the_one_before(tmp_path, rng, capsys, m
     """The same without root: the kernel refuses the write of epoch 2's backup (RLIMIT_FSIZE: EFBIG)."""
     out = tmp_path / "out"
     argv = ["--config", distill_case(tmp_path, rng, out), "--stage", "distill"]
-    save = callbacks.SharedBackupAndRestore._save_model
+    save = callbacks.SharedBackupAndRestore.write_backup
 
     def save_under_a_file_size_limit(self):
-        if self._current_epoch != 2:
+        if self.position()[0] != 2:
             return save(self)
         soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
         handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of the process
@@ -232,7 +277,7 @@ def test_a_backup_write_that_fails_keeps_the_one_before(tmp_path, rng, capsys, m
             resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
             signal.signal(signal.SIGXFSZ, handler)
 
-    monkeypatch.setattr(callbacks.SharedBackupAndRestore, "_save_model", save_under_a_file_size_limit)
+    monkeypatch.setattr(callbacks.SharedBackupAndRestore, "write_backup", save_under_a_file_size_limit)
     assert cli.main(argv) == 1
     backup = out / "backup" / "distill"
     assert capsys.readouterr().err.strip().splitlines() == [

@@ -44,3 +44,11 @@ def test_curves_follow_the_stages_in_order(tmp_path, rng):
         (tmp_path / name).write_text("\n".join(rows) + "\n")
     path = report.plot_curves(str(tmp_path))
     assert path == str(tmp_path / "curves.png") and os.path.getsize(path) > 1000
+
+
+def test_curves_without_validation_scores(tmp_path, rng):
+    """A run with dataset.validation_split null: Keras's CSVLogger writes val_accuracy as "NA"."""
+    rows = ["epoch,accuracy,loss,val_accuracy,val_loss"] + [f"{e},{rng.uniform()},{rng.uniform(0.1, 2)},NA,NA"
+                                                             for e in range(2)]
+    (tmp_path / "history.csv").write_text("\n".join(rows) + "\n")
+    assert report.plot_curves(str(tmp_path)) == str(tmp_path / "curves.png")

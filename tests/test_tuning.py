@@ -71,6 +71,12 @@ def test_random_search_label_free_training_labeled_validation(rng, tmp_path):
     assert tuner.oracle.objective.name == "val_accuracy" and tuner.oracle.objective.direction == "max"
     check_completed_with_val_accuracy(tuner, trials=2)
     assert best == tuner.get_best_hyperparameters(1)[0].values
+    # The best is the trial of highest score, and a trial's score is its best val_accuracy.
+    trials = list(tuner.oracle.trials.values())
+    for trial in trials:
+        assert trial.score == trial.metrics.get_best_value("val_accuracy")
+    top = max(trial.score for trial in trials)
+    assert best in [trial.hyperparameters.values for trial in trials if trial.score == top]
     assert best["gamma"] == 0.0 and best["kd"] == "kl"
 
     config = best_distill_config(best)
@@ -136,12 +142,18 @@ def test_search_space_follows_the_options(rng):
     assert fixed == {"kd": "mse", "fa_kind": "exact", "fa_norm": "fro2", "alpha": 1.5, "gamma": 0.0, "temperature": 1.0}
     assert {h.name for h in hp.space} == set(fixed) | {"beta"}
 
-    # The fixed Distiller arguments may also come as one dict (as the CLI passes them).
-    hypermodel = hypermodel_of(teacher, distiller_kwargs={"kd": "kl", "ffa_k": 3})
+    # The fixed Distiller arguments of a config's distill section (as the CLI passes them).
+    distill = {"kd": "kl", "ffa_k": 3, "alpha": 9.0, "beta": None, "fa": None}  # the searched ones are left out
+    hypermodel = FAQDHyperModel.from_config(teacher, distill, lambda: quantize_model(teacher, weight_bits=None, activation_bits=4),
+                                            student_layers=["stage1", "stage2"], teacher_layers=["stage1", "stage2"])
+    assert hypermodel.fa == "exact" and hypermodel.alpha_range == (0.1, 2.0)
     hp = keras_tuner.HyperParameters()
     hypermodel.declare_hyperparameters(hp)
     assert hp.values["kd"] == "kl" and list(next(h for h in hp.space if h.name == "temperature").values) == [1.0, 2.0, 4.0, 8.0]
     assert hypermodel.distiller_kwargs(hp.values)["ffa_k"] == 3
+    # ... or, deprecated, as one dict.
+    with pytest.warns(DeprecationWarning, match="distiller_kwargs is deprecated"):
+        assert hypermodel_of(teacher, distiller_kwargs={"ffa_k": 3}).distiller_kwargs(hp.values)["ffa_k"] == 3
     with pytest.raises(ValueError, match="tunes"):
         hypermodel_of(teacher, distiller_kwargs={"alpha": 1.0})
     with pytest.raises(ValueError, match="unknown keys"):
@@ -158,7 +170,7 @@ def test_search_space_follows_the_options(rng):
         assert (space[f"beta_{norm}"].min_value, space[f"beta_{norm}"].max_value) == pytest.approx((d / 30, 10 * d))
     values = {"fa_norm": "l1", "beta_l1": 3.0, "fa_kind": "exact"}
     assert both.distiller_kwargs(values)["beta"] == 3.0 and both.distiller_kwargs(values)["fa_norm"] == "l1"
-    l1 = hypermodel_of(teacher, distiller_kwargs={"fa_norm": "l1"})
+    l1 = hypermodel_of(teacher, fa_norm="l1")
     hp = keras_tuner.HyperParameters()
     assert l1.build(hp).fa_norm == "l1" and hp.values["beta"] == options.DEFAULT_BETA["l1"]
     with pytest.raises(ValueError, match="fa_norm='l2' is not supported"):

@@ -67,6 +67,8 @@ Files are checked through `faqd_tf.inputs` before anything is decoded or allocat
 """
 
 import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -86,7 +88,10 @@ from faqd_tf.data.base import (
 from faqd_tf.data.files import IMAGE_EXTENSIONS, FolderSource, TinyImageNetSource
 from faqd_tf.data.idx import IdxSource, read_idx
 from faqd_tf.data.tfds import TfdsSource
-from faqd_tf.options import AUGMENTATIONS
+from faqd_tf.options import AUGMENTATIONS, is_integer
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 __all__ = [
     "AUGMENTATIONS",
@@ -107,7 +112,8 @@ __all__ = [
 SOURCE_KINDS = ("tfds", "folder", "tiny_imagenet", "idx")
 
 
-def dataset_info(source, data_dir=None, *, image_size=None, validation_fraction=0.1):
+def dataset_info(source: str, data_dir: str | None = None, *, image_size: int | tuple[int, int] | None = None,
+                 validation_fraction: float = 0.1) -> DatasetInfo:
     """Describes a source without building its pipeline (and without downloading TFDS data).
 
     Args:
@@ -133,24 +139,24 @@ def dataset_info(source, data_dir=None, *, image_size=None, validation_fraction=
 
 
 def load(
-    source,
-    split="train",
+    source: str,
+    split: str = "train",
     *,
-    labels=True,
-    batch_size=128,
-    shuffle=None,
-    augment=None,
-    image_size=None,
-    limit=None,
-    seed=None,
-    data_dir=None,
-    drop_remainder=False,
-    cache=None,
-    validation_fraction=0.1,
-    exclude_validation=False,
-    mean=None,
-    std=None,
-):
+    labels: bool = True,
+    batch_size: int | None = 128,
+    shuffle: bool | None = None,
+    augment: bool | str | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    limit: int | None = None,
+    seed: int | None = None,
+    data_dir: str | None = None,
+    drop_remainder: bool = False,
+    cache: bool | str | None = None,
+    validation_fraction: float = 0.1,
+    exclude_validation: bool = False,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> "tf.data.Dataset":
     """Builds a `tf.data.Dataset` of normalized float32 images, batched and prefetched.
 
     It yields `(images, labels)` with int32 class ids, or `images` alone when `labels=False`
@@ -197,9 +203,9 @@ def load(
     split = _check_split(split)
     size = _check_image_size(image_size)
     _check_fraction(validation_fraction)
-    if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
+    if batch_size is not None and (not is_integer(batch_size) or batch_size < 1):
         raise ValueError(f"batch_size={batch_size!r} is invalid; pass a positive int or None.")
-    if limit is not None and (not _is_int(limit) or limit < 1):
+    if limit is not None and (not is_integer(limit) or limit < 1):
         raise ValueError(f"limit={limit!r} is invalid; pass a positive int or None.")
 
     shuffle = split == "train" if shuffle is None else bool(shuffle)
@@ -238,10 +244,6 @@ def load(
 # Argument checks
 
 
-def _is_int(value):
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _check_split(split):
     name = {"val": "validation"}.get(split, split) if isinstance(split, str) else split
     if name not in ("train", "validation", "test"):
@@ -252,8 +254,8 @@ def _check_split(split):
 def _check_image_size(image_size):
     if image_size is None:
         return None
-    size = (image_size, image_size) if _is_int(image_size) else tuple(image_size)
-    if len(size) != 2 or not all(_is_int(s) and s > 0 for s in size):
+    size = (image_size, image_size) if is_integer(image_size) else tuple(image_size)
+    if len(size) != 2 or not all(is_integer(s) and s > 0 for s in size):
         raise ValueError(f"image_size={image_size!r} is invalid; pass (height, width) or an int.")
     return int(size[0]), int(size[1])
 

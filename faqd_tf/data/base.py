@@ -73,7 +73,11 @@ def default_augmentation(shape):
 
 
 def validation_count(count, fraction):
-    """Size of the validation tail carved off `count` examples, rounding halves up."""
+    """Size of the validation tail carved off `count` examples, rounding halves up.
+
+    >>> validation_count(60000, 0.1), validation_count(25, 0.1), validation_count(35, 0.1)
+    (6000, 3, 4)
+    """
     return int(np.floor(count * fraction + 0.5))
 
 

@@ -11,7 +11,7 @@ from faqd_tf import inputs
 from faqd_tf.data.base import DatasetInfo, Examples, Source, carve, default_augmentation, fit_size, validation_count
 
 
-def read_idx(path):
+def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Reads one IDX file (gzip-compressed or not) into a NumPy array.
 
     Validates the magic number (two zero bytes, a type code, the number of dimensions) and that
@@ -23,12 +23,14 @@ def read_idx(path):
     Returns:
         A read-only NumPy array of the header's shape and type.
 
-    Example:
+    Example (``/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz`` gives ``(10000, 28, 28)``):
 
-    ```python
-    images = read_idx("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
-    images.shape, images.dtype  # (10000, 28, 28), uint8
-    ```
+    >>> import tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "labels-idx1-ubyte")
+    >>> with open(path, "wb") as f:  # magic (0, 0, type 0x08 = uint8, 1 dimension), size 3, data
+    ...     _ = f.write(bytes([0, 0, 0x08, 1, 0, 0, 0, 3, 7, 1, 4]))
+    >>> read_idx(path).tolist()
+    [7, 1, 4]
     """
     path = os.fspath(path)
     if not os.path.isfile(path):

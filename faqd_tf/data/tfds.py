@@ -6,6 +6,7 @@ import threading
 
 import tensorflow as tf
 
+from faqd_tf import inputs
 from faqd_tf.data.base import (
     CIFAR10_STATS,
     CIFAR100_STATS,
@@ -132,7 +133,7 @@ class TfdsSource(Source):
                 f"data; install it (pip install {err.name})."
             ) from err
         except Exception as err:  # Download and generation errors come in many types.
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            reason = inputs.first_line(err, 200)
             raise SourceUnavailableError(
                 f"{self.source} is not prepared in {self.builder.data_dir} and could not be "
                 f"downloaded ({type(err).__name__}: {reason}); connect once to the internet or "

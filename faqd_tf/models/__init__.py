@@ -13,6 +13,8 @@ taps), a ``avg_pool`` layer and a ``logits`` layer (no softmax).
 
 import functools
 
+import keras
+
 from faqd_tf.models.resnet_cifar import (
     CIFAR_DEPTHS,
     ChannelPad,
@@ -30,12 +32,12 @@ _REGISTRY = {f"resnet{d}": functools.partial(resnet_cifar, d) for d in CIFAR_DEP
 _REGISTRY.update({f"resnet{d}": functools.partial(resnet_imagenet, d) for d in IMAGENET_DEPTHS})
 
 
-def available():
+def available() -> tuple[str, ...]:
     """Names accepted by :func:`get`, CIFAR ResNets first."""
     return tuple(_REGISTRY)
 
 
-def get(name, /, **kwargs):
+def get(name: str, /, **kwargs) -> keras.Model:
     """Builds the model registered as `name` (case-insensitive) with the builder's `kwargs`.
 
     `name` is positional-only, so ``get("resnet20", name="student")`` names the built model.

@@ -56,6 +56,7 @@ import keras
 from keras import layers
 
 from faqd_tf import quantizers
+from faqd_tf.options import is_integer
 from faqd_tf.layers import QuantConv2D, QuantDense, QuantReLU
 
 # depth -> (block kind, blocks per stage)
@@ -77,10 +78,10 @@ class ChannelPad(layers.Layer):
     def __init__(self, before, after, **kwargs):
         super().__init__(**kwargs)
         for key, value in (("before", before), ("after", after)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not is_integer(value) or value < 0:
                 raise ValueError(f"ChannelPad: {key}={value!r} must be a non-negative int.")
-        self.before = before
-        self.after = after
+        self.before = int(before)
+        self.after = int(after)
 
     def call(self, inputs):
         rank = len(inputs.shape)
@@ -155,10 +156,10 @@ class _Builder:
         )(x)
 
 
-def check_num_classes(num_classes):
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+def check_num_classes(num_classes: int) -> int:
+    if not is_integer(num_classes) or num_classes < 1:
         raise ValueError(f"num_classes={num_classes!r} must be a positive int.")
-    return num_classes
+    return int(num_classes)
 
 
 def _basic_block(b, x, filters, strides, prefix, out_name):
@@ -213,9 +214,10 @@ def _preact_bottleneck(b, x, width, strides, prefix, preact, out_name):
     return layers.Add(name=out_name or f"{prefix}_add")([shortcut, y])
 
 
-def resnet_cifar(depth, num_classes=10, input_shape=(32, 32, 3), weight_bits=None,
-                 activation_bits=None, per_channel=False, weight_decay=None,
-                 bn_momentum=BN_MOMENTUM, name=None, alpha_rate=quantizers.DEFAULT_ALPHA_RATE):
+def resnet_cifar(depth: int, num_classes: int = 10, input_shape: tuple[int, int, int] = (32, 32, 3),
+                 weight_bits: int | None = None, activation_bits: int | None = None, per_channel: bool = False,
+                 weight_decay: float | None = None, bn_momentum: float = BN_MOMENTUM, name: str | None = None,
+                 alpha_rate: float = quantizers.DEFAULT_ALPHA_RATE) -> keras.Model:
     """Builds a CIFAR ResNet of depth 8, 14, 20, 32, 44, 56, 110 (basic) or 164 (pre-act bottleneck).
 
     Args:
@@ -265,25 +267,25 @@ def resnet_cifar(depth, num_classes=10, input_shape=(32, 32, 3), weight_bits=Non
     return keras.Model(inputs, outputs, name=name or f"resnet{depth}")
 
 
-def resnet20(**kwargs):
+def resnet20(**kwargs) -> keras.Model:
     return resnet_cifar(20, **kwargs)
 
 
-def resnet32(**kwargs):
+def resnet32(**kwargs) -> keras.Model:
     return resnet_cifar(32, **kwargs)
 
 
-def resnet44(**kwargs):
+def resnet44(**kwargs) -> keras.Model:
     return resnet_cifar(44, **kwargs)
 
 
-def resnet56(**kwargs):
+def resnet56(**kwargs) -> keras.Model:
     return resnet_cifar(56, **kwargs)
 
 
-def resnet110(**kwargs):
+def resnet110(**kwargs) -> keras.Model:
     return resnet_cifar(110, **kwargs)
 
 
-def resnet164(**kwargs):
+def resnet164(**kwargs) -> keras.Model:
     return resnet_cifar(164, **kwargs)

@@ -43,9 +43,10 @@ def _basic_block(b, x, filters, strides, prefix, out_name):
     return residual_branch(b, x, shortcut, filters, strides, prefix, out_name)
 
 
-def resnet_imagenet(depth, num_classes=1000, input_shape=(224, 224, 3), small_input=False,
-                    weight_bits=None, activation_bits=None, per_channel=False, weight_decay=None,
-                    bn_momentum=BN_MOMENTUM, name=None, alpha_rate=quantizers.DEFAULT_ALPHA_RATE):
+def resnet_imagenet(depth: int, num_classes: int = 1000, input_shape: tuple[int, int, int] = (224, 224, 3),
+                    small_input: bool = False, weight_bits: int | None = None, activation_bits: int | None = None,
+                    per_channel: bool = False, weight_decay: float | None = None, bn_momentum: float = BN_MOMENTUM,
+                    name: str | None = None, alpha_rate: float = quantizers.DEFAULT_ALPHA_RATE) -> keras.Model:
     """Builds ResNet18 (depth=18) or ResNet34 (depth=34); other depths raise ValueError.
 
     Args:
@@ -84,13 +85,15 @@ def resnet_imagenet(depth, num_classes=1000, input_shape=(224, 224, 3), small_in
     return keras.Model(inputs, outputs, name=name or f"resnet{depth}")
 
 
-def resnet18(num_classes=1000, input_shape=(224, 224, 3), small_input=False, **kwargs):
+def resnet18(num_classes: int = 1000, input_shape: tuple[int, int, int] = (224, 224, 3), small_input: bool = False,
+             **kwargs) -> keras.Model:
     """ResNet18; see :func:`resnet_imagenet` for the keyword arguments."""
     return resnet_imagenet(18, num_classes=num_classes, input_shape=input_shape,
                            small_input=small_input, **kwargs)
 
 
-def resnet34(num_classes=1000, input_shape=(224, 224, 3), small_input=False, **kwargs):
+def resnet34(num_classes: int = 1000, input_shape: tuple[int, int, int] = (224, 224, 3), small_input: bool = False,
+             **kwargs) -> keras.Model:
     """ResNet34; see :func:`resnet_imagenet` for the keyword arguments."""
     return resnet_imagenet(34, num_classes=num_classes, input_shape=input_shape,
                            small_input=small_input, **kwargs)

@@ -1,0 +1,636 @@
+"""The stages of a run as objects: teacher, distill, evaluate, tune and export.
+
+A stage reads the resolved config sections it names (`sections`; the `Stage.of` constructor hands
+them over), lists the datasets it builds (`datasets`), checks what it can before anything is written
+(`check_source`, then `check`: small named checks), and runs (`run`). `faqd_tf.runner.Run` plans
+which stages run and sequences them; they share a `Workspace`: the run's paths, the distribution
+strategy, what the dataset is (`info`), the data pipelines, model loading, and the protocol every
+training stage follows (`Workspace.train`).
+
+>>> sorted(REGISTRY)
+['distill', 'evaluate', 'export', 'teacher', 'tune']
+>>> REGISTRY["distill"].sections
+('distill', 'student', 'train', 'dataset', 'teacher')
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import zipfile
+from collections.abc import Callable, Sequence
+
+import keras
+import tensorflow as tf
+
+from faqd_tf import data, distribute, inputs, models, terms, training
+from faqd_tf.callbacks import (
+    BinaryRelaxScheduler,
+    GradientShares,
+    ResumableCSVLogger,
+    ResumeDataOrder,
+    SharedBackupAndRestore,
+    StopOnNonFiniteLoss,
+)
+from faqd_tf.distiller import Distiller
+from faqd_tf.quantize import quantize_model, set_alpha_decay
+from faqd_tf.report import plot_curves, print_table, write_json
+from faqd_tf.runner import ACTIVATION_STEP, DISTILL, EVALUATE, EXPORT, TEACHER, TRAINED, TUNE, UsageError, say
+from faqd_tf.summary import iter_layers, quantized_kernel_bits, summary
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """A dataset a stage builds: a training set (shuffled, augmented, `dataset.limit`) when
+    `batch_size` is given, else an evaluation set (`dataset.eval_limit`, batches of `train.batch_size`)."""
+
+    split: str
+    labels: bool
+    batch_size: int | None = None
+
+    @property
+    def training(self) -> bool:
+        return self.batch_size is not None
+
+
+@dataclasses.dataclass
+class Checked:
+    """What the checks of the planned stages learn for the ones after them."""
+
+    planned: set
+    teacher: keras.Model | None = None  # the teacher, or an untrained stand-in for one still to train
+    quantized: bool = False  # whether the final student has quantized kernels
+    student: keras.Model | None = None  # the student the exports will convert (untrained when distill runs)
+
+
+class Workspace:
+    """What the stages of one run share: paths, the strategy, the dataset's info and pipelines,
+    model loading and the training protocol.
+
+    Args:
+        config: the resolved config; the workspace reads `output_dir`, `teacher.file`, `dataset`,
+            `seed` and `train.batch_size` (the batch size of every evaluation set).
+        overwrite: replace finished outputs.
+        strategy: the run's `tf.distribute` strategy (`faqd_tf.distribute.get_strategy`).
+        callbacks: Keras callbacks added to every training stage's `fit` (after the stop on a
+            non-finite loss, before the history and the backup).
+    """
+
+    def __init__(self, config: dict, overwrite: bool, strategy: tf.distribute.Strategy, callbacks: Sequence = ()):
+        self.overwrite = overwrite
+        self.strategy = strategy
+        self.chief = distribute.is_chief(strategy)
+        self.dataset_config = config["dataset"]
+        self.seed = config["seed"]
+        self.eval_batch_size = config["train"]["batch_size"]
+        self.extra_callbacks = list(callbacks)
+        # The chief writes output_dir; other workers write their own copies under it (see
+        # faqd_tf.distribute.output_dir) and read the teacher and the plan from the chief's.
+        self.base = config["output_dir"]
+        self.out = distribute.output_dir(self.base, strategy)
+        self.teacher_file_given = config["teacher"]["file"] is not None
+        self.teacher_path = config["teacher"]["file"] or os.path.join(self.base, "teacher.keras")
+        self.student_path = os.path.join(self.out, "student.keras")
+        self.act_path = os.path.join(self.out, "student_act.keras")
+        self.results_path = os.path.join(self.base, "results.json")
+        self.info = None
+
+    # --- paths and what is there
+
+    def backup(self, stage: str) -> str:
+        """The `stage`'s backup folder: the chief's, shared by all workers."""
+        return os.path.join(self.base, "backup", stage)
+
+    def interrupted(self, stage: str) -> bool:
+        # An interrupted stage leaves its BackupAndRestore folder.
+        return os.path.isdir(self.backup(stage))
+
+    def pending(self, path: str, stage: str) -> bool:
+        return not os.path.exists(path) or self.interrupted(stage)
+
+    def check_free(self, path: str, what: str, stage: str) -> None:
+        if os.path.exists(path) and not self.overwrite and not self.interrupted(stage):
+            raise UsageError(f"the {what} output {path} exists; pass --overwrite to replace it.")
+
+    # --- data
+
+    def read_info(self) -> data.DatasetInfo:
+        """The dataset's info (`faqd_tf.data.dataset_info`); a dataset without classes is refused."""
+        d = self.dataset_config
+        self.info = data.dataset_info(d["source"], d["data_dir"], image_size=d["image_size"])
+        if not self.info.num_classes:
+            raise UsageError(
+                f"dataset {inputs.shorten(d['source'])} has no classes (unlabeled); the teacher's training "
+                "and evaluation need labeled data: use a labeled source (labels are ignored while distilling)."
+            )
+        return self.info
+
+    def dataset(self, spec: Data) -> tf.data.Dataset:
+        d = self.dataset_config
+        return data.load(
+            d["source"], spec.split, labels=spec.labels, batch_size=spec.batch_size or self.eval_batch_size,
+            shuffle=spec.training, augment=d["augment"] if spec.training else False, image_size=d["image_size"],
+            limit=d["limit"] if spec.training else d["eval_limit"], seed=self.seed, data_dir=d["data_dir"],
+        )
+
+    def validation(self) -> list[Data]:
+        """The validation set of the training stages (`dataset.validation_split`), if any."""
+        split = self.dataset_config["validation_split"]
+        return [] if split is None else [Data(split, True)]
+
+    def training_sets(self, train: Data) -> tuple[tf.data.Dataset, tf.data.Dataset | None]:
+        """The pipelines of a training stage: `train`, and the validation set or None."""
+        validation = self.validation()
+        return self.dataset(train), self.dataset(validation[0]) if validation else None
+
+    # --- models
+
+    def load_model(self, path: str, key: str) -> keras.Model:
+        """The Keras model in `path`, checked against the data (`key` names it in messages). The
+        package's layers are registered: this module imports `faqd_tf.models` and `faqd_tf.quantize`."""
+        if not os.path.isfile(path):
+            raise UsageError(f"{key} {path} does not exist; point it at a .keras model file.")
+        try:
+            model = keras.models.load_model(path, safe_mode=True)
+        except (ValueError, OSError, zipfile.BadZipFile, KeyError, TypeError) as e:
+            raise UsageError(f"{key} {path} is not a loadable Keras model ({inputs.first_line(e, 200)}); give a .keras "
+                             "file saved by Keras 3.") from None
+        if not isinstance(model, keras.Model):
+            raise UsageError(f"{key} {path} holds a {type(model).__name__}, not a Keras model.")
+        self.check_fits(model, key, path)
+        return model
+
+    def load_teacher(self) -> keras.Model:
+        if not os.path.exists(self.teacher_path):
+            raise UsageError(
+                f"teacher file {self.teacher_path} does not exist; run --stage teacher first or set teacher.file."
+            )
+        return self.load_model(self.teacher_path, "teacher.file")
+
+    def check_fits(self, model: keras.Model, key: str, path: str) -> None:
+        """The model takes the data's images and has one logit per class."""
+        source = inputs.shorten(self.dataset_config["source"])
+        image_shape, classes = self.info.image_shape, self.info.num_classes
+        shapes = model.input_shape if isinstance(model.input_shape, list) else [model.input_shape]
+        shape = tuple(shapes[0][1:]) if len(shapes) == 1 and shapes[0] is not None else None
+        if shape is None or len(shape) != 3 or any(s is not None and s != e for s, e in zip(shape, image_shape)):
+            raise UsageError(
+                f"{key} {path} takes inputs of shape {shape if shape is not None else shapes}, but {source} yields "
+                f"images of {image_shape}; use a model for this data (or set dataset.image_size)."
+            )
+        outputs = model.output_shape
+        if not isinstance(outputs, tuple) or outputs[-1] != classes:
+            raise UsageError(
+                f"{key} {path} has {outputs[-1] if isinstance(outputs, tuple) else outputs} outputs, but {source} has "
+                f"{classes} classes; use a model trained on this dataset's classes."
+            )
+
+    @staticmethod
+    def check_arch(arch: str | None, key: str) -> None:
+        if arch not in models.available():
+            raise UsageError(
+                f"{key}={inputs.shorten(repr(arch))} is not a known architecture; use one of {', '.join(models.available())}."
+            )
+
+    # --- training
+
+    @staticmethod
+    def steps(dataset: tf.data.Dataset, train: dict) -> int:
+        if train["steps_per_epoch"]:
+            return train["steps_per_epoch"]
+        n = int(dataset.cardinality())
+        if n > 0:
+            return n
+        return int(dataset.reduce(tf.constant(0, tf.int64), lambda c, _: c + 1))
+
+    def callbacks(self, stage: str, history_csv: str, extra: Sequence = (), at_start: Sequence = (),
+                  train_ds: tf.data.Dataset | None = None) -> list[keras.callbacks.Callback]:
+        """A training stage's callbacks; `extra` act at epoch ends (before the backup), `at_start`
+        when training starts (after the backup restored the weights). With `train_ds` (a pipeline
+        that `fit` passes once an epoch), a resumed run sees it in the uninterrupted run's order."""
+        # Every worker resumes from the chief's backup, so all restart at the same epoch. The stage
+        # removes it only once its model is saved.
+        backup = SharedBackupAndRestore(self.backup(stage), writer=self.chief, delete_checkpoint=False)
+        return [
+            # Stops before any epoch-end callback, so no backup holds diverged weights.
+            StopOnNonFiniteLoss(self.backup(stage)),
+            # Before the backup and the history, so that both hold what they change (relax lambda).
+            *extra,
+            *self.extra_callbacks,
+            # Before the backup: a kill between the two leaves a row that the resumed run replaces.
+            ResumableCSVLogger(os.path.join(self.out, history_csv)),
+            backup,
+            *([ResumeDataOrder(train_ds, backup)] if train_ds is not None else []),
+            *at_start,
+            keras.callbacks.TensorBoard(os.path.join(self.out, "logs", stage), write_graph=False),
+        ]
+
+    def train(self, model: keras.Model, stage: str, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset | None,
+              train: dict, history_csv: str, save: Callable[[], None], extra: Sequence = (), at_start: Sequence = ()) -> None:
+        """`fit`, then `save()` (the stage's model, saved atomically), then the backup removed.
+
+        In this order a kill at any moment resumes with nothing lost: before the save the backup is
+        there (a run restored at its last epoch trains no more and saves), after it the model is.
+        """
+        if not self.interrupted(stage):
+            # A fresh start (--overwrite): the curves of an earlier run go with it, and so do the
+            # backups of the stages after it, which started from this stage's old model.
+            shutil.rmtree(os.path.join(self.out, "logs", stage), ignore_errors=True)
+            if self.chief:
+                for later in TRAINED[TRAINED.index(stage) + 1 :]:
+                    shutil.rmtree(self.backup(later), ignore_errors=True)
+        # One pass a epoch, unless steps_per_epoch sets epochs apart from passes (then a resumed run
+        # starts a fresh pass).
+        passes = train_ds if not train["steps_per_epoch"] else None
+        model.fit(train_ds.repeat() if train["steps_per_epoch"] else train_ds, epochs=train["epochs"],
+                  steps_per_epoch=train["steps_per_epoch"], validation_data=val_ds,
+                  callbacks=self.callbacks(stage, history_csv, extra, at_start, passes), verbose="auto", shuffle=False)
+        save()
+        # Every worker has saved its copy before the chief removes the shared backup.
+        distribute.barrier(self.strategy)
+        if self.chief:
+            shutil.rmtree(self.backup(stage), ignore_errors=True)
+
+
+class Stage:
+    """One stage of a run. Subclasses set `name` and `sections` and override what they do."""
+
+    name: str = ""
+    sections: tuple[str, ...] = ()
+
+    def __init__(self, workspace: Workspace):
+        self.ws = workspace
+
+    @classmethod
+    def of(cls, workspace: Workspace, config: dict, **options) -> "Stage":
+        """The stage of a resolved `config`: it receives the sections it names, and `options`."""
+        return cls(workspace, **{section: config[section] for section in cls.sections}, **options)
+
+    def needed(self) -> bool:
+        """Whether `all` runs it: its output is missing or was interrupted (or --overwrite)."""
+        return True
+
+    def datasets(self) -> list[Data]:
+        return []
+
+    def check_source(self):
+        """Checks of what the dataset is (`ws.info`), before any pipeline is built."""
+
+    def check(self, checked: Checked):
+        """Every check short of training; raises a one-line `UsageError`, writes nothing."""
+
+    def run(self):
+        raise NotImplementedError
+
+
+def _has_quantized_kernel(model):
+    return any(quantized_kernel_bits(layer) is not None for _, layer, _ in iter_layers(model))
+
+
+class TeacherStage(Stage):
+    """Trains the full-precision teacher with labels (`teacher.arch`, `teacher.train`) and saves it."""
+
+    name = TEACHER
+    sections = ("teacher", "dataset")
+
+    def __init__(self, workspace: Workspace, teacher: dict, dataset: dict):
+        super().__init__(workspace)
+        self.teacher, self.dataset = teacher, dataset
+
+    def needed(self):
+        given = self.ws.teacher_file_given and os.path.exists(self.ws.teacher_path)
+        return not given and (self.ws.overwrite or self.ws.pending(self.ws.teacher_path, TEACHER))
+
+    def datasets(self):
+        return [Data("train", True, self.teacher["train"]["batch_size"]), *self.ws.validation()]
+
+    def check_source(self):
+        self._check_classes()
+
+    def _check_classes(self):
+        """The teacher learns to tell classes apart: with one, it trains to loss 0 and learns nothing."""
+        info = self.ws.info
+        classes = info.train_classes if info.train_classes is not None else info.num_classes
+        if classes < 2:
+            raise UsageError(
+                f"dataset {inputs.shorten(self.dataset['source'])} has one class in its train labels; "
+                "a teacher needs two or more to learn anything (with one it trains to loss 0): use a dataset "
+                "of several classes, or give a trained teacher in teacher.file."
+            )
+
+    def check(self, checked):
+        if self.teacher["arch"] is None:
+            raise UsageError("stage 'teacher' needs teacher.arch, the architecture to train.")
+        self.ws.check_arch(self.teacher["arch"], "teacher.arch")
+        self.ws.check_free(self.ws.teacher_path, "teacher", TEACHER)
+        if self.teacher["file"]:
+            inputs.check_output_dir(os.path.dirname(os.path.abspath(self.ws.teacher_path)), "teacher.file's folder")
+        if DISTILL in checked.planned:  # the architecture stands in for the teacher still to train
+            checked.teacher = self.build()
+
+    def build(self):
+        return models.get(self.teacher["arch"], num_classes=self.ws.info.num_classes,
+                          input_shape=self.ws.info.image_shape)
+
+    def run(self):
+        cfg, ws = self.teacher, self.ws
+        train_ds, val_ds = ws.training_sets(self.datasets()[0])
+        steps = ws.steps(train_ds, cfg["train"])
+        say(f"stage teacher: training a full-precision {cfg['arch']} for {cfg['train']['epochs']} epochs "
+            f"({steps} steps each) on {self.dataset['source']}")
+        with ws.strategy.scope():
+            model = training.compile_classifier(self.build(), training.make_optimizer(cfg["train"], steps))
+
+        def save():
+            if ws.chief:  # the other workers read the chief's teacher
+                os.makedirs(os.path.dirname(ws.teacher_path) or ".", exist_ok=True)
+                training.save_model(model, ws.teacher_path)
+                say(f"teacher saved to {ws.teacher_path}")
+
+        ws.train(model, TEACHER, train_ds, val_ds, cfg["train"], f"{TEACHER}_history.csv", save)
+
+
+class DistillStage(Stage):
+    """Distills the student from the teacher (`distill`, `student`, `train`), in two steps for full
+    quantization (`student.two_step`: activations first, then weights too, as the authors do)."""
+
+    name = DISTILL
+    sections = ("distill", "student", "train", "dataset", "teacher")
+
+    def __init__(self, workspace: Workspace, distill: dict, student: dict, train: dict, dataset: dict, teacher: dict):
+        super().__init__(workspace)
+        self.distill, self.student, self.train, self.dataset = distill, student, train, dataset
+        self.student_arch = student["arch"] or teacher["arch"]  # a fresh student: the teacher's by default
+
+    def needed(self):
+        return self.ws.overwrite or self.ws.pending(self.ws.student_path, DISTILL)
+
+    @property
+    def two_step(self) -> bool:
+        s = self.student
+        return s["weight_bits"] is not None and s["activation_bits"] is not None and s["two_step"]
+
+    def datasets(self):
+        return [Data("train", self.dataset["labels"], self.train["batch_size"]), *self.ws.validation()]
+
+    def check(self, checked):
+        self.ws.check_free(self.ws.student_path, "student", DISTILL)
+        if self.student["init"] == "scratch":
+            self.ws.check_arch(self.student_arch, "student.arch")
+        student = self._check_distiller(checked.teacher)
+        # Two steps: the weights are quantized in the second.
+        checked.quantized = self.two_step or _has_quantized_kernel(student)
+        checked.student = student
+
+    def _check_distiller(self, teacher):
+        """Builds the stage's Distiller once, untrained: the student, the FA layer pairs, the loss
+        options. Returns the student."""
+        student = self.build_student(teacher)
+        try:
+            Distiller(student, teacher, seed=self.ws.seed, **self.distill)
+        except ValueError as err:
+            raise UsageError(f"distill: {inputs.first_line(err)}") from None
+        return student
+
+    def build_student(self, teacher: keras.Model) -> keras.Model:
+        """The student to distill first: of `student.init` (the teacher's copy, a file, or a fresh
+        `student.arch`), quantized as configured; in two steps, its activations only."""
+        s = self.student
+        weight_bits = None if self.two_step else s["weight_bits"]
+        if s["init"] == "scratch":
+            return models.get(
+                self.student_arch, num_classes=self.ws.info.num_classes,
+                input_shape=self.ws.info.image_shape, weight_bits=weight_bits,
+                activation_bits=s["activation_bits"], per_channel=s["per_channel"] and weight_bits is not None,
+                alpha_rate=s["alpha_rate"],
+            )
+        base = teacher if s["init"] == "teacher" else self.ws.load_model(s["file"], "student.file")
+        return quantize_model(
+            base, weight_bits=weight_bits, activation_bits=s["activation_bits"],
+            per_channel=s["per_channel"] and weight_bits is not None, relax=s["relax"] if weight_bits else None,
+            alpha_rate=s["alpha_rate"],
+        )
+
+    def describe_loss(self) -> str:
+        """The loss as the log line shows it, e.g. ``1.0*KD(kl) + 30.0*FA(exact, fro2)``."""
+        return " + ".join(str(term) for term in terms.from_options(**self.distill))
+
+    def _distill(self, teacher, student, stage, train_ds, val_ds, steps, path):
+        """One distillation of `student` from `teacher`, saved to `path`; returns the trained student."""
+        ws = self.ws
+        # In the scope: the optimizer's slots and the metrics must be the strategy's variables.
+        with ws.strategy.scope():
+            distiller = Distiller(student, teacher, seed=ws.seed, **self.distill)
+            optimizer = training.make_optimizer(self.train, steps)
+            # The quantized ReLUs' alphas decay as in the authors' code (their own, much smaller, decay).
+            set_alpha_decay(student, optimizer, self.train["weight_decay"])
+            distiller.compile(optimizer, metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+        extra = [BinaryRelaxScheduler(self.student["relax_eta"])] if self.student["relax"] else []
+        # A user must see when a weighted term is too weak to act (e.g. an FA weight on the wrong scale).
+        shares = GradientShares(train_ds.take(1), print_fn=say)
+        history = "history.csv" if stage == DISTILL else f"{stage}_history.csv"
+        ws.train(distiller, stage, train_ds, val_ds, self.train, history,
+                 lambda: training.save_model(distiller.student, path), extra, [shares])
+        return distiller.student
+
+    def run(self):
+        ws, s = self.ws, self.student
+        train_ds, val_ds = ws.training_sets(self.datasets()[0])
+        steps = ws.steps(train_ds, self.train)
+        with ws.strategy.scope():
+            teacher = ws.load_model(ws.teacher_path, "teacher.file")
+            student = self.build_student(teacher)
+        loss = self.describe_loss()
+        mode = "label-free" if not self.dataset["labels"] else "with labels"
+        if self.two_step:
+            # Step 1 is done when its student is saved and not being redone: without --overwrite, or
+            # when --overwrite's own run was interrupted in step 2.
+            done = os.path.exists(ws.act_path) and not ws.interrupted(ACTIVATION_STEP) and (
+                not ws.overwrite or ws.interrupted(DISTILL))
+            if done:
+                say(f"stage distill (1/2): reusing the activation-quantized student {ws.act_path}")
+                with ws.strategy.scope():
+                    student = ws.load_model(ws.act_path, "student_act")
+            else:
+                say(f"stage distill (1/2): {s['activation_bits']}-bit activations, FP weights; loss {loss}, {mode}")
+                student = self._distill(teacher, student, ACTIVATION_STEP, train_ds, val_ds, steps, ws.act_path)
+            with ws.strategy.scope():
+                student = quantize_model(student, weight_bits=s["weight_bits"], activation_bits=s["activation_bits"],
+                                         per_channel=s["per_channel"], relax=s["relax"], alpha_rate=s["alpha_rate"])
+            say(f"stage distill (2/2): {s['weight_bits']}-bit weights and {s['activation_bits']}-bit activations")
+        else:
+            bits = f"{s['weight_bits']}-bit weights" if s["weight_bits"] else "FP weights"
+            if s["activation_bits"]:
+                bits += f", {s['activation_bits']}-bit activations"
+            say(f"stage distill: {bits}, init {s['init']}; loss {loss}, {mode}; {self.train['epochs']} "
+                f"epochs of {steps} steps")
+        self._distill(teacher, student, DISTILL, train_ds, val_ds, steps, ws.student_path)
+        say(f"student saved to {ws.student_path}")
+
+
+class ExportStage(Stage):
+    """Writes the evaluated student in each export `kind` (`faqd_tf.export.KINDS`) next to it; runs
+    at the end of the evaluate stage, whose results list the files."""
+
+    name = EXPORT
+    sections = ()
+
+    def __init__(self, workspace: Workspace, kinds: Sequence[str] = ()):
+        super().__init__(workspace)
+        self.kinds = list(dict.fromkeys(kinds))
+
+    def datasets(self):
+        from faqd_tf import export
+
+        if any(export.needs_calibration(kind) for kind in self.kinds if kind in export.KINDS):
+            return [Data("train", False)]  # unlabeled calibration images (see `export`)
+        return []
+
+    def check(self, checked):
+        self._check_exports(checked.quantized, checked.student)
+
+    def _check_exports(self, quantized, student):
+        """Each export kind can be written once the evaluation is done: its file name is not taken
+        by a folder, the student has the quantized kernels the kind stores (`quantized`), and the
+        format can convert each of its layers (`faqd_tf.export.check`)."""
+        from faqd_tf import export
+
+        for kind in self.kinds:
+            if kind not in export.KINDS:
+                raise UsageError(f"--export {inputs.shorten(kind)} is not an export; use one of {', '.join(export.KINDS)}.")
+            path = os.path.join(self.ws.out, export.FILENAMES[kind])
+            if os.path.isdir(path):
+                raise UsageError(f"--export {kind} writes the file {path}, which is a folder; move it away or "
+                                 "choose another output_dir.")
+            if export.needs_quantized(kind) and not quantized:
+                others = ", ".join(k for k in export.KINDS if not export.needs_quantized(k))
+                raise UsageError(f"--export {kind} stores a quantized student's integer codes, but the student has no "
+                                 f"quantized kernel; set student.weight_bits, or export {others}.")
+            if student is not None:
+                try:
+                    export.check(kind, student)
+                except ValueError as err:
+                    raise UsageError(f"--export {kind}: {inputs.first_line(err)}") from None
+
+    def run(self, student=None) -> dict:
+        """Writes every kind of `student`; returns ``{kind: {"file": path, "bytes": size}}``."""
+        from faqd_tf import export
+
+        written = {}
+        for kind in self.kinds:
+            path = os.path.join(self.ws.out, export.FILENAMES[kind])
+            # Full-integer TFLite calibrates its activation ranges on unlabeled training images.
+            calibration = self.ws.dataset(Data("train", False)) if export.needs_calibration(kind) else None
+            export.write(kind, student, path, calibration=calibration)
+            say(f"exported {kind}: {path} ({os.path.getsize(path):,} bytes)")
+            written[kind] = {"file": path, "bytes": os.path.getsize(path)}
+        return written
+
+
+class EvaluateStage(Stage):
+    """Scores the teacher and the student on the test split, runs the exports, writes `results.json`,
+    the table and the curves."""
+
+    name = EVALUATE
+    sections = ("dataset",)
+
+    def __init__(self, workspace: Workspace, dataset: dict, export: ExportStage | None = None):
+        super().__init__(workspace)
+        self.dataset = dataset
+        self.export = export
+
+    def needed(self):
+        return self.ws.overwrite or not os.path.exists(self.ws.results_path)
+
+    def datasets(self):
+        return [Data("test", True)]
+
+    def check(self, checked):
+        if DISTILL not in checked.planned:
+            ws = self.ws
+            if not os.path.exists(ws.student_path):
+                raise UsageError(f"student file {ws.student_path} does not exist; run --stage distill first.")
+            checked.student = ws.load_model(ws.student_path, "student file")
+            checked.quantized = _has_quantized_kernel(checked.student)
+            ws.check_free(ws.results_path, "results", EVALUATE)
+
+    def run(self):
+        ws = self.ws
+        if not ws.chief:
+            say("stage evaluate: left to the chief (worker 0), which writes results.json")
+            return None
+        test_ds = ws.dataset(self.datasets()[0])
+        results = {"dataset": self.dataset["source"], "split": "test"}
+        say(f"stage evaluate: teacher and student on the {self.dataset['source']} test split")
+        for role, path in (("teacher", ws.teacher_path), ("student", ws.student_path)):
+            model = ws.load_model(path, f"{role} file")
+            logs = training.evaluate_classifier(model, test_ds, verbose="auto")
+            info = summary(model, print_fn=None)
+            results[role] = {
+                "file": path, "accuracy": float(logs["accuracy"]), "loss": float(logs["loss"]),
+                "parameters": int(info.total_params), "float32_bits": int(info.float32_bits),
+                "packed_bits": int(info.packed_bits),
+            }
+            if role == "student":
+                summary(model)
+                student = model
+        results["student"]["compression"] = results["teacher"]["float32_bits"] / results["student"]["packed_bits"]
+        results["accuracy_gap"] = results["teacher"]["accuracy"] - results["student"]["accuracy"]
+        if self.export is not None and self.export.kinds:
+            results["exports"] = self.export.run(student)
+        plot = plot_curves(ws.out)
+        print_table(results)
+        write_json(ws.results_path, results)
+        say(f"results written to {ws.results_path}" + (f"; curves in {plot}" if plot else ""))
+        return results
+
+
+class TuneStage(Stage):
+    """keras-tuner search over the loss weights (`tune`); writes `best_config.json` (the config with
+    the best trial's `distill` values)."""
+
+    name = TUNE
+    sections = ("tune", "distill", "student", "train", "dataset")
+
+    def __init__(self, workspace: Workspace, tune: dict, distill: dict, student: dict, train: dict, dataset: dict,
+                 whole: dict | None = None, trials: int | None = None):
+        super().__init__(workspace)
+        self.tune, self.distill, self.student, self.train, self.dataset = tune, distill, student, train, dataset
+        self.whole = whole  # the whole config, written back with the best values
+        self.trials = trials or tune["trials"]
+
+    @classmethod
+    def of(cls, workspace: Workspace, config: dict, **options) -> "TuneStage":
+        return super().of(workspace, config, whole=config, **options)
+
+    def datasets(self):
+        return [Data("train", self.dataset["labels"], self.train["batch_size"]), Data("validation", True)]
+
+    def run(self):
+        from faqd_tf import tuning
+
+        ws, s, tune = self.ws, self.student, self.tune
+        train_ds, val_ds = (ws.dataset(spec) for spec in self.datasets())
+        teacher = ws.load_model(ws.teacher_path, "teacher.file")
+        steps = ws.steps(train_ds, self.train)
+        hypermodel = tuning.FAQDHyperModel.from_config(
+            teacher, self.distill,
+            student_fn=lambda: quantize_model(teacher, weight_bits=s["weight_bits"], activation_bits=s["activation_bits"],
+                                              per_channel=s["per_channel"], alpha_rate=s["alpha_rate"]),
+            optimizer_fn=lambda: training.make_optimizer({**self.train, "epochs": tune["epochs"]}, steps),
+            label_free=not self.dataset["labels"], tune_fa=tune["tune_fa"],
+        )
+        say(f"tuning: {self.trials} {tune['tuner']} trials of {tune['epochs']} epoch(s), objective val_accuracy")
+        best, _ = tuning.search(hypermodel, train_ds, val_ds, tuner=tune["tuner"], max_trials=self.trials,
+                                epochs=tune["epochs"], directory=os.path.join(ws.out, "tuning"),
+                                project_name="faqd", overwrite=ws.overwrite)
+        best_config = json.loads(json.dumps(self.whole))
+        best_config["distill"].update(tuning.best_distill_config(best))
+        path = os.path.join(ws.out, "best_config.json")
+        write_json(path, best_config)
+        say(f"best loss weights {tuning.best_distill_config(best)}; config written to {path}")
+
+
+REGISTRY: dict[str, type[Stage]] = {stage.name: stage for stage in
+                                    (TeacherStage, DistillStage, EvaluateStage, TuneStage, ExportStage)}
+"""The stages by name."""

@@ -1,0 +1,161 @@
+"""The weighted terms of the `Distiller`'s loss, one class each (Keras's `DistillationLoss` habit).
+
+A term turns the outputs of one forward pass (the teacher's and the student's logits and tapped
+maps, the labels, the training step) into a per-sample loss of shape `(batch,)`; the Distiller sums
+`weight * value` over its terms, logs each under the term's `name`, and `gradient_norms` measures
+each. The terms of eq. (10) of arXiv 2302.10899:
+
+    alpha * KD(teacher logits, student logits)   KDTerm      logged as `kd`
+    + beta * sum_l FA(teacher map l, student map l)   FATerm  logged as `fa`
+    + gamma * CE(labels, student logits)         CETerm      logged as `ce`
+
+A new term is one `LossTerm` subclass (a `name`, a `__call__`, a `__str__` for the run's log line).
+
+>>> import numpy as np
+>>> outputs = Outputs(logits=np.array([[1.0, 2.0]], "float32"), maps=[])
+>>> term = KDTerm(0.5, kd="mse")
+>>> str(term), term(outputs, Outputs(np.array([[1.0, 4.0]], "float32"), [])).numpy().tolist()
+('0.5*KD(mse)', [2.0])
+>>> from_options(alpha=1.0, beta=None, gamma=0.3, kd="kl", fa="exact")
+[KDTerm(1.0*KD(kl)), FATerm(30.0*FA(exact, fro2)), CETerm(0.3*CE)]
+"""
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from faqd_tf import losses, options
+
+
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+    """One network's outputs in a forward pass: its logits and its tapped feature maps, in tap order."""
+
+    logits: Any
+    maps: Sequence[Any]
+
+    @classmethod
+    def of(cls, extractor_outputs: Any) -> "Outputs":
+        """From a `faqd_tf.features.feature_extractor`'s `[logits, map_1, ...]` (or the logits alone)."""
+        logits, *maps = tf.nest.flatten(extractor_outputs)
+        return cls(logits, maps)
+
+
+class LossTerm:
+    """One weighted term of the loss.
+
+    Attributes:
+        name: the term's name in the logs (`history.csv`'s column) and in `gradient_norms`.
+        weight: its weight in the total loss.
+        needs_labels: True when it reads the labels (the batches must then carry them).
+    """
+
+    name: str = ""
+    needs_labels: bool = False
+
+    def __init__(self, weight: float):
+        self.weight = weight
+
+    def __call__(self, teacher: Outputs, student: Outputs, labels=None, step=0) -> tf.Tensor:
+        """The per-sample loss, float32 of shape `(batch,)`."""
+        raise NotImplementedError
+
+    def missing_labels(self) -> str:
+        """The one-line error for a batch without the labels this term reads."""
+        return f"the loss term {self} reads labels but the batches carry none; feed (images, labels) batches."
+
+    def __str__(self):
+        return f"{self.weight}*{self.name.upper()}"
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self})"
+
+
+class KDTerm(LossTerm):
+    """Knowledge distillation on logits (`faqd_tf.losses.kd_loss_per_sample`): MSE, or KL at `temperature`."""
+
+    name = "kd"
+
+    def __init__(self, weight: float, kd: str = "mse", temperature: float = 1.0):
+        super().__init__(weight)
+        self.kd = options.check_kd(kd)
+        self.temperature = options.check_temperature(temperature)
+
+    def __call__(self, teacher, student, labels=None, step=0):
+        return losses.kd_loss_per_sample(teacher.logits, student.logits, kd=self.kd, temperature=self.temperature)
+
+    def __str__(self):
+        return f"{self.weight}*KD({self.kd})"
+
+
+class FATerm(LossTerm):
+    """Feature affinity summed over the tapped pairs: exact, or FFA with `ffa_k` probes.
+
+    `taps` are the `(teacher layer, student layer)` names of the pairs, in order; FFA draws the
+    probes of tap `t` at step `step` from `faqd_tf.losses.probe_seed(seed, tap_key(*taps[t]), step)`.
+    """
+
+    name = "fa"
+
+    def __init__(self, weight: float, fa: str = "exact", fa_norm: str = "fro2", ffa_k: int = 15,
+                 fa_method: str = "auto", seed: int = 0, taps: Sequence[tuple[str, str]] = ()):
+        super().__init__(weight)
+        self.fa = options.check_fa(fa, allow_none=False)
+        self.fa_norm = options.check_fa_norm(fa_norm)
+        self.ffa_k = options.check_k(ffa_k, "ffa_k")
+        self.fa_method = options.check_fa_method(fa_method, fa_norm)
+        self.seed = options.check_seed(seed)
+        self.taps = [losses.tap_key(t, s) for t, s in taps]
+
+    def __call__(self, teacher, student, labels=None, step=0):
+        fa = 0.0
+        for tap, (t_map, s_map) in enumerate(zip(teacher.maps, student.maps)):
+            if self.fa == "exact":
+                fa += losses.feature_affinity_per_sample(t_map, s_map, method=self.fa_method, fa_norm=self.fa_norm)
+            else:
+                seed = losses.probe_seed(self.seed, self.taps[tap] if self.taps else tap, step)
+                fa += losses.fast_feature_affinity_per_sample(t_map, s_map, k=self.ffa_k, seed=seed,
+                                                              fa_norm=self.fa_norm)
+        return fa
+
+    def __str__(self):
+        return f"{self.weight}*FA({self.fa}, {self.fa_norm})"
+
+
+class CETerm(LossTerm):
+    """Cross-entropy of the student's logits on the labels (sparse, or one-hot when they have one entry per class)."""
+
+    name = "ce"
+    needs_labels = True
+
+    def missing_labels(self) -> str:
+        return (f"gamma={self.weight} weights a cross-entropy term but the batches carry no labels; "
+                "feed (images, labels) batches, or set gamma=0 for label-free distillation.")
+
+    def __call__(self, teacher, student, labels=None, step=0):
+        logits = tf.cast(student.logits, tf.float32)
+        y = labels
+        if len(y.shape) == len(logits.shape) and y.shape[-1] == logits.shape[-1] and y.shape[-1] != 1:
+            return keras.losses.categorical_crossentropy(y, logits, from_logits=True)
+        return keras.losses.sparse_categorical_crossentropy(tf.reshape(y, [-1]), logits, from_logits=True)
+
+
+def from_options(alpha: float = 1.0, beta: float | None = None, gamma: float = 0.0, kd: str = "mse",
+                 temperature: float = 1.0, fa: str | None = "exact", fa_norm: str = "fro2", ffa_k: int = 15,
+                 fa_method: str = "auto", seed: int = 0, taps: Sequence[tuple[str, str]] = (),
+                 teacher_layers: list[str] | None = None, student_layers: list[str] | None = None) -> list[LossTerm]:
+    """The terms of the `Distiller`'s options (its constructor's names, so a config's `distill`
+    section passes whole; the layer names are not read here, the tapped pairs come as `taps`): KD
+    always, FA unless `fa` is None, CE when `gamma > 0`. `beta=None` takes `fa_norm`'s measured default."""
+    fa_norm = options.check_fa_norm(fa_norm)
+    beta = options.default_beta(fa_norm) if beta is None else options.check_weight(beta, "beta")
+    gamma = options.check_weight(gamma, "gamma")
+    terms = [KDTerm(options.check_weight(alpha, "alpha"), kd, temperature)]
+    if options.check_fa(fa) is not None:
+        terms.append(FATerm(beta, fa, fa_norm, ffa_k, fa_method, seed, taps))
+    if gamma > 0:
+        terms.append(CETerm(gamma))
+    return terms
