@@ -154,11 +154,11 @@ def write(student, fmt, path, calibration):
 def check_codes(student, fmt, path):
     """'yes' when every quantized kernel read back from the file equals the student's codes (and, in
     int4 TFLite, is INT4 unless depthwise); else raises."""
-    from faqd_tf.export.frozen import _quantized_layers
+    from faqd_tf.export.common import quantized_layers
     from faqd_tf.layers import QuantDepthwiseConv2D, QuantDense
     from tests.test_export_lowbit import assert_tflite_codes, onnx_kernels
 
-    layers = [layer for _, layer in _quantized_layers(student).values()]
+    layers = [layer for _, layer in quantized_layers(student).values()]
     if fmt == "int4":
         assert_tflite_codes(student, path, {
             layer.name: "INT8" if isinstance(layer, QuantDepthwiseConv2D) else "INT4" for layer in layers})

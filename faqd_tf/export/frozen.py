@@ -12,8 +12,8 @@ model's outputs are then identical to the quantized model's in inference. To res
 quantization-aware training from it, give the layers a fresh quantizer, e.g.
 ``layer.kernel_quantizer = faqd_tf.quantizers.WeightQuantizer(layer.weight_bits, layer.per_channel)``.
 
-The helpers here (the quantized layers of a model, their codes, rebuilding from a config) serve
-both exports, :mod:`faqd_tf.export.packed` and :mod:`faqd_tf.export.tflite`.
+The helpers it uses (the quantized layers of a model, their codes, rebuilding from a config) are
+:mod:`faqd_tf.export.common`'s, shared with the other formats.
 
 Example:
 
@@ -28,67 +28,12 @@ True
 FrozenQuantizer(bits=2, per_channel=False)
 """
 
-import keras
-import numpy as np
+import keras  # noqa: F401 (the example uses it)
+import numpy as np  # noqa: F401 (the example uses it)
 
-from faqd_tf.quantizers import FrozenQuantizer
-from faqd_tf.summary import iter_layers, quantized_kernel_bits
+from faqd_tf.export.common import freeze_layer, layer_codes, model_json, quantized_layers, rebuild
 
 __all__ = ["freeze"]
-
-
-def _quantized_layers(model):
-    """{id(kernel variable): (path, layer)} of the layers whose kernel is quantized."""
-    found = {}
-    for path, layer, _ in iter_layers(model):
-        if quantized_kernel_bits(layer) is not None:
-            found[id(layer.kernel)] = (path, layer)
-    return found
-
-
-def _layer_codes(layer):
-    """`(codes, scale)` of a quantized layer's kernel as float32 NumPy arrays."""
-    kernel_codes = getattr(layer, "kernel_codes", None)
-    if kernel_codes is None:
-        raise ValueError(
-            f"Layer {layer.name!r} ({type(layer).__name__}) has a quantized kernel but no kernel_codes() "
-            "method, so its kernel cannot be stored as integer codes; use the faqd_tf quantized layers."
-        )
-    codes, scale = kernel_codes()
-    return np.asarray(codes, np.float32), np.asarray(scale, np.float32)
-
-
-def _dequantize(codes, scale, kernel_shape):
-    return (codes.astype(np.float32) * scale.astype(np.float32)).reshape(kernel_shape)
-
-
-def _model_json(model):
-    try:
-        return model.to_json()
-    except Exception as err:  # subclassed models without get_config
-        raise ValueError(
-            f"Model {model.name!r} has no serializable Keras config ({type(err).__name__}: {err}); "
-            "pack/freeze need a Functional or Sequential model built from serializable layers."
-        ) from err
-
-
-def _rebuild(config_json, custom_objects=None):
-    try:
-        return keras.models.model_from_json(config_json, custom_objects=custom_objects)
-    except Exception as err:
-        raise ValueError(
-            f"Could not rebuild the model from its Keras config ({type(err).__name__}: {_first_line(err)}). "
-            "Custom layers must be registered or passed as custom_objects."
-        ) from err
-
-
-def _first_line(err):
-    return (str(err).strip().splitlines() or [""])[0][:300]
-
-
-def _freeze_layer(layer, codes, scale):
-    layer.kernel.assign(_dequantize(codes, scale, tuple(layer.kernel.shape)))
-    layer.kernel_quantizer = FrozenQuantizer(quantized_kernel_bits(layer), layer.per_channel, scale)
 
 
 def freeze(model, custom_objects=None):
@@ -99,18 +44,18 @@ def freeze(model, custom_objects=None):
     (identity). In inference the copy computes exactly what `model` computes, without the Lloyd
     iterations in its graph; this is what :func:`faqd_tf.export.to_tflite` converts. `model` itself is not modified.
     """
-    clone = _rebuild(_model_json(model), custom_objects)
+    clone = rebuild(model_json(model), custom_objects)
     sources, targets = model.weights, clone.weights
     if [tuple(v.shape) for v in sources] != [tuple(v.shape) for v in targets]:
         raise ValueError(f"Could not clone {model.name!r}: the rebuilt model's weights differ in number or shape.")
     for source, target in zip(sources, targets):
         target.assign(source)
-    source_layers = _quantized_layers(model)
-    target_layers = _quantized_layers(clone)
+    source_layers = quantized_layers(model)
+    target_layers = quantized_layers(clone)
     for source, target in zip(sources, targets):
         if id(source) in source_layers:
             if id(target) not in target_layers:
                 raise ValueError(f"Could not clone {model.name!r}: {target.path!r} lost its quantizer.")
-            codes, scale = _layer_codes(source_layers[id(source)][1])
-            _freeze_layer(target_layers[id(target)][1], codes, scale)
+            codes, scale = layer_codes(source_layers[id(source)][1])
+            freeze_layer(target_layers[id(target)][1], codes, scale)
     return clone

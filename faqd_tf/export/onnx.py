@@ -54,8 +54,7 @@ import keras
 import numpy as np
 
 from faqd_tf._version import __version__
-from faqd_tf.export.frozen import _layer_codes
-from faqd_tf.export.packed import _check_output_path, _pack_bits, _write_atomically
+from faqd_tf.export.common import check_output_path, layer_codes, pack_bits, write_atomically
 from faqd_tf.layers import QuantConv2D, QuantDense, QuantDepthwiseConv2D, QuantReLU
 from faqd_tf.models.resnet_cifar import ChannelPad
 from faqd_tf.summary import quantized_kernel_bits
@@ -108,7 +107,7 @@ class _Graph:
         """An integer initializer of `codes` stored as `storage` (``"int2"``, ``"int4"``, ``"int8"``)."""
         bits = _BITS[storage]
         # Two's complement in `bits` bits, packed LSB first.
-        data = _pack_bits(codes.astype(np.int8).astype(np.uint8) & np.uint8(2**bits - 1), bits)
+        data = pack_bits(codes.astype(np.int8).astype(np.uint8) & np.uint8(2**bits - 1), bits)
         name = self.name(hint)
         self.initializers.append((name, codes.shape, (storage, data)))
         return name
@@ -121,7 +120,7 @@ class _Graph:
         bits = quantized_kernel_bits(layer)
         if bits is None:
             return self.const(f"{layer.name}/kernel", float_kernel(np.asarray(keras.ops.convert_to_numpy(layer.kernel), np.float32)))
-        codes, scale = _layer_codes(layer)
+        codes, scale = layer_codes(layer)
         codes = codes_layout(np.rint(codes).astype(np.int8))
         storage = self.weight_type or _DEFAULT_TYPE[bits]
         low, high = -(2 ** (_BITS[storage] - 1)), 2 ** (_BITS[storage] - 1) - 1
@@ -434,7 +433,7 @@ def to_onnx(model: keras.Model, path, weight_type: str | None = None) -> int:
     if weight_type is not None and weight_type not in WEIGHT_TYPES:
         raise ValueError(f"weight_type={weight_type!r} is not valid; use None or one of {', '.join(WEIGHT_TYPES)}.")
     check_onnx(model)
-    _check_output_path(path)
+    check_output_path(path)
     from onnx import TensorProto, helper  # check_onnx made sure it is there
 
     g = _Graph(weight_type)
@@ -454,7 +453,7 @@ def to_onnx(model: keras.Model, path, weight_type: str | None = None) -> int:
         g.nodes.append(("Transpose" if y.rank == 4 else "Identity", [y.name], name, perm))
         graph_outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, _dims(keras_output, name)))
     proto = g.to_proto(graph_inputs, graph_outputs, model.name)
-    return _write_atomically(path, [proto.SerializeToString()])
+    return write_atomically(path, [proto.SerializeToString()])
 
 
 def run_onnx(path, x, num_threads=None):

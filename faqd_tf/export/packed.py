@@ -76,7 +76,18 @@ import tensorflow as tf
 
 from faqd_tf import quantizers
 from faqd_tf._version import __version__
-from faqd_tf.export.frozen import _first_line, _freeze_layer, _layer_codes, _model_json, _quantized_layers, _rebuild
+from faqd_tf.export.common import (
+    check_output_path,
+    freeze_layer,
+    is_count,
+    layer_codes,
+    model_json,
+    pack_bits,
+    quantized_layers,
+    rebuild,
+    write_atomically,
+)
+from faqd_tf.inputs import first_line
 from faqd_tf.summary import quantized_kernel_bits
 
 __all__ = ["FORMAT_VERSION", "HEADER_SIZE", "MAGIC", "pack", "read_manifest", "unpack"]
@@ -92,56 +103,8 @@ _MAX_RANK = 8
 _MAX_DIM = 2**31
 
 
-def _check_output_path(path):
-    """Raises a one-line ValueError when `path` cannot receive a file: a folder, or a missing or
-    non-folder parent. Checked before any conversion work (and again by the write itself)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise ValueError(f"Output path {path} is a folder; give a file name inside it.")
-    if not os.path.isdir(folder):
-        what = "is not a folder" if os.path.exists(folder) else "does not exist"
-        raise ValueError(f"Output path {path}: its folder {folder} {what}; create the folder first.")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"Output path {path}: the folder {folder} is not writable.")
-
-
-def _write_atomically(path, chunks):
-    """Writes `chunks` to `path` through a temporary file in the same folder, renamed when complete:
-    a failure at any point (a full disk, a folder in the way) leaves no partial file."""
-    path = os.fspath(path)
-    partial = f"{path}.partial"
-    opened = False
-    try:
-        with open(partial, "wb") as f:
-            opened = True
-            for chunk in chunks:
-                f.write(chunk)
-        os.replace(partial, path)
-        opened = False
-    finally:
-        # Only a file this call created is removed (never a folder or file it failed to open).
-        if opened and os.path.isfile(partial):
-            os.remove(partial)
-    return sum(len(chunk) for chunk in chunks)
-
-
 # --------------------------------------------------------------------------------------------
 # Bit packing
-
-
-def _pack_bits(u, bits):
-    """Unsigned `bits`-bit integers `u` packed ``8 / bits`` per byte, the first in the least
-    significant bits (LSB first; the last byte zero-padded). ONNX INT4/INT2 and TFLite INT4 tensors
-    use this layout too, on the two's-complement bits of the codes."""
-    u = np.asarray(u, np.uint8).reshape(-1)
-    if bits == 8:
-        return u.tobytes()
-    per_byte = 8 // bits
-    pad = (-u.size) % per_byte
-    u = np.concatenate([u, np.zeros(pad, np.uint8)]).reshape(-1, per_byte)
-    shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
-    return np.bitwise_or.reduce(u << shifts, axis=1).astype(np.uint8).tobytes()
 
 
 def _pack_codes(codes, bits):
@@ -151,7 +114,7 @@ def _pack_codes(codes, bits):
         u = (codes > 0).astype(np.uint8)
     else:
         u = (np.rint(codes).astype(np.int64) + quantizers.levels(bits)).astype(np.uint8)
-    return _pack_bits(u, bits)
+    return pack_bits(u, bits)
 
 
 def _unpack_codes(data, bits, count):
@@ -185,9 +148,9 @@ def pack(model, path):
     Quantized kernels are stored as their integer codes at `weight_bits` bits plus float32 scales;
     every other weight in float32; plus the model's Keras config, so :func:`unpack` rebuilds it.
     """
-    _check_output_path(path)
-    config_json = _model_json(model)
-    quantized = _quantized_layers(model)
+    check_output_path(path)
+    config_json = model_json(model)
+    quantized = quantized_layers(model)
     entries, chunks, offset = [], [], 0
 
     def add(data):
@@ -201,7 +164,7 @@ def pack(model, path):
         if id(variable) in quantized:
             layer_path, layer = quantized[id(variable)]
             bits = quantized_kernel_bits(layer)
-            codes, scale = _layer_codes(layer)
+            codes, scale = layer_codes(layer)
             data = _pack_codes(codes, bits)
             scale_data = scale.astype("<f4").tobytes()
             entry.update(
@@ -229,7 +192,7 @@ def pack(model, path):
     payload = b"".join(chunks)
     digest = hashlib.sha256(manifest_bytes + payload).digest()
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, len(manifest_bytes), len(payload), digest)
-    return _write_atomically(path, [header, manifest_bytes, payload])
+    return write_atomically(path, [header, manifest_bytes, payload])
 
 
 def _inflate(data, name):
@@ -286,16 +249,12 @@ def _read(path):
     try:
         manifest = json.loads(_inflate(body[:manifest_len], name).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise ValueError(f"{name}: unreadable manifest ({type(err).__name__}: {_first_line(err)}).") from err
+        raise ValueError(f"{name}: unreadable manifest ({type(err).__name__}: {first_line(err, 300)}).") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise ValueError(f"{name}: the manifest does not describe a {FORMAT_NAME}.")
     payload = body[manifest_len:]
     _check_manifest(manifest, len(payload), name)
     return manifest, payload
-
-
-def _is_count(value, limit=2**62):
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= limit
 
 
 def _field(record, key, where, name, check, expected):
@@ -312,7 +271,7 @@ def _field(record, key, where, name, check, expected):
 
 def _is_shape(value):
     return (
-        isinstance(value, list) and len(value) <= _MAX_RANK and all(_is_count(d, _MAX_DIM) for d in value)
+        isinstance(value, list) and len(value) <= _MAX_RANK and all(is_count(d, _MAX_DIM) for d in value)
     )
 
 
@@ -324,8 +283,8 @@ def _check_manifest(manifest, payload_len, name):
     shape_text = f"a list of at most {_MAX_RANK} non-negative integers"
 
     def span(entry, where, offset_key, nbytes_key, want):
-        offset = _field(entry, offset_key, where, name, _is_count, "a non-negative integer")
-        nbytes = _field(entry, nbytes_key, where, name, _is_count, "a non-negative integer")
+        offset = _field(entry, offset_key, where, name, is_count, "a non-negative integer")
+        nbytes = _field(entry, nbytes_key, where, name, is_count, "a non-negative integer")
         if nbytes != want:
             raise ValueError(f"{name}: corrupted packed file: {where}{nbytes_key} is {nbytes}, the shape needs {want}.")
         if offset + nbytes > payload_len:
@@ -418,7 +377,7 @@ def _check_config_size(manifest, custom_objects, name):
                 f"beyond the {budget:,} stored parameters; refusing to build it."
             ) from None
         raise ValueError(
-            f"{name}: could not rebuild the model from its Keras config ({type(err).__name__}: {_first_line(err)}). "
+            f"{name}: could not rebuild the model from its Keras config ({type(err).__name__}: {first_line(err, 300)}). "
             "Custom layers must be registered or passed as custom_objects."
         ) from None
 
@@ -437,14 +396,14 @@ def unpack(path, custom_objects=None):
     """
     manifest, payload = _read(path)
     _check_config_size(manifest, custom_objects, path)
-    model = _rebuild(json.dumps(manifest["model_config"]), custom_objects)
+    model = rebuild(json.dumps(manifest["model_config"]), custom_objects)
     entries = manifest["weights"]
     variables = model.weights
     if len(variables) != len(entries):
         raise ValueError(
             f"{path}: the rebuilt model has {len(variables)} weights but the file stores {len(entries)}."
         )
-    quantized = _quantized_layers(model)
+    quantized = quantized_layers(model)
     for variable, entry in zip(variables, entries):
         shape = tuple(int(d) for d in variable.shape)
         if tuple(entry["shape"]) != shape:
@@ -478,5 +437,5 @@ def unpack(path, custom_objects=None):
         codes = _unpack_codes(data, bits, count).reshape(to_quantize)
         scale_data = payload[entry["scale_offset"] : entry["scale_offset"] + entry["scale_nbytes"]]
         scale = np.frombuffer(scale_data, "<f4").reshape(entry["scale_shape"])
-        _freeze_layer(layer, codes, scale)
+        freeze_layer(layer, codes, scale)
     return model

@@ -69,8 +69,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from faqd_tf.export.frozen import _first_line, _layer_codes, _quantized_layers, freeze
-from faqd_tf.export.packed import _check_output_path, _is_count, _pack_bits, _write_atomically
+from faqd_tf.export.common import check_output_path, is_count, layer_codes, pack_bits, quantized_layers, write_atomically
+from faqd_tf.export.frozen import freeze
+from faqd_tf.inputs import first_line
 from faqd_tf.layers import QuantReLU
 from faqd_tf.summary import quantized_kernel_bits
 
@@ -174,7 +175,7 @@ def _convert(deploy, mode, images, batch_size):
             deploy.export(target, format="litert", verbose=False, input_signature=signature, **kwargs)
         except Exception as err:
             raise ValueError(
-                f"TFLite conversion of {deploy.name!r} (mode {mode!r}) failed: {type(err).__name__}: {_first_line(err)}"
+                f"TFLite conversion of {deploy.name!r} (mode {mode!r}) failed: {type(err).__name__}: {first_line(err, 300)}"
             ) from err
         with open(target, "rb") as f:
             return f.read()
@@ -197,16 +198,16 @@ def to_tflite(model, path, mode="float", calibration=None, calibration_samples=2
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not a TFLite export mode; use one of {', '.join(MODES)}.")
-    if mode != "float" and not _quantized_layers(model):
+    if mode != "float" and not quantized_layers(model):
         raise ValueError(
             f"mode={mode!r} stores a quantized student's integer codes, but {model.name!r} has no quantized "
             "kernels; quantize it first (faqd_tf.quantize_model) or use mode='float'."
         )
     if mode == "full" and calibration is None:
         raise ValueError("mode='full' needs calibration images (calibration=x_train[:200], labels not needed).")
-    if not _is_count(calibration_samples) or calibration_samples < 1:
+    if not is_count(calibration_samples) or calibration_samples < 1:
         raise ValueError(f"calibration_samples={calibration_samples!r} must be a positive integer.")
-    _check_output_path(path)
+    check_output_path(path)
     images = _calibration_images(calibration, model, calibration_samples) if mode == "full" else None
     deploy = freeze(model)
     flatbuffer = _convert(_integer_graph(deploy) if mode == "full" else deploy, mode, images, batch_size)
@@ -221,7 +222,7 @@ def to_tflite(model, path, mode="float", calibration=None, calibration_samples=2
                 + "; ".join(f"{', '.join(names)} ({reason})" for reason, names in reasons.items()),
                 stacklevel=2,
             )
-    return _write_atomically(path, [flatbuffer])
+    return write_atomically(path, [flatbuffer])
 
 
 def _builtin_name(schema, code):
@@ -346,8 +347,8 @@ def _store_codes(flatbuffer, model, mode):
     fb = _Flatbuffer(flatbuffer)
     sites = fb.kernel_sites()
     used, as_int8 = set(), []
-    for _, layer in _quantized_layers(model).values():
-        codes, _ = _layer_codes(layer)
+    for _, layer in quantized_layers(model).values():
+        codes, _ = layer_codes(layer)
         matches = []
         for op, op_name, index in sites:
             tfl_codes = _tfl_codes(codes, op_name)
@@ -376,7 +377,7 @@ def _store_codes(flatbuffer, model, mode):
         scales = scale[:1] if per_tensor else scale
         if mode == "int4" and op_name in _INT4_OPS and quantized_kernel_bits(layer) <= 4:
             # Two's complement nibbles, LSB first (LiteRT's UnpackPackedIntToInt8).
-            fb.set_values(index, _pack_bits(values.astype(np.uint8) & 0x0F, 4), fb.schema.TensorType.INT4, scales, axis)
+            fb.set_values(index, pack_bits(values.astype(np.uint8) & 0x0F, 4), fb.schema.TensorType.INT4, scales, axis)
         else:
             if mode == "int4":
                 as_int8.append((layer.name, f"{quantized_kernel_bits(layer)}-bit codes" if op_name in _INT4_OPS

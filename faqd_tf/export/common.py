@@ -1,0 +1,140 @@
+"""The pieces the export formats share: the quantized layers of a model and their integer codes,
+rebuilding a model from its Keras config, checking and atomically writing an output file, and the
+LSB-first bit packing that the packed format, TFLite INT4 and ONNX INT4/INT2 tensors all use.
+
+Example:
+
+>>> from faqd_tf.models import resnet_cifar
+>>> model = resnet_cifar(8, input_shape=(16, 16, 3), weight_bits=2)
+>>> sorted(path for path, _ in quantized_layers(model).values())[:2]
+['block1_1_conv1', 'block1_1_conv2']
+>>> codes, scale = layer_codes(model.get_layer("stem_conv"))
+>>> set(np.unique(codes).tolist()) <= {-1.0, 0.0, 1.0}  # 2-bit codes
+True
+>>> pack_bits([1, 2, 3, 0], 2)  # four 2-bit values in one byte, the first in the lowest bits
+b'9'
+"""
+
+import os
+
+import keras
+import numpy as np
+
+from faqd_tf.inputs import first_line
+from faqd_tf.quantizers import FrozenQuantizer
+from faqd_tf.summary import iter_layers, quantized_kernel_bits
+
+__all__ = [
+    "check_output_path",
+    "dequantize",
+    "freeze_layer",
+    "is_count",
+    "layer_codes",
+    "model_json",
+    "pack_bits",
+    "quantized_layers",
+    "rebuild",
+    "write_atomically",
+]
+
+
+def quantized_layers(model):
+    """{id(kernel variable): (path, layer)} of the layers whose kernel is quantized."""
+    found = {}
+    for path, layer, _ in iter_layers(model):
+        if quantized_kernel_bits(layer) is not None:
+            found[id(layer.kernel)] = (path, layer)
+    return found
+
+
+def layer_codes(layer):
+    """`(codes, scale)` of a quantized layer's kernel as float32 NumPy arrays."""
+    kernel_codes = getattr(layer, "kernel_codes", None)
+    if kernel_codes is None:
+        raise ValueError(
+            f"Layer {layer.name!r} ({type(layer).__name__}) has a quantized kernel but no kernel_codes() "
+            "method, so its kernel cannot be stored as integer codes; use the faqd_tf quantized layers."
+        )
+    codes, scale = kernel_codes()
+    return np.asarray(codes, np.float32), np.asarray(scale, np.float32)
+
+
+def dequantize(codes, scale, kernel_shape):
+    return (codes.astype(np.float32) * scale.astype(np.float32)).reshape(kernel_shape)
+
+
+def freeze_layer(layer, codes, scale):
+    layer.kernel.assign(dequantize(codes, scale, tuple(layer.kernel.shape)))
+    layer.kernel_quantizer = FrozenQuantizer(quantized_kernel_bits(layer), layer.per_channel, scale)
+
+
+def model_json(model):
+    try:
+        return model.to_json()
+    except Exception as err:  # subclassed models without get_config
+        raise ValueError(
+            f"Model {model.name!r} has no serializable Keras config ({type(err).__name__}: {err}); "
+            "pack/freeze need a Functional or Sequential model built from serializable layers."
+        ) from err
+
+
+def rebuild(config_json, custom_objects=None):
+    try:
+        return keras.models.model_from_json(config_json, custom_objects=custom_objects)
+    except Exception as err:
+        raise ValueError(
+            f"Could not rebuild the model from its Keras config ({type(err).__name__}: {first_line(err, 300)}). "
+            "Custom layers must be registered or passed as custom_objects."
+        ) from err
+
+
+def check_output_path(path):
+    """Raises a one-line ValueError when `path` cannot receive a file: a folder, or a missing or
+    non-folder parent. Checked before any conversion work (and again by the write itself)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"Output path {path} is a folder; give a file name inside it.")
+    if not os.path.isdir(folder):
+        what = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise ValueError(f"Output path {path}: its folder {folder} {what}; create the folder first.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"Output path {path}: the folder {folder} is not writable.")
+
+
+def write_atomically(path, chunks):
+    """Writes `chunks` to `path` through a temporary file in the same folder, renamed when complete:
+    a failure at any point (a full disk, a folder in the way) leaves no partial file."""
+    path = os.fspath(path)
+    partial = f"{path}.partial"
+    opened = False
+    try:
+        with open(partial, "wb") as f:
+            opened = True
+            for chunk in chunks:
+                f.write(chunk)
+        os.replace(partial, path)
+        opened = False
+    finally:
+        # Only a file this call created is removed (never a folder or file it failed to open).
+        if opened and os.path.isfile(partial):
+            os.remove(partial)
+    return sum(len(chunk) for chunk in chunks)
+
+
+def pack_bits(u, bits):
+    """Unsigned `bits`-bit integers `u` packed ``8 / bits`` per byte, the first in the least
+    significant bits (LSB first; the last byte zero-padded). ONNX INT4/INT2 and TFLite INT4 tensors
+    use this layout too, on the two's-complement bits of the codes."""
+    u = np.asarray(u, np.uint8).reshape(-1)
+    if bits == 8:
+        return u.tobytes()
+    per_byte = 8 // bits
+    pad = (-u.size) % per_byte
+    u = np.concatenate([u, np.zeros(pad, np.uint8)]).reshape(-1, per_byte)
+    shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
+    return np.bitwise_or.reduce(u << shifts, axis=1).astype(np.uint8).tobytes()
+
+
+def is_count(value, limit=2**62):
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= limit
