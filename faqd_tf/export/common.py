@@ -7,7 +7,7 @@ Example:
 >>> from faqd_tf.models import resnet_cifar
 >>> model = resnet_cifar(8, input_shape=(16, 16, 3), weight_bits=2)
 >>> sorted(path for path, _ in quantized_layers(model).values())[:2]
-['block1_1_conv1', 'block1_1_conv2']
+['s1b1_conv1', 's1b1_conv2']
 >>> codes, scale = layer_codes(model.get_layer("stem_conv"))
 >>> set(np.unique(codes).tolist()) <= {-1.0, 0.0, 1.0}  # 2-bit codes
 True
