@@ -51,7 +51,12 @@ def table(cells, curves):
         curve = mean_curves(curves, init, int(column.split("-")[0]), "KD only")
         flat = f"{flattens(curve[1])} of {len(curve[1])}" if curve else "-"
         cell = lambda a: f"{a.mean():.2f} ± {a.std(ddof=1):.2f}" if len(a) > 1 else (f"{a[0]:.2f}" if len(a) else "-")  # noqa: E731
-        diff = f"**{stat[0]:+.2f} ± {stat[1]:.2f}**" if stat else "-"
+        if not stat:
+            diff = "-"
+        elif stat[2] < 2:  # one seed: no interval yet
+            diff = f"**{stat[0]:+.2f}** (one seed, no interval)"
+        else:
+            diff = f"**{stat[0]:+.2f} ± {stat[1]:.2f}**"
         lines.append(f"| {init} | {column} | {epochs} | {cell(acc['KD only'])} | {cell(acc['FAQD'])} | {diff} | "
                      f"{stat[2] if stat else 0} | {verdict(stat) if stat else '-'} | {flat} |")
     return "\n".join(lines)
@@ -79,7 +84,7 @@ def plot(cells, curves, path):
         ax.set_ylabel("test accuracy % (mean ± std over seeds)")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("Label-free 4/2-bit ResNet8 from the FP ResNet8 teacher, Fashion-MNIST (60,000 images)")
+    fig.suptitle("Label-free 4/2-bit ResNet8 from the FP ResNet8 teacher,\nFashion-MNIST (60,000 images)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -90,7 +95,8 @@ def write(cells, curves, md, png, command):
         f"Command: `{command}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores. Every cell: `train.py` with configs/quickstart.json "
         "and the pinned teacher docs/budget/teacher.keras; accuracy on the 10,000 test images after the last epoch. "
-        "Differences are paired by seed (same initial weights and data order).", "",
+        "Differences are paired by seed (same initial weights and data order). The CSV's `seconds` is the time "
+        "of the invocation that finished a cell: a resumed cell's earlier epochs are not in it.", "",
         table(cells, curves), "",
     ])
     if md:
