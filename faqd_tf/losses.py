@@ -167,17 +167,6 @@ def _rows_of_both(teacher_map, student_map):
     return _pixel_rows(teacher_map, channels), _pixel_rows(student_map, channels)
 
 
-def _difference_and_sum(teacher_map, student_map):
-    """`M = A - B` and `P = A + B` of the unit pixel rows `A` (teacher), `B` (student), accurately.
-
-    Formed from `d = x - y` and `s = x + y` of the raw rows rather than from A and B: with
-    `r = 1 / |x|`, `A - B = d r_x + y (r_x - r_y)` and `A + B = s r_x - y (r_x - r_y)`, where
-    `r_x - r_y = (|y|^2 - |x|^2) r_x r_y / (|x| + |y|)` and `|y|^2 - |x|^2 = -<d, s>`. Nothing
-    cancels, so M keeps its relative precision however close the student is.
-    """
-    return _unit_difference_and_sum(*_rows_of_both(teacher_map, student_map))
-
-
 def _row_dot(a, b):
     """Per-pixel inner product of (batch, N, C) tensors, as (batch, N, 1) (4x faster than einsum on CPU)."""
     return tf.reduce_sum(a * b, axis=-1, keepdims=True)
@@ -191,6 +180,14 @@ _fused = tf.function(jit_compile=True, reduce_retracing=True)
 
 @_fused
 def _difference_and_sum_forward(x, y):
+    """`M = A - B` and `P = A + B` of the unit pixel rows `A` of x (teacher), `B` of y (student),
+    accurately, with the squared row norms `|x|^2`, `|y|^2`.
+
+    Formed from `d = x - y` of the raw rows rather than from A and B: with `r = 1 / |x|`,
+    `A - B = d r_x + y (r_x - r_y)`, where `r_x - r_y = (|y|^2 - |x|^2) r_x r_y / (|x| + |y|)` and
+    `|y|^2 - |x|^2 = -<d, x + y>`. Nothing cancels, so M keeps its relative precision however close
+    the student is.
+    """
     sq_x, sq_y = _row_dot(x, x), _row_dot(y, y)
     # Below the epsilon a pixel's scale is a constant (1e6): an all-zero pixel stays zero.
     nx, ny = tf.maximum(sq_x, NORM_EPSILON), tf.maximum(sq_y, NORM_EPSILON)
@@ -219,20 +216,6 @@ def _through_unit(raw, upstream, squared):
     inv_norm = tf.math.rsqrt(tf.maximum(squared, NORM_EPSILON))
     coef = tf.where(squared > NORM_EPSILON, _row_dot(raw, upstream) * inv_norm * inv_norm, 0.0)
     return upstream * inv_norm - raw * (coef * inv_norm)
-
-
-@tf.custom_gradient
-def _unit_difference_and_sum(x, y):
-    x, y = _unwatched(x, y)
-    m, p, sq_x, sq_y = _difference_and_sum_forward(x, y)
-
-    def grad(dm, dp):
-        # M and P are A - B and A + B: the gradient for A is dp + dm, for B dp - dm (written out, as
-        # autodiff of the accurate forward would cost three times the passes over the maps). Two
-        # calls, so that the teacher's, which nothing asks for in training, is pruned from the graph.
-        return _through_unit(x, dp + dm, sq_x), _through_unit(y, dp - dm, sq_y)
-
-    return (m, p), grad
 
 
 def _num_pixels(m):
@@ -526,6 +509,7 @@ def _exact_totals(x, y, method, fa_norm, tile_rows):
 
         def grad(upstream):
             grad_a, grad_b = backward(upstream)
+            # Two calls, so that the teacher's, which nothing asks for in training, is pruned.
             return _through_unit(x, grad_a, sq_x), _through_unit(y, grad_b, sq_y)
 
         return total, grad
