@@ -47,6 +47,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 
 from benchmarks.export_sizes import cpu_model  # noqa: E402
+from faqd_tf.training import written_aside  # noqa: E402
 
 FMNIST = "idx:/usr/share/datasets/fashion-mnist"
 TEACHER_EPOCHS = 3  # configs/quickstart.json, teacher.train.epochs
@@ -171,13 +172,13 @@ def int4_export(student_path, path, faqd_tf_dir=None):
 
 
 def write_atomically(path, write):
-    """Calls `write(file)` on `path` + ".part", then renames it: a kill never leaves half a file."""
+    """Calls `write(file)` on a file beside `path`, then renames it (`written_aside`): a kill never
+    leaves half a file."""
     if not path:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".part", "w", newline="") as f:
+    with written_aside(path) as partial, open(partial, "w", newline="") as f:
         write(f)
-    os.replace(path + ".part", path)
 
 
 def read_rows(path):

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import keras
+    import tensorflow as tf
 
 PARTIAL = ".partial"
 """The suffix of a file being written aside (`written_aside`): never a whole file; a run removes what a kill left."""
@@ -71,8 +72,8 @@ def evaluate_classifier(model: "keras.Model", data: "tf.data.Dataset | tuple", *
 @contextlib.contextmanager
 def written_aside(path: str, partial: str | None = None) -> Iterator[str]:
     """Yields a file name next to `path` (default `path + PARTIAL`) to write; when the block ends
-    it is renamed to `path`, when the block fails (a full disk, an interrupt) it is removed. So
-    `path` is never half a file, and a failed write leaves nothing behind.
+    it is renamed to `path`, when the block fails (a full disk, an interrupt) the file the block
+    wrote there is removed. So `path` is never half a file, and a failed write leaves nothing behind.
 
     >>> import tempfile
     >>> path = os.path.join(tempfile.mkdtemp(), "notes.txt")
@@ -82,11 +83,16 @@ def written_aside(path: str, partial: str | None = None) -> Iterator[str]:
     ('whole', ['notes.txt'])
     """
     partial = partial or path + PARTIAL
+    before = _identity(partial)
     try:
         yield partial
     except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.remove(partial)
+        # Only a regular file the block created or changed is removed: never a folder in the way,
+        # nor a file the block failed to open.
+        now = _identity(partial)
+        if now is not None and now[0] and now != before:
+            with contextlib.suppress(OSError):
+                os.remove(partial)
         if isinstance(err, OSError) and err.filename is None:
             err.filename = path  # some writers (Keras's zip of a .keras file) name no file
         raise
@@ -94,6 +100,17 @@ def written_aside(path: str, partial: str | None = None) -> Iterator[str]:
     # A rename onto a hard link of the same file does nothing and leaves `partial` (POSIX rename).
     with contextlib.suppress(FileNotFoundError):
         os.remove(partial)
+
+
+def _identity(path: str) -> tuple | None:
+    """(is a regular file, inode, size, modification time) of `path`, or None if nothing is there."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    import stat
+
+    return stat.S_ISREG(st.st_mode), st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def save_model(model: "keras.Model", path: str) -> None:

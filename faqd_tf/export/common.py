@@ -23,6 +23,7 @@ import numpy as np
 from faqd_tf.inputs import first_line
 from faqd_tf.quantizers import FrozenQuantizer
 from faqd_tf.summary import iter_layers, quantized_kernel_bits
+from faqd_tf.training import written_aside
 
 __all__ = [
     "check_output_path",
@@ -103,22 +104,13 @@ def check_output_path(path):
 
 
 def write_atomically(path, chunks):
-    """Writes `chunks` to `path` through a temporary file in the same folder, renamed when complete:
-    a failure at any point (a full disk, a folder in the way) leaves no partial file."""
+    """Writes `chunks` (bytes) to `path` through a file beside it, renamed when complete
+    (`training.written_aside`): a failure at any point (a full disk, a folder in the way) leaves no
+    partial file. Returns the number of bytes written."""
     path = os.fspath(path)
-    partial = f"{path}.partial"
-    opened = False
-    try:
-        with open(partial, "wb") as f:
-            opened = True
-            for chunk in chunks:
-                f.write(chunk)
-        os.replace(partial, path)
-        opened = False
-    finally:
-        # Only a file this call created is removed (never a folder or file it failed to open).
-        if opened and os.path.isfile(partial):
-            os.remove(partial)
+    with written_aside(path) as partial, open(partial, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
     return sum(len(chunk) for chunk in chunks)
 
 
