@@ -13,10 +13,10 @@ ValueError: train-images-idx3-ubyte is truncated: its header declares 784 bytes 
 Traceback (most recent call last):
 ...
 ValueError: manifest inflates to more than 100 bytes, more than it can hold; is it the right file?
->>> shorten("a" * 100, limit=10)
-'aaaaaaaaaa... (100 characters)'
+>>> shorten("/data/" + "a" * 100 + "/train.json", limit=40)
+'/data/aaaaaaaaaaaaaaaaaaaaaaaa...train.json (117 characters)'
 >>> clip("idx:/" + "a" * 120_000 + " does not exist; check the path.", 200)
-'idx:/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa... (120,005 characters) does not exist; check the path.'
+'idx:/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa...aaaaaaaaaaaaaaaaaaaa (120,005 characters) does not exist; check the path.'
 """
 
 import gzip
@@ -46,11 +46,13 @@ _READ_CHUNK = 4 * 2**20
 
 
 def shorten(text: object, limit: int = MESSAGE_CHARS) -> str:
-    """`text` cut to `limit` characters for a message, saying how long it was."""
+    """`text` cut to `limit` characters for a message, saying how long it was. Its start and its end
+    are kept: a long path still shows its file name."""
     text = str(text)
     if len(text) <= limit:
         return text
-    return f"{text[:limit]}... ({len(text):,} characters)"
+    tail = limit // 4
+    return f"{text[:limit - tail]}...{text[len(text) - tail:]} ({len(text):,} characters)"
 
 
 def clip(line: object, limit: int) -> str:

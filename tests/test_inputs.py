@@ -106,7 +106,9 @@ def test_loads_json_depth_and_long_integers():
 
 def test_shorten_and_describe():
     assert inputs.shorten("abc") == "abc"
-    assert inputs.shorten("x" * 81) == "x" * 80 + "... (81 characters)"
+    assert inputs.shorten("x" * 81) == "x" * 60 + "..." + "x" * 20 + " (81 characters)"
+    path = "/" + "d" * 200 + "/missing.json"  # a long path keeps its file name
+    assert inputs.shorten(path, 40) == "/" + "d" * 29 + "...ssing.json (214 characters)"
     assert inputs.describe({"a": [1, None]}) == '{"a": [1, null]}'
     assert inputs.describe("y" * 10**6).endswith("(1,000,002 characters)")
 
