@@ -74,13 +74,12 @@ class Cell:
 
 
 def cells(args):
-    out = []
-    for seed in args.seeds:
-        for bits in args.finetune_bits:
-            out += [Cell("fine-tune", bits, arm, seed, args.finetune_epochs) for arm in ARMS]
-        for bits in args.e2e_bits:
-            out += [Cell("end-to-end", bits, arm, seed, args.e2e_epochs) for arm in ARMS]
-    return out
+    """Every cell, setting by setting (the order of the bit lists), each setting's seeds together:
+    a setting's paired rows finish before the next setting starts."""
+    settings = [("fine-tune", bits, args.finetune_epochs) for bits in args.finetune_bits]
+    settings += [("end-to-end", bits, args.e2e_epochs) for bits in args.e2e_bits]
+    return [Cell(init, bits, arm, seed, epochs) for init, bits, epochs in settings
+            for seed in args.seeds for arm in ARMS]
 
 
 def read_rows(path):
