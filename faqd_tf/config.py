@@ -318,7 +318,7 @@ def find(name: str) -> str:
 def load(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
     """Reads, overrides and resolves a JSON config file (a path, or a shipped config's name)."""
     path = find(os.fspath(path))
-    shown = inputs.shorten(path)
+    shown = inputs.shorten(path, inputs.PATH_CHARS)
     if not os.path.isfile(path):
         state = "is a directory" if os.path.isdir(path) else "does not exist"
         raise ConfigError(

@@ -34,6 +34,8 @@ MAX_INFLATION = 100
 INFLATION_FLOOR = 64 * 2**20
 # Longest value repeated in a message.
 MESSAGE_CHARS = 80
+# Longest path or data source repeated in a message: real ones often pass 80 characters.
+PATH_CHARS = 200
 # Images: the most pixels one may have (8192 x 8192); decoding allocates 3 bytes per pixel.
 MAX_IMAGE_PIXELS = 2**26
 # JSON (configs, manifests): deeper nesting than this is not a config.

@@ -120,7 +120,7 @@ class Workspace:
         self.info = data.dataset_info(d["source"], d["data_dir"], image_size=d["image_size"])
         if not self.info.num_classes:
             raise UsageError(
-                f"dataset {inputs.shorten(d['source'])} has no classes (unlabeled); the teacher's training "
+                f"dataset {inputs.shorten(d['source'], inputs.PATH_CHARS)} has no classes (unlabeled); the teacher's training "
                 "and evaluation need labeled data: use a labeled source (labels are ignored while distilling)."
             )
         return self.info
@@ -169,7 +169,7 @@ class Workspace:
 
     def check_fits(self, model: keras.Model, key: str, path: str) -> None:
         """The model takes the data's images and has one logit per class."""
-        source = inputs.shorten(self.dataset_config["source"])
+        source = inputs.shorten(self.dataset_config["source"], inputs.PATH_CHARS)
         image_shape, classes = self.info.image_shape, self.info.num_classes
         shapes = model.input_shape if isinstance(model.input_shape, list) else [model.input_shape]
         shape = tuple(shapes[0][1:]) if len(shapes) == 1 and shapes[0] is not None else None
@@ -313,7 +313,7 @@ class TeacherStage(Stage):
         classes = info.train_classes if info.train_classes is not None else info.num_classes
         if classes < 2:
             raise UsageError(
-                f"dataset {inputs.shorten(self.dataset['source'])} has one class in its train labels; "
+                f"dataset {inputs.shorten(self.dataset['source'], inputs.PATH_CHARS)} has one class in its train labels; "
                 "a teacher needs two or more to learn anything (with one it trains to loss 0): use a dataset "
                 "of several classes, or give a trained teacher in teacher.file."
             )

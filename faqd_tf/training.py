@@ -86,6 +86,7 @@ def written_aside(path: str, partial: str | None = None) -> Iterator[str]:
     before = _identity(partial)
     try:
         yield partial
+        os.replace(partial, path)
     except BaseException as err:
         # Only a regular file the block created or changed is removed: never a folder in the way,
         # nor a file the block failed to open.
@@ -96,7 +97,6 @@ def written_aside(path: str, partial: str | None = None) -> Iterator[str]:
         if isinstance(err, OSError) and err.filename is None:
             err.filename = path  # some writers (Keras's zip of a .keras file) name no file
         raise
-    os.replace(partial, path)
     # A rename onto a hard link of the same file does nothing and leaves `partial` (POSIX rename).
     with contextlib.suppress(FileNotFoundError):
         os.remove(partial)

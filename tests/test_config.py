@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from faqd_tf import config
+from faqd_tf import config, inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = {"dataset": {"source": "idx:x"}}
@@ -108,3 +108,15 @@ def test_config_file_size_is_bounded(tmp_path):
     path.write_text(json.dumps({**SOURCE, "output_dir": "x" * (2 * 2**20)}))
     with pytest.raises(config.ConfigError, match=r"big.json is 2.0 MiB, more than the 1.0 MiB it may be"):
         config.load(str(path))
+
+
+def test_a_long_config_path_is_named_whole(tmp_path):
+    # Real paths often pass 80 characters; the message must still name the file a user gave.
+    folder = tmp_path / ("deeply_nested_" * 3).strip("_") / ("experiment_" * 2).strip("_")
+    folder.mkdir(parents=True)
+    path = folder / "config.json"
+    path.write_text('{"seed": 1, "seed": 2}')
+    assert len(str(path)) > inputs.MESSAGE_CHARS
+    with pytest.raises(config.ConfigError) as info:
+        config.load(str(path))
+    assert f"config file {path} gives the key 'seed' twice" in str(info.value)

@@ -104,6 +104,19 @@ def test_written_aside_removes_only_what_the_block_wrote(tmp_path, rng):
             raise KeyboardInterrupt
     assert open(path + training.PARTIAL, "rb").read() == payload
 
+    # The rename fails (a full disk, say): the file written aside is removed too.
+    os.remove(path + training.PARTIAL)
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "replace", full_disk)
+        with pytest.raises(OSError, match="No space"):
+            with training.written_aside(path) as partial, open(partial, "wb") as f:
+                f.write(payload)
+    assert os.listdir(tmp_path) == []
+
     # A whole block: the file at `path`, nothing beside it.
     with training.written_aside(path) as partial, open(partial, "wb") as f:
         f.write(payload[::-1])

@@ -304,7 +304,7 @@ def _normalization(mean, std, info):
 
 def _parse_source(source):
     usage = "write tfds:<name>, folder:<path>, tiny_imagenet:<path> or idx:<path>, e.g. tfds:cifar10"
-    shown = inputs.shorten(repr(source))
+    shown = inputs.shorten(repr(source), inputs.PATH_CHARS)
     if not isinstance(source, str) or ":" not in source:
         raise ValueError(f"source {shown} has no kind; {usage}.")
     kind, _, arg = source.partition(":")
