@@ -1,0 +1,166 @@
+"""Does FA training change what FA measures? The budget's finished students (issue 24), KD only and
+FAQD of each seed, against the pinned teacher on the 10,000 Fashion-MNIST test images:
+
+- FA distance per tap (eq. 6, fro2, exact: what the FAQD arm minimized, at the distiller's default
+  taps), the students in inference mode;
+- KL divergence of the student's logits from the teacher's at T = 4 (the KD term, without the T^2
+  factor), and top-1 agreement with the teacher.
+
+If FAQD's students sit no closer to the teacher in FA than KD only's, the FA term did not act; if they
+sit much closer and their accuracy is the same, it acted and matching affinities did not buy accuracy.
+
+    python benchmarks/budget_fa.py --runs /work/runs/budget --csv docs/budget/fa_distance.csv \
+        --md docs/budget_fa.md
+"""
+
+import argparse
+import csv
+import os
+import platform
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+
+from benchmarks.budget import TEACHER, Cell  # noqa: E402
+from benchmarks.reproduce_report import paired_difference  # noqa: E402
+from faqd_tf.training import written_aside  # noqa: E402
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+FIELDS = ["init", "bits", "arm", "seed", "epochs", "tap", "fa", "kl_t4", "agreement"]
+T = 4.0
+
+
+def finished_cells(runs):
+    """(Cell, folder) of every budget cell whose student was saved, by parsing the folder names."""
+    out = []
+    for name in sorted(os.listdir(runs)):
+        folder = os.path.join(runs, name)
+        if not os.path.isfile(os.path.join(folder, "results.json")):
+            continue
+        init, bits, arm, seed, epochs = name.rsplit("_", 4)
+        out.append((Cell(init, int(bits[:-3]), {"kd": "KD only", "faqd": "FAQD"}[arm], int(seed[4:]),
+                         int(epochs[:-2])), folder))
+    return out
+
+
+def measure(cell_folders, limit):
+    import keras
+    import tensorflow as tf
+
+    import faqd_tf.models  # noqa: F401  (registers the package's layers for loading)
+    import faqd_tf.quantize  # noqa: F401
+    from faqd_tf import data, losses
+    from faqd_tf.features import paired_extractors
+
+    teacher = keras.models.load_model(TEACHER, safe_mode=True)
+    test = data.load(f"idx:{FMNIST}", "test", labels=False, batch_size=500, limit=limit, augment=False)
+    rows = []
+    for cell, folder in cell_folders:
+        student = keras.models.load_model(os.path.join(folder, "student.keras"), safe_mode=True)
+        t_ex, s_ex = paired_extractors(teacher, student)
+        fa_sums, kl_sum, agree, n = None, 0.0, 0, 0
+        for images in test:
+            t_out, s_out = t_ex(images, training=False), s_ex(images, training=False)
+            batch = int(images.shape[0])
+            fa = [float(losses.feature_affinity(t, s, method="auto")) * batch for t, s in zip(t_out[1:], s_out[1:])]
+            fa_sums = fa if fa_sums is None else [a + b for a, b in zip(fa_sums, fa)]
+            t_log = tf.nn.log_softmax(t_out[0] / T)
+            s_log = tf.nn.log_softmax(s_out[0] / T)
+            kl_sum += float(tf.reduce_sum(tf.exp(t_log) * (t_log - s_log)))
+            agree += int(tf.reduce_sum(tf.cast(tf.argmax(t_out[0], 1) == tf.argmax(s_out[0], 1), tf.int32)))
+            n += batch
+        base = dict(init=cell.init, bits=cell.bits, arm=cell.arm, seed=cell.seed, epochs=cell.epochs,
+                    kl_t4=round(kl_sum / n, 6), agreement=round(agree / n, 5))
+        for tap, value in enumerate(fa_sums, 1):
+            rows.append(dict(base, tap=tap, fa=round(value / n, 8)))
+        rows.append(dict(base, tap="sum", fa=round(sum(fa_sums) / n, 8)))
+        print(f"[budget_fa] {os.path.basename(folder)}: FA sum {sum(fa_sums) / n:.5f}, KL {kl_sum / n:.5f}, "
+              f"agreement {100 * agree / n:.2f}%", flush=True)
+    return rows
+
+
+def report(rows, command):
+    """Markdown: per setting and arm, the means over seeds; the paired FAQD / KD only ratio of FA."""
+    lines = [f"Command: `{command}`  ",
+             f"Machine: {platform.machine()}, {os.cpu_count()} cores. Students of `benchmarks/budget.py` "
+             "(docs/budget.md) against the pinned teacher, 10,000 test images, inference mode. FA: eq. 6, "
+             "fro2, exact, the distiller's default taps (stage outputs); KL at T = 4 without the T^2 factor.",
+             "",
+             "| init | bits | epochs | arm | n | FA per tap (1 / 2 / 3) | FA sum | KL(T=4) | top-1 agreement |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    settings = sorted({(r["init"], int(r["bits"]), int(r["epochs"])) for r in rows},
+                      key=lambda k: (k[0] != "fine-tune", k[1]))
+    ratios = []
+    for init, bits, epochs in settings:
+        for arm in ("KD only", "FAQD"):
+            sel = [r for r in rows if (r["init"], int(r["bits"]), int(r["epochs"]), r["arm"]) == (init, bits, epochs, arm)]
+            if not sel:
+                continue
+            seeds = sorted({int(r["seed"]) for r in sel})
+            taps = sorted({r["tap"] for r in sel if r["tap"] != "sum"}, key=int)
+            per_tap = " / ".join(f"{np.mean([float(r['fa']) for r in sel if r['tap'] == t]):.4f}" for t in taps)
+            total = np.mean([float(r["fa"]) for r in sel if r["tap"] == "sum"])
+            kl = np.mean([float(r["kl_t4"]) for r in sel if r["tap"] == "sum"])
+            agree = np.mean([float(r["agreement"]) for r in sel if r["tap"] == "sum"])
+            lines.append(f"| {init} | {bits}-bit | {epochs} | {arm} | {len(seeds)} | {per_tap} | {total:.4f} | "
+                         f"{kl:.4f} | {100 * agree:.2f}% |")
+        key = (init, bits, epochs)
+        sums = [r for r in rows if (r["init"], int(r["bits"]), int(r["epochs"])) == key and r["tap"] == "sum"]
+
+        def paired(value):
+            cells = [dict(table="x", init=init, row=r["arm"], column=bits, seed=r["seed"], accuracy=value(r)) for r in sums]
+            return paired_difference(cells, ("x", init, "FAQD", bits), ("x", init, "KD only", bits))
+
+        # Log ratios (paired_difference reports 100 x the difference): FAQD's distance relative to KD only's.
+        stats = (paired(lambda r: np.log(float(r["fa"])) / 100), paired(lambda r: np.log(float(r["kl_t4"])) / 100),
+                 paired(lambda r: float(r["agreement"])))
+        if stats[0] is not None:
+            ratios.append((key, stats))
+    lines.append("")
+
+    def change(stat):
+        mean, half, n, _ = stat
+        band = f"; 95% CI {100 * (np.exp(mean - half) - 1):+.0f}% to {100 * (np.exp(mean + half) - 1):+.0f}%" \
+            if np.isfinite(half) else ""
+        return f"{100 * (np.exp(mean) - 1):+.0f}%{band}"
+
+    for (init, bits, epochs), (fa, kl, agree) in ratios:
+        half = f" ± {agree[1]:.2f}" if np.isfinite(agree[1]) else ""
+        lines.append(f"- {init}, {bits}-bit, {epochs} epochs, FAQD against KD only paired over {fa[2]} seeds: "
+                     f"FA distance {change(fa)}; KL from the teacher's logits {change(kl)}; top-1 agreement with "
+                     f"the teacher {agree[0]:+.2f}{half} points.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", default="/work/runs/budget", help="budget.py's --out-dir")
+    p.add_argument("--csv", default=os.path.join(ROOT, "docs", "budget", "fa_distance.csv"))
+    p.add_argument("--md", default=os.path.join(ROOT, "docs", "budget_fa.md"))
+    p.add_argument("--limit", type=int, default=10_000, help="test images")
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    if not args.report_only:
+        cells = finished_cells(args.runs)
+        if not cells:
+            p.error(f"no finished budget cells in {args.runs}; run benchmarks/budget.py first")
+        rows = measure(cells, args.limit)
+        with written_aside(args.csv) as partial, open(partial, "w", newline="") as f:
+            writer = csv.DictWriter(f, FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+    with open(args.csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    command = (f"python benchmarks/budget_fa.py --runs {args.runs} --csv {os.path.relpath(args.csv, ROOT)} "
+               f"--md {os.path.relpath(args.md, ROOT)}")  # the measuring command, also after --report-only
+    with written_aside(args.md) as partial, open(partial, "w") as f:
+        f.write(report(rows, command))
+    print(open(args.md).read())
+
+
+if __name__ == "__main__":
+    main()
