@@ -118,6 +118,7 @@ def run_cell(cell, args):
     if args.workers > 1:  # one thread per cell: the cells share the cores
         env.update(TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1", OMP_NUM_THREADS="1")
     os.makedirs(out, exist_ok=True)
+    epochs_before = len(read_rows(os.path.join(out, "history.csv")))  # a resumed cell ran these already
     start = time.perf_counter()
     with open(os.path.join(out, "train.log"), "a") as log:
         proc = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -130,7 +131,7 @@ def run_cell(cell, args):
     steps = cell.epochs * -(-60000 // 128)
     row = dict(table="budget", init=cell.init, row=cell.arm, column=f"{cell.bits}-bit", seed=cell.seed,
                accuracy=round(results["student"]["accuracy"], 4), epochs=cell.epochs, steps=steps,
-               seconds=round(seconds, 1), sec_per_epoch=round(seconds / cell.epochs, 1))
+               seconds=round(seconds, 1), sec_per_epoch=round(seconds / max(1, len(history) - epochs_before), 1))
     curve = [dict(init=cell.init, bits=cell.bits, arm=cell.arm, seed=cell.seed, epoch=int(h["epoch"]) + 1,
                   val_accuracy=round(float(h["val_accuracy"]), 4), kd=h.get("kd", ""), fa=h.get("fa", ""),
                   loss=h.get("loss", "")) for h in history]

@@ -96,7 +96,9 @@ def write(cells, curves, md, png, command):
         f"Machine: {platform.machine()}, {os.cpu_count()} cores. Every cell: `train.py` with configs/quickstart.json "
         "and the pinned teacher docs/budget/teacher.keras; accuracy on the 10,000 test images after the last epoch. "
         "Differences are paired by seed (same initial weights and data order). The CSV's `seconds` is the time "
-        "of the invocation that finished a cell: a resumed cell's earlier epochs are not in it.", "",
+        "of the invocation that finished a cell: a resumed cell's earlier epochs are not in it; `sec_per_epoch` divides "
+        "it by the epochs that invocation ran (rows finished before commit 'budget: seconds per epoch run' divided it by "
+        "all the cell's epochs, too low for a resumed cell).", "",
         table(cells, curves), "",
     ])
     if md:
