@@ -4,7 +4,10 @@ FAQD of each seed, against the pinned teacher on the 10,000 Fashion-MNIST test i
 - FA distance per tap (eq. 6, fro2, exact: what the FAQD arm minimized, at the distiller's default
   taps), the students in inference mode;
 - KL divergence of the student's logits from the teacher's at T = 4 (the KD term, without the T^2
-  factor), and top-1 agreement with the teacher.
+  factor), and top-1 agreement with the teacher;
+- test accuracy as trained, and after `faqd_tf.recalibrate_batchnorm` on unlabeled training images
+  (`--calibration`): at 2 bits the last-epoch accuracy swings by points from epoch to epoch, and BN
+  moving statistics that lag the flipping codes are one cause this separates from the loss's effect.
 
 If FAQD's students sit no closer to the teacher in FA than KD only's, the FA term did not act; if they
 sit much closer and their accuracy is the same, it acted and matching affinities did not buy accuracy.
@@ -30,7 +33,7 @@ from benchmarks.reproduce_report import paired_difference  # noqa: E402
 from faqd_tf.training import written_aside  # noqa: E402
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
-FIELDS = ["init", "bits", "arm", "seed", "epochs", "tap", "fa", "kl_t4", "agreement"]
+FIELDS = ["init", "bits", "arm", "seed", "epochs", "tap", "fa", "kl_t4", "agreement", "accuracy", "accuracy_recal"]
 T = 4.0
 
 
@@ -47,17 +50,23 @@ def finished_cells(runs):
     return out
 
 
-def measure(cell_folders, limit):
+def measure(cell_folders, limit, calibration):
     import keras
     import tensorflow as tf
 
     import faqd_tf.models  # noqa: F401  (registers the package's layers for loading)
     import faqd_tf.quantize  # noqa: F401
-    from faqd_tf import data, losses
+    from benchmarks.baselines import fashion_mnist
+    from faqd_tf import losses, recalibrate_batchnorm
     from faqd_tf.features import paired_extractors
 
     teacher = keras.models.load_model(TEACHER, safe_mode=True)
-    test = data.load(f"idx:{FMNIST}", "test", labels=False, batch_size=500, limit=limit, augment=False)
+    x_cal, x_test, y_test = fashion_mnist(calibration)
+    test = tf.data.Dataset.from_tensor_slices(x_test[:limit]).batch(500)
+    y_test = y_test[:limit]
+
+    def accuracy(model):
+        return float(np.mean(np.argmax(model.predict(x_test[:limit], batch_size=500, verbose=0), 1) == y_test))
     rows = []
     for cell, folder in cell_folders:
         student = keras.models.load_model(os.path.join(folder, "student.keras"), safe_mode=True)
@@ -73,14 +82,25 @@ def measure(cell_folders, limit):
             kl_sum += float(tf.reduce_sum(tf.exp(t_log) * (t_log - s_log)))
             agree += int(tf.reduce_sum(tf.cast(tf.argmax(t_out[0], 1) == tf.argmax(s_out[0], 1), tf.int32)))
             n += batch
+        trained = accuracy(student)
+        recalibrate_batchnorm(student, x_cal)
         base = dict(init=cell.init, bits=cell.bits, arm=cell.arm, seed=cell.seed, epochs=cell.epochs,
-                    kl_t4=round(kl_sum / n, 6), agreement=round(agree / n, 5))
+                    kl_t4=round(kl_sum / n, 6), agreement=round(agree / n, 5), accuracy=round(trained, 4),
+                    accuracy_recal=round(accuracy(student), 4))
         for tap, value in enumerate(fa_sums, 1):
             rows.append(dict(base, tap=tap, fa=round(value / n, 8)))
         rows.append(dict(base, tap="sum", fa=round(sum(fa_sums) / n, 8)))
         print(f"[budget_fa] {os.path.basename(folder)}: FA sum {sum(fa_sums) / n:.5f}, KL {kl_sum / n:.5f}, "
-              f"agreement {100 * agree / n:.2f}%", flush=True)
+              f"agreement {100 * agree / n:.2f}%, accuracy {100 * base['accuracy']:.2f}% -> "
+              f"{100 * base['accuracy_recal']:.2f}% after BN recalibration", flush=True)
     return rows
+
+
+def spread(values):
+    """'mean ± std' of accuracies in points (the std over seeds)."""
+    if not values:
+        return "-"
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
 
 def report(rows, command):
@@ -90,8 +110,9 @@ def report(rows, command):
              "(docs/budget.md) against the pinned teacher, 10,000 test images, inference mode. FA: eq. 6, "
              "fro2, exact, the distiller's default taps (stage outputs); KL at T = 4 without the T^2 factor.",
              "",
-             "| init | bits | epochs | arm | n | FA per tap (1 / 2 / 3) | FA sum | KL(T=4) | top-1 agreement |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| init | bits | epochs | arm | n | FA per tap (1 / 2 / 3) | FA sum | KL(T=4) | top-1 agreement | "
+             "accuracy as trained | after BN recalibration |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     settings = sorted({(r["init"], int(r["bits"]), int(r["epochs"])) for r in rows},
                       key=lambda k: (k[0] != "fine-tune", k[1]))
     ratios = []
@@ -106,8 +127,10 @@ def report(rows, command):
             total = np.mean([float(r["fa"]) for r in sel if r["tap"] == "sum"])
             kl = np.mean([float(r["kl_t4"]) for r in sel if r["tap"] == "sum"])
             agree = np.mean([float(r["agreement"]) for r in sel if r["tap"] == "sum"])
+            acc = [100 * float(r["accuracy"]) for r in sel if r["tap"] == "sum" and r.get("accuracy")]
+            recal = [100 * float(r["accuracy_recal"]) for r in sel if r["tap"] == "sum" and r.get("accuracy_recal")]
             lines.append(f"| {init} | {bits}-bit | {epochs} | {arm} | {len(seeds)} | {per_tap} | {total:.4f} | "
-                         f"{kl:.4f} | {100 * agree:.2f}% |")
+                         f"{kl:.4f} | {100 * agree:.2f}% | {spread(acc)} | {spread(recal)} |")
         key = (init, bits, epochs)
         sums = [r for r in rows if (r["init"], int(r["bits"]), int(r["epochs"])) == key and r["tap"] == "sum"]
 
@@ -117,7 +140,8 @@ def report(rows, command):
 
         # Log ratios (paired_difference reports 100 x the difference): FAQD's distance relative to KD only's.
         stats = (paired(lambda r: np.log(float(r["fa"])) / 100), paired(lambda r: np.log(float(r["kl_t4"])) / 100),
-                 paired(lambda r: float(r["agreement"])))
+                 paired(lambda r: float(r["agreement"])), paired(lambda r: float(r["accuracy"])),
+                 paired(lambda r: float(r["accuracy_recal"])))
         if stats[0] is not None:
             ratios.append((key, stats))
     lines.append("")
@@ -128,11 +152,14 @@ def report(rows, command):
             if np.isfinite(half) else ""
         return f"{100 * (np.exp(mean) - 1):+.0f}%{band}"
 
-    for (init, bits, epochs), (fa, kl, agree) in ratios:
-        half = f" ± {agree[1]:.2f}" if np.isfinite(agree[1]) else ""
+    def points(stat):
+        return f"{stat[0]:+.2f}" + (f" ± {stat[1]:.2f}" if np.isfinite(stat[1]) else "") + " points"
+
+    for (init, bits, epochs), (fa, kl, agree, acc, recal) in ratios:
         lines.append(f"- {init}, {bits}-bit, {epochs} epochs, FAQD against KD only paired over {fa[2]} seeds: "
                      f"FA distance {change(fa)}; KL from the teacher's logits {change(kl)}; top-1 agreement with "
-                     f"the teacher {agree[0]:+.2f}{half} points.")
+                     f"the teacher {points(agree)}; accuracy {points(acc)} as trained, {points(recal)} after BN "
+                     "recalibration.")
     return "\n".join(lines) + "\n"
 
 
@@ -142,13 +169,23 @@ def main(argv=None):
     p.add_argument("--csv", default=os.path.join(ROOT, "docs", "budget", "fa_distance.csv"))
     p.add_argument("--md", default=os.path.join(ROOT, "docs", "budget_fa.md"))
     p.add_argument("--limit", type=int, default=10_000, help="test images")
+    p.add_argument("--calibration", type=int, default=5000,
+                   help="unlabeled training images for the BN recalibration")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="measure every cell again")
     args = p.parse_args(argv)
     if not args.report_only:
         cells = finished_cells(args.runs)
         if not cells:
             p.error(f"no finished budget cells in {args.runs}; run benchmarks/budget.py first")
-        rows = measure(cells, args.limit)
+        # Cells measured before are kept (a student does not change once its cell is finished).
+        kept = []
+        if not args.overwrite and os.path.exists(args.csv):
+            with open(args.csv, newline="") as f:
+                kept = [r for r in csv.DictReader(f) if r.get("accuracy_recal")]
+        have = {(r["init"], int(r["bits"]), r["arm"], int(r["seed"]), int(r["epochs"])) for r in kept}
+        todo = [(c, f) for c, f in cells if (c.init, c.bits, c.arm, c.seed, c.epochs) not in have]
+        rows = kept + (measure(todo, args.limit, args.calibration) if todo else [])
         with written_aside(args.csv) as partial, open(partial, "w", newline="") as f:
             writer = csv.DictWriter(f, FIELDS)
             writer.writeheader()

@@ -26,11 +26,12 @@ def test_fa_report_pairs_by_seed(rng):
     kd_fa = rng.uniform(0.005, 0.01, seeds)
     faqd_fa = kd_fa * rng.uniform(0.3, 0.7, seeds)
     agree_kd, agree_faqd = rng.uniform(0.97, 0.99, seeds), rng.uniform(0.97, 0.99, seeds)
+    acc = {arm: rng.uniform(0.85, 0.91, (2, seeds)) for arm in ("KD only", "FAQD")}  # as trained, recalibrated
     rows = []
     for arm, fa, agree in (("KD only", kd_fa, agree_kd), ("FAQD", faqd_fa, agree_faqd)):
         for seed in range(seeds):
             base = dict(init="fine-tune", bits="4", arm=arm, seed=str(seed), epochs="15", kl_t4=str(rng.uniform(1e-3, 3e-3)),
-                        agreement=str(agree[seed]))
+                        agreement=str(agree[seed]), accuracy=str(acc[arm][0, seed]), accuracy_recal=str(acc[arm][1, seed]))
             rows += [dict(base, tap="1", fa=str(fa[seed] / 2)), dict(base, tap="2", fa=str(fa[seed] / 2)),
                      dict(base, tap="sum", fa=str(fa[seed]))]
     text = budget_fa.report(rows, "cmd")
@@ -45,3 +46,10 @@ def test_fa_report_pairs_by_seed(rng):
     d_half = stats.t.ppf(0.975, seeds - 1) * d.std(ddof=1) / np.sqrt(seeds)
     np.testing.assert_allclose([float(g) for g in got], [d.mean(), d_half], atol=0.005 + 1e-9)
     assert f"| {np.mean(kd_fa):.4f} |" in text and f"| {np.mean(faqd_fa):.4f} |" in text
+    for which, label in ((0, "as trained"), (1, "after BN recalibration")):
+        d = 100 * (acc["FAQD"][which] - acc["KD only"][which])
+        d_half = stats.t.ppf(0.975, seeds - 1) * d.std(ddof=1) / np.sqrt(seeds)
+        got = re.search(rf"([+-][\d.]+) ± ([\d.]+) points {label}", text).groups()
+        np.testing.assert_allclose([float(g) for g in got], [d.mean(), d_half], atol=0.005 + 1e-9)
+        kd = 100 * acc["KD only"][which]
+        assert f"{kd.mean():.2f} ± {kd.std(ddof=1):.2f}" in text
