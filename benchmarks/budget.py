@@ -56,6 +56,13 @@ class Cell:
         arm = "kd" if self.arm == "KD only" else "faqd"
         return f"{self.init}_{self.bits}bit_{arm}_seed{self.seed}_{self.epochs}ep"
 
+    @classmethod
+    def from_name(cls, name):
+        """The cell whose `name` (its output folder's) is `name`."""
+        init, bits, arm, seed, epochs = name.rsplit("_", 4)
+        return cls(init, int(bits.removesuffix("bit")), "KD only" if arm == "kd" else "FAQD",
+                   int(seed.removeprefix("seed")), int(epochs.removesuffix("ep")))
+
     def overrides(self):
         """The `--set` values of this cell on top of configs/quickstart.json."""
         fine_tune = self.init == "fine-tune"

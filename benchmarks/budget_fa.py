@@ -29,10 +29,9 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 
 from benchmarks.budget import TEACHER, Cell  # noqa: E402
-from benchmarks.reproduce_report import paired_difference  # noqa: E402
+from benchmarks.reproduce_report import mean_interval  # noqa: E402
 from faqd_tf.training import written_aside  # noqa: E402
 
-FMNIST = "/usr/share/datasets/fashion-mnist"
 FIELDS = ["init", "bits", "arm", "seed", "epochs", "tap", "fa", "kl_t4", "agreement", "accuracy", "accuracy_recal"]
 T = 4.0
 
@@ -44,9 +43,7 @@ def finished_cells(runs):
         folder = os.path.join(runs, name)
         if not os.path.isfile(os.path.join(folder, "results.json")):
             continue
-        init, bits, arm, seed, epochs = name.rsplit("_", 4)
-        out.append((Cell(init, int(bits[:-3]), {"kd": "KD only", "faqd": "FAQD"}[arm], int(seed[4:]),
-                         int(epochs[:-2])), folder))
+        out.append((Cell.from_name(name), folder))
     return out
 
 
@@ -62,17 +59,14 @@ def measure(cell_folders, limit, calibration):
 
     teacher = keras.models.load_model(TEACHER, safe_mode=True)
     x_cal, x_test, y_test = fashion_mnist(calibration)
-    test = tf.data.Dataset.from_tensor_slices(x_test[:limit]).batch(500)
-    y_test = y_test[:limit]
-
-    def accuracy(model):
-        return float(np.mean(np.argmax(model.predict(x_test[:limit], batch_size=500, verbose=0), 1) == y_test))
+    x_test, y_test = x_test[:limit], y_test[:limit]
+    test = tf.data.Dataset.from_tensor_slices((x_test, y_test)).batch(500)
     rows = []
     for cell, folder in cell_folders:
         student = keras.models.load_model(os.path.join(folder, "student.keras"), safe_mode=True)
         t_ex, s_ex = paired_extractors(teacher, student)
-        fa_sums, kl_sum, agree, n = None, 0.0, 0, 0
-        for images in test:
+        fa_sums, kl_sum, agree, correct, n = None, 0.0, 0, 0, 0
+        for images, labels in test:
             t_out, s_out = t_ex(images, training=False), s_ex(images, training=False)
             batch = int(images.shape[0])
             fa = [float(losses.feature_affinity(t, s, method="auto")) * batch for t, s in zip(t_out[1:], s_out[1:])]
@@ -80,13 +74,15 @@ def measure(cell_folders, limit, calibration):
             t_log = tf.nn.log_softmax(t_out[0] / T)
             s_log = tf.nn.log_softmax(s_out[0] / T)
             kl_sum += float(tf.reduce_sum(tf.exp(t_log) * (t_log - s_log)))
-            agree += int(tf.reduce_sum(tf.cast(tf.argmax(t_out[0], 1) == tf.argmax(s_out[0], 1), tf.int32)))
+            predicted = tf.argmax(s_out[0], 1)
+            agree += int(tf.reduce_sum(tf.cast(tf.argmax(t_out[0], 1) == predicted, tf.int32)))
+            correct += int(tf.reduce_sum(tf.cast(predicted == tf.cast(labels, predicted.dtype), tf.int32)))
             n += batch
-        trained = accuracy(student)
         recalibrate_batchnorm(student, x_cal)
+        recalibrated = np.mean(np.argmax(student.predict(x_test, batch_size=500, verbose=0), 1) == y_test)
         base = dict(init=cell.init, bits=cell.bits, arm=cell.arm, seed=cell.seed, epochs=cell.epochs,
-                    kl_t4=round(kl_sum / n, 6), agreement=round(agree / n, 5), accuracy=round(trained, 4),
-                    accuracy_recal=round(accuracy(student), 4))
+                    kl_t4=round(kl_sum / n, 6), agreement=round(agree / n, 5), accuracy=round(correct / n, 4),
+                    accuracy_recal=round(float(recalibrated), 4))
         for tap, value in enumerate(fa_sums, 1):
             rows.append(dict(base, tap=tap, fa=round(value / n, 8)))
         rows.append(dict(base, tap="sum", fa=round(sum(fa_sums) / n, 8)))
@@ -127,21 +123,23 @@ def report(rows, command):
             total = np.mean([float(r["fa"]) for r in sel if r["tap"] == "sum"])
             kl = np.mean([float(r["kl_t4"]) for r in sel if r["tap"] == "sum"])
             agree = np.mean([float(r["agreement"]) for r in sel if r["tap"] == "sum"])
-            acc = [100 * float(r["accuracy"]) for r in sel if r["tap"] == "sum" and r.get("accuracy")]
-            recal = [100 * float(r["accuracy_recal"]) for r in sel if r["tap"] == "sum" and r.get("accuracy_recal")]
+            acc = [100 * float(r["accuracy"]) for r in sel if r["tap"] == "sum"]
+            recal = [100 * float(r["accuracy_recal"]) for r in sel if r["tap"] == "sum"]
             lines.append(f"| {init} | {bits}-bit | {epochs} | {arm} | {len(seeds)} | {per_tap} | {total:.4f} | "
                          f"{kl:.4f} | {100 * agree:.2f}% | {spread(acc)} | {spread(recal)} |")
         key = (init, bits, epochs)
-        sums = [r for r in rows if (r["init"], int(r["bits"]), int(r["epochs"])) == key and r["tap"] == "sum"]
+        by_arm = {arm: {int(r["seed"]): r for r in rows if (r["init"], int(r["bits"]), int(r["epochs"])) == key
+                        and r["tap"] == "sum" and r["arm"] == arm} for arm in ("KD only", "FAQD")}
+        seeds = sorted(set(by_arm["KD only"]) & set(by_arm["FAQD"]))
 
         def paired(value):
-            cells = [dict(table="x", init=init, row=r["arm"], column=bits, seed=r["seed"], accuracy=value(r)) for r in sums]
-            return paired_difference(cells, ("x", init, "FAQD", bits), ("x", init, "KD only", bits))
+            """FAQD minus KD only of `value(row)`, seed by seed."""
+            return mean_interval([value(by_arm["FAQD"][s]) - value(by_arm["KD only"][s]) for s in seeds])
 
-        # Log ratios (paired_difference reports 100 x the difference): FAQD's distance relative to KD only's.
-        stats = (paired(lambda r: np.log(float(r["fa"])) / 100), paired(lambda r: np.log(float(r["kl_t4"])) / 100),
-                 paired(lambda r: float(r["agreement"])), paired(lambda r: float(r["accuracy"])),
-                 paired(lambda r: float(r["accuracy_recal"])))
+        # FA and KL as log ratios (FAQD's distance relative to KD only's), the rest in points.
+        stats = (paired(lambda r: np.log(float(r["fa"]))), paired(lambda r: np.log(float(r["kl_t4"]))),
+                 paired(lambda r: 100 * float(r["agreement"])), paired(lambda r: 100 * float(r["accuracy"])),
+                 paired(lambda r: 100 * float(r["accuracy_recal"])))
         if stats[0] is not None:
             ratios.append((key, stats))
     lines.append("")
@@ -194,9 +192,10 @@ def main(argv=None):
         rows = list(csv.DictReader(f))
     command = (f"python benchmarks/budget_fa.py --runs {args.runs} --csv {os.path.relpath(args.csv, ROOT)} "
                f"--md {os.path.relpath(args.md, ROOT)}")  # the measuring command, also after --report-only
+    text = report(rows, command)
     with written_aside(args.md) as partial, open(partial, "w") as f:
-        f.write(report(rows, command))
-    print(open(args.md).read())
+        f.write(text)
+    print(text)
 
 
 if __name__ == "__main__":

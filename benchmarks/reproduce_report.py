@@ -341,9 +341,8 @@ def versions():
 def paired_difference(cells, a, b):
     """Seed-by-seed accuracy differences (points) of cells `a` minus cells `b` (keys without seed).
 
-    Returns (mean, 95% t half-width, n, differences); the half-width is nan for n < 2.
+    Returns `mean_interval` of them.
     """
-    from scipy import stats as scipy_stats
 
     def by_seed(key):
         return {int(c["seed"]): float(c["accuracy"]) for c in cells
@@ -351,7 +350,15 @@ def paired_difference(cells, a, b):
 
     first, second = by_seed(a), by_seed(b)
     seeds = sorted(set(first) & set(second))
-    d = np.array([100 * (first[s] - second[s]) for s in seeds])
+    return mean_interval([100 * (first[s] - second[s]) for s in seeds])
+
+
+def mean_interval(differences):
+    """(mean, 95% t half-width, n, differences) of paired `differences`; the half-width is nan for
+    n < 2, and None is returned for none."""
+    from scipy import stats as scipy_stats
+
+    d = np.asarray(differences, dtype=float)
     if len(d) == 0:
         return None
     half = scipy_stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")

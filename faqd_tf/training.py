@@ -3,6 +3,7 @@ model save that neither a kill nor a full disk leaves half-written."""
 
 import contextlib
 import os
+import stat
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -108,8 +109,6 @@ def _identity(path: str) -> tuple | None:
         st = os.lstat(path)
     except OSError:
         return None
-    import stat
-
     return stat.S_ISREG(st.st_mode), st.st_ino, st.st_size, st.st_mtime_ns
 
 

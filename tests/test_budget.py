@@ -19,6 +19,7 @@ def test_cells_run_setting_by_setting_with_every_seed_paired():
         ("fine-tune", 4, 15), ("fine-tune", 2, 15), ("end-to-end", 2, 30)]
     for i in range(0, len(cells), 2):  # both arms of a seed side by side
         assert {cells[i].arm, cells[i + 1].arm} == {"KD only", "FAQD"} and cells[i].seed == cells[i + 1].seed
+    assert [budget.Cell.from_name(c.name) for c in cells] == cells  # a cell is found again from its folder
 
 
 def test_fa_report_pairs_by_seed(rng):
