@@ -111,7 +111,7 @@ def report(rows, command):
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     settings = sorted({(r["init"], int(r["bits"]), int(r["epochs"])) for r in rows},
                       key=lambda k: (k[0] != "fine-tune", k[1]))
-    ratios = []
+    ratios, recalibration = [], []
     for init, bits, epochs in settings:
         for arm in ("KD only", "FAQD"):
             sel = [r for r in rows if (r["init"], int(r["bits"]), int(r["epochs"]), r["arm"]) == (init, bits, epochs, arm)]
@@ -127,6 +127,8 @@ def report(rows, command):
             recal = [100 * float(r["accuracy_recal"]) for r in sel if r["tap"] == "sum"]
             lines.append(f"| {init} | {bits}-bit | {epochs} | {arm} | {len(seeds)} | {per_tap} | {total:.4f} | "
                          f"{kl:.4f} | {100 * agree:.2f}% | {spread(acc)} | {spread(recal)} |")
+            # What `student.recalibrate_bn` would add: the same student before and after.
+            recalibration.append(((init, bits, epochs, arm), mean_interval([b - a for a, b in zip(acc, recal)])))
         key = (init, bits, epochs)
         by_arm = {arm: {int(r["seed"]): r for r in rows if (r["init"], int(r["bits"]), int(r["epochs"])) == key
                         and r["tap"] == "sum" and r["arm"] == arm} for arm in ("KD only", "FAQD")}
@@ -158,6 +160,12 @@ def report(rows, command):
                      f"FA distance {change(fa)}; KL from the teacher's logits {change(kl)}; top-1 agreement with "
                      f"the teacher {points(agree)}; accuracy {points(acc)} as trained, {points(recal)} after BN "
                      "recalibration.")
+    lines += ["", "What BN recalibration adds (`recalibrate_batchnorm` on the first `--calibration` training "
+              "images, 5,000 by default; `student.recalibrate_bn` in a config does the same at the end of "
+              "the distill stage): accuracy after it minus as trained, the same student:", ""]
+    for (init, bits, epochs, arm), stat in recalibration:
+        lines.append(f"- {init}, {bits}-bit, {epochs} epochs, {arm} ({stat[2]} students): {points(stat)}; "
+                     f"per student {', '.join(f'{v:+.2f}' for v in stat[3])}.")
     return "\n".join(lines) + "\n"
 
 

@@ -102,6 +102,7 @@ def bits(default):
 MAX_EPOCHS = 100_000
 MAX_STEPS = 10**9
 MAX_EXAMPLES = 2**31 - 1
+MAX_RECALIBRATION = 100_000
 
 
 def _train_schema(epochs, lr):
@@ -154,6 +155,11 @@ SCHEMA = {
         "relax_eta": number(1.02, low=1.0, high=10.0, strict=True),
         "two_step": boolean(True),
         "alpha_rate": number(0.01, strict=True),
+        # After distilling, re-estimate the student's BatchNormalization statistics on this many
+        # unlabeled training images (faqd_tf.recalibrate_batchnorm): at 2 bits the moving averages
+        # of the last epochs lag the weights by up to 1.7 points. null: keep them. The images are
+        # held in memory, hence the ceiling.
+        "recalibrate_bn": integer(None, 1, MAX_RECALIBRATION, nullable=True),
     },
     "distill": {
         "alpha": number(1.0, high=1e6),

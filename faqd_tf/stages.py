@@ -17,13 +17,16 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 import zipfile
 from collections.abc import Callable, Sequence
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from faqd_tf import data, distribute, inputs, models, terms, training
+from faqd_tf.batchnorm import recalibrate_batchnorm
 from faqd_tf.callbacks import (
     BinaryRelaxScheduler,
     GradientShares,
@@ -378,6 +381,10 @@ class DistillStage(Stage):
         if self.student["init"] == "scratch":
             self.ws.check_arch(self.student_arch, "student.arch")
         student = self._check_distiller(checked.teacher)
+        if self.student["recalibrate_bn"] and not any(
+                isinstance(layer, keras.layers.BatchNormalization) for _, layer, _ in iter_layers(student)):
+            raise UsageError(f"student.recalibrate_bn: the student {student.name!r} has no BatchNormalization "
+                             "layer to recalibrate; set student.recalibrate_bn to null.")
         # Two steps: the weights are quantized in the second.
         checked.quantized = self.two_step or _has_quantized_kernel(student)
         checked.student = student
@@ -430,8 +437,30 @@ class DistillStage(Stage):
         shares = GradientShares(train_ds.take(1), print_fn=say)
         history = "history.csv" if stage == DISTILL else f"{stage}_history.csv"
         ws.train(distiller, stage, train_ds, val_ds, self.train, history,
-                 lambda: training.save_model(distiller.student, path), extra, [shares])
+                 lambda: self._save(distiller.student, stage, path), extra, [shares])
         return distiller.student
+
+    def _save(self, student, stage, path):
+        """Saves the trained `student`; the final one with its BatchNormalization statistics
+        re-estimated first when `student.recalibrate_bn` asks. Part of the stage's save: a kill
+        before the file is written resumes at the last epoch and recalibrates again (the same
+        images in the same order, so the same statistics)."""
+        count = self.student["recalibrate_bn"]
+        if count and stage == DISTILL:
+            d = self.dataset
+            # The training split as the model sees it at test time: no augmentation, the file order
+            # (class-mixed; `dataset.limit`'s subset when set), so every worker takes the same images.
+            start = time.perf_counter()
+            images = data.load(
+                d["source"], "train", labels=False, batch_size=self.ws.eval_batch_size, shuffle=False,
+                augment=False, image_size=d["image_size"], limit=min(count, d["limit"] or count),
+                data_dir=d["data_dir"], cache=False,
+            )
+            images = np.concatenate(list(images.as_numpy_iterator()))
+            names = recalibrate_batchnorm(student, images)
+            say(f"stage distill: re-estimated the statistics of {len(names)} BatchNormalization layers on "
+                f"{len(images)} unlabeled training images in {time.perf_counter() - start:.1f} s")
+        training.save_model(student, path)
 
     def run(self):
         ws, s = self.ws, self.student

@@ -54,3 +54,10 @@ def test_fa_report_pairs_by_seed(rng):
         np.testing.assert_allclose([float(g) for g in got], [d.mean(), d_half], atol=0.005 + 1e-9)
         kd = 100 * acc["KD only"][which]
         assert f"{kd.mean():.2f} ± {kd.std(ddof=1):.2f}" in text
+    for arm in ("KD only", "FAQD"):  # what recalibration adds to each student, by hand
+        d = 100 * (acc[arm][1] - acc[arm][0])
+        d_half = stats.t.ppf(0.975, seeds - 1) * d.std(ddof=1) / np.sqrt(seeds)
+        got = re.search(rf"15 epochs, {arm} \({seeds} students\): ([+-][\d.]+) ± ([\d.]+) points; per student (.*)\.",
+                        text).groups()
+        np.testing.assert_allclose([float(g) for g in got[:2]], [d.mean(), d_half], atol=0.005 + 1e-9)
+        assert got[2] == ", ".join(f"{v:+.2f}" for v in d)

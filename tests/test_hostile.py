@@ -111,11 +111,13 @@ def test_teacher_killed_at_its_end_resumes_with_nothing_lost(tmp_path, idx, caps
         assert len(os.listdir(out / "logs" / "teacher" / "train")) == 1  # one run's TensorBoard events
 
 
-def test_distillation_killed_during_its_save_resumes_with_nothing_lost(tmp_path, idx, monkeypatch):
+# With recalibrate_bn, the statistics are re-estimated in the save: the resumed run recomputes the same.
+@pytest.mark.parametrize("recalibrate_bn", [None, 48])
+def test_distillation_killed_during_its_save_resumes_with_nothing_lost(tmp_path, idx, monkeypatch, recalibrate_bn):
     teacher = save_model_file(tmp_path / "teacher.keras", num_classes=CLASSES, input_shape=(*HW, 1))
     # KD alone on an FP student: the stage's save-then-remove order is what is tested, on a short trace.
     cfg = write_config(tmp_path, f"idx:{idx}", teacher={"arch": None, "file": teacher}, distill={"fa": None},
-                       student={"weight_bits": None})
+                       student={"weight_bits": None, "recalibrate_bn": recalibrate_bn})
     out = tmp_path / "out"
     trained = kill_at(monkeypatch, "during the save")
     with pytest.raises(Killed):
@@ -434,6 +436,16 @@ def test_teacher_that_does_not_fit_the_data(tmp_path, idx, capsys, kwargs, words
             f"teacher.file .*t.keras {words}")
 
 
+def test_recalibrating_a_student_without_batchnorm_is_refused_before_training(tmp_path, idx, capsys):
+    teacher = keras.Sequential([keras.Input((*HW, 1)), keras.layers.Conv2D(4, 3), keras.layers.GlobalAveragePooling2D(),
+                                keras.layers.Dense(CLASSES)], name="no_bn")
+    teacher.save(tmp_path / "t.keras")
+    cfg = write_config(tmp_path, f"idx:{idx}", teacher={"arch": None, "file": str(tmp_path / "t.keras")},
+                       distill={"fa": None}, student={"recalibrate_bn": 1000})
+    refused(tmp_path, capsys, ["--config", cfg], r"student.recalibrate_bn: the student 'no_bn' has no "
+            r"BatchNormalization layer to recalibrate; set student.recalibrate_bn to null\.$")
+
+
 def test_unknown_fa_layer_is_caught_before_the_teacher_trains(tmp_path, idx, capsys):
     cfg = write_config(tmp_path, f"idx:{idx}", distill={"teacher_layers": ["stage1", "nope"], "student_layers": ["stage1", "nope"]})
     refused(tmp_path, capsys, ["--config", cfg], r"distill: Model 'resnet8' has no layer named 'nope'")
@@ -525,6 +537,8 @@ CONFIG_CASES = {
                      r"raw.json is 50.0 MiB, more than the 1.0 MiB it may be"),
     "100 KB string": (lambda t, c: ["--config", c, "--set", "dataset.labels=" + "y" * 100_000],
                       r"dataset.labels=\"y{59}\.\.\.y{19}\" \(100,002 characters\) is not valid"),
+    "recalibrate_bn 0": (lambda t, c: ["--config", c, "--set", "student.recalibrate_bn=0"],
+                         r"student.recalibrate_bn=0 is not valid; use an integer >= 1 and <= 100000 or null"),
     "empty output_dir": (lambda t, c: ["--config", c, "--set", 'output_dir=""'], r"output_dir=\"\" is not valid; use a non-empty string"),
     "output_dir in /proc": (lambda t, c: ["--config", c, "--set", "output_dir=/proc/faqd"], r"output_dir /proc/faqd cannot be written"),
     "output_dir is a file": (lambda t, c: ["--config", c, "--set", f"output_dir={c}"], r"is a file, not a folder"),
