@@ -42,6 +42,10 @@ from faqd_tf.runner import ACTIVATION_STEP, DISTILL, EVALUATE, EXPORT, TEACHER, 
 from faqd_tf.summary import iter_layers, quantized_kernel_bits, summary
 
 
+RECALIBRATION_BYTES = 2**31
+"""The most memory `student.recalibrate_bn`'s images may take (float32): 2 GiB, as the data cache."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Data:
     """A dataset a stage builds: a training set (shuffled, augmented, `dataset.limit`) when
@@ -381,13 +385,23 @@ class DistillStage(Stage):
         if self.student["init"] == "scratch":
             self.ws.check_arch(self.student_arch, "student.arch")
         student = self._check_distiller(checked.teacher)
-        if self.student["recalibrate_bn"] and not any(
-                isinstance(layer, keras.layers.BatchNormalization) for _, layer, _ in iter_layers(student)):
-            raise UsageError(f"student.recalibrate_bn: the student {student.name!r} has no BatchNormalization "
-                             "layer to recalibrate; set student.recalibrate_bn to null.")
+        if self.student["recalibrate_bn"]:
+            self._check_recalibration(student)
         # Two steps: the weights are quantized in the second.
         checked.quantized = self.two_step or _has_quantized_kernel(student)
         checked.student = student
+
+    def _check_recalibration(self, student):
+        count = self.student["recalibrate_bn"]
+        if not any(isinstance(layer, keras.layers.BatchNormalization) for _, layer, _ in iter_layers(student)):
+            raise UsageError(f"student.recalibrate_bn: the student {student.name!r} has no BatchNormalization "
+                             "layer to recalibrate; set student.recalibrate_bn to null.")
+        # recalibrate_batchnorm holds its images in memory (every layer needs a pass over them).
+        per_image = 4 * int(np.prod(self.ws.info.image_shape))
+        fits = RECALIBRATION_BYTES // per_image
+        if min(count, self.dataset["limit"] or count) > fits:
+            raise UsageError(f"student.recalibrate_bn={count} would hold {count * per_image / 2**30:.1f} GiB of "
+                             f"{'x'.join(map(str, self.ws.info.image_shape))} images in memory; use at most {fits}.")
 
     def _check_distiller(self, teacher):
         """Builds the stage's Distiller once, untrained: the student, the FA layer pairs, the loss

@@ -446,6 +446,19 @@ def test_recalibrating_a_student_without_batchnorm_is_refused_before_training(tm
             r"BatchNormalization layer to recalibrate; set student.recalibrate_bn to null\.$")
 
 
+def test_recalibration_that_would_not_fit_in_memory_is_refused_before_training(tmp_path, idx, capsys, monkeypatch):
+    from faqd_tf import stages
+
+    monkeypatch.setattr(stages, "RECALIBRATION_BYTES", 40 * 12 * 12 * 4)  # 40 images of the 12 x 12 x 1 dataset
+    cfg = write_config(tmp_path, f"idx:{idx}", student={"recalibrate_bn": 41})
+    refused(tmp_path, capsys, ["--config", cfg], r"student.recalibrate_bn=41 would hold 0.0 GiB of 12x12x1 images "
+            r"in memory; use at most 40\.$")
+    cfg = write_config(tmp_path, f"idx:{idx}", student={"recalibrate_bn": 41}, dataset={"limit": 40})
+    # dataset.limit keeps 40 images: they fit.
+    assert cli.main(["--config", cfg, "--set", "teacher.train.epochs=1", "--set", "train.epochs=1"]) == 0
+    assert "BatchNormalization layers on 40 unlabeled training images" in capsys.readouterr().out
+
+
 def test_unknown_fa_layer_is_caught_before_the_teacher_trains(tmp_path, idx, capsys):
     cfg = write_config(tmp_path, f"idx:{idx}", distill={"teacher_layers": ["stage1", "nope"], "student_layers": ["stage1", "nope"]})
     refused(tmp_path, capsys, ["--config", cfg], r"distill: Model 'resnet8' has no layer named 'nope'")
