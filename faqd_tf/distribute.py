@@ -25,6 +25,7 @@ with strategy.scope():
 ```
 """
 
+import functools
 import json
 import os
 
@@ -69,10 +70,20 @@ def tf_config() -> dict | None:
     return config
 
 
+@functools.cache
+def _mirrored() -> tf.distribute.MirroredStrategy:
+    # One per process: a second MirroredStrategy reuses the first one's collective instance keys, and
+    # its first all-reduce of a differently shaped tensor then fails with "Shape mismatch in the
+    # collective instance 100" (tensorflow/tensorflow#62790): two runs in one Python process (a
+    # notebook, cli.main called twice) would break.
+    return tf.distribute.MirroredStrategy()
+
+
 def get_strategy(kind: str = "default") -> tf.distribute.Strategy:
-    """`"default"` (one device), `"mirrored"` (all local GPUs) or `"multi_worker"` (TF_CONFIG)."""
+    """`"default"` (one device), `"mirrored"` (all local GPUs; one strategy per process, shared by
+    every call) or `"multi_worker"` (TF_CONFIG)."""
     if kind == "mirrored":
-        return tf.distribute.MirroredStrategy()
+        return _mirrored()
     if kind == "multi_worker":
         if tf_config() is None:
             raise ValueError(

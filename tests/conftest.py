@@ -1,7 +1,7 @@
 """Shared test set-up.
 
 Two logical CPU devices are configured before TensorFlow initializes, so any test can build
-`tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])`. Random data is fresh on every run; the
+a two-replica `MirroredStrategy` (the `mirrored_strategy` fixture). Random data is fresh on every run; the
 seed is printed with a failing test's report so the failure can be replayed with FAQD_TEST_SEED.
 """
 
@@ -46,7 +46,11 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture(scope="session")
 def mirrored_strategy():
-    # One strategy for the whole session: separately created MirroredStrategy objects in one
-    # process can reuse collective instance keys, and synchronized BatchNormalization's
-    # all-reduce then fails with "Shape mismatch in the collective instance".
-    return tf.distribute.MirroredStrategy(CPU_DEVICES)
+    # The process's one mirrored strategy, as the CLI gets it: separately created MirroredStrategy
+    # objects in one process reuse collective instance keys, and an all-reduce then fails with
+    # "Shape mismatch in the collective instance" (faqd_tf.distribute.get_strategy).
+    from faqd_tf import distribute
+
+    strategy = distribute.get_strategy("mirrored")
+    assert strategy.num_replicas_in_sync == len(CPU_DEVICES), strategy.extended.worker_devices
+    return strategy

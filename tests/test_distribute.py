@@ -5,6 +5,8 @@ Real worker processes run in tests/test_multi_worker.py.
 
 import json
 
+import keras
+import numpy as np
 import pytest
 
 from faqd_tf import distribute
@@ -63,6 +65,19 @@ def test_one_writer_per_cluster_and_a_folder_per_other_worker(cluster, task, chi
 def test_one_process_strategies_are_the_chief(mirrored_strategy):
     for strategy in (mirrored_strategy, distribute.get_strategy("default")):
         assert distribute.task(strategy) == ("chief", 0) and distribute.is_chief(strategy)
+
+
+def test_runs_one_after_another_share_the_mirrored_strategy(mirrored_strategy, rng):
+    """Two fits of different shapes in one process, as two `cli.main` runs with strategy "mirrored"
+    make them: with a second MirroredStrategy the second fit's all-reduce fails (tensorflow#62790)."""
+    assert distribute.get_strategy("mirrored") is mirrored_strategy
+    for width in (8, 16):
+        with distribute.get_strategy("mirrored").scope():
+            model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(width), keras.layers.BatchNormalization(),
+                                      keras.layers.Dense(2)])
+            model.compile("sgd", "mse")
+        history = model.fit(rng.random((32, 4), np.float32), rng.random((32, 2), np.float32), batch_size=8, verbose=0)
+        assert np.isfinite(history.history["loss"][0])
 
 
 def test_tf_config_parses(monkeypatch):
