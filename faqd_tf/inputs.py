@@ -79,9 +79,22 @@ def first_line(error: BaseException, limit: int | None = None) -> str:
 
     >>> first_line(ValueError("bad value\nin detail")), first_line(ValueError()), first_line(OSError(" "))
     ('bad value', 'ValueError', 'OSError')
+
+    TensorFlow's graph errors open with a heading and the Python traceback of the op; their line
+    is the op's own message after it:
+
+    >>> first_line(ValueError("Graph execution error:\n\nDetected at node a/b defined at (most recent "
+    ...                       "call last):\n  File \"x.py\", line 1\n\n{{function_node f}} Shape mismatch "
+    ...                       "in the collective instance 100.\n\t [[{{node a/b}}]]"))
+    'Shape mismatch in the collective instance 100.'
     """
     text = str(getattr(error, "message", None) or error).strip()
-    line = text.splitlines()[0] if text else type(error).__name__
+    lines = text.splitlines()
+    line = lines[0] if text else type(error).__name__
+    if line.strip() == "Graph execution error:":
+        messages = [x for x in lines[1:] if x.strip() and not x[0].isspace() and not x.startswith("Detected at node")]
+        line = messages[0] if messages else line
+    line = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", line)
     return line if limit is None else clip(line, limit)
 
 
