@@ -150,6 +150,17 @@ class Workspace:
         validation = self.validation()
         return self.dataset(train), self.dataset(validation[0]) if validation else None
 
+    def recalibration_images(self, count: int) -> np.ndarray:
+        """The first `count` training images (of `dataset.limit`'s subset when set) for
+        `student.recalibrate_bn`: as the model sees images at test time (no augmentation), in the
+        file order (class-mixed), so every run and every worker takes the same ones."""
+        d = self.dataset_config
+        images = data.load(
+            d["source"], "train", labels=False, batch_size=self.eval_batch_size, shuffle=False, augment=False,
+            image_size=d["image_size"], limit=min(count, d["limit"] or count), data_dir=d["data_dir"], cache=False,
+        )
+        return np.concatenate(list(images.as_numpy_iterator()))
+
     # --- models
 
     def load_model(self, path: str, key: str) -> keras.Model:
@@ -290,6 +301,22 @@ class Stage:
         raise NotImplementedError
 
 
+def _check_recalibration(ws: Workspace, student_config: dict, dataset: dict, student: keras.Model) -> None:
+    """`student.recalibrate_bn` can work on `student`: it has BatchNormalization layers, and the
+    images fit in memory (`recalibrate_batchnorm` holds them all)."""
+    count = student_config["recalibrate_bn"]
+    if not count:
+        return
+    if not any(isinstance(layer, keras.layers.BatchNormalization) for _, layer, _ in iter_layers(student)):
+        raise UsageError(f"student.recalibrate_bn: the student {student.name!r} has no BatchNormalization "
+                         "layer to recalibrate; set student.recalibrate_bn to null.")
+    per_image = 4 * int(np.prod(ws.info.image_shape))
+    fits = RECALIBRATION_BYTES // per_image
+    if min(count, dataset["limit"] or count) > fits:
+        raise UsageError(f"student.recalibrate_bn={count} would hold {count * per_image / 2**30:.1f} GiB of "
+                         f"{'x'.join(map(str, ws.info.image_shape))} images in memory; use at most {fits}.")
+
+
 def _has_quantized_kernel(model):
     return any(quantized_kernel_bits(layer) is not None for _, layer, _ in iter_layers(model))
 
@@ -385,23 +412,10 @@ class DistillStage(Stage):
         if self.student["init"] == "scratch":
             self.ws.check_arch(self.student_arch, "student.arch")
         student = self._check_distiller(checked.teacher)
-        if self.student["recalibrate_bn"]:
-            self._check_recalibration(student)
+        _check_recalibration(self.ws, self.student, self.dataset, student)
         # Two steps: the weights are quantized in the second.
         checked.quantized = self.two_step or _has_quantized_kernel(student)
         checked.student = student
-
-    def _check_recalibration(self, student):
-        count = self.student["recalibrate_bn"]
-        if not any(isinstance(layer, keras.layers.BatchNormalization) for _, layer, _ in iter_layers(student)):
-            raise UsageError(f"student.recalibrate_bn: the student {student.name!r} has no BatchNormalization "
-                             "layer to recalibrate; set student.recalibrate_bn to null.")
-        # recalibrate_batchnorm holds its images in memory (every layer needs a pass over them).
-        per_image = 4 * int(np.prod(self.ws.info.image_shape))
-        fits = RECALIBRATION_BYTES // per_image
-        if min(count, self.dataset["limit"] or count) > fits:
-            raise UsageError(f"student.recalibrate_bn={count} would hold {count * per_image / 2**30:.1f} GiB of "
-                             f"{'x'.join(map(str, self.ws.info.image_shape))} images in memory; use at most {fits}.")
 
     def _check_distiller(self, teacher):
         """Builds the stage's Distiller once, untrained: the student, the FA layer pairs, the loss
@@ -461,16 +475,8 @@ class DistillStage(Stage):
         images in the same order, so the same statistics)."""
         count = self.student["recalibrate_bn"]
         if count and stage == DISTILL:
-            d = self.dataset
-            # The training split as the model sees it at test time: no augmentation, the file order
-            # (class-mixed; `dataset.limit`'s subset when set), so every worker takes the same images.
             start = time.perf_counter()
-            images = data.load(
-                d["source"], "train", labels=False, batch_size=self.ws.eval_batch_size, shuffle=False,
-                augment=False, image_size=d["image_size"], limit=min(count, d["limit"] or count),
-                data_dir=d["data_dir"], cache=False,
-            )
-            images = np.concatenate(list(images.as_numpy_iterator()))
+            images = self.ws.recalibration_images(count)
             names = recalibrate_batchnorm(student, images)
             say(f"stage distill: re-estimated the statistics of {len(names)} BatchNormalization layers on "
                 f"{len(images)} unlabeled training images in {time.perf_counter() - start:.1f} s")
@@ -649,6 +655,15 @@ class TuneStage(Stage):
     def datasets(self):
         return [Data("train", self.dataset["labels"], self.train["batch_size"]), Data("validation", True)]
 
+    def student_fn(self, teacher: keras.Model) -> Callable[[], keras.Model]:
+        """A fresh quantized student of `teacher` for each trial."""
+        s = self.student
+        return lambda: quantize_model(teacher, weight_bits=s["weight_bits"], activation_bits=s["activation_bits"],
+                                      per_channel=s["per_channel"], alpha_rate=s["alpha_rate"])
+
+    def check(self, checked):
+        _check_recalibration(self.ws, self.student, self.dataset, self.student_fn(checked.teacher)())
+
     def run(self):
         from faqd_tf import tuning
 
@@ -658,12 +673,14 @@ class TuneStage(Stage):
         steps = ws.steps(train_ds, self.train)
         hypermodel = tuning.FAQDHyperModel.from_config(
             teacher, self.distill,
-            student_fn=lambda: quantize_model(teacher, weight_bits=s["weight_bits"], activation_bits=s["activation_bits"],
-                                              per_channel=s["per_channel"], alpha_rate=s["alpha_rate"]),
+            student_fn=self.student_fn(teacher),
             optimizer_fn=lambda: training.make_optimizer({**self.train, "epochs": tune["epochs"]}, steps),
             label_free=not self.dataset["labels"], tune_fa=tune["tune_fa"],
+            # A trial scores the student the distill stage would save.
+            recalibrate_images=ws.recalibration_images(s["recalibrate_bn"]) if s["recalibrate_bn"] else None,
         )
-        say(f"tuning: {self.trials} {tune['tuner']} trials of {tune['epochs']} epoch(s), objective val_accuracy")
+        after = " after BN recalibration" if s["recalibrate_bn"] else ""
+        say(f"tuning: {self.trials} {tune['tuner']} trials of {tune['epochs']} epoch(s), objective val_accuracy{after}")
         best, _ = tuning.search(hypermodel, train_ds, val_ds, tuner=tune["tuner"], max_trials=self.trials,
                                 epochs=tune["epochs"], directory=os.path.join(ws.out, "tuning"),
                                 project_name="faqd", overwrite=ws.overwrite)

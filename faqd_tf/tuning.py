@@ -52,6 +52,7 @@ import numpy as np
 import tensorflow as tf
 
 from faqd_tf import options
+from faqd_tf.batchnorm import recalibrate_batchnorm
 from faqd_tf.distiller import Distiller
 from faqd_tf.quantize import set_alpha_decay
 
@@ -126,6 +127,11 @@ class FAQDHyperModel(keras_tuner.HyperModel):
         label_free: the training batches carry no labels, so gamma is 0 (eq. 11 of the paper).
             With `label_free=False` the training batches must be (images, labels).
         tune_fa: add the Boolean `use_fa` (FA term on/off); False keeps FA on (when `fa` is set).
+        recalibrate_images: unlabeled images; when given, every trial ends by re-estimating its
+            student's BatchNormalization statistics on them (`faqd_tf.recalibrate_batchnorm`, as
+            the config's `student.recalibrate_bn` does) and its objective is the validation
+            accuracy after that, the student it would ship. The weights a trial saves are those of
+            its best epoch, before the recalibration.
         metrics: compiled metrics of the Distiller; must yield the objective's `accuracy`.
         name, tunable: as for `keras_tuner.HyperModel`.
 
@@ -157,6 +163,7 @@ class FAQDHyperModel(keras_tuner.HyperModel):
         temperatures: float | Sequence[float] = (1, 2, 4, 8),
         label_free: bool = True,
         tune_fa: bool = True,
+        recalibrate_images: np.ndarray | None = None,
         metrics: Sequence | None = ("accuracy",),
         name: str = "faqd",
         tunable: bool = True,
@@ -200,6 +207,7 @@ class FAQDHyperModel(keras_tuner.HyperModel):
         self.gamma_range = (0.0, 0.0) if self.label_free else _range("gamma_range", gamma_range, log=False)
         self.temperatures = _choices("temperatures", temperatures) if kd == "kl" else [1.0]
         self.metrics = list(metrics) if metrics is not None else None
+        self.recalibrate_images = recalibrate_images
         self.fixed_kwargs = fixed  # the Distiller arguments that no hyperparameter sets
 
     @classmethod
@@ -259,6 +267,20 @@ class FAQDHyperModel(keras_tuner.HyperModel):
             set_alpha_decay(student, optimizer, float(optimizer.weight_decay))
         distiller.compile(optimizer=optimizer, metrics=self.metrics)
         return distiller
+
+    def fit(self, hp, model, *args, **kwargs):
+        """`model.fit`; with `recalibrate_images`, then the recalibration and the validation
+        metrics after it (`val_<name>`), which keras-tuner takes as the trial's result."""
+        history = model.fit(*args, **kwargs)
+        if self.recalibrate_images is None:
+            return history
+        validation = kwargs.get("validation_data")
+        if validation is None:
+            raise ValueError("recalibrate_images needs validation_data: the objective is scored after the recalibration.")
+        recalibrate_batchnorm(model.student, self.recalibrate_images)
+        x, y = (validation[0], validation[1]) if isinstance(validation, (tuple, list)) else (validation, None)
+        logs = model.evaluate(x, y, batch_size=kwargs.get("batch_size"), verbose=0, return_dict=True)
+        return {f"val_{name}": float(value) for name, value in logs.items()}
 
 
 def _deprecated_distiller_kwargs(deprecated):

@@ -139,7 +139,7 @@ def test_sigkill_then_same_command_resumes(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.isdir(FMNIST), reason="needs the Debian package dataset-fashion-mnist")
-def test_tune_writes_best_config(tmp_path):
+def test_tune_writes_best_config(tmp_path, capsys):
     from faqd_tf import models
 
     teacher = models.get("resnet8", input_shape=(28, 28, 1))
@@ -149,10 +149,12 @@ def test_tune_writes_best_config(tmp_path):
         tmp_path,
         dataset={"limit": 64, "eval_limit": 64},
         teacher={"arch": None, "file": str(teacher_file)},
-        student={"weight_bits": None, "activation_bits": 4},  # activation-only keeps tracing short
+        student={"weight_bits": None, "activation_bits": 4,  # activation-only keeps tracing short
+                 "recalibrate_bn": 32},  # the trials score the student the distill stage would save
         tune={"trials": 2, "epochs": 1, "tuner": "random"},
     )
     assert cli.main(["--config", cfg, "--tune"]) == 0
+    assert "objective val_accuracy after BN recalibration" in capsys.readouterr().out
     best = json.loads((tmp_path / "out" / "best_config.json").read_text())
     config.resolve(best)  # the written config is itself a valid config
     assert best["distill"]["gamma"] == 0.0  # label-free

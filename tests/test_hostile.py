@@ -442,8 +442,9 @@ def test_recalibrating_a_student_without_batchnorm_is_refused_before_training(tm
     teacher.save(tmp_path / "t.keras")
     cfg = write_config(tmp_path, f"idx:{idx}", teacher={"arch": None, "file": str(tmp_path / "t.keras")},
                        distill={"fa": None}, student={"recalibrate_bn": 1000})
-    refused(tmp_path, capsys, ["--config", cfg], r"student.recalibrate_bn: the student 'no_bn' has no "
-            r"BatchNormalization layer to recalibrate; set student.recalibrate_bn to null\.$")
+    for argv in ([], ["--tune"]):  # the tuning trials recalibrate too
+        refused(tmp_path, capsys, ["--config", cfg, *argv], r"student.recalibrate_bn: the student 'no_bn' has no "
+                r"BatchNormalization layer to recalibrate; set student.recalibrate_bn to null\.$")
 
 
 def test_recalibration_that_would_not_fit_in_memory_is_refused_before_training(tmp_path, idx, capsys, monkeypatch):

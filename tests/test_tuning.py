@@ -243,3 +243,26 @@ def test_best_distill_config_and_search_arguments(rng, tmp_path):
         search(hypermodel, images, images, directory=str(tmp_path))
     with pytest.raises(ValueError, match="tuner="):
         search(hypermodel, images, (images, np.zeros(4)), tuner="grid", directory=str(tmp_path))
+
+
+def test_a_trial_scores_its_student_after_bn_recalibration(rng, tmp_path):
+    """With `recalibrate_images`, a trial ends with its student's BatchNormalization statistics those
+    of the images (float64 NumPy at the first layer), and its score is the validation accuracy of
+    that student, computed by hand."""
+    teacher = tiny_teacher()
+    images, _ = data(rng)
+    val_images, val_labels = data(rng)
+    calibration = rng.normal(1.0, 2.0, size=(24, 12, 12, 3)).astype(np.float32)  # far from the training images
+    hypermodel = hypermodel_of(teacher, seed=3, recalibrate_images=calibration)
+    trained = []
+    fit = hypermodel.fit
+    hypermodel.fit = lambda hp, model, *args, **kwargs: (trained.append(model), fit(hp, model, *args, **kwargs))[1]
+    _, tuner = search(hypermodel, images, (val_images, val_labels), max_trials=1, epochs=1, batch_size=16,
+                      directory=str(tmp_path), project_name="recal", seed=int(rng.integers(2**31)))
+    (trial,) = tuner.oracle.trials.values()
+    student = trained[0].student
+    bn1 = student.get_layer("bn1")
+    u = np.asarray(keras.Model(student.input, bn1.input)(calibration, training=False), np.float64)
+    np.testing.assert_allclose(bn1.moving_mean.numpy(), u.reshape(-1, u.shape[-1]).mean(0), rtol=1e-4, atol=1e-5)
+    accuracy = np.mean(np.argmax(student.predict(val_images, verbose=0), axis=1) == val_labels)
+    assert trial.score == pytest.approx(accuracy, abs=1e-6)
