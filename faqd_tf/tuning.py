@@ -52,7 +52,7 @@ import numpy as np
 import tensorflow as tf
 
 from faqd_tf import options
-from faqd_tf.batchnorm import recalibrate_batchnorm
+from faqd_tf.batchnorm import _images, recalibrate_batchnorm
 from faqd_tf.distiller import Distiller
 from faqd_tf.quantize import set_alpha_decay
 
@@ -207,6 +207,9 @@ class FAQDHyperModel(keras_tuner.HyperModel):
         self.gamma_range = (0.0, 0.0) if self.label_free else _range("gamma_range", gamma_range, log=False)
         self.temperatures = _choices("temperatures", temperatures) if kd == "kl" else [1.0]
         self.metrics = list(metrics) if metrics is not None else None
+        if recalibrate_images is not None:
+            # Shape, dtype and values checked against the teacher's input before any trial trains.
+            _images(recalibrate_images, teacher, None)
         self.recalibrate_images = recalibrate_images
         self.fixed_kwargs = fixed  # the Distiller arguments that no hyperparameter sets
 
@@ -271,12 +274,12 @@ class FAQDHyperModel(keras_tuner.HyperModel):
     def fit(self, hp, model, *args, **kwargs):
         """`model.fit`; with `recalibrate_images`, then the recalibration and the validation
         metrics after it (`val_<name>`), which keras-tuner takes as the trial's result."""
+        validation = kwargs.get("validation_data")
+        if self.recalibrate_images is not None and validation is None:
+            raise ValueError("recalibrate_images needs validation_data: the objective is scored after the recalibration.")
         history = model.fit(*args, **kwargs)
         if self.recalibrate_images is None:
             return history
-        validation = kwargs.get("validation_data")
-        if validation is None:
-            raise ValueError("recalibrate_images needs validation_data: the objective is scored after the recalibration.")
         recalibrate_batchnorm(model.student, self.recalibrate_images)
         x, y = (validation[0], validation[1]) if isinstance(validation, (tuple, list)) else (validation, None)
         logs = model.evaluate(x, y, batch_size=kwargs.get("batch_size"), verbose=0, return_dict=True)

@@ -266,3 +266,9 @@ def test_a_trial_scores_its_student_after_bn_recalibration(rng, tmp_path):
     np.testing.assert_allclose(bn1.moving_mean.numpy(), u.reshape(-1, u.shape[-1]).mean(0), rtol=1e-4, atol=1e-5)
     accuracy = np.mean(np.argmax(student.predict(val_images, verbose=0), axis=1) == val_labels)
     assert trial.score == pytest.approx(accuracy, abs=1e-6)
+
+
+def test_recalibration_images_that_do_not_fit_the_teacher_are_refused_at_once(rng):
+    teacher = tiny_teacher()
+    with pytest.raises(ValueError, match=r"images have shape \(8, 8, 3\) .* takes \(12, 12, 3\)"):
+        hypermodel_of(teacher, recalibrate_images=rng.normal(size=(4, 8, 8, 3)))
