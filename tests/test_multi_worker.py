@@ -64,11 +64,11 @@ def log_tail(log_dir, tag, n=2):
     return "\n".join(open(os.path.join(log_dir, f"{tag}_worker{i}.log")).read()[-1500:] for i in range(n))
 
 
-def distill_config(tmp_path, teacher_file, output_dir, weight_bits=4, **train):
+def distill_config(tmp_path, teacher_file, output_dir, weight_bits=4, recalibrate_bn=None, **train):
     cfg = {
         "dataset": {"source": f"idx:{FMNIST}", "limit": 128, "eval_limit": 64, "augment": False},
         "teacher": {"arch": None, "file": str(teacher_file)},
-        "student": {"weight_bits": weight_bits},
+        "student": {"weight_bits": weight_bits, "recalibrate_bn": recalibrate_bn},
         "distill": {"kd": "kl", "temperature": 4.0, "fa": "exact"},
         "train": {"epochs": 2, "batch_size": 32, "lr": 0.05, **train},
         "strategy": "multi_worker",
@@ -103,7 +103,8 @@ def test_two_workers_agree_and_match_one_process(tmp_path, teacher_file):
     # Full-precision weights: with 4-bit weights a float32 rounding difference can move a weight
     # across a quantization threshold, and the runs then drift apart by whole quantization steps
     # (measured: 1.4% of the logits after 8 steps), which says nothing about the distribution.
-    cfg = distill_config(tmp_path, teacher_file, out, weight_bits=None)
+    # Each worker recalibrates its own copy on the same images: the copies stay identical.
+    cfg = distill_config(tmp_path, teacher_file, out, weight_bits=None, recalibrate_bn=64)
     command = [sys.executable, "train.py", "--config", cfg, "--stage", "distill"]
     # The reference: one process (a one-worker cluster) fed the same global batches of 32; the two
     # workers take 16 of each. It runs the same Keras code path: fit under a strategy draws one
@@ -133,6 +134,7 @@ def test_two_workers_agree_and_match_one_process(tmp_path, teacher_file):
             assert np.linalg.norm(a - b) <= 0.05 * moved, np.linalg.norm(a - b) / moved
     with open(out / "history.csv") as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1]
+    assert "on 64 unlabeled training images" in open(tmp_path / "run_worker1.log").read()
 
 
 @pytest.mark.parametrize("n,batch", [(90, 20)])
