@@ -281,8 +281,9 @@ class FAQDHyperModel(keras_tuner.HyperModel):
         if self.recalibrate_images is None:
             return history
         recalibrate_batchnorm(model.student, self.recalibrate_images)
-        x, y = (validation[0], validation[1]) if isinstance(validation, (tuple, list)) else (validation, None)
-        logs = model.evaluate(x, y, batch_size=kwargs.get("batch_size"), verbose=0, return_dict=True)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(validation)
+        logs = model.evaluate(x, y, sample_weight=sample_weight, batch_size=kwargs.get("batch_size"), verbose=0,
+                              return_dict=True)
         return {f"val_{name}": float(value) for name, value in logs.items()}
 
 
