@@ -156,7 +156,7 @@ def report(rows, command):
         return f"{stat[0]:+.2f}" + (f" ± {stat[1]:.2f}" if np.isfinite(stat[1]) else "") + " points"
 
     for (init, bits, epochs), (fa, kl, agree, acc, recal) in ratios:
-        lines.append(f"- {init}, {bits}-bit, {epochs} epochs, FAQD against KD only paired over {fa[2]} seeds: "
+        lines.append(f"- {init}, {bits}-bit, {epochs} epochs, FAQD against KD only paired over {fa[2]} seed{'s' * (fa[2] != 1)}: "
                      f"FA distance {change(fa)}; KL from the teacher's logits {change(kl)}; top-1 agreement with "
                      f"the teacher {points(agree)}; accuracy {points(acc)} as trained, {points(recal)} after BN "
                      "recalibration.")
@@ -164,7 +164,7 @@ def report(rows, command):
               "images, 5,000 by default; `student.recalibrate_bn` in a config does the same at the end of "
               "the distill stage): accuracy after it minus as trained, the same student:", ""]
     for (init, bits, epochs, arm), stat in recalibration:
-        lines.append(f"- {init}, {bits}-bit, {epochs} epochs, {arm} ({stat[2]} students): {points(stat)}; "
+        lines.append(f"- {init}, {bits}-bit, {epochs} epochs, {arm} ({stat[2]} student{'s' * (stat[2] != 1)}): {points(stat)}; "
                      f"per student {', '.join(f'{v:+.2f}' for v in stat[3])}.")
     return "\n".join(lines) + "\n"
 
