@@ -2,10 +2,10 @@
 
 Importing the package loads no TensorFlow, so that the command line (`faqd_tf.cli`, which Python
 imports after this package) answers `--help` and refuses a bad config at once. The names below load
-on first use. A module registers its Keras classes when it loads, so saved models load with
-`keras.models.load_model(path, safe_mode=True)` once `faqd_tf.layers` has (the layers and quantizers):
-`import faqd_tf.layers`, or use `faqd_tf.models`, `quantize_model` or `Distiller`, which load it.
-Deployment (`faqd_tf.export`: packed files, TFLite) is imported on demand.
+on first use. The package's Keras classes register as soon as Keras is loaded, before or after this
+import (`faqd_tf.registration`), so after `import faqd_tf` alone any model the library saved loads
+with `keras.models.load_model(path, safe_mode=True)`. Deployment (`faqd_tf.export`: packed files,
+TFLite, ONNX) is imported on demand.
 
 >>> import faqd_tf
 >>> faqd_tf.quantize_model.__module__, faqd_tf.layers.QuantConv2D.__name__
@@ -14,6 +14,7 @@ Deployment (`faqd_tf.export`: packed files, TFLite) is imported on demand.
 
 from importlib import import_module as _import_module
 
+from faqd_tf import registration as _registration
 from faqd_tf._version import __version__
 from faqd_tf.summary import summary  # loads Keras only when it runs
 
@@ -44,3 +45,6 @@ def __getattr__(name):
 
 def __dir__():
     return sorted(set(globals()) | set(__all__))
+
+
+_registration.install()  # last: registering may import the package's modules, which need the names above

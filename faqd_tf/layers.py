@@ -115,6 +115,18 @@ class QuantizedKernelMixin:
                 trainable=False,
             )
 
+    # Keras's Conv and Dense layers save only their kernel and bias (store keys "0", "1"); the
+    # BinaryRelax lambda goes after them, or a relaxed model would neither load nor resume.
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        if self.built and self.relax_lambda is not None:
+            store[str(len(store.keys()))] = self.relax_lambda
+
+    def load_own_variables(self, store):
+        super().load_own_variables(store)
+        if self.built and self.relax_lambda is not None:
+            self.relax_lambda.assign(store[str(len(store.keys()) - 1)])
+
     def add_weight(self, *args, **kwargs):
         # The kernel is never autocast: under mixed precision the quantizer reads the stored float32
         # weights, so the codes equal those of the float32 path; quantized_kernel() casts the

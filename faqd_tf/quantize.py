@@ -100,6 +100,10 @@ def quantize_model(
         return QuantReLU(bits=activation_bits, alpha_rate=alpha_rate, alpha_regularizer=regularizer, name=name, dtype=dtype)
 
     def clone(layer):
+        if not isinstance(layer, keras.layers.Layer):
+            # Keras operations written on tensors (`x + c`, `keras.ops.*` in a functional graph) hold
+            # no weights: the twin reuses them.
+            return layer
         config = layer.get_config()
         # A teacher is frozen once a Distiller holds it; its quantized twin is there to be trained.
         config["trainable"] = True

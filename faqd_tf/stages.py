@@ -25,7 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from faqd_tf import data, distribute, inputs, models, terms, training
+from faqd_tf import data, distribute, inputs, models, registration, terms, training
 from faqd_tf.batchnorm import recalibrate_batchnorm
 from faqd_tf.callbacks import (
     BinaryRelaxScheduler,
@@ -170,7 +170,17 @@ class Workspace:
             raise UsageError(f"{key} {path} does not exist; point it at a .keras model file.")
         try:
             model = keras.models.load_model(path, safe_mode=True)
-        except (ValueError, OSError, zipfile.BadZipFile, KeyError, TypeError) as e:
+        except TypeError as e:
+            missing = _unregistered(path)
+            if not missing:
+                raise UsageError(f"{key} {path} is not a loadable Keras model ({inputs.first_line(e, 200)}); give a "
+                                 ".keras file saved by Keras 3.") from None
+            (name, module), more = missing[0], f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            module = inputs.shorten(module)
+            raise UsageError(f"{key} {path} needs the class {name}{more} (module {module}), which is not registered; "
+                             f"load it from Python after `import {module}` (the command line knows Keras's and "
+                             "faqd-tf's classes only).") from None
+        except (ValueError, OSError, zipfile.BadZipFile, KeyError) as e:
             raise UsageError(f"{key} {path} is not a loadable Keras model ({inputs.first_line(e, 200)}); give a .keras "
                              "file saved by Keras 3.") from None
         if not isinstance(model, keras.Model):
@@ -262,12 +272,20 @@ class Workspace:
         passes = train_ds if not train["steps_per_epoch"] else None
         model.fit(train_ds.repeat() if train["steps_per_epoch"] else train_ds, epochs=train["epochs"],
                   steps_per_epoch=train["steps_per_epoch"], validation_data=val_ds,
-                  callbacks=self.callbacks(stage, history_csv, extra, at_start, passes), verbose="auto", shuffle=False)
+                  callbacks=self.callbacks(stage, history_csv, extra, at_start, passes),
+                  verbose=training.progress_verbosity(), shuffle=False)
         save()
         # Every worker has saved its copy before the chief removes the shared backup.
         distribute.barrier(self.strategy)
         if self.chief:
             shutil.rmtree(self.backup(stage), ignore_errors=True)
+
+
+def _unregistered(path: str) -> list[tuple[str, str]]:
+    try:
+        return registration.unregistered_classes(path)
+    except ValueError:
+        return []
 
 
 class Stage:
@@ -613,7 +631,7 @@ class EvaluateStage(Stage):
         say(f"stage evaluate: teacher and student on the {self.dataset['source']} test split")
         for role, path in (("teacher", ws.teacher_path), ("student", ws.student_path)):
             model = ws.load_model(path, f"{role} file")
-            logs = training.evaluate_classifier(model, test_ds, verbose="auto")
+            logs = training.evaluate_classifier(model, test_ds, verbose=training.progress_verbosity())
             info = summary(model, print_fn=None)
             results[role] = {
                 "file": path, "accuracy": float(logs["accuracy"]), "loss": float(logs["loss"]),

@@ -4,6 +4,7 @@ model save that neither a kill nor a full disk leaves half-written."""
 import contextlib
 import os
 import stat
+import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,20 @@ def make_optimizer(train: dict, steps_per_epoch: int) -> "keras.optimizers.Optim
         lr, momentum=float(train["momentum"]), nesterov=train["nesterov"], weight_decay=train["weight_decay"] or None,
         global_clipnorm=clip,
     )
+
+
+def progress_verbosity(stream=None) -> int:
+    """Keras's `verbose` for `fit`/`evaluate` printing to `stream` (default stdout): the progress bar
+    (1) in a terminal, one line per epoch (2) elsewhere. In a log file the bar's redraws are joined by
+    carriage returns into one line of several kilobytes per epoch.
+
+    >>> import io
+    >>> progress_verbosity(io.StringIO())
+    2
+    """
+    stream = sys.stdout if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    return 1 if callable(isatty) and isatty() else 2
 
 
 def compile_classifier(model: "keras.Model",

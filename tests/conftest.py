@@ -6,6 +6,8 @@ seed is printed with a failing test's report so the failure can be replayed with
 """
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -54,3 +56,26 @@ def mirrored_strategy():
     strategy = distribute.get_strategy("mirrored")
     assert strategy.num_replicas_in_sync == len(CPU_DEVICES), strategy.extended.worker_devices
     return strategy
+
+
+_BFLOAT16_PROBE = """
+import tensorflow as tf
+x, k = tf.ones((1, 8, 8, 3), tf.bfloat16), tf.ones((3, 3, 3, 4), tf.bfloat16)
+tf.nn.conv2d(x, k, 1, "SAME")
+tf.function(lambda a, b: tf.matmul(a, b))(tf.ones((2, 6), tf.bfloat16), tf.ones((6, 4), tf.bfloat16))
+"""
+
+
+@pytest.fixture(scope="session")
+def bfloat16_kernels():
+    """Skips a test unless this CPU's kernels run bfloat16 convolutions and matmuls.
+
+    Capped below AVX-512 (`ONEDNN_MAX_CPU_ISA=AVX2`, the kernels of a CPU without it), oneDNN has
+    no bfloat16 convolution ("could not create a primitive descriptor") and its bfloat16 matmul
+    crashes the process, while TensorFlow, reading the CPU's own features, still sends bfloat16 to
+    oneDNN. The probe runs in a subprocess so that a crash costs only the probe.
+    """
+    proc = subprocess.run([sys.executable, "-c", _BFLOAT16_PROBE], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "the CPU's default")
+        pytest.skip(f"this CPU's kernels ({isa}) do not run bfloat16 (probe exit code {proc.returncode})")

@@ -132,6 +132,9 @@ def test_sigkill_then_same_command_resumes(tmp_path):
 
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
+    # Not a terminal: one line per epoch, no progress bar redrawn with carriage returns.
+    assert "\r" not in again.stdout and max(map(len, again.stdout.splitlines())) < 400, again.stdout[-2000:]
+    assert "Epoch 3/4" in again.stdout and "Epoch 4/4" in again.stdout
     epochs = _epochs_in(history)
     assert epochs == [0, 1, 2, 3], epochs  # nothing lost, nothing trained twice
     assert os.path.exists(tmp_path / "out" / "teacher.keras")

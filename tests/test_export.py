@@ -489,9 +489,18 @@ def test_full_integer_agrees_with_the_trained_student(tmp_path):
     for name in ("relu1", "relu2"):  # the quantized ReLU levels k*alpha are int8 k - 128
         alpha = float(model.get_layer(name).alpha.numpy())
         assert any(np.isclose(scale, alpha, rtol=1e-6) and zero == -128 for scale, zero in grids), (name, alpha, grids)
-    want = model(x_test, training=False).numpy().argmax(1)
-    got = run_tflite(path, x_test).argmax(1)
-    assert np.mean(got == want) >= 0.97
+    want, got = model(x_test, training=False).numpy(), run_tflite(path, x_test)
+    # int8 activations move the logits a little; top-1 can flip only where the float logits' top
+    # two are about as close. Measured (benchmark-style, seeds 0-7, AMD EPYC, default and
+    # ONEDNN_MAX_CPU_ISA=AVX2 kernels): relative logit error 0.015-0.037, largest error 0.016-0.056
+    # of the logits' range, flips only at margins <= 0.036 (top-1 agreement 0.9675-1.0, so a bar on
+    # agreement itself has no margin). So: the error at twice the worst seen, and every sample whose
+    # top-two margin is over 0.15 of the range agrees (124-399 of the 400 samples, 124 at seed 7).
+    assert np.linalg.norm(got - want) <= 0.08 * np.linalg.norm(want)
+    top2 = np.sort(want, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 0.15 * np.ptp(want)
+    assert clear.sum() >= 40, clear.sum()
+    np.testing.assert_array_equal(got[clear].argmax(1), want[clear].argmax(1))
 
 
 def test_full_integer_resnet_keeps_every_code(rng, tmp_path):

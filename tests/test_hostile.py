@@ -436,6 +436,24 @@ def test_teacher_that_does_not_fit_the_data(tmp_path, idx, capsys, kwargs, words
             f"teacher.file .*t.keras {words}")
 
 
+class _ScaleByTwo(keras.layers.Layer):
+    def call(self, x):
+        return 2.0 * x
+
+
+def test_teacher_with_a_class_nobody_registered_is_named_with_its_module(tmp_path, idx, capsys):
+    keras.saving.register_keras_serializable(package="elsewhere")(_ScaleByTwo)
+    try:
+        inputs = keras.Input((*HW, 1))
+        outputs = keras.layers.Dense(CLASSES)(keras.layers.Flatten()(_ScaleByTwo()(inputs)))
+        keras.Model(inputs, outputs).save(tmp_path / "t.keras")
+    finally:
+        del keras.saving.get_custom_objects()["elsewhere>_ScaleByTwo"]
+    refused(tmp_path, capsys, ["--config", write_config(tmp_path, f"idx:{idx}", teacher={"arch": None, "file": str(tmp_path / "t.keras")})],
+            r"teacher.file .*t.keras needs the class elsewhere>_ScaleByTwo \(module tests.test_hostile\), which is not "
+            r"registered; load it from Python after `import tests.test_hostile`")
+
+
 def test_recalibrating_a_student_without_batchnorm_is_refused_before_training(tmp_path, idx, capsys):
     teacher = keras.Sequential([keras.Input((*HW, 1)), keras.layers.Conv2D(4, 3), keras.layers.GlobalAveragePooling2D(),
                                 keras.layers.Dense(CLASSES)], name="no_bn")

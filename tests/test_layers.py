@@ -302,7 +302,7 @@ def test_kernel_codes_are_the_weight_codes_of_the_kernel_as_quantized(rng, bits,
         dense.kernel_codes()
 
 
-def test_kernel_is_read_in_float32_under_mixed_precision(rng):
+def test_kernel_is_read_in_float32_under_mixed_precision(rng, bfloat16_kernels):
     x = rng.normal(size=(2, 6)).astype(np.float32)
     reference = QuantDense(4, weight_bits=4, per_channel=True, name="fc")
     reference(x)

@@ -401,9 +401,15 @@ def draws(rng, t, s, m, k, fa_norm="fro2"):
 def test_ffa_probes_are_shared_by_the_batch_and_fresh_per_seed(rng):
     t, s = maps(rng, (1, 8, 8, 6)), maps(rng, (1, 8, 8, 3))
     twice = fast_feature_affinity_per_sample(np.repeat(t, 2, 0), np.repeat(s, 2, 0), k=3, seed=5).numpy()
-    assert twice[0] == twice[1]
-    assert fast_feature_affinity_per_sample(t, s, k=3, seed=5).numpy()[0] == twice[0]
-    assert fast_feature_affinity_per_sample(t, s, k=3, seed=6).numpy()[0] != twice[0]
+    once = fast_feature_affinity_per_sample(t, s, k=3, seed=5).numpy()[0]
+    other = fast_feature_affinity_per_sample(t, s, k=3, seed=6).numpy()[0]
+    # The same probes give the same estimate up to float32 rounding, which depends on the batch's
+    # shape and the CPU's kernels: the sums run over N*C = 384 products, so at most 384 * eps
+    # (4.6e-5) relative. Other probes move a k=3 estimate by a large fraction of itself.
+    bound = 384 * np.finfo(np.float32).eps
+    assert twice[1] == pytest.approx(twice[0], rel=bound)
+    assert once == pytest.approx(twice[0], rel=bound)
+    assert abs(other - twice[0]) > bound * abs(twice[0])
 
 
 def test_ffa_is_unbiased_and_spread_shrinks_like_sqrt_k(rng):

@@ -11,7 +11,7 @@ from faqd_tf.quantize import quantize_model
 
 
 @pytest.fixture
-def mixed_bfloat16():
+def mixed_bfloat16(bfloat16_kernels):
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
         yield

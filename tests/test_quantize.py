@@ -94,6 +94,27 @@ def test_keras_applications_twin_runs_trains_and_saves(rng, tmp_path, arch):
     np.testing.assert_allclose(loaded.predict(x, verbose=0), twin.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
 
 
+def test_operations_written_on_tensors_pass_through(rng, tmp_path):
+    # MobileNetV3 (hard-swish: x * relu6(x + 3) / 6) and ConvNeXt write math on tensors: their graph
+    # holds Keras operations that are not layers and have no weights.
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="conv")(inputs)
+    x = x * keras.ops.relu6(x + 3.0) / 6.0
+    x = keras.ops.mean(x, axis=(1, 2))
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(x))
+    twin = quantize_model(model, weight_bits=2)
+    assert twin.get_layer("conv").weight_bits == 2 and twin.get_layer("head").weight_bits is None
+    x = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
+    conv = twin.get_layer("conv")
+    u = conv(x).numpy().astype(np.float64)  # the quantized conv, then the same math in float64
+    want = np.mean(u * np.clip(u + 3.0, 0.0, 6.0) / 6.0, axis=(1, 2)) @ model.get_layer("head").kernel.numpy()
+    want += model.get_layer("head").bias.numpy()
+    np.testing.assert_allclose(twin(x).numpy(), want, rtol=1e-4, atol=1e-5)
+    twin.save(tmp_path / "ops.keras")
+    loaded = keras.models.load_model(tmp_path / "ops.keras", safe_mode=True)
+    np.testing.assert_allclose(loaded(x).numpy(), twin(x).numpy(), rtol=1e-6, atol=1e-6)
+
+
 def test_unsupported_layers_are_listed_and_bad_arguments_fail(rng):
     model = keras.Sequential(
         [keras.Input((8, 8, 3)), keras.layers.SeparableConv2D(4, 3, name="sep"), keras.layers.Flatten(), keras.layers.Dense(2)]

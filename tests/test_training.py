@@ -1,5 +1,6 @@
 """faqd_tf.training: the optimizer of a config, and a model save a kill cannot leave half-written."""
 
+import io
 import os
 
 import keras
@@ -121,3 +122,14 @@ def test_written_aside_removes_only_what_the_block_wrote(tmp_path, rng):
     with training.written_aside(path) as partial, open(partial, "wb") as f:
         f.write(payload[::-1])
     assert open(path, "rb").read() == payload[::-1] and os.listdir(tmp_path) == ["data.bin"]
+
+
+def test_progress_is_a_bar_in_a_terminal_and_a_line_per_epoch_elsewhere(tmp_path):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert training.progress_verbosity(Terminal()) == 1
+    assert training.progress_verbosity(io.StringIO()) == 2
+    with open(tmp_path / "log.txt", "w") as log:
+        assert training.progress_verbosity(log) == 2
