@@ -406,7 +406,7 @@ def test_ffa_probes_are_shared_by_the_batch_and_fresh_per_seed(rng):
     # The same probes give the same estimate up to float32 rounding, which depends on the batch's
     # shape and the CPU's kernels: the sums run over N*C = 384 products, so at most 384 * eps
     # (4.6e-5) relative. Other probes move a k=3 estimate by a large fraction of itself.
-    bound = 384 * np.finfo(np.float32).eps
+    bound = 384 * float(np.finfo(np.float32).eps)
     assert twice[1] == pytest.approx(twice[0], rel=bound)
     assert once == pytest.approx(twice[0], rel=bound)
     assert abs(other - twice[0]) > bound * abs(twice[0])
