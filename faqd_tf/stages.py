@@ -170,17 +170,14 @@ class Workspace:
             raise UsageError(f"{key} {path} does not exist; point it at a .keras model file.")
         try:
             model = keras.models.load_model(path, safe_mode=True)
-        except TypeError as e:
-            missing = _unregistered(path)
-            if not missing:
-                raise UsageError(f"{key} {path} is not a loadable Keras model ({inputs.first_line(e, 200)}); give a "
-                                 ".keras file saved by Keras 3.") from None
-            (name, module), more = missing[0], f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            module = inputs.shorten(module)
-            raise UsageError(f"{key} {path} needs the class {name}{more} (module {module}), which is not registered; "
-                             f"load it from Python after `import {module}` (the command line knows Keras's and "
-                             "faqd-tf's classes only).") from None
-        except (ValueError, OSError, zipfile.BadZipFile, KeyError) as e:
+        except (ValueError, OSError, zipfile.BadZipFile, KeyError, TypeError) as e:
+            missing = _unregistered(path) if isinstance(e, TypeError) else []
+            if missing:
+                (name, module), more = missing[0], f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                module = inputs.shorten(module)
+                raise UsageError(f"{key} {path} needs the class {name}{more} (module {module}), which is not "
+                                 f"registered; load it from Python after `import {module}` (the command line knows "
+                                 "Keras's and faqd-tf's classes only).") from None
             raise UsageError(f"{key} {path} is not a loadable Keras model ({inputs.first_line(e, 200)}); give a .keras "
                              "file saved by Keras 3.") from None
         if not isinstance(model, keras.Model):
