@@ -3,7 +3,7 @@
 `keras.models.load_model(path, safe_mode=True)` finds a custom class only once the module that
 defines it has run its `@keras.saving.register_keras_serializable`. `import faqd_tf` loads no
 TensorFlow (the command line answers `--help` and refuses a bad config at once), so it cannot import
-those modules itself. Instead it installs `install()`: where Keras is already imported, the classes
+those modules itself. Instead it calls `install()`: where Keras is already imported, the classes
 register at once; otherwise an import hook registers them right after `keras` has loaded. When one
 of faqd-tf's own modules is what imports Keras, the registration waits until the outermost faqd-tf
 module being imported has finished, since a half-loaded module cannot be imported from.
