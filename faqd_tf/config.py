@@ -93,6 +93,12 @@ def names(default=None):
 
 BITS = choice(None, [None, *SUPPORTED_BITS])
 
+LAYER_BITS = Field(
+    None,
+    lambda v: v is None or (isinstance(v, dict) and all(isinstance(k, str) and k and BITS.check(b) for k, b in v.items())),
+    'null or {"layer name or regex": 1, 2, 4, 8 or null, ...}',
+)
+
 
 def bits(default):
     return Field(default, BITS.check, "one of 1, 2, 4, 8 or null (full precision)")
@@ -151,6 +157,8 @@ SCHEMA = {
         "weight_bits": bits(4),
         "activation_bits": bits(None),
         "per_channel": boolean(False),
+        # Per-layer weight widths over weight_bits (faqd_tf.quantize_model's layer_bits), e.g. {"stem_conv": 8}.
+        "layer_bits": LAYER_BITS,
         "relax": optional_number(0, 1e6, strict=True, note=" (initial BinaryRelax lambda)"),
         "relax_eta": number(1.02, low=1.0, high=10.0, strict=True),
         "two_step": boolean(True),

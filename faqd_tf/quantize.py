@@ -11,6 +11,7 @@ taps and weight copies by name still resolve; the weights are copied (fine-tune 
 (2, None)
 """
 
+import re
 import warnings
 
 import keras
@@ -44,6 +45,72 @@ def _last_dense(model):
     return dense[-1:]
 
 
+def _kernel_layers(model):
+    return [layer for layer in model.layers if any(isinstance(layer, base) for base, _ in _KERNEL_LAYERS)]
+
+
+def resolve_layer_bits(model, weight_bits=4, layer_bits=None, skip=None) -> dict:
+    """The weight width of each layer of `model` that `quantize_model` quantizes, by name.
+
+    A layer gets the most specific entry of `layer_bits` that matches it (an exact name before a
+    regular expression matching its whole name, and among expressions the one matching the fewest
+    layers), else None when `skip` names it (by default the last Dense, the classifier), else
+    `weight_bits`. Widths are 1, 2, 4, 8, or None for full precision.
+
+    >>> from faqd_tf.models import resnet_cifar
+    >>> widths = resolve_layer_bits(resnet_cifar(8), 1, {"stem_conv": 8})
+    >>> widths["stem_conv"], widths["s1b1_conv1"], widths["logits"]
+    (8, 1, None)
+    """
+    weight_bits = quantizers.check_bits(weight_bits, "weight_bits", allow_none=True)
+    kernel_names = [layer.name for layer in _kernel_layers(model)]
+    names = {layer.name for layer in model.layers}
+    explicit_skip = skip is not None
+    skip = set(_last_dense(model) if skip is None else skip)
+    unknown = sorted(skip - names)
+    if unknown:
+        raise ValueError(f"skip names layers the model does not have: {unknown}.")
+    if layer_bits is None:
+        layer_bits = {}
+    if not isinstance(layer_bits, dict):
+        raise ValueError(f"layer_bits must be a dict of layer name (or regex) -> bits, got {layer_bits!r}.")
+    matches = {}
+    for pattern, bits in layer_bits.items():
+        quantizers.check_bits(bits, f"layer_bits[{pattern!r}]", allow_none=True)
+        if not isinstance(pattern, str):
+            raise ValueError(f"layer_bits keys are layer names or regular expressions, got {pattern!r}.")
+        if pattern in kernel_names:
+            matches[pattern] = [pattern]
+            continue
+        try:
+            regex = re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"layer_bits key {pattern!r} is neither a layer name nor a regular expression ({err}).") from None
+        matches[pattern] = [n for n in kernel_names if regex.fullmatch(n)]
+        if not matches[pattern]:
+            raise ValueError(
+                f"layer_bits key {pattern!r} matches no layer with a kernel; such layers are: "
+                f"{', '.join(kernel_names[:8])}{', ...' if len(kernel_names) > 8 else ''}."
+            )
+    widths = {}
+    for name in kernel_names:
+        hits = [p for p, ns in matches.items() if name in ns]
+        if not hits:
+            widths[name] = None if name in skip else weight_bits
+            continue
+        if explicit_skip and name in skip:
+            raise ValueError(f"layer {name!r} is both in skip and in layer_bits ({hits[0]!r}); name it in one.")
+        # Exact names first, then the expression that matches the fewest layers.
+        ranked = sorted(hits, key=lambda p: (p != name, len(matches[p])))
+        if len(ranked) > 1 and (ranked[0] != name) and len(matches[ranked[0]]) == len(matches[ranked[1]]):
+            raise ValueError(
+                f"layer {name!r} matches layer_bits keys {ranked[0]!r} and {ranked[1]!r} equally; make one "
+                "more specific."
+            )
+        widths[name] = layer_bits[ranked[0]]
+    return widths
+
+
 def _as_functional(model):
     if isinstance(model, keras.Sequential):
         inputs = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
@@ -56,7 +123,7 @@ def _as_functional(model):
 
 def quantize_model(
     model, weight_bits=4, activation_bits=None, per_channel=False, skip=None, relax=None, copy_weights=True,
-    alpha_rate=quantizers.DEFAULT_ALPHA_RATE,
+    alpha_rate=quantizers.DEFAULT_ALPHA_RATE, layer_bits=None,
 ):
     """Returns the quantized twin of a Sequential or Functional Keras model.
 
@@ -71,6 +138,8 @@ def quantize_model(
         copy_weights: start from the model's weights (fine-tuning); False keeps fresh
             initial weights (end-to-end quantization).
         alpha_rate: the alpha update of every `QuantReLU` (see `QuantReLU`); None: raw eq. (5).
+        layer_bits: per-layer weight widths, ``{"layer name or regex": bits or None}``, over
+            `weight_bits` and `skip` (see `resolve_layer_bits`), e.g. ``{"stem_conv": 8}``.
 
     The twin is trainable even when `model` was frozen (as a Distiller's teacher is).
     Layers with a kernel but no quantized counterpart (e.g. SeparableConv2D) stay in full
@@ -83,11 +152,8 @@ def quantize_model(
         raise ValueError(
             f"quantize_model needs a built Sequential or Functional Keras model, got {model!r}."
         )
-    names = {layer.name for layer in model.layers}
+    widths = resolve_layer_bits(model, weight_bits, layer_bits, skip)
     skip = set(_last_dense(model) if skip is None else skip)
-    unknown = sorted(skip - names)
-    if unknown:
-        raise ValueError(f"skip names layers the model does not have: {unknown}.")
 
     fused_relu = set()
     unsupported = []
@@ -110,7 +176,7 @@ def quantize_model(
         for base, quant in _KERNEL_LAYERS:
             if isinstance(layer, base):
                 config.pop("kernel_quantizer", None)
-                bits = None if layer.name in skip else weight_bits
+                bits = widths.get(layer.name, None if layer.name in skip else weight_bits)
                 config.update(
                     weight_bits=bits, per_channel=per_channel and bits is not None,
                     relax=relax if bits is not None else None,

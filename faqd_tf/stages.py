@@ -435,7 +435,10 @@ class DistillStage(Stage):
     def _check_distiller(self, teacher):
         """Builds the stage's Distiller once, untrained: the student, the FA layer pairs, the loss
         options. Returns the student."""
-        student = self.build_student(teacher)
+        try:
+            student = self.build_student(teacher)
+        except ValueError as err:
+            raise UsageError(f"student: {inputs.first_line(err)}") from None
         try:
             Distiller(student, teacher, seed=self.ws.seed, **self.distill)
         except ValueError as err:
@@ -447,18 +450,23 @@ class DistillStage(Stage):
         `student.arch`), quantized as configured; in two steps, its activations only."""
         s = self.student
         weight_bits = None if self.two_step else s["weight_bits"]
+        layer_bits = s["layer_bits"] if weight_bits else None
         if s["init"] == "scratch":
-            return models.get(
+            fresh = models.get(
                 self.student_arch, num_classes=self.ws.info.num_classes,
-                input_shape=self.ws.info.image_shape, weight_bits=weight_bits,
+                input_shape=self.ws.info.image_shape, weight_bits=None if layer_bits else weight_bits,
                 activation_bits=s["activation_bits"], per_channel=s["per_channel"] and weight_bits is not None,
                 alpha_rate=s["alpha_rate"],
             )
-        base = teacher if s["init"] == "teacher" else self.ws.load_model(s["file"], "student.file")
+            if not layer_bits:
+                return fresh
+            base = fresh  # its fresh weights, quantized layer by layer
+        else:
+            base = teacher if s["init"] == "teacher" else self.ws.load_model(s["file"], "student.file")
         return quantize_model(
             base, weight_bits=weight_bits, activation_bits=s["activation_bits"],
             per_channel=s["per_channel"] and weight_bits is not None, relax=s["relax"] if weight_bits else None,
-            alpha_rate=s["alpha_rate"],
+            alpha_rate=s["alpha_rate"], layer_bits=layer_bits,
         )
 
     def describe_loss(self) -> str:
@@ -520,7 +528,8 @@ class DistillStage(Stage):
                 student = self._distill(teacher, student, ACTIVATION_STEP, train_ds, val_ds, steps, ws.act_path)
             with ws.strategy.scope():
                 student = quantize_model(student, weight_bits=s["weight_bits"], activation_bits=s["activation_bits"],
-                                         per_channel=s["per_channel"], relax=s["relax"], alpha_rate=s["alpha_rate"])
+                                         per_channel=s["per_channel"], relax=s["relax"], alpha_rate=s["alpha_rate"],
+                                         layer_bits=s["layer_bits"])
             say(f"stage distill (2/2): {s['weight_bits']}-bit weights and {s['activation_bits']}-bit activations")
         else:
             bits = f"{s['weight_bits']}-bit weights" if s["weight_bits"] else "FP weights"
@@ -674,7 +683,8 @@ class TuneStage(Stage):
         """A fresh quantized student of `teacher` for each trial."""
         s = self.student
         return lambda: quantize_model(teacher, weight_bits=s["weight_bits"], activation_bits=s["activation_bits"],
-                                      per_channel=s["per_channel"], alpha_rate=s["alpha_rate"])
+                                      per_channel=s["per_channel"], alpha_rate=s["alpha_rate"],
+                                      layer_bits=s["layer_bits"])
 
     def check(self, checked):
         _check_recalibration(self.ws, self.student, self.dataset, self.student_fn(checked.teacher)())

@@ -39,6 +39,14 @@ def _inputs(tmp_path):
     return {"empty": empty, "not_a_model": not_a_model, "not_json": not_json}
 
 
+def _fp_teacher(tmp_path):
+    from faqd_tf import models
+
+    path = tmp_path / "fp_teacher.keras"
+    models.get("resnet8", input_shape=(28, 28, 1), num_classes=10).save(path)
+    return path
+
+
 BAD_CASES = {
     "missing config": (lambda t, f: ["--config", str(t / "missing.json")],
                        # a long path is shortened, never its file name
@@ -58,6 +66,11 @@ BAD_CASES = {
                 r"distill.fa_norm=\"l2\" is not valid; use one of \"fro2\", \"l1\""),
     "gram for l1": (lambda t, f: ["--config", write_config(t, distill={"fa_norm": "l1", "fa_method": "gram"})],
                     r"distill.fa_method=\"gram\" evaluates fa_norm \"fro2\" only"),
+    "layer_bits width": (lambda t, f: ["--config", write_config(t, student={"layer_bits": {"stem_conv": 3}})],
+                         r"student.layer_bits=\{\"stem_conv\": 3\} is not valid; use null or"),
+    "layer_bits name": (lambda t, f: ["--config", write_config(t, student={"layer_bits": {"stem": 8}}), "--stage", "distill",
+                                      "--set", f"teacher.file=\"{_fp_teacher(t)}\""],
+                        r"student: layer_bits key 'stem' matches no layer with a kernel; such layers are: stem_conv"),
     "alpha_rate": (lambda t, f: ["--config", write_config(t, student={"alpha_rate": 0})], r"student.alpha_rate=0 is not valid"),
     "global_clipnorm": (lambda t, f: ["--config", write_config(t, train={"global_clipnorm": 0})],
                         r"train.global_clipnorm=0 is not valid; use null or a number > 0"),

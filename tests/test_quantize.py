@@ -1,5 +1,6 @@
 """quantize_model and feature taps on the project's ResNets, Sequential models and keras.applications."""
 
+import re
 import warnings
 
 import keras
@@ -222,3 +223,37 @@ def test_set_alpha_decay_arguments():
     for kwargs, name in (({"weight_decay": -1.0}, "weight_decay"), ({"weight_decay": 1e-4, "factor": "x"}, "factor")):
         with pytest.raises(ValueError, match=rf"^set_alpha_decay: {name}=.* must be a number >= 0"):
             set_alpha_decay(model, keras.optimizers.SGD(), **kwargs)
+
+
+def test_layer_bits_most_specific_entry_wins_and_quantizes_each_layer_at_its_width(rng):
+    fp = resnet_cifar(8, input_shape=(12, 12, 1))
+    layer_bits = {"stem_conv": 8, "s.b1_conv.": 2, "s2b1_conv.": 4, "s3b1_conv2": None}
+    twin = quantize_model(fp, weight_bits=1, layer_bits=layer_bits)
+    widths = {layer.name: layer.weight_bits for layer in twin.layers if hasattr(layer, "weight_bits")}
+    assert widths == {"stem_conv": 8, "s1b1_conv1": 2, "s1b1_conv2": 2, "s2b1_conv1": 4, "s2b1_conv2": 4,
+                      "s3b1_conv1": 2, "s3b1_conv2": None, "logits": None}
+    for name, bits in widths.items():
+        layer = twin.get_layer(name)
+        if bits is None:
+            np.testing.assert_array_equal(layer.quantized_kernel().numpy(), fp.get_layer(name).kernel.numpy())
+        else:
+            np.testing.assert_allclose(layer.quantized_kernel().numpy(), np_quantize(layer.kernel.numpy(), bits),
+                                       rtol=1e-5, atol=1e-7)
+    x = rng.normal(size=(3, 12, 12, 1)).astype("float32")
+    assert np.all(np.isfinite(twin(x).numpy()))
+
+
+def test_layer_bits_overrides_the_default_float_head_and_refuses_what_it_cannot_place():
+    fp = resnet_cifar(8, input_shape=(12, 12, 1))
+    assert quantize_model(fp, weight_bits=2, layer_bits={"logits": 8}).get_layer("logits").weight_bits == 8
+    cases = [
+        ({"nope": 1}, "'nope' matches no layer with a kernel"),
+        ({"stem_conv": 3}, "layer_bits['stem_conv']=3 is not supported"),
+        ({"s1.*": 1, "s1b1_conv.": 2}, "matches layer_bits keys 's1.*' and 's1b1_conv.' equally"),
+        ({"(": 1}, "neither a layer name nor a regular expression"),
+    ]
+    for layer_bits, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            quantize_model(fp, weight_bits=1, layer_bits=layer_bits)
+    with pytest.raises(ValueError, match="both in skip and in layer_bits"):
+        quantize_model(fp, weight_bits=1, skip=["logits"], layer_bits={"logits": 8})

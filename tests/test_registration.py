@@ -28,6 +28,7 @@ def _saved_models(tmp_path, rng):
         models[f"w{bits}"] = quantize_model(teacher, weight_bits=bits)
     models["w2a2_per_channel"] = quantize_model(teacher, weight_bits=2, activation_bits=2, per_channel=True)
     models["w1_relax"] = quantize_model(teacher, weight_bits=1, relax=2.0)
+    models["mixed_widths"] = quantize_model(teacher, weight_bits=1, layer_bits={"stem_conv": 8, "s2.*": 4, "logits": 2})
     models["frozen"] = freeze(quantize_model(teacher, weight_bits=4))
     models["built_quantized"] = resnet_cifar(8, input_shape=(12, 12, 1), num_classes=5, weight_bits=2, activation_bits=4)
     compiled = quantize_model(teacher, weight_bits=4)
