@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from faqd_tf import compat, options, terms, training
-from faqd_tf.features import paired_extractors
+from faqd_tf.features import feature_layers, paired_extractors
 
 
 @keras.saving.register_keras_serializable(package="faqd_tf")
@@ -53,7 +53,8 @@ class Distiller(keras.Model):
         ffa_k: number of FFA probes.
         fa_method: `"auto"`, `"gram"` (fro2 only) or `"pairwise"` for the exact FA.
         student_layers, teacher_layers: names of the tapped layers, paired in order; None picks
-            the stage outputs (see `faqd_tf.features.feature_layers`).
+            the stage outputs (see `faqd_tf.features.feature_layers`), never the logits of a dense
+            prediction (a segmentation net's 4-D output).
         seed: seed of the FFA probes: those of tap `(t, s)` at training step `step` are drawn from
             `faqd_tf.losses.probe_seed(seed, tap_key(t, s), step)`; None draws a seed once.
 
@@ -104,7 +105,9 @@ class Distiller(keras.Model):
             self.teacher_features, self.student_features = paired_extractors(teacher, student, [], [])
         else:
             self.teacher_features, self.student_features = paired_extractors(
-                teacher, student, self.teacher_layers, self.student_layers
+                teacher, student,
+                _default_taps(teacher) if self.teacher_layers is None else self.teacher_layers,
+                _default_taps(student) if self.student_layers is None else self.student_layers,
             )
         self.terms = terms.from_options(
             alpha=self.alpha, beta=self.beta, gamma=self.gamma, kd=self.kd, temperature=self.temperature,
@@ -133,6 +136,15 @@ class Distiller(keras.Model):
                 "set those weights on the Distiller instead."
             )
         super().compile(optimizer=optimizer, metrics=metrics, **kwargs)
+
+    def compile_from_config(self, config):
+        """Recompiles a loaded Distiller (`keras.models.load_model`) as it was saved, optimizer included."""
+        config = keras.saving.deserialize_keras_object(config)
+        config.pop("loss", None)  # always None: the Distiller composes its own
+        self.compile(**config)
+        if getattr(self, "optimizer", None) is not None:
+            # Built now, so the saved optimizer variables have somewhere to load into.
+            self.optimizer.build(self.trainable_variables)
 
     def fit(self, x=None, y=None, *args, **kwargs):
         """`keras.Model.fit`; batches of images alone train label-free (gamma = 0)."""
@@ -342,6 +354,19 @@ class Distiller(keras.Model):
         return cls(**config)
 
 
+def _default_taps(model):
+    """`feature_layers(model)` less the layer that outputs the logits.
+
+    A segmentation net's logits are a 4-D map, so `feature_layers` picks them as its last tap. KD
+    already matches them, and FA on them is unstable: a logit vector near zero (no ReLU keeps the
+    bias from reaching it) has a unit direction whose gradient grows as 1 / |logits| (measured: FA's
+    gradient 5.5e6 against KD's 0.03 on a random Conv2D/Conv2DTranspose net, which diverged in one step).
+    """
+    history = getattr(model.outputs[0], "_keras_history", None)
+    output_layer = getattr(getattr(history, "operation", None), "name", None)
+    return [name for name in feature_layers(model) if name != output_layer]
+
+
 def _check_compatible(student, teacher):
     for role, model in (("student", student), ("teacher", teacher)):
         if not isinstance(model, keras.Model) or not model.built or not model.inputs:
@@ -355,4 +380,10 @@ def _check_compatible(student, teacher):
     if s_out != t_out:
         raise ValueError(
             f"The student has {s_out} logits and the teacher {t_out}; KD needs the same classes."
+        )
+    s_shape, t_shape = tuple(student.outputs[0].shape[1:]), tuple(teacher.outputs[0].shape[1:])
+    if len(s_shape) != len(t_shape) or any(a is not None and b is not None and a != b for a, b in zip(s_shape, t_shape)):
+        raise ValueError(
+            f"The student outputs logits of shape {s_shape} and the teacher {t_shape}; KD compares them "
+            "position by position, so give the student the teacher's output shape."
         )

@@ -24,7 +24,6 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import keras
 import tensorflow as tf
 
 from faqd_tf import losses, options
@@ -111,7 +110,8 @@ class FATerm(LossTerm):
         self.taps = [losses.tap_key(t, s) for t, s in taps]
 
     def __call__(self, teacher, student, labels=None, step=0):
-        fa = 0.0
+        # A (batch,) zero, not 0.0, where nothing is tapped (a 1-D per-step net has no 4-D map).
+        fa = tf.zeros(tf.shape(student.logits)[:1], tf.float32)
         for tap, (t_map, s_map) in enumerate(zip(teacher.maps, student.maps)):
             if self.fa == "exact":
                 fa += losses.feature_affinity_per_sample(t_map, s_map, method=self.fa_method, fa_norm=self.fa_norm)
@@ -126,7 +126,9 @@ class FATerm(LossTerm):
 
 
 class CETerm(LossTerm):
-    """Cross-entropy of the student's logits on the labels (sparse, or one-hot when they have one entry per class)."""
+    """Cross-entropy of the student's logits on the labels (sparse, or one-hot when they have one entry
+    per class); for dense prediction one label per position, averaged over the positions
+    (`faqd_tf.losses.ce_loss_per_sample`)."""
 
     name = "ce"
     needs_labels = True
@@ -136,11 +138,7 @@ class CETerm(LossTerm):
                 "feed (images, labels) batches, or set gamma=0 for label-free distillation.")
 
     def __call__(self, teacher, student, labels=None, step=0):
-        logits = tf.cast(student.logits, tf.float32)
-        y = labels
-        if len(y.shape) == len(logits.shape) and y.shape[-1] == logits.shape[-1] and y.shape[-1] != 1:
-            return keras.losses.categorical_crossentropy(y, logits, from_logits=True)
-        return keras.losses.sparse_categorical_crossentropy(tf.reshape(y, [-1]), logits, from_logits=True)
+        return losses.ce_loss_per_sample(labels, student.logits)
 
 
 def from_options(alpha: float = 1.0, beta: float | None = None, gamma: float = 0.0, kd: str = "mse",
