@@ -1,4 +1,5 @@
-"""Quantized Keras layers: `QuantConv2D`, `QuantDepthwiseConv2D`, `QuantDense`, `QuantReLU`.
+"""Quantized Keras layers: `QuantConv1D`, `QuantConv2D`, `QuantConv3D`, `QuantDepthwiseConv2D`,
+`QuantSeparableConv2D`, `QuantConv2DTranspose`, `QuantDense`, `QuantReLU`.
 
 The conv and dense layers are the Keras layers with the kernel quantized in `call` (as QKeras
 does): the float kernel is kept and trained, the forward pass uses Q(kernel) and the gradient
@@ -44,8 +45,13 @@ class Clip(keras.constraints.Constraint):
 
 
 class QuantizedKernelMixin:
-    """What QuantConv2D, QuantDepthwiseConv2D and QuantDense share: the kernel quantizer,
-    the BinaryRelax factor, and their configuration."""
+    """What the quantized conv and dense layers share: the kernel quantizer, the BinaryRelax
+    factor, and their configuration.
+
+    `kernel_names` are the layer's quantized kernels (two for `QuantSeparableConv2D`: each gets
+    its own codes and scales from the one `kernel_quantizer`)."""
+
+    kernel_names = ("kernel",)
 
     def __init__(self, *args, weight_bits: int | None = None, per_channel: bool = False, relax: float | None = None,
                  kernel_quantizer=None, **kwargs):
@@ -115,45 +121,74 @@ class QuantizedKernelMixin:
                 trainable=False,
             )
 
-    # Keras's Conv and Dense layers save only their kernel and bias (store keys "0", "1"); the
-    # BinaryRelax lambda goes after them, or a relaxed model would neither load nor resume.
+    def _base_saves_every_variable(self) -> bool:
+        # Keras's Conv and Dense save only their kernel and bias; Depthwise, Separable and
+        # Transpose convolutions inherit Layer's rule, which saves every variable, the lambda too.
+        for klass in type(self).__mro__:
+            if "save_own_variables" in vars(klass) and not issubclass(klass, QuantizedKernelMixin):
+                return klass is keras.layers.Layer
+        return True
+
+    # The BinaryRelax lambda goes after the kernel and bias where the base class leaves it out, or
+    # a relaxed model would neither load nor resume.
     def save_own_variables(self, store):
         super().save_own_variables(store)
-        if self.built and self.relax_lambda is not None:
+        if self.built and self.relax_lambda is not None and not self._base_saves_every_variable():
             store[str(len(store.keys()))] = self.relax_lambda
 
     def load_own_variables(self, store):
         super().load_own_variables(store)
-        if self.built and self.relax_lambda is not None:
+        if self.built and self.relax_lambda is not None and not self._base_saves_every_variable():
             self.relax_lambda.assign(store[str(len(store.keys()) - 1)])
 
     def add_weight(self, *args, **kwargs):
         # The kernel is never autocast: under mixed precision the quantizer reads the stored float32
         # weights, so the codes equal those of the float32 path; quantized_kernel() casts the
         # result to the compute dtype itself.
-        if kwargs.get("name") == "kernel":
+        if kwargs.get("name") in self.kernel_names:
             kwargs["autocast"] = False
         return super().add_weight(*args, **kwargs)
 
-    def quantized_kernel(self, training: bool | None = None):
-        """The kernel the forward pass uses: Q(w), the BinaryRelax blend in training, or w."""
+    def _kernel_name(self, kernel):
+        if kernel is None:
+            if len(self.kernel_names) > 1:
+                raise ValueError(
+                    f"Layer {self.name!r} ({type(self).__name__}) has {len(self.kernel_names)} quantized kernels; "
+                    f"name one: kernel={self.kernel_names[0]!r} or {self.kernel_names[1]!r}."
+                )
+            return self.kernel_names[0]
+        if kernel not in self.kernel_names:
+            raise ValueError(
+                f"Layer {self.name!r} has no quantized kernel {kernel!r}; its kernels are {list(self.kernel_names)}."
+            )
+        return kernel
+
+    def quantized_kernel(self, training: bool | None = None, kernel: str | None = None):
+        """The kernel the forward pass uses: Q(w), the BinaryRelax blend in training, or w.
+
+        `kernel` names one of `kernel_names` (needed only where there are two)."""
+        name = self._kernel_name(kernel)
+        variable = getattr(self, name)
         if self.kernel_quantizer is None:
-            return ops.cast(self.kernel, self.compute_dtype)
-        w = tf.convert_to_tensor(self.kernel_to_quantize())
+            return ops.cast(variable, self.compute_dtype)
+        w = tf.convert_to_tensor(self.kernel_to_quantize(name))
         if training and self.relax_lambda is not None:
             q = self.kernel_quantizer.relaxed(w, tf.convert_to_tensor(self.relax_lambda))
         else:
             q = self.kernel_quantizer(w)
-        return ops.cast(self._restore_kernel_shape(q), self.compute_dtype)
+        return ops.cast(self._restore_kernel_shape(q, name, variable.shape), self.compute_dtype)
 
-    def kernel_to_quantize(self):
-        """The float kernel as the quantizer sees it; its last axis is the output channels.
+    def kernel_to_quantize(self, kernel: str | None = None):
+        """The float kernel as the quantizer sees it: its last axis is the output channels.
 
-        The kernel itself, except for `QuantDepthwiseConv2D`: ``(kh, kw, 1, channels * multiplier)``.
+        The kernel itself, except for depthwise kernels ``(kh, kw, 1, channels * multiplier)``
+        (`QuantDepthwiseConv2D`, the depthwise kernel of `QuantSeparableConv2D`) and transposed
+        convolutions, ``(kh, kw, in, out)`` (`QuantConv2DTranspose` stores ``(kh, kw, out, in)``).
         """
-        return self.kernel
+        name = self._kernel_name(kernel)
+        return self._kernel_as_quantized(getattr(self, name), name)
 
-    def kernel_codes(self) -> tuple:
+    def kernel_codes(self, kernel: str | None = None) -> tuple:
         """`(codes, scale)` of the quantized kernel, ``Q(w) = codes * scale``, as float32 tensors.
 
         `codes` has the shape of `kernel_to_quantize()`; `scale` is a scalar, or one per output
@@ -165,13 +200,20 @@ class QuantizedKernelMixin:
         >>> sorted(set(np.unique(codes)) - {-1.0, 0.0, 1.0})
         []
         """
+        name = self._kernel_name(kernel)
         codes = getattr(self.kernel_quantizer, "codes", None)
         if not callable(codes):
             raise ValueError(
                 f"Layer {self.name!r}: its kernel is not quantized to integer codes (kernel_quantizer="
                 f"{self.kernel_quantizer!r}); give it weight_bits or a faqd_tf quantizer."
             )
-        return codes(self.kernel_to_quantize())
+        return codes(self.kernel_to_quantize(name))
+
+    def _kernel_as_quantized(self, w, name):
+        return w
+
+    def _restore_kernel_shape(self, q, name, shape):
+        return q
 
     def _bias_and_activation(self, outputs):
         if getattr(self, "bias", None) is not None:
@@ -182,9 +224,6 @@ class QuantizedKernelMixin:
         if self.activation is not None:
             outputs = self.activation(outputs)
         return outputs
-
-    def _restore_kernel_shape(self, q):
-        return q
 
     def _quantizer_config(self):
         q = self.kernel_quantizer
@@ -197,8 +236,48 @@ class QuantizedKernelMixin:
         return {"kernel_quantizer": keras.saving.serialize_keras_object(q), "relax": self.relax}
 
 
+def _depthwise_as_quantized(w):
+    # Every depthwise filter (input channel x multiplier) counts as an output channel.
+    shape = ops.shape(w)
+    return ops.reshape(w, (*shape[:-2], 1, -1))
+
+
+def _swap_last_axes(w):
+    rank = len(w.shape)
+    return ops.transpose(w, (*range(rank - 2), rank - 1, rank - 2))
+
+
+class _QuantConv(QuantizedKernelMixin):
+    """The `call` of a quantized Conv1D/2D/3D: Keras's, with Q(kernel) in place of the kernel."""
+
+    def call(self, inputs, training=None):
+        kernel = self.quantized_kernel(training)
+        if self.padding == "causal":
+            # Conv1D's causal padding, as keras.layers.Conv1D.call applies it.
+            inputs = ops.pad(inputs, self._compute_causal_padding())
+            outputs = ops.conv(inputs, kernel, strides=list(self.strides), padding="valid",
+                               dilation_rate=self.dilation_rate, data_format=self.data_format)
+        else:
+            outputs = self.convolution_op(inputs, kernel)
+        return self._bias_and_activation(outputs)
+
+    def get_config(self):
+        return {**super().get_config(), **self._quantizer_config()}
+
+
 @keras.saving.register_keras_serializable(package="faqd_tf")
-class QuantConv2D(QuantizedKernelMixin, keras.layers.Conv2D):
+class QuantConv1D(_QuantConv, keras.layers.Conv1D):
+    """`keras.layers.Conv1D` whose kernel ``(k, in, out)`` is quantized in the forward pass
+    (signal and sequence classifiers; causal padding works). Same extra arguments as `QuantConv2D`.
+
+    >>> layer = QuantConv1D(4, 3, weight_bits=2, padding="causal")
+    >>> layer(np.random.rand(2, 10, 3).astype("float32")).shape
+    TensorShape([2, 10, 4])
+    """
+
+
+@keras.saving.register_keras_serializable(package="faqd_tf")
+class QuantConv2D(_QuantConv, keras.layers.Conv2D):
     """`keras.layers.Conv2D` whose kernel is quantized to `weight_bits` in the forward pass.
 
     Args (besides those of Conv2D):
@@ -214,12 +293,14 @@ class QuantConv2D(QuantizedKernelMixin, keras.layers.Conv2D):
     2
     """
 
-    def call(self, inputs, training=None):
-        outputs = self.convolution_op(inputs, self.quantized_kernel(training))
-        return self._bias_and_activation(outputs)
 
-    def get_config(self):
-        return {**super().get_config(), **self._quantizer_config()}
+@keras.saving.register_keras_serializable(package="faqd_tf")
+class QuantConv3D(_QuantConv, keras.layers.Conv3D):
+    """`keras.layers.Conv3D` whose kernel ``(kd, kh, kw, in, out)`` is quantized in the forward pass.
+
+    >>> QuantConv3D(2, 2, weight_bits=4)(np.random.rand(1, 3, 4, 4, 2).astype("float32")).shape
+    TensorShape([1, 2, 3, 3, 2])
+    """
 
 
 @keras.saving.register_keras_serializable(package="faqd_tf")
@@ -227,15 +308,17 @@ class QuantDepthwiseConv2D(QuantizedKernelMixin, keras.layers.DepthwiseConv2D):
     """`keras.layers.DepthwiseConv2D` with a quantized depthwise kernel (MobileNet-style models).
 
     Per-channel scales are per (input channel x multiplier), the kernel's flattened last two axes.
+
+    >>> layer = QuantDepthwiseConv2D(3, depth_multiplier=2, weight_bits=2, per_channel=True)
+    >>> layer(np.random.rand(1, 5, 5, 3).astype("float32")).shape
+    TensorShape([1, 3, 3, 6])
     """
 
-    def kernel_to_quantize(self):
-        # Every depthwise filter (input channel x multiplier) counts as an output channel.
-        shape = ops.shape(self.kernel)
-        return ops.reshape(self.kernel, (shape[0], shape[1], 1, -1))
+    def _kernel_as_quantized(self, w, name):
+        return _depthwise_as_quantized(w)
 
-    def _restore_kernel_shape(self, q):
-        return ops.reshape(q, ops.shape(self.kernel))
+    def _restore_kernel_shape(self, q, name, shape):
+        return ops.reshape(q, shape)
 
     def call(self, inputs, training=None):
         outputs = ops.depthwise_conv(
@@ -243,6 +326,80 @@ class QuantDepthwiseConv2D(QuantizedKernelMixin, keras.layers.DepthwiseConv2D):
             self.quantized_kernel(training),
             strides=self.strides,
             padding=self.padding,
+            dilation_rate=self.dilation_rate,
+            data_format=self.data_format,
+        )
+        return self._bias_and_activation(outputs)
+
+    def get_config(self):
+        return {**super().get_config(), **self._quantizer_config()}
+
+
+@keras.saving.register_keras_serializable(package="faqd_tf")
+class QuantSeparableConv2D(QuantizedKernelMixin, keras.layers.SeparableConv2D):
+    """`keras.layers.SeparableConv2D` with both kernels quantized (NASNet, Xception).
+
+    The depthwise kernel ``(kh, kw, in, multiplier)`` and the pointwise kernel
+    ``(1, 1, in * multiplier, filters)`` are quantized separately, each with its own codes and
+    scale(s): per channel, one per depthwise filter and one per output filter. Name the kernel
+    where one is asked for: ``quantized_kernel(kernel="pointwise_kernel")``, ``kernel_codes("depthwise_kernel")``.
+
+    >>> layer = QuantSeparableConv2D(4, 3, weight_bits=1)
+    >>> y = layer(np.random.rand(1, 5, 5, 2).astype("float32"))
+    >>> [len(np.unique(layer.quantized_kernel(kernel=k))) for k in layer.kernel_names]
+    [2, 2]
+    """
+
+    kernel_names = ("depthwise_kernel", "pointwise_kernel")
+
+    def _kernel_as_quantized(self, w, name):
+        return _depthwise_as_quantized(w) if name == "depthwise_kernel" else w
+
+    def _restore_kernel_shape(self, q, name, shape):
+        return ops.reshape(q, shape)
+
+    def call(self, inputs, training=None):
+        outputs = ops.separable_conv(
+            inputs,
+            self.quantized_kernel(training, "depthwise_kernel"),
+            self.quantized_kernel(training, "pointwise_kernel"),
+            strides=self.strides,
+            padding=self.padding,
+            dilation_rate=self.dilation_rate,
+            data_format=self.data_format,
+        )
+        return self._bias_and_activation(outputs)
+
+    def get_config(self):
+        return {**super().get_config(), **self._quantizer_config()}
+
+
+@keras.saving.register_keras_serializable(package="faqd_tf")
+class QuantConv2DTranspose(QuantizedKernelMixin, keras.layers.Conv2DTranspose):
+    """`keras.layers.Conv2DTranspose` (segmentation decoders) with a quantized kernel.
+
+    Keras stores the kernel as ``(kh, kw, filters, in)``: the output channels are its third axis,
+    so the quantizer sees it transposed to ``(kh, kw, in, filters)`` and per-channel scales are
+    one per output filter.
+
+    >>> layer = QuantConv2DTranspose(3, 2, strides=2, weight_bits=2, per_channel=True)
+    >>> layer(np.random.rand(1, 4, 4, 5).astype("float32")).shape
+    TensorShape([1, 8, 8, 3])
+    """
+
+    def _kernel_as_quantized(self, w, name):
+        return _swap_last_axes(w)
+
+    def _restore_kernel_shape(self, q, name, shape):
+        return _swap_last_axes(q)
+
+    def call(self, inputs, training=None):
+        outputs = ops.conv_transpose(
+            inputs,
+            self.quantized_kernel(training),
+            strides=list(self.strides),
+            padding=self.padding,
+            output_padding=self.output_padding,
             dilation_rate=self.dilation_rate,
             data_format=self.data_format,
         )

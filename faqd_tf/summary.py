@@ -78,15 +78,20 @@ def iter_layers(model: "keras.Layer", prefix: str = "") -> Iterator[tuple[str, "
     yield from walk(model, prefix)
 
 
-def quantized_kernel_bits(layer: "keras.Layer") -> int | None:
-    """Bits of `layer`'s quantized kernel, or None if its kernel is stored in full precision.
+def _kernel_names(layer):
+    return tuple(getattr(layer, "kernel_names", ("kernel",)))
 
-    A layer has a quantized kernel when it has a `kernel` and a `kernel_quantizer` whose `precision`
-    is an int (the faqd_tf layers; Larq- or QKeras-like layers following the same convention work).
+
+def quantized_kernel_bits(layer: "keras.Layer") -> int | None:
+    """Bits of `layer`'s quantized kernel(s), or None if its kernel is stored in full precision.
+
+    A layer has a quantized kernel when it has a `kernel` (or the kernels its `kernel_names` list,
+    as `QuantSeparableConv2D`) and a `kernel_quantizer` whose `precision` is an int (the faqd_tf
+    layers; Larq- or QKeras-like layers following the same convention work).
     """
     quantizer = getattr(layer, "kernel_quantizer", None)
     bits = getattr(quantizer, "precision", None)
-    if quantizer is None or getattr(layer, "kernel", None) is None:
+    if quantizer is None or any(getattr(layer, name, None) is None for name in _kernel_names(layer)):
         return None
     if not is_integer(bits):
         return None
@@ -94,13 +99,18 @@ def quantized_kernel_bits(layer: "keras.Layer") -> int | None:
 
 
 def kernel_scale_count(layer: "keras.Layer") -> int:
-    """Number of 32-bit scales of a quantized kernel: 1 (layer-wise), or one per output channel
-    (the last axis of the kernel as quantized; depthwise: input channels x depth multiplier)."""
+    """Number of 32-bit scales of the quantized kernel(s): 1 per kernel (layer-wise), or one per
+    output channel (the last axis of the kernel as quantized; depthwise: input channels x depth
+    multiplier), summed over the kernels of a layer with two (`QuantSeparableConv2D`)."""
+    names = _kernel_names(layer)
     if not getattr(getattr(layer, "kernel_quantizer", None), "per_channel", False):
-        return 1
+        return len(names)
     to_quantize = getattr(layer, "kernel_to_quantize", None)
-    shape = to_quantize().shape if to_quantize is not None else layer.kernel.shape
-    return int(shape[-1])
+    if to_quantize is None:
+        return int(layer.kernel.shape[-1])
+    if len(names) == 1:
+        return int(to_quantize().shape[-1])
+    return sum(int(to_quantize(name).shape[-1]) for name in names)
 
 
 def _size(variable):
@@ -142,6 +152,7 @@ class ModelSummary:
 
     name: str
     rows: list
+    float_kernels: dict = dataclasses.field(default_factory=dict)  # path -> why it stays full precision
 
     def _total(self, field):
         return sum(getattr(row, field) for row in self.rows)
@@ -226,6 +237,8 @@ class ModelSummary:
             f"Size packed:     {self.packed_bytes / 1024:.2f} kB ({self.packed_bytes:,.1f} bytes: quantized "
             "kernels at their bits + 32-bit scales, the rest float32)",
             f"Compression ratio (float32 / packed): {self.compression_ratio:.2f}x",
+            *([f"Full-precision kernels: " + ", ".join(f"{p} ({why})" for p, why in self.float_kernels.items())]
+              if self.float_kernels else []),
             rule,
         ]
 
@@ -249,7 +262,9 @@ def summary(model: "keras.Model", print_fn: Callable[[str], None] | None = print
         print_fn: called with each line of the table; None prints nothing.
 
     Returns:
-        A :class:`ModelSummary` (``rows`` of :class:`LayerSummary`, totals and ``compression_ratio``).
+        A :class:`ModelSummary` (``rows`` of :class:`LayerSummary`, totals, ``compression_ratio``,
+        and ``float_kernels``: the layers whose kernels stay in full precision and why, also printed
+        as the table's last line, see `faqd_tf.quantize.float_kernel_layers`).
     """
     import keras
 
@@ -263,8 +278,9 @@ def summary(model: "keras.Model", print_fn: Callable[[str], None] | None = print
         params = sum(_size(w) for w in weights)
         trainable_params = sum(_size(w) for w in weights if id(w) in trainable)
         kbits = quantized_kernel_bits(layer)
-        kernel_in_row = kbits is not None and any(w is layer.kernel for w in weights)
-        quantized = _size(layer.kernel) if kernel_in_row else 0
+        kernels = [getattr(layer, name) for name in _kernel_names(layer)] if kbits is not None else []
+        kernel_in_row = kbits is not None and all(any(w is k for w in weights) for k in kernels)
+        quantized = sum(_size(k) for k in kernels) if kernel_in_row else 0
         scales = kernel_scale_count(layer) if kernel_in_row else 0
         if kernel_in_row:
             weight_bits = kbits
@@ -290,7 +306,12 @@ def summary(model: "keras.Model", print_fn: Callable[[str], None] | None = print
                 output_shape=_output_shape(layer),
             )
         )
-    result = ModelSummary(name=model.name, rows=rows)
+    float_kernels = {}
+    if isinstance(model, keras.Model) and getattr(model, "inputs", None):
+        from faqd_tf.quantize import float_kernel_layers
+
+        float_kernels = float_kernel_layers(model)
+    result = ModelSummary(name=model.name, rows=rows, float_kernels=float_kernels)
     if print_fn is not None:
         for line in result.lines():
             print_fn(line)

@@ -10,7 +10,16 @@ import tensorflow as tf
 
 from faqd_tf import quantizers
 from faqd_tf.callbacks import BinaryRelaxScheduler
-from faqd_tf.layers import QuantConv2D, QuantDense, QuantDepthwiseConv2D, QuantReLU
+from faqd_tf.layers import (
+    QuantConv1D,
+    QuantConv2D,
+    QuantConv2DTranspose,
+    QuantConv3D,
+    QuantDense,
+    QuantDepthwiseConv2D,
+    QuantReLU,
+    QuantSeparableConv2D,
+)
 from tests.references import np_qrelu, np_qrelu_grads, np_quantize
 
 
@@ -322,3 +331,127 @@ def test_kernel_is_read_in_float32_under_mixed_precision(rng, bfloat16_kernels):
     want_codes, want_scale = reference.kernel_codes()
     np.testing.assert_array_equal(codes, want_codes)
     np.testing.assert_array_equal(scale, want_scale)
+
+
+# ---- the other layers convnets are made of: Conv1D/3D, separable, transposed ----------------
+
+
+def np_conv1d_valid(x, k):
+    n, length, _ = x.shape
+    size = k.shape[0]
+    return np.stack([np.tensordot(x[:, i : i + size, :], k, axes=([1, 2], [0, 1])) for i in range(length - size + 1)], 1)
+
+
+def np_conv2d_transpose_valid(x, k, stride):
+    """float64 'valid' transposed convolution; `k` is Keras's (kh, kw, out, in)."""
+    n, h, w, _ = x.shape
+    kh, kw, out, _ = k.shape
+    y = np.zeros((n, (h - 1) * stride + kh, (w - 1) * stride + kw, out))
+    for i in range(h):
+        for j in range(w):
+            y[:, i * stride : i * stride + kh, j * stride : j * stride + kw, :] += np.einsum("nc,aboc->nabo", x[:, i, j, :], k)
+    return y
+
+
+def np_depthwise_valid(x, k):
+    kh, kw, c, m = k.shape
+    n, h, w, _ = x.shape
+    out = np.zeros((n, h - kh + 1, w - kw + 1, c * m))
+    for i in range(h - kh + 1):
+        for j in range(w - kw + 1):
+            patch = x[:, i : i + kh, j : j + kw, :]
+            out[:, i, j, :] = np.einsum("nabc,abcm->ncm", patch, k).reshape(n, c * m)
+    return out
+
+
+def np_quantize_depthwise(k, bits, per_channel):
+    kh, kw, c, m = k.shape
+    return np_quantize(k.reshape(kh, kw, 1, c * m), bits, per_channel).reshape(k.shape)
+
+
+@pytest.mark.parametrize("bits, per_channel", [(1, True), (2, False), (4, True), (8, False)])
+def test_conv1d_forward_matches_numpy(rng, bits, per_channel):
+    layer = QuantConv1D(5, 3, weight_bits=bits, per_channel=per_channel, bias_initializer="random_normal")
+    causal = QuantConv1D(5, 3, weight_bits=bits, per_channel=per_channel, padding="causal", dilation_rate=2)
+    x = rng.normal(size=(2, 9, 4)).astype(np.float32)
+    y, yc = layer(x).numpy(), causal(x).numpy()
+    qk = np_quantize(layer.kernel.numpy(), bits, per_channel)
+    np.testing.assert_allclose(y, np_conv1d_valid(x.astype(np.float64), qk) + layer.bias.numpy(), rtol=1e-4, atol=1e-5)
+    # Causal, dilation 2: output t sees x[t-4], x[t-2], x[t].
+    qc = np_quantize(causal.kernel.numpy(), bits, per_channel)
+    padded = np.concatenate([np.zeros((2, 4, 4)), x.astype(np.float64)], 1)
+    want = sum(np.einsum("ntc,co->nto", padded[:, 2 * a : 2 * a + 9, :], qc[a]) for a in range(3))
+    np.testing.assert_allclose(yc, want + causal.bias.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_conv3d_forward_matches_numpy(rng):
+    layer = QuantConv3D(3, 2, weight_bits=2, per_channel=True, use_bias=False)
+    x = rng.normal(size=(1, 3, 4, 4, 2)).astype(np.float32)
+    y = layer(x).numpy()
+    qk = np_quantize(layer.kernel.numpy(), 2, True)
+    want = np.zeros((1, 2, 3, 3, 3))
+    for d in range(2):
+        for i in range(3):
+            for j in range(3):
+                want[:, d, i, j, :] = np.tensordot(x[:, d : d + 2, i : i + 2, j : j + 2, :].astype(np.float64), qk, axes=4)
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits, per_channel", [(1, True), (2, True), (4, False)])
+def test_conv2d_transpose_scales_are_per_output_filter(rng, bits, per_channel):
+    layer = QuantConv2DTranspose(3, 3, strides=2, weight_bits=bits, per_channel=per_channel,
+                                 bias_initializer="random_normal")
+    x = rng.normal(size=(2, 4, 5, 6)).astype(np.float32)
+    y = layer(x).numpy()
+    k = layer.kernel.numpy().astype(np.float64)  # (kh, kw, out, in)
+    # The reference quantizes each output filter k[:, :, o, :] on its own (per channel).
+    qk = np.transpose(np_quantize(np.transpose(k, (0, 1, 3, 2)), bits, per_channel), (0, 1, 3, 2))
+    np.testing.assert_allclose(layer.quantized_kernel().numpy(), qk, rtol=1e-5, atol=1e-7)
+    if per_channel and bits == 1:
+        for o in range(3):
+            np.testing.assert_allclose(np.abs(qk[:, :, o, :]), np.mean(np.abs(k[:, :, o, :])), rtol=1e-12)
+    want = np_conv2d_transpose_valid(x.astype(np.float64), qk, 2) + layer.bias.numpy()
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+    codes, scale = layer.kernel_codes()
+    assert tuple(codes.shape) == (3, 3, 6, 3) and tuple(scale.shape) == ((1, 1, 1, 3) if per_channel else ())
+
+
+@pytest.mark.parametrize("bits, per_channel", [(1, True), (2, False), (4, True)])
+def test_separable_conv2d_quantizes_each_kernel_on_its_own(rng, bits, per_channel):
+    layer = QuantSeparableConv2D(4, 3, depth_multiplier=2, weight_bits=bits, per_channel=per_channel,
+                                 bias_initializer="random_normal")
+    x = rng.normal(size=(2, 6, 5, 3)).astype(np.float32)
+    y = layer(x).numpy()
+    dw = np_quantize_depthwise(layer.depthwise_kernel.numpy(), bits, per_channel)
+    pw = np_quantize(layer.pointwise_kernel.numpy(), bits, per_channel)
+    want = np_depthwise_valid(x.astype(np.float64), dw) @ pw[0, 0] + layer.bias.numpy()
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(layer.quantized_kernel(kernel="depthwise_kernel").numpy(), dw, rtol=1e-5, atol=1e-7)
+    _, dw_scale = layer.kernel_codes("depthwise_kernel")
+    _, pw_scale = layer.kernel_codes("pointwise_kernel")
+    assert tuple(dw_scale.shape) == ((1, 1, 1, 6) if per_channel else ())
+    assert tuple(pw_scale.shape) == ((1, 1, 1, 4) if per_channel else ())
+    with pytest.raises(ValueError, match=r"has 2 quantized kernels; name one: kernel='depthwise_kernel'"):
+        layer.kernel_codes()
+
+
+@pytest.mark.parametrize("make, x_shape", [
+    (lambda: QuantConv1D(4, 3, weight_bits=2, relax=1.5, padding="causal", name="q"), (2, 7, 3)),
+    (lambda: QuantConv3D(2, 2, weight_bits=4, per_channel=True, relax=1.5, name="q"), (2, 3, 4, 4, 2)),
+    (lambda: QuantSeparableConv2D(4, 3, weight_bits=1, relax=1.5, name="q"), (2, 6, 6, 3)),
+    (lambda: QuantConv2DTranspose(3, 2, strides=2, weight_bits=2, per_channel=True, relax=1.5, name="q"), (2, 4, 4, 3)),
+    (lambda: QuantDepthwiseConv2D(3, weight_bits=2, relax=1.5, name="q"), (2, 6, 6, 3)),
+])
+def test_new_layers_save_and_load_with_their_relax_lambda(rng, tmp_path, make, x_shape):
+    inputs = keras.Input(x_shape[1:])
+    model = keras.Model(inputs, make()(inputs))
+    layer = model.get_layer("q")
+    layer.relax_lambda.assign(rng.uniform(2, 9))
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
+    twin = loaded.get_layer("q")
+    assert type(twin) is type(layer) and twin.weight_bits == layer.weight_bits and twin.per_channel == layer.per_channel
+    assert float(twin.relax_lambda.numpy()) == pytest.approx(float(layer.relax_lambda.numpy()))
+    x = rng.normal(size=x_shape).astype(np.float32)
+    np.testing.assert_array_equal(loaded(x).numpy(), model(x).numpy())
+    np.testing.assert_allclose(twin(x, training=True).numpy(), layer(x, training=True).numpy(), rtol=1e-6, atol=1e-6)

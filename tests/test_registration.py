@@ -20,6 +20,22 @@ from faqd_tf.models import resnet_cifar
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _convnet():
+    """Every kernel layer quantize_model maps (Conv1D/2D/3D, depthwise, separable, transposed, dense),
+    one inside a nested Sequential, on the (12, 12, 1) images of the other models."""
+    inputs = keras.Input((12, 12, 1))
+    stem = keras.Sequential([keras.Input((12, 12, 1)), keras.layers.Conv2D(4, 3, padding="same", activation="relu")],
+                            name="stem")
+    x = keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(stem(inputs))
+    x = keras.layers.SeparableConv2D(4, 3, strides=2, padding="same", activation="relu", name="sep")(x)
+    x = keras.layers.Conv2DTranspose(4, 2, strides=2, name="up")(x)
+    v = keras.layers.Conv3D(2, 2, name="c3d")(keras.layers.Reshape((12, 12, 4, 1))(x))
+    s = keras.layers.Conv1D(3, 3, padding="causal", name="c1d")(keras.layers.Reshape((144, 4))(x))
+    x = keras.layers.Concatenate()([keras.layers.Flatten()(v), keras.layers.Flatten()(s)])
+    x = keras.layers.Dense(6, activation="relu", name="fc")(x)
+    return keras.Model(inputs, keras.layers.Dense(5, name="logits")(x))
+
+
 def _saved_models(tmp_path, rng):
     """Every kind of model the library makes, saved, with its outputs on fresh inputs."""
     teacher = resnet_cifar(8, input_shape=(12, 12, 1), num_classes=5)
@@ -31,6 +47,8 @@ def _saved_models(tmp_path, rng):
     models["mixed_widths"] = quantize_model(teacher, weight_bits=1, layer_bits={"stem_conv": 8, "s2.*": 4, "logits": 2})
     models["frozen"] = freeze(quantize_model(teacher, weight_bits=4))
     models["built_quantized"] = resnet_cifar(8, input_shape=(12, 12, 1), num_classes=5, weight_bits=2, activation_bits=4)
+    models["convnet_layers"] = quantize_model(_convnet(), weight_bits=2, per_channel=True, relax=1.5)
+    models["convnet_layers_w1"] = quantize_model(_convnet(), weight_bits=1, activation_bits=2)
     compiled = quantize_model(teacher, weight_bits=4)
     compiled.compile("sgd", loss=[losses.KDLoss(kd="kl", temperature=3.0)])
     models["compiled_with_kd_loss"] = compiled

@@ -73,3 +73,22 @@ def test_kernel_scale_count_uses_the_quantized_kernel_shape():
     assert tuple(layer.kernel.shape) == (3, 3, 5, 2)
     assert kernel_scale_count(layer) == 10 == layer.kernel_to_quantize().shape[-1]
     assert kernel_scale_count(QuantDense(4, weight_bits=2)) == 1
+
+
+def test_separable_kernels_count_both_and_float_kernels_are_listed_with_their_reason():
+    from faqd_tf import quantize_model
+    from faqd_tf.layers import QuantSeparableConv2D
+
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.SeparableConv2D(4, 3, depth_multiplier=2, use_bias=False, name="sep")(inputs)
+    x = keras.layers.Conv1D(2, 1, name="not_here")(keras.layers.Reshape((36, 4))(x))
+    outputs = keras.layers.Dense(3, name="logits")(keras.layers.Flatten()(x))
+    student = quantize_model(keras.Model(inputs, outputs), weight_bits=2, per_channel=True, skip=["not_here", "logits"])
+    assert isinstance(student.get_layer("sep"), QuantSeparableConv2D)
+    lines = []
+    result = summary(student, print_fn=lines.append)
+    sep = {row.name: row for row in result.rows}["sep"]
+    # depthwise 3*3*3*2 = 54, pointwise 6*4 = 24 weights at 2 bits; scales: 6 depthwise + 4 pointwise
+    assert (sep.weight_bits, sep.quantized_params, sep.scales, sep.packed_bits) == (2, 78, 10, 78 * 2 + 10 * 32)
+    assert result.float_kernels == {"not_here": "skip", "logits": "skip"}
+    assert "Full-precision kernels: not_here (skip), logits (skip)" in lines
