@@ -197,7 +197,8 @@ def main(argv=None):
         from benchmarks import budget_report
 
         budget_report.write(read_rows(args.csv), read_rows(args.curves), args.md, args.png,
-                            "python benchmarks/budget.py " + " ".join(sys.argv[1:]))
+                            "python benchmarks/budget.py " + " ".join(sys.argv[1:]),
+                            read_rows(os.path.join(DOCS, "fa_distance.csv")))
 
 
 if __name__ == "__main__":

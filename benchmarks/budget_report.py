@@ -8,7 +8,7 @@ import platform
 
 import numpy as np
 
-from benchmarks.reproduce_report import paired_difference, verdict
+from benchmarks.reproduce_report import mean_interval, paired_difference, verdict
 
 ARMS = ("KD only", "FAQD")
 
@@ -41,9 +41,39 @@ def mean_curves(curves, init, bits, arm):
     return np.arange(1, length + 1), whole.mean(0), whole.std(0, ddof=1) if len(whole) > 1 else 0 * whole[0], len(whole)
 
 
-def table(cells, curves):
-    lines = ["| init | bits | epochs | KD only (mean ± std) | FAQD (mean ± std) | FAQD minus KD only (95% CI) | n | "
-             "verdict | KD only flattens at epoch |", "|---|---|---|---|---|---|---|---|---|"]
+def last3(curves, init, bits, arm, seed):
+    """Mean test accuracy (0-1) of the last three epochs of one cell's curve, or None."""
+    got = sorted((int(r["epoch"]), float(r["val_accuracy"])) for r in curves
+                 if (r["init"], int(r["bits"]), r["arm"], int(r["seed"])) == (init, bits, arm, seed))
+    return float(np.mean([a for _, a in got[-3:]])) if got else None
+
+
+def recalibrated(fa_rows, init, bits, arm, seed):
+    """Test accuracy (0-1) after BN recalibration (`benchmarks/budget_fa.py`'s rows), or None."""
+    got = [float(r["accuracy_recal"]) for r in fa_rows
+           if (r["init"], int(r["bits"]), r["arm"], int(r["seed"])) == (init, bits, arm, seed)]
+    return got[0] if got else None
+
+
+def _paired(score, seeds):
+    """mean_interval of FAQD minus KD only (points) of `score(arm, seed)` over the seeds scored in both arms."""
+    d = [100 * (score("FAQD", s) - score("KD only", s)) for s in seeds
+         if score("FAQD", s) is not None and score("KD only", s) is not None]
+    return mean_interval(d)
+
+
+def _interval(stat):
+    if not stat:
+        return "-"
+    return f"{stat[0]:+.2f} (one seed)" if stat[2] < 2 else f"{stat[0]:+.2f} ± {stat[1]:.2f}"
+
+
+def table(cells, curves, fa_rows=()):
+    """The headline (accuracy as trained at the last epoch, named before the runs) and beside it the
+    mean of the last three epochs and the accuracy after BN recalibration, each paired by seed."""
+    lines = ["| init | bits | epochs | KD only (mean ± std) | FAQD (mean ± std) | FAQD minus KD only (95% CI), "
+             "as trained: the headline | n | verdict | last 3 epochs | after BN recalibration | "
+             "KD only flattens at epoch |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for init, column, epochs in settings(cells):
         mine = [c for c in cells if (c["init"], c["column"], c["epochs"]) == (init, column, epochs)]
         acc = {arm: np.array([100 * float(c["accuracy"]) for c in mine if c["row"] == arm]) for arm in ARMS}
@@ -57,8 +87,12 @@ def table(cells, curves):
             diff = f"**{stat[0]:+.2f}** (one seed, no interval)"
         else:
             diff = f"**{stat[0]:+.2f} ± {stat[1]:.2f}**"
+        bits, seeds = int(column.split("-")[0]), sorted({int(c["seed"]) for c in mine})
+        tail = _paired(lambda arm, seed: last3(curves, init, bits, arm, seed), seeds)
+        recal = _paired(lambda arm, seed: recalibrated(fa_rows, init, bits, arm, seed), seeds)
         lines.append(f"| {init} | {column} | {epochs} | {cell(acc['KD only'])} | {cell(acc['FAQD'])} | {diff} | "
-                     f"{stat[2] if stat else 0} | {verdict(stat) if stat else '-'} | {flat} |")
+                     f"{stat[2] if stat else 0} | {verdict(stat) if stat else '-'} | {_interval(tail)} | "
+                     f"{_interval(recal)} | {flat} |")
     return "\n".join(lines)
 
 
@@ -89,7 +123,7 @@ def plot(cells, curves, path):
     fig.savefig(path, dpi=110)
 
 
-def write(cells, curves, md, png, command):
+def write(cells, curves, md, png, command, fa_rows=()):
     cells = [c for c in cells if c["table"] == "budget"]
     text = "\n".join([
         f"Command: `{command}`  ",
@@ -98,8 +132,10 @@ def write(cells, curves, md, png, command):
         "Differences are paired by seed (same initial weights and data order). The CSV's `seconds` is the time "
         "of the invocation that finished a cell: a resumed cell's earlier epochs are not in it; `sec_per_epoch` divides "
         "it by the epochs that invocation ran (rows finished before commit 'budget: seconds per epoch run' divided it by "
-        "all the cell's epochs, too low for a resumed cell).", "",
-        table(cells, curves), "",
+        "all the cell's epochs, too low for a resumed cell). The headline metric is the accuracy as trained at the "
+        "last epoch; the mean of the last three epochs (from the curves) and the accuracy after "
+        "`recalibrate_batchnorm` (docs/budget/fa_distance.csv, `benchmarks/budget_fa.py`) are beside it.", "",
+        table(cells, curves, fa_rows), "",
     ])
     if md:
         with open(md, "w") as f:

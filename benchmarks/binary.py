@@ -1,0 +1,269 @@
+"""Binary students (issue 35): what limits 1-bit weights and 1W1A, and a paired budget to resolve it.
+
+Not run in CI (hours of CPU). Every cell is one run of the library's own pipeline, `train.py --config
+configs/quickstart.json` (stages distill and evaluate), label-free, on all 60,000 Fashion-MNIST training
+images, from the pinned teacher `docs/budget/teacher.keras` (the quickstart's FP ResNet8, 91.08%), scored on
+the 10,000 test images after every epoch and at the end. The headline metric, named before the runs: **test
+accuracy as trained at the last epoch**; beside it the mean of the last three epochs' test accuracy and the
+accuracy after `recalibrate_batchnorm` on 6,400 unlabeled training images (computed after the run, on the
+saved student; the run itself keeps its statistics).
+
+Two commands:
+
+- `factors`: one factor at a time against the current 1-bit recipe (the quickstart's fine-tune: KL T = 4,
+  SGD Nesterov lr 0.01, cosine, weight decay 1e-4, per-layer scale, every convolution at 1 bit, the
+  classifier float), KD only, `--epochs` (2) epochs, paired seeds. Rows go to `docs/binary/factors.csv`.
+- `budget`: KD only against FAQD (exact FA, fro2, the default beta), >= 15 epochs a step, paired seeds,
+  1-bit weights fine-tune and 1W1A two steps, with the recipe `--recipe` (a factor name, or several joined
+  by `+`). Rows go to `docs/binary/cells.csv` with the columns of `docs/budget/cells.csv` (`row` the arm,
+  `column` the width) and two more (`accuracy_last3`, `accuracy_recal`); the FP student is a row `FP`.
+
+A seed fixes the student's initial weights and the data order, so paired cells differ only in the factor.
+A killed cell resumes from its last finished epoch when the command runs again; a finished cell is never
+rerun. `--workers 2` runs two cells at once, each on one thread.
+
+    python benchmarks/binary.py factors --seeds 0 1 --epochs 2
+    python benchmarks/binary.py budget --seeds 0 1 2 3 --epochs 15 --recipe stem8
+    python benchmarks/binary.py report --md docs/binary.md --png docs/binary.png
+"""
+
+import argparse
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import gradient_shares  # noqa: E402
+from benchmarks.budget import TEACHER, append_rows, ensure_teacher, read_rows  # noqa: E402
+
+DOCS = os.path.join(ROOT, "docs", "binary")
+FMNIST = "idx:/usr/share/datasets/fashion-mnist"
+STEPS_PER_EPOCH = -(-60000 // 128)
+RECAL_IMAGES = 6400
+
+# The current 1-bit recipe (the 2/4-bit budget's fine-tune at 1 bit), as `--set` values.
+BASE = {
+    "teacher.file": TEACHER,
+    "student.init": "teacher",
+    "student.weight_bits": 1,
+    "distill.fa": None,
+    "distill.kd": "kl",
+    "distill.temperature": 4.0,
+    "train.lr": 0.01,
+    "train.weight_decay": 1e-4,
+}
+
+# One factor each: the `--set` values it changes. Literature and the authors' code (lzj994/FAQD) name them.
+FACTORS = {
+    "base": {},
+    "per_channel": {"student.per_channel": True},
+    "wd0": {"train.weight_decay": 0.0},
+    "lr0.003": {"train.lr": 0.003},
+    "lr0.03": {"train.lr": 0.03},
+    "adam": {"train.optimizer": "adam", "train.lr": 1e-3},
+    # BinaryRelax (eq. 2): lambda grows x10 an epoch, so a 2-epoch run ends near hard quantization.
+    "relax": {"student.relax": 1.0, "student.relax_eta": 10.0},
+    # The first conv sees one input channel: 9 weights a filter, 144 in all, 0.2% of the packed bits.
+    "stem8": {"student.layer_bits": {"stem_conv": 8}},
+    "stemfp": {"student.layer_bits": {"stem_conv": None}},
+    # 1W1A: the quantized ReLU's alpha update (the authors' rate 0.01, clamped) ten times faster.
+    "alpha0.1": {"student.alpha_rate": 0.1},
+}
+
+FACTOR_FIELDS = ["factor", "width", "seed", "epochs", "accuracy", "accuracy_last3", "accuracy_recal",
+                 "seconds", "sec_per_epoch"]
+CELL_FIELDS = ["table", "init", "row", "column", "seed", "accuracy", "epochs", "steps", "seconds",
+               "sec_per_epoch", "accuracy_last3", "accuracy_recal"]
+CURVE_FIELDS = ["recipe", "row", "column", "seed", "epoch", "val_accuracy", "kd", "fa", "loss"]
+WIDTHS = {"1-bit": {"student.weight_bits": 1},
+          "1W1A": {"student.weight_bits": 1, "student.activation_bits": 1, "student.two_step": True}}
+ARMS = {"KD only": None, "FAQD": "exact"}
+
+
+def recipe(name):
+    """The `--set` values of a recipe: factor names joined by `+` (e.g. ``"stem8+wd0"``)."""
+    values = dict(BASE)
+    for factor in name.split("+"):
+        if factor not in FACTORS:
+            raise SystemExit(f"unknown factor {factor!r}; factors are: {', '.join(FACTORS)}")
+        values.update(FACTORS[factor])
+    return values
+
+
+def run_train(out, overrides, workers):
+    """Runs (or resumes) train.py into `out`; returns (results, history rows, seconds, epochs run now)."""
+    command = [sys.executable, os.path.join(ROOT, "train.py"), "--config",
+               os.path.join(ROOT, "configs", "quickstart.json"), "--set", f"output_dir={out}"]
+    for key, value in overrides.items():
+        command += ["--set", f"{key}={json.dumps(value)}"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    if workers > 1:  # one thread per cell: the cells share the cores
+        env.update(TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1", OMP_NUM_THREADS="1")
+    os.makedirs(out, exist_ok=True)
+    before = len(read_rows(os.path.join(out, "history.csv")))
+    start = time.perf_counter()
+    with open(os.path.join(out, "train.log"), "a") as log:
+        proc = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise RuntimeError(f"{out}: train.py exited with {proc.returncode}; see {out}/train.log")
+    seconds = time.perf_counter() - start
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    history = read_rows(os.path.join(out, "history.csv"))
+    # The recalibrated score runs in its own process, on one thread when cells share the cores.
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "recal", out], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{out}: recalibration failed: {proc.stderr.strip().splitlines()[-1:]}")
+    recal = float(proc.stdout.strip().splitlines()[-1])
+    return results, history, seconds, max(1, len(history) - before), recal
+
+
+def last3(history):
+    accs = [float(h["val_accuracy"]) for h in history[-3:]]
+    return round(sum(accs) / len(accs), 4) if accs else ""
+
+
+def recalibrated_accuracy(out):
+    """Test accuracy of `out`'s student after re-estimating its BN statistics on RECAL_IMAGES
+    unlabeled training images (the first ones of the seed-0 order, the same for every cell)."""
+    import keras
+    import numpy as np
+
+    import faqd_tf
+    from faqd_tf import data
+
+    student = keras.models.load_model(os.path.join(out, "student.keras"), safe_mode=True)
+    train = data.load(FMNIST, "train", labels=False, batch_size=128, seed=0, augment=False)
+    images = np.concatenate([x.numpy() for x in train.take(RECAL_IMAGES // 128)])
+    faqd_tf.recalibrate_batchnorm(student, images)
+    correct = total = 0
+    for x, y in data.load(FMNIST, "test", labels=True, batch_size=500, augment=False):
+        correct += int(np.sum(np.argmax(student.predict_on_batch(x), 1) == y.numpy()))
+        total += int(y.shape[0])
+    return correct / total
+
+
+def record_fp(results, csv_path):
+    """Appends the pair's FP row (`row` "FP": the teacher, which is the FP student of a fine-tune) once."""
+    if not any(r["row"] == "FP" for r in read_rows(csv_path)):
+        append_rows(csv_path, CELL_FIELDS, [dict(table="binary", init="fine-tune", row="FP", column="FP", seed="",
+                                                 accuracy=round(results["teacher"]["accuracy"], 4), epochs="",
+                                                 steps="", seconds="", sec_per_epoch="", accuracy_last3="",
+                                                 accuracy_recal="")])
+
+
+def pool_run(jobs, workers):
+    """Runs `jobs` (callables) `workers` at a time; yields each result (or prints its error)."""
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for future in concurrent.futures.as_completed([pool.submit(job) for job in jobs]):
+            try:
+                yield future.result()
+            except RuntimeError as e:
+                print(f"[binary] {e}", flush=True)
+
+
+def factors(args):
+    ensure_teacher()
+    csv_path = os.path.join(DOCS, "factors.csv")
+    done = {(r["factor"], r["width"], r["seed"], r["epochs"]) for r in read_rows(csv_path)}
+    todo = [(f, w, s) for f in args.factors for s in args.seeds for w in args.widths
+            if (f, w, str(s), str(args.epochs)) not in done]
+    print(f"[binary] {len(todo)} factor cells to run", flush=True)
+
+    def job(factor, width, seed):
+        def run():
+            out = os.path.join(args.out_dir, "factors", f"{factor}_{width}_seed{seed}_{args.epochs}ep")
+            values = {**recipe(factor), **WIDTHS[width], "train.epochs": args.epochs, "seed": seed}
+            results, history, seconds, ran, recal = run_train(out, values, args.workers)
+            row = dict(factor=factor, width=width, seed=seed, epochs=args.epochs,
+                       accuracy=round(results["student"]["accuracy"], 4), accuracy_last3=last3(history),
+                       accuracy_recal=round(recal, 4), seconds=round(seconds, 1),
+                       sec_per_epoch=round(seconds / ran, 1))
+            record_fp(results, os.path.join(DOCS, "cells.csv"))
+            append_rows(csv_path, FACTOR_FIELDS, [row])
+            print(f"[binary] {factor} {width} seed {seed}: {100 * row['accuracy']:.2f}% "
+                  f"(recalibrated {100 * recal:.2f}%)", flush=True)
+        return run
+
+    list(pool_run([job(*t) for t in todo], args.workers))
+
+
+def budget(args):
+    ensure_teacher()
+    csv_path, curves_path = os.path.join(DOCS, "cells.csv"), os.path.join(DOCS, "curves.csv")
+    rows = read_rows(csv_path)
+    table = f"binary {args.recipe}"
+    done = {(r["table"], r["row"], r["column"], r["seed"], r["epochs"]) for r in rows}
+    todo = [(arm, w, s) for w in args.widths for s in args.seeds for arm in ARMS
+            if (table, arm, w, str(s), str(args.epochs)) not in done]
+    print(f"[binary] {len(todo)} budget cells to run ({table})", flush=True)
+
+    def job(arm, width, seed):
+        def run():
+            tag = "kd" if arm == "KD only" else "faqd"
+            out = os.path.join(args.out_dir, "budget", f"{args.recipe}_{width}_{tag}_seed{seed}_{args.epochs}ep")
+            values = {**recipe(args.recipe), **WIDTHS[width], "distill.fa": ARMS[arm],
+                      "train.epochs": args.epochs, "seed": seed}
+            results, history, seconds, ran, recal = run_train(out, values, args.workers)
+            steps = args.epochs * STEPS_PER_EPOCH * (2 if width == "1W1A" else 1)
+            row = dict(table=table, init="fine-tune", row=arm, column=width, seed=seed,
+                       accuracy=round(results["student"]["accuracy"], 4), epochs=args.epochs, steps=steps,
+                       seconds=round(seconds, 1), sec_per_epoch=round(seconds / ran, 1),
+                       accuracy_last3=last3(history), accuracy_recal=round(recal, 4))
+            curve = [dict(recipe=args.recipe, row=arm, column=width, seed=seed, epoch=int(h["epoch"]) + 1,
+                          val_accuracy=round(float(h["val_accuracy"]), 4), kd=h.get("kd", ""),
+                          fa=h.get("fa", ""), loss=h.get("loss", "")) for h in history]
+            record_fp(results, csv_path)
+            append_rows(csv_path, CELL_FIELDS, [row])
+            append_rows(curves_path, CURVE_FIELDS, curve)
+            shares = gradient_shares.parse(open(os.path.join(out, "train.log")).read())
+            append_rows(os.path.join(DOCS, "gradient_shares.csv"), gradient_shares.FIELDS,
+                        [dict(init=f"fine-tune {args.recipe} {width}", bits=1, arm=arm, seed=seed, term=t,
+                              norm=f"{n:.4g}", share=round(sh, 4)) for t, n, sh in shares])
+            print(f"[binary] {table} {arm} {width} seed {seed}: {100 * row['accuracy']:.2f}%", flush=True)
+        return run
+
+    list(pool_run([job(*t) for t in todo], args.workers))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("factors", "budget"):
+        s = sub.add_parser(name)
+        s.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+        s.add_argument("--epochs", type=int, default=2 if name == "factors" else 15)
+        s.add_argument("--widths", nargs="+", default=["1-bit"] if name == "factors" else ["1-bit", "1W1A"],
+                       choices=list(WIDTHS))
+        s.add_argument("--workers", type=int, default=2)
+        s.add_argument("--out-dir", default="/work/runs/binary")
+        if name == "factors":
+            s.add_argument("--factors", nargs="+", default=list(FACTORS), choices=list(FACTORS))
+        else:
+            s.add_argument("--recipe", default="base")
+    s = sub.add_parser("recal")
+    s.add_argument("out")
+    s = sub.add_parser("report")
+    s.add_argument("--md", default=os.path.join(ROOT, "docs", "binary.md"))
+    s.add_argument("--png", default=os.path.join(ROOT, "docs", "binary.png"))
+    args = p.parse_args(argv)
+    if args.command == "recal":
+        print(recalibrated_accuracy(args.out))
+    elif args.command == "factors":
+        factors(args)
+    elif args.command == "budget":
+        budget(args)
+    else:
+        from benchmarks import binary_report
+
+        binary_report.write(args.md, args.png, "python benchmarks/binary.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

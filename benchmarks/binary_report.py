@@ -1,0 +1,121 @@
+"""The report of `benchmarks/binary.py`: the factor table, the budget table and the budget's curves.
+
+    python benchmarks/binary.py report --md docs/binary.md --png docs/binary.png
+"""
+
+import os
+import platform
+
+import numpy as np
+
+from benchmarks.budget import read_rows
+from benchmarks.reproduce_report import mean_interval
+
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "binary")
+METRICS = (("accuracy", "as trained (headline)"), ("accuracy_last3", "last 3 epochs"),
+           ("accuracy_recal", "after BN recalibration"))
+
+
+def _fmt(stat):
+    if not stat:
+        return "-"
+    return f"{stat[0]:+.2f} (one seed)" if stat[2] < 2 else f"{stat[0]:+.2f} ± {stat[1]:.2f}"
+
+
+def factor_table(rows):
+    """Each factor against `base` of the same width, epochs and seed (paired), per metric."""
+    lines = ["| width | epochs | factor | accuracy % per seed (as trained) | minus base, as trained (95% CI) | "
+             "minus base, last 3 epochs | minus base, after BN recalibration | n |",
+             "|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["width"], r["epochs"]) for r in rows})
+    for width, epochs in keys:
+        mine = [r for r in rows if (r["width"], r["epochs"]) == (width, epochs)]
+        base = {r["seed"]: r for r in mine if r["factor"] == "base"}
+        for factor in dict.fromkeys(r["factor"] for r in mine):
+            cells = {r["seed"]: r for r in mine if r["factor"] == factor}
+            seeds = sorted(cells, key=int)
+            per_seed = " / ".join(f"{100 * float(cells[s]['accuracy']):.2f}" for s in seeds)
+            stats = []
+            for metric, _ in METRICS:
+                paired = [s for s in seeds if s in base and cells[s].get(metric) and base[s].get(metric)]
+                d = [100 * (float(cells[s][metric]) - float(base[s][metric])) for s in paired]
+                stats.append("-" if factor == "base" else _fmt(mean_interval(d)))
+            lines.append(f"| {width} | {epochs} | {factor} | {per_seed} | {' | '.join(stats)} | {len(seeds)} |")
+    return "\n".join(lines)
+
+
+def fp_accuracy(cells):
+    """The FP student's test accuracy (0-1) from its `FP` row."""
+    fp = [float(c["accuracy"]) for c in cells if c["row"] == "FP"]
+    return fp[0] if fp else float("nan")
+
+
+def budget_table(cells):
+    """KD only and FAQD per (recipe, width), and FAQD minus KD only paired by seed, per metric."""
+    lines = ["| recipe | width | epochs a step | FP | KD only (mean ± std) | FAQD (mean ± std) | KD only minus FP | "
+             "FAQD minus KD only: as trained (headline) | last 3 epochs | after BN recalibration | n |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    fp = 100 * fp_accuracy(cells)
+    for table, column, epochs in sorted({(c["table"], c["column"], c["epochs"]) for c in cells if c["row"] != "FP"}):
+        mine = [c for c in cells if (c["table"], c["column"], c["epochs"]) == (table, column, epochs)]
+        arm = {a: {c["seed"]: c for c in mine if c["row"] == a} for a in ("KD only", "FAQD")}
+        acc = {a: np.array([100 * float(c["accuracy"]) for c in arm[a].values()]) for a in arm}
+        spread = lambda a: f"{a.mean():.2f} ± {a.std(ddof=1):.2f}" if len(a) > 1 else (f"{a[0]:.2f}" if len(a) else "-")  # noqa: E731
+        seeds = sorted(set(arm["KD only"]) & set(arm["FAQD"]), key=int)
+        stats = [_fmt(mean_interval([100 * (float(arm["FAQD"][s][m]) - float(arm["KD only"][s][m])) for s in seeds]))
+                 for m, _ in METRICS]
+        gap = f"{acc['KD only'].mean() - fp:+.2f}" if len(acc["KD only"]) else "-"
+        lines.append(f"| {table.removeprefix('binary ')} | {column} | {epochs} | {fp:.2f} | {spread(acc['KD only'])} | "
+                     f"{spread(acc['FAQD'])} | {gap} | {' | '.join(stats)} | {len(seeds)} |")
+    return "\n".join(lines)
+
+
+def plot(curves, fp, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(c["recipe"], c["column"]) for c in curves})
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (recipe, column) in zip(axes[0], panels):
+        for arm, color in (("KD only", "tab:blue"), ("FAQD", "tab:orange")):
+            for seed in sorted({c["seed"] for c in curves if (c["recipe"], c["column"], c["row"]) == (recipe, column, arm)}):
+                got = sorted((int(c["epoch"]), 100 * float(c["val_accuracy"])) for c in curves
+                             if (c["recipe"], c["column"], c["row"], c["seed"]) == (recipe, column, arm, seed))
+                ax.plot(*zip(*got), color=color, alpha=0.7, label=f"{arm}" if seed == "0" else None)
+        ax.axhline(100 * fp, color="gray", ls="--", label="FP")
+        ax.set_ylim(70, 93)
+        ax.set_title(f"{column}, recipe {recipe}")
+        ax.set_xlabel("epoch (1W1A: both steps, one after the other)")
+        ax.set_ylabel("test accuracy %, one line a seed")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Label-free binary ResNet8 from the FP ResNet8 teacher, Fashion-MNIST (60,000 images)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write(md, png, command):
+    factors = read_rows(os.path.join(DOCS, "factors.csv"))
+    cells = read_rows(os.path.join(DOCS, "cells.csv"))
+    curves = read_rows(os.path.join(DOCS, "curves.csv"))
+    text = "\n".join([
+        f"Command: `{command}`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores. Every cell: `train.py` with configs/quickstart.json, the "
+        "pinned teacher docs/budget/teacher.keras (FP ResNet8, the `FP` row), all 60,000 training images, label-free, 1-bit "
+        "fine-tune from the teacher's weights. Headline metric (named before the runs): test accuracy as trained at the "
+        "last epoch; beside it the mean of the last three epochs and the accuracy after recalibrating the BN statistics "
+        "on 6,400 unlabeled training images. Differences are paired by seed (same initial weights and data order), "
+        "95% t-intervals.", "",
+        "## Factors (KD only, one factor at a time)", "", factor_table(factors), "",
+        "## Budget (KD only against FAQD)", "", budget_table(cells), "",
+    ])
+    if md:
+        with open(md, "w") as f:
+            f.write(text)
+    print(text)
+    if png and curves:
+        plot(curves, fp_accuracy(cells), png)
