@@ -10,23 +10,86 @@ import re
 
 import keras
 
+# Layers whose output holds no new learned feature: padding, cropping, reshaping and resampling
+# (ZeroPadding, Cropping, Reshape, Flatten, UpSampling, Permute), preprocessing (Rescaling,
+# Normalization, Resizing, augmentation), pooling, and dropout.
+_NOT_FEATURES = ("keras.src.layers.reshaping", "keras.src.layers.preprocessing", "keras.src.layers.pooling",
+                 "keras.src.layers.regularization")
+
+
+def _map_shape(output):
+    """The spatial shape of a feature map: ``(H, W)`` of a 4-D, ``(L,)`` of a 3-D output; else None."""
+    shape = getattr(output, "shape", None)
+    if not isinstance(shape, tuple) or len(shape) not in (3, 4):
+        return None
+    return tuple(shape[1:-1])
+
 
 def _spatial_shape(layer):
     try:
-        shape = layer.output.shape
+        return _map_shape(layer.output)
     except (AttributeError, ValueError):
         return None  # a shared layer with several outputs, or a layer that was never called
-    if not isinstance(shape, tuple) or len(shape) != 4:
-        return None
-    return tuple(shape[1:3])
+
+
+def _graph(model):
+    """Operations in network order, and for each its producers' positions (the model's own nodes)."""
+    if isinstance(model, keras.Sequential):
+        ops = list(model.layers)
+        return ops, [[i - 1] if i else [] for i in range(len(ops))]
+    ops = list(model.operations)
+    position = {id(op): i for i, op in enumerate(ops)}
+    by_depth = getattr(model, "_nodes_by_depth", None)
+    own = None if by_depth is None else {id(node) for nodes in by_depth.values() for node in nodes}
+    producers = []
+    for op in ops:
+        inputs = set()
+        for node in getattr(op, "_inbound_nodes", []):
+            if own is not None and id(node) not in own:
+                continue
+            for tensor in node.input_tensors:
+                history = getattr(tensor, "_keras_history", None)
+                if history is not None and id(history.operation) in position:
+                    inputs.add(position[id(history.operation)])
+        producers.append(sorted(inputs))
+    return ops, producers
+
+
+def _head(model, ops, producers):
+    """Positions of the output operation and the single-input chain back to the classifier."""
+    outputs = getattr(model, "outputs", None) or []
+    history = getattr(outputs[0], "_keras_history", None) if len(outputs) == 1 else None
+    position = {id(op): i for i, op in enumerate(ops)}
+    i = position.get(id(history.operation)) if history is not None else None
+    head = set()
+    while i is not None and i not in head:
+        head.add(i)
+        if ops[i].weights or len(producers[i]) != 1:
+            break
+        i = producers[i][0]
+    return head
 
 
 def feature_layers(model: keras.Model) -> list[str]:
-    """The names of the layers whose outputs FA compares when none are given.
+    """The names of the layers whose outputs FA compares when none are given: the stage outputs.
 
-    Layers named `stage1`, `stage2`, ... (the project's ResNets) if the model has them; otherwise
-    the last 4-D output at each spatial resolution before the head (the stage outputs of a
-    typical CNN), in the order the resolutions appear.
+    Layers named `stage1`, `stage2`, ... (the project's ResNets) if the model has them. Otherwise,
+    walking the network in order, the last output at each spatial resolution (a new entry each
+    time the resolution changes, so an encoder-decoder gets its decoder's maps too) among the
+    layers that carry learned features: 4-D ``(batch, H, W, C)`` or 3-D ``(batch, L, C)`` maps
+    (Conv1D models) computed after a layer with weights, through which every path from the input
+    to the output passes (a block output, not one branch of a block), of more than one pixel, and
+    not padding, cropping, reshaping, preprocessing (Rescaling, Normalization), pooling, dropout,
+    or the logits (the output layer and the head before it).
+
+    Returns [] when no layer qualifies (e.g. an MLP): there is nothing for FA to match.
+
+    >>> m = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Rescaling(1 / 255),
+    ...                       keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="c1"),
+    ...                       keras.layers.ZeroPadding2D(name="pad"), keras.layers.Conv2D(8, 3, strides=2, name="c2"),
+    ...                       keras.layers.MaxPooling2D(name="pool"), keras.layers.Flatten(), keras.layers.Dense(3)])
+    >>> feature_layers(m)
+    ['c1', 'c2']
     """
     stages = sorted(
         (layer.name for layer in model.layers if re.fullmatch(r"stage\d+", layer.name)),
@@ -34,14 +97,31 @@ def feature_layers(model: keras.Model) -> list[str]:
     )
     if stages:
         return stages
-    last_at = {}
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.InputLayer):
+    ops, producers = _graph(model)
+    head = _head(model, ops, producers)
+    last_use = [-1] * len(ops)
+    for i, inputs in enumerate(producers):
+        for j in inputs:
+            last_use[j] = max(last_use[j], i)
+    learned = [False] * len(ops)
+    taps, reach = [], -1  # reach: the furthest consumer of any operation before i
+    for i, op in enumerate(ops):
+        learned[i] = bool(getattr(op, "weights", None)) or any(learned[j] for j in producers[i])
+        # Every later operation reads only op's output (or nothing before it): a cut point.
+        cut = reach <= i
+        reach = max(reach, last_use[i] if last_use[i] >= 0 else len(ops))
+        if not cut or not learned[i] or i in head or not isinstance(op, keras.layers.Layer):
             continue
-        shape = _spatial_shape(layer)
-        if shape is not None:
-            last_at[shape] = layer.name  # dicts keep first-seen order; the value is the last layer
-    return list(last_at.values())
+        if isinstance(op, keras.layers.InputLayer) or type(op).__module__.startswith(_NOT_FEATURES):
+            continue
+        shape = _spatial_shape(op)
+        if shape is None or all(d == 1 for d in shape):
+            continue
+        if taps and taps[-1][0] == shape:
+            taps[-1] = (shape, op.name)
+        else:
+            taps.append((shape, op.name))
+    return [name for _, name in taps]
 
 
 def feature_extractor(model: keras.Model, layers: list[str] | None = None, name: str | None = None) -> keras.Model:
@@ -76,10 +156,10 @@ def feature_extractor(model: keras.Model, layers: list[str] | None = None, name:
     maps = []
     for n in names:
         output = model.get_layer(n).output
-        if len(output.shape) != 4:
+        if _map_shape(output) is None:
             raise ValueError(
                 f"Layer {n!r} of {model.name!r} outputs shape {output.shape}; feature affinity needs "
-                "(batch, height, width, channels) maps."
+                "(batch, height, width, channels) or (batch, length, channels) maps."
             )
         maps.append(output)
     inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs

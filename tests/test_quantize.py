@@ -1,5 +1,6 @@
 """quantize_model and feature taps on the project's ResNets, Sequential models and keras.applications."""
 
+import logging
 import re
 import warnings
 
@@ -9,9 +10,17 @@ import pytest
 import tensorflow as tf
 
 from faqd_tf.features import feature_extractor, feature_layers
-from faqd_tf.layers import QuantConv2D, QuantDense, QuantDepthwiseConv2D, QuantReLU
+from faqd_tf.layers import (
+    QuantConv1D,
+    QuantConv2D,
+    QuantConv2DTranspose,
+    QuantDense,
+    QuantDepthwiseConv2D,
+    QuantReLU,
+    QuantSeparableConv2D,
+)
 from faqd_tf.models import resnet_cifar
-from faqd_tf.quantize import quantize_model, set_alpha_decay
+from faqd_tf.quantize import _walk, classifier_layer, float_kernel_layers, quantize_model, set_alpha_decay
 from tests.references import np_qrelu_grads, np_quantize
 
 
@@ -118,9 +127,9 @@ def test_operations_written_on_tensors_pass_through(rng, tmp_path):
 
 def test_unsupported_layers_are_listed_and_bad_arguments_fail(rng):
     model = keras.Sequential(
-        [keras.Input((8, 8, 3)), keras.layers.SeparableConv2D(4, 3, name="sep"), keras.layers.Flatten(), keras.layers.Dense(2)]
+        [keras.Input((8, 3)), keras.layers.SeparableConv1D(4, 3, name="sep"), keras.layers.Flatten(), keras.layers.Dense(2)]
     )
-    with pytest.warns(UserWarning, match=r"left these layers in full precision .*sep \(SeparableConv2D\)"):
+    with pytest.warns(UserWarning, match=r"left these layers in full precision .*sep \(SeparableConv1D\)"):
         quantize_model(model, weight_bits=2)
     with pytest.raises(ValueError, match=r"weight_bits=3 is not supported"):
         quantize_model(model, weight_bits=3)
@@ -225,6 +234,19 @@ def test_set_alpha_decay_arguments():
             set_alpha_decay(model, keras.optimizers.SGD(), **kwargs)
 
 
+def assert_matches_reference(q, w, bits):
+    """Q(w) against the float64 reference. At 2 bits the quantizer keeps the better of two Lloyd
+    starts; where their errors tie to float32 precision either may win, so the check is the grid
+    and the squared error, not the values."""
+    want = np_quantize(w, bits)
+    if bits != 2:
+        np.testing.assert_allclose(q, want, rtol=1e-5, atol=1e-7)
+        return
+    w = w.astype(np.float64)
+    assert len(np.unique(np.abs(q))) <= 2
+    assert np.sum((w - q) ** 2) <= np.sum((w - want) ** 2) * (1 + 1e-5)
+
+
 def test_layer_bits_most_specific_entry_wins_and_quantizes_each_layer_at_its_width(rng):
     fp = resnet_cifar(8, input_shape=(12, 12, 1))
     layer_bits = {"stem_conv": 8, "s.b1_conv.": 2, "s2b1_conv.": 4, "s3b1_conv2": None}
@@ -237,8 +259,7 @@ def test_layer_bits_most_specific_entry_wins_and_quantizes_each_layer_at_its_wid
         if bits is None:
             np.testing.assert_array_equal(layer.quantized_kernel().numpy(), fp.get_layer(name).kernel.numpy())
         else:
-            np.testing.assert_allclose(layer.quantized_kernel().numpy(), np_quantize(layer.kernel.numpy(), bits),
-                                       rtol=1e-5, atol=1e-7)
+            assert_matches_reference(layer.quantized_kernel().numpy(), layer.kernel.numpy(), bits)
     x = rng.normal(size=(3, 12, 12, 1)).astype("float32")
     assert np.all(np.isfinite(twin(x).numpy()))
 
@@ -257,3 +278,96 @@ def test_layer_bits_overrides_the_default_float_head_and_refuses_what_it_cannot_
             quantize_model(fp, weight_bits=1, layer_bits=layer_bits)
     with pytest.raises(ValueError, match="both in skip and in layer_bits"):
         quantize_model(fp, weight_bits=1, skip=["logits"], layer_bits={"logits": 8})
+
+
+# ---- bring your own convnet: Conv1D, separable, transposed, nested models, any classifier --
+
+
+def signal_classifier():
+    inputs = keras.Input((32, 2))
+    x = keras.layers.Conv1D(8, 5, padding="causal", activation="relu", name="c1")(inputs)
+    x = keras.layers.MaxPooling1D(2, name="p1")(x)
+    x = keras.layers.Conv1D(16, 3, padding="same", activation="relu", name="c2")(x)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    return keras.Model(inputs, keras.layers.Dense(4, name="head")(x), name="signal")
+
+
+def segmentation_net():
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="down")(inputs)
+    x = keras.layers.SeparableConv2D(8, 3, padding="same", activation="relu", name="sep")(x)
+    x = keras.layers.Conv2DTranspose(8, 2, strides=2, name="up")(x)
+    return keras.Model(inputs, keras.layers.Conv2D(5, 1, name="pixel_logits")(x), name="seg")
+
+
+def nested_stem_net():
+    stem = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(8, 4, strides=4, name="stem_conv"),
+                             keras.layers.LayerNormalization(name="stem_ln")], name="stem")
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.DepthwiseConv2D(3, padding="same", activation="relu", name="dw")(stem(inputs))
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(x), name="nested")
+
+
+def conv_head_net():
+    # MobileNet's head: pooled features, a 1x1 convolution, then Reshape and Activation.
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(8, 3, activation="relu", name="body")(inputs)
+    x = keras.layers.GlobalAveragePooling2D(keepdims=True)(x)
+    x = keras.layers.Conv2D(4, 1, name="conv_preds")(keras.layers.Dropout(0.1)(x))
+    x = keras.layers.Activation("linear")(keras.layers.Reshape((4,))(x))
+    return keras.Model(inputs, x, name="conv_head")
+
+
+@pytest.mark.parametrize("build, quantized, head", [
+    (signal_classifier, {"c1": QuantConv1D, "c2": QuantConv1D}, "head"),
+    (segmentation_net, {"down": QuantConv2D, "sep": QuantSeparableConv2D, "up": QuantConv2DTranspose}, "pixel_logits"),
+    (nested_stem_net, {"stem/stem_conv": QuantConv2D, "dw": QuantDepthwiseConv2D}, "head"),
+    (conv_head_net, {"body": QuantConv2D}, "conv_preds"),
+])
+def test_every_kernel_but_the_classifier_is_quantized(rng, tmp_path, caplog, build, quantized, head):
+    model = build()
+    assert classifier_layer(model) == head
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with caplog.at_level(logging.INFO, logger="faqd_tf.quantize"):
+            twin = quantize_model(model, weight_bits=2, activation_bits=4, per_channel=True)
+    layers = dict(_walk(twin))
+    for path, cls in quantized.items():
+        assert type(layers[path]) is cls and layers[path].weight_bits == 2, path
+        source = dict(_walk(model))[path]
+        for name in layers[path].kernel_names:  # weights copied, nested ones too
+            np.testing.assert_array_equal(getattr(layers[path], name).numpy(), getattr(source, name).numpy())
+    assert layers[head].weight_bits is None
+    assert float_kernel_layers(twin) == {head: "classifier head"}
+    assert f"kernel layers left in full precision: {head} (classifier head)" in caplog.text
+    x = rng.normal(size=(3, *model.inputs[0].shape[1:])).astype(np.float32)
+    same = quantize_model(model, weight_bits=None)
+    np.testing.assert_allclose(same(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)
+    twin.save(tmp_path / "twin.keras")
+    loaded = keras.models.load_model(tmp_path / "twin.keras", safe_mode=True)
+    np.testing.assert_allclose(loaded(x).numpy(), twin(x).numpy(), rtol=1e-6, atol=1e-6)
+    # skip=[] quantizes the classifier too; a layer_bits entry names a nested layer by path or name.
+    assert dict(_walk(quantize_model(model, weight_bits=4, skip=[])))[head].weight_bits == 4
+
+
+def test_float_kernels_are_named_with_their_reason(caplog):
+    model = nested_stem_net()
+    with caplog.at_level(logging.INFO, logger="faqd_tf.quantize"):
+        twin = quantize_model(model, weight_bits=1, layer_bits={"stem_conv": None, "dw": 8})
+    assert float_kernel_layers(twin) == {"stem/stem_conv": "layer_bits['stem_conv']", "head": "classifier head"}
+    assert dict(_walk(twin))["dw"].weight_bits == 8
+    assert "stem/stem_conv (layer_bits['stem_conv']), head (classifier head)" in caplog.text
+    assert float_kernel_layers(quantize_model(model, weight_bits=1, skip=["dw"])) == {"dw": "skip"}
+    seq = keras.Sequential([keras.Input((8, 3)), keras.layers.SeparableConv1D(4, 3, name="sep1d"),
+                            keras.layers.Flatten(), keras.layers.Dense(2, name="d")])
+    with pytest.warns(UserWarning, match=r"quantized no kernel of model .* despite weight_bits=2"):
+        twin = quantize_model(seq, weight_bits=2)
+    assert float_kernel_layers(twin) == {"sep1d": "no quantized counterpart", "d": "classifier head"}
+
+
+def test_feature_layers_of_a_conv1d_model_feed_fa():
+    model = signal_classifier()
+    assert feature_layers(model) == ["c1", "c2"]
+    extractor = feature_extractor(quantize_model(model, weight_bits=2))
+    assert [tuple(o.shape[1:]) for o in extractor.outputs] == [(4,), (32, 8), (16, 16)]
