@@ -8,8 +8,14 @@ cheapest label-free repair (no gradient step, no labels).
 The statistics are exact, not running averages: each layer's moving mean and variance become the
 mean and (biased) variance, per channel, of the inputs that layer receives **in inference mode**
 over all the given images, with every BatchNormalization before it already recalibrated. That is
-the fixed point a trained network's moving averages aim at. One pass over the images per layer
-(in the order the model calls them, each pass stopping at its layer), accumulated in float64.
+the fixed point a trained network's moving averages aim at, accumulated in float64.
+
+Functional and Sequential models (nested ones too) take one pass: the graph runs operation by
+operation over all the image batches, so each BatchNormalization sees every batch of its input
+before it normalizes any (its statistics set, it passes them on), and a tensor is dropped once its
+last consumer has run; the cost is one forward pass over the images. Other models (subclassed, or
+a BatchNormalization inside a custom block layer) take one pass per layer, each stopping at its
+layer (cost ~ depth^2).
 
 >>> import numpy as np, keras
 >>> model = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization(name="bn")])
@@ -21,6 +27,7 @@ the fixed point a trained network's moving averages aim at. One pass over the im
 """
 
 import contextlib
+import inspect
 import warnings
 
 import keras
@@ -181,12 +188,14 @@ def recalibrate_batchnorm(model: keras.Model, images, batch_size: int = 256, sam
         model: the model whose BatchNormalization layers to recalibrate.
         images: unlabeled inputs of the model: an array `(N, *input_shape)`, a `tf.data.Dataset`
             or an iterable of batches (`x` or `(x, ...)`; anything after `x` is ignored). They
-            are held in memory, since every layer needs a pass over them.
-        batch_size: images per forward pass.
+            are held in memory; so are, in the one-pass run, the tensors of every batch that are
+            waiting for a consumer (a block's input and its branches).
+        batch_size: images per forward pass of an operation.
         samples: use only the first `samples` images; default all.
 
     Returns:
-        The names of the recalibrated layers, in the order the model calls them.
+        The names of the recalibrated layers, in an order the model can call them; [] (with a
+        warning) for a model without BatchNormalization.
 
     After the call, layer `l` with channel axis `a` holds `moving_mean = mean(u)` and
     `moving_variance = mean((u - mean(u))^2)` over every axis but `a`, where `u` are its
@@ -200,16 +209,141 @@ def recalibrate_batchnorm(model: keras.Model, images, batch_size: int = 256, sam
         raise ValueError(f"samples={samples!r} must be a positive integer or None (all images).")
     layers = _batchnorm_layers(model)
     if not layers:
-        raise ValueError(f"{model.name!r} has no BatchNormalization layer; there is nothing to recalibrate.")
+        warnings.warn(f"recalibrate_batchnorm: {model.name!r} has no BatchNormalization layer; nothing to do.",
+                      stacklevel=2)
+        return []
     batches = _images(images, model, samples)
-    order = _call_order(model, layers, batches[0][:1])
+    if _runs_as_graph(model, layers):
+        order = _recalibrate_in_one_pass(model, batches, batch_size)
+    else:
+        order = _recalibrate_per_layer(model, layers, batches, batch_size)
     unused = sorted(layer.name for layer in layers if layer not in order)
     if unused:
         warnings.warn(f"recalibrate_batchnorm: these BatchNormalization layers are never called: {unused}.", stacklevel=2)
-    for layer in order:
-        moments = _input_moments(model, layer, batches, batch_size)
-        layer.moving_mean.assign(moments.mean.astype(layer.moving_mean.dtype))
-        layer.moving_variance.assign(moments.variance.astype(layer.moving_variance.dtype))
-        if getattr(layer, "renorm", False):
-            layer.moving_stddev.assign(np.sqrt(moments.variance).astype(layer.moving_stddev.dtype))
     return [layer.name for layer in order]
+
+
+def _assign(layer, moments):
+    layer.moving_mean.assign(moments.mean.astype(layer.moving_mean.dtype))
+    layer.moving_variance.assign(moments.variance.astype(layer.moving_variance.dtype))
+    if getattr(layer, "renorm", False):
+        layer.moving_stddev.assign(np.sqrt(moments.variance).astype(layer.moving_stddev.dtype))
+
+
+def _recalibrate_per_layer(model, layers, batches, batch_size):
+    """One pass per layer, each stopping at its layer: any model, at ~ depth^2 cost."""
+    order = _call_order(model, layers, batches[0][:1])
+    for layer in order:
+        _assign(layer, _input_moments(model, layer, batches, batch_size))
+    return order
+
+
+def _is_graph(model):
+    return isinstance(model, keras.Sequential) or (
+        isinstance(model, keras.Model) and hasattr(model, "_nodes_by_depth") and bool(getattr(model, "inputs", None))
+    )
+
+
+def _graph_batchnorms(model, found):
+    """Collects the BatchNormalization layers that `model`'s graph calls itself or through nested
+    graph models; False where a nested model has several inputs or outputs."""
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            found.append(layer)
+        elif _is_graph(layer) and _batchnorm_layers(layer):
+            if len(layer.inputs) != 1 or len(layer.outputs) != 1 or not _graph_batchnorms(layer, found):
+                return False
+    return True
+
+
+def _runs_as_graph(model, layers):
+    found = []
+    if not _is_graph(model) or len(model.inputs) != 1 or not _graph_batchnorms(model, found):
+        return False
+    # Every BatchNormalization must be a node of a graph: one inside a custom block layer is not.
+    return {id(layer) for layer in layers} <= {id(layer) for layer in found}
+
+
+def _takes_training(layer):
+    try:
+        return "training" in inspect.signature(layer.call).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _call(operation, args, kwargs):
+    # Layers run in inference mode, as in `model(x, training=False)` (Dropout off, BN on its statistics).
+    if isinstance(operation, keras.layers.Layer) and "training" not in kwargs:
+        if _takes_training(operation):
+            kwargs = {**kwargs, "training": False}
+    return operation(*args, **kwargs)
+
+
+def _normalize_all(model, layer, inputs, order, kwargs=None):
+    """Sets `layer`'s statistics from its inputs of every batch, then normalizes each batch."""
+    if layer in order:
+        raise ValueError(
+            f"BatchNormalization layers {[layer.name]} are called more than once per forward pass; their "
+            "statistics would mix several inputs, which recalibrate_batchnorm does not do."
+        )
+    if (kwargs or {}).get("mask") is not None or any(getattr(x, "_keras_mask", None) is not None for x in inputs):
+        raise ValueError(f"{layer.name!r} received a mask; recalibrate_batchnorm does not weigh masked inputs.")
+    moments = _Moments()
+    for x in inputs:
+        moments.add(x, layer.axis)
+    _assign(layer, moments)
+    order.append(layer)
+    return [layer(x, training=False) for x in inputs]
+
+
+def _run_graph(model, inputs, order):
+    """`model` on each batch of `inputs` (one tensor per batch), operation by operation."""
+    if isinstance(model, keras.Sequential):
+        values = inputs
+        for layer in model.layers:
+            values = _run_operation(layer, [[v] for v in values], [{} for _ in values], order)
+        return values
+    (symbolic,) = model.inputs
+    values = {id(symbolic): inputs}
+    uses = {}
+    for nodes in model._nodes_by_depth.values():
+        for node in nodes:
+            for tensor in node.input_tensors:
+                uses[id(tensor)] = uses.get(id(tensor), 0) + 1
+    for tensor in model.outputs:
+        uses[id(tensor)] = uses.get(id(tensor), 0) + 1
+    for depth in sorted(model._nodes_by_depth, reverse=True):
+        for node in model._nodes_by_depth[depth]:
+            if not node.operation or node.is_input:
+                continue
+            per_batch_args = []
+            for i in range(len(inputs)):
+                args, kwargs = node.arguments.fill_in({id(t): values[id(t)][i] for t in node.input_tensors})
+                per_batch_args.append((args, kwargs))
+            outputs = _run_operation(node.operation, [a for a, _ in per_batch_args],
+                                     [k for _, k in per_batch_args], order)
+            for tensor in node.input_tensors:
+                uses[id(tensor)] -= 1
+                if not uses[id(tensor)]:
+                    del values[id(tensor)]  # its last consumer has run
+            flat = [keras.tree.flatten(out) for out in outputs]
+            for j, tensor in enumerate(node.outputs):
+                values[id(tensor)] = [out[j] for out in flat]
+    return [keras.tree.pack_sequence_as(model._outputs_struct, [values[id(t)][i] for t in model.outputs])
+            for i in range(len(inputs))]
+
+
+def _run_operation(operation, args, kwargs, order):
+    if isinstance(operation, keras.layers.BatchNormalization):
+        return _normalize_all(operation, operation, [a[0] for a in args], order, kwargs[0])
+    if _is_graph(operation) and _batchnorm_layers(operation):
+        return _run_graph(operation, [a[0] for a in args], order)
+    return [_call(operation, a, k) for a, k in zip(args, kwargs)]
+
+
+def _recalibrate_in_one_pass(model, batches, batch_size):
+    inputs = [tf.convert_to_tensor(batch[start : start + batch_size])
+              for batch in batches for start in range(0, len(batch), batch_size)]
+    order = []
+    _run_graph(model, inputs, order)
+    return order

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from faqd_tf import quantize_model
+from faqd_tf import batchnorm
 from faqd_tf.batchnorm import recalibrate_batchnorm
 
 
@@ -163,10 +164,16 @@ def test_bad_input_is_one_line(rng, images, kwargs, message):
     assert "\n" not in str(err.value)
 
 
+def test_model_without_batchnorm_warns_and_is_left_alone(rng):
+    plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)], name="plain")
+    before = [w.numpy().copy() for w in plain.weights]
+    with pytest.warns(UserWarning, match=r"^recalibrate_batchnorm: 'plain' has no BatchNormalization layer; nothing to do\.$"):
+        assert recalibrate_batchnorm(plain, rng.normal(size=(4, 3))) == []
+    for w, b in zip(plain.weights, before):
+        np.testing.assert_array_equal(w.numpy(), b)
+
+
 def test_models_it_cannot_recalibrate(rng):
-    plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    with pytest.raises(ValueError, match="no BatchNormalization"):
-        recalibrate_batchnorm(plain, rng.normal(size=(4, 3)))
     inputs = keras.Input((3,))
     bn = keras.layers.BatchNormalization(name="shared")
     shared = keras.Model(inputs, bn(keras.layers.Dense(3)(bn(inputs))))
@@ -193,3 +200,80 @@ def test_masked_or_traced_calls_are_refused_in_one_line(rng):
         with pytest.raises(ValueError, match=message) as err:
             recalibrate_batchnorm(model, x)
         assert "\n" not in str(err.value)
+
+
+# ---- one pass: equal to the per-layer passes, and linear in depth ------------------------------
+
+
+def nested_net(rng):
+    """A residual net whose middle block is a nested Sequential (ConvNeXt's stem is one)."""
+    block = keras.Sequential([keras.Input((8, 8, 6)), keras.layers.Conv2D(6, 3, padding="same", name="inner_conv"),
+                              keras.layers.BatchNormalization(name="inner_bn"), keras.layers.ReLU()], name="block")
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(6, 3, padding="same", name="conv1")(inputs)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.Dropout(0.5)(keras.layers.ReLU()(x))  # inference mode: no dropout
+    y = keras.layers.Add()([block(x), x])
+    y = keras.layers.BatchNormalization(name="bn2")(keras.layers.Conv2D(4, 1, name="conv2")(y))
+    outputs = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(y))
+    model = keras.Model(inputs, outputs)
+    scramble(model, rng)
+    return model
+
+
+def statistics(model):
+    return {layer.name: (layer.moving_mean.numpy().copy(), layer.moving_variance.numpy().copy())
+            for layer in batchnorm._batchnorm_layers(model)}
+
+
+@pytest.mark.parametrize("build", [residual_net, nested_net])
+def test_one_pass_equals_one_pass_per_layer(rng, build):
+    model = build(rng)
+    images = rng.normal(0.3, 1.5, (45, 8, 8, 3)).astype("float32")
+    start = [w.numpy().copy() for w in model.weights]
+    layers = batchnorm._batchnorm_layers(model)
+    assert batchnorm._runs_as_graph(model, layers)
+    batches = batchnorm._images(images, model, None)
+    reference = [layer.name for layer in batchnorm._recalibrate_per_layer(model, layers, batches, 16)]
+    want = statistics(model)
+    for w, value in zip(model.weights, start):
+        w.assign(value)
+    names = recalibrate_batchnorm(model, images, batch_size=16)
+    assert sorted(names) == sorted(reference) and names[0] == reference[0]
+    for name, (mean, var) in statistics(model).items():
+        # Same float64 sums over the same float32 inputs: equal to float32 rounding of the statistics.
+        np.testing.assert_allclose(mean, want[name][0], rtol=1e-5, atol=1e-6 * (1 + np.abs(want[name][0]).max()))
+        np.testing.assert_allclose(var, want[name][1], rtol=1e-5, atol=1e-6 * (1 + want[name][1].max()))
+
+
+def test_one_pass_runs_each_layer_once_per_batch(rng):
+    # Linear in depth: the first convolution runs once per batch, not once per batch and BN layer.
+    model = residual_net(rng)
+    conv = model.get_layer("conv1")
+    calls = []
+    conv.call = lambda *args, _call=conv.call, **kwargs: calls.append(1) or _call(*args, **kwargs)
+    try:
+        recalibrate_batchnorm(model, rng.normal(size=(40, 8, 8, 3)).astype("float32"), batch_size=16)
+    finally:
+        del conv.call
+    assert len(calls) == 3  # batches of 16, 16, 8
+
+
+def test_one_pass_matches_numpy_on_a_chain_of_blocks(rng):
+    # A deeper Sequential chain (ten Conv-BN-ReLU blocks) against the per-layer inputs recomputed
+    # afterwards in a separate Functional tap.
+    layers = [keras.Input((6, 6, 2))]
+    for i in range(10):
+        layers += [keras.layers.Conv2D(3, 3, padding="same", name=f"c{i}"), keras.layers.BatchNormalization(name=f"bn{i}"),
+                   keras.layers.ReLU()]
+    model = keras.Sequential(layers)
+    scramble(model, rng)
+    images = rng.uniform(-2, 2, (30, 6, 6, 2)).astype("float32")
+    names = recalibrate_batchnorm(model, images, batch_size=8)
+    assert names == [f"bn{i}" for i in range(10)]
+    functional = keras.Model(model.inputs[0], model.outputs[0])
+    for name, u in bn_inputs(functional, names, images).items():
+        mean, var = np_moments(u.numpy())
+        layer = model.get_layer(name)
+        np.testing.assert_allclose(layer.moving_mean.numpy(), mean, rtol=1e-4, atol=1e-5 * (1 + np.abs(mean).max()))
+        np.testing.assert_allclose(layer.moving_variance.numpy(), var, rtol=1e-4, atol=1e-5 * (1 + var.max()))
