@@ -308,7 +308,7 @@ def test_onnx_resnet_size_matches_its_bits(rng, tmp_path):
 def unsupported_model():
     inputs = keras.Input((8, 8, 3))
     x = QuantConv2D(4, 3, weight_bits=2, name="conv")(inputs)
-    x = keras.layers.LayerNormalization(name="norm")(x)
+    x = keras.layers.UpSampling2D(name="norm")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
     return keras.Model(inputs, keras.layers.Dense(3)(x))
 
@@ -316,13 +316,15 @@ def unsupported_model():
 @pytest.mark.parametrize(
     "make, message",
     [
-        (unsupported_model, r"to_onnx cannot convert layer 'norm' \(LayerNormalization\): no ONNX conversion"),
+        (unsupported_model, r"to_onnx cannot convert layer 'norm' \(UpSampling2D\): no ONNX conversion"),
         (lambda: keras.Sequential([keras.Input((8, 8, 3)), keras.layers.ReLU(negative_slope=0.1, name="leaky")]),
          r"layer 'leaky' \(ReLU\): negative_slope and threshold must be 0"),
-        (lambda: keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(2, 3, activation="tanh", name="c")]),
-         r"layer 'c' \(Conv2D\): activation 'tanh'; supported: linear, relu, relu6, softmax"),
+        (lambda: keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(2, 3, activation="elu", name="c")]),
+         r"layer 'c' \(Conv2D\): activation 'elu'; supported: linear, relu, relu6, softmax, sigmoid"),
+        (lambda: keras.Sequential([keras.Input((2, 4, 4, 3)), keras.layers.Dense(2, name="d")]),
+         r"to_onnx takes float32 inputs of rank 2, 3 or 4; input 0 is float32 of shape \(None, 2, 4, 4, 3\)"),
         (lambda: keras.Sequential([keras.Input((4, 3)), keras.layers.Dense(2, name="d")]),
-         r"to_onnx takes float32 inputs of rank 2 or 4; input 0 is float32 of shape \(None, 4, 3\)"),
+         r"layer 'd' \(Dense\): it takes a rank-3 input"),
         (lambda: keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Dense(2, name="d")]),
          r"layer 'd' \(Dense\): it takes a rank-4 input"),
     ],
@@ -336,7 +338,7 @@ def test_unsupported_models_are_refused_in_one_line(tmp_path, make, message):
 
 
 def test_check_names_the_layer_without_converting():
-    with pytest.raises(ValueError, match=r"layer 'norm' \(LayerNormalization\)"):
+    with pytest.raises(ValueError, match=r"layer 'norm' \(UpSampling2D\)"):
         export.check("onnx", unsupported_model())
     with pytest.raises(ValueError, match=r"layer 'norm'"):
         check_onnx(unsupported_model())
@@ -397,7 +399,7 @@ def test_hostile_output_paths_leave_nothing(tmp_path, monkeypatch, kind):
 def test_cli_refuses_an_onnx_export_it_cannot_write_before_training(tmp_path, capsys):
     inputs = keras.Input((28, 28, 1))
     x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
-    x = keras.layers.LayerNormalization(name="norm")(x)
+    x = keras.layers.UpSampling2D(name="norm")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
     teacher = keras.Model(inputs, keras.layers.Dense(10, name="logits")(x))
     teacher.save(tmp_path / "teacher.keras")
@@ -409,7 +411,7 @@ def test_cli_refuses_an_onnx_export_it_cannot_write_before_training(tmp_path, ca
         "output_dir": str(tmp_path / "out"),
     })
     helpers.assert_one_line_exit_2(["--config", config, "--export", "onnx"],
-                                   r"--export onnx: to_onnx cannot convert layer 'norm' \(LayerNormalization\)",
+                                   r"--export onnx: to_onnx cannot convert layer 'norm' \(UpSampling2D\)",
                                    capsys, tmp_path / "out")
 
 

@@ -18,15 +18,20 @@ exactly on the grid ``k * alpha``. BatchNormalization is a per-channel ``Mul`` a
 inference form ``x * m + (beta - mean * m)``, ``m = gamma / sqrt(var + eps)``), not folded into the
 kernels, so the stored codes and scales stay the student's own.
 
-The graph takes and returns tensors in Keras's layout (images NHWC); inside, 4-D tensors are NCHW
-(ONNX's ``Conv`` layout), with one ``Transpose`` after each input and before a ``Flatten`` or a
-4-D output. Supported layers: `Conv2D` (groups too), `DepthwiseConv2D`, `Dense` (on 2-D inputs) and
-their faqd_tf quantized versions, `BatchNormalization`, `ReLU` (with `max_value`), `QuantReLU`,
-`Activation` and fused activations (``linear``, ``relu``, ``relu6``, ``softmax``), `Add`,
-`MaxPooling2D`, `AveragePooling2D`, `GlobalAveragePooling2D`, `GlobalMaxPooling2D`,
-`ZeroPadding2D`, `ChannelPad`, `Flatten`, `Dropout`, nested Functional or Sequential models,
-channels-last data. Anything else is refused, before anything is written, by a ValueError naming the
-layer.
+The graph takes and returns tensors in Keras's layout (images NHWC, sequences NLC); inside, 3-D and
+4-D tensors are channels-first (ONNX's ``Conv`` layout), with one ``Transpose`` after each input and
+before a ``Flatten``, a ``Reshape`` (Keras reshapes channels-last) or a 3-/4-D output. Supported
+layers: `Conv1D`, `Conv2D` (groups too), `DepthwiseConv1D`/`2D`, `SeparableConv1D`/`2D`,
+`Conv1DTranspose`/`Conv2DTranspose`, `Dense` (on 2-D inputs) and the faqd_tf quantized versions,
+`BatchNormalization`, `LayerNormalization` (last axis), `Normalization`, `Rescaling`, `ReLU` (with
+`max_value`), `QuantReLU`, `Activation` and fused activations (``linear``, ``relu``, ``relu6``,
+``softmax``, ``sigmoid``, ``tanh``, ``silu``/``swish``, ``hard_sigmoid``, ``hard_silu``/``hard_swish``,
+``gelu``), `Add`, `Subtract`, `Multiply`, `Average`, `Maximum`, `Minimum`, `Concatenate`, `Reshape`,
+max/average pooling and global pooling (1-D and 2-D, ``keepdims`` too), `ZeroPadding2D`,
+`ChannelPad`, `Flatten`, `Dropout`, nested Functional or Sequential models, channels-last data; and
+the Keras operations written on tensors in a functional graph (``x + c``, ``c - x``, ``x * y``,
+``x / c``, ``-x``: ``keras.ops`` add, subtract, multiply, divide, negative). Anything else is refused,
+before anything is written, by a ValueError naming the layer.
 
 Why the graph is written here with ``onnx.helper``: Keras's ``model.export(format="onnx")`` goes
 through tf2onnx, reported broken with Keras 3 (onnx/tensorflow-onnx#2329, open) and with NumPy 2
@@ -52,6 +57,9 @@ import importlib.util
 
 import keras
 import numpy as np
+# Classes of the operations that `x + c` and keras.ops.add & co. put in a functional graph; Keras
+# exports no public name for them.
+from keras.src.ops import numpy as keras_numpy
 
 from faqd_tf._version import __version__
 from faqd_tf.export.common import check_output_path, layer_codes, pack_bits, write_atomically
@@ -66,8 +74,21 @@ _DEFAULT_TYPE = {1: "int2", 2: "int2", 4: "int4", 8: "int8"}
 _BITS = {"int2": 2, "int4": 4, "int8": 8}
 # INT4 initializers need opset 21, INT2 opset 25.
 _OPSET = {"int2": 25, "int4": 21, "int8": 21}
-_ACTIVATIONS = ("linear", "relu", "relu6", "softmax")
-_NCHW, _NHWC = (0, 3, 1, 2), (0, 2, 3, 1)
+_ACTIVATIONS = ("linear", "relu", "relu6", "softmax", "sigmoid", "tanh", "silu", "hard_sigmoid", "hard_silu", "gelu")
+
+
+def _to_inside(rank):
+    """The Transpose perm from Keras's layout to the graph's: channels move to axis 1 from rank 3 on."""
+    return (0, rank - 1, *range(1, rank - 1)) if rank >= 3 else tuple(range(rank))
+
+
+def _to_keras(rank):
+    return tuple(int(i) for i in np.argsort(_to_inside(rank)))
+
+
+def _inside_axis(axis, rank):
+    """The graph's axis of Keras's `axis` for a rank-`rank` tensor."""
+    return _to_inside(rank).index(axis % rank)
 
 
 class _Tensor:
@@ -183,45 +204,117 @@ def _activation(g, x, name, hint):
         return g.op("Relu", [x], hint, x.rank)
     if name == "relu6":
         return g.op("Clip", [x, g.const(f"{hint}/min", np.float32(0)), g.const(f"{hint}/max", np.float32(6))], hint, x.rank)
-    if name == "softmax":
-        return g.op("Softmax", [x], hint, x.rank, axis=1 if x.rank == 4 else -1)
+    if name == "softmax":  # over Keras's last axis, the channels
+        return g.op("Softmax", [x], hint, x.rank, axis=1 if x.rank >= 3 else -1)
+    if name in ("sigmoid", "tanh"):
+        return g.op(name.capitalize(), [x], hint, x.rank)
+    if name == "silu":
+        return g.op("Mul", [x, g.op("Sigmoid", [x], f"{hint}/sigmoid", x.rank)], hint, x.rank)
+    # Keras's hard_sigmoid is relu6(x + 3) / 6, ONNX's max(0, min(1, alpha x + beta)): the same function.
+    if name == "hard_sigmoid":
+        return g.op("HardSigmoid", [x], hint, x.rank, alpha=1.0 / 6.0, beta=0.5)
+    if name == "hard_silu":
+        return g.op("HardSwish", [x], hint, x.rank)
+    if name == "gelu":  # keras.activations.gelu's default is the exact (erf) form
+        return g.op("Gelu", [x], hint, x.rank, approximate="none")
     return x
 
 
-def _spatial(layer, x):
-    if x.rank != 4:
-        raise _fail(layer, f"it takes a rank-{x.rank} input; only 4-D images (N, H, W, C) are supported")
+def _keras_constant(g, hint, value, rank):
+    """A float32 constant that broadcasts as `value` does against a rank-`rank` Keras tensor, in
+    the graph's layout (Keras aligns shapes on the right, i.e. on the channels)."""
+    value = np.asarray(value, np.float32)
+    if value.ndim == 0 or rank < 3:
+        return g.const(hint, value)
+    value = value.reshape((1,) * (rank - value.ndim) + value.shape)
+    return g.const(hint, value.transpose(_to_inside(rank)))
+
+
+def _spatial(layer, x, dims=2):
+    if x.rank != dims + 2:
+        want = "4-D images (N, H, W, C)" if dims == 2 else "3-D sequences (N, L, C)"
+        raise _fail(layer, f"it takes a rank-{x.rank} input; it needs {want}")
 
 
 def _padding(layer, window):
-    """ONNX padding attributes of Keras's "valid"/"same" for a `window` (kernel or pool size)."""
+    """ONNX padding attributes of Keras's "valid"/"same"/"causal" for a `window` (kernel or pool size)."""
+    dilation = tuple(getattr(layer, "dilation_rate", None) or (1,) * len(window))
     if layer.padding == "valid":
-        return {"pads": [0, 0, 0, 0]}
+        return {"pads": [0] * (2 * len(window))}
+    total = [(k - 1) * d for k, d in zip(window, dilation)]
+    if layer.padding == "causal":  # all of it before the first step
+        return {"pads": total + [0] * len(window)}
     if any(s != 1 for s in layer.strides):
         # TensorFlow's "same": the odd pixel of padding at the end. (Keras has no strided dilation.)
         return {"auto_pad": "SAME_UPPER"}
     # Stride 1: (k - 1) * d pixels whatever the input size; explicit, as onnxruntime runs no
     # dilated convolution under auto_pad.
-    total = [(k - 1) * d for k, d in zip(window, getattr(layer, "dilation_rate", (1, 1)))]
     return {"pads": [t // 2 for t in total] + [t - t // 2 for t in total]}
 
 
+def _kernel_perm(dims):
+    """Keras's kernel (k..., a, b) to ONNX's (b, a, k...)."""
+    return (dims + 1, dims, *range(dims))
+
+
+def _bias(g, layer):
+    return [g.const(f"{layer.name}/bias", np.asarray(keras.ops.convert_to_numpy(layer.bias), np.float32))] if layer.use_bias else []
+
+
 def _conv(g, layer, x):
-    _spatial(layer, x)
-    depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
+    dims = len(layer.kernel_size)
+    _spatial(layer, x, dims)
+    perm = _kernel_perm(dims)
+    depthwise = isinstance(layer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D))
     if depthwise:
-        # (kh, kw, C, m) is quantized as (kh, kw, 1, C*m); ONNX wants (C*m, 1, kh, kw), group C.
-        group = int(layer.kernel.shape[2])
-        codes_layout = lambda c: c.transpose(3, 2, 0, 1)  # noqa: E731
-        float_kernel = lambda k: k.reshape(k.shape[0], k.shape[1], 1, -1).transpose(3, 2, 0, 1)  # noqa: E731
+        # (k..., C, m) is quantized as (k..., 1, C*m); ONNX wants (C*m, 1, k...), group C.
+        group = int(layer.kernel.shape[-2])
+        codes_layout = lambda c: c.transpose(perm)  # noqa: E731
+        float_kernel = lambda k: k.reshape(*k.shape[:dims], 1, -1).transpose(perm)  # noqa: E731
     else:
         group = int(getattr(layer, "groups", 1))
-        codes_layout = float_kernel = lambda k: k.transpose(3, 2, 0, 1)  # noqa: E731
-    inputs = [x, g.kernel(layer, codes_layout, float_kernel, axis=0)]
-    if layer.use_bias:
-        inputs.append(g.const(f"{layer.name}/bias", np.asarray(keras.ops.convert_to_numpy(layer.bias), np.float32)))
-    y = g.op("Conv", inputs, layer.name, 4, kernel_shape=list(layer.kernel_size), strides=list(layer.strides),
+        codes_layout = float_kernel = lambda k: k.transpose(perm)  # noqa: E731
+    inputs = [x, g.kernel(layer, codes_layout, float_kernel, axis=0), *_bias(g, layer)]
+    y = g.op("Conv", inputs, layer.name, x.rank, kernel_shape=list(layer.kernel_size), strides=list(layer.strides),
              dilations=list(layer.dilation_rate), group=group, **_padding(layer, layer.kernel_size))
+    return _activation(g, y, _activation_name(layer.activation), f"{layer.name}/activation")
+
+
+def _separable_conv(g, layer, x):
+    dims = len(layer.kernel_size)
+    _spatial(layer, x, dims)
+    perm = _kernel_perm(dims)
+    channels = int(layer.depthwise_kernel.shape[-2])
+
+    def weights(variable):
+        return np.asarray(keras.ops.convert_to_numpy(variable), np.float32)
+
+    depthwise = weights(layer.depthwise_kernel)
+    depthwise = g.const(f"{layer.name}/depthwise_kernel", depthwise.reshape(*depthwise.shape[:dims], 1, -1).transpose(perm))
+    y = g.op("Conv", [x, depthwise], f"{layer.name}/depthwise", x.rank, kernel_shape=list(layer.kernel_size),
+             strides=list(layer.strides), dilations=list(layer.dilation_rate), group=channels,
+             **_padding(layer, layer.kernel_size))
+    pointwise = g.const(f"{layer.name}/pointwise_kernel", weights(layer.pointwise_kernel).transpose(perm))
+    y = g.op("Conv", [y, pointwise, *_bias(g, layer)], layer.name, x.rank, kernel_shape=[1] * dims)
+    return _activation(g, y, _activation_name(layer.activation), f"{layer.name}/activation")
+
+
+def _conv_transpose(g, layer, x):
+    dims = len(layer.kernel_size)
+    _spatial(layer, x, dims)
+    # Keras's (k..., out, in) is ONNX's (in, out, k...) too: the same axis swap as a Conv's.
+    kernel = g.kernel(layer, lambda c: c.transpose(_kernel_perm(dims)), lambda k: k.transpose(_kernel_perm(dims)), axis=1)
+    begin, end, extra = [], [], []
+    for k, s, d in zip(layer.kernel_size, layer.strides, layer.dilation_rate):
+        span = (k - 1) * d + 1
+        # Keras's output length: in * s ("same") or in * s + max(span - s, 0) ("valid"). ONNX gives
+        # s (in - 1) + span + output_padding - pads, with TensorFlow's "same" pads (the odd one at the end).
+        total = max(span - s, 0) if layer.padding == "same" else 0
+        begin.append(total // 2)
+        end.append(total - total // 2)
+        extra.append(max(s - span, 0))
+    y = g.op("ConvTranspose", [x, kernel, *_bias(g, layer)], layer.name, x.rank, kernel_shape=list(layer.kernel_size),
+             strides=list(layer.strides), dilations=list(layer.dilation_rate), pads=begin + end, output_padding=extra)
     return _activation(g, y, _activation_name(layer.activation), f"{layer.name}/activation")
 
 
@@ -293,19 +386,120 @@ def _add(g, layer, *args):
 
 
 def _pool(g, layer, x):
-    _spatial(layer, x)
+    _spatial(layer, x, len(layer.pool_size))
     attrs = dict(kernel_shape=list(layer.pool_size), strides=list(layer.strides), **_padding(layer, layer.pool_size))
-    if isinstance(layer, keras.layers.AveragePooling2D):
-        return g.op("AveragePool", [x], layer.name, 4, count_include_pad=0, **attrs)
-    return g.op("MaxPool", [x], layer.name, 4, **attrs)
+    if isinstance(layer, (keras.layers.AveragePooling1D, keras.layers.AveragePooling2D)):
+        return g.op("AveragePool", [x], layer.name, x.rank, count_include_pad=0, **attrs)
+    return g.op("MaxPool", [x], layer.name, x.rank, **attrs)
+
+
+_AVERAGE_POOLS = (keras.layers.GlobalAveragePooling1D, keras.layers.GlobalAveragePooling2D)
 
 
 def _global_pool(g, layer, x):
-    _spatial(layer, x)
-    op = "GlobalAveragePool" if isinstance(layer, keras.layers.GlobalAveragePooling2D) else "GlobalMaxPool"
+    _spatial(layer, x, 1 if isinstance(layer, (keras.layers.GlobalAveragePooling1D, keras.layers.GlobalMaxPooling1D)) else 2)
+    op = "GlobalAveragePool" if isinstance(layer, _AVERAGE_POOLS) else "GlobalMaxPool"
     if layer.keepdims:
-        return g.op(op, [x], layer.name, 4)
-    return g.op("Flatten", [g.op(op, [x], f"{layer.name}/pool", 4)], layer.name, 2, axis=1)
+        return g.op(op, [x], layer.name, x.rank)
+    return g.op("Flatten", [g.op(op, [x], f"{layer.name}/pool", x.rank)], layer.name, 2, axis=1)
+
+
+def _in_keras_layout(g, x, hint):
+    return g.op("Transpose", [x], hint, x.rank, perm=list(_to_keras(x.rank))) if x.rank >= 3 else x
+
+
+def _in_graph_layout(g, x, hint):
+    return g.op("Transpose", [x], hint, x.rank, perm=list(_to_inside(x.rank))) if x.rank >= 3 else x
+
+
+def _reshape(g, layer, x):
+    # Keras reshapes in its own (channels-last) order: there and back, around the Reshape.
+    shape = [int(d) for d in layer.target_shape]
+    y = g.op("Reshape", [_in_keras_layout(g, x, f"{layer.name}/keras_layout"),
+                         g.const(f"{layer.name}/shape", np.array([0, *shape], np.int64))],
+             f"{layer.name}/reshape", len(shape) + 1)
+    return _in_graph_layout(g, y, layer.name)
+
+
+def _rescaling(g, layer, x):
+    y = g.op("Mul", [x, _keras_constant(g, f"{layer.name}/scale", layer.scale, x.rank)], f"{layer.name}/mul", x.rank)
+    return g.op("Add", [y, _keras_constant(g, f"{layer.name}/offset", layer.offset, x.rank)], layer.name, x.rank)
+
+
+def _normalization(g, layer, x):
+    mean = np.asarray(keras.ops.convert_to_numpy(layer.mean), np.float32)
+    # What the layer divides by: max(sqrt(variance), epsilon).
+    root = np.maximum(np.sqrt(np.asarray(keras.ops.convert_to_numpy(layer.variance), np.float32)),
+                      np.float32(keras.config.epsilon()))
+    mean, root = (_keras_constant(g, f"{layer.name}/{n}", v, x.rank) for n, v in (("mean", mean), ("root", root)))
+    if layer.invert:
+        return g.op("Add", [g.op("Mul", [x, root], f"{layer.name}/mul", x.rank), mean], layer.name, x.rank)
+    return g.op("Div", [g.op("Sub", [x, mean], f"{layer.name}/sub", x.rank), root], layer.name, x.rank)
+
+
+def _layer_norm(g, layer, x):
+    n = layer.name
+    axes = g.const(f"{n}/axes", np.array([1], np.int64))  # Keras's last axis: the channels, axis 1 here
+    mean = g.op("ReduceMean", [x, axes], f"{n}/mean", x.rank, keepdims=1)
+    d = g.op("Sub", [x, mean], f"{n}/centered", x.rank)
+    var = g.op("ReduceMean", [g.op("Mul", [d, d], f"{n}/square", x.rank), axes], f"{n}/variance", x.rank, keepdims=1)
+    eps = g.const(f"{n}/epsilon", np.float32(layer.epsilon))
+    y = g.op("Div", [d, g.op("Sqrt", [g.op("Add", [var, eps], f"{n}/var_eps", x.rank)], f"{n}/std", x.rank)],
+             f"{n}/normalized", x.rank)
+    if layer.gamma is not None:
+        gamma = np.asarray(keras.ops.convert_to_numpy(layer.gamma), np.float32)
+        y = g.op("Mul", [y, g.const(f"{n}/gamma", _channel_shape(y, gamma))], f"{n}/scaled", x.rank)
+    if layer.beta is not None:
+        beta = np.asarray(keras.ops.convert_to_numpy(layer.beta), np.float32)
+        y = g.op("Add", [y, g.const(f"{n}/beta", _channel_shape(y, beta))], f"{n}/shifted", x.rank)
+    return g.op("Identity", [y], n, x.rank)
+
+
+def _inputs(args):
+    return list(args[0]) if len(args) == 1 else list(args)
+
+
+def _concatenate(g, layer, *args):
+    xs = _inputs(args)
+    return g.op("Concat", xs, layer.name, xs[0].rank, axis=_inside_axis(layer.axis, xs[0].rank))
+
+
+def _merge(op_type):
+    """Keras's Multiply/Maximum/Minimum (and Subtract, of two) as ONNX's elementwise op, left to right."""
+
+    def convert(g, layer, *args):
+        xs = _inputs(args)
+        y = xs[0]
+        for i, x in enumerate(xs[1:], start=1):
+            y = g.op(op_type, [y, x], layer.name if i == len(xs) - 1 else f"{layer.name}/{i}", max(x.rank, y.rank))
+        return y
+
+    return convert
+
+
+def _average(g, layer, *args):
+    xs = _inputs(args)
+    y = xs[0]
+    for i, x in enumerate(xs[1:], start=1):
+        y = g.op("Add", [y, x], f"{layer.name}/sum_{i}", max(x.rank, y.rank))
+    return g.op("Div", [y, g.const(f"{layer.name}/count", np.float32(len(xs)))], layer.name, y.rank)
+
+
+def _arithmetic(op_type):
+    """A Keras operation written on tensors (`x + c`, `keras.ops.multiply(x, y)`): its operands are
+    graph tensors or constants (Python numbers, arrays), the constants put in the graph's layout."""
+
+    def convert(g, operation, *args):
+        ranks = [a.rank for a in args if isinstance(a, _Tensor)]
+        if len(args) != 2 or not ranks or len(set(ranks)) != 1:
+            raise _fail(operation, f"it combines {len(args)} operands of ranks {ranks}; to_onnx converts two operands, "
+                                   "tensors of one rank or a tensor and a constant")
+        rank = ranks[0]
+        inputs = [a if isinstance(a, _Tensor) else _keras_constant(g, f"{operation.name}/constant", a, rank) for a in args]
+        return g.op(op_type, inputs, operation.name, rank)
+
+    return convert
+
 
 
 def _pad(g, layer, x, before, after):
@@ -325,8 +519,7 @@ def _channel_pad(g, layer, x):
 
 
 def _flatten(g, layer, x):
-    if x.rank == 4:  # Keras flattens NHWC
-        x = g.op("Transpose", [x], f"{layer.name}/nhwc", 4, perm=list(_NHWC))
+    x = _in_keras_layout(g, x, f"{layer.name}/keras_layout")  # Keras flattens channels-last
     if x.rank == 2:
         return x
     return g.op("Flatten", [x], layer.name, 2, axis=1)
@@ -338,8 +531,16 @@ def _identity(g, layer, x):
 
 # Exact classes: a subclass may compute something else in `call`.
 _CONVERTERS = {
-    keras.layers.Conv2D: _conv, QuantConv2D: _conv,
-    keras.layers.DepthwiseConv2D: _conv, QuantDepthwiseConv2D: _conv,
+    keras.layers.Conv1D: _conv, keras.layers.Conv2D: _conv, QuantConv2D: _conv,
+    keras.layers.DepthwiseConv1D: _conv, keras.layers.DepthwiseConv2D: _conv, QuantDepthwiseConv2D: _conv,
+    keras.layers.SeparableConv1D: _separable_conv, keras.layers.SeparableConv2D: _separable_conv,
+    keras.layers.Conv1DTranspose: _conv_transpose, keras.layers.Conv2DTranspose: _conv_transpose,
+    keras.layers.Reshape: _reshape, keras.layers.Rescaling: _rescaling, keras.layers.Normalization: _normalization,
+    keras.layers.LayerNormalization: _layer_norm, keras.layers.Concatenate: _concatenate,
+    keras.layers.Multiply: _merge("Mul"), keras.layers.Subtract: _merge("Sub"), keras.layers.Maximum: _merge("Max"),
+    keras.layers.Minimum: _merge("Min"), keras.layers.Average: _average,
+    keras.layers.MaxPooling1D: _pool, keras.layers.AveragePooling1D: _pool,
+    keras.layers.GlobalAveragePooling1D: _global_pool, keras.layers.GlobalMaxPooling1D: _global_pool,
     keras.layers.Dense: _dense, QuantDense: _dense,
     keras.layers.BatchNormalization: _batch_norm,
     keras.layers.ReLU: _relu, QuantReLU: _quant_relu, keras.layers.Activation: _activation_layer,
@@ -349,10 +550,22 @@ _CONVERTERS = {
     keras.layers.ZeroPadding2D: _zero_padding, ChannelPad: _channel_pad,
     keras.layers.Flatten: _flatten, keras.layers.Dropout: _identity,
 }
+# Keras operations on tensors in a functional graph (not Layers): `x + c` is an `ops.numpy.Add`.
+_OPERATIONS = {
+    keras_numpy.Add: _arithmetic("Add"), keras_numpy.Subtract: _arithmetic("Sub"),
+    keras_numpy.Multiply: _arithmetic("Mul"), keras_numpy.Divide: _arithmetic("Div"),
+    keras_numpy.TrueDivide: _arithmetic("Div"),
+    keras_numpy.Negative: lambda g, operation, x: g.op("Neg", [x], operation.name, x.rank),
+}
 
 
 def _problem(layer):
-    """Why `layer` cannot be converted (one phrase), or None."""
+    """Why `layer` (or a Keras operation on tensors) cannot be converted (one phrase), or None."""
+    if not isinstance(layer, keras.layers.Layer):
+        if type(layer) in _OPERATIONS:
+            return None
+        return "no ONNX conversion for this operation on tensors (supported: " + ", ".join(
+            sorted({f"keras.ops.{t.__name__.lower()}" for t in _OPERATIONS})) + ")"
     if type(layer) not in _CONVERTERS:
         return "no ONNX conversion for this layer type (supported: " + ", ".join(
             sorted({t.__name__ for t in _CONVERTERS})) + ")"
@@ -361,8 +574,23 @@ def _problem(layer):
     fn = getattr(layer, "activation", None)
     if fn is not None and _activation_name(fn) is None:
         return f"activation {getattr(fn, '__name__', fn)!r}; supported: {', '.join(_ACTIVATIONS)}"
-    if getattr(layer, "padding", "valid") not in ("valid", "same") and not isinstance(layer, keras.layers.ZeroPadding2D):
+    causal_ok = isinstance(layer, keras.layers.Conv1D) and type(layer) is not keras.layers.SeparableConv1D
+    if (getattr(layer, "padding", "valid") not in ("valid", "same") + (("causal",) if causal_ok else ())
+            and not isinstance(layer, keras.layers.ZeroPadding2D)):
         return f"padding={layer.padding!r}"
+    if getattr(layer, "output_padding", None) is not None:
+        return f"output_padding={layer.output_padding!r}; only None (Keras's own output size) is supported"
+    if isinstance(layer, keras.layers.LayerNormalization):
+        if getattr(layer, "rms_scaling", False):
+            return "rms_scaling=True"
+        if [a % len(layer.input.shape) for a in np.atleast_1d(layer.axis)] != [len(layer.input.shape) - 1]:
+            return f"axis={layer.axis}; only the last (channel) axis is supported"
+    if isinstance(layer, keras.layers.Normalization):
+        rank = len(layer.input.shape)
+        if [a % rank for a in layer.axis] != [rank - 1]:
+            return f"axis={layer.axis}; only the last (channel) axis is supported"
+    if isinstance(layer, keras.layers.Concatenate) and layer.axis % len(layer.output.shape) == 0:
+        return "axis=0 (the batch)"
     if isinstance(layer, keras.layers.ReLU) and (layer.negative_slope or layer.threshold):
         return "negative_slope and threshold must be 0"
     if quantized_kernel_bits(layer) is not None and not callable(getattr(layer, "kernel_codes", None)):
@@ -371,8 +599,9 @@ def _problem(layer):
 
 
 def _layers(model):
-    """Every layer of `model` that the graph runs, nested models walked (not the models themselves)."""
-    for layer in model.layers:
+    """Every layer and operation of `model` that the graph runs, nested models walked (not the
+    models themselves)."""
+    for layer in getattr(model, "operations", model.layers):
         if isinstance(layer, keras.Model):
             yield from _layers(layer)
         elif not isinstance(layer, keras.layers.InputLayer):
@@ -407,7 +636,8 @@ def _run(g, model, inputs):
     def convert(operation):
         if isinstance(operation, keras.Model):
             return lambda *args, **kwargs: _run(g, operation, args)
-        return lambda *args, **kwargs: _CONVERTERS[type(operation)](g, operation, *args)
+        table = _CONVERTERS if isinstance(operation, keras.layers.Layer) else _OPERATIONS
+        return lambda *args, **kwargs: table[type(operation)](g, operation, *args)
 
     outputs = _functional(model)._run_through_graph(inputs, operation_fn=convert)
     return keras.tree.flatten(outputs)
@@ -439,18 +669,17 @@ def to_onnx(model: keras.Model, path, weight_type: str | None = None) -> int:
     g = _Graph(weight_type)
     graph_inputs, feeds = [], []
     for i, x in enumerate(model.inputs):
-        if len(x.shape) not in (2, 4) or str(x.dtype) != "float32":
-            raise ValueError(f"to_onnx takes float32 inputs of rank 2 or 4; input {i} is {x.dtype} of shape {x.shape}.")
+        if len(x.shape) not in (2, 3, 4) or str(x.dtype) != "float32":
+            raise ValueError(f"to_onnx takes float32 inputs of rank 2, 3 or 4; input {i} is {x.dtype} of shape {x.shape}.")
         name = g.name(getattr(x, "name", None) or f"input_{i}")
         graph_inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, _dims(x, name)))
-        tensor = _Tensor(name, len(x.shape))
-        feeds.append(g.op("Transpose", [tensor], f"{name}/nchw", 4, perm=list(_NCHW)) if tensor.rank == 4 else tensor)
+        feeds.append(_in_graph_layout(g, _Tensor(name, len(x.shape)), f"{name}/channels_first"))
     outputs = _run(g, model, feeds)
     graph_outputs = []
     for i, (y, keras_output) in enumerate(zip(outputs, model.outputs)):
         name = g.name("output" if len(outputs) == 1 else f"output_{i}")
-        perm = {"perm": list(_NHWC)} if y.rank == 4 else {}
-        g.nodes.append(("Transpose" if y.rank == 4 else "Identity", [y.name], name, perm))
+        perm = {"perm": list(_to_keras(y.rank))} if y.rank >= 3 else {}
+        g.nodes.append(("Transpose" if y.rank >= 3 else "Identity", [y.name], name, perm))
         graph_outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, _dims(keras_output, name)))
     proto = g.to_proto(graph_inputs, graph_outputs, model.name)
     return write_atomically(path, [proto.SerializeToString()])

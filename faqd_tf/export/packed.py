@@ -25,6 +25,9 @@ every stored parameter, trainable or not), each with its ``path``, ``shape`` and
 - ``"float32"``: the values as little-endian float32 at ``offset`` (``nbytes`` bytes). BN gamma/beta
   and moving statistics, biases, quantized-ReLU alphas, BinaryRelax lambdas and kernels of
   full-precision layers are stored this way.
+- ``"integer"``: a weight of integer dtype ``dtype`` (``int8`` ... ``int64``, ``uint8`` ... ``uint64``),
+  such as a ``Normalization`` layer's ``count``, as its little-endian values at ``offset``
+  (``nbytes`` = item size * element count).
 - ``"codes"``: a quantized kernel, Q(w) = codes * scale. ``bits`` (1, 2, 4, 8), ``per_channel``,
   ``code_shape`` (the kernel as quantized: a depthwise kernel ``(kh, kw, cin, m)`` is quantized as
   ``(kh, kw, 1, cin*m)``), ``scale_shape``; the scales as float32 at ``scale_offset``
@@ -88,7 +91,7 @@ from faqd_tf.export.common import (
     write_atomically,
 )
 from faqd_tf.inputs import first_line
-from faqd_tf.summary import quantized_kernel_bits
+from faqd_tf.summary import iter_layers, quantized_kernel_bits
 
 __all__ = ["FORMAT_VERSION", "HEADER_SIZE", "MAGIC", "pack", "read_manifest", "unpack"]
 
@@ -100,6 +103,7 @@ HEADER_SIZE = _HEADER.size  # 60
 # The manifest of a ResNet110 inflates to ~0.2 MB; a zlib bomb stops here.
 MAX_MANIFEST_BYTES = 16 * 2**20
 _MAX_RANK = 8
+_INTEGER_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
 _MAX_DIM = 2**31
 
 
@@ -174,10 +178,17 @@ def pack(model, path):
             )
         else:
             value = np.asarray(keras.ops.convert_to_numpy(variable))
-            if not np.issubdtype(value.dtype, np.floating):
-                raise ValueError(f"Weight {variable.path!r} has dtype {value.dtype}; only float weights can be packed.")
-            data = value.astype("<f4").tobytes()
-            entry.update(encoding="float32", offset=add(data), nbytes=len(data))
+            if value.dtype.name in _INTEGER_DTYPES:
+                # Bookkeeping such as Normalization's sample count: kept exact, in its own type.
+                data = value.astype(value.dtype.newbyteorder("<")).tobytes()
+                entry.update(encoding="integer", dtype=value.dtype.name, offset=add(data), nbytes=len(data))
+            elif np.issubdtype(value.dtype, np.floating):
+                data = value.astype("<f4").tobytes()
+                entry.update(encoding="float32", offset=add(data), nbytes=len(data))
+            else:
+                raise ValueError(
+                    f"Weight {variable.path!r} has dtype {value.dtype}; only float and integer weights can be packed."
+                )
         entries.append(entry)
 
     manifest = {
@@ -299,9 +310,14 @@ def _check_manifest(manifest, payload_len, name):
             raise ValueError(f"{name}: corrupted packed file: manifest field weights[{i}] must be an object.")
         _field(entry, "path", where, name, lambda v: isinstance(v, str), "a string")
         count = math.prod(_field(entry, "shape", where, name, _is_shape, shape_text))
-        encoding = _field(entry, "encoding", where, name, lambda v: v in ("float32", "codes"), '"float32" or "codes"')
+        encoding = _field(entry, "encoding", where, name, lambda v: v in ("float32", "integer", "codes"),
+                          '"float32", "integer" or "codes"')
         if encoding == "float32":
             span(entry, where, "offset", "nbytes", 4 * count)
+            continue
+        if encoding == "integer":
+            dtype = _field(entry, "dtype", where, name, lambda v: v in _INTEGER_DTYPES, "one of " + ", ".join(_INTEGER_DTYPES))
+            span(entry, where, "offset", "nbytes", np.dtype(dtype).itemsize * count)
             continue
         bits = _field(entry, "bits", where, name, lambda v: v in quantizers.SUPPORTED_BITS and v is not True,
                       "one of " + ", ".join(map(str, quantizers.SUPPORTED_BITS)))
@@ -416,6 +432,9 @@ def unpack(path, custom_objects=None):
         if entry["encoding"] == "float32":
             variable.assign(np.frombuffer(data, "<f4").reshape(shape))
             continue
+        if entry["encoding"] == "integer":
+            variable.assign(np.frombuffer(data, np.dtype(entry["dtype"]).newbyteorder("<")).reshape(shape).astype(entry["dtype"]))
+            continue
         if id(variable) not in quantized:
             raise ValueError(
                 f"{path}: {entry['path']!r} is stored as codes but {variable.path!r} of the rebuilt "
@@ -438,4 +457,9 @@ def unpack(path, custom_objects=None):
         scale_data = payload[entry["scale_offset"] : entry["scale_offset"] + entry["scale_nbytes"]]
         scale = np.frombuffer(scale_data, "<f4").reshape(entry["scale_shape"])
         freeze_layer(layer, codes, scale)
+    for _, layer, _ in iter_layers(model):
+        # A Normalization layer computes with copies of its variables, made by finalize_state (as
+        # Keras's own loading calls it).
+        if isinstance(layer, keras.layers.Normalization):
+            layer.finalize_state()
     return model
