@@ -145,14 +145,15 @@ def test_segmentation_student_distils_label_free_and_saves(tmp_path):
     images = np.random.default_rng(7).uniform(size=(8, 16, 16, 3)).astype(np.float32)
     distiller = Distiller(student, teacher, kd="kl", fa="exact", seed=1)
     # FA taps the hidden maps; the 4-D logits are KD's (FA on them is unstable, see _default_taps).
-    assert distiller.feature_pairs == [("down", "down")]
-    distiller.compile(keras.optimizers.SGD(0.05))
+    assert distiller.feature_pairs == [("down", "down"), ("up", "up")]
+    distiller.compile(keras.optimizers.SGD(0.005))
     before = distiller.evaluate(images, batch_size=8, verbose=0, return_dict=True)
     history = distiller.fit(tf.data.Dataset.from_tensor_slices(images).batch(4), epochs=1, verbose=0)
     after = distiller.evaluate(images, batch_size=8, verbose=0, return_dict=True)
     assert sorted(history.history) == ["fa", "kd", "loss"]
     assert all(np.isfinite(v[0]) for v in history.history.values())
-    assert after["loss"] < before["loss"], (before, after)
+    # Measured at this seed: 10.96 -> 9.85 (lr 0.01 and 0.002 also drop it by 7-9%).
+    assert after["loss"] < 0.97 * before["loss"], (before, after)
 
     distiller.save(tmp_path / "distiller.keras")
     loaded = keras.models.load_model(tmp_path / "distiller.keras", safe_mode=True)
@@ -179,10 +180,10 @@ def test_per_step_student_distils(rng):
     keras.utils.set_random_seed(3)
     teacher, student = sequence_net(name="teacher"), sequence_net(name="student")
     distiller = Distiller(student, teacher, kd="mse", fa="exact", seed=1)
-    assert distiller.feature_pairs == []  # no 4-D map to tap: KD alone acts
+    assert distiller.feature_pairs == [("conv", "conv")]  # a (batch, L, C) map, FA's L x 1 image
     distiller.compile(keras.optimizers.SGD(0.05))
     history = distiller.fit(rng.normal(size=(8, 12, 3)).astype(np.float32), batch_size=4, epochs=1, verbose=0)
-    assert history.history["fa"] == [0.0] and np.isfinite(history.history["kd"][0])
+    assert history.history["fa"][0] > 0 and np.isfinite(history.history["kd"][0])
 
 
 def test_distiller_refuses_logits_of_other_positions():

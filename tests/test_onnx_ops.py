@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from faqd_tf.export import check_onnx, pack, run_onnx, to_onnx, unpack
+from faqd_tf.layers import QuantConv1D, QuantConv2DTranspose
 
 pytest.importorskip("onnxruntime")
 
@@ -148,3 +149,23 @@ def test_normalization_count_round_trips_through_packed(rng, tmp_path):
     assert int(loaded.get_layer(norm.name).count.numpy()) == count
     x = rng.normal(size=(2, 4, 4, 3)).astype(np.float32)
     np.testing.assert_allclose(loaded(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("kind", ["conv1d", "conv2d_transpose"])
+def test_quantized_new_layers_store_codes_and_match_keras(rng, tmp_path, kind, bits, per_channel):
+    if kind == "conv1d":
+        shape, layer = (9, 3), QuantConv1D(5, 3, padding="same", weight_bits=bits, per_channel=per_channel)
+    else:
+        shape, layer = (5, 5, 3), QuantConv2DTranspose(4, 3, strides=2, padding="same", weight_bits=bits,
+                                                       per_channel=per_channel)
+    model = net(shape, layer)
+    random_weights(model, rng)
+    x = rng.normal(size=(3, *shape)).astype(np.float32)
+    to_onnx(model, tmp_path / "q.onnx")
+    np.testing.assert_allclose(run_onnx(tmp_path / "q.onnx", x), model(x, training=False), rtol=RTOL, atol=ATOL)
+    import onnx
+
+    stored = {t.data_type for t in onnx.load(str(tmp_path / "q.onnx")).graph.initializer}
+    assert {2: onnx.TensorProto.INT2, 4: onnx.TensorProto.INT4}[bits] in stored

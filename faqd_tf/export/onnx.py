@@ -63,7 +63,7 @@ from keras.src.ops import numpy as keras_numpy
 
 from faqd_tf._version import __version__
 from faqd_tf.export.common import check_output_path, layer_codes, pack_bits, write_atomically
-from faqd_tf.layers import QuantConv2D, QuantDense, QuantDepthwiseConv2D, QuantReLU
+from faqd_tf.layers import QuantConv1D, QuantConv2D, QuantConv2DTranspose, QuantDense, QuantDepthwiseConv2D, QuantReLU
 from faqd_tf.models.resnet_cifar import ChannelPad
 from faqd_tf.summary import quantized_kernel_bits
 
@@ -303,7 +303,9 @@ def _conv_transpose(g, layer, x):
     dims = len(layer.kernel_size)
     _spatial(layer, x, dims)
     # Keras's (k..., out, in) is ONNX's (in, out, k...) too: the same axis swap as a Conv's.
-    kernel = g.kernel(layer, lambda c: c.transpose(_kernel_perm(dims)), lambda k: k.transpose(_kernel_perm(dims)), axis=1)
+    # QuantConv2DTranspose quantizes it as (k..., in, out): its codes need the other swap.
+    kernel = g.kernel(layer, lambda c: c.transpose(dims, dims + 1, *range(dims)),
+                      lambda k: k.transpose(_kernel_perm(dims)), axis=1)
     begin, end, extra = [], [], []
     for k, s, d in zip(layer.kernel_size, layer.strides, layer.dilation_rate):
         span = (k - 1) * d + 1
@@ -531,10 +533,11 @@ def _identity(g, layer, x):
 
 # Exact classes: a subclass may compute something else in `call`.
 _CONVERTERS = {
-    keras.layers.Conv1D: _conv, keras.layers.Conv2D: _conv, QuantConv2D: _conv,
+    keras.layers.Conv1D: _conv, QuantConv1D: _conv, keras.layers.Conv2D: _conv, QuantConv2D: _conv,
     keras.layers.DepthwiseConv1D: _conv, keras.layers.DepthwiseConv2D: _conv, QuantDepthwiseConv2D: _conv,
     keras.layers.SeparableConv1D: _separable_conv, keras.layers.SeparableConv2D: _separable_conv,
     keras.layers.Conv1DTranspose: _conv_transpose, keras.layers.Conv2DTranspose: _conv_transpose,
+    QuantConv2DTranspose: _conv_transpose,
     keras.layers.Reshape: _reshape, keras.layers.Rescaling: _rescaling, keras.layers.Normalization: _normalization,
     keras.layers.LayerNormalization: _layer_norm, keras.layers.Concatenate: _concatenate,
     keras.layers.Multiply: _merge("Mul"), keras.layers.Subtract: _merge("Sub"), keras.layers.Maximum: _merge("Max"),
