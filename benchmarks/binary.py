@@ -65,6 +65,7 @@ FACTORS = {
     "wd0": {"train.weight_decay": 0.0},
     "lr0.003": {"train.lr": 0.003},
     "lr0.03": {"train.lr": 0.03},
+    "lr0.1": {"train.lr": 0.1},
     "adam": {"train.optimizer": "adam", "train.lr": 1e-3},
     # BinaryRelax (eq. 2): lambda grows x10 an epoch, so a 2-epoch run ends near hard quantization.
     "relax": {"student.relax": 1.0, "student.relax_eta": 10.0},

@@ -37,6 +37,25 @@ DEFAULT_ALPHA_RATE = 0.01
 ALPHA_DECAY_FACTOR = 0.01
 
 
+# The width of a model's first layers (those that see the input first) by its weight width, under
+# first_layer_bits="auto". 1 bit: the stem at 8 bits gained 1.1-1.4 points per seed (1-bit weights)
+# and 1.4-2.4 (1W1A) in docs/binary.md's factor study, for 126 more bytes on the quickstart's ResNet8.
+FIRST_LAYER_BITS = {1: 8}
+
+
+def first_layer_width(weight_bits: int | None, first_layer_bits="auto") -> int | None:
+    """The width of a model's first layers: `FIRST_LAYER_BITS` under `"auto"`, else `first_layer_bits`.
+
+    >>> first_layer_width(1), first_layer_width(2), first_layer_width(1, 1)
+    (8, 2, 1)
+    """
+    if weight_bits is None:
+        return None
+    if isinstance(first_layer_bits, str) and first_layer_bits == "auto":
+        return FIRST_LAYER_BITS.get(weight_bits, weight_bits)
+    return check_bits(first_layer_bits, "first_layer_bits", allow_none=True)
+
+
 def check_bits(bits: int | None, name: str = "bits", allow_none: bool = False) -> int | None:
     """Returns `bits` as an int, or raises `ValueError` naming `name` and the allowed values."""
     if bits is None and allow_none:

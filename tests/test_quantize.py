@@ -371,3 +371,38 @@ def test_feature_layers_of_a_conv1d_model_feed_fa():
     assert feature_layers(model) == ["c1", "c2"]
     extractor = feature_extractor(quantize_model(model, weight_bits=2))
     assert [tuple(o.shape[1:]) for o in extractor.outputs] == [(4,), (32, 8), (16, 16)]
+
+
+def test_first_layers_are_the_kernel_layers_that_see_the_input_first():
+    from faqd_tf.quantize import first_layers
+
+    inputs = keras.Input((8, 8, 2))
+    scaled = keras.layers.Rescaling(0.5, name="scale")(inputs)
+    a = keras.layers.Conv2D(3, 3, padding="same", name="branch_a")(scaled)
+    b = keras.layers.Conv2D(3, 1, name="branch_b")(inputs)
+    x = keras.layers.Add(name="add")([a, b])
+    x = keras.layers.Conv2D(3, 3, name="after")(x)
+    x = keras.layers.Flatten()(x)
+    model = keras.Model(inputs, keras.layers.Dense(4, name="head")(x))
+    assert sorted(first_layers(model)) == ["branch_a", "branch_b"]
+    inner = keras.Sequential([keras.Input((8, 8, 2)), keras.layers.Conv2D(3, 3, name="inner_conv"),
+                              keras.layers.Conv2D(3, 3, name="inner_conv2")], name="stem")
+    outer = keras.Sequential([keras.Input((8, 8, 2)), inner, keras.layers.Flatten(), keras.layers.Dense(2, name="out")])
+    assert first_layers(outer) == ["stem/inner_conv"]
+
+
+def test_a_1bit_model_keeps_its_first_layer_at_8_bits_unless_told(rng):
+    from faqd_tf.quantize import resolve_layer_bits
+
+    fp = resnet_cifar(8, input_shape=(12, 12, 1))
+    one = quantize_model(fp, weight_bits=1)
+    assert one.get_layer("stem_conv").weight_bits == 8 and one.get_layer("s1b1_conv1").weight_bits == 1
+    np.testing.assert_allclose(one.get_layer("stem_conv").quantized_kernel().numpy(),
+                               np_quantize(fp.get_layer("stem_conv").kernel.numpy(), 8), rtol=1e-5, atol=1e-7)
+    assert quantize_model(fp, weight_bits=2).get_layer("stem_conv").weight_bits == 2  # only 1 bit measured
+    assert resolve_layer_bits(fp, 1, first_layer_bits=1)["stem_conv"] == 1  # the authors' all-binary net
+    assert resolve_layer_bits(fp, 1, first_layer_bits=None)["stem_conv"] is None
+    assert resolve_layer_bits(fp, 1, {"stem_conv": 2})["stem_conv"] == 2  # layer_bits wins
+    assert resnet_cifar(8, input_shape=(12, 12, 1), weight_bits=1).get_layer("stem_conv").weight_bits == 8
+    with pytest.raises(ValueError, match="first_layer_bits=3 is not supported"):
+        quantize_model(fp, weight_bits=1, first_layer_bits=3)

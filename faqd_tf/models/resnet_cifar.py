@@ -21,7 +21,8 @@ Architecture choices (all deliberate, see the notes in each builder):
   pre-activation between the residual branch and the projection, and a final BN-ReLU precedes the
   pooling.
 
-Quantization: every convolution, the stem included, is a ``QuantConv2D(weight_bits=...)``; every ReLU
+Quantization: every convolution, the stem included, is a ``QuantConv2D(weight_bits=...)`` (in a 1-bit
+network the stem at 8 bits, ``faqd_tf.quantizers.FIRST_LAYER_BITS``); every ReLU
 is a ``QuantReLU(bits=activation_bits)`` (``None`` = full precision for either). The paper quantizes
 all convolutional layers; the classifier ``logits`` (a ``QuantDense``) always stays full precision
 (``faqd_tf.quantize.quantize_model`` has a ``skip`` for the same purpose on arbitrary models).
@@ -120,8 +121,9 @@ class _Builder:
         # Keras L2(c) adds c * sum(w^2); PyTorch-style weight decay wd corresponds to c = wd / 2.
         return keras.regularizers.L2(self.weight_decay) if self.weight_decay else None
 
-    def conv(self, x, filters, kernel_size, strides, name):
-        """Bias-free quantizable convolution; stride-2 k>1 convs get explicit symmetric padding."""
+    def conv(self, x, filters, kernel_size, strides, name, first=False):
+        """Bias-free quantizable convolution; stride-2 k>1 convs get explicit symmetric padding.
+        `first`: the stem, at `quantizers.first_layer_width` (8 bits in a 1-bit network)."""
         if strides > 1 and kernel_size > 1:
             x = layers.ZeroPadding2D(kernel_size // 2, name=f"{name}_pad")(x)
             padding = "valid"
@@ -130,7 +132,8 @@ class _Builder:
         return QuantConv2D(
             filters, kernel_size, strides=strides, padding=padding, use_bias=False,
             kernel_initializer="he_normal", kernel_regularizer=self._regularizer(), name=name,
-            weight_bits=self.weight_bits, per_channel=self.per_channel,
+            weight_bits=quantizers.first_layer_width(self.weight_bits) if first else self.weight_bits,
+            per_channel=self.per_channel,
         )(x)
 
     def bn(self, x, name):
@@ -224,7 +227,8 @@ def resnet_cifar(depth: int, num_classes: int = 10, input_shape: tuple[int, int,
       depth: one of ``CIFAR_DEPTHS`` (8, 14, 20, 32, 44, 56, 110, 164); anything else raises ValueError.
       num_classes: width of the ``logits`` layer (raw logits, no softmax).
       input_shape: (H, W, C) of the input; 32x32 gives stages of 32, 16 and 8 pixels.
-      weight_bits: None (full precision) or 1/2/4/8: bits of every convolution, the stem included.
+      weight_bits: None (full precision) or 1/2/4/8: bits of every convolution, the stem included
+        (at 1 bit the stem at 8: `faqd_tf.quantizers.first_layer_width`).
         The final Dense stays full precision.
       activation_bits: None (plain ReLU) or 1/2/4/8: bits of every ``QuantReLU``.
       per_channel: one weight scale per output channel instead of one per layer.
@@ -247,7 +251,7 @@ def resnet_cifar(depth: int, num_classes: int = 10, input_shape: tuple[int, int,
     b = _Builder(weight_bits, activation_bits, per_channel, weight_decay, bn_momentum, alpha_rate)
 
     inputs = keras.Input(shape=tuple(input_shape), name="input")
-    x = b.conv(inputs, 16, 3, 1, "stem_conv")
+    x = b.conv(inputs, 16, 3, 1, "stem_conv", first=True)
     x = b.bn(x, "stem_bn")
     x = b.relu(x, "stem_relu")
     for stage, width in enumerate((16, 32, 64), start=1):

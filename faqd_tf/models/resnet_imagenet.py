@@ -11,7 +11,7 @@ ResNet18, 21,797,672 for ResNet34).
   max-pool, stage outputs at 64/32/16/8 pixels for a 64 input.
 
 Quantization, naming and BatchNormalization settings follow :mod:`faqd_tf.models.resnet_cifar`:
-every conv (stem included) is a ``QuantConv2D(weight_bits)``, every ReLU a
+every conv (stem included; at 1 bit the stem at 8) is a ``QuantConv2D(weight_bits)``, every ReLU a
 ``QuantReLU(activation_bits)``, the ``logits`` Dense stays full precision; stride-2 convolutions and
 the max-pool use explicit symmetric ``ZeroPadding2D`` (PyTorch geometry); ``stage1``..``stage4`` are the
 output ReLUs of the stages, followed by ``avg_pool`` and ``logits``. The max-pool pads with zeros
@@ -66,11 +66,11 @@ def resnet_imagenet(depth: int, num_classes: int = 1000, input_shape: tuple[int,
 
     inputs = keras.Input(shape=tuple(input_shape), name="input")
     if small_input:
-        x = b.conv(inputs, 64, 3, 1, "stem_conv")
+        x = b.conv(inputs, 64, 3, 1, "stem_conv", first=True)
         x = b.bn(x, "stem_bn")
         x = b.relu(x, "stem_relu")
     else:
-        x = b.conv(inputs, 64, 7, 2, "stem_conv")
+        x = b.conv(inputs, 64, 7, 2, "stem_conv", first=True)
         x = b.bn(x, "stem_bn")
         x = b.relu(x, "stem_relu")
         x = layers.ZeroPadding2D(1, name="stem_pool_pad")(x)
