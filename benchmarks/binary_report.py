@@ -70,6 +70,32 @@ def budget_table(cells):
     return "\n".join(lines)
 
 
+def plot_factors(rows, path):
+    """Each factor's paired difference from `base` (points, as trained), one dot a seed, per width."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    widths = sorted({r["width"] for r in rows})
+    fig, axes = plt.subplots(1, len(widths), figsize=(6 * len(widths), 4), squeeze=False)
+    for ax, width in zip(axes[0], widths):
+        mine = [r for r in rows if r["width"] == width]
+        base = {r["seed"]: float(r["accuracy"]) for r in mine if r["factor"] == "base"}
+        factors = [f for f in dict.fromkeys(r["factor"] for r in mine) if f != "base"]
+        for i, factor in enumerate(factors):
+            d = [100 * (float(r["accuracy"]) - base[r["seed"]]) for r in mine if r["factor"] == factor and r["seed"] in base]
+            ax.scatter([i] * len(d), d, color="tab:blue")
+            ax.plot([i - 0.2, i + 0.2], [np.mean(d)] * 2, color="black")
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set_xticks(range(len(factors)), factors, rotation=30)
+        ax.set_ylabel("minus base, points (as trained; one dot a seed)")
+        ax.set_title(f"{width}, KD only, 2 epochs")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def plot(curves, fp, path):
     import matplotlib
 
@@ -111,11 +137,14 @@ def write(md, png, command):
         "on 6,400 unlabeled training images. Differences are paired by seed (same initial weights and data order), "
         "95% t-intervals.", "",
         "## Factors (KD only, one factor at a time)", "", factor_table(factors), "",
+        "![factors](binary_factors.png)", "",
         "## Budget (KD only against FAQD)", "", budget_table(cells), "",
     ])
     if md:
         with open(md, "w") as f:
             f.write(text)
     print(text)
+    if png and factors:
+        plot_factors(factors, png.replace(".png", "_factors.png"))
     if png and curves:
         plot(curves, fp_accuracy(cells), png)
