@@ -109,6 +109,13 @@ class Distiller(keras.Model):
                 _default_taps(teacher) if self.teacher_layers is None else self.teacher_layers,
                 _default_taps(student) if self.student_layers is None else self.student_layers,
             )
+            if not self.teacher_features.output_names[1:]:
+                # FA with nothing to match would train KD alone while the log says FAQD.
+                raise ValueError(
+                    f"fa={fa!r} found no feature maps to match in {teacher.name!r} (feature_layers taps stage "
+                    "outputs with spatial maps); name them with teacher_layers=/student_layers=, or use fa=None "
+                    "for KD only."
+                )
         self.terms = terms.from_options(
             alpha=self.alpha, beta=self.beta, gamma=self.gamma, kd=self.kd, temperature=self.temperature,
             fa=self.fa, fa_norm=self.fa_norm, ffa_k=self.ffa_k, fa_method=self.fa_method, seed=self.seed,

@@ -398,3 +398,14 @@ def test_replicas_get_distinct_halves_of_each_batch(mirrored_strategy):
     assert sorted(r for r, _ in seen) == [0, 0, 0, 1, 1, 1]  # three steps, two replicas
     assert all(len(batch) == 4 for _, batch in seen)  # half of each batch of 8
     assert sorted(i for _, batch in seen for i in batch) == list(range(24))
+
+
+def test_fa_with_no_feature_maps_is_refused_at_construction():
+    import faqd_tf
+
+    teacher = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(3)],
+                               name="mlp")
+    student = faqd_tf.quantize_model(teacher, weight_bits=4)
+    with pytest.raises(ValueError, match="fa='exact' found no feature maps to match in 'mlp'"):
+        faqd_tf.Distiller(student, teacher, kd="kl", fa="exact")
+    assert faqd_tf.Distiller(student, teacher, kd="kl", fa=None).feature_pairs == []
