@@ -446,3 +446,19 @@ def test_importing_the_package_loads_no_converter():
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_packed_transposed_conv_unpacks_to_the_same_kernel(rng, tmp_path, per_channel):
+    # The codes of a (kh, kw, out, in) transposed kernel are stored as (kh, kw, in, out): a reshape
+    # back instead of the swap scrambled them (logits off by the whole logit scale).
+    inputs = keras.Input((8, 8, 2))
+    x = keras.layers.Conv2D(4, 3, strides=2, padding="same")(inputs)
+    x = keras.layers.Conv2DTranspose(3, 3, strides=2, padding="same", name="up")(x)
+    student = quantize_model(keras.Model(inputs, keras.layers.Conv2D(5, 1)(x)), weight_bits=2, per_channel=per_channel)
+    pack(student, tmp_path / "s.faqd")
+    unpacked = export.unpack(tmp_path / "s.faqd")
+    np.testing.assert_allclose(unpacked.get_layer("up").kernel.numpy(),
+                               student.get_layer("up").quantized_kernel().numpy(), rtol=1e-6, atol=1e-7)
+    x = rng.normal(size=(3, 8, 8, 2)).astype("float32")
+    np.testing.assert_allclose(unpacked(x).numpy(), student(x).numpy(), rtol=1e-4, atol=1e-5)

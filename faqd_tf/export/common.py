@@ -65,7 +65,12 @@ def dequantize(codes, scale, kernel_shape):
 
 
 def freeze_layer(layer, codes, scale):
-    layer.kernel.assign(dequantize(codes, scale, tuple(layer.kernel.shape)))
+    # Codes come in the quantizer's layout (`kernel_to_quantize`): a transposed conv's last two axes
+    # are swapped there, which a reshape would scramble.
+    q = codes.astype(np.float32) * scale.astype(np.float32)
+    restore = getattr(layer, "_restore_kernel_shape", None)
+    kernel = restore(q, "kernel", tuple(layer.kernel.shape)) if restore else q
+    layer.kernel.assign(np.reshape(np.asarray(kernel), tuple(layer.kernel.shape)))
     layer.kernel_quantizer = FrozenQuantizer(quantized_kernel_bits(layer), layer.per_channel, scale)
 
 
