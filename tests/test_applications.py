@@ -22,21 +22,15 @@ applications = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(applications)
 
 _TFLITE_CODES = r"ValueError: Could not locate the kernel of layer '{}' in the converted model"
-_ONNX_LAYER = r"check: ValueError: to_onnx cannot convert layer '{}' \({}\)"
 # (network, step) -> the one-line failure seen today (docs/applications.csv), as a regex.
 KNOWN = {
     **{("own_conv1d", f"export:{k}"): _TFLITE_CODES.format("conv1d") for k in ("tflite-int8", "tflite-int4", "tflite-full")},
-    ("own_conv1d", "export:onnx"): _ONNX_LAYER.format("conv1d", "QuantConv1D"),
     **{("own_segmentation", f"export:{k}"): _TFLITE_CODES.format("conv2d_transpose")
        for k in ("tflite-int8", "tflite-int4", "tflite-full")},
-    ("own_segmentation", "export:onnx"): _ONNX_LAYER.format("conv2d_transpose", "QuantConv2DTranspose"),
 }
 # The packed file and the float TFLite file compute what the Keras student computes (same codes,
 # float arithmetic): their logits must match to float32 rounding, random weights or not.
 EXACT_EXPORTS = ("export:packed", "export:tflite")
-# Known wrong today: the packed/TFLite copy of a QuantConv2DTranspose (its codes are in the
-# quantizer's (kh, kw, in, out) layout; the export reshapes them to the (kh, kw, out, in) kernel).
-EXACT_KNOWN_WRONG = {"own_segmentation"}
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(FMNIST), reason="needs Fashion-MNIST (dataset-fashion-mnist)")
 
@@ -74,8 +68,6 @@ def test_network_through_every_step(name, tmp_path):
     assert re.match(r"\d+ quantized, 1 float \(\S+: classifier head\)", quantize["detail"]), quantize["detail"]
     taps = next(row for row in rows if row["step"] == "taps")
     assert int(taps["detail"].split()[0]) >= 1, taps["detail"]
-    if name in EXACT_KNOWN_WRONG and mismatched:
-        pytest.xfail(f"{name}: export of QuantConv2DTranspose differs from Keras: {mismatched[0]}")
     assert not mismatched, f"{name}: " + " | ".join(mismatched)
 
 
