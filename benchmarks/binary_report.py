@@ -105,7 +105,7 @@ def plot(curves, fp, path):
     panels = sorted({(c["recipe"], c["column"]) for c in curves})
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(8, 5 * len(panels)), 4.5), squeeze=False)
     for ax, (recipe, column) in zip(axes[0], panels):
         for arm, color in (("KD only", "tab:blue"), ("FAQD", "tab:orange")):
             for seed in sorted({c["seed"] for c in curves if (c["recipe"], c["column"], c["row"]) == (recipe, column, arm)}):
