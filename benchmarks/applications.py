@@ -47,6 +47,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from benchmarks.budget import append_rows, read_rows  # noqa: E402
 FMNIST = "idx:/usr/share/datasets/fashion-mnist"
 # The smallest input each application accepts with include_top (its stem's valid convolutions and
 # pooling need it); every other one builds at 32x32.
@@ -286,22 +288,8 @@ def run_steps(name, workdir, count=8, fit_steps=2, size=None, kinds=None, seed=0
 
 # ---- the benchmark's parent: one subprocess per network, resumable CSV, markdown table ----------
 
-def read_rows(path):
-    if not os.path.exists(path):
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def append_row(path, row):
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow({k: row.get(k, "") for k in FIELDS})
-        f.flush()
-        os.fsync(f.fileno())  # a kill after this row loses nothing
+    append_rows(path, FIELDS, [{k: row.get(k, "") for k in FIELDS}])  # fsynced: a kill loses nothing
 
 
 def rewrite_rows(path, rows):

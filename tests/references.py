@@ -87,3 +87,14 @@ def np_fa_grad(t, s, fa_norm="fro2", wrt="student", weight=None):
     norm = np.linalg.norm(raw, axis=-1, keepdims=True)
     grad = (g - b * np.sum(b * g, axis=-1, keepdims=True)) / norm
     return grad.reshape(np.shape(s))
+
+
+def central_differences(f, x, h=1e-6):
+    """The gradient of the scalar `f` at `x` (float64) by central differences, element by element."""
+    grad = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[i] += h
+        down[i] -= h
+        grad[i] = (f(up) - f(down)) / (2 * h)
+    return grad

@@ -12,7 +12,7 @@ import tensorflow as tf
 from faqd_tf import losses
 from faqd_tf.distiller import Distiller
 from faqd_tf.losses import ce_loss_per_sample, feature_affinity_per_sample, kd_loss, kd_loss_per_sample
-from tests.references import np_fa_per_sample
+from tests.references import central_differences, np_fa_per_sample
 
 RTOL = 1e-4
 
@@ -38,16 +38,6 @@ def np_ce(labels, logits):
     log_q = np_log_softmax(logits)
     picked = np.take_along_axis(log_q, np.asarray(labels)[..., None].astype(np.int64), axis=-1)[..., 0]
     return -picked.reshape(len(logits), -1).mean(axis=1)
-
-
-def central_differences(f, x, h=1e-6):
-    grad = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        up, down = x.copy(), x.copy()
-        up[i] += h
-        down[i] -= h
-        grad[i] = (f(up) - f(down)) / (2 * h)
-    return grad
 
 
 def rel_err(got, want):

@@ -24,7 +24,7 @@ from faqd_tf.losses import (
     kd_loss,
     kd_loss_per_sample,
 )
-from tests.references import np_affinity_diff, np_fa_grad, np_fa_per_sample, np_pixels
+from tests.references import central_differences, np_affinity_diff, np_fa_grad, np_fa_per_sample, np_pixels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ["pairwise", "gram", "auto"]
@@ -555,16 +555,6 @@ def test_losses_under_mirrored_strategy(rng, mirrored_strategy):
 
 
 # ---- KD on logits ---------------------------------------------------------------------------
-
-
-def central_differences(f, x, h=1e-6):
-    grad = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        up, down = x.copy(), x.copy()
-        up[i] += h
-        down[i] -= h
-        grad[i] = (f(up) - f(down)) / (2 * h)
-    return grad
 
 
 @pytest.mark.parametrize("kd,temperature", [("mse", 1.0), ("kl", 1.0), ("kl", 4.0)])
