@@ -29,16 +29,14 @@ rerun. `--workers 2` runs two cells at once, each on one thread.
 
 import argparse
 import concurrent.futures
-import json
 import os
 import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks import gradient_shares  # noqa: E402
+from benchmarks import budget, gradient_shares  # noqa: E402
 from benchmarks.budget import TEACHER, append_rows, ensure_teacher, read_rows  # noqa: E402
 
 DOCS = os.path.join(ROOT, "docs", "binary")
@@ -97,32 +95,19 @@ def recipe(name):
 
 
 def run_train(out, overrides, workers):
-    """Runs (or resumes) train.py into `out`; returns (results, history rows, seconds, epochs run now)."""
-    command = [sys.executable, os.path.join(ROOT, "train.py"), "--config",
-               os.path.join(ROOT, "configs", "quickstart.json"), "--set", f"output_dir={out}"]
-    for key, value in overrides.items():
-        command += ["--set", f"{key}={json.dumps(value)}"]
+    """`budget.run_train` into `out`, then the recalibrated score of its student; returns
+    (results, history rows, seconds, epochs run now, recalibrated accuracy)."""
+    results, history, seconds, ran = budget.run_train(out, overrides, workers)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    if workers > 1:  # one thread per cell: the cells share the cores
+    if workers > 1:
         env.update(TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1", OMP_NUM_THREADS="1")
-    os.makedirs(out, exist_ok=True)
-    before = len(read_rows(os.path.join(out, "history.csv")))
-    start = time.perf_counter()
-    with open(os.path.join(out, "train.log"), "a") as log:
-        proc = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        raise RuntimeError(f"{out}: train.py exited with {proc.returncode}; see {out}/train.log")
-    seconds = time.perf_counter() - start
-    with open(os.path.join(out, "results.json")) as f:
-        results = json.load(f)
-    history = read_rows(os.path.join(out, "history.csv"))
-    # The recalibrated score runs in its own process, on one thread when cells share the cores.
+    # In its own process, on one thread when cells share the cores.
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "recal", out], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{out}: recalibration failed: {proc.stderr.strip().splitlines()[-1:]}")
     recal = float(proc.stdout.strip().splitlines()[-1])
-    return results, history, seconds, max(1, len(history) - before), recal
+    return results, history, seconds, ran, recal
 
 
 def last3(history):

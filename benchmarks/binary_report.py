@@ -9,17 +9,12 @@ import platform
 import numpy as np
 
 from benchmarks.budget import read_rows
+from benchmarks.budget_report import format_interval
 from benchmarks.reproduce_report import mean_interval
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "binary")
 METRICS = (("accuracy", "as trained (headline)"), ("accuracy_last3", "last 3 epochs"),
            ("accuracy_recal", "after BN recalibration"))
-
-
-def _fmt(stat):
-    if not stat:
-        return "-"
-    return f"{stat[0]:+.2f} (one seed)" if stat[2] < 2 else f"{stat[0]:+.2f} ± {stat[1]:.2f}"
 
 
 def factor_table(rows):
@@ -39,7 +34,7 @@ def factor_table(rows):
             for metric, _ in METRICS:
                 paired = [s for s in seeds if s in base and cells[s].get(metric) and base[s].get(metric)]
                 d = [100 * (float(cells[s][metric]) - float(base[s][metric])) for s in paired]
-                stats.append("-" if factor == "base" else _fmt(mean_interval(d)))
+                stats.append("-" if factor == "base" else format_interval(mean_interval(d)))
             lines.append(f"| {width} | {epochs} | {factor} | {per_seed} | {' | '.join(stats)} | {len(seeds)} |")
     return "\n".join(lines)
 
@@ -62,7 +57,7 @@ def budget_table(cells):
         acc = {a: np.array([100 * float(c["accuracy"]) for c in arm[a].values()]) for a in arm}
         spread = lambda a: f"{a.mean():.2f} ± {a.std(ddof=1):.2f}" if len(a) > 1 else (f"{a[0]:.2f}" if len(a) else "-")  # noqa: E731
         seeds = sorted(set(arm["KD only"]) & set(arm["FAQD"]), key=int)
-        stats = [_fmt(mean_interval([100 * (float(arm["FAQD"][s][m]) - float(arm["KD only"][s][m])) for s in seeds]))
+        stats = [format_interval(mean_interval([100 * (float(arm["FAQD"][s][m]) - float(arm["KD only"][s][m])) for s in seeds]))
                  for m, _ in METRICS]
         gap = f"{acc['KD only'].mean() - fp:+.2f}" if len(acc["KD only"]) else "-"
         lines.append(f"| {table.removeprefix('binary ')} | {column} | {epochs} | {fp:.2f} | {spread(acc['KD only'])} | "

@@ -114,15 +114,15 @@ def done(cell, rows):
                == (cell.init, cell.arm, f"{cell.bits}-bit", str(cell.seed), str(cell.epochs)) for r in rows)
 
 
-def run_cell(cell, args):
-    """Runs (or resumes) one cell through train.py; returns its cell row and curve rows."""
-    out = os.path.join(args.out_dir, cell.name)
+def run_train(out, overrides, workers):
+    """Runs (or resumes) `train.py` on configs/quickstart.json with `overrides` (`--set` values) into
+    `out`; returns `(results, history rows, seconds, epochs this invocation ran)`."""
     command = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "quickstart.json"),
                "--set", f"output_dir={out}"]
-    for key, value in cell.overrides().items():
+    for key, value in overrides.items():
         command += ["--set", f"{key}={json.dumps(value)}"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    if args.workers > 1:  # one thread per cell: the cells share the cores
+    if workers > 1:  # one thread per cell: the cells share the cores
         env.update(TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1", OMP_NUM_THREADS="1")
     os.makedirs(out, exist_ok=True)
     epochs_before = len(read_rows(os.path.join(out, "history.csv")))  # a resumed cell ran these already
@@ -130,15 +130,21 @@ def run_cell(cell, args):
     with open(os.path.join(out, "train.log"), "a") as log:
         proc = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode:
-        raise RuntimeError(f"{cell.name}: train.py exited with {proc.returncode}; see {out}/train.log")
+        raise RuntimeError(f"{os.path.basename(out)}: train.py exited with {proc.returncode}; see {out}/train.log")
+    seconds = time.perf_counter() - start
     with open(os.path.join(out, "results.json")) as f:
         results = json.load(f)
     history = read_rows(os.path.join(out, "history.csv"))
-    seconds = time.perf_counter() - start
+    return results, history, seconds, max(1, len(history) - epochs_before)
+
+
+def run_cell(cell, args):
+    """Runs (or resumes) one cell through train.py; returns its cell row and curve rows."""
+    results, history, seconds, ran = run_train(os.path.join(args.out_dir, cell.name), cell.overrides(), args.workers)
     steps = cell.epochs * -(-60000 // 128)
     row = dict(table="budget", init=cell.init, row=cell.arm, column=f"{cell.bits}-bit", seed=cell.seed,
                accuracy=round(results["student"]["accuracy"], 4), epochs=cell.epochs, steps=steps,
-               seconds=round(seconds, 1), sec_per_epoch=round(seconds / max(1, len(history) - epochs_before), 1))
+               seconds=round(seconds, 1), sec_per_epoch=round(seconds / ran, 1))
     curve = [dict(init=cell.init, bits=cell.bits, arm=cell.arm, seed=cell.seed, epoch=int(h["epoch"]) + 1,
                   val_accuracy=round(float(h["val_accuracy"]), 4), kd=h.get("kd", ""), fa=h.get("fa", ""),
                   loss=h.get("loss", "")) for h in history]

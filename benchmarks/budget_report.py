@@ -62,7 +62,7 @@ def _paired(score, seeds):
     return mean_interval(d)
 
 
-def _interval(stat):
+def format_interval(stat):
     if not stat:
         return "-"
     return f"{stat[0]:+.2f} (one seed)" if stat[2] < 2 else f"{stat[0]:+.2f} ± {stat[1]:.2f}"
@@ -91,8 +91,8 @@ def table(cells, curves, fa_rows=()):
         tail = _paired(lambda arm, seed: last3(curves, init, bits, arm, seed), seeds)
         recal = _paired(lambda arm, seed: recalibrated(fa_rows, init, bits, arm, seed), seeds)
         lines.append(f"| {init} | {column} | {epochs} | {cell(acc['KD only'])} | {cell(acc['FAQD'])} | {diff} | "
-                     f"{stat[2] if stat else 0} | {verdict(stat) if stat else '-'} | {_interval(tail)} | "
-                     f"{_interval(recal)} | {flat} |")
+                     f"{stat[2] if stat else 0} | {verdict(stat) if stat else '-'} | {format_interval(tail)} | "
+                     f"{format_interval(recal)} | {flat} |")
     return "\n".join(lines)
 
 

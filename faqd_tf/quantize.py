@@ -139,7 +139,6 @@ def _reaches_kernel(tensor, memo):
     if operation is None or node is None or isinstance(operation, keras.layers.InputLayer):
         return False
     if id(operation) not in memo:
-        memo[id(operation)] = False  # a cycle cannot occur in a functional graph; this guards the walk
         memo[id(operation)] = _has_kernel(operation) or _is_nested(operation) or any(
             _reaches_kernel(t, memo) for t in node.input_tensors)
     return memo[id(operation)]
@@ -173,7 +172,7 @@ def _path_names(path):
 def _resolve(model, weight_bits, layer_bits, skip, first_layer_bits="auto"):
     """Widths by kernel-layer path and, for the full-precision ones, the reason."""
     weight_bits = quantizers.check_bits(weight_bits, "weight_bits", allow_none=True)
-    first_bits = quantizers.first_layer_width(weight_bits, first_layer_bits) if weight_bits is not None else None
+    first_bits = quantizers.first_layer_width(weight_bits, first_layer_bits)
     firsts = set(first_layers(model)) if first_bits != weight_bits else set()
     kernel_paths = [path for path, _ in _kernel_layers(model)]
     names = {n for path, _ in _walk(model) for n in _path_names(path)}
