@@ -26,17 +26,19 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == "__main__":  # run as a script: this checkout's packages, not an installed copy
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import _harness  # noqa: E402
+from benchmarks._harness import FMNIST, append_rows, read_rows  # noqa: E402
 from faqd_tf import data  # noqa: E402
 from faqd_tf.distiller import Distiller  # noqa: E402
 from faqd_tf.layers import QuantReLU  # noqa: E402
 from faqd_tf.quantize import quantize_model  # noqa: E402
 
-FMNIST = "idx:/usr/share/datasets/fashion-mnist"
 OPTIMIZERS = {
     "SGD 0.01 Nesterov 0.9": lambda: keras.optimizers.SGD(0.01, momentum=0.9, nesterov=True),
     "Adam 3e-4": lambda: keras.optimizers.Adam(3e-4),
@@ -120,22 +122,6 @@ def run_one(args, teacher, test, bits, optimizer, rule, seed):
     return row, trace.points
 
 
-def read_rows(path):
-    if not os.path.exists(path):
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def append_row(path, row):
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-
-
 def report(args, rows, before, traces):
     md = args.md or os.path.join(args.out_dir, "alpha_update.md")
     png = args.png or os.path.join(args.out_dir, "alpha_update.png")
@@ -158,18 +144,13 @@ def report(args, rows, before, traces):
                      f"{' / '.join(f'{100 * a:.2f}%' for a in accs)} | {100 * np.mean(accs):.2f}% |")
     lines.append("")
     lines.append("Before training: " + ", ".join(f"{b}A32W {100 * a:.2f}%" for b, a in sorted(before.items())) + ".")
-    with open(md, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    _harness.write_text(md, "\n".join(lines) + "\n")
     say(f"table written to {md}")
     plot(groups, traces, png)
 
 
 def plot(groups, traces, png):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _harness.pyplot()
     bits_list = sorted({k[0] for k in groups})
     fig, axes = plt.subplots(1, len(bits_list) + 1, figsize=(5 * (len(bits_list) + 1), 4.2))
     for ax, bits in zip(axes, bits_list):
@@ -229,7 +210,7 @@ def main(argv=None):
                             f"{row['seconds']} s")
                         for step, lo, hi in points:
                             append_trace(trace_path, (bits, optimizer, rule, seed, step, lo, hi))
-                        append_row(csv_path, row)
+                        append_rows(csv_path, FIELDS, [row])
     traces = {}
     # A run killed after its trace was written is run again: its later points replace the first.
     for bits, optimizer, rule, seed, step, lo, hi in read_traces(trace_path):

@@ -32,10 +32,8 @@ reruns. The markdown table is rewritten from the CSV after every network.
 """
 
 import argparse
-import csv
 import datetime
 import os
-import platform
 import re
 import shlex
 import signal
@@ -44,12 +42,11 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+if __name__ == "__main__":  # run as a script: this checkout's packages, not an installed copy
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import _harness  # noqa: E402
+from benchmarks._harness import FMNIST, ROOT, append_rows, read_rows  # noqa: E402
 
-from benchmarks.budget import append_rows, read_rows  # noqa: E402
-FMNIST = "idx:/usr/share/datasets/fashion-mnist"
 # The smallest input each application accepts with include_top (its stem's valid convolutions and
 # pooling need it); every other one builds at 32x32.
 MIN_SIZE = {"InceptionV3": 75, "InceptionResNetV2": 75, "Xception": 71}
@@ -289,27 +286,7 @@ def run_steps(name, workdir, count=8, fit_steps=2, size=None, kinds=None, seed=0
 # ---- the benchmark's parent: one subprocess per network, resumable CSV, markdown table ----------
 
 def append_row(path, row):
-    append_rows(path, FIELDS, [{k: row.get(k, "") for k in FIELDS}])  # fsynced: a kill loses nothing
-
-
-def rewrite_rows(path, rows):
-    tmp = path + ".part"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
-        writer.writeheader()
-        writer.writerows({k: r.get(k, "") for k in FIELDS} for r in rows)
-    os.replace(tmp, path)
-
-
-def cpu_model():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    append_rows(path, FIELDS, [row])  # fsynced: a kill loses nothing
 
 
 # The packed file and the float TFLite file hold the student's own codes with float arithmetic:
@@ -340,7 +317,7 @@ def write_markdown(csv_path, md_path, command):
         "# Every keras.applications network through quantize, distill, save, recalibrate and export (issue 37)",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {cpu_model()}, {os.cpu_count()} cores, shared with other benchmarks (times are loaded).  ",
+        f"Machine: {_harness.cpu_model()}, {os.cpu_count()} cores, shared with other benchmarks (times are loaded).  ",
         f"Written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC from `{os.path.relpath(csv_path, ROOT)}`.",
         "",
         "Random weights (weights=None): the export agreement figures are **synthetic** (top-1 of the",
@@ -367,10 +344,7 @@ def write_markdown(csv_path, md_path, command):
             r = cells.get((n, s))
             if r is not None and r["status"] != "skipped":
                 lines.append(f"  - {s}: {cell_status(r)}: {r['detail'].replace('|', '/')}")
-    tmp = md_path + ".part"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, md_path)
+    _harness.write_text(md_path, "\n".join(lines) + "\n")
 
 
 def run_child(args):
@@ -388,8 +362,8 @@ def run_child(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--csv", default=os.path.join(ROOT, "docs", "applications.csv"))
-    parser.add_argument("--md", default=os.path.join(ROOT, "docs", "applications.md"))
+    parser.add_argument("--csv", default=os.path.join(_harness.DOCS, "applications.csv"))
+    parser.add_argument("--md", default=os.path.join(_harness.DOCS, "applications.md"))
     parser.add_argument("--only", nargs="*", help="network names (default: all, cheapest first)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per network")
     parser.add_argument("--images", type=int, default=8)
@@ -414,7 +388,7 @@ def main(argv=None):
             print(f"[applications] {name}: finished earlier, kept", flush=True)
             continue
         # A network cut short (or rerun) starts again from its build: drop its earlier rows.
-        rewrite_rows(args.csv, [r for r in rows if r["network"] != name])
+        _harness.write_rows(args.csv, FIELDS, [r for r in rows if r["network"] != name])
         progress_path = args.csv + ".progress"
         if os.path.exists(progress_path):
             os.remove(progress_path)
@@ -423,8 +397,7 @@ def main(argv=None):
         if args.size:
             child += ["--size", str(args.size)]
         start = time.perf_counter()
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"))
-        proc = subprocess.Popen(child, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen(child, env=_harness.child_env(), start_new_session=True, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
         try:
             _, err = proc.communicate(timeout=args.timeout)

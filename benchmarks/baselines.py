@@ -34,22 +34,20 @@ Rows are appended to the CSV as they finish; a second run skips the rows already
 """
 
 import argparse
-import csv
 import os
 import subprocess
 import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+if __name__ == "__main__":  # run as a script: this checkout's packages, not an installed copy
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.export_sizes import cpu_model  # noqa: E402
-from faqd_tf.training import written_aside  # noqa: E402
+from benchmarks import _harness  # noqa: E402
+from benchmarks._harness import FMNIST, ROOT, read_rows  # noqa: E402
 
-FMNIST = "idx:/usr/share/datasets/fashion-mnist"
 TEACHER_EPOCHS = 3  # configs/quickstart.json, teacher.train.epochs
 FIELDS = ("teacher", "teacher_acc", "method", "bits", "granularity", "runtime", "accuracy", "seconds",
           "file_bytes", "keras_bytes", "calibration", "load1", "notes")
@@ -87,9 +85,8 @@ def teacher_path(arch, cache):
     path = os.path.join(out, "teacher.keras")
     if not os.path.exists(path):
         print(f"[baselines] training the {arch} teacher with train.py", flush=True)
-        subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config",
-                        os.path.join(ROOT, "configs", "quickstart.json"), "--stage", "teacher",
-                        "--set", f"teacher.arch={arch}", "--set", f"output_dir={out}"], check=True, cwd=ROOT)
+        subprocess.run(_harness.quickstart_command("--stage", "teacher", "--set", f"teacher.arch={arch}",
+                                                   "--set", f"output_dir={out}"), check=True, cwd=ROOT)
     return path
 
 
@@ -171,23 +168,6 @@ def int4_export(student_path, path, faqd_tf_dir=None):
     return int(out[-2]), float(out[-1]), f"to_tflite(mode='int4') imported from {faqd_tf_dir} ({commit})"
 
 
-def write_atomically(path, write):
-    """Calls `write(file)` on a file beside `path`, then renames it (`written_aside`): a kill never
-    leaves half a file."""
-    if not path:
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with written_aside(path) as partial, open(partial, "w", newline="") as f:
-        write(f)
-
-
-def read_rows(path):
-    if not path or not os.path.exists(path):
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def row_key(row):
     return tuple(str(row[k]) for k in ("teacher", "method", "bits", "granularity"))
 
@@ -203,12 +183,7 @@ class Recorder:
         self._write_all()
 
     def _write_all(self):
-        def rows(f):
-            writer = csv.DictWriter(f, FIELDS)
-            writer.writeheader()
-            writer.writerows(self.rows)
-
-        write_atomically(self.path, rows)
+        _harness.write_rows(self.path, FIELDS, self.rows)  # written aside: a kill never leaves half a table
 
     def wanted(self, **key):
         return row_key({k: key.get(k, "-") for k in ("teacher", "method", "bits", "granularity")}) not in self.done
@@ -311,7 +286,7 @@ def report(rows, command, png=None):
     import tensorflow as tf
 
     lines = [
-        f"Machine: {cpu_model()}, {os.cpu_count()} cores, no GPU; Python {sys.version.split()[0]}, "
+        f"Machine: {_harness.cpu_model()}, {os.cpu_count()} cores, no GPU; Python {sys.version.split()[0]}, "
         f"TensorFlow {tf.__version__}, Keras {keras.__version__}; LiteRT interpreter (ai_edge_litert), 2 threads.",
         f"Command: `{command}`", "",
     ]
@@ -343,11 +318,7 @@ PLOT_METHODS = (("rtn", "layer"), ("rtn_bn", "layer"), ("rtn", "channel"), ("rtn
 
 
 def plot(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _harness.pyplot()
     teachers = list(dict.fromkeys(r["teacher"] for r in rows))
     colors = dict(zip(PLOT_METHODS, plt.get_cmap("tab10").colors))
     fig, axes = plt.subplots(1, len(teachers), figsize=(max(10, 7 * len(teachers)), 5), squeeze=False)
@@ -410,7 +381,7 @@ def main(argv=None):
     rows = [r for r in rec.rows if r["teacher"] in args.teachers]
     text = report(rows, command.strip(), args.png)
     print(text)
-    write_atomically(args.md, lambda f: f.write(text))
+    _harness.write_text(args.md, text)
     if args.png:
         plot(rows, args.png)
     return 0

@@ -28,19 +28,16 @@ rerun. `--workers 2` runs two cells at once, each on one thread.
 """
 
 import argparse
-import concurrent.futures
 import os
-import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+if __name__ == "__main__":  # run as a script: this checkout's packages, not an installed copy
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import _harness, gradient_shares  # noqa: E402
+from benchmarks._harness import FMNIST, ROOT, append_rows, read_rows  # noqa: E402
+from benchmarks.budget import TEACHER, ensure_teacher  # noqa: E402
 
-from benchmarks import budget, gradient_shares  # noqa: E402
-from benchmarks.budget import TEACHER, append_rows, ensure_teacher, read_rows  # noqa: E402
-
-DOCS = os.path.join(ROOT, "docs", "binary")
-FMNIST = "idx:/usr/share/datasets/fashion-mnist"
+DOCS = os.path.join(_harness.DOCS, "binary")
 STEPS_PER_EPOCH = -(-60000 // 128)
 RECAL_IMAGES = 6400
 
@@ -95,15 +92,11 @@ def recipe(name):
 
 
 def run_train(out, overrides, workers):
-    """`budget.run_train` into `out`, then the recalibrated score of its student; returns
+    """`_harness.run_train` into `out`, then the recalibrated score of its student; returns
     (results, history rows, seconds, epochs run now, recalibrated accuracy)."""
-    results, history, seconds, ran = budget.run_train(out, overrides, workers)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    if workers > 1:
-        env.update(TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1", OMP_NUM_THREADS="1")
+    results, history, seconds, ran = _harness.run_train(out, overrides, workers)
     # In its own process, on one thread when cells share the cores.
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "recal", out], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
+    proc = _harness.run_script(__file__, "recal", out, cwd=ROOT, env=_harness.child_env(one_thread=workers > 1))
     if proc.returncode:
         raise RuntimeError(f"{out}: recalibration failed: {proc.stderr.strip().splitlines()[-1:]}")
     recal = float(proc.stdout.strip().splitlines()[-1])
@@ -144,16 +137,6 @@ def record_fp(results, csv_path):
                                                  accuracy_recal="")])
 
 
-def pool_run(jobs, workers):
-    """Runs `jobs` (callables) `workers` at a time; yields each result (or prints its error)."""
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        for future in concurrent.futures.as_completed([pool.submit(job) for job in jobs]):
-            try:
-                yield future.result()
-            except RuntimeError as e:
-                print(f"[binary] {e}", flush=True)
-
-
 def factors(args):
     ensure_teacher()
     csv_path = os.path.join(DOCS, "factors.csv")
@@ -177,7 +160,7 @@ def factors(args):
                   f"(recalibrated {100 * recal:.2f}%)", flush=True)
         return run
 
-    list(pool_run([job(*t) for t in todo], args.workers))
+    list(_harness.pool_run([job(*t) for t in todo], args.workers, "binary"))
 
 
 def budget(args):
@@ -215,7 +198,7 @@ def budget(args):
             print(f"[binary] {table} {arm} {width} seed {seed}: {100 * row['accuracy']:.2f}%", flush=True)
         return run
 
-    list(pool_run([job(*t) for t in todo], args.workers))
+    list(_harness.pool_run([job(*t) for t in todo], args.workers, "binary"))
 
 
 def main(argv=None):

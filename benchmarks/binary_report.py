@@ -8,11 +8,10 @@ import platform
 
 import numpy as np
 
-from benchmarks.budget import read_rows
-from benchmarks.budget_report import format_interval
-from benchmarks.reproduce_report import mean_interval
+from benchmarks import _harness
+from benchmarks._harness import format_interval, mean_interval, mean_std, pyplot, read_rows, write_text
 
-DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "binary")
+DOCS = os.path.join(_harness.DOCS, "binary")
 METRICS = (("accuracy", "as trained (headline)"), ("accuracy_last3", "last 3 epochs"),
            ("accuracy_recal", "after BN recalibration"))
 
@@ -55,23 +54,18 @@ def budget_table(cells):
         mine = [c for c in cells if (c["table"], c["column"], c["epochs"]) == (table, column, epochs)]
         arm = {a: {c["seed"]: c for c in mine if c["row"] == a} for a in ("KD only", "FAQD")}
         acc = {a: np.array([100 * float(c["accuracy"]) for c in arm[a].values()]) for a in arm}
-        spread = lambda a: f"{a.mean():.2f} ± {a.std(ddof=1):.2f}" if len(a) > 1 else (f"{a[0]:.2f}" if len(a) else "-")  # noqa: E731
         seeds = sorted(set(arm["KD only"]) & set(arm["FAQD"]), key=int)
         stats = [format_interval(mean_interval([100 * (float(arm["FAQD"][s][m]) - float(arm["KD only"][s][m])) for s in seeds]))
                  for m, _ in METRICS]
         gap = f"{acc['KD only'].mean() - fp:+.2f}" if len(acc["KD only"]) else "-"
-        lines.append(f"| {table.removeprefix('binary ')} | {column} | {epochs} | {fp:.2f} | {spread(acc['KD only'])} | "
-                     f"{spread(acc['FAQD'])} | {gap} | {' | '.join(stats)} | {len(seeds)} |")
+        lines.append(f"| {table.removeprefix('binary ')} | {column} | {epochs} | {fp:.2f} | {mean_std(acc['KD only'])} | "
+                     f"{mean_std(acc['FAQD'])} | {gap} | {' | '.join(stats)} | {len(seeds)} |")
     return "\n".join(lines)
 
 
 def plot_factors(rows, path):
     """Each factor's paired difference from `base` (points, as trained), one dot a seed, per width."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     widths = sorted({r["width"] for r in rows})
     fig, axes = plt.subplots(1, len(widths), figsize=(6 * len(widths), 4), squeeze=False)
     for ax, width in zip(axes[0], widths):
@@ -92,11 +86,7 @@ def plot_factors(rows, path):
 
 
 def plot(curves, fp, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = sorted({(c["recipe"], c["column"]) for c in curves})
     if not panels:
         return
@@ -135,9 +125,7 @@ def write(md, png, command):
         "![factors](binary_factors.png)", "",
         "## Budget (KD only against FAQD)", "", budget_table(cells), "",
     ])
-    if md:
-        with open(md, "w") as f:
-            f.write(text)
+    write_text(md, text)
     print(text)
     if png and factors:
         plot_factors(factors, png.replace(".png", "_factors.png"))

@@ -25,18 +25,16 @@ one thread (more steps per second on this 2-core machine than one cell on two th
 """
 
 import argparse
-import concurrent.futures
-import csv
 import dataclasses
-import json
 import os
-import subprocess
 import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-DOCS = os.path.join(ROOT, "docs", "budget")
+if __name__ == "__main__":  # run as a script: this checkout's packages, not an installed copy
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import _harness  # noqa: E402
+from benchmarks._harness import ROOT, append_rows, read_rows, run_train  # noqa: E402
+
+DOCS = os.path.join(_harness.DOCS, "budget")
 TEACHER = os.path.join(DOCS, "teacher.keras")
 CELL_FIELDS = ["table", "init", "row", "column", "seed", "accuracy", "epochs", "steps", "seconds", "sec_per_epoch"]
 CURVE_FIELDS = ["init", "bits", "arm", "seed", "epoch", "val_accuracy", "kd", "fa", "loss"]
@@ -89,53 +87,9 @@ def cells(args):
             for seed in args.seeds for arm in ARMS]
 
 
-def read_rows(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
-def append_rows(path, fields, rows):
-    """Appends `rows` (whole lines, flushed and synced: a kill never leaves half a row)."""
-    new = not os.path.exists(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fields)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def done(cell, rows):
     return any((r["init"], r["row"], r["column"], r["seed"], r["epochs"])
                == (cell.init, cell.arm, f"{cell.bits}-bit", str(cell.seed), str(cell.epochs)) for r in rows)
-
-
-def run_train(out, overrides, workers):
-    """Runs (or resumes) `train.py` on configs/quickstart.json with `overrides` (`--set` values) into
-    `out`; returns `(results, history rows, seconds, epochs this invocation ran)`."""
-    command = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "quickstart.json"),
-               "--set", f"output_dir={out}"]
-    for key, value in overrides.items():
-        command += ["--set", f"{key}={json.dumps(value)}"]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    if workers > 1:  # one thread per cell: the cells share the cores
-        env.update(TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1", OMP_NUM_THREADS="1")
-    os.makedirs(out, exist_ok=True)
-    epochs_before = len(read_rows(os.path.join(out, "history.csv")))  # a resumed cell ran these already
-    start = time.perf_counter()
-    with open(os.path.join(out, "train.log"), "a") as log:
-        proc = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        raise RuntimeError(f"{os.path.basename(out)}: train.py exited with {proc.returncode}; see {out}/train.log")
-    seconds = time.perf_counter() - start
-    with open(os.path.join(out, "results.json")) as f:
-        results = json.load(f)
-    history = read_rows(os.path.join(out, "history.csv"))
-    return results, history, seconds, max(1, len(history) - epochs_before)
 
 
 def run_cell(cell, args):
@@ -168,18 +122,11 @@ def run(args):
     ensure_teacher()
     todo = [c for c in cells(args) if not done(c, read_rows(args.csv))]
     print(f"[budget] {len(todo)} cells to run ({len(cells(args)) - len(todo)} finished)", flush=True)
-    with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
-        futures = {pool.submit(run_cell, c, args): c for c in todo}
-        for future in concurrent.futures.as_completed(futures):
-            cell = futures[future]
-            try:
-                row, curve = future.result()
-            except RuntimeError as e:
-                print(f"[budget] {e}", flush=True)
-                continue
-            append_rows(args.csv, CELL_FIELDS, [row])
-            append_rows(args.curves, CURVE_FIELDS, curve)
-            print(f"[budget] {cell.name}: {100 * row['accuracy']:.2f}% ({row['sec_per_epoch']} s/epoch)", flush=True)
+    jobs = [lambda c=c: (c, *run_cell(c, args)) for c in todo]
+    for cell, row, curve in _harness.pool_run(jobs, args.workers, "budget"):
+        append_rows(args.csv, CELL_FIELDS, [row])
+        append_rows(args.curves, CURVE_FIELDS, curve)
+        print(f"[budget] {cell.name}: {100 * row['accuracy']:.2f}% ({row['sec_per_epoch']} s/epoch)", flush=True)
 
 
 def main(argv=None):

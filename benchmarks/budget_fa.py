@@ -17,20 +17,19 @@ sit much closer and their accuracy is the same, it acted and matching affinities
 """
 
 import argparse
-import csv
 import os
 import platform
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+if __name__ == "__main__":  # run as a script: this checkout's packages, not an installed copy
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+from benchmarks import _harness  # noqa: E402
+from benchmarks._harness import ROOT, mean_interval, mean_std  # noqa: E402
 from benchmarks.budget import TEACHER, Cell  # noqa: E402
-from benchmarks.reproduce_report import mean_interval  # noqa: E402
-from faqd_tf.training import written_aside  # noqa: E402
 
 FIELDS = ["init", "bits", "arm", "seed", "epochs", "tap", "fa", "kl_t4", "agreement", "accuracy", "accuracy_recal"]
 T = 4.0
@@ -92,13 +91,6 @@ def measure(cell_folders, limit, calibration):
     return rows
 
 
-def spread(values):
-    """'mean ± std' of accuracies in points (the std over seeds)."""
-    if not values:
-        return "-"
-    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
-
-
 def report(rows, command):
     """Markdown: per setting and arm, the means over seeds; the paired FAQD / KD only ratio of FA."""
     lines = [f"Command: `{command}`  ",
@@ -126,7 +118,7 @@ def report(rows, command):
             acc = [100 * float(r["accuracy"]) for r in sel if r["tap"] == "sum"]
             recal = [100 * float(r["accuracy_recal"]) for r in sel if r["tap"] == "sum"]
             lines.append(f"| {init} | {bits}-bit | {epochs} | {arm} | {len(seeds)} | {per_tap} | {total:.4f} | "
-                         f"{kl:.4f} | {100 * agree:.2f}% | {spread(acc)} | {spread(recal)} |")
+                         f"{kl:.4f} | {100 * agree:.2f}% | {mean_std(acc)} | {mean_std(recal)} |")
             # What `student.recalibrate_bn` would add: the same student before and after.
             recalibration.append(((init, bits, epochs, arm), mean_interval([b - a for a, b in zip(acc, recal)])))
         key = (init, bits, epochs)
@@ -172,8 +164,8 @@ def report(rows, command):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default="/work/runs/budget", help="budget.py's --out-dir")
-    p.add_argument("--csv", default=os.path.join(ROOT, "docs", "budget", "fa_distance.csv"))
-    p.add_argument("--md", default=os.path.join(ROOT, "docs", "budget_fa.md"))
+    p.add_argument("--csv", default=os.path.join(_harness.DOCS, "budget", "fa_distance.csv"))
+    p.add_argument("--md", default=os.path.join(_harness.DOCS, "budget_fa.md"))
     p.add_argument("--limit", type=int, default=10_000, help="test images")
     p.add_argument("--calibration", type=int, default=5000,
                    help="unlabeled training images for the BN recalibration")
@@ -185,24 +177,16 @@ def main(argv=None):
         if not cells:
             p.error(f"no finished budget cells in {args.runs}; run benchmarks/budget.py first")
         # Cells measured before are kept (a student does not change once its cell is finished).
-        kept = []
-        if not args.overwrite and os.path.exists(args.csv):
-            with open(args.csv, newline="") as f:
-                kept = [r for r in csv.DictReader(f) if r.get("accuracy_recal")]
+        kept = [] if args.overwrite else [r for r in _harness.read_rows(args.csv) if r.get("accuracy_recal")]
         have = {(r["init"], int(r["bits"]), r["arm"], int(r["seed"]), int(r["epochs"])) for r in kept}
         todo = [(c, f) for c, f in cells if (c.init, c.bits, c.arm, c.seed, c.epochs) not in have]
         rows = kept + (measure(todo, args.limit, args.calibration) if todo else [])
-        with written_aside(args.csv) as partial, open(partial, "w", newline="") as f:
-            writer = csv.DictWriter(f, FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
-    with open(args.csv, newline="") as f:
-        rows = list(csv.DictReader(f))
+        _harness.write_rows(args.csv, FIELDS, rows)
+    rows = _harness.read_rows(args.csv, missing_ok=False)
     command = (f"python benchmarks/budget_fa.py --runs {args.runs} --csv {os.path.relpath(args.csv, ROOT)} "
                f"--md {os.path.relpath(args.md, ROOT)}")  # the measuring command, also after --report-only
     text = report(rows, command)
-    with written_aside(args.md) as partial, open(partial, "w") as f:
-        f.write(text)
+    _harness.write_text(args.md, text)
     print(text)
 
 

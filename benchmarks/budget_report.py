@@ -8,7 +8,8 @@ import platform
 
 import numpy as np
 
-from benchmarks.reproduce_report import mean_interval, paired_difference, verdict
+from benchmarks._harness import format_interval, mean_interval, mean_std, pyplot, write_text
+from benchmarks.reproduce_report import paired_difference, verdict
 
 ARMS = ("KD only", "FAQD")
 
@@ -62,12 +63,6 @@ def _paired(score, seeds):
     return mean_interval(d)
 
 
-def format_interval(stat):
-    if not stat:
-        return "-"
-    return f"{stat[0]:+.2f} (one seed)" if stat[2] < 2 else f"{stat[0]:+.2f} ± {stat[1]:.2f}"
-
-
 def table(cells, curves, fa_rows=()):
     """The headline (accuracy as trained at the last epoch, named before the runs) and beside it the
     mean of the last three epochs and the accuracy after BN recalibration, each paired by seed."""
@@ -80,7 +75,6 @@ def table(cells, curves, fa_rows=()):
         stat = paired_difference(mine, ("budget", init, "FAQD", column), ("budget", init, "KD only", column))
         curve = mean_curves(curves, init, int(column.split("-")[0]), "KD only")
         flat = f"{flattens(curve[1])} of {len(curve[1])}" if curve else "-"
-        cell = lambda a: f"{a.mean():.2f} ± {a.std(ddof=1):.2f}" if len(a) > 1 else (f"{a[0]:.2f}" if len(a) else "-")  # noqa: E731
         if not stat:
             diff = "-"
         elif stat[2] < 2:  # one seed: no interval yet
@@ -90,18 +84,14 @@ def table(cells, curves, fa_rows=()):
         bits, seeds = int(column.split("-")[0]), sorted({int(c["seed"]) for c in mine})
         tail = _paired(lambda arm, seed: last3(curves, init, bits, arm, seed), seeds)
         recal = _paired(lambda arm, seed: recalibrated(fa_rows, init, bits, arm, seed), seeds)
-        lines.append(f"| {init} | {column} | {epochs} | {cell(acc['KD only'])} | {cell(acc['FAQD'])} | {diff} | "
+        lines.append(f"| {init} | {column} | {epochs} | {mean_std(acc['KD only'])} | {mean_std(acc['FAQD'])} | {diff} | "
                      f"{stat[2] if stat else 0} | {verdict(stat) if stat else '-'} | {format_interval(tail)} | "
                      f"{format_interval(recal)} | {flat} |")
     return "\n".join(lines)
 
 
 def plot(cells, curves, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = [(init, int(column.split("-")[0])) for init, column, _ in settings(cells)]
     panels = list(dict.fromkeys(panels))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
@@ -137,9 +127,7 @@ def write(cells, curves, md, png, command, fa_rows=()):
         "`recalibrate_batchnorm` (docs/budget/fa_distance.csv, `benchmarks/budget_fa.py`) are beside it.", "",
         table(cells, curves, fa_rows), "",
     ])
-    if md:
-        with open(md, "w") as f:
-            f.write(text)
+    write_text(md, text)
     print(text)
     if png and cells:
         plot(cells, curves, png)

@@ -29,54 +29,43 @@ Writes one CSV row per file (``--csv``), a markdown table (``--md``) and a chart
 """
 
 import argparse
-import csv
-import gzip
 import os
 import sys
 import time
 import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+if __name__ == "__main__":  # run as a script: this checkout's packages, not an installed copy
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.export_sizes import cpu_model  # noqa: E402
+from benchmarks import _harness  # noqa: E402
+from benchmarks._harness import FMNIST, FMNIST_DIR  # noqa: E402
 
-FASHION = "/usr/share/datasets/fashion-mnist"
 FORMATS = ("float", "int8", "full", "int4", "onnx")
 ARCHS = ("resnet8", "resnet20", "mobilenetv2")
 MOBILENET_ALPHA = 0.5
 
 
-def read_idx(path):
-    """An IDX file (gzip'd) as a uint8 array; the header's dims checked against the bytes present."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: header announces {dims}, the file holds {body.size} values")
-    return body.reshape(dims)
-
-
 def fashion_mnist(pad_to_rgb32):
-    """Train and test images normalized as faqd_tf.data does for IDX files, and labels."""
+    """Train and test images normalized as faqd_tf.data does for IDX files, and labels. The raw
+    pixels (`faqd_tf.data.idx.read_idx`, with its header checks), not `faqd_tf.data.load`: the
+    32x32 inputs are the 28x28 images zero-padded, where `load` would resize them."""
     from faqd_tf.data import dataset_info
+    from faqd_tf.data.idx import read_idx
 
-    info = dataset_info(f"idx:{FASHION}")
+    info = dataset_info(FMNIST)
     mean, std = np.float32(info.mean[0]), np.float32(info.std[0])
 
     def prepare(name):
-        x = read_idx(os.path.join(FASHION, f"{name}-images-idx3-ubyte.gz"))[..., None]
+        x = read_idx(os.path.join(FMNIST_DIR, f"{name}-images-idx3-ubyte.gz"))[..., None]
         if pad_to_rgb32:
             x = np.repeat(np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0))), 3, axis=-1)
         return (x.astype(np.float32) / 255.0 - mean) / std
 
     def labels(name):
-        return read_idx(os.path.join(FASHION, f"{name}-labels-idx1-ubyte.gz")).astype(np.int64)
+        return read_idx(os.path.join(FMNIST_DIR, f"{name}-labels-idx1-ubyte.gz")).astype(np.int64)
 
     return prepare("train"), labels("train"), prepare("t10k"), labels("t10k")
 
@@ -216,14 +205,7 @@ def latencies(runners, image, runs, rounds):
     for runner in runners:
         for _ in range(10):  # warm-up (and the batch-1 allocation)
             runner(x)
-    times = [[] for _ in runners]
-    per_round = -(-runs // rounds)
-    for _ in range(rounds):
-        for i, runner in enumerate(runners):
-            for _ in range(per_round):
-                start = time.perf_counter()
-                runner(x)
-                times[i].append(time.perf_counter() - start)
+    times = _harness.interleaved_times([lambda r=r: r(x) for r in runners], rounds, -(-runs // rounds))
     return [1000 * float(np.median(t)) for t in times]
 
 
@@ -302,13 +284,9 @@ def main(argv=None):
             print(f"  (load {load:.2f})", flush=True)
 
     command = "python benchmarks/deploy.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    for path in (args.csv, args.md, args.png):
-        if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(args.csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    if args.png:
+        os.makedirs(os.path.dirname(os.path.abspath(args.png)), exist_ok=True)
+    _harness.write_rows(args.csv, list(rows[0]), rows)
     from importlib.metadata import version
 
     threads = " / ".join(map(str, args.threads))
@@ -326,26 +304,21 @@ def main(argv=None):
     teachers = sorted({(r["arch"], r["input"], r["teacher_acc"]) for r in rows})
     text = (
         f"TensorFlow {tf.__version__}, Keras {keras.__version__}, ai-edge-litert {version('ai-edge-litert')}, "
-        f"onnxruntime {onnxruntime.__version__}; {cpu_model()}, {os.cpu_count()} cores; "
+        f"onnxruntime {onnxruntime.__version__}; {_harness.cpu_model()}, {os.cpu_count()} cores; "
         f"{time.perf_counter() - started:.0f} s.\nCommand: `{command.strip()}`\n"
         + "".join(f"Teacher {a} ({s}): {100 * acc:.2f}%.\n" for a, s, acc in teachers)
         + "\n" + "\n".join(lines) + "\n"
     )
     print()
     print(text)
-    with open(args.md, "w") as f:
-        f.write(text)
+    _harness.write_text(args.md, text)
     if args.png:
         plot(rows, args.png, args.threads)
     return 0
 
 
 def plot(rows, path, threads):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _harness.pyplot()
     cells = list(dict.fromkeys((r["arch"], r["bits"]) for r in rows))
     labels = [f"{arch}\n{bits}-bit" for arch, bits in cells]
     x = np.arange(len(cells))

@@ -19,33 +19,21 @@ writes it to ``--output``.
 
 import argparse
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == "__main__":  # run as a script: this checkout's packages, not an installed copy
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from benchmarks import _harness  # noqa: E402
 from faqd_tf.export import pack, run_tflite, to_tflite  # noqa: E402
 from faqd_tf.models import resnet_cifar  # noqa: E402
 from faqd_tf.summary import summary  # noqa: E402
-
-
-def cpu_model():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
-
 
 
 def kb(n):
@@ -106,15 +94,13 @@ def main(argv=None):
     table = "\n".join(lines)
     text = (
         f"ResNet{args.depth} (CIFAR, 32x32x3, 10 classes, full-precision activations, random init, seed {args.seed}); "
-        f"TensorFlow {tf.__version__}, Keras {keras.__version__}; {cpu_model()}, {os.cpu_count()} cores.\n"
+        f"TensorFlow {tf.__version__}, Keras {keras.__version__}; {_harness.cpu_model()}, {os.cpu_count()} cores.\n"
         f"Command: `{command.strip()}`\n\n{table}\n"
     )
     print()
     print(text)
     if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            f.write(text)
+        _harness.write_text(args.output, text)
         print(f"written to {args.output}")
     return 0
 

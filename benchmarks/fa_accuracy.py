@@ -23,19 +23,18 @@ summary and a scatter plot of the actual error against the estimate:
 """
 
 import argparse
-import csv
 import os
 import platform
 import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+if __name__ == "__main__":  # run as a script: this checkout's packages, not an installed copy
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from benchmarks import real_pairs  # noqa: E402
+from benchmarks import _harness, real_pairs  # noqa: E402
 
 FIELDS = ["pair", "start", "bits", "state", "tap", "shape", "method", "samples", "flagged_fraction",
           "estimate_median", "estimate_max", "gram_loss_median", "gram_loss_max", "gram_grad_median",
@@ -144,8 +143,7 @@ def measure(args):
                               f"gram loss/grad error max {row['gram_loss_max']} / {row['gram_grad_max']}, "
                               f"shipped {row['lib_loss_max']} / {row['lib_grad_max']} "
                               f"({time.perf_counter() - t0:.0f} s)", flush=True)
-                    if args.out_csv:
-                        write_csv(rows, args.out_csv)
+                    _harness.write_rows(args.out_csv, FIELDS, rows)  # after each setting: a kill keeps the rest
     return rows, scatter
 
 
@@ -196,20 +194,8 @@ def synthetic_report(rows):
     return "\n".join(lines) + "\n"
 
 
-def write_csv(rows, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def plot(scatter, path, limit):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _harness.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
     for label in sorted({s[0] for s in scatter}):
         est = np.concatenate([s[1] for s in scatter if s[0] == label])
@@ -274,9 +260,7 @@ def main(argv=None):
     if args.synthetic:
         text += "\n" + synthetic_report(synthetic_sweep())
     print(text)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(text)
+    _harness.write_text(args.md, text)
     if args.png and scatter:
         plot(scatter, args.png, losses.GRAM_RELATIVE_ERROR_LIMIT)
 

@@ -31,16 +31,18 @@ and prints a markdown table and the ratios:
 """
 
 import argparse
-import csv
 import gc
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __name__ == "__main__":  # run as a script: this checkout's packages, not an installed copy
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import _harness  # noqa: E402
+from benchmarks._harness import FMNIST  # noqa: E402
+
 METHODS = ["ffa_k1", "ffa_k5", "ffa_k15", "ffa_k15_l1", "gram", "auto", "pairwise", "pairwise_l1"]
 FIELDS = [
     "inputs", "start", "height", "width", "channels", "batch", "n", "method", "resolved", "status", "flagged", "time_ms_median",
@@ -60,19 +62,6 @@ def estimate_bytes(method, batch, n, c):
 
 
 # ------------------------------------------------------------------------------------ worker
-
-
-def _status_kb(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _reset_peak_rss():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def loss_of(method, tf, losses):
@@ -105,7 +94,7 @@ def real_maps(h, c, batch, start):
     else:
         keras.utils.set_random_seed(0)
         student = models.get("resnet8", num_classes=10, input_shape=(size, size, 1), weight_bits=4)
-    images = next(iter(data.load(real_pairs.FMNIST, "train", labels=False, batch_size=batch, seed=0,
+    images = next(iter(data.load(FMNIST, "train", labels=False, batch_size=batch, seed=0,
                                  image_size=(size, size), augment=False)))
     t_ext, s_ext = paired_extractors(teacher, student, [f"stage{stage}"], [f"stage{stage}"])
     return t_ext(images, training=False)[1].numpy(), s_ext(images, training=True)[1].numpy()
@@ -113,7 +102,6 @@ def real_maps(h, c, batch, start):
 
 def worker(spec):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    sys.path.insert(0, ROOT)
     import numpy as np
     import tensorflow as tf
 
@@ -152,29 +140,23 @@ def worker(spec):
             return value, tape.gradient(value, student)
 
         gc.collect()
-        rss_before = _status_kb("VmRSS")
-        _reset_peak_rss()
+        rss_before = _harness.status_kb("VmRSS")
+        _harness.reset_peak_rss()
         for _ in range(2):
             [x.numpy() for x in step()]
-        peak = _status_kb("VmHWM")
+        peak = _harness.status_kb("VmHWM")
         row.update(peak_rss_mb=round(peak / 1024, 1), rss_increase_mb=round((peak - rss_before) / 1024, 1))
-        steps[method] = (step, [])
+        steps[method] = step
 
-    for _ in range(spec["rounds"]):
-        for method, (step, times) in steps.items():
-            start = time.perf_counter()
-            for _ in range(spec["reps"]):
-                t0 = time.perf_counter()
-                [x.numpy() for x in step()]
-                times.append(time.perf_counter() - t0)
-                if time.perf_counter() - start > spec["time_budget"]:
-                    break
+    timed = _harness.interleaved_times([lambda step=step: [x.numpy() for x in step()] for step in steps.values()],
+                                       spec["rounds"], spec["reps"], budget=spec["time_budget"])
+    times_of = dict(zip(steps, timed))
     for method, row in rows.items():
-        if method in steps:
-            times = steps[method][1]
+        if method in times_of:
+            times = times_of[method]
             row.update(status="ok", time_ms_median=round(float(np.median(times)) * 1e3, 3),
                        time_ms_min=round(min(times) * 1e3, 3), reps=len(times))
-        print("ROW " + json.dumps(row), flush=True)
+        _harness.emit("ROW ", row)
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -189,11 +171,7 @@ def run_all(args):
                         mem_limit_gb=args.mem_limit_gb, rounds=args.rounds,
                         reps=args.reps, time_budget=args.time_budget, pairwise_max_n=args.pairwise_max_n)
             t0 = time.perf_counter()
-            proc = subprocess.run(
-                [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                capture_output=True, text=True,
-            )
-            got = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+            proc, got = _harness.run_worker(__file__, spec, "ROW ")
             done = {r["method"] for r in got}
             for method in METHODS:
                 if method not in done:  # the worker died (e.g. out of memory) before reporting it
@@ -207,30 +185,13 @@ def run_all(args):
     return rows
 
 
-def write_csv(rows, path):
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get(k, "") for k in FIELDS})
-
-
-def read_csv(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
 def _num(row, key):
     value = row.get(key, "")
     return float(value) if value not in ("", None) else None
 
 
 def plot(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _harness.pyplot()
     channels = sorted({int(r["channels"]) for r in rows})
     fig, axes = plt.subplots(1, len(channels), figsize=(5.5 * len(channels), 4.5), squeeze=False)
     for ax, c in zip(axes[0], channels):
@@ -325,8 +286,8 @@ def main():
     parser.add_argument("--reps", type=int, default=3, help="timed steps per method and round")
     parser.add_argument("--time-budget", type=float, default=4.0, help="seconds per method and round at most")
     parser.add_argument("--pairwise-max-n", type=int, default=3136, help="skip the pairwise forms above this N")
-    parser.add_argument("--out-csv", default=os.path.join(ROOT, "docs", "fa_cost.csv"))
-    parser.add_argument("--out-png", default=os.path.join(ROOT, "docs", "fa_cost.png"))
+    parser.add_argument("--out-csv", default=os.path.join(_harness.DOCS, "fa_cost.csv"))
+    parser.add_argument("--out-png", default=os.path.join(_harness.DOCS, "fa_cost.png"))
     parser.add_argument("--md", default=None, help="markdown report")
     parser.add_argument("--from-csv", help="re-plot and re-tabulate an existing CSV without measuring")
     args = parser.parse_args()
@@ -334,13 +295,13 @@ def main():
         worker(json.loads(args.worker))
         return
     if args.from_csv:
-        rows = read_csv(args.from_csv)
+        rows = _harness.read_rows(args.from_csv, missing_ok=False)
     else:
         load = os.getloadavg()
         t0 = time.perf_counter()
         rows = run_all(args)
-        write_csv(rows, args.out_csv)
-        rows = read_csv(args.out_csv)
+        _harness.write_rows(args.out_csv, FIELDS, rows)
+        rows = _harness.read_rows(args.out_csv, missing_ok=False)
         print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
               f"load average before {load[0]:.2f}, after {os.getloadavg()[0]:.2f}; "
               f"total {time.perf_counter() - t0:.0f} s")
@@ -353,9 +314,7 @@ def main():
                       "method ran; `flagged`: share of samples the gram check redoes pairwise.", "",
                       table(rows), "", ratios(rows), ""])
     print(text)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(text)
+    _harness.write_text(args.md, text)
 
 
 if __name__ == "__main__":

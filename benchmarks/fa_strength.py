@@ -25,24 +25,25 @@ at which each FA variant here has that ratio (`beta = ratio * |grad KD| / |grad 
 """
 
 import argparse
-import csv
 import os
 import platform
 import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == "__main__":  # run as a script: this checkout's packages, not an installed copy
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from benchmarks import _harness  # noqa: E402
+from benchmarks._harness import FMNIST  # noqa: E402
 from faqd_tf import data, losses, models  # noqa: E402
 from faqd_tf.distiller import Distiller  # noqa: E402
 from faqd_tf.quantize import quantize_model  # noqa: E402
 
-FMNIST = "idx:/usr/share/datasets/fashion-mnist"
 AUTHORS_FA_COEF = 0.1
 TERMS = ["kd_mse", "kd_kl", "fa_fro2", "fa_l1", "ffa_fro2", "ffa_l1", "authors_fa", "authors_fa_adapter"]
 
@@ -127,14 +128,9 @@ def main(argv=None):
         rows.append({"start": start, "seed": seed, **{k: round(v, 6) for k, v in norms.items()}})
         print(f"[fa_strength] {start} seed {seed}: " + ", ".join(f"{k} {v:.4g}" for k, v in norms.items())
               + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out_csv)), exist_ok=True)
-    with open(args.out_csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, ["start", "seed", *TERMS])
-        writer.writeheader()
-        writer.writerows(rows)
+    _harness.write_rows(args.out_csv, ["start", "seed", *TERMS], rows)
     md = args.md or os.path.splitext(args.out_csv)[0] + ".md"
-    with open(md, "w") as f:
-        f.write(report(rows, args))
+    _harness.write_text(md, report(rows, args))
     print(f"[fa_strength] wrote {args.out_csv} and {md}")
 
 

@@ -8,12 +8,13 @@ not a cost figure for training (benchmarks/step_cost.py and fa_cost.py time real
 
 import os
 import sys
-import time
 
 import numpy as np
 import tensorflow as tf
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == "__main__":  # run as a script: this checkout's packages, not an installed copy
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import _harness  # noqa: E402
 from faqd_tf import losses  # noqa: E402
 
 SHAPES = [(128, 28, 16), (128, 14, 32), (128, 7, 64)]  # (batch, H = W, C) of the quickstart's taps
@@ -39,13 +40,8 @@ def main(rounds=7):
         steps = {"graph": loss_and_grad(False), "xla": loss_and_grad(True)}
         grads = {name: step(*maps)[1].numpy() for name, step in steps.items()}
         diff = np.linalg.norm(grads["graph"] - grads["xla"]) / np.linalg.norm(grads["graph"])
-        times = {name: [] for name in steps}
-        for _ in range(rounds):  # interleaved
-            for name, step in steps.items():
-                start = time.perf_counter()
-                step(*maps)[1].numpy()
-                times[name].append(time.perf_counter() - start)
-        medians = {name: 1000 * float(np.median(t)) for name, t in times.items()}
+        times = _harness.interleaved_times([lambda step=step: step(*maps)[1].numpy() for step in steps.values()], rounds)
+        medians = {name: 1000 * float(np.median(t)) for name, t in zip(steps, times)}
         print(f"{size}x{size}x{channels} batch {batch}: graph {medians['graph']:.2f} ms, xla {medians['xla']:.2f} ms "
               f"(gradients agree to {diff:.1e} relative)", flush=True)
 

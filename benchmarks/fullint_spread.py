@@ -1,6 +1,7 @@
 """Spread of test_full_integer_agrees_with_the_trained_student's outcome over seeds (issue 33)."""
 import os, sys, tempfile
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == "__main__":  # run as a script: this checkout's packages, not an installed copy
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np, keras
 from tests.test_export import synthetic_images, tiny_model
 from faqd_tf.export import to_tflite, run_tflite

@@ -11,16 +11,16 @@ Columns: `init,bits,arm,seed,term,norm,share` (share of the summed norms, as the
 """
 
 import argparse
-import json
 import os
 import re
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from benchmarks.budget import Cell, append_rows, ensure_teacher, read_rows  # noqa: E402
+if __name__ == "__main__":  # run as a script: this checkout's packages, not an installed copy
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import _harness  # noqa: E402
+from benchmarks._harness import ROOT, append_rows, read_rows  # noqa: E402
+from benchmarks.budget import Cell, ensure_teacher  # noqa: E402
 
 FIELDS = ["init", "bits", "arm", "seed", "term", "norm", "share"]
 LINE = re.compile(r"gradient norms at the start: (.*)")
@@ -37,14 +37,11 @@ def parse(log_text):
 
 def start_of(cell, out):
     """Runs the first step of `cell` into `out`; returns its parsed gradient shares."""
-    command = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "quickstart.json"),
-               "--stage", "distill", "--overwrite", "--set", f"output_dir={out}", "--set", "train.steps_per_epoch=1",
-               "--set", "train.epochs=1", "--set", "dataset.validation_split=null"]
-    for key, value in cell.overrides().items():
-        if key != "train.epochs":
-            command += ["--set", f"{key}={json.dumps(value)}"]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    command = _harness.quickstart_command(
+        "--stage", "distill", "--overwrite", "--set", f"output_dir={out}", "--set", "train.steps_per_epoch=1",
+        "--set", "train.epochs=1", "--set", "dataset.validation_split=null",
+        overrides={key: value for key, value in cell.overrides().items() if key != "train.epochs"})
+    proc = subprocess.run(command, cwd=ROOT, env=_harness.child_env(), capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{cell.name}: train.py exited with {proc.returncode}: {proc.stderr[-2000:]}")
     return parse(proc.stdout + proc.stderr)
@@ -53,7 +50,7 @@ def start_of(cell, out):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
-    p.add_argument("--csv", default=os.path.join(ROOT, "docs", "budget", "gradient_shares.csv"))
+    p.add_argument("--csv", default=os.path.join(_harness.DOCS, "budget", "gradient_shares.csv"))
     p.add_argument("--out-dir", default="/work/runs/gradient_shares")
     args = p.parse_args(argv)
     ensure_teacher()

@@ -21,8 +21,10 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FMNIST = "idx:/usr/share/datasets/fashion-mnist"
+if __name__ == "__main__":  # run as a script: this checkout's packages, not an installed copy
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._harness import FMNIST, ROOT, quickstart_command, save_model  # noqa: E402
+
 PAIRS = ("quickstart", "cifar")
 STARTS = ("finetune", "end_to_end")
 # Brief label training of the cifar pair's FP networks (epochs of the 60,000 images).
@@ -67,9 +69,7 @@ def _train_fp(arch, path, epochs, seed):
     model.fit(train, epochs=epochs, verbose=2)
     accuracy = model.evaluate(images("cifar", "test", labels=True), verbose=0)[1]
     print(f"[real_pairs] {arch}: {100 * accuracy:.2f}% test accuracy, {time.perf_counter() - start:.0f} s", flush=True)
-    tmp = path + ".part.keras"
-    model.save(tmp)
-    os.replace(tmp, path)  # a kill never leaves a half-written model behind
+    save_model(model, path)
     return path
 
 
@@ -82,9 +82,7 @@ def quickstart_teacher(cache=None):
     path = os.path.join(out, "teacher.keras")
     if not os.path.exists(path):
         print("[real_pairs] training the quickstart teacher (train.py --stage teacher)", flush=True)
-        subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config",
-                        os.path.join(ROOT, "configs", "quickstart.json"), "--stage", "teacher",
-                        "--set", f"output_dir={out}"], check=True, cwd=ROOT)
+        subprocess.run(quickstart_command("--stage", "teacher", "--set", f"output_dir={out}"), check=True, cwd=ROOT)
     return path
 
 

@@ -71,10 +71,11 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == "__main__":  # run as a script: this checkout's packages, not an installed copy
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.budget import append_rows  # noqa: E402
 from benchmarks import reproduce_cells as rc  # noqa: E402
+from benchmarks._harness import FMNIST, FMNIST_DIR, append_rows, read_rows  # noqa: E402
 from benchmarks.reproduce_cells import Cell, Schedule, say  # noqa: E402
 from faqd_tf import config as config_module  # noqa: E402
 from faqd_tf.models import available  # noqa: E402
@@ -150,7 +151,7 @@ class Bench:
         self.args = args
         os.makedirs(args.out_dir, exist_ok=True)
         self.csv_path = rc.cells_path(args)
-        self.done = {rc.key_of(r) for r in rc.read_cells(self.csv_path)}
+        self.done = {rc.key_of(r) for r in read_rows(self.csv_path)}
         self.callbacks = list(callbacks)
         self._test = None
 
@@ -186,7 +187,7 @@ class Bench:
     def dataset(self, labels, limit):
         a = self.args
         # No validation during training: the evaluate stage scores the test split once.
-        return {"source": rc.FMNIST, "labels": labels, "augment": False, "limit": limit, "eval_limit": a.eval_limit,
+        return {"source": FMNIST, "labels": labels, "augment": False, "limit": limit, "eval_limit": a.eval_limit,
                 "validation_split": None}
 
     def config(self, cell: Cell, output_dir: str) -> dict:
@@ -280,7 +281,7 @@ class Bench:
         from faqd_tf.training import evaluate_classifier
 
         if self._test is None:
-            self._test = data.load(rc.FMNIST, "test", batch_size=500, limit=self.args.eval_limit)
+            self._test = data.load(FMNIST, "test", batch_size=500, limit=self.args.eval_limit)
         accuracy = evaluate_classifier(keras.models.load_model(path, safe_mode=True), self._test, verbose=0)["accuracy"]
         self.append(dict(zip(rc.FIELDS, (*key, round(float(accuracy), 5), 0, 0, 0.0, ""))))
 
@@ -384,7 +385,7 @@ def full_table(args, optimizer, init):
 
 def main(argv=None):
     args = parse_args(argv)
-    if not os.path.isdir("/usr/share/datasets/fashion-mnist"):
+    if not os.path.isdir(FMNIST_DIR):
         sys.exit("reproduce: Fashion-MNIST is missing; install the Debian package dataset-fashion-mnist "
                  "(bash scripts/install.sh does).")
     if not args.report_only:

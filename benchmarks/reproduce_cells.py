@@ -6,12 +6,10 @@ A cell's CSV key is `(table, init, row, column, seed)`; its CSV row adds `accura
 seconds, sec_per_epoch` (`FIELDS`).
 """
 
-import csv
 import dataclasses
 import os
 import time
 
-FMNIST = "idx:/usr/share/datasets/fashion-mnist"
 TEACHER, STUDENT = "resnet14", "resnet8"
 FIELDS = ["table", "init", "row", "column", "seed", "accuracy", "epochs", "steps", "seconds", "sec_per_epoch"]
 INIT_KD = {"fine-tune": "kl", "end-to-end": "mse"}
@@ -143,10 +141,3 @@ def fp_reference(arch: str) -> str:
 
 def slug(text: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in text)
-
-
-def read_cells(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))

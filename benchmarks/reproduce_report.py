@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 
+from benchmarks._harness import mean_interval, pyplot, read_rows, write_text
 from benchmarks.reproduce_cells import (
     BASELINE_ROW,
     FAQD_ROWS,
@@ -27,11 +28,9 @@ from benchmarks.reproduce_cells import (
     WEIGHT_ROWS,
     cells_path,
     fp_reference,
-    read_cells,
     say,
     sweep_row,
 )
-from faqd_tf.training import written_aside
 
 
 def summarize(cells):
@@ -112,11 +111,7 @@ def claims(stats):
 
 
 def plot(stats, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = [("weight", "fine-tune", [r for r in WEIGHT_ROWS if r != "FP student"], ["1-bit", "2-bit", "4-bit"]),
               ("weight", "end-to-end", [r for r in WEIGHT_ROWS if r != "FP student"], ["1-bit", "2-bit", "4-bit"])]
     panels = [p for p in panels if any((p[0], p[1], r, c) in stats for r in p[2] for c in p[3])]
@@ -279,11 +274,7 @@ def gap_md(cells, stats, tables):
 def plot_full(stats, path):
     """Left: full quantization at default settings, FAQD and KD only per column, with the FP
     references; right: 1W1A (and its step 1) at each setting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     tables = full_tables(stats)
     groups = [(t, i, c) for t in tables if "," not in t for i in INIT_KD for c in FULL_COLUMNS
               if any((t, i, r, c) in stats for r in (FULL_MAIN, BASELINE_ROW))]
@@ -351,18 +342,6 @@ def paired_difference(cells, a, b):
     first, second = by_seed(a), by_seed(b)
     seeds = sorted(set(first) & set(second))
     return mean_interval([100 * (first[s] - second[s]) for s in seeds])
-
-
-def mean_interval(differences):
-    """(mean, 95% t half-width, n, differences) of paired `differences`; the half-width is nan for
-    n < 2, and None is returned for none."""
-    from scipy import stats as scipy_stats
-
-    d = np.asarray(differences, dtype=float)
-    if len(d) == 0:
-        return None
-    half = scipy_stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
-    return float(d.mean()), float(half), len(d), d
 
 
 def verdict(stat):
@@ -450,11 +429,7 @@ def fa_md(cells):
 
 def plot_fa(cells, path):
     """Left: paired FAQD - KD-only differences with 95% intervals; right: accuracy against beta."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     effects = fa_effects(cells)
     sweeps = sweep_effects(cells)
     if not effects and not sweeps:
@@ -501,7 +476,7 @@ def plot_fa(cells, path):
 
 
 def report(args):
-    cells = read_cells(cells_path(args))
+    cells = read_rows(cells_path(args))
     stats = summarize(cells)
     md = args.md or os.path.join(args.out_dir, "reproduce.md")
     png = args.png or os.path.join(args.out_dir, "reproduce.png")
@@ -545,9 +520,7 @@ def report(args):
     if has_weight:  # the claims and the bar chart are about the weight tables
         parts += ["## Differences behind the paper's claims", "", *claims(stats), "",
                   f"![bar chart]({os.path.basename(png)})", ""]
-    os.makedirs(os.path.dirname(os.path.abspath(md)), exist_ok=True)
-    with written_aside(md) as partial, open(partial, "w") as f:
-        f.write("\n".join(parts))
+    write_text(md, "\n".join(parts))
     if has_weight:
         plot(stats, png)
     if fa_parts:

@@ -27,7 +27,6 @@ fraction of samples and of batches, per tap.
 """
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -36,7 +35,11 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __name__ == "__main__":  # run as a script: this checkout's packages, not an installed copy
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import _harness  # noqa: E402
+from benchmarks._harness import ROOT  # noqa: E402
+
 PAIRS = {"quickstart": dict(batch=128, kd="kl", temperature=4.0), "cifar": dict(batch=64, kd="mse", temperature=1.0)}
 VARIANTS = {
     "kd": dict(fa=None),
@@ -51,18 +54,11 @@ FIELDS = ["round", "pair", "start", "inputs", "variant", "batch", "step_ms_media
           "old_limit_batches", "load_average"]
 
 
-def _rss_mb(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def worker(spec):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    sys.path.insert(0, spec["library_root"])  # the library under test (this checkout, or --ref's)
-    sys.path.insert(1, ROOT)  # benchmarks.real_pairs always from this checkout
+    # The library under test (this checkout, or --ref's) before this checkout, which stays next
+    # for benchmarks.real_pairs (--ref's checkout has none).
+    sys.path.insert(0, spec["library_root"])
     import keras
     import numpy as np
     import tensorflow as tf
@@ -107,10 +103,10 @@ def worker(spec):
     distiller.fit(data, steps_per_epoch=steps, epochs=1, verbose=0, callbacks=[timer])
     timed = timer.times[spec["warmup"]:]
     out.update(step_ms_median=round(1e3 * float(np.median(timed)), 2), step_ms_min=round(1e3 * min(timed), 2),
-               steps=len(timed), peak_rss_mb=round(_rss_mb("VmHWM"), 1))
+               steps=len(timed), peak_rss_mb=round(_harness.status_kb("VmHWM") / 1024, 1))
     if spec["variant"] == "fa" and distiller.fa_norm == "fro2":
         out.update(fallback_counts(distiller, data, losses))
-    print("RESULT " + json.dumps(out), flush=True)
+    _harness.emit("RESULT ", out)
 
 
 def fallback_counts(distiller, data, losses):
@@ -163,32 +159,18 @@ def run(args):
                 spec = dict(pair=pair, start=start, inputs=inputs, variant=variant, warmup=args.warmup, steps=args.steps,
                             library_root=ref_root if variant == "fa_ref" else ROOT)
                 t0 = time.perf_counter()
-                proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                                      capture_output=True, text=True)
-                lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-                if proc.returncode or not lines:
+                proc, results = _harness.run_worker(__file__, spec, "RESULT ")
+                if proc.returncode or not results:
                     print(proc.stderr[-3000:], file=sys.stderr)
                     raise SystemExit(f"step_cost: {pair} {start} {variant} failed (exit {proc.returncode})")
                 row = {"round": r, "pair": pair, "start": start, "inputs": inputs, "variant": variant,
                        "batch": PAIRS[pair]["batch"], "load_average": round(os.getloadavg()[0], 2),
-                       **json.loads(lines[-1][7:])}
+                       **results[-1]}
                 rows.append(row)
                 print(f"[step_cost] round {r} {pair} {start} {inputs} {variant}: {row['step_ms_median']} ms/step "
                       f"({time.perf_counter() - t0:.0f} s, load {row['load_average']})", flush=True)
-                if args.out_csv:
-                    write_csv(rows, args.out_csv)
+                _harness.write_rows(args.out_csv, FIELDS, rows)  # after each process: a kill keeps the rest
     return rows
-
-
-def write_csv(rows, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".part"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get(k, "") for k in FIELDS})
-    os.replace(tmp, path)
 
 
 def ratios(rows, cell, variant, column="step_ms_median"):
@@ -266,15 +248,12 @@ def main():
         worker(json.loads(args.worker))
         return
     if args.from_csv:
-        with open(args.from_csv) as f:
-            rows = list(csv.DictReader(f))
+        rows = _harness.read_rows(args.from_csv, missing_ok=False)
     else:
         rows = run(args)
     text = report(rows, "python benchmarks/step_cost.py " + " ".join(sys.argv[1:]))
     print(text)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(text)
+    _harness.write_text(args.md, text)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,12 @@ rounds so that load on the shared machine hits them alike; the load average is p
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
+
+if __name__ == "__main__":  # run as a script: this checkout's packages, not an installed copy
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import _harness  # noqa: E402
 
 
 def main(argv=None):
@@ -37,21 +40,15 @@ def main(argv=None):
                 interpreter.set_tensor(detail["index"], np.random.default_rng(0).random(detail["shape"], np.float32))
                 for _ in range(5):
                     interpreter.invoke()
-                configs.append((os.path.basename(path), threads, name, interpreter, []))
+                configs.append((os.path.basename(path), threads, name, interpreter))
     load = [os.getloadavg()[0]]
-    per_round = -(-args.runs // args.rounds)
-    for _ in range(args.rounds):
-        for *_, interpreter, times in configs:
-            for _ in range(per_round):
-                start = time.perf_counter()
-                interpreter.invoke()
-                times.append(time.perf_counter() - start)
+    timed = _harness.interleaved_times([c[3].invoke for c in configs], args.rounds, -(-args.runs // args.rounds))
     load.append(os.getloadavg()[0])
     command = "python benchmarks/tflite_threads.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"Command: `{command}`; load average {load[0]:.2f} before, {load[1]:.2f} after.\n")
     print("| file | threads | kernels | median ms | 90th percentile ms |")
     print("|---|---|---|---|---|")
-    for name, threads, resolver, _, times in configs:
+    for (name, threads, resolver, _), times in zip(configs, timed):
         print(f"| {name} | {threads} | {resolver} | {1000 * np.median(times):.3f} | {1000 * np.percentile(times, 90):.3f} |")
     return 0
 

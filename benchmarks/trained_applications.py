@@ -24,17 +24,16 @@ A kill loses at most the stage in progress.
 """
 
 import argparse
-import csv
 import os
 import shlex
-import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-FMNIST = "idx:/usr/share/datasets/fashion-mnist"
+if __name__ == "__main__":  # run as a script: this checkout's packages, not an installed copy
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import _harness  # noqa: E402
+from benchmarks._harness import FMNIST, ROOT, save_model  # noqa: E402
+
 NETWORKS = ("conv1d", "MobileNetV2", "EfficientNetB0")
 FIELDS = ("network", "model", "status", "accuracy", "detail", "seconds", "command", "machine")
 
@@ -92,44 +91,22 @@ def arrays(name, split, limit=None):
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def cpu_model():
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    return next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), "unknown")
-
-
 class Results:
-    def __init__(self, path, command):
-        self.path, self.command, self.machine = path, command, f"{cpu_model()}, {os.cpu_count()} cores (shared)"
+    """The CSV's rows: each result appended whole as it finishes; one there is not recomputed."""
 
-    def rows(self):
-        if not os.path.exists(self.path):
-            return []
-        with open(self.path, newline="") as f:
-            return list(csv.DictReader(f))
+    def __init__(self, path, command):
+        self.path, self.command, self.machine = path, command, f"{_harness.cpu_model()}, {os.cpu_count()} cores (shared)"
 
     def has(self, network, model):
-        return any(r["network"] == network and r["model"] == model for r in self.rows())
+        return any(r["network"] == network and r["model"] == model for r in _harness.read_rows(self.path))
 
     def add(self, network, model, status, accuracy, detail, seconds):
-        new = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
-        with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerow({"network": network, "model": model, "status": status,
-                             "accuracy": "" if accuracy is None else f"{100 * accuracy:.2f}",
-                             "detail": detail, "seconds": f"{seconds:.1f}", "command": self.command,
-                             "machine": self.machine})
-            f.flush()
-            os.fsync(f.fileno())
+        _harness.append_rows(self.path, FIELDS, [{
+            "network": network, "model": model, "status": status,
+            "accuracy": "" if accuracy is None else f"{100 * accuracy:.2f}", "detail": detail,
+            "seconds": f"{seconds:.1f}", "command": self.command, "machine": self.machine}])
         print(f"[trained] {network} {model}: {status} {'' if accuracy is None else f'{100 * accuracy:.2f}%'} "
               f"{detail} ({seconds:.0f} s)", flush=True)
-
-
-def save_atomically(model, path):
-    tmp = path[: -len(".keras")] + ".part.keras"
-    model.save(tmp)
-    os.replace(tmp, path)
 
 
 def train_teacher(name, args, results):
@@ -150,7 +127,7 @@ def train_teacher(name, args, results):
     seconds = time.perf_counter() - start
     bn = dataset(name, "train", False, 250, limit=2000, shuffle=False)
     faqd_tf.recalibrate_batchnorm(model, bn)
-    save_atomically(model, path)
+    save_model(model, path)
     results.add(name, "train_teacher", "ok", history.history["accuracy"][-1],
                 f"{args.epochs} epoch(s) of {args.train_images} images, {steps} steps, "
                 f"{seconds / steps:.2f} s/step (first epoch includes tracing); accuracy = last-epoch training",
@@ -175,7 +152,7 @@ def distill_student(name, teacher, args, results):
     history = distiller.fit(train, epochs=1, steps_per_epoch=args.distill_steps, verbose=2)
     seconds = time.perf_counter() - start
     faqd_tf.recalibrate_batchnorm(student, dataset(name, "train", False, 250, limit=2000, shuffle=False))
-    save_atomically(student, path)
+    save_model(student, path)
     results.add(name, "distill_student", "ok", None,
                 f"label-free KD (kl) {args.distill_steps} steps of {args.batch_size}, final kd "
                 f"{history.history['kd'][-1]:.4g}, {seconds / args.distill_steps:.2f} s/step", seconds)
@@ -238,7 +215,7 @@ def run_network(name, args, results, x_test, y_test):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--csv", default=os.path.join(ROOT, "docs", "trained_applications.csv"))
+    parser.add_argument("--csv", default=os.path.join(_harness.DOCS, "trained_applications.csv"))
     parser.add_argument("--cache", default=os.environ.get("FAQD_BENCH_CACHE", "/work/runs/trained_applications"))
     parser.add_argument("--only", nargs="*", choices=NETWORKS)
     parser.add_argument("--train-images", type=int, default=20000)
