@@ -128,6 +128,13 @@ def run_worker(script, spec, prefix, **kwargs):
     return proc, found
 
 
+def worker_spec(argv=None):
+    """In a script with a worker mode: the spec `run_worker` started this process with (`--worker
+    <JSON>`, `argv` default `sys.argv[1:]`), or None when the script runs as itself."""
+    argv = sys.argv[1:] if argv is None else argv
+    return json.loads(argv[1]) if argv[:1] == ["--worker"] else None
+
+
 def emit(prefix, value):
     """In a worker: prints `value` as one JSON line after `prefix`, for `run_worker` to read."""
     print(prefix + json.dumps(value), flush=True)

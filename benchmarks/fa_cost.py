@@ -32,7 +32,6 @@ and prints a markdown table and the ratios:
 
 import argparse
 import gc
-import json
 import os
 import platform
 import sys
@@ -272,8 +271,10 @@ def ratios(rows):
 
 
 def main():
+    spec = _harness.worker_spec()
+    if spec is not None:  # a child of run_all: one map size
+        return worker(spec)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--inputs", default="real", choices=["real", "random"], help="random: synthetic maps")
     parser.add_argument("--start", default="finetune", choices=["finetune", "end_to_end"], help="the student (real maps)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[7, 14, 28, 56, 112])
@@ -291,9 +292,6 @@ def main():
     parser.add_argument("--md", default=None, help="markdown report")
     parser.add_argument("--from-csv", help="re-plot and re-tabulate an existing CSV without measuring")
     args = parser.parse_args()
-    if args.worker:
-        worker(json.loads(args.worker))
-        return
     if args.from_csv:
         rows = _harness.read_rows(args.from_csv, missing_ok=False)
     else:

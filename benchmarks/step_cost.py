@@ -27,7 +27,6 @@ fraction of samples and of batches, per tap.
 """
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -230,8 +229,10 @@ def report(rows, command):
 
 
 def main():
+    spec = _harness.worker_spec()
+    if spec is not None:  # a child of run: one (pair, start, inputs, variant)
+        return worker(spec)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     p.add_argument("--starts", nargs="+", default=["finetune", "end_to_end"], choices=["finetune", "end_to_end"])
     p.add_argument("--variants", nargs="+", default=["kd", "fa", "ffa", "fa_ref"], choices=list(VARIANTS))
@@ -244,9 +245,6 @@ def main():
     p.add_argument("--md", default=None)
     p.add_argument("--from-csv", default=None, help="report an existing CSV")
     args = p.parse_args()
-    if args.worker:
-        worker(json.loads(args.worker))
-        return
     if args.from_csv:
         rows = _harness.read_rows(args.from_csv, missing_ok=False)
     else:
