@@ -47,7 +47,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 
 from benchmarks.export_sizes import cpu_model  # noqa: E402
-from faqd_tf.training import written_aside  # noqa: E402
+from faqd_tf.atomic import written_aside  # noqa: E402
 
 FMNIST = "idx:/usr/share/datasets/fashion-mnist"
 TEACHER_EPOCHS = 3  # configs/quickstart.json, teacher.train.epochs

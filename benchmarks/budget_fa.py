@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.budget import TEACHER, Cell  # noqa: E402
 from benchmarks.reproduce_report import mean_interval  # noqa: E402
-from faqd_tf.training import written_aside  # noqa: E402
+from faqd_tf.atomic import write_atomically, written_aside  # noqa: E402
 
 FIELDS = ["init", "bits", "arm", "seed", "epochs", "tap", "fa", "kl_t4", "agreement", "accuracy", "accuracy_recal"]
 T = 4.0
@@ -201,8 +201,7 @@ def main(argv=None):
     command = (f"python benchmarks/budget_fa.py --runs {args.runs} --csv {os.path.relpath(args.csv, ROOT)} "
                f"--md {os.path.relpath(args.md, ROOT)}")  # the measuring command, also after --report-only
     text = report(rows, command)
-    with written_aside(args.md) as partial, open(partial, "w") as f:
-        f.write(text)
+    write_atomically(args.md, text)
     print(text)
 
 

@@ -31,7 +31,7 @@ from benchmarks.reproduce_cells import (
     say,
     sweep_row,
 )
-from faqd_tf.training import written_aside
+from faqd_tf.atomic import write_atomically
 
 
 def summarize(cells):
@@ -546,8 +546,7 @@ def report(args):
         parts += ["## Differences behind the paper's claims", "", *claims(stats), "",
                   f"![bar chart]({os.path.basename(png)})", ""]
     os.makedirs(os.path.dirname(os.path.abspath(md)), exist_ok=True)
-    with written_aside(md) as partial, open(partial, "w") as f:
-        f.write("\n".join(parts))
+    write_atomically(md, "\n".join(parts))
     if has_weight:
         plot(stats, png)
     if fa_parts:

@@ -79,6 +79,7 @@ import tensorflow as tf
 
 from faqd_tf import quantizers
 from faqd_tf._version import __version__
+from faqd_tf.atomic import write_atomically
 from faqd_tf.export.common import (
     check_output_path,
     freeze_layer,
@@ -88,7 +89,6 @@ from faqd_tf.export.common import (
     pack_bits,
     quantized_layers,
     rebuild,
-    write_atomically,
 )
 from faqd_tf.inputs import first_line
 from faqd_tf.summary import iter_layers, quantized_kernel_bits
