@@ -23,17 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from faqd_tf import options
-from faqd_tf.losses.pixels import (
-    align,
-    check_maps,
-    difference_and_sum,
-    entry_grad,
-    entry_loss,
-    num_pixels,
-    rows_of_both,
-    through_unit,
-    unwatched,
-)
+from faqd_tf.losses import pixels
 
 # Entries of S_T - S_S per sample held at once by the pairwise evaluation (one row tile, forward
 # or backward): 2^16 float32 = 256 KiB a sample, 16 MiB at batch 64 (a 56x56 map: 157 tiles of 20
@@ -158,7 +148,7 @@ def _tiled_forward(m, p, fa_norm, tile_rows=None, active=None):
     tile_of_d, loops = _tiles(m, p, tile_rows, active)
 
     def forward(i, acc):
-        return i + 1, acc + tf.reduce_sum(entry_loss(tile_of_d(i)[0], fa_norm), axis=[1, 2])
+        return i + 1, acc + tf.reduce_sum(pixels.entry_loss(tile_of_d(i)[0], fa_norm), axis=[1, 2])
 
     return tf.while_loop(
         lambda i, _: i < loops, forward, (tf.constant(0), tf.zeros_like(m[:, 0, 0])),
@@ -178,7 +168,7 @@ def _tiled_backward(m, p, fa_norm, tile_rows=None, active=None):
 
     def backward(i, dm, dp):
         d, m_j, p_j = tile_of_d(i)
-        g = entry_grad(d, fa_norm)
+        g = pixels.entry_grad(d, fa_norm)
         return (i + 1, dm + tf.linalg.matmul(g, p_j, transpose_a=True),
                 dp + tf.linalg.matmul(g, m_j, transpose_a=True))
 
@@ -209,10 +199,10 @@ def _whole_pairwise(m, p, fa_norm):
     """
     z = tf.linalg.matmul(m, p, transpose_b=True)
     d = 0.5 * (z + tf.linalg.matrix_transpose(z))
-    total = tf.reduce_sum(entry_loss(d, fa_norm), axis=[1, 2])
+    total = tf.reduce_sum(pixels.entry_loss(d, fa_norm), axis=[1, 2])
 
     def backward(upstream):
-        g = entry_grad(d, fa_norm) * (2.0 * upstream[:, None, None])
+        g = pixels.entry_grad(d, fa_norm) * (2.0 * upstream[:, None, None])
         return tf.linalg.matmul(g, 0.5 * (p + m)), -tf.linalg.matmul(g, 0.5 * (p - m))
 
     return total, backward
@@ -232,7 +222,7 @@ def _gram_products(m, p):
     first, second = g_mm * g_pp, x * x_t
     total = 0.5 * (tf.reduce_sum(first, axis=[1, 2]) + tf.reduce_sum(second, axis=[1, 2]))
     terms = 0.5 * (tf.reduce_sum(tf.abs(first), axis=[1, 2]) + tf.reduce_sum(tf.abs(second), axis=[1, 2]))
-    error = _FLOAT32_EPS * tf.sqrt(num_pixels(m)) * terms
+    error = _FLOAT32_EPS * tf.sqrt(pixels.num_pixels(m)) * terms
     return (g_mm, g_pp, x, x_t), total, error
 
 
@@ -252,8 +242,8 @@ def gram_error_estimate(teacher_map, student_map):
     >>> bool(np.all(gram_error_estimate(t, s).numpy() < GRAM_RELATIVE_ERROR_LIMIT))
     True
     """
-    teacher_map, student_map = align(*check_maps(teacher_map, student_map))
-    m, p, _, _ = difference_and_sum(*rows_of_both(teacher_map, student_map))
+    teacher_map, student_map = pixels.align(*pixels.check_maps(teacher_map, student_map))
+    m, p, _, _ = pixels.difference_and_sum(*pixels.rows_of_both(teacher_map, student_map))
     _, total, error = _gram_products(m, p)
     return tf.where(total > 0.0, error / tf.maximum(total, 1e-30), tf.where(error > 0.0, np.inf, 0.0))
 
@@ -320,8 +310,8 @@ def _exact_totals(x, y, method, fa_norm, tile_rows):
 
     @tf.custom_gradient
     def totals(x, y):
-        x, y = unwatched(x, y)
-        m, p, sq_x, sq_y = difference_and_sum(x, y)
+        x, y = pixels.unwatched(x, y)
+        m, p, sq_x, sq_y = pixels.difference_and_sum(x, y)
         n = m.shape[1]
         if method == "gram":
             total, backward = _gram(m, p, tile_rows)
@@ -333,7 +323,7 @@ def _exact_totals(x, y, method, fa_norm, tile_rows):
         def grad(upstream):
             grad_a, grad_b = backward(upstream)
             # Two calls, so that the teacher's, which nothing asks for in training, is pruned.
-            return through_unit(x, grad_a, sq_x), through_unit(y, grad_b, sq_y)
+            return pixels.through_unit(x, grad_a, sq_x), pixels.through_unit(y, grad_b, sq_y)
 
         return total, grad
 
@@ -368,13 +358,13 @@ def feature_affinity_per_sample(teacher_map, student_map, method="auto", fa_norm
     options.check_fa_norm(fa_norm)
     options.check_fa_method(method, fa_norm, name="method")
     _check_tile_rows(tile_rows)
-    teacher_map, student_map = check_maps(teacher_map, student_map)
-    teacher_map, student_map = align(teacher_map, student_map)
+    teacher_map, student_map = pixels.check_maps(teacher_map, student_map)
+    teacher_map, student_map = pixels.align(teacher_map, student_map)
     method = _resolve_method(
         method, fa_norm, _static_num_pixels(student_map.shape), teacher_map.shape[-1], student_map.shape[-1]
     )
-    x, y = rows_of_both(teacher_map, student_map)
-    n = num_pixels(x)
+    x, y = pixels.rows_of_both(teacher_map, student_map)
+    n = pixels.num_pixels(x)
     return _exact_totals(x, y, method, fa_norm, tile_rows) / (n * n)
 
 

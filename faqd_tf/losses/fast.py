@@ -11,17 +11,7 @@ import math
 import tensorflow as tf
 
 from faqd_tf import options
-from faqd_tf.losses.pixels import (
-    align,
-    check_maps,
-    difference_and_sum,
-    entry_grad,
-    entry_loss,
-    num_pixels,
-    rows_of_both,
-    through_unit,
-    unwatched,
-)
+from faqd_tf.losses import pixels
 from faqd_tf.losses.seeds import stateless_seed
 
 def fast_feature_affinity_per_sample(teacher_map, student_map, k=15, seed=None, fa_norm="fro2"):
@@ -65,12 +55,12 @@ def fast_feature_affinity_per_sample(teacher_map, student_map, k=15, seed=None, 
     """
     k = options.check_k(k)
     options.check_fa_norm(fa_norm)
-    teacher_map, student_map = check_maps(teacher_map, student_map)
-    teacher_map, student_map = align(teacher_map, student_map)
-    x, y = rows_of_both(teacher_map, student_map)
+    teacher_map, student_map = pixels.check_maps(teacher_map, student_map)
+    teacher_map, student_map = pixels.align(teacher_map, student_map)
+    x, y = pixels.rows_of_both(teacher_map, student_map)
     shape = tf.shape(x)
     z = tf.random.stateless_normal([1, shape[1], k], seed=stateless_seed(seed))  # matmuls broadcast it
-    n = num_pixels(x)
+    n = pixels.num_pixels(x)
     if fa_norm == "l1":
         return math.sqrt(math.pi / 2) * _probed_totals(x, y, z, fa_norm) / (k * n * tf.sqrt(n))
     return _probed_totals(x, y, z, fa_norm) / (k * n * n)
@@ -86,15 +76,15 @@ def _probed_totals(x, y, z, fa_norm):
 
     @tf.custom_gradient
     def totals(x, y):
-        x, y, probes = unwatched(x, y, z)
-        m, p, sq_x, sq_y = difference_and_sum(x, y)
+        x, y, probes = pixels.unwatched(x, y, z)
+        m, p, sq_x, sq_y = pixels.difference_and_sum(x, y)
         pz = tf.linalg.matmul(p, probes, transpose_a=True)  # (batch, C, k)
         mz = tf.linalg.matmul(m, probes, transpose_a=True)
         u = 0.5 * (tf.linalg.matmul(m, pz) + tf.linalg.matmul(p, mz))  # D z, (batch, N, k)
-        total = tf.reduce_sum(entry_loss(u, fa_norm), axis=[1, 2])
+        total = tf.reduce_sum(pixels.entry_loss(u, fa_norm), axis=[1, 2])
 
         def grad(upstream):
-            g = entry_grad(u, fa_norm) * upstream[:, None, None]
+            g = pixels.entry_grad(u, fa_norm) * upstream[:, None, None]
 
             def side(rows, rows_z):  # G (R^T z)^T + z (G^T R) for the unit rows R
                 return (tf.linalg.matmul(g, rows_z, transpose_b=True)
@@ -102,7 +92,7 @@ def _probed_totals(x, y, z, fa_norm):
 
             grad_a = side(0.5 * (p + m), 0.5 * (pz + mz))
             grad_b = -side(0.5 * (p - m), 0.5 * (pz - mz))
-            return through_unit(x, grad_a, sq_x), through_unit(y, grad_b, sq_y)
+            return pixels.through_unit(x, grad_a, sq_x), pixels.through_unit(y, grad_b, sq_y)
 
         return total, grad
 
