@@ -21,6 +21,7 @@ reason this module imports neither TensorFlow nor `faqd_tf` when it loads.
 
 import concurrent.futures
 import csv
+import io
 import json
 import os
 import subprocess
@@ -68,35 +69,22 @@ def write_rows(path, fields, rows):
     """Writes the CSV at `path` anew: a header and `rows` (as `append_rows` takes them), written
     aside and renamed, so the file is the old table or the new one, never half of one. Nothing when
     `path` is empty (an optional output)."""
-    def write(f):
-        writer = csv.DictWriter(f, fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-    _write_aside(path, write, newline="")
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, text.getvalue())
 
 
 def write_text(path, text):
-    """Writes `text` to `path` (a report) aside and renamed, as `write_rows`; nothing when `path` is empty."""
-    _write_aside(path, lambda f: f.write(text))
-
-
-def _write_aside(path, write, **open_args):
+    """Writes `text` to `path` (a report) aside and renamed (`faqd_tf.atomic.write_atomically`);
+    nothing when `path` is empty."""
     if not path:
         return
-    from faqd_tf.training import written_aside
+    from faqd_tf.atomic import write_atomically
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with written_aside(path) as partial, open(partial, "w", **open_args) as f:
-        write(f)
-
-
-def save_model(model, path):
-    """`model.save(path)` through a file beside it, renamed when whole: a kill never leaves a
-    half-written model that a rerun would load as finished."""
-    partial = path.removesuffix(".keras") + ".part.keras"  # Keras wants the suffix
-    model.save(partial)
-    os.replace(partial, path)
+    write_atomically(path, text)
 
 
 # --------------------------------------------------------------------------- child processes

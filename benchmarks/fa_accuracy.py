@@ -60,8 +60,9 @@ def reference(t, s, eps):
 
 def library(losses, tf, t_map, s_map, raw):
     """Per-sample loss and gradient of the library's exact FA (gram without its fallback if `raw`)."""
-    limit = losses.GRAM_RELATIVE_ERROR_LIMIT
-    losses.GRAM_RELATIVE_ERROR_LIMIT = float("inf") if raw else limit
+    exact = losses.affinity  # the module whose limit the gram form reads
+    limit = exact.GRAM_RELATIVE_ERROR_LIMIT
+    exact.GRAM_RELATIVE_ERROR_LIMIT = float("inf") if raw else limit
     try:
         s_map = tf.convert_to_tensor(s_map)
         with tf.GradientTape() as tape:
@@ -70,7 +71,7 @@ def library(losses, tf, t_map, s_map, raw):
             total = tf.reduce_sum(value)
         return value.numpy(), tape.gradient(total, s_map).numpy()
     finally:
-        losses.GRAM_RELATIVE_ERROR_LIMIT = limit
+        exact.GRAM_RELATIVE_ERROR_LIMIT = limit
 
 
 def train(distiller_cls, keras, teacher, student, data, steps, end_to_end):

@@ -23,7 +23,8 @@ import time
 
 if __name__ == "__main__":  # run as a script: this checkout's packages, not an installed copy
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks._harness import FMNIST, ROOT, quickstart_command, save_model  # noqa: E402
+from benchmarks._harness import FMNIST, ROOT, quickstart_command  # noqa: E402
+from faqd_tf.training import save_model  # noqa: E402
 
 PAIRS = ("quickstart", "cifar")
 STARTS = ("finetune", "end_to_end")

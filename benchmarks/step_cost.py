@@ -62,11 +62,12 @@ def worker(spec):
     import numpy as np
     import tensorflow as tf
 
+    import faqd_tf
     from benchmarks import real_pairs
     from faqd_tf import losses
     from faqd_tf.distiller import Distiller
 
-    assert os.path.dirname(os.path.dirname(os.path.abspath(losses.__file__))) == os.path.abspath(spec["library_root"])
+    assert os.path.dirname(os.path.dirname(os.path.abspath(faqd_tf.__file__))) == os.path.abspath(spec["library_root"])
     pair = PAIRS[spec["pair"]]
     teacher, student = real_pairs.pair(spec["pair"], 4, spec["start"], seed=0)
     distiller = Distiller(student, teacher, kd=pair["kd"], temperature=pair["temperature"], seed=0,

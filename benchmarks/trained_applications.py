@@ -32,7 +32,8 @@ import time
 if __name__ == "__main__":  # run as a script: this checkout's packages, not an installed copy
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import _harness  # noqa: E402
-from benchmarks._harness import FMNIST, ROOT, save_model  # noqa: E402
+from benchmarks._harness import FMNIST, ROOT  # noqa: E402
+from faqd_tf.training import save_model  # noqa: E402
 
 NETWORKS = ("conv1d", "MobileNetV2", "EfficientNetB0")
 FIELDS = ("network", "model", "status", "accuracy", "detail", "seconds", "command", "machine")

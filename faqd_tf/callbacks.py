@@ -15,8 +15,8 @@ import keras
 import numpy as np
 
 from faqd_tf import compat
+from faqd_tf.atomic import PARTIAL, write_synced, written_aside
 from faqd_tf.summary import iter_layers
-from faqd_tf.training import PARTIAL, written_aside
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -265,8 +265,8 @@ class SharedBackupAndRestore(compat.BackupAndRestore):
                 if rotate:
                     _link_or_copy(weights, aside[prev_weights])
                     _link_or_copy(meta, aside[prev_meta])
-                _write_file(aside[weights], data)
-                _write_file(aside[meta], json.dumps(record).encode())
+                write_synced(aside[weights], data)
+                write_synced(aside[meta], json.dumps(record).encode())
         except OSError as err:
             failure = BackupWriteError(self._failure(err))
             failure.errno = err.errno  # the CLI tells a full disk from other failures by it
@@ -284,13 +284,6 @@ class SharedBackupAndRestore(compat.BackupAndRestore):
     def on_train_end(self, logs=None):
         if self.writer:
             super().on_train_end(logs)
-
-
-def _write_file(path, data):
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())  # on the disk before it is renamed into place (a power cut)
 
 
 def _link_or_copy(source, target):

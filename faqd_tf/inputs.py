@@ -119,7 +119,8 @@ def inflation_limit(compressed_bytes: int, cap: int = 2**40) -> int:
 
 
 def inflate(data: bytes, limit: int, what: str) -> bytes:
-    """`zlib.decompress(data)`, refusing output beyond `limit` bytes without producing it."""
+    """`zlib.decompress(data)`, refusing output beyond `limit` bytes without producing it, and
+    anything after the compressed stream."""
     inflater = zlib.decompressobj()
     try:
         out = inflater.decompress(data, limit + 1)
@@ -129,6 +130,8 @@ def inflate(data: bytes, limit: int, what: str) -> bytes:
         raise ValueError(f"{what} inflates to more than {limit:,} bytes, more than it can hold; is it the right file?")
     if not inflater.eof:
         raise ValueError(f"{what} is truncated: its compressed data ends early; is it the right file?")
+    if inflater.unused_data:
+        raise ValueError(f"{what} has data after its compressed stream; is it the right file?")
     return out
 
 

@@ -30,7 +30,7 @@ MODULES = (
     "faqd_tf.quantizers",
     "faqd_tf.layers",
     "faqd_tf.models",
-    "faqd_tf.losses",
+    "faqd_tf.losses.wrappers",
     "faqd_tf.distiller",
     "faqd_tf.keras_distillation",
 )

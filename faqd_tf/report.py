@@ -4,8 +4,8 @@ import csv
 import json
 import os
 
+from faqd_tf.atomic import write_atomically
 from faqd_tf.runner import ACTIVATION_STEP, TEACHER
-from faqd_tf.training import written_aside
 
 # The CSV history of each stage, in the order the stages run, with the curve's label.
 HISTORIES = ((TEACHER, f"{TEACHER}_history.csv"), ("activation step", f"{ACTIVATION_STEP}_history.csv"),
@@ -13,9 +13,8 @@ HISTORIES = ((TEACHER, f"{TEACHER}_history.csv"), ("activation step", f"{ACTIVAT
 
 
 def write_json(path: str, value: object) -> None:
-    """Writes `value` as JSON to `path` through a renamed temporary file (never half a file)."""
-    with written_aside(path) as partial, open(partial, "w") as f:
-        json.dump(value, f, indent=2)
+    """Writes `value` as JSON to `path`, whole or not at all (`faqd_tf.atomic.write_atomically`)."""
+    write_atomically(path, json.dumps(value, indent=2))
 
 
 def _kib(bits):

@@ -1,19 +1,14 @@
 """Training pieces shared by the CLI, the benchmarks and user code: the optimizer of a config, a
 model save that neither a kill nor a full disk leaves half-written."""
 
-import contextlib
-import os
-import stat
 import sys
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
+
+from faqd_tf.atomic import PARTIAL, written_aside
 
 if TYPE_CHECKING:
     import keras
     import tensorflow as tf
-
-PARTIAL = ".partial"
-"""The suffix of a file being written aside (`written_aside`): never a whole file; a run removes what a kill left."""
 
 
 def make_optimizer(train: dict, steps_per_epoch: int) -> "keras.optimizers.Optimizer":
@@ -85,52 +80,10 @@ def evaluate_classifier(model: "keras.Model", data: "tf.data.Dataset | tuple", *
     return model.evaluate(data, return_dict=True, **kwargs)
 
 
-@contextlib.contextmanager
-def written_aside(path: str, partial: str | None = None) -> Iterator[str]:
-    """Yields a file name next to `path` (default `path + PARTIAL`) to write; when the block ends
-    it is renamed to `path`, when the block fails (a full disk, an interrupt) the file the block
-    wrote there is removed. So `path` is never half a file, and a failed write leaves nothing behind.
-
-    >>> import tempfile
-    >>> path = os.path.join(tempfile.mkdtemp(), "notes.txt")
-    >>> with written_aside(path) as partial, open(partial, "w") as f:
-    ...     _ = f.write("whole")
-    >>> open(path).read(), os.listdir(os.path.dirname(path))
-    ('whole', ['notes.txt'])
-    """
-    partial = partial or path + PARTIAL
-    before = _identity(partial)
-    try:
-        yield partial
-        os.replace(partial, path)
-    except BaseException as err:
-        # Only a regular file the block created or changed is removed: never a folder in the way,
-        # nor a file the block failed to open.
-        now = _identity(partial)
-        if now is not None and now[0] and now != before:
-            with contextlib.suppress(OSError):
-                os.remove(partial)
-        if isinstance(err, OSError) and err.filename is None:
-            err.filename = path  # some writers (Keras's zip of a .keras file) name no file
-        raise
-    # A rename onto a hard link of the same file does nothing and leaves `partial` (POSIX rename).
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(partial)
-
-
-def _identity(path: str) -> tuple | None:
-    """(is a regular file, inode, size, modification time) of `path`, or None if nothing is there."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return stat.S_ISREG(st.st_mode), st.st_ino, st.st_size, st.st_mtime_ns
-
-
 def save_model(model: "keras.Model", path: str) -> None:
     """`model.save(path)` that never leaves half a file at `path`: written next to it, then renamed.
 
-    >>> import tempfile
+    >>> import os, tempfile
     >>> path = os.path.join(tempfile.mkdtemp(), "m.keras")
     >>> save_model(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]), path)
     >>> sorted(os.listdir(os.path.dirname(path)))

@@ -29,6 +29,8 @@ def test_inflate_round_trip_and_its_limit(rng):
         inputs.inflate(packed[:-20], len(raw), "m")
     with pytest.raises(ValueError, match="not valid compressed data"):
         inputs.inflate(b"not zlib at all", 100, "m")
+    with pytest.raises(ValueError, match="has data after its compressed stream"):
+        inputs.inflate(packed + b"x", len(raw), "m")
 
 
 def test_a_bomb_is_refused_without_inflating_it():

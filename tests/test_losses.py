@@ -1,9 +1,11 @@
 """Losses against independent float64 NumPy references of the paper's formulas."""
 
 import doctest
+import importlib
 import json
 import math
 import os
+import pkgutil
 import subprocess
 import sys
 
@@ -13,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 from faqd_tf import losses
+from faqd_tf.losses import affinity, pixels
 from faqd_tf.losses import (
     FastFeatureAffinity,
     FeatureAffinity,
@@ -182,8 +185,8 @@ def test_gram_falls_back_to_pairwise_where_its_terms_cancel(rng):
     want = np_fa_per_sample(t, s)
     assert rel_err(feature_affinity(t, s, method="gram"), np.mean(want)) <= 10 * RTOL
     assert np.all(losses.gram_error_estimate(t, s).numpy() > losses.GRAM_RELATIVE_ERROR_LIMIT)
-    x, y = losses._rows_of_both(tf.constant(t), tf.constant(s))
-    _, raw, _ = losses._gram_products(*losses._difference_and_sum_forward(x, y)[:2])
+    x, y = pixels.rows_of_both(tf.constant(t), tf.constant(s))
+    _, raw, _ = affinity._gram_products(*pixels.difference_and_sum(x, y)[:2])
     assert rel_err(raw.numpy() / 1024**2, want) > 100 * RTOL
 
 
@@ -660,6 +663,7 @@ def test_wrapper_sample_weight_uses_per_sample_values(rng):
     assert float(got) == pytest.approx(float(np.sum(w * np_fa_per_sample(t, s)) / 4), rel=RTOL)
 
 
-def test_docstring_examples_run():
-    failures, tried = doctest.testmod(losses, verbose=False)
+@pytest.mark.parametrize("module", ["", *(m.name for m in pkgutil.iter_modules(losses.__path__))])
+def test_docstring_examples_run(module):
+    failures, tried = doctest.testmod(importlib.import_module(f"faqd_tf.losses{module and '.' + module}"), verbose=False)
     assert tried > 0 and failures == 0

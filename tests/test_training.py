@@ -79,51 +79,6 @@ def test_save_model_is_atomic(tmp_path, rng, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["m.keras"]
 
 
-def test_written_aside_removes_only_what_the_block_wrote(tmp_path, rng):
-    path = str(tmp_path / "data.bin")
-    payload = rng.bytes(int(rng.integers(1, 4096)))
-
-    # A stale partial left by a kill is overwritten; the block fails: nothing is left.
-    open(path + training.PARTIAL, "wb").write(b"left by a kill")
-    with pytest.raises(OSError, match="No space"):
-        with training.written_aside(path) as partial, open(partial, "wb") as f:
-            f.write(payload)
-            raise OSError(28, "No space left on device")
-    assert os.listdir(tmp_path) == []
-
-    # A folder in the partial's place, and a file the block never opened, are kept.
-    os.mkdir(path + training.PARTIAL)
-    with pytest.raises(IsADirectoryError) as info:
-        with training.written_aside(path) as partial, open(partial, "wb") as f:
-            f.write(payload)
-    assert info.value.filename == path + training.PARTIAL
-    assert os.listdir(tmp_path) == ["data.bin" + training.PARTIAL]
-    os.rmdir(path + training.PARTIAL)
-    open(path + training.PARTIAL, "wb").write(payload)
-    with pytest.raises(KeyboardInterrupt):
-        with training.written_aside(path):
-            raise KeyboardInterrupt
-    assert open(path + training.PARTIAL, "rb").read() == payload
-
-    # The rename fails (a full disk, say): the file written aside is removed too.
-    os.remove(path + training.PARTIAL)
-
-    def full_disk(src, dst):
-        raise OSError(28, "No space left on device")
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(os, "replace", full_disk)
-        with pytest.raises(OSError, match="No space"):
-            with training.written_aside(path) as partial, open(partial, "wb") as f:
-                f.write(payload)
-    assert os.listdir(tmp_path) == []
-
-    # A whole block: the file at `path`, nothing beside it.
-    with training.written_aside(path) as partial, open(partial, "wb") as f:
-        f.write(payload[::-1])
-    assert open(path, "rb").read() == payload[::-1] and os.listdir(tmp_path) == ["data.bin"]
-
-
 def test_progress_is_a_bar_in_a_terminal_and_a_line_per_epoch_elsewhere(tmp_path):
     class Terminal(io.StringIO):
         def isatty(self):

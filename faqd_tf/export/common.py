@@ -1,6 +1,7 @@
 """The pieces the export formats share: the quantized layers of a model and their integer codes,
-rebuilding a model from its Keras config, checking and atomically writing an output file, and the
-LSB-first bit packing that the packed format, TFLite INT4 and ONNX INT4/INT2 tensors all use.
+rebuilding a model from its Keras config, checking an output path, and the LSB-first bit packing
+that the packed format, TFLite INT4 and ONNX INT4/INT2 tensors all use. The files are written with
+`faqd_tf.atomic.write_atomically`.
 
 Example:
 
@@ -23,7 +24,6 @@ import numpy as np
 from faqd_tf.inputs import first_line
 from faqd_tf.quantizers import FrozenQuantizer
 from faqd_tf.summary import iter_layers, quantized_kernel_bits
-from faqd_tf.training import written_aside
 
 __all__ = [
     "check_output_path",
@@ -35,7 +35,6 @@ __all__ = [
     "pack_bits",
     "quantized_layers",
     "rebuild",
-    "write_atomically",
 ]
 
 
@@ -106,17 +105,6 @@ def check_output_path(path):
         raise ValueError(f"Output path {path}: its folder {folder} {what}; create the folder first.")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"Output path {path}: the folder {folder} is not writable.")
-
-
-def write_atomically(path, chunks):
-    """Writes `chunks` (bytes) to `path` through a file beside it, renamed when complete
-    (`training.written_aside`): a failure at any point (a full disk, a folder in the way) leaves no
-    partial file. Returns the number of bytes written."""
-    path = os.fspath(path)
-    with written_aside(path) as partial, open(partial, "wb") as f:
-        for chunk in chunks:
-            f.write(chunk)
-    return sum(len(chunk) for chunk in chunks)
 
 
 def pack_bits(u, bits):

@@ -62,7 +62,8 @@ import numpy as np
 from keras.src.ops import numpy as keras_numpy
 
 from faqd_tf._version import __version__
-from faqd_tf.export.common import check_output_path, layer_codes, pack_bits, write_atomically
+from faqd_tf.atomic import write_atomically
+from faqd_tf.export.common import check_output_path, layer_codes, pack_bits
 from faqd_tf.layers import QuantConv1D, QuantConv2D, QuantConv2DTranspose, QuantDense, QuantDepthwiseConv2D, QuantReLU
 from faqd_tf.models.resnet_cifar import ChannelPad
 from faqd_tf.summary import quantized_kernel_bits

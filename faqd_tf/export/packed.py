@@ -79,6 +79,7 @@ import tensorflow as tf
 
 from faqd_tf import quantizers
 from faqd_tf._version import __version__
+from faqd_tf.atomic import write_atomically
 from faqd_tf.export.common import (
     check_output_path,
     freeze_layer,
@@ -88,9 +89,8 @@ from faqd_tf.export.common import (
     pack_bits,
     quantized_layers,
     rebuild,
-    write_atomically,
 )
-from faqd_tf.inputs import first_line
+from faqd_tf.inputs import first_line, inflate
 from faqd_tf.summary import iter_layers, quantized_kernel_bits
 
 __all__ = ["FORMAT_VERSION", "HEADER_SIZE", "MAGIC", "pack", "read_manifest", "unpack"]
@@ -206,23 +206,6 @@ def pack(model, path):
     return write_atomically(path, [header, manifest_bytes, payload])
 
 
-def _inflate(data, name):
-    """The zlib-compressed manifest, inflated to at most MAX_MANIFEST_BYTES."""
-    inflater = zlib.decompressobj()
-    try:
-        text = inflater.decompress(data, MAX_MANIFEST_BYTES)
-    except zlib.error as err:
-        raise ValueError(f"{name}: unreadable manifest ({err}).") from err
-    if inflater.unconsumed_tail:
-        raise ValueError(
-            f"{name}: corrupted packed file: the manifest inflates to more than {MAX_MANIFEST_BYTES:,} bytes "
-            "(the limit for a model config)."
-        )
-    if not inflater.eof or inflater.unused_data:
-        raise ValueError(f"{name}: unreadable manifest (incomplete or trailing zlib data).")
-    return text
-
-
 def _read(path):
     """Validated (manifest dict, payload bytes) of a packed file; ValueError on any damage."""
     name = str(path)
@@ -258,7 +241,8 @@ def _read(path):
     if hashlib.sha256(body).digest() != digest:
         raise ValueError(f"{name}: corrupted packed file: SHA-256 checksum mismatch.")
     try:
-        manifest = json.loads(_inflate(body[:manifest_len], name).decode("utf-8"))
+        text = inflate(body[:manifest_len], MAX_MANIFEST_BYTES, f"{name}: the manifest")
+        manifest = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ValueError(f"{name}: unreadable manifest ({type(err).__name__}: {first_line(err, 300)}).") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:

@@ -69,7 +69,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from faqd_tf.export.common import check_output_path, is_count, layer_codes, pack_bits, quantized_layers, write_atomically
+from faqd_tf.atomic import write_atomically
+from faqd_tf.export.common import check_output_path, is_count, layer_codes, pack_bits, quantized_layers
 from faqd_tf.export.frozen import freeze
 from faqd_tf.inputs import first_line
 from faqd_tf.layers import QuantReLU
