@@ -565,8 +565,7 @@ def feature_affinity_per_sample(teacher_map, student_map, method="auto", fa_norm
     >>> feature_affinity_per_sample(t, s).shape
     TensorShape([4])
     """
-    options.check_fa_norm(fa_norm)
-    options.check_fa_method(method, fa_norm, name="method")
+    options.check_fa_method(method, fa_norm, name="method")  # and fa_norm
     _check_tile_rows(tile_rows)
     teacher_map, student_map = _check_maps(teacher_map, student_map)
     teacher_map, student_map = _align(teacher_map, student_map)
