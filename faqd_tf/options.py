@@ -306,11 +306,6 @@ def check_temperature(temperature: float, name: str = "temperature") -> float:
     return float(_check("temperature", temperature, name))
 
 
-def check_weight(weight: float, name: str) -> float:
-    """A loss weight (alpha, beta, gamma) as `DistillOptions` allows, as a float."""
-    return float(_check("alpha", weight, name))
-
-
 def check_k(k: int, name: str = "k") -> int:
     """The number of FFA probes, as `DistillOptions.ffa_k` allows."""
     return int(_check("ffa_k", k, name))

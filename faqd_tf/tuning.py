@@ -223,8 +223,9 @@ class FAQDHyperModel(keras_tuner.HyperModel):
 
     @property
     def fixed_kwargs(self) -> dict:
-        """The `Distiller` arguments that no hyperparameter sets."""
-        return {**{name: getattr(self.options, name) for name in FIXED if name != "seed"}, "seed": self.seed}
+        """The `Distiller` arguments that no hyperparameter sets (`fa_norm` may be searched)."""
+        return {**{name: getattr(self.options, name) for name in FIXED if name not in ("fa_norm", "seed")},
+                "seed": self.seed}
 
     @classmethod
     def from_config(cls, teacher: keras.Model, distill: dict, student_fn, optimizer_fn=None, **kwargs):
