@@ -34,6 +34,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from faqd_tf.fields import is_integer
+
 __all__ = ["recalibrate_batchnorm"]
 
 
@@ -203,9 +205,9 @@ def recalibrate_batchnorm(model: keras.Model, images, batch_size: int = 256, sam
     """
     if not isinstance(model, keras.Model):
         raise ValueError(f"recalibrate_batchnorm needs a Keras model, got {type(model).__name__}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_integer(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
-    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+    if samples is not None and (not is_integer(samples) or samples < 1):
         raise ValueError(f"samples={samples!r} must be a positive integer or None (all images).")
     layers = _batchnorm_layers(model)
     if not layers:

@@ -23,7 +23,9 @@ from collections.abc import Sequence
 
 from faqd_tf import config as config_module
 from faqd_tf import inputs
-from faqd_tf.runner import STAGES, Run, StageFailed, UsageError
+from faqd_tf.names import EVALUATE, EXPORTS, STAGES, UsageError
+from faqd_tf.options import TuneOptions
+from faqd_tf.runner import Run, StageFailed
 
 # The longest line an error may print; longer values in it are shortened first (never its reason).
 MAX_LINE = 300
@@ -53,10 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace finished outputs")
     parser.add_argument("--tune", action="store_true", help="search alpha, beta, gamma, temperature with keras-tuner")
     parser.add_argument("--trials", type=int, default=None, help="number of tuning trials (default: tune.trials)")
-    # The kinds of faqd_tf.export.KINDS, listed here: parsing imports no TensorFlow (the preflight
-    # checks each kind against faqd_tf.export).
-    parser.add_argument("--export", choices=["packed", "tflite", "tflite-int8", "tflite-int4", "tflite-full", "onnx"],
-                        action="append", default=[],
+    parser.add_argument("--export", choices=list(EXPORTS), action="append", default=[],
                         help="also export the student after evaluation (repeatable)")
     return parser
 
@@ -104,8 +103,9 @@ def run(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:
     cfg = config_module.load(args.config, args.set)
     if args.tune and cfg["strategy"] == "multi_worker":
         raise UsageError('--tune runs its trials in one process; set strategy to "default" or "mirrored" for tuning.')
-    if args.trials is not None and not 1 <= args.trials <= 100_000:
-        raise UsageError(f"--trials={args.trials} must be >= 1 and <= 100000.")
+    trials = TuneOptions.specs()["trials"]
+    if args.trials is not None and not trials.accepts(args.trials):
+        raise UsageError(f"--trials={args.trials} must be >= {trials.low} and <= {trials.high}.")
     import_tensorflow_quietly()
     from faqd_tf import compat
 
@@ -145,7 +145,7 @@ def _stage_failure(failure):
     import tensorflow as tf
 
     error = failure.error
-    if failure.stage == "evaluate":  # no epochs to resume: the trained models are kept
+    if failure.stage == EVALUATE:  # no epochs to resume: the trained models are kept
         again = "run the same command again"
     else:
         again = "run the same command to resume from the last finished epoch"

@@ -2,7 +2,9 @@
 
 A config names the data, the teacher, the student, the FAQD loss, the training schedule and
 where the outputs go. Every key has a default but `dataset.source`; unknown keys, wrong types
-and out-of-range values raise `ConfigError` naming the key and what is allowed.
+and out-of-range values raise `ConfigError` naming the key and what is allowed. The keys, their
+defaults, ranges and docs are the fields of `faqd_tf.options.RunOptions` (docs/config.md lists
+them: `markdown()`).
 
 >>> config = resolve({"dataset": {"source": "idx:/data/fmnist"}, "student": {"weight_bits": 2}})
 >>> config["student"]["weight_bits"], config["distill"]["fa_norm"], config["distill"]["beta"]
@@ -14,214 +16,54 @@ faqd_tf.config.ConfigError: config: unknown key 'train.epoch'; keys of 'train' a
 """
 
 import copy
+import dataclasses
 import json
-import math
 import os
 
-from faqd_tf import inputs, options
-from faqd_tf.options import AUGMENTATIONS, SUPPORTED_BITS
+from faqd_tf import fields, inputs
+from faqd_tf.fields import OptionError
+from faqd_tf.options import RunOptions
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message is one line naming the key."""
 
 
-REQUIRED = object()
+SCHEMA = fields.schema(RunOptions)
+"""The config's keys: a `faqd_tf.fields.Spec` each, a section's as a dict of its own."""
+
+_SECTIONS = {name: spec.record for name, spec in RunOptions.specs().items() if spec.kind == "record"}
 
 
-class Field:
-    """One config value: its default, an allowed-values check, and how to describe it."""
-
-    def __init__(self, default, check, allowed):
-        self.default, self.check, self.allowed = default, check, allowed
-
-
-def _is_num(v):
-    # Finite: JSON's Infinity, NaN and 1e999 (inf) are no learning rate or weight.
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def string(default=REQUIRED, nullable=False, nonempty=False):
-    def check(v):
-        return (nullable and v is None) or (isinstance(v, str) and not (nonempty and not v.strip()))
-
-    return Field(default, check, ("a non-empty string" if nonempty else "a string") + (" or null" if nullable else ""))
-
-
-def choice(default, options):
-    return Field(default, lambda v: v in options, "one of " + ", ".join(json.dumps(o) for o in options))
-
-
-def integer(default, low, high, nullable=False):
-    def check(v):
-        return (nullable and v is None) or (options.is_integer(v) and low <= v <= high)
-
-    return Field(default, check, f"an integer >= {low} and <= {high}" + (" or null" if nullable else ""))
-
-
-def number(default, low=0.0, high=None, strict=False):
-    """A finite number >= `low` (> `low` if `strict`) and <= `high` when given."""
-
-    def check(v):
-        if not _is_num(v):
-            return False
-        return (v > low if strict else v >= low) and (high is None or v <= high)
-
-    bound = f"> {low}" if strict else f">= {low}"
-    return Field(default, check, f"a number {bound}" + (f" and <= {high}" if high is not None else ""))
-
-
-def optional_number(low, high, strict=False, null="null", note=""):
-    """null (`null` says what it stands for) or a number as `number(low, high, strict)` allows."""
-    allowed = number(None, low, high, strict).check
-    show = lambda x: f"{x:g}".replace("e+0", "e")  # 0, 1e6: as a user writes them
-    return Field(None, lambda v: v is None or allowed(v),
-                 f"{null} or a number {'>' if strict else '>='} {show(low)} and <= {show(high)}{note}")
-
-
-def boolean(default):
-    return Field(default, lambda v: isinstance(v, bool), "true or false")
-
-
-def names(default=None):
-    return Field(
-        default,
-        lambda v: v is None or (isinstance(v, list) and all(isinstance(n, str) for n in v)),
-        "null or a list of layer names",
-    )
-
-
-BITS = choice(None, [None, *SUPPORTED_BITS])
-
-LAYER_BITS = Field(
-    None,
-    lambda v: v is None or (isinstance(v, dict) and all(isinstance(k, str) and k and BITS.check(b) for k, b in v.items())),
-    'null or {"layer name or regex": 1, 2, 4, 8 or null, ...}',
-)
-
-
-def bits(default):
-    return Field(default, BITS.check, "one of 1, 2, 4, 8 or null (full precision)")
-
-
-# Sane ceilings: beyond them a value is a typo, and would fail deep inside training instead.
-MAX_EPOCHS = 100_000
-MAX_STEPS = 10**9
-MAX_EXAMPLES = 2**31 - 1
-MAX_RECALIBRATION = 100_000
-
-
-def _train_schema(epochs, lr):
-    return {
-        "epochs": integer(epochs, 1, MAX_EPOCHS),
-        "batch_size": integer(128, 1, 2**16),
-        "optimizer": choice("sgd", ["sgd", "adam"]),
-        "lr": number(lr, strict=True, high=10.0),
-        "momentum": number(0.9, high=1.0),
-        "nesterov": boolean(True),
-        "schedule": choice("cosine", ["cosine", "constant"]),
-        "warmup_epochs": integer(0, 0, MAX_EPOCHS),
-        "weight_decay": number(1e-4, high=1.0),
-        # The authors' full-quantization script clips the global gradient norm (at 20 for their
-        # batch-summed losses); null: no clipping.
-        "global_clipnorm": optional_number(0, 1e6, strict=True),
-        "steps_per_epoch": integer(None, 1, MAX_STEPS, nullable=True),
-    }
-
-
-SCHEMA = {
-    "dataset": {
-        "source": string(),
-        "data_dir": string(None, nullable=True),
-        "labels": boolean(False),
-        # Scored after every epoch of the training stages; null: none (the evaluate stage scores the test split).
-        "validation_split": choice("test", ["test", "validation", None]),
-        "limit": integer(None, 1, MAX_EXAMPLES, nullable=True),
-        "eval_limit": integer(None, 1, MAX_EXAMPLES, nullable=True),
-        "augment": choice(None, [None, True, False, *AUGMENTATIONS]),
-        "image_size": Field(
-            None,
-            lambda v: v is None or (isinstance(v, list) and len(v) == 2 and all(options.is_integer(n) and 0 < n <= 4096 for n in v)),
-            "null or [height, width] of 1 to 4096 pixels each",
-        ),
-    },
-    "teacher": {
-        "arch": string("resnet20", nullable=True),
-        "file": string(None, nullable=True),
-        "train": _train_schema(200, 0.1),
-    },
-    "student": {
-        "arch": string(None, nullable=True),
-        "file": string(None, nullable=True),
-        "init": choice("teacher", ["teacher", "file", "scratch"]),
-        "weight_bits": bits(4),
-        "activation_bits": bits(None),
-        "per_channel": boolean(False),
-        # Per-layer weight widths over weight_bits (faqd_tf.quantize_model's layer_bits), e.g. {"stem_conv": 8}.
-        "layer_bits": LAYER_BITS,
-        "relax": optional_number(0, 1e6, strict=True, note=" (initial BinaryRelax lambda)"),
-        "relax_eta": number(1.02, low=1.0, high=10.0, strict=True),
-        "two_step": boolean(True),
-        "alpha_rate": number(0.01, strict=True),
-        # After distilling, re-estimate the student's BatchNormalization statistics on this many
-        # unlabeled training images (faqd_tf.recalibrate_batchnorm): at 2 bits the moving averages
-        # of the last epochs lag the weights by up to 1.7 points. null: keep them. The images are
-        # held in memory, hence the ceiling.
-        "recalibrate_bn": integer(None, 1, MAX_RECALIBRATION, nullable=True),
-    },
-    "distill": {
-        "alpha": number(1.0, high=1e6),
-        # null: the measured default of fa_norm (faqd_tf.options.DEFAULT_BETA).
-        "beta": optional_number(0, 1e6, null="null (the default of distill.fa_norm)"),
-        "gamma": number(0.0, high=1e6),
-        "kd": choice("mse", list(options.KD)),
-        # logits / T overflows float32 for tiny T; T^2 scales the KL down to nothing.
-        "temperature": number(1.0, low=0.05, high=100.0),
-        "fa": choice("exact", [*options.FA, None]),
-        "fa_norm": choice("fro2", list(options.FA_NORMS)),
-        "ffa_k": integer(15, 1, 4096),
-        "fa_method": choice("auto", list(options.FA_METHODS)),
-        "teacher_layers": names(),
-        "student_layers": names(),
-    },
-    "train": _train_schema(200, 0.01),
-    "tune": {
-        "trials": integer(10, 1, 100_000),
-        "epochs": integer(1, 1, MAX_EPOCHS),
-        "tuner": choice("random", ["random", "bayesian", "hyperband"]),
-        "tune_fa": boolean(True),
-    },
-    "strategy": choice("default", ["default", "mirrored", "multi_worker"]),
-    "output_dir": string("saved_models/run", nonempty=True),
-    "seed": integer(0, 0, 2**32 - 1),
-}
-
-
-def _resolve(schema, given, prefix):
+def _build(record, given, prefix):
+    """The `record` of the config section `given` (at key `prefix`), its subsections built first."""
     if not isinstance(given, dict):
         where = f"'{prefix}'" if prefix else "the config"
         raise ConfigError(f"config: {where} must be a JSON object, got {inputs.describe(given)}.")
-    unknown = sorted(set(given) - set(schema))
+    specs = record.specs()
+    unknown = sorted(set(given) - set(specs))
     if unknown:
         key = inputs.shorten(f"{prefix}.{unknown[0]}" if prefix else unknown[0])
         where = f"'{prefix}'" if prefix else "the top level"
-        raise ConfigError(f"config: unknown key '{key}'; keys of {where} are: {', '.join(sorted(schema))}")
-    out = {}
-    for name, spec in schema.items():
+        raise ConfigError(f"config: unknown key '{key}'; keys of {where} are: {', '.join(sorted(specs))}")
+    values = {}
+    for name, spec in specs.items():
         key = f"{prefix}.{name}" if prefix else name
-        if isinstance(spec, dict):
-            out[name] = _resolve(spec, given.get(name, {}), key)
-            continue
-        if name not in given:
-            if spec.default is REQUIRED:
-                raise ConfigError(f"config: '{key}' is required ({spec.allowed}).")
-            out[name] = copy.deepcopy(spec.default)
-            continue
-        value = given[name]
-        if not spec.check(value):
-            raise ConfigError(f"config: {key}={inputs.describe(value)} is not valid; use {spec.allowed}.")
-        out[name] = value
-    return out
+        if spec.kind == "record":
+            values[name] = _build(spec.record, given.get(name, {}), key)
+        elif name in given:
+            values[name] = given[name]
+        elif spec.required:
+            raise ConfigError(f"config: '{key}' is required ({spec.allowed('json', prefix)}).")
+    try:
+        return record(**values)
+    except OptionError as err:
+        raise ConfigError(err.for_config(prefix)) from None
+
+
+def _plain(options):
+    # A JSON-ready copy: the resolved config is written to config.json as it is.
+    return copy.deepcopy(dataclasses.asdict(options))
 
 
 def resolve_section(section: str, given: dict) -> dict:
@@ -230,31 +72,30 @@ def resolve_section(section: str, given: dict) -> dict:
     >>> resolve_section("train", {"epochs": 3})["lr"]
     0.01
     """
-    if section not in SCHEMA or not isinstance(SCHEMA[section], dict):
-        sections = ", ".join(k for k, v in SCHEMA.items() if isinstance(v, dict))
-        raise ConfigError(f"config: no section '{section}'; sections are: {sections}")
-    return _resolve(SCHEMA[section], given, section)
+    if section not in _SECTIONS:
+        raise ConfigError(f"config: no section '{section}'; sections are: {', '.join(_SECTIONS)}")
+    return _plain(_build(_SECTIONS[section], given, section))
 
 
 def resolve(config: dict) -> dict:
     """The complete config: `config` (a dict) checked and filled in with defaults."""
-    out = _resolve(SCHEMA, config, "")
-    student, teacher = out["student"], out["teacher"]
-    if student["init"] == "file" and not student["file"]:
-        raise ConfigError("config: student.init='file' needs student.file, the FP model to quantize.")
-    if teacher["arch"] is None and teacher["file"] is None:
-        raise ConfigError("config: give teacher.arch (to train a teacher) or teacher.file (a trained .keras model).")
-    distill = out["distill"]
-    if distill["fa_method"] == "gram" and distill["fa_norm"] != "fro2":
-        raise ConfigError(
-            f"config: distill.fa_method=\"gram\" evaluates fa_norm \"fro2\" only; set distill.fa_method to "
-            f"\"auto\" or \"pairwise\" for fa_norm {json.dumps(distill['fa_norm'])}."
-        )
-    if out["distill"]["gamma"] > 0 and not out["dataset"]["labels"]:
-        raise ConfigError(
-            "config: distill.gamma > 0 needs labels; set dataset.labels to true or distill.gamma to 0 (label-free)."
-        )
-    return out
+    return _plain(_build(RunOptions, config, ""))
+
+
+def markdown() -> str:
+    """docs/config.md: every key of the config, its default, what it allows and what it does."""
+    rows = fields.markdown(RunOptions)
+    return "\n".join([
+        "# Config keys",
+        "",
+        "Generated from the option records of `faqd_tf/options.py` by `faqd_tf.config.markdown()`;",
+        "tests/test_config.py checks that it is current. A key left out takes its default.",
+        "",
+        "| key | default | allowed | meaning |",
+        "| --- | --- | --- | --- |",
+        *rows,
+        "",
+    ])
 
 
 def _parse_override(item):

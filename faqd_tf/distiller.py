@@ -18,8 +18,10 @@ of the gradient it has in the authors' code; `gradient_norms` shows each term's 
 >>> teacher = resnet_cifar(20)
 >>> student = quantize_model(teacher, weight_bits=4)
 >>> distiller = Distiller(student, teacher, alpha=1.0, kd="mse", fa="exact", fa_norm="fro2")
->>> distiller.beta == options.DEFAULT_BETA["fro2"]
-True
+>>> distiller.beta  # unset: the measured default of fro2
+30.0
+>>> Distiller(student, teacher, DistillOptions(kd="kl", temperature=4.0)).terms
+[KDTerm(1.0*KD(kl)), FATerm(30.0*FA(exact, fro2))]
 >>> distiller.compile(keras.optimizers.SGD(0.01, momentum=0.9, nesterov=True))
 >>> images = np.random.rand(8, 32, 32, 3).astype("float32")
 >>> history = distiller.fit(images, batch_size=4, epochs=1, verbose=0)
@@ -27,12 +29,17 @@ True
 ['fa', 'kd', 'loss']
 """
 
+import dataclasses
+
 import keras
 import numpy as np
 import tensorflow as tf
 
-from faqd_tf import compat, options, terms, training
+from faqd_tf import compat, terms, training
 from faqd_tf.features import feature_layers, paired_extractors
+from faqd_tf.options import DistillOptions, check_seed, fresh_seed
+
+_OPTIONS = tuple(DistillOptions.specs())
 
 
 @keras.saving.register_keras_serializable(package="faqd_tf")
@@ -42,21 +49,25 @@ class Distiller(keras.Model):
     Args:
         student: the Keras model to train (often `quantize_model(teacher)`); outputs logits.
         teacher: the trained full-precision Keras model; frozen, run in inference mode.
-        alpha: weight of the KD loss on logits.
-        beta: weight of the feature-affinity loss (summed over the taps); None takes the measured
-            default of `fa_norm` (`faqd_tf.options.DEFAULT_BETA`).
-        gamma: weight of the cross-entropy on labels; 0 trains label-free.
-        kd: `"mse"` (raw logits; the paper's choice end-to-end) or `"kl"` (fine-tuning).
-        temperature: softmax temperature of the KL loss (scaled by T^2).
-        fa: `"exact"` feature affinity, `"fast"` (FFA with `ffa_k` Gaussian probes), or None.
-        fa_norm: `"fro2"` (eq. 6) or `"l1"` (the authors' code); see `faqd_tf.losses`.
-        ffa_k: number of FFA probes.
-        fa_method: `"auto"`, `"gram"` (fro2 only) or `"pairwise"` for the exact FA.
-        student_layers, teacher_layers: names of the tapped layers, paired in order; None picks
-            the stage outputs (see `faqd_tf.features.feature_layers`), never the logits of a dense
-            prediction (a segmentation net's 4-D output).
+        options: the loss, a `faqd_tf.options.DistillOptions` (a config's `distill` section); or
+            give its fields as keywords instead, Keras-style (`alpha=`, `kd=`, ...):
+            alpha: weight of the KD loss on logits.
+            beta: weight of the feature-affinity loss (summed over the taps); None takes the measured
+                default of `fa_norm` (`faqd_tf.options.DEFAULT_BETA`).
+            gamma: weight of the cross-entropy on labels; 0 trains label-free.
+            kd: `"mse"` (raw logits; the paper's choice end-to-end) or `"kl"` (fine-tuning).
+            temperature: softmax temperature of the KL loss (scaled by T^2).
+            fa: `"exact"` feature affinity, `"fast"` (FFA with `ffa_k` Gaussian probes), or None.
+            fa_norm: `"fro2"` (eq. 6) or `"l1"` (the authors' code); see `faqd_tf.losses`.
+            ffa_k: number of FFA probes.
+            fa_method: `"auto"`, `"gram"` (fro2 only) or `"pairwise"` for the exact FA.
+            student_layers, teacher_layers: names of the tapped layers, paired in order; None picks
+                the stage outputs (see `faqd_tf.features.feature_layers`), never the logits of a dense
+                prediction (a segmentation net's 4-D output).
+            Their bounds are `DistillOptions`'s (docs/config.md, `distill.*`).
         seed: seed of the FFA probes: those of tap `(t, s)` at training step `step` are drawn from
             `faqd_tf.losses.probe_seed(seed, tap_key(t, s), step)`; None draws a seed once.
+        **kwargs: passed to `keras.Model` (`name`, ...).
 
     The loss is the weighted sum of `distiller.terms` (`faqd_tf.terms`: KD, FA unless `fa` is None,
     CE when gamma > 0), each logged under its name (`kd`, `fa`, `ce`) next to the total `loss`.
@@ -64,44 +75,24 @@ class Distiller(keras.Model):
     `distiller.student` stays a plain Keras model: save it with `student.save("x.keras")`.
     """
 
-    def __init__(
-        self,
-        student: keras.Model,
-        teacher: keras.Model,
-        alpha: float = 1.0,
-        beta: float | None = None,
-        gamma: float = 0.0,
-        kd: str = "mse",
-        temperature: float = 1.0,
-        fa: str | None = "exact",
-        fa_norm: str = "fro2",
-        ffa_k: int = 15,
-        fa_method: str = "auto",
-        student_layers: list[str] | None = None,
-        teacher_layers: list[str] | None = None,
-        seed: int | None = None,
-        **kwargs,
-    ):
+    def __init__(self, student: keras.Model, teacher: keras.Model, options: DistillOptions | None = None, *,
+                 seed: int | None = None, **kwargs):
+        options = _options(options, {name: kwargs.pop(name) for name in _OPTIONS if name in kwargs})
+        seed = check_seed(seed)
         super().__init__(**kwargs)
-        self.fa_norm = options.check_fa_norm(fa_norm)
-        self.alpha = options.check_weight(alpha, "alpha")
-        self.beta = options.default_beta(fa_norm) if beta is None else options.check_weight(beta, "beta")
-        self.gamma = options.check_weight(gamma, "gamma")
-        self.kd = options.check_kd(kd)
-        self.temperature = options.check_temperature(temperature)
-        self.fa = options.check_fa(fa)
-        self.ffa_k = options.check_k(ffa_k, "ffa_k")
-        self.fa_method = options.check_fa_method(fa_method, fa_norm)
-        self.student_layers = None if student_layers is None else list(student_layers)
-        self.teacher_layers = None if teacher_layers is None else list(teacher_layers)
-        seed = options.check_seed(seed)
-        self.seed = options.fresh_seed() if seed is None else seed
+        self.options = options
+        self.alpha, self.beta, self.gamma = float(options.alpha), options.fa_weight, float(options.gamma)
+        self.kd, self.temperature = options.kd, float(options.temperature)
+        self.fa, self.fa_norm, self.ffa_k, self.fa_method = options.fa, options.fa_norm, int(options.ffa_k), options.fa_method
+        self.student_layers = None if options.student_layers is None else list(options.student_layers)
+        self.teacher_layers = None if options.teacher_layers is None else list(options.teacher_layers)
+        self.seed = fresh_seed() if seed is None else seed
 
         self.student = student
         self.teacher = teacher
         self.teacher.trainable = False
         _check_compatible(student, teacher)
-        if fa is None:
+        if self.fa is None:
             self.teacher_features, self.student_features = paired_extractors(teacher, student, [], [])
         else:
             self.teacher_features, self.student_features = paired_extractors(
@@ -112,15 +103,11 @@ class Distiller(keras.Model):
             if not self.teacher_features.output_names[1:]:
                 # FA with nothing to match would train KD alone while the log says FAQD.
                 raise ValueError(
-                    f"fa={fa!r} found no feature maps to match in {teacher.name!r} (feature_layers taps stage "
+                    f"fa={self.fa!r} found no feature maps to match in {teacher.name!r} (feature_layers taps stage "
                     "outputs with spatial maps); name them with teacher_layers=/student_layers=, or use fa=None "
                     "for KD only."
                 )
-        self.terms = terms.from_options(
-            alpha=self.alpha, beta=self.beta, gamma=self.gamma, kd=self.kd, temperature=self.temperature,
-            fa=self.fa, fa_norm=self.fa_norm, ffa_k=self.ffa_k, fa_method=self.fa_method, seed=self.seed,
-            taps=self.feature_pairs,
-        )
+        self.terms = terms.from_options(options, seed=self.seed, taps=self.feature_pairs)
         self.total_tracker = keras.metrics.Mean(name="loss")
         self.term_trackers = [keras.metrics.Mean(name=term.name) for term in self.terms]
         # Both networks are built, so the Distiller is too (BackupAndRestore needs a built model).
@@ -333,24 +320,13 @@ class Distiller(keras.Model):
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            {
-                "student": keras.saving.serialize_keras_object(self.student),
-                "teacher": keras.saving.serialize_keras_object(self.teacher),
-                "alpha": self.alpha,
-                "beta": self.beta,
-                "gamma": self.gamma,
-                "kd": self.kd,
-                "temperature": self.temperature,
-                "fa": self.fa,
-                "fa_norm": self.fa_norm,
-                "ffa_k": self.ffa_k,
-                "fa_method": self.fa_method,
-                "student_layers": self.student_layers,
-                "teacher_layers": self.teacher_layers,
-                "seed": self.seed,
-            }
-        )
+        config.update({
+            "student": keras.saving.serialize_keras_object(self.student),
+            "teacher": keras.saving.serialize_keras_object(self.teacher),
+            **dataclasses.asdict(self.options),
+            "beta": self.beta,  # resolved: a restored Distiller keeps the weight it trained with
+            "seed": self.seed,
+        })
         return config
 
     @classmethod
@@ -359,6 +335,19 @@ class Distiller(keras.Model):
         config["student"] = keras.saving.deserialize_keras_object(config["student"])
         config["teacher"] = keras.saving.deserialize_keras_object(config["teacher"])
         return cls(**config)
+
+
+def _options(options, flat):
+    """The loss options: `options`, or a `DistillOptions` of the `flat` keywords (checked there, once)."""
+    if options is None:
+        return DistillOptions(**flat)
+    if not isinstance(options, DistillOptions):
+        raise TypeError(f"Distiller: options={options!r} is not a faqd_tf.options.DistillOptions; give the loss "
+                        "options as one, or as keywords (alpha=..., kd=...).")
+    if flat:
+        raise TypeError(f"Distiller: give the loss options either as options= or as keywords, not both "
+                        f"({', '.join(sorted(flat))}).")
+    return options
 
 
 def _default_taps(model):

@@ -60,10 +60,10 @@ class FeatureAffinityDistillation(keras.distillation.DistillationLoss):
             )
         self.teacher_layer_name = teacher_layer_name
         self.student_layer_name = student_layer_name
-        self.fa = options.check_fa(fa, allow_none=False)
-        self.fa_norm = options.check_fa_norm(fa_norm)
-        self.ffa_k = options.check_k(ffa_k, "ffa_k")
-        self.fa_method = options.check_fa_method(fa_method, fa_norm)
+        # The Distiller's options, with their bounds; this loss is the FA term, never None.
+        options.DistillOptions(fa=options.check_fa(fa, allow_none=False), fa_norm=fa_norm, ffa_k=ffa_k,
+                               fa_method=fa_method)
+        self.fa, self.fa_norm, self.ffa_k, self.fa_method = fa, fa_norm, int(ffa_k), fa_method
         self.seed = options.check_seed(seed)
         self._probes = losses.ProbeCounter(self.seed)
         self._tap = losses.tap_key(teacher_layer_name, student_layer_name)

@@ -5,11 +5,10 @@ import json
 import os
 
 from faqd_tf.atomic import write_atomically
-from faqd_tf.runner import ACTIVATION_STEP, TEACHER
+from faqd_tf.names import ACTIVATION_STEP, DISTILL, HISTORIES, TEACHER
 
-# The CSV history of each stage, in the order the stages run, with the curve's label.
-HISTORIES = ((TEACHER, f"{TEACHER}_history.csv"), ("activation step", f"{ACTIVATION_STEP}_history.csv"),
-             ("student", "history.csv"))
+# The curve of each training stage's history, in the order the stages run.
+CURVES = ((TEACHER, TEACHER), ("activation step", ACTIVATION_STEP), ("student", DISTILL))
 
 
 def write_json(path: str, value: object) -> None:
@@ -59,7 +58,7 @@ def plot_curves(out: str) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [(name, os.path.join(out, f)) for name, f in HISTORIES]
+    runs = [(label, os.path.join(out, HISTORIES[stage])) for label, stage in CURVES]
     runs = [(n, p) for n, p in runs if os.path.exists(p)]
     if not runs:
         return None

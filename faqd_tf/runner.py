@@ -20,23 +20,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from faqd_tf import inputs
+from faqd_tf.names import EVALUATE, PLANNED, STAGES, TEACHER, TUNE, UsageError, say
 
 if TYPE_CHECKING:
     from faqd_tf import stages
 
-# The stages' names, here once.
-TEACHER, DISTILL, EVALUATE, TUNE, EXPORT = "teacher", "distill", "evaluate", "tune", "export"
-ACTIVATION_STEP = "distill_act"  # the first step of a two-step distillation: its own backup and history
-PLANNED = (TEACHER, DISTILL, EVALUATE)
-"""The stages `all` runs, in order (`tune` runs alone; the export runs at the end of evaluate)."""
-STAGES = (*PLANNED, "all")
-"""The command line's `--stage` choices."""
-TRAINED = (TEACHER, ACTIVATION_STEP, DISTILL)
-"""The stages that train, in order (each one's backup is void once an earlier one trains again)."""
-
-
-class UsageError(ValueError):
-    """Bad input from the user: printed as one line, exit code 2."""
+__all__ = ["STAGES", "FolderLock", "Run", "StageFailed", "UsageError", "say"]
 
 
 class StageFailed(RuntimeError):
@@ -45,10 +34,6 @@ class StageFailed(RuntimeError):
     def __init__(self, stage: str, error: BaseException):
         super().__init__(f"stage {stage} failed: {error}")
         self.stage, self.error = stage, error
-
-
-def say(message: str) -> None:
-    print(f"[faqd] {message}", flush=True)
 
 
 class FolderLock:
@@ -65,7 +50,7 @@ class FolderLock:
     >>> FolderLock(folder).acquire()
     Traceback (most recent call last):
     ...
-    faqd_tf.runner.UsageError: output_dir ... is in use by another run; wait for it to end or choose another output_dir.
+    faqd_tf.names.UsageError: output_dir ... is in use by another run; wait for it to end or choose another output_dir.
     >>> lock.release(); os.listdir(folder)
     []
     """
@@ -134,8 +119,7 @@ class Run:
         return planned
 
     def _stages(self, names, exports):
-        export = self.stage(EXPORT, kinds=exports) if exports and EVALUATE in names else None
-        return [self.stage(name, export=export) if name == EVALUATE else self.stage(name) for name in names], export
+        return [self.stage(name, exports=exports) if name == EVALUATE else self.stage(name) for name in names]
 
     def preflight(self, names: list[str], exports: Sequence[str] = ()) -> None:
         """Checks every input the stages `names` (or ``["tune"]``) and the `exports` (kinds of
@@ -150,14 +134,13 @@ class Run:
         ws = self.workspace
         inputs.check_output_dir(ws.out)
         ws.read_info()
-        stages, export = self._stages(names, exports)
-        checked = [*stages, *([export] if export else [])]
-        for stage in checked:
+        stages = self._stages(names, exports)
+        for stage in stages:
             stage.check_source()
-        for spec in dict.fromkeys(spec for stage in checked for spec in stage.datasets()):
+        for spec in dict.fromkeys(spec for stage in stages for spec in stage.datasets()):
             ws.dataset(spec)  # builds the pipeline: every split and argument checked
         found = Checked(planned=set(names), teacher=None if TEACHER in names else ws.load_teacher())
-        for stage in checked:
+        for stage in stages:
             stage.check(found)
 
     def start(self, names: list[str], exports: Sequence[str] = ()) -> None:
@@ -172,7 +155,7 @@ class Run:
         self.lock.acquire()
         write_json(os.path.join(self.out, "config.json"), self.config)
         say(f"output directory {self.out}; stages: {', '.join(names)}")
-        for stage in self._stages(names, exports)[0]:
+        for stage in self._stages(names, exports):
             try:
                 stage.run()
             except (OSError, ValueError, tf.errors.OpError) as err:

@@ -1,14 +1,15 @@
-"""The stages of a run as objects: teacher, distill, evaluate, tune and export.
+"""The stages of a run as objects: teacher, distill, evaluate (which writes the exports) and tune.
 
 A stage reads the resolved config sections it names (`sections`; the `Stage.of` constructor hands
 them over), lists the datasets it builds (`datasets`), checks what it can before anything is written
 (`check_source`, then `check`: small named checks), and runs (`run`). `faqd_tf.runner.Run` plans
 which stages run and sequences them; they share a `Workspace`: the run's paths, the distribution
 strategy, what the dataset is (`info`), the data pipelines, model loading, and the protocol every
-training stage follows (`Workspace.train`).
+training stage follows (`Workspace.train`). The distill and tune stages build their students the
+one way `StudentStage.build_student` does.
 
 >>> sorted(REGISTRY)
-['distill', 'evaluate', 'export', 'teacher', 'tune']
+['distill', 'evaluate', 'teacher', 'tune']
 >>> REGISTRY["distill"].sections
 ('distill', 'student', 'train', 'dataset', 'teacher')
 """
@@ -38,7 +39,8 @@ from faqd_tf.callbacks import (
 from faqd_tf.distiller import Distiller
 from faqd_tf.quantize import quantize_model, set_alpha_decay
 from faqd_tf.report import plot_curves, print_table, write_json
-from faqd_tf.runner import ACTIVATION_STEP, DISTILL, EVALUATE, EXPORT, TEACHER, TRAINED, TUNE, UsageError, say
+from faqd_tf.names import ACTIVATION_STEP, DISTILL, EVALUATE, EXPORTS, HISTORIES, TEACHER, TRAINED, TUNE, UsageError, say
+from faqd_tf.options import DistillOptions
 from faqd_tf.summary import iter_layers, quantized_kernel_bits, summary
 
 
@@ -396,10 +398,63 @@ class TeacherStage(Stage):
                 training.save_model(model, ws.teacher_path)
                 say(f"teacher saved to {ws.teacher_path}")
 
-        ws.train(model, TEACHER, train_ds, val_ds, cfg["train"], f"{TEACHER}_history.csv", save)
+        ws.train(model, TEACHER, train_ds, val_ds, cfg["train"], HISTORIES[TEACHER], save)
 
 
-class DistillStage(Stage):
+class StudentStage(Stage):
+    """A stage that builds the config's student (distill, tune), the one way it is built: from
+    `student.init` (the teacher's copy, the FP model of `student.file`, or a fresh `student.arch`),
+    quantized as the `student` section says."""
+
+    def __init__(self, workspace: Workspace, student: dict, teacher: dict):
+        super().__init__(workspace)
+        self.student = student
+        self.student_arch = student["arch"] or teacher["arch"]  # a fresh student: the teacher's by default
+
+    def student_base(self, teacher: keras.Model) -> keras.Model | None:
+        """The FP model `student.init` quantizes: the teacher, `student.file`'s, or None (a fresh one)."""
+        init = self.student["init"]
+        if init == "scratch":
+            return None
+        return teacher if init == "teacher" else self.ws.load_model(self.student["file"], "student.file")
+
+    def build_student(self, base: keras.Model | None, weight_bits: int | None) -> keras.Model:
+        """The student with `weight_bits`-bit weights (None: FP, the first of two steps): `base`
+        quantized (`student_base`, or a first step's trained student), or with `base` None a fresh
+        `student.arch`."""
+        s = self.student
+        layer_bits = s["layer_bits"] if weight_bits else None
+        if base is None:
+            base = models.get(
+                self.student_arch, num_classes=self.ws.info.num_classes,
+                input_shape=self.ws.info.image_shape, weight_bits=None if layer_bits else weight_bits,
+                activation_bits=s["activation_bits"], per_channel=s["per_channel"] and weight_bits is not None,
+                alpha_rate=s["alpha_rate"],
+            )
+            if not layer_bits:
+                return base
+            # else its fresh weights, quantized layer by layer below
+        return quantize_model(
+            base, weight_bits=weight_bits, activation_bits=s["activation_bits"],
+            per_channel=s["per_channel"] and weight_bits is not None, relax=s["relax"] if weight_bits else None,
+            alpha_rate=s["alpha_rate"], layer_bits=layer_bits,
+        )
+
+    def check_student(self, teacher: keras.Model, weight_bits: int | None) -> keras.Model:
+        """The stage's first student, built once untrained; a bad `student` section is a `UsageError`."""
+        if self.student["init"] == "scratch":
+            self.ws.check_arch(self.student_arch, "student.arch")
+        try:
+            return self.build_student(self.student_base(teacher), weight_bits)
+        except ValueError as err:
+            raise UsageError(f"student: {inputs.first_line(err)}") from None
+
+    def relax_schedule(self) -> list[keras.callbacks.Callback]:
+        """BinaryRelax's growing lambda (`student.relax_eta`), when `student.relax` sets one."""
+        return [BinaryRelaxScheduler(self.student["relax_eta"])] if self.student["relax"] else []
+
+
+class DistillStage(StudentStage):
     """Distills the student from the teacher (`distill`, `student`, `train`), in two steps for full
     quantization (`student.two_step`: activations first, then weights too, as the authors do)."""
 
@@ -407,9 +462,9 @@ class DistillStage(Stage):
     sections = ("distill", "student", "train", "dataset", "teacher")
 
     def __init__(self, workspace: Workspace, distill: dict, student: dict, train: dict, dataset: dict, teacher: dict):
-        super().__init__(workspace)
-        self.distill, self.student, self.train, self.dataset = distill, student, train, dataset
-        self.student_arch = student["arch"] or teacher["arch"]  # a fresh student: the teacher's by default
+        super().__init__(workspace, student, teacher)
+        self.train, self.dataset = train, dataset
+        self.distill = DistillOptions(**distill)
 
     def needed(self):
         return self.ws.overwrite or self.ws.pending(self.ws.student_path, DISTILL)
@@ -419,76 +474,44 @@ class DistillStage(Stage):
         s = self.student
         return s["weight_bits"] is not None and s["activation_bits"] is not None and s["two_step"]
 
+    @property
+    def first_bits(self) -> int | None:
+        """The weight bits of the first student: none (FP weights) in the first of two steps."""
+        return None if self.two_step else self.student["weight_bits"]
+
     def datasets(self):
         return [Data("train", self.dataset["labels"], self.train["batch_size"]), *self.ws.validation()]
 
     def check(self, checked):
         self.ws.check_free(self.ws.student_path, "student", DISTILL)
-        if self.student["init"] == "scratch":
-            self.ws.check_arch(self.student_arch, "student.arch")
-        student = self._check_distiller(checked.teacher)
+        student = self.check_student(checked.teacher, self.first_bits)
+        try:  # the FA layer pairs
+            Distiller(student, checked.teacher, self.distill, seed=self.ws.seed)
+        except ValueError as err:
+            raise UsageError(f"distill: {inputs.first_line(err)}") from None
         _check_recalibration(self.ws, self.student, self.dataset, student)
         # Two steps: the weights are quantized in the second.
         checked.quantized = self.two_step or _has_quantized_kernel(student)
         checked.student = student
 
-    def _check_distiller(self, teacher):
-        """Builds the stage's Distiller once, untrained: the student, the FA layer pairs, the loss
-        options. Returns the student."""
-        try:
-            student = self.build_student(teacher)
-        except ValueError as err:
-            raise UsageError(f"student: {inputs.first_line(err)}") from None
-        try:
-            Distiller(student, teacher, seed=self.ws.seed, **self.distill)
-        except ValueError as err:
-            raise UsageError(f"distill: {inputs.first_line(err)}") from None
-        return student
-
-    def build_student(self, teacher: keras.Model) -> keras.Model:
-        """The student to distill first: of `student.init` (the teacher's copy, a file, or a fresh
-        `student.arch`), quantized as configured; in two steps, its activations only."""
-        s = self.student
-        weight_bits = None if self.two_step else s["weight_bits"]
-        layer_bits = s["layer_bits"] if weight_bits else None
-        if s["init"] == "scratch":
-            fresh = models.get(
-                self.student_arch, num_classes=self.ws.info.num_classes,
-                input_shape=self.ws.info.image_shape, weight_bits=None if layer_bits else weight_bits,
-                activation_bits=s["activation_bits"], per_channel=s["per_channel"] and weight_bits is not None,
-                alpha_rate=s["alpha_rate"],
-            )
-            if not layer_bits:
-                return fresh
-            base = fresh  # its fresh weights, quantized layer by layer
-        else:
-            base = teacher if s["init"] == "teacher" else self.ws.load_model(s["file"], "student.file")
-        return quantize_model(
-            base, weight_bits=weight_bits, activation_bits=s["activation_bits"],
-            per_channel=s["per_channel"] and weight_bits is not None, relax=s["relax"] if weight_bits else None,
-            alpha_rate=s["alpha_rate"], layer_bits=layer_bits,
-        )
-
     def describe_loss(self) -> str:
         """The loss as the log line shows it, e.g. ``1.0*KD(kl) + 30.0*FA(exact, fro2)``."""
-        return " + ".join(str(term) for term in terms.from_options(**self.distill))
+        return " + ".join(str(term) for term in terms.from_options(self.distill))
 
     def _distill(self, teacher, student, stage, train_ds, val_ds, steps, path):
         """One distillation of `student` from `teacher`, saved to `path`; returns the trained student."""
         ws = self.ws
         # In the scope: the optimizer's slots and the metrics must be the strategy's variables.
         with ws.strategy.scope():
-            distiller = Distiller(student, teacher, seed=ws.seed, **self.distill)
+            distiller = Distiller(student, teacher, self.distill, seed=ws.seed)
             optimizer = training.make_optimizer(self.train, steps)
             # The quantized ReLUs' alphas decay as in the authors' code (their own, much smaller, decay).
             set_alpha_decay(student, optimizer, self.train["weight_decay"])
             distiller.compile(optimizer, metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
-        extra = [BinaryRelaxScheduler(self.student["relax_eta"])] if self.student["relax"] else []
         # A user must see when a weighted term is too weak to act (e.g. an FA weight on the wrong scale).
         shares = GradientShares(train_ds.take(1), print_fn=say)
-        history = "history.csv" if stage == DISTILL else f"{stage}_history.csv"
-        ws.train(distiller, stage, train_ds, val_ds, self.train, history,
-                 lambda: self._save(distiller.student, stage, path), extra, [shares])
+        ws.train(distiller, stage, train_ds, val_ds, self.train, HISTORIES[stage],
+                 lambda: self._save(distiller.student, stage, path), self.relax_schedule(), [shares])
         return distiller.student
 
     def _save(self, student, stage, path):
@@ -511,7 +534,7 @@ class DistillStage(Stage):
         steps = ws.steps(train_ds, self.train)
         with ws.strategy.scope():
             teacher = ws.load_model(ws.teacher_path, "teacher.file")
-            student = self.build_student(teacher)
+            student = self.build_student(self.student_base(teacher), self.first_bits)
         loss = self.describe_loss()
         mode = "label-free" if not self.dataset["labels"] else "with labels"
         if self.two_step:
@@ -527,9 +550,7 @@ class DistillStage(Stage):
                 say(f"stage distill (1/2): {s['activation_bits']}-bit activations, FP weights; loss {loss}, {mode}")
                 student = self._distill(teacher, student, ACTIVATION_STEP, train_ds, val_ds, steps, ws.act_path)
             with ws.strategy.scope():
-                student = quantize_model(student, weight_bits=s["weight_bits"], activation_bits=s["activation_bits"],
-                                         per_channel=s["per_channel"], relax=s["relax"], alpha_rate=s["alpha_rate"],
-                                         layer_bits=s["layer_bits"])
+                student = self.build_student(student, s["weight_bits"])
             say(f"stage distill (2/2): {s['weight_bits']}-bit weights and {s['activation_bits']}-bit activations")
         else:
             bits = f"{s['weight_bits']}-bit weights" if s["weight_bits"] else "FP weights"
@@ -541,82 +562,70 @@ class DistillStage(Stage):
         say(f"student saved to {ws.student_path}")
 
 
-class ExportStage(Stage):
-    """Writes the evaluated student in each export `kind` (`faqd_tf.export.KINDS`) next to it; runs
-    at the end of the evaluate stage, whose results list the files."""
-
-    name = EXPORT
-    sections = ()
+class Exports:
+    """The `--export` kinds (`faqd_tf.names.EXPORTS`) the evaluate stage writes next to the student
+    it scored; its results list the files."""
 
     def __init__(self, workspace: Workspace, kinds: Sequence[str] = ()):
-        super().__init__(workspace)
+        self.ws = workspace
         self.kinds = list(dict.fromkeys(kinds))
 
-    def datasets(self):
-        from faqd_tf import export
-
-        if any(export.needs_calibration(kind) for kind in self.kinds if kind in export.KINDS):
-            return [Data("train", False)]  # unlabeled calibration images (see `export`)
+    def datasets(self) -> list[Data]:
+        if any(EXPORTS[kind].needs_calibration for kind in self.kinds if kind in EXPORTS):
+            return [Data("train", False)]  # unlabeled calibration images (see `faqd_tf.export`)
         return []
 
-    def check(self, checked):
-        self._check_exports(checked.quantized, checked.student)
-
-    def _check_exports(self, quantized, student):
+    def check(self, quantized: bool, student: keras.Model | None) -> None:
         """Each export kind can be written once the evaluation is done: its file name is not taken
         by a folder, the student has the quantized kernels the kind stores (`quantized`), and the
-        format can convert each of its layers (`faqd_tf.export.check`)."""
-        from faqd_tf import export
-
+        format can convert each of its layers."""
         for kind in self.kinds:
-            if kind not in export.KINDS:
-                raise UsageError(f"--export {inputs.shorten(kind)} is not an export; use one of {', '.join(export.KINDS)}.")
-            path = os.path.join(self.ws.out, export.FILENAMES[kind])
+            if kind not in EXPORTS:
+                raise UsageError(f"--export {inputs.shorten(kind)} is not an export; use one of {', '.join(EXPORTS)}.")
+            path = os.path.join(self.ws.out, EXPORTS[kind].file)
             if os.path.isdir(path):
                 raise UsageError(f"--export {kind} writes the file {path}, which is a folder; move it away or "
                                  "choose another output_dir.")
-            if export.needs_quantized(kind) and not quantized:
-                others = ", ".join(k for k in export.KINDS if not export.needs_quantized(k))
+            if EXPORTS[kind].needs_quantized and not quantized:
+                others = ", ".join(k for k, e in EXPORTS.items() if not e.needs_quantized)
                 raise UsageError(f"--export {kind} stores a quantized student's integer codes, but the student has no "
                                  f"quantized kernel; set student.weight_bits, or export {others}.")
             if student is not None:
                 try:
-                    export.check(kind, student)
+                    EXPORTS[kind].check_model(student)
                 except ValueError as err:
                     raise UsageError(f"--export {kind}: {inputs.first_line(err)}") from None
 
-    def run(self, student=None) -> dict:
+    def write(self, student: keras.Model) -> dict:
         """Writes every kind of `student`; returns ``{kind: {"file": path, "bytes": size}}``."""
-        from faqd_tf import export
-
         written = {}
         for kind in self.kinds:
-            path = os.path.join(self.ws.out, export.FILENAMES[kind])
+            path = os.path.join(self.ws.out, EXPORTS[kind].file)
             # Full-integer TFLite calibrates its activation ranges on unlabeled training images.
-            calibration = self.ws.dataset(Data("train", False)) if export.needs_calibration(kind) else None
-            export.write(kind, student, path, calibration=calibration)
+            calibration = self.ws.dataset(Data("train", False)) if EXPORTS[kind].needs_calibration else None
+            EXPORTS[kind].write_model(student, path, calibration=calibration)
             say(f"exported {kind}: {path} ({os.path.getsize(path):,} bytes)")
             written[kind] = {"file": path, "bytes": os.path.getsize(path)}
         return written
 
 
 class EvaluateStage(Stage):
-    """Scores the teacher and the student on the test split, runs the exports, writes `results.json`,
-    the table and the curves."""
+    """Scores the teacher and the student on the test split, writes the `exports` of the student,
+    `results.json`, the table and the curves."""
 
     name = EVALUATE
     sections = ("dataset",)
 
-    def __init__(self, workspace: Workspace, dataset: dict, export: ExportStage | None = None):
+    def __init__(self, workspace: Workspace, dataset: dict, exports: Sequence[str] = ()):
         super().__init__(workspace)
         self.dataset = dataset
-        self.export = export
+        self.exports = Exports(workspace, exports)
 
     def needed(self):
         return self.ws.overwrite or not os.path.exists(self.ws.results_path)
 
     def datasets(self):
-        return [Data("test", True)]
+        return [Data("test", True), *self.exports.datasets()]
 
     def check(self, checked):
         if DISTILL not in checked.planned:
@@ -626,6 +635,7 @@ class EvaluateStage(Stage):
             checked.student = ws.load_model(ws.student_path, "student file")
             checked.quantized = _has_quantized_kernel(checked.student)
             ws.check_free(ws.results_path, "results", EVALUATE)
+        self.exports.check(checked.quantized, checked.student)
 
     def run(self):
         ws = self.ws
@@ -649,8 +659,8 @@ class EvaluateStage(Stage):
                 student = model
         results["student"]["compression"] = results["teacher"]["float32_bits"] / results["student"]["packed_bits"]
         results["accuracy_gap"] = results["teacher"]["accuracy"] - results["student"]["accuracy"]
-        if self.export is not None and self.export.kinds:
-            results["exports"] = self.export.run(student)
+        if self.exports.kinds:
+            results["exports"] = self.exports.write(student)
         plot = plot_curves(ws.out)
         print_table(results)
         write_json(ws.results_path, results)
@@ -658,17 +668,18 @@ class EvaluateStage(Stage):
         return results
 
 
-class TuneStage(Stage):
+class TuneStage(StudentStage):
     """keras-tuner search over the loss weights (`tune`); writes `best_config.json` (the config with
-    the best trial's `distill` values)."""
+    the best trial's `distill` values). Each trial distills a fresh student, built as the distill
+    stage builds it (`student.init`, `relax`), in one step."""
 
     name = TUNE
-    sections = ("tune", "distill", "student", "train", "dataset")
+    sections = ("tune", "distill", "student", "train", "dataset", "teacher")
 
     def __init__(self, workspace: Workspace, tune: dict, distill: dict, student: dict, train: dict, dataset: dict,
-                 whole: dict | None = None, trials: int | None = None):
-        super().__init__(workspace)
-        self.tune, self.distill, self.student, self.train, self.dataset = tune, distill, student, train, dataset
+                 teacher: dict, whole: dict | None = None, trials: int | None = None):
+        super().__init__(workspace, student, teacher)
+        self.tune, self.distill, self.train, self.dataset = tune, distill, train, dataset
         self.whole = whole  # the whole config, written back with the best values
         self.trials = trials or tune["trials"]
 
@@ -680,14 +691,13 @@ class TuneStage(Stage):
         return [Data("train", self.dataset["labels"], self.train["batch_size"]), Data("validation", True)]
 
     def student_fn(self, teacher: keras.Model) -> Callable[[], keras.Model]:
-        """A fresh quantized student of `teacher` for each trial."""
-        s = self.student
-        return lambda: quantize_model(teacher, weight_bits=s["weight_bits"], activation_bits=s["activation_bits"],
-                                      per_channel=s["per_channel"], alpha_rate=s["alpha_rate"],
-                                      layer_bits=s["layer_bits"])
+        """A fresh student for each trial (`student.file` is read once, here)."""
+        base = self.student_base(teacher)
+        return lambda: self.build_student(base, self.student["weight_bits"])
 
     def check(self, checked):
-        _check_recalibration(self.ws, self.student, self.dataset, self.student_fn(checked.teacher)())
+        student = self.check_student(checked.teacher, self.student["weight_bits"])
+        _check_recalibration(self.ws, self.student, self.dataset, student)
 
     def run(self):
         from faqd_tf import tuning
@@ -708,7 +718,7 @@ class TuneStage(Stage):
         say(f"tuning: {self.trials} {tune['tuner']} trials of {tune['epochs']} epoch(s), objective val_accuracy{after}")
         best, _ = tuning.search(hypermodel, train_ds, val_ds, tuner=tune["tuner"], max_trials=self.trials,
                                 epochs=tune["epochs"], directory=os.path.join(ws.out, "tuning"),
-                                project_name="faqd", overwrite=ws.overwrite)
+                                project_name="faqd", overwrite=ws.overwrite, callbacks=self.relax_schedule())
         best_config = json.loads(json.dumps(self.whole))
         best_config["distill"].update(tuning.best_distill_config(best))
         path = os.path.join(ws.out, "best_config.json")
@@ -716,6 +726,5 @@ class TuneStage(Stage):
         say(f"best loss weights {tuning.best_distill_config(best)}; config written to {path}")
 
 
-REGISTRY: dict[str, type[Stage]] = {stage.name: stage for stage in
-                                    (TeacherStage, DistillStage, EvaluateStage, TuneStage, ExportStage)}
+REGISTRY: dict[str, type[Stage]] = {stage.name: stage for stage in (TeacherStage, DistillStage, EvaluateStage, TuneStage)}
 """The stages by name."""

@@ -10,13 +10,15 @@ each. The terms of eq. (10) of arXiv 2302.10899:
     + gamma * CE(labels, student logits)         CETerm      logged as `ce`
 
 A new term is one `LossTerm` subclass (a `name`, a `__call__`, a `__str__` for the run's log line).
+The terms take their options as `from_options` hands them over, from a `faqd_tf.options.DistillOptions`
+that checked them.
 
 >>> import numpy as np
 >>> outputs = Outputs(logits=np.array([[1.0, 2.0]], "float32"), maps=[])
 >>> term = KDTerm(0.5, kd="mse")
 >>> str(term), term(outputs, Outputs(np.array([[1.0, 4.0]], "float32"), [])).numpy().tolist()
 ('0.5*KD(mse)', [2.0])
->>> from_options(alpha=1.0, beta=None, gamma=0.3, kd="kl", fa="exact")
+>>> from_options(DistillOptions(gamma=0.3, kd="kl"))
 [KDTerm(1.0*KD(kl)), FATerm(30.0*FA(exact, fro2)), CETerm(0.3*CE)]
 """
 
@@ -26,7 +28,8 @@ from typing import Any
 
 import tensorflow as tf
 
-from faqd_tf import losses, options
+from faqd_tf import losses
+from faqd_tf.options import DistillOptions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +83,7 @@ class KDTerm(LossTerm):
 
     def __init__(self, weight: float, kd: str = "mse", temperature: float = 1.0):
         super().__init__(weight)
-        self.kd = options.check_kd(kd)
-        self.temperature = options.check_temperature(temperature)
+        self.kd, self.temperature = kd, float(temperature)
 
     def __call__(self, teacher, student, labels=None, step=0):
         return losses.kd_loss_per_sample(teacher.logits, student.logits, kd=self.kd, temperature=self.temperature)
@@ -102,11 +104,7 @@ class FATerm(LossTerm):
     def __init__(self, weight: float, fa: str = "exact", fa_norm: str = "fro2", ffa_k: int = 15,
                  fa_method: str = "auto", seed: int = 0, taps: Sequence[tuple[str, str]] = ()):
         super().__init__(weight)
-        self.fa = options.check_fa(fa, allow_none=False)
-        self.fa_norm = options.check_fa_norm(fa_norm)
-        self.ffa_k = options.check_k(ffa_k, "ffa_k")
-        self.fa_method = options.check_fa_method(fa_method, fa_norm)
-        self.seed = options.check_seed(seed)
+        self.fa, self.fa_norm, self.ffa_k, self.fa_method, self.seed = fa, fa_norm, int(ffa_k), fa_method, seed
         self.taps = [losses.tap_key(t, s) for t, s in taps]
 
     def __call__(self, teacher, student, labels=None, step=0):
@@ -141,19 +139,12 @@ class CETerm(LossTerm):
         return losses.ce_loss_per_sample(labels, student.logits)
 
 
-def from_options(alpha: float = 1.0, beta: float | None = None, gamma: float = 0.0, kd: str = "mse",
-                 temperature: float = 1.0, fa: str | None = "exact", fa_norm: str = "fro2", ffa_k: int = 15,
-                 fa_method: str = "auto", seed: int = 0, taps: Sequence[tuple[str, str]] = (),
-                 teacher_layers: list[str] | None = None, student_layers: list[str] | None = None) -> list[LossTerm]:
-    """The terms of the `Distiller`'s options (its constructor's names, so a config's `distill`
-    section passes whole; the layer names are not read here, the tapped pairs come as `taps`): KD
-    always, FA unless `fa` is None, CE when `gamma > 0`. `beta=None` takes `fa_norm`'s measured default."""
-    fa_norm = options.check_fa_norm(fa_norm)
-    beta = options.default_beta(fa_norm) if beta is None else options.check_weight(beta, "beta")
-    gamma = options.check_weight(gamma, "gamma")
-    terms = [KDTerm(options.check_weight(alpha, "alpha"), kd, temperature)]
-    if options.check_fa(fa) is not None:
-        terms.append(FATerm(beta, fa, fa_norm, ffa_k, fa_method, seed, taps))
-    if gamma > 0:
-        terms.append(CETerm(gamma))
+def from_options(options: DistillOptions, seed: int = 0, taps: Sequence[tuple[str, str]] = ()) -> list[LossTerm]:
+    """The terms of the checked loss `options`: KD always, FA unless `options.fa` is None (weighted by
+    `options.fa_weight`; FFA's probes from `seed`, per tapped pair of `taps`), CE when gamma > 0."""
+    terms = [KDTerm(float(options.alpha), options.kd, options.temperature)]
+    if options.fa is not None:
+        terms.append(FATerm(options.fa_weight, options.fa, options.fa_norm, options.ffa_k, options.fa_method, seed, taps))
+    if options.gamma > 0:
+        terms.append(CETerm(float(options.gamma)))
     return terms

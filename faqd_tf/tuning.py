@@ -41,6 +41,7 @@ A search, with images-only training batches and labeled validation batches::
     json.dump(best_distill_config(best), open("best.json", "w"))
 """
 
+import dataclasses
 import numbers
 import tempfile
 import warnings
@@ -54,16 +55,18 @@ import tensorflow as tf
 from faqd_tf import options
 from faqd_tf.batchnorm import _images, recalibrate_batchnorm
 from faqd_tf.distiller import Distiller
+from faqd_tf.names import TUNERS
+from faqd_tf.options import DistillOptions
 from faqd_tf.quantize import set_alpha_decay
 
 OBJECTIVE = "val_accuracy"
-TUNERS = ("random", "bayesian", "hyperband")
 _NO_FA = "none"  # the `fa_kind` value of fa=None (a Fixed hyperparameter cannot hold None)
-DEFAULTS = {"alpha": 1.0, "gamma": 0.0, "temperature": 1.0}  # beta: options.DEFAULT_BETA of the norm
 TUNED = ("alpha", "beta", "gamma", "temperature", "fa")
-"""The `Distiller` options a search sets (`fa` only on or off: `use_fa`)."""
-FIXED = ("kd", "fa_norm", "ffa_k", "fa_method", "student_layers", "teacher_layers", "seed")
-"""The `Distiller` options a search keeps as given."""
+"""The `DistillOptions` a search sets (`fa` only on or off: `use_fa`; `fa_norm` when given a list)."""
+FIXED = (*(name for name in DistillOptions.specs() if name not in TUNED), "seed")
+"""The `Distiller` arguments a search keeps as given."""
+DEFAULTS = {name: DistillOptions.specs()[name].default for name in ("alpha", "gamma", "temperature")}
+"""The weights a trial's values may leave out (beta: `options.DEFAULT_BETA` of the norm)."""
 
 
 def default_optimizer() -> keras.optimizers.Optimizer:
@@ -173,14 +176,14 @@ class FAQDHyperModel(keras_tuner.HyperModel):
         fixed = {"kd": kd, "fa_norm": fa_norm, "ffa_k": ffa_k, "fa_method": fa_method,
                  "student_layers": student_layers, "teacher_layers": teacher_layers, "seed": seed}
         fixed.update(_deprecated_distiller_kwargs(deprecated))
-        kd = fixed["kd"]
         norms = fixed.pop("fa_norm")
         norms = [norms] if isinstance(norms, str) else list(norms)
         if not norms or len(set(norms)) != len(norms):
             raise ValueError(f"fa_norm={norms!r} must name one norm or a list of distinct norms.")
-        self.fa_norms = [options.check_fa_norm(n) for n in norms]
-        for norm in self.fa_norms:
-            options.check_fa_method(fixed["fa_method"], norm)
+        self.seed = options.check_seed(fixed.pop("seed"))
+        # The options every trial starts from, checked once; a trial replaces the searched ones.
+        self.options = DistillOptions(fa=fa, fa_norm=norms[0], **fixed)
+        self.fa_norms = [dataclasses.replace(self.options, fa_norm=norm).fa_norm for norm in norms]
         if not isinstance(teacher, keras.Model):
             raise ValueError(f"teacher must be a Keras model, got {teacher!r}.")
         if not callable(student_fn):
@@ -189,29 +192,40 @@ class FAQDHyperModel(keras_tuner.HyperModel):
             )
         if optimizer_fn is not None and not callable(optimizer_fn):
             raise ValueError(f"optimizer_fn must be a zero-argument callable, got {optimizer_fn!r}.")
-        options.check_kd(kd)
-        options.check_fa(fa)
         self.teacher = teacher
         self.student_fn = student_fn
         self.optimizer_fn = optimizer_fn or default_optimizer
-        self.kd = kd
+        self.kd = self.options.kd
         self.fa = fa
         self.label_free = bool(label_free)
         self.tune_fa = bool(tune_fa) and fa is not None
-        self.alpha_range = _range("alpha_range", alpha_range, log=True)
+        self.alpha_range = self._bounds("alpha", _range("alpha_range", alpha_range, log=True))
         self.beta_ranges = {
-            norm: _range("beta_range", (options.default_beta(norm) / 30, options.default_beta(norm) * 10)
-                         if beta_range is None else beta_range, log=True)
+            norm: self._bounds("beta", _range("beta_range", (options.default_beta(norm) / 30, options.default_beta(norm) * 10)
+                                              if beta_range is None else beta_range, log=True))
             for norm in self.fa_norms
         }
-        self.gamma_range = (0.0, 0.0) if self.label_free else _range("gamma_range", gamma_range, log=False)
-        self.temperatures = _choices("temperatures", temperatures) if kd == "kl" else [1.0]
+        self.gamma_range = (0.0, 0.0) if self.label_free else self._bounds(
+            "gamma", _range("gamma_range", gamma_range, log=False))
+        self.temperatures = _choices("temperatures", temperatures) if self.kd == "kl" else [1.0]
+        self._bounds("temperature", self.temperatures)
         self.metrics = list(metrics) if metrics is not None else None
         if recalibrate_images is not None:
             # Shape, dtype and values checked against the teacher's input before any trial trains.
             _images(recalibrate_images, teacher, None)
         self.recalibrate_images = recalibrate_images
-        self.fixed_kwargs = fixed  # the Distiller arguments that no hyperparameter sets
+
+    def _bounds(self, name, values):
+        """`values` (the ends of a range, or choices), each checked as the option `name` allows."""
+        for value in values:
+            dataclasses.replace(self.options, **{name: value})
+        return values
+
+    @property
+    def fixed_kwargs(self) -> dict:
+        """The `Distiller` arguments that no hyperparameter sets (`fa_norm` may be searched)."""
+        return {**{name: getattr(self.options, name) for name in FIXED if name not in ("fa_norm", "seed")},
+                "seed": self.seed}
 
     @classmethod
     def from_config(cls, teacher: keras.Model, distill: dict, student_fn, optimizer_fn=None, **kwargs):
@@ -254,16 +268,20 @@ class FAQDHyperModel(keras_tuner.HyperModel):
             default = min(self.temperatures, key=lambda t: abs(t - 4.0))  # the paper uses T = 3..5
             hp.Choice("temperature", self.temperatures, default=default)
 
+    def trial_options(self, hp_values: dict) -> DistillOptions:
+        """The loss options of a trial: the fixed ones with its hyperparameter values."""
+        return dataclasses.replace(self.options, **best_distill_config(hp_values, fa=self.fa))
+
     def distiller_kwargs(self, hp_values: dict) -> dict:
         """All `Distiller` keyword arguments (but student and teacher) of the hp values."""
-        return {**self.fixed_kwargs, **best_distill_config(hp_values, fa=self.fa)}
+        return {**dataclasses.asdict(self.trial_options(hp_values)), "seed": self.seed}
 
     def build(self, hp):
         """A fresh student distilled from the teacher: a `Distiller` compiled with `metrics`."""
         self.declare_hyperparameters(hp)
         student = self.student_fn()
         # Built when made (keras-tuner saves, and Hyperband reloads, each trial's weights).
-        distiller = Distiller(student, self.teacher, **self.distiller_kwargs(hp.values))
+        distiller = Distiller(student, self.teacher, self.trial_options(hp.values), seed=self.seed)
         optimizer = self.optimizer_fn()
         if optimizer.weight_decay:
             # Trials train as the CLI's distillation does: the alphas get the authors' own decay.
@@ -357,21 +375,16 @@ def make_tuner(hypermodel: FAQDHyperModel, tuner: str | type = "random", max_tri
         directory = tempfile.mkdtemp(prefix="faqd_tuning_")
     common = dict(objective=objective(), directory=directory, project_name=project_name,
                   overwrite=overwrite, seed=seed, **tuner_kwargs)
-    if isinstance(tuner, type) and issubclass(tuner, keras_tuner.Tuner):
-        if issubclass(tuner, keras_tuner.Hyperband):
-            common.setdefault("max_epochs", epochs)
-        else:
-            common["max_trials"] = max_trials
-        return tuner(hypermodel, **common)
     kind = tuner.strip().lower() if isinstance(tuner, str) else tuner
-    if kind == "random":
-        return keras_tuner.RandomSearch(hypermodel, max_trials=max_trials, **common)
-    if kind == "bayesian":
-        return keras_tuner.BayesianOptimization(hypermodel, max_trials=max_trials, **common)
-    if kind == "hyperband":
+    if isinstance(kind, str) and kind in TUNERS:
+        kind = dict(zip(TUNERS, (keras_tuner.RandomSearch, keras_tuner.BayesianOptimization, keras_tuner.Hyperband)))[kind]
+    if not (isinstance(kind, type) and issubclass(kind, keras_tuner.Tuner)):
+        raise ValueError(f"tuner={tuner!r} is not supported; use one of {TUNERS} or a keras_tuner.Tuner subclass.")
+    if issubclass(kind, keras_tuner.Hyperband):
         common.setdefault("max_epochs", epochs)
-        return keras_tuner.Hyperband(hypermodel, **common)
-    raise ValueError(f"tuner={tuner!r} is not supported; use one of {TUNERS} or a keras_tuner.Tuner subclass.")
+    else:
+        common["max_trials"] = max_trials
+    return kind(hypermodel, **common)
 
 
 def search(hypermodel: FAQDHyperModel, train_data: tf.data.Dataset | np.ndarray,

@@ -120,3 +120,19 @@ def test_a_long_config_path_is_named_whole(tmp_path):
     with pytest.raises(config.ConfigError) as info:
         config.load(str(path))
     assert f"config file {path} gives the key 'seed' twice" in str(info.value)
+
+
+def test_the_config_docs_are_the_records():
+    """docs/config.md lists every key with its default, range and doc, as the option records give them."""
+    with open(os.path.join(ROOT, "docs", "config.md")) as f:
+        assert f.read() == config.markdown(), (
+            "docs/config.md is stale; regenerate it: "
+            "python -c \"from faqd_tf import config; print(config.markdown(), end='')\" > docs/config.md")
+    keys = [line.split("`")[1] for line in config.markdown().splitlines() if line.startswith("| `")]
+
+    def flat(schema, prefix=""):
+        for name, spec in schema.items():
+            key = f"{prefix}{name}"
+            yield from flat(spec, key + ".") if isinstance(spec, dict) else [key]
+
+    assert keys == list(flat(config.SCHEMA))

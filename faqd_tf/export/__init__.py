@@ -35,6 +35,7 @@ from faqd_tf.export.packed import (
 )
 from faqd_tf.export.onnx import WEIGHT_TYPES, check_onnx, run_onnx, to_onnx
 from faqd_tf.export.tflite import MODES, kernel_types, run_tflite, to_tflite
+from faqd_tf.names import EXPORTS
 
 __all__ = [
     "FILENAMES",
@@ -58,21 +59,13 @@ __all__ = [
     "write",
 ]
 
-KINDS = ("packed", "tflite", "tflite-int8", "tflite-int4", "tflite-full", "onnx")
-FILENAMES = {
-    "packed": "student.faqd",
-    "tflite": "student.tflite",
-    "tflite-int8": "student-int8.tflite",
-    "tflite-int4": "student-int4.tflite",
-    "tflite-full": "student-full.tflite",
-    "onnx": "student.onnx",
-}
-_TFLITE_MODES = {"tflite": "float", "tflite-int8": "int8", "tflite-int4": "int4", "tflite-full": "full"}
+KINDS = tuple(EXPORTS)
+FILENAMES = {name: kind.file for name, kind in EXPORTS.items()}
 
 
 def needs_calibration(kind):
     """Whether export `kind` needs unlabeled calibration images (`write(..., calibration=...)`)."""
-    return kind == "tflite-full"
+    return _kind(kind).needs_calibration
 
 
 def needs_quantized(kind):
@@ -81,33 +74,28 @@ def needs_quantized(kind):
     >>> [kind for kind in KINDS if needs_quantized(kind)]
     ['tflite-int8', 'tflite-int4', 'tflite-full']
     """
-    return kind in ("tflite-int8", "tflite-int4", "tflite-full")
+    return _kind(kind).needs_quantized
 
 
-def _check_kind(kind):
-    if kind not in KINDS:
+def _kind(kind):
+    if kind not in EXPORTS:
         raise ValueError(f"Unknown export kind {kind!r}; use one of {', '.join(KINDS)}.")
+    return EXPORTS[kind]
 
 
 def check(kind, model):
     """Raises a one-line ValueError when export `kind` cannot convert a layer of `model` (ONNX has a
     fixed set, see :mod:`faqd_tf.export.onnx`); cheap, needs no converter, writes nothing. The CLI
     runs it before training, so an impossible export stops the run before it starts."""
-    _check_kind(kind)
-    if kind == "onnx":
-        check_onnx(model)
+    _kind(kind).check_model(model)
 
 
 def write(kind, model, path, calibration=None):
-    """Writes `model` as export `kind` (one of `KINDS`) to `path`; returns the file size in bytes.
+    """Writes `model` as export `kind` (one of `KINDS`, `faqd_tf.names.EXPORTS`) to `path`; returns
+    the file size in bytes.
 
     ``"packed"``: :func:`pack`; ``"tflite"``, ``"tflite-int8"``, ``"tflite-int4"``, ``"tflite-full"``:
     :func:`to_tflite` in mode ``"float"``, ``"int8"``, ``"int4"``, ``"full"`` (which calibrates on
     `calibration`); ``"onnx"``: :func:`to_onnx`.
     """
-    _check_kind(kind)
-    if kind == "packed":
-        return pack(model, path)
-    if kind == "onnx":
-        return to_onnx(model, path)
-    return to_tflite(model, path, mode=_TFLITE_MODES[kind], calibration=calibration)
+    return _kind(kind).write_model(model, path, calibration=calibration)

@@ -99,8 +99,7 @@ def resolve_method(teacher_map_shape, student_map_shape, method="auto", fa_norm=
     >>> resolve_method((32, 32, 32, 16), (32, 32, 32, 16))
     'gram'
     """
-    options.check_fa_norm(fa_norm)
-    options.check_fa_method(method, fa_norm, name="method")
+    options.check_fa_method(method, fa_norm, name="method")  # and fa_norm
     t, s = tf.TensorShape(teacher_map_shape), tf.TensorShape(student_map_shape)
     return _resolve_method(method, fa_norm, _static_num_pixels(s), t[-1], s[-1])
 
@@ -355,8 +354,7 @@ def feature_affinity_per_sample(teacher_map, student_map, method="auto", fa_norm
     >>> feature_affinity_per_sample(t, s).shape
     TensorShape([4])
     """
-    options.check_fa_norm(fa_norm)
-    options.check_fa_method(method, fa_norm, name="method")
+    options.check_fa_method(method, fa_norm, name="method")  # and fa_norm
     _check_tile_rows(tile_rows)
     teacher_map, student_map = pixels.check_maps(teacher_map, student_map)
     teacher_map, student_map = pixels.align(teacher_map, student_map)
