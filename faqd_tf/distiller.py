@@ -30,6 +30,7 @@ of the gradient it has in the authors' code; `gradient_norms` shows each term's 
 """
 
 import dataclasses
+import warnings
 
 import keras
 import numpy as np
@@ -123,12 +124,25 @@ class Distiller(keras.Model):
 
         `metrics` (e.g. `["accuracy"]`) are computed on the student's logits for batches that
         carry labels; label-free batches leave them out of the logs.
+
+        `jit_compile=True` compiles the whole step (both networks, every loss term, the update)
+        with XLA on one replica. Under a strategy of several replicas it is turned off with a
+        warning, as Keras's own `"auto"` does there: XLA places a replica's step on the first
+        device and cannot reach the other replicas' variables.
         """
         if loss is not None:
             raise ValueError(
                 "Distiller.compile takes no loss: it trains on alpha*KD + beta*FA + gamma*CE; "
                 "set those weights on the Distiller instead."
             )
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        if kwargs.get("jit_compile") is True and replicas > 1:
+            warnings.warn(
+                f"jit_compile=True is turned off under a strategy of {replicas} replicas (XLA cannot reach "
+                "the other replicas' variables from a compiled step); the step runs as a TensorFlow graph.",
+                stacklevel=2,
+            )
+            kwargs["jit_compile"] = False
         super().compile(optimizer=optimizer, metrics=metrics, **kwargs)
 
     def compile_from_config(self, config):

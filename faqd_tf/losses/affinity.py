@@ -298,7 +298,10 @@ class _SampleSubset:
             i = self.order[j]
             new = fn(tf.gather(m, [i]), tf.gather(p, [i]))  # a static shape, which XLA needs
             if upstream is not None:
-                new = new * upstream[i]
+                # A gather, not `upstream[i]`: with the slice, XLA took the step's inputs as
+                # compile-time constants and recompiled the whole step for every new batch
+                # (issue 34: `jit_compile=True` with exact FA seemed to hang).
+                new = new * tf.reshape(tf.gather(upstream, [i]), [1] * new.shape.rank)
             return j + 1, tf.tensor_scatter_nd_update(out, [[i]], new)
 
         return tf.while_loop(lambda j, _: j < self.count, body, (tf.constant(0), values), parallel_iterations=1)[1]
