@@ -104,7 +104,9 @@ def run_script(script, *args, **kwargs):
     """Runs `python script *args` in a fresh process (a fresh TensorFlow: its own graph, memory
     peak and imported library), output captured as text; returns the `CompletedProcess`.
     `kwargs` go to `subprocess.run` (`env`, `cwd`)."""
-    return subprocess.run([sys.executable, os.path.abspath(script), *args], capture_output=True, text=True, **kwargs)
+    return subprocess.run(
+        [sys.executable, os.path.abspath(script), *args], capture_output=True, text=True, **kwargs
+    )
 
 
 def run_worker(script, spec, prefix, **kwargs):
@@ -112,7 +114,11 @@ def run_worker(script, spec, prefix, **kwargs):
     of the lines its worker printed with `emit(prefix, ...)`, in order (a worker that died gives
     those it printed before)."""
     proc = run_script(script, "--worker", json.dumps(spec), **kwargs)
-    found = [json.loads(line[len(prefix):]) for line in proc.stdout.splitlines() if line.startswith(prefix)]
+    found = [
+        json.loads(line[len(prefix) :])
+        for line in proc.stdout.splitlines()
+        if line.startswith(prefix)
+    ]
     return proc, found
 
 
@@ -131,8 +137,13 @@ def emit(prefix, value):
 def quickstart_command(*flags, overrides=None):
     """The library's own pipeline: `python train.py --config configs/quickstart.json *flags`, then
     `--set key=<value as JSON>` for each of `overrides`."""
-    command = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "quickstart.json"),
-               *flags]
+    command = [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        "--config",
+        os.path.join(ROOT, "configs", "quickstart.json"),
+        *flags,
+    ]
     for key, value in (overrides or {}).items():
         command += ["--set", f"{key}={json.dumps(value)}"]
     return command
@@ -145,13 +156,22 @@ def run_train(out, overrides, workers):
     invocation ran)`. Raises RuntimeError when train.py fails."""
     command = quickstart_command("--set", f"output_dir={out}", overrides=overrides)
     os.makedirs(out, exist_ok=True)
-    epochs_before = len(read_rows(os.path.join(out, "history.csv")))  # a resumed cell ran these already
+    epochs_before = len(
+        read_rows(os.path.join(out, "history.csv"))
+    )  # a resumed cell ran these already
     start = time.perf_counter()
     with open(os.path.join(out, "train.log"), "a") as log:
-        proc = subprocess.run(command, cwd=ROOT, env=child_env(one_thread=workers > 1), stdout=log,
-                              stderr=subprocess.STDOUT)
+        proc = subprocess.run(
+            command,
+            cwd=ROOT,
+            env=child_env(one_thread=workers > 1),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     if proc.returncode:
-        raise RuntimeError(f"{os.path.basename(out)}: train.py exited with {proc.returncode}; see {out}/train.log")
+        raise RuntimeError(
+            f"{os.path.basename(out)}: train.py exited with {proc.returncode}; see {out}/train.log"
+        )
     seconds = time.perf_counter() - start
     with open(os.path.join(out, "results.json")) as f:
         results = json.load(f)
@@ -232,7 +252,11 @@ def mean_interval(differences):
     d = np.asarray(differences, dtype=float)
     if len(d) == 0:
         return None
-    half = scipy_stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+    half = (
+        scipy_stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+        if len(d) > 1
+        else float("nan")
+    )
     return float(d.mean()), float(half), len(d), d
 
 
@@ -249,7 +273,11 @@ def mean_std(values):
 
     if not len(values):
         return "-"
-    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+    return (
+        f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+        if len(values) > 1
+        else f"{values[0]:.2f}"
+    )
 
 
 def pyplot():

@@ -43,7 +43,17 @@ OPTIMIZERS = {
     "SGD 0.01 Nesterov 0.9": lambda: keras.optimizers.SGD(0.01, momentum=0.9, nesterov=True),
     "Adam 3e-4": lambda: keras.optimizers.Adam(3e-4),
 }
-FIELDS = ["bits", "optimizer", "rule", "seed", "accuracy", "alpha_min", "alpha_max", "steps", "seconds"]
+FIELDS = [
+    "bits",
+    "optimizer",
+    "rule",
+    "seed",
+    "accuracy",
+    "alpha_min",
+    "alpha_max",
+    "steps",
+    "seconds",
+]
 TRACE_EVERY = 10
 
 
@@ -53,12 +63,19 @@ def say(message):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--teacher", required=True, help="trained full-precision .keras model (28x28x1 inputs)")
+    p.add_argument(
+        "--teacher", required=True, help="trained full-precision .keras model (28x28x1 inputs)"
+    )
     p.add_argument("--bits", type=int, nargs="+", default=[1, 4], choices=[1, 2, 4, 8])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
-    p.add_argument("--rates", type=float, nargs="*", default=[],
-                   help="extra clamped rates to run besides raw, 0.01 and frozen")
+    p.add_argument(
+        "--rates",
+        type=float,
+        nargs="*",
+        default=[],
+        help="extra clamped rates to run besides raw, 0.01 and frozen",
+    )
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--out-dir", default="saved_models/alpha_update")
@@ -105,20 +122,43 @@ def run_one(args, teacher, test, bits, optimizer, rule, seed):
     alpha_rate, frozen = rules(args.rates)[rule]
     keras.utils.set_random_seed(seed)
     student = quantize_model(teacher, weight_bits=None, activation_bits=bits, alpha_rate=alpha_rate)
-    relus = [layer for layer in student.layers if isinstance(layer, QuantReLU) and layer.alpha is not None]
+    relus = [
+        layer
+        for layer in student.layers
+        if isinstance(layer, QuantReLU) and layer.alpha is not None
+    ]
     for layer in relus:
         layer.trainable = not frozen
-    train = data.load(FMNIST, "train", labels=False, batch_size=args.batch_size, augment=False, seed=seed)
-    distiller = Distiller(student, teacher, alpha=1.0, beta=0.1, kd="kl", temperature=4.0, fa="exact", seed=seed)
+    train = data.load(
+        FMNIST, "train", labels=False, batch_size=args.batch_size, augment=False, seed=seed
+    )
+    distiller = Distiller(
+        student, teacher, alpha=1.0, beta=0.1, kd="kl", temperature=4.0, fa="exact", seed=seed
+    )
     distiller.compile(OPTIMIZERS[optimizer]())
     trace = AlphaTrace(relus)
     start = time.perf_counter()
-    distiller.fit(train.repeat(), epochs=1, steps_per_epoch=args.steps, verbose=0, callbacks=[trace], shuffle=False)
+    distiller.fit(
+        train.repeat(),
+        epochs=1,
+        steps_per_epoch=args.steps,
+        verbose=0,
+        callbacks=[trace],
+        shuffle=False,
+    )
     seconds = time.perf_counter() - start
     alphas = [float(layer.alpha.numpy()) for layer in relus]
-    row = {"bits": bits, "optimizer": optimizer, "rule": rule, "seed": seed,
-           "accuracy": round(accuracy(student, test), 4), "alpha_min": round(min(alphas), 4),
-           "alpha_max": round(max(alphas), 4), "steps": args.steps, "seconds": round(seconds, 1)}
+    row = {
+        "bits": bits,
+        "optimizer": optimizer,
+        "rule": rule,
+        "seed": seed,
+        "accuracy": round(accuracy(student, test), 4),
+        "alpha_min": round(min(alphas), 4),
+        "alpha_max": round(max(alphas), 4),
+        "steps": args.steps,
+        "seconds": round(seconds, 1),
+    }
     return row, trace.points
 
 
@@ -138,12 +178,20 @@ def report(args, rows, before, traces):
         groups.setdefault((int(r["bits"]), r["optimizer"], r["rule"]), []).append(r)
     for (bits, optimizer, rule), runs in groups.items():
         runs.sort(key=lambda r: int(r["seed"]))
-        ranges = "; ".join(f"{float(r['alpha_min']):.2f}, {float(r['alpha_max']):.2f}" for r in runs)
+        ranges = "; ".join(
+            f"{float(r['alpha_min']):.2f}, {float(r['alpha_max']):.2f}" for r in runs
+        )
         accs = [float(r["accuracy"]) for r in runs]
-        lines.append(f"| {bits}A32W | {optimizer} | {rule} | {', '.join(r['seed'] for r in runs)} | {ranges} | "
-                     f"{' / '.join(f'{100 * a:.2f}%' for a in accs)} | {100 * np.mean(accs):.2f}% |")
+        lines.append(
+            f"| {bits}A32W | {optimizer} | {rule} | {', '.join(r['seed'] for r in runs)} | {ranges} | "
+            f"{' / '.join(f'{100 * a:.2f}%' for a in accs)} | {100 * np.mean(accs):.2f}% |"
+        )
     lines.append("")
-    lines.append("Before training: " + ", ".join(f"{b}A32W {100 * a:.2f}%" for b, a in sorted(before.items())) + ".")
+    lines.append(
+        "Before training: "
+        + ", ".join(f"{b}A32W {100 * a:.2f}%" for b, a in sorted(before.items()))
+        + "."
+    )
     _harness.write_text(md, "\n".join(lines) + "\n")
     say(f"table written to {md}")
     plot(groups, traces, png)
@@ -163,16 +211,23 @@ def plot(groups, traces, png):
         ax.set_xticks(range(len(keys)), labels, fontsize=8)
         low = min(100 * float(r["accuracy"]) for k in keys for r in groups[k])
         # Near-equal high accuracies (4 bits) would be indistinguishable from a zero baseline.
-        ax.set_ylim(low - 3 if low > 50 else 0, 100 * max(float(r["accuracy"]) for k in keys for r in groups[k]) + 1)
+        ax.set_ylim(
+            low - 3 if low > 50 else 0,
+            100 * max(float(r["accuracy"]) for k in keys for r in groups[k]) + 1,
+        )
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{bits}-bit activations, FP weights")
         ax.grid(axis="y", alpha=0.3)
     ax = axes[-1]
     for (bits, optimizer, rule, seed), points in sorted(traces.items()):
-        if bits != bits_list[0] or seed != min(k[3] for k in traces) or not optimizer.startswith("SGD"):
+        if (
+            bits != bits_list[0]
+            or seed != min(k[3] for k in traces)
+            or not optimizer.startswith("SGD")
+        ):
             continue
         steps, lo, hi = zip(*points)
-        line, = ax.plot(steps, hi, label=rule)
+        (line,) = ax.plot(steps, hi, label=rule)
         ax.plot(steps, lo, color=line.get_color(), linestyle="--")
     ax.set_xlabel("step")
     ax.set_ylabel("alpha (solid: max, dashed: min)")
@@ -194,8 +249,12 @@ def main(argv=None):
     before = {}
     for bits in args.bits:
         keras.utils.set_random_seed(0)
-        before[bits] = accuracy(quantize_model(teacher, weight_bits=None, activation_bits=bits), test)
-    done = {(int(r["bits"]), r["optimizer"], r["rule"], int(r["seed"])) for r in read_rows(csv_path)}
+        before[bits] = accuracy(
+            quantize_model(teacher, weight_bits=None, activation_bits=bits), test
+        )
+    done = {
+        (int(r["bits"]), r["optimizer"], r["rule"], int(r["seed"])) for r in read_rows(csv_path)
+    }
     if not args.report_only:
         say(f"teacher {100 * accuracy(teacher, test):.2f}%; before training: {before}")
         for seed in args.seeds:
@@ -206,8 +265,10 @@ def main(argv=None):
                             continue
                         say(f"{bits}A32W | {optimizer} | {rule} | seed {seed}")
                         row, points = run_one(args, teacher, test, bits, optimizer, rule, seed)
-                        say(f"  -> {100 * row['accuracy']:.2f}%, alphas {row['alpha_min']}..{row['alpha_max']}, "
-                            f"{row['seconds']} s")
+                        say(
+                            f"  -> {100 * row['accuracy']:.2f}%, alphas {row['alpha_min']}..{row['alpha_max']}, "
+                            f"{row['seconds']} s"
+                        )
                         for step, lo, hi in points:
                             append_trace(trace_path, (bits, optimizer, rule, seed, step, lo, hi))
                         append_rows(csv_path, FIELDS, [row])
@@ -228,7 +289,10 @@ def read_traces(path):
     if not os.path.exists(path):
         return []
     with open(path, newline="") as f:
-        return [(int(b), o, r, int(s), int(t), float(lo), float(hi)) for b, o, r, s, t, lo, hi in csv.reader(f)]
+        return [
+            (int(b), o, r, int(s), int(t), float(lo), float(hi))
+            for b, o, r, s, t, lo, hi in csv.reader(f)
+        ]
 
 
 if __name__ == "__main__":

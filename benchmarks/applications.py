@@ -54,13 +54,46 @@ OWN = ("own_sequential_cnn", "own_conv1d", "own_segmentation")
 # Cheapest first (parameter count at the minimum input, measured here), so that a limited run
 # covers as many networks as possible; our own three come first.
 APPLICATIONS = (
-    "MobileNetV3Small", "MobileNetV2", "MobileNet", "EfficientNetB0", "MobileNetV3Large", "NASNetMobile",
-    "EfficientNetV2B0", "EfficientNetB1", "EfficientNetV2B1", "DenseNet121", "EfficientNetB2",
-    "EfficientNetV2B2", "EfficientNetB3", "DenseNet169", "EfficientNetV2B3", "EfficientNetB4",
-    "DenseNet201", "EfficientNetV2S", "InceptionV3", "Xception", "ResNet50V2", "ResNet50",
-    "ConvNeXtTiny", "EfficientNetB5", "EfficientNetB6", "ResNet101V2", "ResNet101", "ConvNeXtSmall",
-    "InceptionResNetV2", "EfficientNetV2M", "ResNet152V2", "ResNet152", "EfficientNetB7", "NASNetLarge",
-    "ConvNeXtBase", "EfficientNetV2L", "VGG16", "VGG19", "ConvNeXtLarge", "ConvNeXtXLarge",
+    "MobileNetV3Small",
+    "MobileNetV2",
+    "MobileNet",
+    "EfficientNetB0",
+    "MobileNetV3Large",
+    "NASNetMobile",
+    "EfficientNetV2B0",
+    "EfficientNetB1",
+    "EfficientNetV2B1",
+    "DenseNet121",
+    "EfficientNetB2",
+    "EfficientNetV2B2",
+    "EfficientNetB3",
+    "DenseNet169",
+    "EfficientNetV2B3",
+    "EfficientNetB4",
+    "DenseNet201",
+    "EfficientNetV2S",
+    "InceptionV3",
+    "Xception",
+    "ResNet50V2",
+    "ResNet50",
+    "ConvNeXtTiny",
+    "EfficientNetB5",
+    "EfficientNetB6",
+    "ResNet101V2",
+    "ResNet101",
+    "ConvNeXtSmall",
+    "InceptionResNetV2",
+    "EfficientNetV2M",
+    "ResNet152V2",
+    "ResNet152",
+    "EfficientNetB7",
+    "NASNetLarge",
+    "ConvNeXtBase",
+    "EfficientNetV2L",
+    "VGG16",
+    "VGG19",
+    "ConvNeXtLarge",
+    "ConvNeXtXLarge",
 )
 NETWORKS = OWN + APPLICATIONS
 FIELDS = ("network", "input_shape", "step", "status", "detail", "seconds")
@@ -95,12 +128,20 @@ def build(name, size=None, seed=0):
     shape = input_shape(name, size)
     layers = keras.layers
     if name == "own_sequential_cnn":
-        return keras.Sequential([
-            keras.Input(shape), layers.Conv2D(16, 3, padding="same", activation="relu"),
-            layers.BatchNormalization(), layers.MaxPooling2D(),
-            layers.Conv2D(32, 3, padding="same", use_bias=False), layers.BatchNormalization(), layers.ReLU(),
-            layers.GlobalAveragePooling2D(), layers.Dense(10),
-        ], name=name)
+        return keras.Sequential(
+            [
+                keras.Input(shape),
+                layers.Conv2D(16, 3, padding="same", activation="relu"),
+                layers.BatchNormalization(),
+                layers.MaxPooling2D(),
+                layers.Conv2D(32, 3, padding="same", use_bias=False),
+                layers.BatchNormalization(),
+                layers.ReLU(),
+                layers.GlobalAveragePooling2D(),
+                layers.Dense(10),
+            ],
+            name=name,
+        )
     if name == "own_conv1d":
         inputs = keras.Input(shape)
         x = layers.Conv1D(32, 5, padding="same", use_bias=False)(inputs)
@@ -122,8 +163,9 @@ def build(name, size=None, seed=0):
         x = layers.ReLU()(x)
         x = layers.Conv2DTranspose(16, 3, strides=2, padding="same", activation="relu")(x)
         return keras.Model(inputs, layers.Conv2D(10, 1, name="pixel_logits")(x), name=name)
-    return getattr(keras.applications, name)(weights=None, classes=10, classifier_activation=None,
-                                             input_shape=shape)
+    return getattr(keras.applications, name)(
+        weights=None, classes=10, classifier_activation=None, input_shape=shape
+    )
 
 
 def images(name, count=8, size=None):
@@ -134,8 +176,16 @@ def images(name, count=8, size=None):
 
     shape = input_shape(name, size)
     side = None if len(shape) == 2 else shape[:2]
-    ds = data.load(FMNIST, "train", labels=False, batch_size=count, shuffle=False, augment=False,
-                   image_size=side, limit=count)
+    ds = data.load(
+        FMNIST,
+        "train",
+        labels=False,
+        batch_size=count,
+        shuffle=False,
+        augment=False,
+        image_size=side,
+        limit=count,
+    )
     x = np.asarray(next(iter(ds)), np.float32)
     if len(shape) == 2:
         return x[..., 0]  # (N, 28, 28): rows as time steps
@@ -148,7 +198,9 @@ def top1(y):
     return np.argmax(np.asarray(y), axis=-1)
 
 
-def run_steps(name, workdir, count=8, fit_steps=2, size=None, kinds=None, seed=0, emit=print, progress=None):
+def run_steps(
+    name, workdir, count=8, fit_steps=2, size=None, kinds=None, seed=0, emit=print, progress=None
+):
     """Runs network `name` through every step; calls `emit(row)` with a dict per finished step.
 
     `progress(step)` is called as each step starts (the benchmark's parent reads it to name the
@@ -166,8 +218,14 @@ def run_steps(name, workdir, count=8, fit_steps=2, size=None, kinds=None, seed=0
     shape = "x".join(str(d) for d in input_shape(name, size))
 
     def record(step, status, detail, start):
-        row = {"network": name, "input_shape": shape, "step": step, "status": status, "detail": detail,
-               "seconds": f"{time.perf_counter() - start:.2f}"}
+        row = {
+            "network": name,
+            "input_shape": shape,
+            "step": step,
+            "status": status,
+            "detail": detail,
+            "seconds": f"{time.perf_counter() - start:.2f}",
+        }
         rows.append(row)
         emit(row)
 
@@ -216,7 +274,9 @@ def run_steps(name, workdir, count=8, fit_steps=2, size=None, kinds=None, seed=0
     def do_distill():
         import tensorflow as tf
 
-        distiller = faqd_tf.Distiller(state["student"], state["teacher"], kd="kl", fa="exact", seed=seed)
+        distiller = faqd_tf.Distiller(
+            state["student"], state["teacher"], kd="kl", fa="exact", seed=seed
+        )
         # A small step: the networks are random, a large one can overflow the deep ones' logits.
         distiller.compile(keras.optimizers.SGD(1e-3, momentum=0.9))
         ds = tf.data.Dataset.from_tensor_slices(x).batch(max(1, count // 2)).repeat()
@@ -224,8 +284,9 @@ def run_steps(name, workdir, count=8, fit_steps=2, size=None, kinds=None, seed=0
         logs = {k: float(v[-1]) for k, v in history.history.items()}
         if not all(np.isfinite(v) for v in logs.values()):
             raise FloatingPointError(f"loss not finite after {fit_steps} steps: {logs}")
-        return (f"{fit_steps} steps, {len(distiller.feature_pairs)} FA pairs, "
-                + ", ".join(f"{k} {v:.4g}" for k, v in sorted(logs.items())))
+        return f"{fit_steps} steps, {len(distiller.feature_pairs)} FA pairs, " + ", ".join(
+            f"{k} {v:.4g}" for k, v in sorted(logs.items())
+        )
 
     def do_save_load():
         path = os.path.join(workdir, f"{name}.keras")
@@ -237,7 +298,9 @@ def run_steps(name, workdir, count=8, fit_steps=2, size=None, kinds=None, seed=0
         scale = float(np.max(np.abs(a))) or 1.0
         # Same process, same weights and kernels: only float reassociation may differ.
         if not diff <= 1e-4 * scale + 1e-6:
-            raise AssertionError(f"loaded model differs: max |diff| {diff:.3g} at output scale {scale:.3g}")
+            raise AssertionError(
+                f"loaded model differs: max |diff| {diff:.3g} at output scale {scale:.3g}"
+            )
         return f"max |diff| {diff:.2g} (scale {scale:.2g}), {os.path.getsize(path) / 1e6:.1f} MB"
 
     def do_recalibrate():
@@ -252,6 +315,7 @@ def run_steps(name, workdir, count=8, fit_steps=2, size=None, kinds=None, seed=0
     attempt("recalibrate_bn", do_recalibrate, quantized)
     reference = reference_logits = None
     for kind in kinds or export.KINDS:
+
         def do_export(kind=kind):
             nonlocal reference, reference_logits
             student = state["student"]
@@ -276,14 +340,17 @@ def run_steps(name, workdir, count=8, fit_steps=2, size=None, kinds=None, seed=0
             # logit error tells an export's arithmetic error from a tie.
             error = float(np.max(np.abs(np.asarray(y) - reference_logits)))
             scale = float(np.max(np.abs(reference_logits))) or 1.0
-            return (f"top-1 agreement {100 * agree:.1f}% (synthetic), max |logit diff|/scale {error / scale:.2g}, "
-                    f"{nbytes / 1e6:.2f} MB")
+            return (
+                f"top-1 agreement {100 * agree:.1f}% (synthetic), max |logit diff|/scale {error / scale:.2g}, "
+                f"{nbytes / 1e6:.2f} MB"
+            )
 
         attempt(f"export:{kind}", do_export, quantized, refusal=(Refused,))
     return rows
 
 
 # ---- the benchmark's parent: one subprocess per network, resumable CSV, markdown table ----------
+
 
 def append_row(path, row):
     append_rows(path, FIELDS, [row])  # fsynced: a kill loses nothing
@@ -297,12 +364,24 @@ EXACT_EXPORTS = ("export:packed", "export:tflite")
 
 def cell_status(row):
     found = re.search(r"max \|logit diff\|/scale ([^,]+),", row["detail"])
-    if row["status"] == "ok" and row["step"] in EXACT_EXPORTS and found and float(found.group(1)) >= 1e-2:
+    if (
+        row["status"] == "ok"
+        and row["step"] in EXACT_EXPORTS
+        and found
+        and float(found.group(1)) >= 1e-2
+    ):
         return "mismatch"
     return row["status"]
 
 
-SHORT = {"ok": "ok", "mismatch": "**mismatch**", "refused": "refused", "error": "**error**", "timeout": "**timeout**", "skipped": "-"}
+SHORT = {
+    "ok": "ok",
+    "mismatch": "**mismatch**",
+    "refused": "refused",
+    "error": "**error**",
+    "timeout": "**timeout**",
+    "skipped": "-",
+}
 
 
 def write_markdown(csv_path, md_path, command):
@@ -335,7 +414,11 @@ def write_markdown(csv_path, md_path, command):
         row = []
         for s in steps:
             r = cells.get((n, s))
-            row.append("" if r is None else f"{SHORT.get(cell_status(r), cell_status(r))} {float(r['seconds'] or 0):.0f}s")
+            row.append(
+                ""
+                if r is None
+                else f"{SHORT.get(cell_status(r), cell_status(r))} {float(r['seconds'] or 0):.0f}s"
+            )
         lines.append(f"| {n} | {shape} | " + " | ".join(row) + " |")
     lines += ["", "## Details (quantized/float layers, taps, refusal and error lines)", ""]
     for n in order:
@@ -356,8 +439,16 @@ def run_child(args):
             f.write(step)
 
     with tempfile.TemporaryDirectory(prefix=f"faqd_app_{args.child}_") as workdir:
-        run_steps(args.child, workdir, count=args.images, fit_steps=args.fit_steps, size=args.size,
-                  seed=args.seed, emit=lambda row: append_row(args.csv, row), progress=progress)
+        run_steps(
+            args.child,
+            workdir,
+            count=args.images,
+            fit_steps=args.fit_steps,
+            size=args.size,
+            seed=args.seed,
+            emit=lambda row: append_row(args.csv, row),
+            progress=progress,
+        )
 
 
 def main(argv=None):
@@ -368,14 +459,18 @@ def main(argv=None):
     parser.add_argument("--timeout", type=float, default=300, help="seconds per network")
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--fit-steps", type=int, default=2)
-    parser.add_argument("--size", type=int, default=None, help="image side (default: each network's minimum)")
+    parser.add_argument(
+        "--size", type=int, default=None, help="image side (default: each network's minimum)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rerun", action="store_true", help="rerun networks already finished")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return run_child(args)
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT)] + list(argv or sys.argv[1:]))
+    command = "python " + " ".join(
+        shlex.quote(a) for a in [os.path.relpath(__file__, ROOT)] + list(argv or sys.argv[1:])
+    )
     networks = args.only or list(NETWORKS)
     unknown = [n for n in networks if n not in NETWORKS]
     if unknown:
@@ -392,13 +487,31 @@ def main(argv=None):
         progress_path = args.csv + ".progress"
         if os.path.exists(progress_path):
             os.remove(progress_path)
-        child = [sys.executable, os.path.abspath(__file__), "--child", name, "--csv", args.csv,
-                 "--images", str(args.images), "--fit-steps", str(args.fit_steps), "--seed", str(args.seed)]
+        child = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--child",
+            name,
+            "--csv",
+            args.csv,
+            "--images",
+            str(args.images),
+            "--fit-steps",
+            str(args.fit_steps),
+            "--seed",
+            str(args.seed),
+        ]
         if args.size:
             child += ["--size", str(args.size)]
         start = time.perf_counter()
-        proc = subprocess.Popen(child, env=_harness.child_env(), start_new_session=True, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            child,
+            env=_harness.child_env(),
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             _, err = proc.communicate(timeout=args.timeout)
             status = f"exit {proc.returncode}"
@@ -406,21 +519,43 @@ def main(argv=None):
             os.killpg(proc.pid, signal.SIGKILL)  # its own session: the converter's threads go too
             _, err = proc.communicate()
             step = open(progress_path).read() if os.path.exists(progress_path) else "build"
-            append_row(args.csv, {"network": name, "input_shape": "x".join(map(str, input_shape(name, args.size))),
-                                  "step": step, "status": "timeout",
-                                  "detail": f"killed after {args.timeout:.0f} s (whole network)",
-                                  "seconds": f"{time.perf_counter() - start:.2f}"})
+            append_row(
+                args.csv,
+                {
+                    "network": name,
+                    "input_shape": "x".join(map(str, input_shape(name, args.size))),
+                    "step": step,
+                    "status": "timeout",
+                    "detail": f"killed after {args.timeout:.0f} s (whole network)",
+                    "seconds": f"{time.perf_counter() - start:.2f}",
+                },
+            )
             status = "timeout"
         if proc.returncode not in (0, None) and status != "timeout":
             last = [l for l in (err or "").strip().splitlines() if l.strip()][-1:] or ["no output"]
             finished = {r["step"] for r in read_rows(args.csv) if r["network"] == name}
             step = open(progress_path).read() if os.path.exists(progress_path) else "build"
             if step not in finished:
-                append_row(args.csv, {"network": name, "input_shape": "", "step": step, "status": "error",
-                                      "detail": f"process died ({status}): {last[0][:300]}",
-                                      "seconds": f"{time.perf_counter() - start:.2f}"})
-        append_row(args.csv, {"network": name, "step": "done", "status": status,
-                              "seconds": f"{time.perf_counter() - start:.2f}"})
+                append_row(
+                    args.csv,
+                    {
+                        "network": name,
+                        "input_shape": "",
+                        "step": step,
+                        "status": "error",
+                        "detail": f"process died ({status}): {last[0][:300]}",
+                        "seconds": f"{time.perf_counter() - start:.2f}",
+                    },
+                )
+        append_row(
+            args.csv,
+            {
+                "network": name,
+                "step": "done",
+                "status": status,
+                "seconds": f"{time.perf_counter() - start:.2f}",
+            },
+        )
         summary = {r["step"]: r["status"] for r in read_rows(args.csv) if r["network"] == name}
         print(f"[applications] {name}: {time.perf_counter() - start:.0f} s {summary}", flush=True)
         write_markdown(args.csv, args.md, command)

@@ -44,24 +44,41 @@ def main(argv=None):
     print("| network | export | file bytes | max |logit gap| / max |logit| | seconds |")
     print("|---|---|---:|---:|---:|")
     for name in args.networks:
-        model = getattr(keras.applications, name)(weights=None, classes=10, input_shape=(args.size, args.size, 3),
-                                                  classifier_activation=None)
+        model = getattr(keras.applications, name)(
+            weights=None,
+            classes=10,
+            input_shape=(args.size, args.size, 3),
+            classifier_activation=None,
+        )
         # EfficientNet rescales 0-255 images itself; the MobileNets take [-1, 1].
         scale = 255.0 if name.startswith("EfficientNet") else 1.0
-        x = (scale * rng.uniform(-1 if scale == 1 else 0, 1, size=(4, args.size, args.size, 3))).astype(np.float32)
+        x = (
+            scale * rng.uniform(-1 if scale == 1 else 0, 1, size=(4, args.size, args.size, 3))
+        ).astype(np.float32)
         student = quantize_model(model, weight_bits=4)
-        for label, net, kind in (("onnx fp32", model, "onnx"), ("onnx 4-bit", student, "onnx"),
-                                 ("packed 4-bit", student, "packed")):
+        for label, net, kind in (
+            ("onnx fp32", model, "onnx"),
+            ("onnx 4-bit", student, "onnx"),
+            ("packed 4-bit", student, "packed"),
+        ):
             path = os.path.join(folder, f"{name}-{label.replace(' ', '-')}.{kind}")
             start = time.perf_counter()
             try:
                 nbytes = export.write(kind, net, path)
-                got = export.run_onnx(path, x) if kind == "onnx" else keras.ops.convert_to_numpy(export.unpack(path)(x))
+                got = (
+                    export.run_onnx(path, x)
+                    if kind == "onnx"
+                    else keras.ops.convert_to_numpy(export.unpack(path)(x))
+                )
             except Exception as err:  # reported, not raised: the table shows which pass
-                print(f"| {name} | {label} | - | FAILED: {type(err).__name__}: {str(err).splitlines()[0][:160]} | - |")
+                print(
+                    f"| {name} | {label} | - | FAILED: {type(err).__name__}: {str(err).splitlines()[0][:160]} | - |"
+                )
                 continue
             gap = relative_gap(got, keras.ops.convert_to_numpy(net(x, training=False)))
-            print(f"| {name} | {label} | {nbytes} | {gap:.1e} | {time.perf_counter() - start:.1f} |")
+            print(
+                f"| {name} | {label} | {nbytes} | {gap:.1e} | {time.perf_counter() - start:.1f} |"
+            )
 
 
 if __name__ == "__main__":

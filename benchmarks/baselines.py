@@ -49,9 +49,25 @@ from benchmarks import _harness  # noqa: E402
 from benchmarks._harness import FMNIST, ROOT, read_rows  # noqa: E402
 
 TEACHER_EPOCHS = 3  # configs/quickstart.json, teacher.train.epochs
-FIELDS = ("teacher", "teacher_acc", "method", "bits", "granularity", "runtime", "accuracy", "seconds",
-          "file_bytes", "keras_bytes", "calibration", "load1", "notes")
-AEQ_RECIPES = {"aeq_int4_weight_only": "weight_only_wi4_afp32", "aeq_int4_dynamic": "dynamic_wi4_afp32"}
+FIELDS = (
+    "teacher",
+    "teacher_acc",
+    "method",
+    "bits",
+    "granularity",
+    "runtime",
+    "accuracy",
+    "seconds",
+    "file_bytes",
+    "keras_bytes",
+    "calibration",
+    "load1",
+    "notes",
+)
+AEQ_RECIPES = {
+    "aeq_int4_weight_only": "weight_only_wi4_afp32",
+    "aeq_int4_dynamic": "dynamic_wi4_afp32",
+}
 LABELS = {
     "tflite_float": "TFLite float",
     "tflite_dynamic_int8": "TFLite dynamic-range int8 (weights)",
@@ -71,8 +87,19 @@ def fashion_mnist(calibration):
     split, normalized as `train.py` feeds them."""
     from faqd_tf import data
 
-    x_cal = np.concatenate(list(data.load(FMNIST, "train", labels=False, batch_size=1000, shuffle=False,
-                                          augment=False, limit=calibration).as_numpy_iterator()))
+    x_cal = np.concatenate(
+        list(
+            data.load(
+                FMNIST,
+                "train",
+                labels=False,
+                batch_size=1000,
+                shuffle=False,
+                augment=False,
+                limit=calibration,
+            ).as_numpy_iterator()
+        )
+    )
     test = list(data.load(FMNIST, "test", labels=True, batch_size=1000).as_numpy_iterator())
     return x_cal, np.concatenate([x for x, _ in test]), np.concatenate([y for _, y in test])
 
@@ -85,8 +112,13 @@ def teacher_path(arch, cache):
     path = os.path.join(out, "teacher.keras")
     if not os.path.exists(path):
         print(f"[baselines] training the {arch} teacher with train.py", flush=True)
-        subprocess.run(_harness.quickstart_command("--stage", "teacher", "--set", f"teacher.arch={arch}",
-                                                   "--set", f"output_dir={out}"), check=True, cwd=ROOT)
+        subprocess.run(
+            _harness.quickstart_command(
+                "--stage", "teacher", "--set", f"teacher.arch={arch}", "--set", f"output_dir={out}"
+            ),
+            check=True,
+            cwd=ROOT,
+        )
     return path
 
 
@@ -97,7 +129,9 @@ def keras_logits(model, x):
 def tflite_logits(path, x, threads=2, batch=1000):
     from faqd_tf.export import run_tflite
 
-    return np.concatenate([run_tflite(path, x[i : i + batch], num_threads=threads) for i in range(0, len(x), batch)])
+    return np.concatenate(
+        [run_tflite(path, x[i : i + batch], num_threads=threads) for i in range(0, len(x), batch)]
+    )
 
 
 def tflite_ptq(model, path, method, calibration=None):
@@ -109,12 +143,15 @@ def tflite_ptq(model, path, method, calibration=None):
     if method != "tflite_float":
         kwargs["optimizations"] = [tf.lite.Optimize.DEFAULT]
     if method == "tflite_full_int8":
+
         def representative():
             for image in calibration:
                 yield [image[None].astype(np.float32)]
 
-        kwargs.update(representative_dataset=representative,
-                      target_spec={"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]})
+        kwargs.update(
+            representative_dataset=representative,
+            target_spec={"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]},
+        )
     model.export(path, format="litert", verbose=False, **kwargs)
     return os.path.getsize(path)
 
@@ -124,7 +161,8 @@ def aeq_int4(float_path, path, method):
     from ai_edge_quantizer import quantizer, recipe
 
     result = quantizer.Quantizer(float_path, getattr(recipe, AEQ_RECIPES[method])()).quantize(
-        enable_progress_report=False)
+        enable_progress_report=False
+    )
     result.export_model(path, overwrite=True)
     return os.path.getsize(path)
 
@@ -156,16 +194,28 @@ def int4_export(student_path, path, faqd_tf_dir=None):
         return size, time.perf_counter() - start, "faqd_tf.export.to_tflite(mode='int4')"
     if not faqd_tf_dir:
         return None
-    code = ("import sys, time, keras\nfrom faqd_tf.export import to_tflite\n"
-            "m = keras.models.load_model(sys.argv[1], safe_mode=True)\nt = time.perf_counter()\n"
-            "n = to_tflite(m, sys.argv[2], mode='int4')\nprint(n, time.perf_counter() - t)\n")
+    code = (
+        "import sys, time, keras\nfrom faqd_tf.export import to_tflite\n"
+        "m = keras.models.load_model(sys.argv[1], safe_mode=True)\nt = time.perf_counter()\n"
+        "n = to_tflite(m, sys.argv[2], mode='int4')\nprint(n, time.perf_counter() - t)\n"
+    )
     # cwd = the checkout, so that its faqd_tf (not this one) is the one imported.
-    out = subprocess.run([sys.executable, "-c", code, os.path.abspath(student_path), os.path.abspath(path)],
-                         cwd=faqd_tf_dir, env={**os.environ, "PYTHONPATH": faqd_tf_dir},
-                         capture_output=True, text=True, check=True).stdout.split()
-    commit = subprocess.run(["git", "-C", faqd_tf_dir, "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or os.path.basename(os.path.normpath(faqd_tf_dir))
-    return int(out[-2]), float(out[-1]), f"to_tflite(mode='int4') imported from {faqd_tf_dir} ({commit})"
+    out = subprocess.run(
+        [sys.executable, "-c", code, os.path.abspath(student_path), os.path.abspath(path)],
+        cwd=faqd_tf_dir,
+        env={**os.environ, "PYTHONPATH": faqd_tf_dir},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    commit = subprocess.run(
+        ["git", "-C", faqd_tf_dir, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip() or os.path.basename(os.path.normpath(faqd_tf_dir))
+    return (
+        int(out[-2]),
+        float(out[-1]),
+        f"to_tflite(mode='int4') imported from {faqd_tf_dir} ({commit})",
+    )
 
 
 def row_key(row):
@@ -183,10 +233,15 @@ class Recorder:
         self._write_all()
 
     def _write_all(self):
-        _harness.write_rows(self.path, FIELDS, self.rows)  # written aside: a kill never leaves half a table
+        _harness.write_rows(
+            self.path, FIELDS, self.rows
+        )  # written aside: a kill never leaves half a table
 
     def wanted(self, **key):
-        return row_key({k: key.get(k, "-") for k in ("teacher", "method", "bits", "granularity")}) not in self.done
+        return (
+            row_key({k: key.get(k, "-") for k in ("teacher", "method", "bits", "granularity")})
+            not in self.done
+        )
 
     def add(self, base, **row):
         row = {**base, **row}
@@ -197,8 +252,11 @@ class Recorder:
             self.done.add(row_key(row))
         self._write_all()
         acc = "TODO" if row["accuracy"] == "" else f"{100 * float(row['accuracy']):.2f}%"
-        print(f"[baselines] {row['teacher']} {row['method']} {row['bits']} {row['granularity']}: {acc}, "
-              f"{row['seconds'] or '-'} s, {row['file_bytes'] or '-'} B", flush=True)
+        print(
+            f"[baselines] {row['teacher']} {row['method']} {row['bits']} {row['granularity']}: {acc}, "
+            f"{row['seconds'] or '-'} s, {row['file_bytes'] or '-'} B",
+            flush=True,
+        )
 
 
 def timed(fn):
@@ -220,33 +278,68 @@ def run_teacher(arch, teacher, x_cal, x_test, y_test, args, rec):
     base = {"teacher": arch, "teacher_acc": fp_acc, "calibration": len(x_cal)}
     teacher_file = teacher_path(arch, args.cache)
     if rec.wanted(teacher=arch, method="fp", bits=32):
-        rec.add(base, method="fp", bits=32, runtime="keras", accuracy=fp_acc,
-                file_bytes=os.path.getsize(teacher_file), notes=f"{os.path.relpath(teacher_file, ROOT)}")
+        rec.add(
+            base,
+            method="fp",
+            bits=32,
+            runtime="keras",
+            accuracy=fp_acc,
+            file_bytes=os.path.getsize(teacher_file),
+            notes=f"{os.path.relpath(teacher_file, ROOT)}",
+        )
     if rec.wanted(teacher=arch, method="fp_bn", bits=32):
         twin = keras.models.clone_model(teacher)
         twin.set_weights(teacher.get_weights())
         _, seconds, load = timed(lambda: recalibrate_batchnorm(twin, x_cal))
-        rec.add(base, method="fp_bn", bits=32, runtime="keras", accuracy=accuracy(keras_logits(twin, x_test)),
-                seconds=seconds, load1=load)
+        rec.add(
+            base,
+            method="fp_bn",
+            bits=32,
+            runtime="keras",
+            accuracy=accuracy(keras_logits(twin, x_test)),
+            seconds=seconds,
+            load1=load,
+        )
 
     float_path = os.path.join(work, "tflite_float.tflite")
     for method, bits in (("tflite_float", 32), ("tflite_dynamic_int8", 8), ("tflite_full_int8", 8)):
         path = os.path.join(work, f"{method}.tflite")
         if rec.wanted(teacher=arch, method=method, bits=bits):
             size, seconds, load = timed(lambda: tflite_ptq(teacher, path, method, x_cal))
-            rec.add(base, method=method, bits=bits, runtime="litert", accuracy=accuracy(tflite_logits(path, x_test, args.threads)),
-                    seconds=seconds, load1=load, file_bytes=size,
-                    calibration=len(x_cal) if method == "tflite_full_int8" else 0,
-                    notes="float32 input/output" if method == "tflite_full_int8" else "")
+            rec.add(
+                base,
+                method=method,
+                bits=bits,
+                runtime="litert",
+                accuracy=accuracy(tflite_logits(path, x_test, args.threads)),
+                seconds=seconds,
+                load1=load,
+                file_bytes=size,
+                calibration=len(x_cal) if method == "tflite_full_int8" else 0,
+                notes="float32 input/output" if method == "tflite_full_int8" else "",
+            )
     for method in AEQ_RECIPES:
         if rec.wanted(teacher=arch, method=method, bits=4):
             path = os.path.join(work, f"{method}.tflite")
             # Timed from the teacher in memory: the float conversion is part of this path.
-            (_, size), seconds, load = timed(lambda: (tflite_ptq(teacher, float_path, "tflite_float"),
-                                                      aeq_int4(float_path, path, method)))
-            rec.add(base, method=method, bits=4, runtime="litert", accuracy=accuracy(tflite_logits(path, x_test, args.threads)),
-                    seconds=seconds, load1=load, file_bytes=size, calibration=0,
-                    notes=f"recipe.{AEQ_RECIPES[method]}(), channel-wise, classifier included")
+            (_, size), seconds, load = timed(
+                lambda: (
+                    tflite_ptq(teacher, float_path, "tflite_float"),
+                    aeq_int4(float_path, path, method),
+                )
+            )
+            rec.add(
+                base,
+                method=method,
+                bits=4,
+                runtime="litert",
+                accuracy=accuracy(tflite_logits(path, x_test, args.threads)),
+                seconds=seconds,
+                load1=load,
+                file_bytes=size,
+                calibration=0,
+                notes=f"recipe.{AEQ_RECIPES[method]}(), channel-wise, classifier included",
+            )
 
     for bits in args.bits:
         for granularity in args.granularity:
@@ -256,28 +349,62 @@ def run_teacher(arch, teacher, x_cal, x_test, y_test, args, rec):
                 if not rec.wanted(teacher=arch, method=method, bits=bits, granularity=granularity):
                     continue
                 cal = x_cal if method == "rtn_bn" else None
-                (student, size), seconds, load = timed(lambda: rtn(teacher, bits, per_channel, stem + ".faqd", cal))
+                (student, size), seconds, load = timed(
+                    lambda: rtn(teacher, bits, per_channel, stem + ".faqd", cal)
+                )
                 student.save(stem + ".keras")
-                rec.add(base, method=method, bits=bits, granularity=granularity, runtime="keras",
-                        accuracy=accuracy(keras_logits(student, x_test)), seconds=seconds, load1=load,
-                        file_bytes=size, keras_bytes=os.path.getsize(stem + ".keras"),
-                        calibration=len(x_cal) if cal is not None else 0)
-            if bits == 4 and rec.wanted(teacher=arch, method="rtn_bn_tflite_int4", bits=4, granularity=granularity):
+                rec.add(
+                    base,
+                    method=method,
+                    bits=bits,
+                    granularity=granularity,
+                    runtime="keras",
+                    accuracy=accuracy(keras_logits(student, x_test)),
+                    seconds=seconds,
+                    load1=load,
+                    file_bytes=size,
+                    keras_bytes=os.path.getsize(stem + ".keras"),
+                    calibration=len(x_cal) if cal is not None else 0,
+                )
+            if bits == 4 and rec.wanted(
+                teacher=arch, method="rtn_bn_tflite_int4", bits=4, granularity=granularity
+            ):
                 stem = os.path.join(work, f"rtn_bn_w4_{granularity}")
                 path = stem + "_int4.tflite"
                 load = round(os.getloadavg()[0], 2)
-                made = int4_export(stem + ".keras", path, args.int4_faqd_tf) if os.path.exists(stem + ".keras") else None
+                made = (
+                    int4_export(stem + ".keras", path, args.int4_faqd_tf)
+                    if os.path.exists(stem + ".keras")
+                    else None
+                )
                 if made is None:
-                    rec.add(base, method="rtn_bn_tflite_int4", bits=4, granularity=granularity, runtime="litert",
-                            notes="TODO: needs faqd_tf.export.to_tflite(mode='int4') (branch export-lowbit); "
-                                  "rerun this command after the merge")
+                    rec.add(
+                        base,
+                        method="rtn_bn_tflite_int4",
+                        bits=4,
+                        granularity=granularity,
+                        runtime="litert",
+                        notes="TODO: needs faqd_tf.export.to_tflite(mode='int4') (branch export-lowbit); "
+                        "rerun this command after the merge",
+                    )
                     continue
                 size, seconds, note = made
-                prior = next(r for r in rec.rows if row_key(r) == (arch, "rtn_bn", "4", granularity))
-                rec.add(base, method="rtn_bn_tflite_int4", bits=4, granularity=granularity, runtime="litert",
-                        accuracy=accuracy(tflite_logits(path, x_test, args.threads)), file_bytes=size,
-                        seconds=round(float(prior["seconds"]) + seconds, 2), load1=load, calibration=len(x_cal),
-                        notes=f"{note}; seconds = rtn_bn row + export {seconds:.1f} s")
+                prior = next(
+                    r for r in rec.rows if row_key(r) == (arch, "rtn_bn", "4", granularity)
+                )
+                rec.add(
+                    base,
+                    method="rtn_bn_tflite_int4",
+                    bits=4,
+                    granularity=granularity,
+                    runtime="litert",
+                    accuracy=accuracy(tflite_logits(path, x_test, args.threads)),
+                    file_bytes=size,
+                    seconds=round(float(prior["seconds"]) + seconds, 2),
+                    load1=load,
+                    calibration=len(x_cal),
+                    notes=f"{note}; seconds = rtn_bn row + export {seconds:.1f} s",
+                )
 
 
 def report(rows, command, png=None):
@@ -288,43 +415,75 @@ def report(rows, command, png=None):
     lines = [
         f"Machine: {_harness.cpu_model()}, {os.cpu_count()} cores, no GPU; Python {sys.version.split()[0]}, "
         f"TensorFlow {tf.__version__}, Keras {keras.__version__}; LiteRT interpreter (ai_edge_litert), 2 threads.",
-        f"Command: `{command}`", "",
+        f"Command: `{command}`",
+        "",
     ]
     for teacher in dict.fromkeys(r["teacher"] for r in rows):
         mine = [r for r in rows if r["teacher"] == teacher]
         fp = float(mine[0]["teacher_acc"])
-        lines += [f"**{teacher}** (FP {100 * fp:.2f}%)", "",
-                  "| method | weights | scales | runs in | accuracy | vs FP | time to produce (s) | load avg | file | file size | .keras |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"**{teacher}** (FP {100 * fp:.2f}%)",
+            "",
+            "| method | weights | scales | runs in | accuracy | vs FP | time to produce (s) | load avg | file | file size | .keras |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in mine:
             acc = "TODO" if r["accuracy"] == "" else f"{100 * float(r['accuracy']):.2f}%"
             delta = "" if r["accuracy"] == "" else f"{100 * (float(r['accuracy']) - fp):+.2f}"
-            kind = {"keras": ".faqd", "litert": ".tflite"}[r["runtime"]] if r["method"] not in ("fp", "fp_bn") else ".keras"
-            size = f"{int(r['file_bytes']) / 1024:,.1f} kB" if r["file_bytes"] not in ("", None) else "-"
-            keras_kb = f"{int(r['keras_bytes']) / 1024:,.1f} kB" if r["keras_bytes"] not in ("", None) else "-"
+            kind = (
+                {"keras": ".faqd", "litert": ".tflite"}[r["runtime"]]
+                if r["method"] not in ("fp", "fp_bn")
+                else ".keras"
+            )
+            size = (
+                f"{int(r['file_bytes']) / 1024:,.1f} kB"
+                if r["file_bytes"] not in ("", None)
+                else "-"
+            )
+            keras_kb = (
+                f"{int(r['keras_bytes']) / 1024:,.1f} kB"
+                if r["keras_bytes"] not in ("", None)
+                else "-"
+            )
             bits = "float32" if str(r["bits"]) == "32" else f"{r['bits']}-bit"
-            lines.append(f"| {LABELS[r['method']]} | {bits} | {r['granularity']} | {r['runtime']} | {acc} | {delta} "
-                         f"| {r['seconds'] or '-'} | {r['load1'] or '-'} | {kind if r['method'] != 'fp_bn' else '-'} "
-                         f"| {size if r['method'] != 'fp_bn' else '-'} | {keras_kb} |")
+            lines.append(
+                f"| {LABELS[r['method']]} | {bits} | {r['granularity']} | {r['runtime']} | {acc} | {delta} "
+                f"| {r['seconds'] or '-'} | {r['load1'] or '-'} | {kind if r['method'] != 'fp_bn' else '-'} "
+                f"| {size if r['method'] != 'fp_bn' else '-'} | {keras_kb} |"
+            )
         lines.append("")
     if png:
         lines.append(f"![label-free baselines]({os.path.basename(png)})")
     return "\n".join(lines) + "\n"
 
 
-PLOT_METHODS = (("rtn", "layer"), ("rtn_bn", "layer"), ("rtn", "channel"), ("rtn_bn", "channel"),
-                ("tflite_dynamic_int8", "-"), ("tflite_full_int8", "-"), ("aeq_int4_weight_only", "-"),
-                ("aeq_int4_dynamic", "-"), ("rtn_bn_tflite_int4", "layer"), ("rtn_bn_tflite_int4", "channel"))
+PLOT_METHODS = (
+    ("rtn", "layer"),
+    ("rtn_bn", "layer"),
+    ("rtn", "channel"),
+    ("rtn_bn", "channel"),
+    ("tflite_dynamic_int8", "-"),
+    ("tflite_full_int8", "-"),
+    ("aeq_int4_weight_only", "-"),
+    ("aeq_int4_dynamic", "-"),
+    ("rtn_bn_tflite_int4", "layer"),
+    ("rtn_bn_tflite_int4", "channel"),
+)
 
 
 def plot(rows, path):
     plt = _harness.pyplot()
     teachers = list(dict.fromkeys(r["teacher"] for r in rows))
     colors = dict(zip(PLOT_METHODS, plt.get_cmap("tab10").colors))
-    fig, axes = plt.subplots(1, len(teachers), figsize=(max(10, 7 * len(teachers)), 5), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(teachers), figsize=(max(10, 7 * len(teachers)), 5), squeeze=False
+    )
     for ax, teacher in zip(axes[0], teachers):
-        mine = {(r["method"], r["granularity"], str(r["bits"])): r for r in rows
-                if r["teacher"] == teacher and r["accuracy"] != ""}
+        mine = {
+            (r["method"], r["granularity"], str(r["bits"])): r
+            for r in rows
+            if r["teacher"] == teacher and r["accuracy"] != ""
+        }
         fp = 100 * float(next(r for r in rows if r["teacher"] == teacher)["teacher_acc"])
         ticks, x = [], 0.0
         for bits in ("8", "4", "2", "1"):
@@ -335,7 +494,15 @@ def plot(rows, path):
                 value = 100 * float(mine[(*m, bits)]["accuracy"])
                 label = LABELS[m[0]] + ("" if m[1] == "-" else f" ({m[1]})")
                 ax.bar(x + k, value, 0.9, color=colors[m], label=label)
-                ax.text(x + k, value + 1, f"{value:.1f}", ha="center", va="bottom", fontsize=6, rotation=90)
+                ax.text(
+                    x + k,
+                    value + 1,
+                    f"{value:.1f}",
+                    ha="center",
+                    va="bottom",
+                    fontsize=6,
+                    rotation=90,
+                )
             ticks.append((x + (len(present) - 1) / 2, f"{bits}-bit"))
             x += len(present) + 1.5
         ax.axhline(fp, color="black", linestyle="--", linewidth=1, label=f"FP teacher {fp:.2f}%")
@@ -354,14 +521,25 @@ def plot(rows, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--teachers", nargs="+", default=["resnet8", "resnet20"], choices=["resnet8", "resnet20"])
+    parser.add_argument(
+        "--teachers", nargs="+", default=["resnet8", "resnet20"], choices=["resnet8", "resnet20"]
+    )
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 4, 2, 1])
-    parser.add_argument("--granularity", nargs="+", default=["layer", "channel"], choices=["layer", "channel"])
-    parser.add_argument("--calibration", type=int, default=1000, help="unlabeled training images for calibration")
+    parser.add_argument(
+        "--granularity", nargs="+", default=["layer", "channel"], choices=["layer", "channel"]
+    )
+    parser.add_argument(
+        "--calibration", type=int, default=1000, help="unlabeled training images for calibration"
+    )
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cache", default=os.environ.get("FAQD_BENCH_CACHE", "/work/runs/baselines"))
-    parser.add_argument("--int4-faqd-tf", default=None,
-                        help="a checkout whose faqd_tf has to_tflite(mode='int4'), used if this one has not")
+    parser.add_argument(
+        "--cache", default=os.environ.get("FAQD_BENCH_CACHE", "/work/runs/baselines")
+    )
+    parser.add_argument(
+        "--int4-faqd-tf",
+        default=None,
+        help="a checkout whose faqd_tf has to_tflite(mode='int4'), used if this one has not",
+    )
     parser.add_argument("--csv", default="saved_models/baselines/baselines.csv")
     parser.add_argument("--md", default="saved_models/baselines/baselines.md")
     parser.add_argument("--png", default=None)
@@ -377,7 +555,9 @@ def main(argv=None):
         teacher = keras.models.load_model(teacher_path(arch, args.cache), safe_mode=True)
         run_teacher(arch, teacher, x_cal, x_test, y_test, args, rec)
 
-    command = "python benchmarks/baselines.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/baselines.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     rows = [r for r in rec.rows if r["teacher"] in args.teachers]
     text = report(rows, command.strip(), args.png)
     print(text)

@@ -71,13 +71,36 @@ FACTORS = {
     "alpha0.1": {"student.alpha_rate": 0.1},
 }
 
-FACTOR_FIELDS = ["factor", "width", "seed", "epochs", "accuracy", "accuracy_last3", "accuracy_recal",
-                 "seconds", "sec_per_epoch"]
-CELL_FIELDS = ["table", "init", "row", "column", "seed", "accuracy", "epochs", "steps", "seconds",
-               "sec_per_epoch", "accuracy_last3", "accuracy_recal"]
+FACTOR_FIELDS = [
+    "factor",
+    "width",
+    "seed",
+    "epochs",
+    "accuracy",
+    "accuracy_last3",
+    "accuracy_recal",
+    "seconds",
+    "sec_per_epoch",
+]
+CELL_FIELDS = [
+    "table",
+    "init",
+    "row",
+    "column",
+    "seed",
+    "accuracy",
+    "epochs",
+    "steps",
+    "seconds",
+    "sec_per_epoch",
+    "accuracy_last3",
+    "accuracy_recal",
+]
 CURVE_FIELDS = ["recipe", "row", "column", "seed", "epoch", "val_accuracy", "kd", "fa", "loss"]
-WIDTHS = {"1-bit": {"student.weight_bits": 1},
-          "1W1A": {"student.weight_bits": 1, "student.activation_bits": 1, "student.two_step": True}}
+WIDTHS = {
+    "1-bit": {"student.weight_bits": 1},
+    "1W1A": {"student.weight_bits": 1, "student.activation_bits": 1, "student.two_step": True},
+}
 ARMS = {"KD only": None, "FAQD": "exact"}
 
 
@@ -96,7 +119,9 @@ def run_train(out, overrides, workers):
     (results, history rows, seconds, epochs run now, recalibrated accuracy)."""
     results, history, seconds, ran = _harness.run_train(out, overrides, workers)
     # In its own process, on one thread when cells share the cores.
-    proc = _harness.run_script(__file__, "recal", out, cwd=ROOT, env=_harness.child_env(one_thread=workers > 1))
+    proc = _harness.run_script(
+        __file__, "recal", out, cwd=ROOT, env=_harness.child_env(one_thread=workers > 1)
+    )
     if proc.returncode:
         raise RuntimeError(f"{out}: recalibration failed: {proc.stderr.strip().splitlines()[-1:]}")
     recal = float(proc.stdout.strip().splitlines()[-1])
@@ -131,33 +156,67 @@ def recalibrated_accuracy(out):
 def record_fp(results, csv_path):
     """Appends the pair's FP row (`row` "FP": the teacher, which is the FP student of a fine-tune) once."""
     if not any(r["row"] == "FP" for r in read_rows(csv_path)):
-        append_rows(csv_path, CELL_FIELDS, [dict(table="binary", init="fine-tune", row="FP", column="FP", seed="",
-                                                 accuracy=round(results["teacher"]["accuracy"], 4), epochs="",
-                                                 steps="", seconds="", sec_per_epoch="", accuracy_last3="",
-                                                 accuracy_recal="")])
+        append_rows(
+            csv_path,
+            CELL_FIELDS,
+            [
+                dict(
+                    table="binary",
+                    init="fine-tune",
+                    row="FP",
+                    column="FP",
+                    seed="",
+                    accuracy=round(results["teacher"]["accuracy"], 4),
+                    epochs="",
+                    steps="",
+                    seconds="",
+                    sec_per_epoch="",
+                    accuracy_last3="",
+                    accuracy_recal="",
+                )
+            ],
+        )
 
 
 def factors(args):
     ensure_teacher()
     csv_path = os.path.join(DOCS, "factors.csv")
     done = {(r["factor"], r["width"], r["seed"], r["epochs"]) for r in read_rows(csv_path)}
-    todo = [(f, w, s) for f in args.factors for s in args.seeds for w in args.widths
-            if (f, w, str(s), str(args.epochs)) not in done]
+    todo = [
+        (f, w, s)
+        for f in args.factors
+        for s in args.seeds
+        for w in args.widths
+        if (f, w, str(s), str(args.epochs)) not in done
+    ]
     print(f"[binary] {len(todo)} factor cells to run", flush=True)
 
     def job(factor, width, seed):
         def run():
-            out = os.path.join(args.out_dir, "factors", f"{factor}_{width}_seed{seed}_{args.epochs}ep")
+            out = os.path.join(
+                args.out_dir, "factors", f"{factor}_{width}_seed{seed}_{args.epochs}ep"
+            )
             values = {**recipe(factor), **WIDTHS[width], "train.epochs": args.epochs, "seed": seed}
             results, history, seconds, ran, recal = run_train(out, values, args.workers)
-            row = dict(factor=factor, width=width, seed=seed, epochs=args.epochs,
-                       accuracy=round(results["student"]["accuracy"], 4), accuracy_last3=last3(history),
-                       accuracy_recal=round(recal, 4), seconds=round(seconds, 1),
-                       sec_per_epoch=round(seconds / ran, 1))
+            row = dict(
+                factor=factor,
+                width=width,
+                seed=seed,
+                epochs=args.epochs,
+                accuracy=round(results["student"]["accuracy"], 4),
+                accuracy_last3=last3(history),
+                accuracy_recal=round(recal, 4),
+                seconds=round(seconds, 1),
+                sec_per_epoch=round(seconds / ran, 1),
+            )
             record_fp(results, os.path.join(DOCS, "cells.csv"))
             append_rows(csv_path, FACTOR_FIELDS, [row])
-            print(f"[binary] {factor} {width} seed {seed}: {100 * row['accuracy']:.2f}% "
-                  f"(recalibrated {100 * recal:.2f}%)", flush=True)
+            print(
+                f"[binary] {factor} {width} seed {seed}: {100 * row['accuracy']:.2f}% "
+                f"(recalibrated {100 * recal:.2f}%)",
+                flush=True,
+            )
+
         return run
 
     list(_harness.pool_run([job(*t) for t in todo], args.workers, "binary"))
@@ -169,33 +228,83 @@ def budget(args):
     rows = read_rows(csv_path)
     table = f"binary {args.recipe}"
     done = {(r["table"], r["row"], r["column"], r["seed"], r["epochs"]) for r in rows}
-    todo = [(arm, w, s) for w in args.widths for s in args.seeds for arm in ARMS
-            if (table, arm, w, str(s), str(args.epochs)) not in done]
+    todo = [
+        (arm, w, s)
+        for w in args.widths
+        for s in args.seeds
+        for arm in ARMS
+        if (table, arm, w, str(s), str(args.epochs)) not in done
+    ]
     print(f"[binary] {len(todo)} budget cells to run ({table})", flush=True)
 
     def job(arm, width, seed):
         def run():
             tag = "kd" if arm == "KD only" else "faqd"
-            out = os.path.join(args.out_dir, "budget", f"{args.recipe}_{width}_{tag}_seed{seed}_{args.epochs}ep")
-            values = {**recipe(args.recipe), **WIDTHS[width], "distill.fa": ARMS[arm],
-                      "train.epochs": args.epochs, "seed": seed}
+            out = os.path.join(
+                args.out_dir, "budget", f"{args.recipe}_{width}_{tag}_seed{seed}_{args.epochs}ep"
+            )
+            values = {
+                **recipe(args.recipe),
+                **WIDTHS[width],
+                "distill.fa": ARMS[arm],
+                "train.epochs": args.epochs,
+                "seed": seed,
+            }
             results, history, seconds, ran, recal = run_train(out, values, args.workers)
             steps = args.epochs * STEPS_PER_EPOCH * (2 if width == "1W1A" else 1)
-            row = dict(table=table, init="fine-tune", row=arm, column=width, seed=seed,
-                       accuracy=round(results["student"]["accuracy"], 4), epochs=args.epochs, steps=steps,
-                       seconds=round(seconds, 1), sec_per_epoch=round(seconds / ran, 1),
-                       accuracy_last3=last3(history), accuracy_recal=round(recal, 4))
-            curve = [dict(recipe=args.recipe, row=arm, column=width, seed=seed, epoch=int(h["epoch"]) + 1,
-                          val_accuracy=round(float(h["val_accuracy"]), 4), kd=h.get("kd", ""),
-                          fa=h.get("fa", ""), loss=h.get("loss", "")) for h in history]
+            row = dict(
+                table=table,
+                init="fine-tune",
+                row=arm,
+                column=width,
+                seed=seed,
+                accuracy=round(results["student"]["accuracy"], 4),
+                epochs=args.epochs,
+                steps=steps,
+                seconds=round(seconds, 1),
+                sec_per_epoch=round(seconds / ran, 1),
+                accuracy_last3=last3(history),
+                accuracy_recal=round(recal, 4),
+            )
+            curve = [
+                dict(
+                    recipe=args.recipe,
+                    row=arm,
+                    column=width,
+                    seed=seed,
+                    epoch=int(h["epoch"]) + 1,
+                    val_accuracy=round(float(h["val_accuracy"]), 4),
+                    kd=h.get("kd", ""),
+                    fa=h.get("fa", ""),
+                    loss=h.get("loss", ""),
+                )
+                for h in history
+            ]
             record_fp(results, csv_path)
             append_rows(csv_path, CELL_FIELDS, [row])
             append_rows(curves_path, CURVE_FIELDS, curve)
             shares = gradient_shares.parse(open(os.path.join(out, "train.log")).read())
-            append_rows(os.path.join(DOCS, "gradient_shares.csv"), gradient_shares.FIELDS,
-                        [dict(init=f"fine-tune {args.recipe} {width}", bits=1, arm=arm, seed=seed, term=t,
-                              norm=f"{n:.4g}", share=round(sh, 4)) for t, n, sh in shares])
-            print(f"[binary] {table} {arm} {width} seed {seed}: {100 * row['accuracy']:.2f}%", flush=True)
+            append_rows(
+                os.path.join(DOCS, "gradient_shares.csv"),
+                gradient_shares.FIELDS,
+                [
+                    dict(
+                        init=f"fine-tune {args.recipe} {width}",
+                        bits=1,
+                        arm=arm,
+                        seed=seed,
+                        term=t,
+                        norm=f"{n:.4g}",
+                        share=round(sh, 4),
+                    )
+                    for t, n, sh in shares
+                ],
+            )
+            print(
+                f"[binary] {table} {arm} {width} seed {seed}: {100 * row['accuracy']:.2f}%",
+                flush=True,
+            )
+
         return run
 
     list(_harness.pool_run([job(*t) for t in todo], args.workers, "binary"))
@@ -208,8 +317,12 @@ def main(argv=None):
         s = sub.add_parser(name)
         s.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
         s.add_argument("--epochs", type=int, default=2 if name == "factors" else 15)
-        s.add_argument("--widths", nargs="+", default=["1-bit"] if name == "factors" else ["1-bit", "1W1A"],
-                       choices=list(WIDTHS))
+        s.add_argument(
+            "--widths",
+            nargs="+",
+            default=["1-bit"] if name == "factors" else ["1-bit", "1W1A"],
+            choices=list(WIDTHS),
+        )
         s.add_argument("--workers", type=int, default=2)
         s.add_argument("--out-dir", default="/work/runs/binary")
         if name == "factors":
@@ -231,7 +344,9 @@ def main(argv=None):
     else:
         from benchmarks import binary_report
 
-        binary_report.write(args.md, args.png, "python benchmarks/binary.py " + " ".join(sys.argv[1:]))
+        binary_report.write(
+            args.md, args.png, "python benchmarks/binary.py " + " ".join(sys.argv[1:])
+        )
 
 
 if __name__ == "__main__":

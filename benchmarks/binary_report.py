@@ -1,6 +1,6 @@
 """The report of `benchmarks/binary.py`: the factor table, the budget table and the budget's curves.
 
-    python benchmarks/binary.py report --md docs/binary.md --png docs/binary.png
+python benchmarks/binary.py report --md docs/binary.md --png docs/binary.png
 """
 
 import os
@@ -9,18 +9,30 @@ import platform
 import numpy as np
 
 from benchmarks import _harness
-from benchmarks._harness import format_interval, mean_interval, mean_std, pyplot, read_rows, write_text
+from benchmarks._harness import (
+    format_interval,
+    mean_interval,
+    mean_std,
+    pyplot,
+    read_rows,
+    write_text,
+)
 
 DOCS = os.path.join(_harness.DOCS, "binary")
-METRICS = (("accuracy", "as trained (headline)"), ("accuracy_last3", "last 3 epochs"),
-           ("accuracy_recal", "after BN recalibration"))
+METRICS = (
+    ("accuracy", "as trained (headline)"),
+    ("accuracy_last3", "last 3 epochs"),
+    ("accuracy_recal", "after BN recalibration"),
+)
 
 
 def factor_table(rows):
     """Each factor against `base` of the same width, epochs and seed (paired), per metric."""
-    lines = ["| width | epochs | factor | accuracy % per seed (as trained) | minus base, as trained (95% CI) | "
-             "minus base, last 3 epochs | minus base, after BN recalibration | n |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| width | epochs | factor | accuracy % per seed (as trained) | minus base, as trained (95% CI) | "
+        "minus base, last 3 epochs | minus base, after BN recalibration | n |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     keys = sorted({(r["width"], r["epochs"]) for r in rows})
     for width, epochs in keys:
         mine = [r for r in rows if (r["width"], r["epochs"]) == (width, epochs)]
@@ -31,10 +43,14 @@ def factor_table(rows):
             per_seed = " / ".join(f"{100 * float(cells[s]['accuracy']):.2f}" for s in seeds)
             stats = []
             for metric, _ in METRICS:
-                paired = [s for s in seeds if s in base and cells[s].get(metric) and base[s].get(metric)]
+                paired = [
+                    s for s in seeds if s in base and cells[s].get(metric) and base[s].get(metric)
+                ]
                 d = [100 * (float(cells[s][metric]) - float(base[s][metric])) for s in paired]
                 stats.append("-" if factor == "base" else format_interval(mean_interval(d)))
-            lines.append(f"| {width} | {epochs} | {factor} | {per_seed} | {' | '.join(stats)} | {len(seeds)} |")
+            lines.append(
+                f"| {width} | {epochs} | {factor} | {per_seed} | {' | '.join(stats)} | {len(seeds)} |"
+            )
     return "\n".join(lines)
 
 
@@ -46,20 +62,34 @@ def fp_accuracy(cells):
 
 def budget_table(cells):
     """KD only and FAQD per (recipe, width), and FAQD minus KD only paired by seed, per metric."""
-    lines = ["| recipe | width | epochs a step | FP | KD only (mean ± std) | FAQD (mean ± std) | KD only minus FP | "
-             "FAQD minus KD only: as trained (headline) | last 3 epochs | after BN recalibration | n |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| recipe | width | epochs a step | FP | KD only (mean ± std) | FAQD (mean ± std) | KD only minus FP | "
+        "FAQD minus KD only: as trained (headline) | last 3 epochs | after BN recalibration | n |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     fp = 100 * fp_accuracy(cells)
-    for table, column, epochs in sorted({(c["table"], c["column"], c["epochs"]) for c in cells if c["row"] != "FP"}):
-        mine = [c for c in cells if (c["table"], c["column"], c["epochs"]) == (table, column, epochs)]
+    for table, column, epochs in sorted(
+        {(c["table"], c["column"], c["epochs"]) for c in cells if c["row"] != "FP"}
+    ):
+        mine = [
+            c for c in cells if (c["table"], c["column"], c["epochs"]) == (table, column, epochs)
+        ]
         arm = {a: {c["seed"]: c for c in mine if c["row"] == a} for a in ("KD only", "FAQD")}
         acc = {a: np.array([100 * float(c["accuracy"]) for c in arm[a].values()]) for a in arm}
         seeds = sorted(set(arm["KD only"]) & set(arm["FAQD"]), key=int)
-        stats = [format_interval(mean_interval([100 * (float(arm["FAQD"][s][m]) - float(arm["KD only"][s][m])) for s in seeds]))
-                 for m, _ in METRICS]
+        stats = [
+            format_interval(
+                mean_interval(
+                    [100 * (float(arm["FAQD"][s][m]) - float(arm["KD only"][s][m])) for s in seeds]
+                )
+            )
+            for m, _ in METRICS
+        ]
         gap = f"{acc['KD only'].mean() - fp:+.2f}" if len(acc["KD only"]) else "-"
-        lines.append(f"| {table.removeprefix('binary ')} | {column} | {epochs} | {fp:.2f} | {mean_std(acc['KD only'])} | "
-                     f"{mean_std(acc['FAQD'])} | {gap} | {' | '.join(stats)} | {len(seeds)} |")
+        lines.append(
+            f"| {table.removeprefix('binary ')} | {column} | {epochs} | {fp:.2f} | {mean_std(acc['KD only'])} | "
+            f"{mean_std(acc['FAQD'])} | {gap} | {' | '.join(stats)} | {len(seeds)} |"
+        )
     return "\n".join(lines)
 
 
@@ -73,7 +103,11 @@ def plot_factors(rows, path):
         base = {r["seed"]: float(r["accuracy"]) for r in mine if r["factor"] == "base"}
         factors = [f for f in dict.fromkeys(r["factor"] for r in mine) if f != "base"]
         for i, factor in enumerate(factors):
-            d = [100 * (float(r["accuracy"]) - base[r["seed"]]) for r in mine if r["factor"] == factor and r["seed"] in base]
+            d = [
+                100 * (float(r["accuracy"]) - base[r["seed"]])
+                for r in mine
+                if r["factor"] == factor and r["seed"] in base
+            ]
             ax.scatter([i] * len(d), d, color="tab:blue")
             ax.plot([i - 0.2, i + 0.2], [np.mean(d)] * 2, color="black")
         ax.axhline(0, color="gray", lw=0.8)
@@ -93,9 +127,19 @@ def plot(curves, fp, path):
     fig, axes = plt.subplots(1, len(panels), figsize=(max(8, 5 * len(panels)), 4.5), squeeze=False)
     for ax, (recipe, column) in zip(axes[0], panels):
         for arm, color in (("KD only", "tab:blue"), ("FAQD", "tab:orange")):
-            for seed in sorted({c["seed"] for c in curves if (c["recipe"], c["column"], c["row"]) == (recipe, column, arm)}):
-                got = sorted((int(c["epoch"]), 100 * float(c["val_accuracy"])) for c in curves
-                             if (c["recipe"], c["column"], c["row"], c["seed"]) == (recipe, column, arm, seed))
+            for seed in sorted(
+                {
+                    c["seed"]
+                    for c in curves
+                    if (c["recipe"], c["column"], c["row"]) == (recipe, column, arm)
+                }
+            ):
+                got = sorted(
+                    (int(c["epoch"]), 100 * float(c["val_accuracy"]))
+                    for c in curves
+                    if (c["recipe"], c["column"], c["row"], c["seed"])
+                    == (recipe, column, arm, seed)
+                )
                 ax.plot(*zip(*got), color=color, alpha=0.7, label=f"{arm}" if seed == "0" else None)
         ax.axhline(100 * fp, color="gray", ls="--", label="FP")
         ax.set_ylim(70, 93)
@@ -104,7 +148,10 @@ def plot(curves, fp, path):
         ax.set_ylabel("test accuracy %, one line a seed")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("Label-free binary ResNet8 from the FP ResNet8 teacher, Fashion-MNIST (60,000 images)", fontsize=10)
+    fig.suptitle(
+        "Label-free binary ResNet8 from the FP ResNet8 teacher, Fashion-MNIST (60,000 images)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -113,18 +160,28 @@ def write(md, png, command):
     factors = read_rows(os.path.join(DOCS, "factors.csv"))
     cells = read_rows(os.path.join(DOCS, "cells.csv"))
     curves = read_rows(os.path.join(DOCS, "curves.csv"))
-    text = "\n".join([
-        f"Command: `{command}`  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores. Every cell: `train.py` with configs/quickstart.json, the "
-        "pinned teacher docs/budget/teacher.keras (FP ResNet8, the `FP` row), all 60,000 training images, label-free, 1-bit "
-        "fine-tune from the teacher's weights. Headline metric (named before the runs): test accuracy as trained at the "
-        "last epoch; beside it the mean of the last three epochs and the accuracy after recalibrating the BN statistics "
-        "on 6,400 unlabeled training images. Differences are paired by seed (same initial weights and data order), "
-        "95% t-intervals.", "",
-        "## Factors (KD only, one factor at a time)", "", factor_table(factors), "",
-        "![factors](binary_factors.png)", "",
-        "## Budget (KD only against FAQD)", "", budget_table(cells), "",
-    ])
+    text = "\n".join(
+        [
+            f"Command: `{command}`  ",
+            f"Machine: {platform.machine()}, {os.cpu_count()} cores. Every cell: `train.py` with configs/quickstart.json, the "
+            "pinned teacher docs/budget/teacher.keras (FP ResNet8, the `FP` row), all 60,000 training images, label-free, 1-bit "
+            "fine-tune from the teacher's weights. Headline metric (named before the runs): test accuracy as trained at the "
+            "last epoch; beside it the mean of the last three epochs and the accuracy after recalibrating the BN statistics "
+            "on 6,400 unlabeled training images. Differences are paired by seed (same initial weights and data order), "
+            "95% t-intervals.",
+            "",
+            "## Factors (KD only, one factor at a time)",
+            "",
+            factor_table(factors),
+            "",
+            "![factors](binary_factors.png)",
+            "",
+            "## Budget (KD only against FAQD)",
+            "",
+            budget_table(cells),
+            "",
+        ]
+    )
     write_text(md, text)
     print(text)
     if png and factors:

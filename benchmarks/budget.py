@@ -36,7 +36,18 @@ from benchmarks._harness import ROOT, append_rows, read_rows, run_train  # noqa:
 
 DOCS = os.path.join(_harness.DOCS, "budget")
 TEACHER = os.path.join(DOCS, "teacher.keras")
-CELL_FIELDS = ["table", "init", "row", "column", "seed", "accuracy", "epochs", "steps", "seconds", "sec_per_epoch"]
+CELL_FIELDS = [
+    "table",
+    "init",
+    "row",
+    "column",
+    "seed",
+    "accuracy",
+    "epochs",
+    "steps",
+    "seconds",
+    "sec_per_epoch",
+]
 CURVE_FIELDS = ["init", "bits", "arm", "seed", "epoch", "val_accuracy", "kd", "fa", "loss"]
 ARMS = {"KD only": None, "FAQD": "exact"}
 
@@ -58,8 +69,13 @@ class Cell:
     def from_name(cls, name):
         """The cell whose `name` (its output folder's) is `name`."""
         init, bits, arm, seed, epochs = name.rsplit("_", 4)
-        return cls(init, int(bits.removesuffix("bit")), "KD only" if arm == "kd" else "FAQD",
-                   int(seed.removeprefix("seed")), int(epochs.removesuffix("ep")))
+        return cls(
+            init,
+            int(bits.removesuffix("bit")),
+            "KD only" if arm == "kd" else "FAQD",
+            int(seed.removeprefix("seed")),
+            int(epochs.removesuffix("ep")),
+        )
 
     def overrides(self):
         """The `--set` values of this cell on top of configs/quickstart.json."""
@@ -83,25 +99,54 @@ def cells(args):
     a setting's paired rows finish before the next setting starts."""
     settings = [("fine-tune", bits, args.finetune_epochs) for bits in args.finetune_bits]
     settings += [("end-to-end", bits, args.e2e_epochs) for bits in args.e2e_bits]
-    return [Cell(init, bits, arm, seed, epochs) for init, bits, epochs in settings
-            for seed in args.seeds for arm in ARMS]
+    return [
+        Cell(init, bits, arm, seed, epochs)
+        for init, bits, epochs in settings
+        for seed in args.seeds
+        for arm in ARMS
+    ]
 
 
 def done(cell, rows):
-    return any((r["init"], r["row"], r["column"], r["seed"], r["epochs"])
-               == (cell.init, cell.arm, f"{cell.bits}-bit", str(cell.seed), str(cell.epochs)) for r in rows)
+    return any(
+        (r["init"], r["row"], r["column"], r["seed"], r["epochs"])
+        == (cell.init, cell.arm, f"{cell.bits}-bit", str(cell.seed), str(cell.epochs))
+        for r in rows
+    )
 
 
 def run_cell(cell, args):
     """Runs (or resumes) one cell through train.py; returns its cell row and curve rows."""
-    results, history, seconds, ran = run_train(os.path.join(args.out_dir, cell.name), cell.overrides(), args.workers)
+    results, history, seconds, ran = run_train(
+        os.path.join(args.out_dir, cell.name), cell.overrides(), args.workers
+    )
     steps = cell.epochs * -(-60000 // 128)
-    row = dict(table="budget", init=cell.init, row=cell.arm, column=f"{cell.bits}-bit", seed=cell.seed,
-               accuracy=round(results["student"]["accuracy"], 4), epochs=cell.epochs, steps=steps,
-               seconds=round(seconds, 1), sec_per_epoch=round(seconds / ran, 1))
-    curve = [dict(init=cell.init, bits=cell.bits, arm=cell.arm, seed=cell.seed, epoch=int(h["epoch"]) + 1,
-                  val_accuracy=round(float(h["val_accuracy"]), 4), kd=h.get("kd", ""), fa=h.get("fa", ""),
-                  loss=h.get("loss", "")) for h in history]
+    row = dict(
+        table="budget",
+        init=cell.init,
+        row=cell.arm,
+        column=f"{cell.bits}-bit",
+        seed=cell.seed,
+        accuracy=round(results["student"]["accuracy"], 4),
+        epochs=cell.epochs,
+        steps=steps,
+        seconds=round(seconds, 1),
+        sec_per_epoch=round(seconds / ran, 1),
+    )
+    curve = [
+        dict(
+            init=cell.init,
+            bits=cell.bits,
+            arm=cell.arm,
+            seed=cell.seed,
+            epoch=int(h["epoch"]) + 1,
+            val_accuracy=round(float(h["val_accuracy"]), 4),
+            kd=h.get("kd", ""),
+            fa=h.get("fa", ""),
+            loss=h.get("loss", ""),
+        )
+        for h in history
+    ]
     return row, curve
 
 
@@ -121,12 +166,17 @@ def ensure_teacher():
 def run(args):
     ensure_teacher()
     todo = [c for c in cells(args) if not done(c, read_rows(args.csv))]
-    print(f"[budget] {len(todo)} cells to run ({len(cells(args)) - len(todo)} finished)", flush=True)
+    print(
+        f"[budget] {len(todo)} cells to run ({len(cells(args)) - len(todo)} finished)", flush=True
+    )
     jobs = [lambda c=c: (c, *run_cell(c, args)) for c in todo]
     for cell, row, curve in _harness.pool_run(jobs, args.workers, "budget"):
         append_rows(args.csv, CELL_FIELDS, [row])
         append_rows(args.curves, CURVE_FIELDS, curve)
-        print(f"[budget] {cell.name}: {100 * row['accuracy']:.2f}% ({row['sec_per_epoch']} s/epoch)", flush=True)
+        print(
+            f"[budget] {cell.name}: {100 * row['accuracy']:.2f}% ({row['sec_per_epoch']} s/epoch)",
+            flush=True,
+        )
 
 
 def main(argv=None):
@@ -149,9 +199,14 @@ def main(argv=None):
     if args.md or args.png:
         from benchmarks import budget_report
 
-        budget_report.write(read_rows(args.csv), read_rows(args.curves), args.md, args.png,
-                            "python benchmarks/budget.py " + " ".join(sys.argv[1:]),
-                            read_rows(os.path.join(DOCS, "fa_distance.csv")))
+        budget_report.write(
+            read_rows(args.csv),
+            read_rows(args.curves),
+            args.md,
+            args.png,
+            "python benchmarks/budget.py " + " ".join(sys.argv[1:]),
+            read_rows(os.path.join(DOCS, "fa_distance.csv")),
+        )
 
 
 if __name__ == "__main__":

@@ -76,15 +76,20 @@ def build(arch, input_shape):
     from faqd_tf.models import resnet_cifar
 
     if arch == "mobilenetv2":
-        model = keras.applications.MobileNetV2(input_shape=input_shape, alpha=MOBILENET_ALPHA, weights=None,
-                                               classes=10, classifier_activation=None)
+        model = keras.applications.MobileNetV2(
+            input_shape=input_shape,
+            alpha=MOBILENET_ALPHA,
+            weights=None,
+            classes=10,
+            classifier_activation=None,
+        )
         for layer in model.layers:
             # Keras's MobileNetV2 uses momentum 0.999: after a few hundred steps its moving statistics
             # still hold most of their initial values (see the design notes).
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.momentum = 0.9
         return model
-    return resnet_cifar(int(arch[len("resnet"):]), input_shape=input_shape, num_classes=10)
+    return resnet_cifar(int(arch[len("resnet") :]), input_shape=input_shape, num_classes=10)
 
 
 def teacher_model(arch, x, y, epochs, path, seed):
@@ -119,7 +124,9 @@ def student_model(teacher, bits, x, steps, path, seed):
         return keras.models.load_model(path, safe_mode=True)
     keras.utils.set_random_seed(seed)
     student = quantize_model(teacher, weight_bits=bits)
-    distiller = Distiller(student, teacher, alpha=1.0, beta=0.0, gamma=0.0, kd="kl", temperature=4.0, fa=None)
+    distiller = Distiller(
+        student, teacher, alpha=1.0, beta=0.0, gamma=0.0, kd="kl", temperature=4.0, fa=None
+    )
     distiller.compile(keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(3e-4, steps)))
     images = x[np.random.default_rng(seed).permutation(len(x))[: steps * 128]]  # labels never used
     start = time.perf_counter()
@@ -136,7 +143,9 @@ def write(student, fmt, path, calibration):
     if fmt == "onnx":
         return to_onnx(student, path)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "to_tflite\\(mode='int4'\\) stored these kernels as int8")  # checked below
+        warnings.filterwarnings(
+            "ignore", "to_tflite\\(mode='int4'\\) stored these kernels as int8"
+        )  # checked below
         return to_tflite(student, path, mode=fmt, calibration=calibration)
 
 
@@ -144,21 +153,32 @@ def check_codes(student, fmt, path):
     """'yes' when every quantized kernel read back from the file equals the student's codes (and, in
     int4 TFLite, is INT4 unless depthwise); else raises."""
     from faqd_tf.export.common import quantized_layers
-    from faqd_tf.layers import QuantDepthwiseConv2D, QuantDense
+    from faqd_tf.layers import QuantDense, QuantDepthwiseConv2D
     from tests.test_export_lowbit import assert_tflite_codes, onnx_kernels
 
     layers = [layer for _, layer in quantized_layers(student).values()]
     if fmt == "int4":
-        assert_tflite_codes(student, path, {
-            layer.name: "INT8" if isinstance(layer, QuantDepthwiseConv2D) else "INT4" for layer in layers})
+        assert_tflite_codes(
+            student,
+            path,
+            {
+                layer.name: "INT8" if isinstance(layer, QuantDepthwiseConv2D) else "INT4"
+                for layer in layers
+            },
+        )
         return f"{sum(not isinstance(layer, QuantDepthwiseConv2D) for layer in layers)}/{len(layers)} INT4"
     kernels = onnx_kernels(path)[0]
     for layer in layers:
         codes, scale = (np.asarray(a) for a in layer.kernel_codes())
         codes = codes.T if isinstance(layer, QuantDense) else codes.transpose(3, 2, 0, 1)
         kind, stored, stored_scale, _ = kernels[layer.name]
-        if not (np.array_equal(stored, codes.astype(np.int64)) and np.array_equal(stored_scale.reshape(-1), scale.reshape(-1))):
-            raise AssertionError(f"{path}: {layer.name} does not hold the student's codes and scales")
+        if not (
+            np.array_equal(stored, codes.astype(np.int64))
+            and np.array_equal(stored_scale.reshape(-1), scale.reshape(-1))
+        ):
+            raise AssertionError(
+                f"{path}: {layer.name} does not hold the student's codes and scales"
+            )
     return f"{len(layers)}/{len(layers)} {kind}"
 
 
@@ -205,7 +225,9 @@ def latencies(runners, image, runs, rounds):
     for runner in runners:
         for _ in range(10):  # warm-up (and the batch-1 allocation)
             runner(x)
-    times = _harness.interleaved_times([lambda r=r: r(x) for r in runners], rounds, -(-runs // rounds))
+    times = _harness.interleaved_times(
+        [lambda r=r: r(x) for r in runners], rounds, -(-runs // rounds)
+    )
     return [1000 * float(np.median(t)) for t in times]
 
 
@@ -213,14 +235,26 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 2])
-    parser.add_argument("--teacher-file", action="append", default=[], metavar="ARCH=PATH",
-                        help="use this trained teacher for ARCH instead of training one")
+    parser.add_argument(
+        "--teacher-file",
+        action="append",
+        default=[],
+        metavar="ARCH=PATH",
+        help="use this trained teacher for ARCH instead of training one",
+    )
     parser.add_argument("--teacher-epochs", type=int, default=2)
     parser.add_argument("--distill-steps", type=int, default=300)
-    parser.add_argument("--runs", type=int, default=300, help="batch-1 calls per file for the median latency")
+    parser.add_argument(
+        "--runs", type=int, default=300, help="batch-1 calls per file for the median latency"
+    )
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--threads", type=int, nargs="+", default=[2, 1],
-                        help="thread counts to time batch 1 at (the first also runs the test set)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[2, 1],
+        help="thread counts to time batch 1 at (the first also runs the test set)",
+    )
     parser.add_argument("--cache", default="saved_models/deploy")
     parser.add_argument("--csv", default="saved_models/deploy/deploy.csv")
     parser.add_argument("--md", default="saved_models/deploy/deploy.md")
@@ -241,46 +275,81 @@ def main(argv=None):
         shape = "x".join(map(str, x_train.shape[1:]))
         tag = f"{arch}_{shape}"
         teacher_path = teacher_files.get(arch, os.path.join(args.cache, f"{tag}_teacher.keras"))
-        teacher = teacher_model(arch, x_train, y_train, args.teacher_epochs, teacher_path, args.seed)
-        teacher_acc = float(np.mean(teacher.predict(x_test, batch_size=500, verbose=0).argmax(1) == y_test))
+        teacher = teacher_model(
+            arch, x_train, y_train, args.teacher_epochs, teacher_path, args.seed
+        )
+        teacher_acc = float(
+            np.mean(teacher.predict(x_test, batch_size=500, verbose=0).argmax(1) == y_test)
+        )
         print(f"{arch} ({shape}) teacher {teacher_path}: {100 * teacher_acc:.2f}%", flush=True)
         for bits in args.bits:
-            student = student_model(teacher, bits, x_train, args.distill_steps,
-                                    os.path.join(args.cache, f"{tag}_w{bits}.keras"), args.seed)
+            student = student_model(
+                teacher,
+                bits,
+                x_train,
+                args.distill_steps,
+                os.path.join(args.cache, f"{tag}_w{bits}.keras"),
+                args.seed,
+            )
             keras_logits = student.predict(x_test, batch_size=500, verbose=0)
             keras_pred = keras_logits.argmax(1)
             paths, sizes, stats = [], [], []
             for fmt in FORMATS:
-                path = os.path.join(args.cache, f"{tag}_w{bits}_{fmt}.{'onnx' if fmt == 'onnx' else 'tflite'}")
+                path = os.path.join(
+                    args.cache, f"{tag}_w{bits}_{fmt}.{'onnx' if fmt == 'onnx' else 'tflite'}"
+                )
                 start = time.perf_counter()
                 sizes.append(write(student, fmt, path, x_train[:200]))
                 seconds = time.perf_counter() - start
                 codes = check_codes(student, fmt, path) if fmt in ("int4", "onnx") else ""
                 logits = predict(Runner(path, args.threads[0]), x_test)
                 paths.append(path)
-                stats.append({
-                    "acc": float(np.mean(logits.argmax(1) == y_test)),
-                    "agree": float(np.mean(logits.argmax(1) == keras_pred)),
-                    "max_logit_diff": float(np.max(np.abs(logits - keras_logits))),
-                    "codes": codes,
-                })
-                print(f"  w{bits} {fmt}: {sizes[-1]:,} B in {seconds:.1f} s, agree {100 * stats[-1]['agree']:.2f}%, "
-                      f"max |dlogit| {stats[-1]['max_logit_diff']:.2e} {codes}", flush=True)
+                stats.append(
+                    {
+                        "acc": float(np.mean(logits.argmax(1) == y_test)),
+                        "agree": float(np.mean(logits.argmax(1) == keras_pred)),
+                        "max_logit_diff": float(np.max(np.abs(logits - keras_logits))),
+                        "codes": codes,
+                    }
+                )
+                print(
+                    f"  w{bits} {fmt}: {sizes[-1]:,} B in {seconds:.1f} s, agree {100 * stats[-1]['agree']:.2f}%, "
+                    f"max |dlogit| {stats[-1]['max_logit_diff']:.2e} {codes}",
+                    flush=True,
+                )
             load_before = os.getloadavg()[0]
-            times = {t: latencies([Runner(p, t) for p in paths], x_test[0], args.runs, args.rounds) for t in args.threads}
+            times = {
+                t: latencies([Runner(p, t) for p in paths], x_test[0], args.runs, args.rounds)
+                for t in args.threads
+            }
             load = (load_before + os.getloadavg()[0]) / 2
             for i, (fmt, size, stat) in enumerate(zip(FORMATS, sizes, stats)):
-                rows.append({
-                    "arch": arch, "input": shape, "bits": bits, "format": fmt, "bytes": size,
-                    "float_over_size": sizes[0] / size, "keras_acc": float(np.mean(keras_pred == y_test)),
-                    "acc": stat["acc"], "agree": stat["agree"], "max_logit_diff": stat["max_logit_diff"],
-                    "max_abs_logit": float(np.max(np.abs(keras_logits))),
-                    **{f"latency_ms_{t}_threads": times[t][i] for t in args.threads},
-                    "load_avg": load, "codes_from_file": stat["codes"],
-                    "teacher_acc": teacher_acc, "params": student.count_params(),
-                })
+                rows.append(
+                    {
+                        "arch": arch,
+                        "input": shape,
+                        "bits": bits,
+                        "format": fmt,
+                        "bytes": size,
+                        "float_over_size": sizes[0] / size,
+                        "keras_acc": float(np.mean(keras_pred == y_test)),
+                        "acc": stat["acc"],
+                        "agree": stat["agree"],
+                        "max_logit_diff": stat["max_logit_diff"],
+                        "max_abs_logit": float(np.max(np.abs(keras_logits))),
+                        **{f"latency_ms_{t}_threads": times[t][i] for t in args.threads},
+                        "load_avg": load,
+                        "codes_from_file": stat["codes"],
+                        "teacher_acc": teacher_acc,
+                        "params": student.count_params(),
+                    }
+                )
             for t in args.threads:
-                print(f"  {t} threads: " + ", ".join(f"{fmt} {ms:.3f} ms" for fmt, ms in zip(FORMATS, times[t])), flush=True)
+                print(
+                    f"  {t} threads: "
+                    + ", ".join(f"{fmt} {ms:.3f} ms" for fmt, ms in zip(FORMATS, times[t])),
+                    flush=True,
+                )
             print(f"  (load {load:.2f})", flush=True)
 
     command = "python benchmarks/deploy.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -290,8 +359,10 @@ def main(argv=None):
     from importlib.metadata import version
 
     threads = " / ".join(map(str, args.threads))
-    header = ("| network | weights | format | size | float / size | agreement with Keras | max abs logit diff (max abs logit) "
-              f"| accuracy (Keras) | latency ms, {threads} threads | load avg | codes read from the file |")
+    header = (
+        "| network | weights | format | size | float / size | agreement with Keras | max abs logit diff (max abs logit) "
+        f"| accuracy (Keras) | latency ms, {threads} threads | load avg | codes read from the file |"
+    )
     lines = [header, "|" + "|".join(["---"] * (header.count("|") - 1)) + "|"]
     for r in rows:
         latency = " / ".join(f"{r[f'latency_ms_{t}_threads']:.3f}" for t in args.threads)
@@ -307,7 +378,9 @@ def main(argv=None):
         f"onnxruntime {onnxruntime.__version__}; {_harness.cpu_model()}, {os.cpu_count()} cores; "
         f"{time.perf_counter() - started:.0f} s.\nCommand: `{command.strip()}`\n"
         + "".join(f"Teacher {a} ({s}): {100 * acc:.2f}%.\n" for a, s, acc in teachers)
-        + "\n" + "\n".join(lines) + "\n"
+        + "\n"
+        + "\n".join(lines)
+        + "\n"
     )
     print()
     print(text)
@@ -329,9 +402,19 @@ def plot(rows, path, threads):
         offset = (k - (len(FORMATS) - 1) / 2) * width
         label = "onnx" if fmt == "onnx" else f"tflite {fmt}"
         ax_kb.bar(x + offset, [by_cell[c]["bytes"] / 1024 for c in cells], width, label=label)
-        ax_ms.bar(x + offset, [by_cell[c][f"latency_ms_{threads[0]}_threads"] for c in cells], width, label=label)
-    for ax, title in ((ax_kb, "file size (kB, log scale)"),
-                      (ax_ms, f"batch-1 latency (ms, median, {threads[0]} thread{'s' * (threads[0] > 1)}, log scale)")):
+        ax_ms.bar(
+            x + offset,
+            [by_cell[c][f"latency_ms_{threads[0]}_threads"] for c in cells],
+            width,
+            label=label,
+        )
+    for ax, title in (
+        (ax_kb, "file size (kB, log scale)"),
+        (
+            ax_ms,
+            f"batch-1 latency (ms, median, {threads[0]} thread{'s' * (threads[0] > 1)}, log scale)",
+        ),
+    ):
         ax.set_xticks(x, labels)
         ax.set_title(title)
         ax.legend(fontsize=8)

@@ -45,8 +45,12 @@ def main(argv=None):
     parser.add_argument("--depth", type=int, default=20)
     parser.add_argument("--bits", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--per-channel", action="store_true", help="one scale per output channel")
-    parser.add_argument("--output", default="saved_models/export_sizes.md", help="markdown table file")
-    parser.add_argument("--workdir", default=None, help="keep the exported files here (default: a temp dir)")
+    parser.add_argument(
+        "--output", default="saved_models/export_sizes.md", help="markdown table file"
+    )
+    parser.add_argument(
+        "--workdir", default=None, help="keep the exported files here (default: a temp dir)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -66,7 +70,9 @@ def main(argv=None):
     lines = [header, "|" + "|".join(["---"] * (header.count("|") - 1)) + "|"]
     for bits in [None, *args.bits]:
         name = "fp32" if bits is None else f"w{bits}"
-        model = resnet_cifar(args.depth, weight_bits=bits, per_channel=args.per_channel and bits is not None)
+        model = resnet_cifar(
+            args.depth, weight_bits=bits, per_channel=args.per_channel and bits is not None
+        )
         info = summary(model, print_fn=None)
         keras_path = os.path.join(workdir, f"resnet{args.depth}_{name}.keras")
         model.save(keras_path)
@@ -76,21 +82,34 @@ def main(argv=None):
         tflite_path = os.path.join(workdir, f"resnet{args.depth}_{name}.tflite")
         tflite = to_tflite(model, tflite_path)
         seconds = time.perf_counter() - start
-        tflite8 = None if bits is None else to_tflite(
-            model, os.path.join(workdir, f"resnet{args.depth}_{name}_int8.tflite"), mode="int8"
+        tflite8 = (
+            None
+            if bits is None
+            else to_tflite(
+                model, os.path.join(workdir, f"resnet{args.depth}_{name}_int8.tflite"), mode="int8"
+            )
         )
         want = model(x, training=False).numpy()
         diff = float(np.max(np.abs(run_tflite(tflite_path, x) - want)) / np.max(np.abs(want)))
         float_bytes = 4 * info.total_params
-        label = "float32" if bits is None else f"{bits}-bit" + (" per-channel" if args.per_channel else "")
+        label = (
+            "float32"
+            if bits is None
+            else f"{bits}-bit" + (" per-channel" if args.per_channel else "")
+        )
         lines.append(
             f"| {label} | {info.total_params:,} | {kb(float_bytes)} kB | {kb(os.path.getsize(keras_path))} kB "
             f"| {kb(info.packed_bytes)} kB | {kb(packed)} kB | {float_bytes / packed:.2f}x "
             f"| {kb(tflite)} kB | {'-' if tflite8 is None else kb(tflite8) + ' kB'} | {diff:.1e} |"
         )
-        print(f"{label}: packed {packed:,} B, tflite {tflite:,} B (converted in {seconds:.1f} s)", flush=True)
+        print(
+            f"{label}: packed {packed:,} B, tflite {tflite:,} B (converted in {seconds:.1f} s)",
+            flush=True,
+        )
 
-    command = "python benchmarks/export_sizes.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/export_sizes.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     table = "\n".join(lines)
     text = (
         f"ResNet{args.depth} (CIFAR, 32x32x3, 10 classes, full-precision activations, random init, seed {args.seed}); "

@@ -45,7 +45,16 @@ from faqd_tf.distiller import Distiller  # noqa: E402
 from faqd_tf.quantize import quantize_model  # noqa: E402
 
 AUTHORS_FA_COEF = 0.1
-TERMS = ["kd_mse", "kd_kl", "fa_fro2", "fa_l1", "ffa_fro2", "ffa_l1", "authors_fa", "authors_fa_adapter"]
+TERMS = [
+    "kd_mse",
+    "kd_kl",
+    "fa_fro2",
+    "fa_l1",
+    "ffa_fro2",
+    "ffa_l1",
+    "authors_fa",
+    "authors_fa_adapter",
+]
 
 
 def parse_args(argv=None):
@@ -54,7 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=100, help="the authors' batch size")
     p.add_argument("--batches", type=int, default=5)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="end-to-end initializations")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="end-to-end initializations"
+    )
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--out-csv", default="saved_models/fa_strength.csv")
     p.add_argument("--md", default=None, help="markdown report (default: next to the CSV)")
@@ -71,7 +82,9 @@ def adapter_fa_norm(distiller, x, seed):
         total = 0.0
         for t_map, s_map in zip(teacher_out[1:], student_out[1:]):
             c = s_map.shape[-1]
-            bound = 1.0 / np.sqrt(c)  # torch.nn.Conv2d's default (kaiming_uniform with a=sqrt(5)): fan_in = c
+            bound = 1.0 / np.sqrt(
+                c
+            )  # torch.nn.Conv2d's default (kaiming_uniform with a=sqrt(5)): fan_in = c
             w = tf.constant(rng.uniform(-bound, bound, size=(c, c)).astype("float32"))
             b = tf.constant(rng.uniform(-bound, bound, size=(c,)).astype("float32"))
             adapted = tf.nn.relu(tf.einsum("bhwc,cd->bhwd", s_map, w) + b)
@@ -108,12 +121,22 @@ def measure(student, teacher, batches, args, seed):
 def main(argv=None):
     args = parse_args(argv)
     if not os.path.isfile(args.teacher):
-        sys.exit(f"fa_strength: no teacher at {args.teacher}; make one with "
-                 "`python train.py --config configs/quickstart.json --stage teacher`.")
+        sys.exit(
+            f"fa_strength: no teacher at {args.teacher}; make one with "
+            "`python train.py --config configs/quickstart.json --stage teacher`."
+        )
     teacher = keras.models.load_model(args.teacher, safe_mode=True)
     info = data.dataset_info(FMNIST)
-    ds = data.load(FMNIST, "train", labels=False, batch_size=args.batch_size, shuffle=True, seed=0, augment=False)
-    batches = [x for x, in zip(ds.take(args.batches))]
+    ds = data.load(
+        FMNIST,
+        "train",
+        labels=False,
+        batch_size=args.batch_size,
+        shuffle=True,
+        seed=0,
+        augment=False,
+    )
+    batches = [x for (x,) in zip(ds.take(args.batches))]
     rows = []
     starts = [("fine-tune", 0)] + [("end-to-end", s) for s in args.seeds]
     for start, seed in starts:
@@ -122,12 +145,20 @@ def main(argv=None):
             student = quantize_model(teacher, weight_bits=args.bits)
         else:
             keras.utils.set_random_seed(seed)
-            student = models.get("resnet8", num_classes=info.num_classes, input_shape=info.image_shape,
-                                 weight_bits=args.bits)
+            student = models.get(
+                "resnet8",
+                num_classes=info.num_classes,
+                input_shape=info.image_shape,
+                weight_bits=args.bits,
+            )
         norms = measure(student, teacher, batches, args, seed)
         rows.append({"start": start, "seed": seed, **{k: round(v, 6) for k, v in norms.items()}})
-        print(f"[fa_strength] {start} seed {seed}: " + ", ".join(f"{k} {v:.4g}" for k, v in norms.items())
-              + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(
+            f"[fa_strength] {start} seed {seed}: "
+            + ", ".join(f"{k} {v:.4g}" for k, v in norms.items())
+            + f" ({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
     _harness.write_rows(args.out_csv, ["start", "seed", *TERMS], rows)
     md = args.md or os.path.splitext(args.out_csv)[0] + ".md"
     _harness.write_text(md, report(rows, args))
@@ -151,14 +182,25 @@ def report(rows, args):
     means = {}
     for start, group in groups.items():
         means[start] = {t: float(np.mean([r[t] for r in group])) for t in TERMS}
-        lines.append(f"| {start} (n={len(group)}) | " + " | ".join(f"{means[start][t]:.4g}" for t in TERMS) + " |")
-    lines += ["", "Beta at which each FA variant has the authors' FA/KD-MSE gradient ratio (`authors_fa_adapter` "
-              "/ `kd_mse`, and in brackets without the adapter, `authors_fa` / `kd_mse`):", "",
-              "| start | authors' ratio | fa_fro2 | fa_l1 | ffa_fro2 | ffa_l1 |", "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {start} (n={len(group)}) | "
+            + " | ".join(f"{means[start][t]:.4g}" for t in TERMS)
+            + " |"
+        )
+    lines += [
+        "",
+        "Beta at which each FA variant has the authors' FA/KD-MSE gradient ratio (`authors_fa_adapter` "
+        "/ `kd_mse`, and in brackets without the adapter, `authors_fa` / `kd_mse`):",
+        "",
+        "| start | authors' ratio | fa_fro2 | fa_l1 | ffa_fro2 | ffa_l1 |",
+        "|---|---|---|---|---|---|",
+    ]
     for start, m in means.items():
         ratio, plain = m["authors_fa_adapter"] / m["kd_mse"], m["authors_fa"] / m["kd_mse"]
-        cells = [f"{ratio * m['kd_mse'] / m[t]:.3g} ({plain * m['kd_mse'] / m[t]:.3g})"
-                 for t in ("fa_fro2", "fa_l1", "ffa_fro2", "ffa_l1")]
+        cells = [
+            f"{ratio * m['kd_mse'] / m[t]:.3g} ({plain * m['kd_mse'] / m[t]:.3g})"
+            for t in ("fa_fro2", "fa_l1", "ffa_fro2", "ffa_l1")
+        ]
         lines.append(f"| {start} | {ratio:.3g} ({plain:.3g}) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -35,15 +35,24 @@ def loss_and_grad(jit_compile):
 def main(rounds=7):
     rng = np.random.default_rng(0)
     for batch, size, channels in SHAPES:
-        maps = [tf.Variable(np.maximum(rng.normal(size=(batch, size, size, channels)), 0).astype("float32"))
-                for _ in range(2)]
+        maps = [
+            tf.Variable(
+                np.maximum(rng.normal(size=(batch, size, size, channels)), 0).astype("float32")
+            )
+            for _ in range(2)
+        ]
         steps = {"graph": loss_and_grad(False), "xla": loss_and_grad(True)}
         grads = {name: step(*maps)[1].numpy() for name, step in steps.items()}
         diff = np.linalg.norm(grads["graph"] - grads["xla"]) / np.linalg.norm(grads["graph"])
-        times = _harness.interleaved_times([lambda step=step: step(*maps)[1].numpy() for step in steps.values()], rounds)
+        times = _harness.interleaved_times(
+            [lambda step=step: step(*maps)[1].numpy() for step in steps.values()], rounds
+        )
         medians = {name: 1000 * float(np.median(t)) for name, t in zip(steps, times)}
-        print(f"{size}x{size}x{channels} batch {batch}: graph {medians['graph']:.2f} ms, xla {medians['xla']:.2f} ms "
-              f"(gradients agree to {diff:.1e} relative)", flush=True)
+        print(
+            f"{size}x{size}x{channels} batch {batch}: graph {medians['graph']:.2f} ms, xla {medians['xla']:.2f} ms "
+            f"(gradients agree to {diff:.1e} relative)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

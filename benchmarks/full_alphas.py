@@ -37,8 +37,11 @@ class AlphaLog(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if batch % self.every == 0:
             a = np.array([float(layer.alpha.numpy()) for layer in self.relus])
-            print(f"step {batch:3d}: alphas min {a.min():.4f} median {np.median(a):.4f} max {a.max():.4f}"
-                  f" | kd {logs.get('kd', 0):.3f} fa {logs.get('fa', 0):.4f}", flush=True)
+            print(
+                f"step {batch:3d}: alphas min {a.min():.4f} median {np.median(a):.4f} max {a.max():.4f}"
+                f" | kd {logs.get('kd', 0):.3f} fa {logs.get('fa', 0):.4f}",
+                flush=True,
+            )
 
 
 def main():
@@ -49,11 +52,24 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clipnorm", type=float, default=None)
     a = p.parse_args()
-    args = reproduce.parse_args(["--tables", "full", "--out-dir", a.out_dir, "--full-e2e-lr", str(a.lr),
-                                 "--beta", str(a.beta)] + (["--full-clipnorm", str(a.clipnorm)] if a.clipnorm else []))
+    args = reproduce.parse_args(
+        [
+            "--tables",
+            "full",
+            "--out-dir",
+            a.out_dir,
+            "--full-e2e-lr",
+            str(a.lr),
+            "--beta",
+            str(a.beta),
+        ]
+        + (["--full-clipnorm", str(a.clipnorm)] if a.clipnorm else [])
+    )
     bench = reproduce.Bench(args, callbacks=[AlphaLog()])
     cell = bench.full_cell("end-to-end", FULL_MAIN, "4W4A", a.seed, "sgd")
-    accuracy, _ = bench.train(cell, output_dir=os.path.join(a.out_dir, "full_alphas", cell.name), overwrite=True)
+    accuracy, _ = bench.train(
+        cell, output_dir=os.path.join(a.out_dir, "full_alphas", cell.name), overwrite=True
+    )
     print(f"test accuracy {accuracy:.4f}")
 
 

@@ -32,18 +32,34 @@ def parse(log_text):
     lines = LINE.findall(log_text)
     if not lines:
         return []
-    return [(name, float(norm), float(share) / 100) for name, norm, share in TERM.findall(lines[-1])]
+    return [
+        (name, float(norm), float(share) / 100) for name, norm, share in TERM.findall(lines[-1])
+    ]
 
 
 def start_of(cell, out):
     """Runs the first step of `cell` into `out`; returns its parsed gradient shares."""
     command = _harness.quickstart_command(
-        "--stage", "distill", "--overwrite", "--set", f"output_dir={out}", "--set", "train.steps_per_epoch=1",
-        "--set", "train.epochs=1", "--set", "dataset.validation_split=null",
-        overrides={key: value for key, value in cell.overrides().items() if key != "train.epochs"})
-    proc = subprocess.run(command, cwd=ROOT, env=_harness.child_env(), capture_output=True, text=True)
+        "--stage",
+        "distill",
+        "--overwrite",
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        "train.steps_per_epoch=1",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "dataset.validation_split=null",
+        overrides={key: value for key, value in cell.overrides().items() if key != "train.epochs"},
+    )
+    proc = subprocess.run(
+        command, cwd=ROOT, env=_harness.child_env(), capture_output=True, text=True
+    )
     if proc.returncode:
-        raise SystemExit(f"{cell.name}: train.py exited with {proc.returncode}: {proc.stderr[-2000:]}")
+        raise SystemExit(
+            f"{cell.name}: train.py exited with {proc.returncode}: {proc.stderr[-2000:]}"
+        )
     return parse(proc.stdout + proc.stderr)
 
 
@@ -62,10 +78,23 @@ def main(argv=None):
                 continue
             cell = Cell(init, bits, "FAQD", seed, epochs)
             shares = start_of(cell, os.path.join(args.out_dir, cell.name))
-            rows = [dict(init=init, bits=bits, arm="FAQD", seed=seed, term=t, norm=f"{n:.4g}", share=round(s, 4))
-                    for t, n, s in shares]
+            rows = [
+                dict(
+                    init=init,
+                    bits=bits,
+                    arm="FAQD",
+                    seed=seed,
+                    term=t,
+                    norm=f"{n:.4g}",
+                    share=round(s, 4),
+                )
+                for t, n, s in shares
+            ]
             append_rows(args.csv, FIELDS, rows)
-            print(f"[shares] {cell.name}: " + ", ".join(f"{t} {100 * s:.1f}%" for t, n, s in shares), flush=True)
+            print(
+                f"[shares] {cell.name}: " + ", ".join(f"{t} {100 * s:.1f}%" for t, n, s in shares),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -45,8 +45,16 @@ def images(pair, split="train", batch_size=128, seed=0, labels=False):
     from faqd_tf import data
 
     size = None if pair == "quickstart" else (32, 32)
-    ds = data.load(FMNIST, split, labels=labels, batch_size=batch_size, seed=seed, image_size=size,
-                   drop_remainder=split == "train", augment=False)
+    ds = data.load(
+        FMNIST,
+        split,
+        labels=labels,
+        batch_size=batch_size,
+        seed=seed,
+        image_size=size,
+        drop_remainder=split == "train",
+        augment=False,
+    )
     if pair == "cifar":
         rgb = lambda x: tf.repeat(x, 3, axis=-1)  # noqa: E731
         ds = ds.map((lambda x, y: (rgb(x), y)) if labels else rgb)
@@ -62,14 +70,26 @@ def _train_fp(arch, path, epochs, seed):
     model = models.get(arch, num_classes=10, input_shape=(32, 32, 3))
     train = images("cifar", "train", labels=True, seed=seed)
     steps = epochs * int(train.cardinality())
-    model.compile(keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(0.1, steps), momentum=0.9,
-                                       nesterov=True, weight_decay=5e-4),
-                  keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    model.compile(
+        keras.optimizers.SGD(
+            keras.optimizers.schedules.CosineDecay(0.1, steps),
+            momentum=0.9,
+            nesterov=True,
+            weight_decay=5e-4,
+        ),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
     start = time.perf_counter()
-    print(f"[real_pairs] training FP {arch} on Fashion-MNIST 32x32x3 for {epochs} epochs", flush=True)
+    print(
+        f"[real_pairs] training FP {arch} on Fashion-MNIST 32x32x3 for {epochs} epochs", flush=True
+    )
     model.fit(train, epochs=epochs, verbose=2)
     accuracy = model.evaluate(images("cifar", "test", labels=True), verbose=0)[1]
-    print(f"[real_pairs] {arch}: {100 * accuracy:.2f}% test accuracy, {time.perf_counter() - start:.0f} s", flush=True)
+    print(
+        f"[real_pairs] {arch}: {100 * accuracy:.2f}% test accuracy, {time.perf_counter() - start:.0f} s",
+        flush=True,
+    )
     save_model(model, path)
     return path
 
@@ -83,7 +103,11 @@ def quickstart_teacher(cache=None):
     path = os.path.join(out, "teacher.keras")
     if not os.path.exists(path):
         print("[real_pairs] training the quickstart teacher (train.py --stage teacher)", flush=True)
-        subprocess.run(quickstart_command("--stage", "teacher", "--set", f"output_dir={out}"), check=True, cwd=ROOT)
+        subprocess.run(
+            quickstart_command("--stage", "teacher", "--set", f"output_dir={out}"),
+            check=True,
+            cwd=ROOT,
+        )
     return path
 
 
@@ -115,7 +139,11 @@ def pair(name, bits, start, seed=0, cache=None):
         paths = cifar_networks(cache)
         teacher = keras.models.load_model(paths["resnet56"], safe_mode=True)
         arch, shape = "resnet20", (32, 32, 3)
-        fp_student = keras.models.load_model(paths["resnet20"], safe_mode=True) if start == "finetune" else None
+        fp_student = (
+            keras.models.load_model(paths["resnet20"], safe_mode=True)
+            if start == "finetune"
+            else None
+        )
     if start == "finetune":
         return teacher, quantize_model(fp_student, weight_bits=bits)
     keras.utils.set_random_seed(seed)

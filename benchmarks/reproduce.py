@@ -79,31 +79,60 @@ from benchmarks._harness import FMNIST, FMNIST_DIR, append_rows, read_rows  # no
 from benchmarks.reproduce_cells import Cell, Schedule, say  # noqa: E402
 from faqd_tf import config as config_module  # noqa: E402
 from faqd_tf.models import available  # noqa: E402
-from faqd_tf.runner import DISTILL, EVALUATE, TEACHER as TEACHER_STAGE, Run  # noqa: E402
+from faqd_tf.runner import DISTILL, EVALUATE, Run  # noqa: E402
+from faqd_tf.runner import TEACHER as TEACHER_STAGE
 
 # Settings that change a full-quantization cell, by (optimizer, init); a value other than the default
 # names its table, so a cell's table says how it was trained.
-FULL_SETTINGS = ("full_student", "subset", "batch_size", "full_weight_decay", "full_clipnorm", "alpha", "beta",
-                 "temperature", "per_channel")
-FULL_INIT_SETTINGS = {("sgd", "fine-tune"): ("finetune_epochs", "full_ft_lr"),
-                      ("sgd", "end-to-end"): ("e2e_epochs", "full_e2e_lr"),
-                      ("adam", "fine-tune"): ("finetune_epochs", "finetune_lr"),
-                      ("adam", "end-to-end"): ("e2e_epochs", "e2e_lr")}
+FULL_SETTINGS = (
+    "full_student",
+    "subset",
+    "batch_size",
+    "full_weight_decay",
+    "full_clipnorm",
+    "alpha",
+    "beta",
+    "temperature",
+    "per_channel",
+)
+FULL_INIT_SETTINGS = {
+    ("sgd", "fine-tune"): ("finetune_epochs", "full_ft_lr"),
+    ("sgd", "end-to-end"): ("e2e_epochs", "full_e2e_lr"),
+    ("adam", "fine-tune"): ("finetune_epochs", "finetune_lr"),
+    ("adam", "end-to-end"): ("e2e_epochs", "e2e_lr"),
+}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--tables", nargs="+", default=["weight", "sweep", "full"], choices=["weight", "sweep", "full"])
-    p.add_argument("--inits", nargs="+", default=["fine-tune", "end-to-end"], choices=list(rc.INIT_KD))
+    p.add_argument(
+        "--tables",
+        nargs="+",
+        default=["weight", "sweep", "full"],
+        choices=["weight", "sweep", "full"],
+    )
+    p.add_argument(
+        "--inits", nargs="+", default=["fine-tune", "end-to-end"], choices=list(rc.INIT_KD)
+    )
     p.add_argument("--bits", type=int, nargs="+", default=[1, 2, 4], choices=[1, 2, 4, 8])
-    p.add_argument("--rows", nargs="+", default=None, help="only these rows (names as in the tables)")
-    p.add_argument("--subset", type=int, default=6400, help="training images the students learn from")
-    p.add_argument("--eval-limit", type=int, default=None, help="test images scored (default all 10,000)")
+    p.add_argument(
+        "--rows", nargs="+", default=None, help="only these rows (names as in the tables)"
+    )
+    p.add_argument(
+        "--subset", type=int, default=6400, help="training images the students learn from"
+    )
+    p.add_argument(
+        "--eval-limit", type=int, default=None, help="test images scored (default all 10,000)"
+    )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--teacher-epochs", type=int, default=3)
-    p.add_argument("--pretrain-limit", type=int, default=None,
-                   help="training images of the teacher and FP student (default all 60,000)")
+    p.add_argument(
+        "--pretrain-limit",
+        type=int,
+        default=None,
+        help="training images of the teacher and FP student (default all 60,000)",
+    )
     p.add_argument("--fp-epochs", type=int, default=3, help="epochs of the pre-trained FP student")
     p.add_argument("--finetune-epochs", type=int, default=1)
     p.add_argument("--e2e-epochs", type=int, default=3)
@@ -111,31 +140,72 @@ def parse_args(argv=None):
     p.add_argument("--e2e-optimizer", default="adam", choices=["adam", "sgd"])
     p.add_argument("--e2e-lr", type=float, default=3e-3)
     p.add_argument("--alpha", type=float, default=1.0)
-    p.add_argument("--beta", type=float, default=None, help="FA weight (default: each norm's measured default)")
+    p.add_argument(
+        "--beta", type=float, default=None, help="FA weight (default: each norm's measured default)"
+    )
     p.add_argument("--sweep-bits", type=int, default=2)
     p.add_argument("--sweep-fro2", type=float, nargs="+", default=[0.1, 1, 10, 100, 1000])
     p.add_argument("--sweep-l1", type=float, nargs="+", default=[0.01, 0.1, 1, 100, 1000])
-    p.add_argument("--full-optimizer", nargs="+", default=["sgd"], choices=["sgd", "adam"],
-                   help="optimizers of the full table (sgd: Nesterov 0.9, cosine; adam: --finetune-lr / --e2e-lr)")
-    p.add_argument("--full-ft-lr", type=float, default=0.01, help="SGD learning rate of the full table, fine-tune")
-    p.add_argument("--full-e2e-lr", type=float, default=0.03,
-                   help="SGD learning rate of the full table, end-to-end (0.1 lets FA drive alphas to their floor)")
-    p.add_argument("--full-weight-decay", type=float, default=1e-4,
-                   help="weight decay of the full table; the alphas get it times 0.01 (set_alpha_decay)")
-    p.add_argument("--full-clipnorm", type=float, default=None,
-                   help="clip the global gradient norm in the full table (train.global_clipnorm; the authors clip)")
-    p.add_argument("--full-student", default=rc.STUDENT, choices=list(available()[:7]),
-                   help="student of the full table; another than resnet8 is pre-trained once, seed 1")
-    p.add_argument("--full-columns", nargs="+", default=["4W4A", "1W1A"], choices=list(rc.FULL_COLUMNS),
-                   help="FP: an unquantized student of the same recipe (end-to-end only)")
-    p.add_argument("--csv", default=None, help="cells file (default <out-dir>/cells.csv); commit it as it grows")
+    p.add_argument(
+        "--full-optimizer",
+        nargs="+",
+        default=["sgd"],
+        choices=["sgd", "adam"],
+        help="optimizers of the full table (sgd: Nesterov 0.9, cosine; adam: --finetune-lr / --e2e-lr)",
+    )
+    p.add_argument(
+        "--full-ft-lr",
+        type=float,
+        default=0.01,
+        help="SGD learning rate of the full table, fine-tune",
+    )
+    p.add_argument(
+        "--full-e2e-lr",
+        type=float,
+        default=0.03,
+        help="SGD learning rate of the full table, end-to-end (0.1 lets FA drive alphas to their floor)",
+    )
+    p.add_argument(
+        "--full-weight-decay",
+        type=float,
+        default=1e-4,
+        help="weight decay of the full table; the alphas get it times 0.01 (set_alpha_decay)",
+    )
+    p.add_argument(
+        "--full-clipnorm",
+        type=float,
+        default=None,
+        help="clip the global gradient norm in the full table (train.global_clipnorm; the authors clip)",
+    )
+    p.add_argument(
+        "--full-student",
+        default=rc.STUDENT,
+        choices=list(available()[:7]),
+        help="student of the full table; another than resnet8 is pre-trained once, seed 1",
+    )
+    p.add_argument(
+        "--full-columns",
+        nargs="+",
+        default=["4W4A", "1W1A"],
+        choices=list(rc.FULL_COLUMNS),
+        help="FP: an unquantized student of the same recipe (end-to-end only)",
+    )
+    p.add_argument(
+        "--csv",
+        default=None,
+        help="cells file (default <out-dir>/cells.csv); commit it as it grows",
+    )
     p.add_argument("--gamma", type=float, default=0.3)
     p.add_argument("--temperature", type=float, default=4.0)
-    p.add_argument("--per-channel", action="store_true", help="per-channel weight scales (paper: layer-wise)")
+    p.add_argument(
+        "--per-channel", action="store_true", help="per-channel weight scales (paper: layer-wise)"
+    )
     p.add_argument("--out-dir", default="saved_models/reproduce")
     p.add_argument("--md", default=None, help="markdown report (default <out-dir>/reproduce.md)")
     p.add_argument("--png", default=None, help="bar chart (default <out-dir>/reproduce.png)")
-    p.add_argument("--report-only", action="store_true", help="write the report from cells.csv, train nothing")
+    p.add_argument(
+        "--report-only", action="store_true", help="write the report from cells.csv, train nothing"
+    )
     return p.parse_args(argv)
 
 
@@ -166,13 +236,29 @@ class Bench:
         a = self.args
         path = self.path(name)
         if not os.path.exists(path):
-            say(f"{name}: training a full-precision {arch} with labels for {epochs} epochs on the training images")
-            self.run({"dataset": self.dataset(labels=True, limit=a.pretrain_limit),
-                      "teacher": {"arch": arch, "file": path, "train": {
-                          "optimizer": "sgd", "lr": 0.1, "epochs": epochs, "batch_size": a.batch_size,
-                          "weight_decay": 5e-4}},
-                      "train": {"batch_size": a.batch_size},
-                      "output_dir": os.path.join(a.out_dir, "pretrain", name), "seed": seed}, [TEACHER_STAGE])
+            say(
+                f"{name}: training a full-precision {arch} with labels for {epochs} epochs on the training images"
+            )
+            self.run(
+                {
+                    "dataset": self.dataset(labels=True, limit=a.pretrain_limit),
+                    "teacher": {
+                        "arch": arch,
+                        "file": path,
+                        "train": {
+                            "optimizer": "sgd",
+                            "lr": 0.1,
+                            "epochs": epochs,
+                            "batch_size": a.batch_size,
+                            "weight_decay": 5e-4,
+                        },
+                    },
+                    "train": {"batch_size": a.batch_size},
+                    "output_dir": os.path.join(a.out_dir, "pretrain", name),
+                    "seed": seed,
+                },
+                [TEACHER_STAGE],
+            )
         return path
 
     def pretrained_student(self, arch):
@@ -187,8 +273,14 @@ class Bench:
     def dataset(self, labels, limit):
         a = self.args
         # No validation during training: the evaluate stage scores the test split once.
-        return {"source": FMNIST, "labels": labels, "augment": False, "limit": limit, "eval_limit": a.eval_limit,
-                "validation_split": None}
+        return {
+            "source": FMNIST,
+            "labels": labels,
+            "augment": False,
+            "limit": limit,
+            "eval_limit": a.eval_limit,
+            "validation_split": None,
+        }
 
     def config(self, cell: Cell, output_dir: str) -> dict:
         """The run config of `cell` (`faqd_tf.config`)."""
@@ -197,19 +289,34 @@ class Bench:
         return {
             "dataset": self.dataset(labels=labels, limit=a.subset),
             "teacher": {"arch": None, "file": self.path("teacher")},
-            "student": {"init": "file" if cell.start else "scratch", "file": cell.start, "arch": cell.arch,
-                        "weight_bits": cell.weight_bits, "activation_bits": cell.activation_bits,
-                        "per_channel": cell.per_channel, "two_step": False},
+            "student": {
+                "init": "file" if cell.start else "scratch",
+                "file": cell.start,
+                "arch": cell.arch,
+                "weight_bits": cell.weight_bits,
+                "activation_bits": cell.activation_bits,
+                "per_channel": cell.per_channel,
+                "two_step": False,
+            },
             "distill": {
                 # Labels alone (QAT, the FP student): CE at weight 1, the KD term at weight 0.
                 "alpha": a.alpha if r.teacher else 0.0,
                 "beta": (cell.beta if cell.beta is not None else a.beta) if r.fa else 0.0,
                 "gamma": (a.gamma if r.teacher else 1.0) if labels else 0.0,
-                "kd": r.kd or rc.INIT_KD[cell.init], "temperature": a.temperature,
-                "fa": r.fa, "fa_norm": r.fa_norm, "ffa_k": r.ffa_k,
+                "kd": r.kd or rc.INIT_KD[cell.init],
+                "temperature": a.temperature,
+                "fa": r.fa,
+                "fa_norm": r.fa_norm,
+                "ffa_k": r.ffa_k,
             },
-            "train": {"optimizer": s.optimizer, "lr": s.lr, "epochs": s.epochs, "batch_size": a.batch_size,
-                      "weight_decay": s.weight_decay, "global_clipnorm": s.clipnorm},
+            "train": {
+                "optimizer": s.optimizer,
+                "lr": s.lr,
+                "epochs": s.epochs,
+                "batch_size": a.batch_size,
+                "weight_decay": s.weight_decay,
+                "global_clipnorm": s.clipnorm,
+            },
             "output_dir": output_dir,
             "seed": cell.seed,
         }
@@ -265,10 +372,20 @@ class Bench:
         epochs = cell.schedule.epochs
         say(f"  -> test accuracy {accuracy:.4f} ({epochs} epochs, {seconds:.0f} s)")
         if not recorded:
-            self.append({"table": cell.table, "init": cell.init, "row": cell.row, "column": cell.column,
-                         "seed": cell.seed, "accuracy": round(accuracy, 5), "epochs": epochs,
-                         "steps": epochs * self.steps(), "seconds": round(seconds, 1),
-                         "sec_per_epoch": round(seconds / epochs, 2)})
+            self.append(
+                {
+                    "table": cell.table,
+                    "init": cell.init,
+                    "row": cell.row,
+                    "column": cell.column,
+                    "seed": cell.seed,
+                    "accuracy": round(accuracy, 5),
+                    "epochs": epochs,
+                    "steps": epochs * self.steps(),
+                    "seconds": round(seconds, 1),
+                    "sec_per_epoch": round(seconds / epochs, 2),
+                }
+            )
 
     def record_reference(self, name, path):
         """The test accuracy of a pre-trained network, as a row of table `reference`."""
@@ -282,7 +399,9 @@ class Bench:
 
         if self._test is None:
             self._test = data.load(FMNIST, "test", batch_size=500, limit=self.args.eval_limit)
-        accuracy = evaluate_classifier(keras.models.load_model(path, safe_mode=True), self._test, verbose=0)["accuracy"]
+        accuracy = evaluate_classifier(
+            keras.models.load_model(path, safe_mode=True), self._test, verbose=0
+        )["accuracy"]
         self.append(dict(zip(rc.FIELDS, (*key, round(float(accuracy), 5), 0, 0, 0.0, ""))))
 
     def append(self, row):
@@ -296,10 +415,14 @@ class Bench:
 
     def run_all(self):
         a = self.args
-        references = [("teacher", self.pretrained("teacher", rc.TEACHER, a.teacher_epochs)),
-                      ("fp_student", self.pretrained("fp_student", rc.STUDENT, a.fp_epochs))]
+        references = [
+            ("teacher", self.pretrained("teacher", rc.TEACHER, a.teacher_epochs)),
+            ("fp_student", self.pretrained("fp_student", rc.STUDENT, a.fp_epochs)),
+        ]
         if "full" in a.tables and a.full_student != rc.STUDENT:
-            references.append((rc.fp_reference(a.full_student), self.pretrained_student(a.full_student)))
+            references.append(
+                (rc.fp_reference(a.full_student), self.pretrained_student(a.full_student))
+            )
         for name, path in references:
             self.record_reference(name, path)
         for cell in self.cells():
@@ -316,15 +439,25 @@ class Bench:
                 for row in self.rows(rc.WEIGHT_ROWS):
                     if row == "FP student":
                         if init == "end-to-end":  # QAT's recipe at full precision
-                            yield self.weight_cell("weight", init, row, "FP", seed, "QAT (CE only, no teacher)", None)
+                            yield self.weight_cell(
+                                "weight", init, row, "FP", seed, "QAT (CE only, no teacher)", None
+                            )
                         continue
                     for bits in a.bits:
                         yield self.weight_cell("weight", init, row, f"{bits}-bit", seed, row, bits)
             for init in a.inits if "sweep" in a.tables else []:
                 for norm, betas in (("fro2", a.sweep_fro2), ("l1", a.sweep_l1)):
                     for beta in betas:
-                        yield self.weight_cell("sweep", init, rc.sweep_row(norm, beta), f"{a.sweep_bits}-bit", seed,
-                                               rc.FAQD_ROWS[norm], a.sweep_bits, beta=beta)
+                        yield self.weight_cell(
+                            "sweep",
+                            init,
+                            rc.sweep_row(norm, beta),
+                            f"{a.sweep_bits}-bit",
+                            seed,
+                            rc.FAQD_ROWS[norm],
+                            a.sweep_bits,
+                            beta=beta,
+                        )
             for optimizer in a.full_optimizer if "full" in a.tables else []:
                 for init in a.inits:
                     for column in a.full_columns:
@@ -339,11 +472,25 @@ class Bench:
         """A cell of the weight or sweep table (activations FP): `recipe_row`'s loss at `bits`."""
         a = self.args
         if init == "fine-tune":
-            schedule, start = Schedule("adam", a.finetune_lr, a.finetune_epochs), self.path("fp_student")
+            schedule, start = (
+                Schedule("adam", a.finetune_lr, a.finetune_epochs),
+                self.path("fp_student"),
+            )
         else:
             schedule, start = Schedule(a.e2e_optimizer, a.e2e_lr, a.e2e_epochs), None
-        return Cell(table, init, row, column, seed, rc.WEIGHT_ROWS[recipe_row], schedule, start=start, weight_bits=bits,
-                    per_channel=a.per_channel and bits is not None, beta=beta)
+        return Cell(
+            table,
+            init,
+            row,
+            column,
+            seed,
+            rc.WEIGHT_ROWS[recipe_row],
+            schedule,
+            start=start,
+            weight_bits=bits,
+            per_channel=a.per_channel and bits is not None,
+            beta=beta,
+        )
 
     def full_schedule(self, optimizer, init):
         a = self.args
@@ -362,32 +509,68 @@ class Bench:
         a = self.args
         table = full_table(a, optimizer, init)
         weight_bits, act = rc.FULL_COLUMNS[column]
-        common = dict(weight_bits=weight_bits, activation_bits=act, per_channel=a.per_channel and weight_bits is not None)
+        common = dict(
+            weight_bits=weight_bits,
+            activation_bits=act,
+            per_channel=a.per_channel and weight_bits is not None,
+        )
         if init == "end-to-end":
-            return Cell(table, init, row, column, seed, rc.FULL_ROWS[row], self.full_schedule(optimizer, init),
-                        arch=a.full_student, **common)
+            return Cell(
+                table,
+                init,
+                row,
+                column,
+                seed,
+                rc.FULL_ROWS[row],
+                self.full_schedule(optimizer, init),
+                arch=a.full_student,
+                **common,
+            )
         kd_only = row == rc.BASELINE_ROW
-        step1 = Cell(table, init, rc.STEP1_ROWS[kd_only], f"{act}A32W", seed, rc.FULL_ROWS[rc.BASELINE_ROW if kd_only else rc.FULL_MAIN],
-                     self.full_schedule(optimizer, init), start=self.pretrained_student(a.full_student),
-                     activation_bits=act)
-        return Cell(table, init, row, column, seed, rc.FULL_ROWS[row], self.full_schedule(optimizer, init),
-                    start=self.student_file(step1), step1=step1, **common)
+        step1 = Cell(
+            table,
+            init,
+            rc.STEP1_ROWS[kd_only],
+            f"{act}A32W",
+            seed,
+            rc.FULL_ROWS[rc.BASELINE_ROW if kd_only else rc.FULL_MAIN],
+            self.full_schedule(optimizer, init),
+            start=self.pretrained_student(a.full_student),
+            activation_bits=act,
+        )
+        return Cell(
+            table,
+            init,
+            row,
+            column,
+            seed,
+            rc.FULL_ROWS[row],
+            self.full_schedule(optimizer, init),
+            start=self.student_file(step1),
+            step1=step1,
+            **common,
+        )
 
 
 def full_table(args, optimizer, init):
     """The table name of full-quantization cells: the optimizer, then every setting of the cell off its default."""
     defaults = vars(parse_args([]))
-    changed = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-               for k in FULL_SETTINGS + FULL_INIT_SETTINGS[optimizer, init]
-               for v in [getattr(args, k)] if v != defaults[k]]
+    changed = [
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+        for k in FULL_SETTINGS + FULL_INIT_SETTINGS[optimizer, init]
+        for v in [getattr(args, k)]
+        if v != defaults[k]
+    ]
     return ", ".join([f"full {optimizer}", *changed])
 
 
 def main(argv=None):
     args = parse_args(argv)
     if not os.path.isdir(FMNIST_DIR):
-        sys.exit("reproduce: Fashion-MNIST is missing; install the Debian package dataset-fashion-mnist "
-                 "(bash scripts/install.sh does).")
+        sys.exit(
+            "reproduce: Fashion-MNIST is missing; install the Debian package dataset-fashion-mnist "
+            "(bash scripts/install.sh does)."
+        )
     if not args.report_only:
         Bench(args).run_all()
     from benchmarks import reproduce_report

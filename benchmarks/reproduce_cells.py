@@ -11,7 +11,18 @@ import os
 import time
 
 TEACHER, STUDENT = "resnet14", "resnet8"
-FIELDS = ["table", "init", "row", "column", "seed", "accuracy", "epochs", "steps", "seconds", "sec_per_epoch"]
+FIELDS = [
+    "table",
+    "init",
+    "row",
+    "column",
+    "seed",
+    "accuracy",
+    "epochs",
+    "steps",
+    "seconds",
+    "sec_per_epoch",
+]
 INIT_KD = {"fine-tune": "kl", "end-to-end": "mse"}
 """The KD of each initialization, as the paper prescribes."""
 

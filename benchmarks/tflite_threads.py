@@ -29,27 +29,40 @@ def main(argv=None):
 
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    resolvers = {"XNNPACK": OpResolverType.AUTO, "builtin": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
+    resolvers = {
+        "XNNPACK": OpResolverType.AUTO,
+        "builtin": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+    }
     configs = []
     for path in args.files:
         for threads in args.threads:
             for name, resolver in resolvers.items():
-                interpreter = Interpreter(model_path=path, num_threads=threads, experimental_op_resolver_type=resolver)
+                interpreter = Interpreter(
+                    model_path=path, num_threads=threads, experimental_op_resolver_type=resolver
+                )
                 detail = interpreter.get_input_details()[0]
                 interpreter.allocate_tensors()
-                interpreter.set_tensor(detail["index"], np.random.default_rng(0).random(detail["shape"], np.float32))
+                interpreter.set_tensor(
+                    detail["index"], np.random.default_rng(0).random(detail["shape"], np.float32)
+                )
                 for _ in range(5):
                     interpreter.invoke()
                 configs.append((os.path.basename(path), threads, name, interpreter))
     load = [os.getloadavg()[0]]
-    timed = _harness.interleaved_times([c[3].invoke for c in configs], args.rounds, -(-args.runs // args.rounds))
+    timed = _harness.interleaved_times(
+        [c[3].invoke for c in configs], args.rounds, -(-args.runs // args.rounds)
+    )
     load.append(os.getloadavg()[0])
-    command = "python benchmarks/tflite_threads.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/tflite_threads.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     print(f"Command: `{command}`; load average {load[0]:.2f} before, {load[1]:.2f} after.\n")
     print("| file | threads | kernels | median ms | 90th percentile ms |")
     print("|---|---|---|---|---|")
     for (name, threads, resolver, _), times in zip(configs, timed):
-        print(f"| {name} | {threads} | {resolver} | {1000 * np.median(times):.3f} | {1000 * np.percentile(times, 90):.3f} |")
+        print(
+            f"| {name} | {threads} | {resolver} | {1000 * np.median(times):.3f} | {1000 * np.percentile(times, 90):.3f} |"
+        )
     return 0
 
 

@@ -59,8 +59,9 @@ def build(name, seed):
                 x = layers.MaxPooling1D()(x)
         x = layers.GlobalAveragePooling1D()(x)
         return keras.Model(inputs, layers.Dense(10, name="logits")(x), name="conv1d")
-    return getattr(keras.applications, name)(weights=None, classes=10, classifier_activation=None,
-                                             input_shape=input_shape(name))
+    return getattr(keras.applications, name)(
+        weights=None, classes=10, classifier_activation=None, input_shape=input_shape(name)
+    )
 
 
 def dataset(name, split, labels, batch_size, limit=None, seed=0, shuffle=None):
@@ -70,9 +71,19 @@ def dataset(name, split, labels, batch_size, limit=None, seed=0, shuffle=None):
     from faqd_tf import data
 
     two_d = name != "conv1d"
-    ds = data.load(FMNIST, split, labels=labels, batch_size=batch_size, seed=seed, limit=limit,
-                   image_size=(32, 32) if two_d else None, augment=False, shuffle=shuffle,
-                   drop_remainder=split == "train" and shuffle is not False)
+    ds = data.load(
+        FMNIST,
+        split,
+        labels=labels,
+        batch_size=batch_size,
+        seed=seed,
+        limit=limit,
+        image_size=(32, 32) if two_d else None,
+        augment=False,
+        shuffle=shuffle,
+        drop_remainder=split == "train" and shuffle is not False,
+    )
+
     def shape(x):  # the 2-D nets take three channels; the Conv1D net takes (L, C) rows
         return tf.repeat(x, 3, axis=-1) if two_d else x[..., 0]
 
@@ -96,18 +107,39 @@ class Results:
     """The CSV's rows: each result appended whole as it finishes; one there is not recomputed."""
 
     def __init__(self, path, command):
-        self.path, self.command, self.machine = path, command, f"{_harness.cpu_model()}, {os.cpu_count()} cores (shared)"
+        self.path, self.command, self.machine = (
+            path,
+            command,
+            f"{_harness.cpu_model()}, {os.cpu_count()} cores (shared)",
+        )
 
     def has(self, network, model):
-        return any(r["network"] == network and r["model"] == model for r in _harness.read_rows(self.path))
+        return any(
+            r["network"] == network and r["model"] == model for r in _harness.read_rows(self.path)
+        )
 
     def add(self, network, model, status, accuracy, detail, seconds):
-        _harness.append_rows(self.path, FIELDS, [{
-            "network": network, "model": model, "status": status,
-            "accuracy": "" if accuracy is None else f"{100 * accuracy:.2f}", "detail": detail,
-            "seconds": f"{seconds:.1f}", "command": self.command, "machine": self.machine}])
-        print(f"[trained] {network} {model}: {status} {'' if accuracy is None else f'{100 * accuracy:.2f}%'} "
-              f"{detail} ({seconds:.0f} s)", flush=True)
+        _harness.append_rows(
+            self.path,
+            FIELDS,
+            [
+                {
+                    "network": network,
+                    "model": model,
+                    "status": status,
+                    "accuracy": "" if accuracy is None else f"{100 * accuracy:.2f}",
+                    "detail": detail,
+                    "seconds": f"{seconds:.1f}",
+                    "command": self.command,
+                    "machine": self.machine,
+                }
+            ],
+        )
+        print(
+            f"[trained] {network} {model}: {status} {'' if accuracy is None else f'{100 * accuracy:.2f}%'} "
+            f"{detail} ({seconds:.0f} s)",
+            flush=True,
+        )
 
 
 def train_teacher(name, args, results):
@@ -121,18 +153,26 @@ def train_teacher(name, args, results):
     model = build(name, args.seed)
     train = dataset(name, "train", True, args.batch_size, limit=args.train_images, seed=args.seed)
     steps = args.epochs * int(train.cardinality())
-    model.compile(keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(1e-3, steps)),
-                  keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    model.compile(
+        keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(1e-3, steps)),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
     start = time.perf_counter()
     history = model.fit(train, epochs=args.epochs, verbose=2)
     seconds = time.perf_counter() - start
     bn = dataset(name, "train", False, 250, limit=2000, shuffle=False)
     faqd_tf.recalibrate_batchnorm(model, bn)
     save_model(model, path)
-    results.add(name, "train_teacher", "ok", history.history["accuracy"][-1],
-                f"{args.epochs} epoch(s) of {args.train_images} images, {steps} steps, "
-                f"{seconds / steps:.2f} s/step (first epoch includes tracing); accuracy = last-epoch training",
-                seconds)
+    results.add(
+        name,
+        "train_teacher",
+        "ok",
+        history.history["accuracy"][-1],
+        f"{args.epochs} epoch(s) of {args.train_images} images, {steps} steps, "
+        f"{seconds / steps:.2f} s/step (first epoch includes tracing); accuracy = last-epoch training",
+        seconds,
+    )
     return model
 
 
@@ -146,17 +186,30 @@ def distill_student(name, teacher, args, results):
         return keras.models.load_model(path, safe_mode=True)
     student = faqd_tf.quantize_model(teacher, weight_bits=4)
     distiller = faqd_tf.Distiller(student, teacher, kd="kl", fa=None, seed=args.seed)
-    distiller.compile(keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(0.01, args.distill_steps),
-                                           momentum=0.9, nesterov=True))
+    distiller.compile(
+        keras.optimizers.SGD(
+            keras.optimizers.schedules.CosineDecay(0.01, args.distill_steps),
+            momentum=0.9,
+            nesterov=True,
+        )
+    )
     train = dataset(name, "train", False, args.batch_size, seed=args.seed + 1).repeat()
     start = time.perf_counter()
     history = distiller.fit(train, epochs=1, steps_per_epoch=args.distill_steps, verbose=2)
     seconds = time.perf_counter() - start
-    faqd_tf.recalibrate_batchnorm(student, dataset(name, "train", False, 250, limit=2000, shuffle=False))
+    faqd_tf.recalibrate_batchnorm(
+        student, dataset(name, "train", False, 250, limit=2000, shuffle=False)
+    )
     save_model(student, path)
-    results.add(name, "distill_student", "ok", None,
-                f"label-free KD (kl) {args.distill_steps} steps of {args.batch_size}, final kd "
-                f"{history.history['kd'][-1]:.4g}, {seconds / args.distill_steps:.2f} s/step", seconds)
+    results.add(
+        name,
+        "distill_student",
+        "ok",
+        None,
+        f"label-free KD (kl) {args.distill_steps} steps of {args.batch_size}, final kd "
+        f"{history.history['kd'][-1]:.4g}, {seconds / args.distill_steps:.2f} s/step",
+        seconds,
+    )
     return student
 
 
@@ -175,14 +228,28 @@ def run_network(name, args, results, x_test, y_test):
     teacher = train_teacher(name, args, results)
     if not results.has(name, "fp_keras"):
         start = time.perf_counter()
-        results.add(name, "fp_keras", "ok", keras_accuracy(teacher, x_test, y_test),
-                    f"{len(y_test)} test images", time.perf_counter() - start)
+        results.add(
+            name,
+            "fp_keras",
+            "ok",
+            keras_accuracy(teacher, x_test, y_test),
+            f"{len(y_test)} test images",
+            time.perf_counter() - start,
+        )
     student = distill_student(name, teacher, args, results)
     if not results.has(name, "student4_keras"):
         start = time.perf_counter()
-        results.add(name, "student4_keras", "ok", keras_accuracy(student, x_test, y_test),
-                    f"{len(y_test)} test images", time.perf_counter() - start)
-    calibration = np.concatenate([np.asarray(b) for b in dataset(name, "train", False, 100, limit=200, shuffle=False)])
+        results.add(
+            name,
+            "student4_keras",
+            "ok",
+            keras_accuracy(student, x_test, y_test),
+            f"{len(y_test)} test images",
+            time.perf_counter() - start,
+        )
+    calibration = np.concatenate(
+        [np.asarray(b) for b in dataset(name, "train", False, 100, limit=200, shuffle=False)]
+    )
     folder = os.path.join(args.cache, f"{name}_exports")
     os.makedirs(folder, exist_ok=True)
     for kind in export.KINDS:
@@ -192,12 +259,23 @@ def run_network(name, args, results, x_test, y_test):
         try:
             export.check(kind, student)
         except ValueError as error:
-            results.add(name, f"export:{kind}", "refused", None, f"check: {str(error).splitlines()[0][:300]}",
-                        time.perf_counter() - start)
+            results.add(
+                name,
+                f"export:{kind}",
+                "refused",
+                None,
+                f"check: {str(error).splitlines()[0][:300]}",
+                time.perf_counter() - start,
+            )
             continue
         path = os.path.join(folder, export.FILENAMES[kind])
         try:
-            nbytes = export.write(kind, student, path, calibration=calibration if export.needs_calibration(kind) else None)
+            nbytes = export.write(
+                kind,
+                student,
+                path,
+                calibration=calibration if export.needs_calibration(kind) else None,
+            )
             if kind == "packed":
                 model = export.unpack(path)
                 predict = lambda x: model.predict(x, batch_size=500, verbose=0)  # noqa: E731
@@ -205,29 +283,49 @@ def run_network(name, args, results, x_test, y_test):
                 run = export.run_onnx if kind == "onnx" else export.run_tflite
                 predict = lambda x: run(path, x)  # noqa: E731
             # In chunks: the runtimes allocate every activation of the whole batch at once.
-            preds = np.concatenate([np.argmax(predict(x_test[i:i + 1000]), -1) for i in range(0, len(x_test), 1000)])
+            preds = np.concatenate(
+                [np.argmax(predict(x_test[i : i + 1000]), -1) for i in range(0, len(x_test), 1000)]
+            )
         except Exception as error:  # noqa: BLE001 - recorded, one line, the other kinds still run
-            results.add(name, f"export:{kind}", "error", None,
-                        f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}", time.perf_counter() - start)
+            results.add(
+                name,
+                f"export:{kind}",
+                "error",
+                None,
+                f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}",
+                time.perf_counter() - start,
+            )
             continue
-        results.add(name, f"export:{kind}", "ok", float(np.mean(preds == y_test)),
-                    f"{nbytes / 1e6:.2f} MB, {len(y_test)} test images in its runtime", time.perf_counter() - start)
+        results.add(
+            name,
+            f"export:{kind}",
+            "ok",
+            float(np.mean(preds == y_test)),
+            f"{nbytes / 1e6:.2f} MB, {len(y_test)} test images in its runtime",
+            time.perf_counter() - start,
+        )
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--csv", default=os.path.join(_harness.DOCS, "trained_applications.csv"))
-    parser.add_argument("--cache", default=os.environ.get("FAQD_BENCH_CACHE", "/work/runs/trained_applications"))
+    parser.add_argument(
+        "--cache", default=os.environ.get("FAQD_BENCH_CACHE", "/work/runs/trained_applications")
+    )
     parser.add_argument("--only", nargs="*", choices=NETWORKS)
     parser.add_argument("--train-images", type=int, default=20000)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--distill-steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--test-limit", type=int, default=None, help="test images (default all 10,000)")
+    parser.add_argument(
+        "--test-limit", type=int, default=None, help="test images (default all 10,000)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     os.makedirs(args.cache, exist_ok=True)
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT)] + list(argv or sys.argv[1:]))
+    command = "python " + " ".join(
+        shlex.quote(a) for a in [os.path.relpath(__file__, ROOT)] + list(argv or sys.argv[1:])
+    )
     results = Results(args.csv, command)
     for name in args.only or NETWORKS:
         x_test, y_test = arrays(name, "test", args.test_limit)

@@ -18,7 +18,17 @@ from faqd_tf import registration as _registration
 from faqd_tf._version import __version__
 from faqd_tf.summary import summary  # loads Keras only when it runs
 
-__all__ = ["Distiller", "quantize_model", "recalibrate_batchnorm", "summary", "layers", "losses", "models", "quantizers", "__version__"]
+__all__ = [
+    "Distiller",
+    "quantize_model",
+    "recalibrate_batchnorm",
+    "summary",
+    "layers",
+    "losses",
+    "models",
+    "quantizers",
+    "__version__",
+]
 
 # Name -> the module that defines it (a module stands for itself).
 _LAZY = {

@@ -63,7 +63,13 @@ def _identity(path: str) -> tuple | None:
 def write_synced(path: str, data: bytes | str | Iterable[bytes]) -> int:
     """Writes `data` (bytes, text as UTF-8, or bytes chunks) to `path` and waits until it is on the
     disk; returns the number of bytes. Whole only under a name from `written_aside`."""
-    chunks = [data.encode("utf-8")] if isinstance(data, str) else [data] if isinstance(data, bytes) else data
+    chunks = (
+        [data.encode("utf-8")]
+        if isinstance(data, str)
+        else [data]
+        if isinstance(data, bytes)
+        else data
+    )
     size = 0
     with open(path, "wb") as f:
         for chunk in chunks:

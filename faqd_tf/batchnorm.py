@@ -86,11 +86,15 @@ def _images(images, model, samples):
     # A subclassed model has no `inputs`: its first batch sets the shape the others must have.
     known = getattr(model, "inputs", None)
     if known is not None and len(known) != 1:
-        raise ValueError(f"recalibrate_batchnorm needs a model with one input; {model.name!r} has {len(known)}.")
+        raise ValueError(
+            f"recalibrate_batchnorm needs a model with one input; {model.name!r} has {len(known)}."
+        )
     shape = tuple(known[0].shape[1:]) if known else None
     if isinstance(images, tf.data.Dataset):
         if images.cardinality() == tf.data.INFINITE_CARDINALITY and samples is None:
-            raise ValueError("images is an infinite (repeated) dataset; pass samples=N to take N images.")
+            raise ValueError(
+                "images is an infinite (repeated) dataset; pass samples=N to take N images."
+            )
         images = images.as_numpy_iterator()
     batches = [images] if hasattr(images, "shape") and hasattr(images, "dtype") else images
     out, count = [], 0
@@ -99,7 +103,9 @@ def _images(images, model, samples):
             batch = batch[0]  # (images, labels): the labels are not used
         batch = np.asarray(batch)
         shape = batch.shape[1:] if shape is None else shape
-        fits = batch.ndim == len(shape) + 1 and all(d is None or d == b for d, b in zip(shape, batch.shape[1:]))
+        fits = batch.ndim == len(shape) + 1 and all(
+            d is None or d == b for d, b in zip(shape, batch.shape[1:])
+        )
         if not fits or not np.issubdtype(batch.dtype, np.number):
             raise ValueError(
                 f"images have shape {batch.shape[1:]} and dtype {batch.dtype}, but {model.name!r} takes "
@@ -109,14 +115,18 @@ def _images(images, model, samples):
             batch = batch[: samples - count]
         batch = batch.astype(np.float32)
         if not np.all(np.isfinite(batch)):
-            raise ValueError("images contain NaN or infinite values; recalibrating on them would poison every layer.")
+            raise ValueError(
+                "images contain NaN or infinite values; recalibrating on them would poison every layer."
+            )
         if len(batch):
             out.append(batch)
             count += len(batch)
         if samples is not None and count >= samples:
             break
     if not count:
-        raise ValueError("images hold no image; pass unlabeled inputs of the model, e.g. x_train[:1000].")
+        raise ValueError(
+            "images hold no image; pass unlabeled inputs of the model, e.g. x_train[:1000]."
+        )
     return out
 
 
@@ -136,6 +146,7 @@ def _call_order(model, layers, probe):
     order = []
     with contextlib.ExitStack() as stack:
         for layer in layers:
+
             def record(*args, _layer=layer, _call=layer.call, **kwargs):
                 order.append(_layer)
                 return _call(*args, **kwargs)
@@ -158,10 +169,14 @@ def _input_moments(model, layer, batches, batch_size):
         # A problem is raised after the forward pass: Keras would add its call context to an
         # exception raised in here, over several lines.
         if mask is not None:
-            problems.append(f"{layer.name!r} received a mask; recalibrate_batchnorm does not weigh masked inputs.")
+            problems.append(
+                f"{layer.name!r} received a mask; recalibrate_batchnorm does not weigh masked inputs."
+            )
         elif not tf.executing_eagerly():
-            problems.append(f"{model.name!r} calls {layer.name!r} inside a tf.function; recalibrate_batchnorm "
-                            "needs the model's plain (eager) call.")
+            problems.append(
+                f"{model.name!r} calls {layer.name!r} inside a tf.function; recalibrate_batchnorm "
+                "needs the model's plain (eager) call."
+            )
         else:
             moments.add(inputs, layer.axis)
         raise _Stop()
@@ -178,7 +193,9 @@ def _input_moments(model, layer, batches, batch_size):
     return moments
 
 
-def recalibrate_batchnorm(model: keras.Model, images, batch_size: int = 256, samples: int | None = None) -> list:
+def recalibrate_batchnorm(
+    model: keras.Model, images, batch_size: int = 256, samples: int | None = None
+) -> list:
     """Sets every BatchNormalization layer's moving statistics to those of its inputs on `images`.
 
     Label-free: only images are read. Works on any built single-input Keras model (Functional,
@@ -211,8 +228,10 @@ def recalibrate_batchnorm(model: keras.Model, images, batch_size: int = 256, sam
         raise ValueError(f"samples={samples!r} must be a positive integer or None (all images).")
     layers = _batchnorm_layers(model)
     if not layers:
-        warnings.warn(f"recalibrate_batchnorm: {model.name!r} has no BatchNormalization layer; nothing to do.",
-                      stacklevel=2)
+        warnings.warn(
+            f"recalibrate_batchnorm: {model.name!r} has no BatchNormalization layer; nothing to do.",
+            stacklevel=2,
+        )
         return []
     batches = _images(images, model, samples)
     if _runs_as_graph(model, layers):
@@ -221,7 +240,10 @@ def recalibrate_batchnorm(model: keras.Model, images, batch_size: int = 256, sam
         order = _recalibrate_per_layer(model, layers, batches, batch_size)
     unused = sorted(layer.name for layer in layers if layer not in order)
     if unused:
-        warnings.warn(f"recalibrate_batchnorm: these BatchNormalization layers are never called: {unused}.", stacklevel=2)
+        warnings.warn(
+            f"recalibrate_batchnorm: these BatchNormalization layers are never called: {unused}.",
+            stacklevel=2,
+        )
     return [layer.name for layer in order]
 
 
@@ -242,7 +264,9 @@ def _recalibrate_per_layer(model, layers, batches, batch_size):
 
 def _is_graph(model):
     return isinstance(model, keras.Sequential) or (
-        isinstance(model, keras.Model) and hasattr(model, "_nodes_by_depth") and bool(getattr(model, "inputs", None))
+        isinstance(model, keras.Model)
+        and hasattr(model, "_nodes_by_depth")
+        and bool(getattr(model, "inputs", None))
     )
 
 
@@ -253,7 +277,11 @@ def _graph_batchnorms(model, found):
         if isinstance(layer, keras.layers.BatchNormalization):
             found.append(layer)
         elif _is_graph(layer) and _batchnorm_layers(layer):
-            if len(layer.inputs) != 1 or len(layer.outputs) != 1 or not _graph_batchnorms(layer, found):
+            if (
+                len(layer.inputs) != 1
+                or len(layer.outputs) != 1
+                or not _graph_batchnorms(layer, found)
+            ):
                 return False
     return True
 
@@ -288,8 +316,12 @@ def _normalize_all(model, layer, inputs, order, kwargs=None):
             f"BatchNormalization layers {[layer.name]} are called more than once per forward pass; their "
             "statistics would mix several inputs, which recalibrate_batchnorm does not do."
         )
-    if (kwargs or {}).get("mask") is not None or any(getattr(x, "_keras_mask", None) is not None for x in inputs):
-        raise ValueError(f"{layer.name!r} received a mask; recalibrate_batchnorm does not weigh masked inputs.")
+    if (kwargs or {}).get("mask") is not None or any(
+        getattr(x, "_keras_mask", None) is not None for x in inputs
+    ):
+        raise ValueError(
+            f"{layer.name!r} received a mask; recalibrate_batchnorm does not weigh masked inputs."
+        )
     moments = _Moments()
     for x in inputs:
         moments.add(x, layer.axis)
@@ -320,10 +352,16 @@ def _run_graph(model, inputs, order):
                 continue
             per_batch_args = []
             for i in range(len(inputs)):
-                args, kwargs = node.arguments.fill_in({id(t): values[id(t)][i] for t in node.input_tensors})
+                args, kwargs = node.arguments.fill_in(
+                    {id(t): values[id(t)][i] for t in node.input_tensors}
+                )
                 per_batch_args.append((args, kwargs))
-            outputs = _run_operation(node.operation, [a for a, _ in per_batch_args],
-                                     [k for _, k in per_batch_args], order)
+            outputs = _run_operation(
+                node.operation,
+                [a for a, _ in per_batch_args],
+                [k for _, k in per_batch_args],
+                order,
+            )
             for tensor in node.input_tensors:
                 uses[id(tensor)] -= 1
                 if not uses[id(tensor)]:
@@ -331,8 +369,12 @@ def _run_graph(model, inputs, order):
             flat = [keras.tree.flatten(out) for out in outputs]
             for j, tensor in enumerate(node.outputs):
                 values[id(tensor)] = [out[j] for out in flat]
-    return [keras.tree.pack_sequence_as(model._outputs_struct, [values[id(t)][i] for t in model.outputs])
-            for i in range(len(inputs))]
+    return [
+        keras.tree.pack_sequence_as(
+            model._outputs_struct, [values[id(t)][i] for t in model.outputs]
+        )
+        for i in range(len(inputs))
+    ]
 
 
 def _run_operation(operation, args, kwargs, order):
@@ -344,8 +386,11 @@ def _run_operation(operation, args, kwargs, order):
 
 
 def _recalibrate_in_one_pass(model, batches, batch_size):
-    inputs = [tf.convert_to_tensor(batch[start : start + batch_size])
-              for batch in batches for start in range(0, len(batch), batch_size)]
+    inputs = [
+        tf.convert_to_tensor(batch[start : start + batch_size])
+        for batch in batches
+        for start in range(0, len(batch), batch_size)
+    ]
     order = []
     _run_graph(model, inputs, order)
     return order

@@ -25,7 +25,11 @@ if TYPE_CHECKING:
 def relaxed_layers(model: keras.Layer) -> list[keras.Layer]:
     """Every layer under `model` (nested models and a Distiller's student included) with a
     BinaryRelax factor, each once."""
-    return [layer for _, layer, _ in iter_layers(model) if getattr(layer, "relax_lambda", None) is not None]
+    return [
+        layer
+        for _, layer, _ in iter_layers(model)
+        if getattr(layer, "relax_lambda", None) is not None
+    ]
 
 
 class BinaryRelaxScheduler(keras.callbacks.Callback):
@@ -203,9 +207,19 @@ class SharedBackupAndRestore(compat.BackupAndRestore):
             caller, e.g. after it has saved the trained model.
     """
 
-    def __init__(self, backup_dir: str, writer: bool = True, save_freq: str | int = "epoch",
-                 delete_checkpoint: bool = True):
-        super().__init__(backup_dir, save_freq=save_freq, double_checkpoint=True, delete_checkpoint=delete_checkpoint)
+    def __init__(
+        self,
+        backup_dir: str,
+        writer: bool = True,
+        save_freq: str | int = "epoch",
+        delete_checkpoint: bool = True,
+    ):
+        super().__init__(
+            backup_dir,
+            save_freq=save_freq,
+            double_checkpoint=True,
+            delete_checkpoint=delete_checkpoint,
+        )
         self.writer = bool(writer)
 
     def on_train_begin(self, logs=None):
@@ -222,7 +236,10 @@ class SharedBackupAndRestore(compat.BackupAndRestore):
             elif whole is latest:
                 restore = latest
             else:  # Keras loads weights only from a file named *.weights.h5
-                restore = (os.path.join(scratch, "restore.weights.h5"), os.path.join(scratch, "restore.json"))
+                restore = (
+                    os.path.join(scratch, "restore.weights.h5"),
+                    os.path.join(scratch, "restore.json"),
+                )
                 for source, target in zip(previous, restore):
                     shutil.copy2(source, target)
             with self.restoring_from(*restore):
@@ -250,8 +267,12 @@ class SharedBackupAndRestore(compat.BackupAndRestore):
         (weights, meta), (prev_weights, prev_meta) = self.generations()
         data = compat.weights_bytes(self.model)
         epoch, batch = self.position()
-        record = {"epoch": epoch, "batch": batch, "weights_bytes": len(data),
-                  "weights_sha256": hashlib.sha256(data).hexdigest()}
+        record = {
+            "epoch": epoch,
+            "batch": batch,
+            "weights_bytes": len(data),
+            "weights_sha256": hashlib.sha256(data).hexdigest(),
+        }
         rotate = os.path.exists(weights)  # the latest becomes the one before
         # Renamed into place when every file is written, in this order, each rename leaving a whole
         # generation to fall back to: the one before (weights, then metadata), then the latest (its
@@ -278,8 +299,10 @@ class SharedBackupAndRestore(compat.BackupAndRestore):
         if _whole(weights, meta):
             with open(meta) as f:
                 kept = f"the backup of epoch {json.load(f)['epoch']} is kept"
-        return (f"the backup of epoch {self.position()[0]} could not be written to {self.backup_dir} "
-                f"({err.strerror or err}); {kept}")
+        return (
+            f"the backup of epoch {self.position()[0]} could not be written to {self.backup_dir} "
+            f"({err.strerror or err}); {kept}"
+        )
 
     def on_train_end(self, logs=None):
         if self.writer:
@@ -324,7 +347,9 @@ def _whole(weights, meta):
         return False
 
 
-def describe_gradient_norms(norms: dict[str, float], weights: dict[str, float]) -> tuple[str, list[str]]:
+def describe_gradient_norms(
+    norms: dict[str, float], weights: dict[str, float]
+) -> tuple[str, list[str]]:
     """One line of each weighted term's gradient norm and share, and a warning per inert term.
 
     A term whose gradient is below 1% of the largest term's barely moves the weights: its weight
@@ -338,7 +363,8 @@ def describe_gradient_norms(norms: dict[str, float], weights: dict[str, float]) 
     """
     total = sum(norms.values()) or 1.0
     line = "gradient norms at the start: " + ", ".join(
-        f"{name} {value:.3g} ({100 * value / total:.1f}%)" for name, value in norms.items())
+        f"{name} {value:.3g} ({100 * value / total:.1f}%)" for name, value in norms.items()
+    )
     largest = max(norms, key=norms.get)
     warnings = [
         f"the weighted {name} term (weight {weights[name]:g}) has {100 * value / norms[largest]:.1f}% of the gradient "
@@ -361,8 +387,11 @@ class GradientShares(keras.callbacks.Callback):
         print_fn: where the line goes (default `print`).
     """
 
-    def __init__(self, batch: "tf.Tensor | np.ndarray | tuple | tf.data.Dataset",
-                 print_fn: Callable[[str], None] = print):
+    def __init__(
+        self,
+        batch: "tf.Tensor | np.ndarray | tuple | tf.data.Dataset",
+        print_fn: Callable[[str], None] = print,
+    ):
         super().__init__()
         self.batch = batch
         self.print_fn = print_fn
@@ -371,7 +400,9 @@ class GradientShares(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         model = self.model
         self.norms = model.gradient_norms(self.batch)
-        line, warnings = describe_gradient_norms(self.norms, {term.name: term.weight for term in model.terms})
+        line, warnings = describe_gradient_norms(
+            self.norms, {term.name: term.weight for term in model.terms}
+        )
         self.print_fn(line)
         for warning in warnings:
             self.print_fn(f"warning: {warning}")

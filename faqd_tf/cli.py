@@ -46,17 +46,40 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=_prog(), description="FAQD: label-free quantization by feature-affinity distillation.")
-    parser.add_argument("--config", required=True,
-                        help="JSON config file, e.g. configs/quickstart.json, or a shipped config's name (quickstart)")
-    parser.add_argument("--stage", choices=STAGES, default="all", help="stage to run (default: all)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.epochs=5 (repeatable)")
+    parser = _Parser(
+        prog=_prog(), description="FAQD: label-free quantization by feature-affinity distillation."
+    )
+    parser.add_argument(
+        "--config",
+        required=True,
+        help="JSON config file, e.g. configs/quickstart.json, or a shipped config's name (quickstart)",
+    )
+    parser.add_argument(
+        "--stage", choices=STAGES, default="all", help="stage to run (default: all)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.epochs=5 (repeatable)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace finished outputs")
-    parser.add_argument("--tune", action="store_true", help="search alpha, beta, gamma, temperature with keras-tuner")
-    parser.add_argument("--trials", type=int, default=None, help="number of tuning trials (default: tune.trials)")
-    parser.add_argument("--export", choices=list(EXPORTS), action="append", default=[],
-                        help="also export the student after evaluation (repeatable)")
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="search alpha, beta, gamma, temperature with keras-tuner",
+    )
+    parser.add_argument(
+        "--trials", type=int, default=None, help="number of tuning trials (default: tune.trials)"
+    )
+    parser.add_argument(
+        "--export",
+        choices=list(EXPORTS),
+        action="append",
+        default=[],
+        help="also export the student after evaluation (repeatable)",
+    )
     return parser
 
 
@@ -102,7 +125,9 @@ def run(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_module.load(args.config, args.set)
     if args.tune and cfg["strategy"] == "multi_worker":
-        raise UsageError('--tune runs its trials in one process; set strategy to "default" or "mirrored" for tuning.')
+        raise UsageError(
+            '--tune runs its trials in one process; set strategy to "default" or "mirrored" for tuning.'
+        )
     trials = TuneOptions.specs()["trials"]
     if args.trials is not None and not trials.accepts(args.trials):
         raise UsageError(f"--trials={args.trials} must be >= {trials.low} and <= {trials.high}.")
@@ -121,7 +146,9 @@ def run(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:
         stages = runner.plan(args.stage)
         runner.preflight(stages, args.export)
         if not stages:
-            raise UsageError(f"every output of this run is in {runner.out} already; pass --overwrite to run it again.")
+            raise UsageError(
+                f"every output of this run is in {runner.out} already; pass --overwrite to run it again."
+            )
         runner.start(stages, args.export)
     finally:
         runner.lock.release()
@@ -154,8 +181,10 @@ def _stage_failure(failure):
         cause = _first_line(error).split("aborted by: ")[-1].strip()[:200]
         return f"the multi-worker job lost a worker ({cause}); start every worker again with the same command to resume from the last backup."
     if isinstance(error, tf.errors.ResourceExhaustedError):
-        return (f"stage {failure.stage} ran out of memory ({_first_line(error)[:120]}); lower train.batch_size "
-                f"or dataset.image_size, then {again}.")
+        return (
+            f"stage {failure.stage} ran out of memory ({_first_line(error)[:120]}); lower train.batch_size "
+            f"or dataset.image_size, then {again}."
+        )
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         what = f" writing {error.filename}" if error.filename else f": {_reason(error)}"
         return f"stage {failure.stage} ran out of disk space{what}; free some space, then {again}."
@@ -184,11 +213,21 @@ def main(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:
     except StageFailed as e:
         return fail(_stage_failure(e), 1)
     except _loaded("faqd_tf.callbacks", "NonFiniteLossError") as e:
-        return fail(f"{_reason(e)}; lower train.lr (or check the data), then run the same command to resume.", 1)
+        return fail(
+            f"{_reason(e)}; lower train.lr (or check the data), then run the same command to resume.",
+            1,
+        )
     # UsageError, ConfigError, the data's errors and a Keras whose private API is not known.
-    except (ValueError, OSError, *_loaded("faqd_tf.data", "SourceUnavailableError"),
-            *_loaded("faqd_tf.compat", "KerasVersionError")) as e:
+    except (
+        ValueError,
+        OSError,
+        *_loaded("faqd_tf.data", "SourceUnavailableError"),
+        *_loaded("faqd_tf.compat", "KerasVersionError"),
+    ) as e:
         return fail(_first_line(e), 2)
     except KeyboardInterrupt:
-        print(f"{_prog()}: interrupted; run the same command again to resume from the last finished epoch.", file=sys.stderr)
+        print(
+            f"{_prog()}: interrupted; run the same command again to resume from the last finished epoch.",
+            file=sys.stderr,
+        )
         return 130

@@ -21,10 +21,10 @@ faqd_tf.compat.KerasVersionError: faqd-tf uses private parts of Keras verified o
 
 import contextlib
 import io
-from collections.abc import Iterator
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import keras
@@ -52,11 +52,15 @@ def check_keras_version(version: str | None = None) -> str:
     (low, high) = VERIFIED_KERAS
     if match and low <= (int(match.group(1)), int(match.group(2))) <= high:
         return version
-    message = (f"faqd-tf uses private parts of Keras verified on Keras {low[0]}.{low[1]} to {high[0]}.{high[1]}, "
-               f"not on this Keras {version}; install one of those (pip install \"keras>={low[0]}.{low[1]},"
-               f"<{high[0]}.{high[1] + 1}\"), or set {ESCAPE_HATCH}=1 to try anyway.")
+    message = (
+        f"faqd-tf uses private parts of Keras verified on Keras {low[0]}.{low[1]} to {high[0]}.{high[1]}, "
+        f'not on this Keras {version}; install one of those (pip install "keras>={low[0]}.{low[1]},'
+        f'<{high[0]}.{high[1] + 1}"), or set {ESCAPE_HATCH}=1 to try anyway.'
+    )
     if os.environ.get(ESCAPE_HATCH, "").strip() not in ("", "0"):
-        warnings.warn(message.split(";")[0] + f"; trying anyway ({ESCAPE_HATCH} is set).", stacklevel=2)
+        warnings.warn(
+            message.split(";")[0] + f"; trying anyway ({ESCAPE_HATCH} is set).", stacklevel=2
+        )
         return version
     raise KerasVersionError(message)
 
@@ -101,7 +105,9 @@ def weights_bytes(model: keras.Model) -> bytes:
     buffer = io.BytesIO()
     store = saving_lib.H5IOStore(buffer, mode="w")
     try:
-        saving_lib._save_state(model, weights_store=store, assets_store=None, inner_path="", visited_saveables=set())
+        saving_lib._save_state(
+            model, weights_store=store, assets_store=None, inner_path="", visited_saveables=set()
+        )
     finally:
         store.close()
     return buffer.getvalue()
@@ -145,8 +151,10 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         super().__init__(*args, **kwargs)
 
     def generations(self) -> tuple[tuple[str, str], tuple[str, str]]:
-        return ((self._weights_path, self._training_metadata_path),
-                (self._prev_weights_path, self._prev_training_metadata_path))
+        return (
+            (self._weights_path, self._training_metadata_path),
+            (self._prev_weights_path, self._prev_training_metadata_path),
+        )
 
     def position(self) -> tuple[int, int]:
         return self._current_epoch, self._last_batch_seen

@@ -32,7 +32,9 @@ class ConfigError(ValueError):
 SCHEMA = fields.schema(RunOptions)
 """The config's keys: a `faqd_tf.fields.Spec` each, a section's as a dict of its own."""
 
-_SECTIONS = {name: spec.record for name, spec in RunOptions.specs().items() if spec.kind == "record"}
+_SECTIONS = {
+    name: spec.record for name, spec in RunOptions.specs().items() if spec.kind == "record"
+}
 
 
 def _build(record, given, prefix):
@@ -45,7 +47,9 @@ def _build(record, given, prefix):
     if unknown:
         key = inputs.shorten(f"{prefix}.{unknown[0]}" if prefix else unknown[0])
         where = f"'{prefix}'" if prefix else "the top level"
-        raise ConfigError(f"config: unknown key '{key}'; keys of {where} are: {', '.join(sorted(specs))}")
+        raise ConfigError(
+            f"config: unknown key '{key}'; keys of {where} are: {', '.join(sorted(specs))}"
+        )
     values = {}
     for name, spec in specs.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -85,22 +89,26 @@ def resolve(config: dict) -> dict:
 def markdown() -> str:
     """docs/config.md: every key of the config, its default, what it allows and what it does."""
     rows = fields.markdown(RunOptions)
-    return "\n".join([
-        "# Config keys",
-        "",
-        "Generated from the option records of `faqd_tf/options.py` by `faqd_tf.config.markdown()`;",
-        "tests/test_config.py checks that it is current. A key left out takes its default.",
-        "",
-        "| key | default | allowed | meaning |",
-        "| --- | --- | --- | --- |",
-        *rows,
-        "",
-    ])
+    return "\n".join(
+        [
+            "# Config keys",
+            "",
+            "Generated from the option records of `faqd_tf/options.py` by `faqd_tf.config.markdown()`;",
+            "tests/test_config.py checks that it is current. A key left out takes its default.",
+            "",
+            "| key | default | allowed | meaning |",
+            "| --- | --- | --- | --- |",
+            *rows,
+            "",
+        ]
+    )
 
 
 def _parse_override(item):
     if "=" not in item:
-        raise ConfigError(f"--set {inputs.shorten(repr(item))}: write KEY=VALUE, e.g. --set train.epochs=5.")
+        raise ConfigError(
+            f"--set {inputs.shorten(repr(item))}: write KEY=VALUE, e.g. --set train.epochs=5."
+        )
     key, raw = item.split("=", 1)
     key = key.strip()
     try:
@@ -115,7 +123,9 @@ def _parse_override(item):
 def apply_overrides(config: dict, overrides: list[str]) -> dict:
     """Sets `section.key=value` items (values parsed as JSON when they parse) on a raw config."""
     if not isinstance(config, dict):
-        raise ConfigError(f"config: the config must be a JSON object, got {inputs.describe(config)}.")
+        raise ConfigError(
+            f"config: the config must be a JSON object, got {inputs.describe(config)}."
+        )
     config = copy.deepcopy(config)
     for item in overrides or ():
         key, value = _parse_override(item)
@@ -126,11 +136,15 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
             if not isinstance(schema, dict) or part not in schema:
                 where = inputs.shorten(".".join(parts[:depth])) or "the top level"
                 allowed = ", ".join(sorted(schema)) if isinstance(schema, dict) else "none"
-                raise ConfigError(f"--set {shown}: unknown key '{shown}'; keys of {where} are: {allowed}")
+                raise ConfigError(
+                    f"--set {shown}: unknown key '{shown}'; keys of {where} are: {allowed}"
+                )
             schema = schema[part]
             if depth == len(parts) - 1:
                 if isinstance(schema, dict):
-                    raise ConfigError(f"--set {shown}: '{shown}' is a section; set one of its keys, e.g. {shown}.{next(iter(schema))}.")
+                    raise ConfigError(
+                        f"--set {shown}: '{shown}' is a section; set one of its keys, e.g. {shown}.{next(iter(schema))}."
+                    )
                 node[part] = value
             else:
                 node = node.setdefault(part, {})
@@ -183,7 +197,9 @@ def load(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
     try:
         raw = inputs.loads_json(inputs.read_text(path, "config file"), f"config file {shown}")
     except json.JSONDecodeError as e:
-        raise ConfigError(f"config file {shown} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}).") from None
+        raise ConfigError(
+            f"config file {shown} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})."
+        ) from None
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return resolve(apply_overrides(raw, overrides))

@@ -76,17 +76,37 @@ class Distiller(keras.Model):
     `distiller.student` stays a plain Keras model: save it with `student.save("x.keras")`.
     """
 
-    def __init__(self, student: keras.Model, teacher: keras.Model, options: DistillOptions | None = None, *,
-                 seed: int | None = None, **kwargs):
+    def __init__(
+        self,
+        student: keras.Model,
+        teacher: keras.Model,
+        options: DistillOptions | None = None,
+        *,
+        seed: int | None = None,
+        **kwargs,
+    ):
         options = _options(options, {name: kwargs.pop(name) for name in _OPTIONS if name in kwargs})
         seed = check_seed(seed)
         super().__init__(**kwargs)
         self.options = options
-        self.alpha, self.beta, self.gamma = float(options.alpha), options.fa_weight, float(options.gamma)
+        self.alpha, self.beta, self.gamma = (
+            float(options.alpha),
+            options.fa_weight,
+            float(options.gamma),
+        )
         self.kd, self.temperature = options.kd, float(options.temperature)
-        self.fa, self.fa_norm, self.ffa_k, self.fa_method = options.fa, options.fa_norm, int(options.ffa_k), options.fa_method
-        self.student_layers = None if options.student_layers is None else list(options.student_layers)
-        self.teacher_layers = None if options.teacher_layers is None else list(options.teacher_layers)
+        self.fa, self.fa_norm, self.ffa_k, self.fa_method = (
+            options.fa,
+            options.fa_norm,
+            int(options.ffa_k),
+            options.fa_method,
+        )
+        self.student_layers = (
+            None if options.student_layers is None else list(options.student_layers)
+        )
+        self.teacher_layers = (
+            None if options.teacher_layers is None else list(options.teacher_layers)
+        )
         self.seed = fresh_seed() if seed is None else seed
 
         self.student = student
@@ -94,10 +114,13 @@ class Distiller(keras.Model):
         self.teacher.trainable = False
         _check_compatible(student, teacher)
         if self.fa is None:
-            self.teacher_features, self.student_features = paired_extractors(teacher, student, [], [])
+            self.teacher_features, self.student_features = paired_extractors(
+                teacher, student, [], []
+            )
         else:
             self.teacher_features, self.student_features = paired_extractors(
-                teacher, student,
+                teacher,
+                student,
                 _default_taps(teacher) if self.teacher_layers is None else self.teacher_layers,
                 _default_taps(student) if self.student_layers is None else self.student_layers,
             )
@@ -117,7 +140,9 @@ class Distiller(keras.Model):
     @property
     def feature_pairs(self) -> list[tuple[str, str]]:
         """(teacher layer, student layer) names of the FA terms."""
-        return list(zip(self.teacher_features.output_names[1:], self.student_features.output_names[1:]))
+        return list(
+            zip(self.teacher_features.output_names[1:], self.student_features.output_names[1:])
+        )
 
     def compile(self, optimizer="sgd", loss=None, metrics=None, **kwargs):
         """Like `keras.Model.compile`, without `loss`: the Distiller composes its own.
@@ -169,16 +194,27 @@ class Distiller(keras.Model):
         label_spec = None
         for data, labels in ((x, y), (validation_data, None)):
             if labels is not None:
-                label_spec = tf.TensorSpec((None, *np.shape(labels)[1:]), tf.as_dtype(np.asarray(labels).dtype))
-            elif isinstance(data, tf.data.Dataset) and isinstance(data.element_spec, tuple) and len(data.element_spec) > 1:
+                label_spec = tf.TensorSpec(
+                    (None, *np.shape(labels)[1:]), tf.as_dtype(np.asarray(labels).dtype)
+                )
+            elif (
+                isinstance(data, tf.data.Dataset)
+                and isinstance(data.element_spec, tuple)
+                and len(data.element_spec) > 1
+            ):
                 label_spec = data.element_spec[1]
             elif isinstance(data, tuple) and len(data) > 1:
-                label_spec = tf.TensorSpec((None, *np.shape(data[1])[1:]), tf.as_dtype(np.asarray(data[1]).dtype))
+                label_spec = tf.TensorSpec(
+                    (None, *np.shape(data[1])[1:]), tf.as_dtype(np.asarray(data[1]).dtype)
+                )
             if label_spec is not None:
                 break
         label_spec = label_spec or tf.TensorSpec((None,), tf.int32)
         logits = tf.nest.flatten(self.student.outputs)[0]
-        compiled.build(keras.KerasTensor(label_spec.shape, label_spec.dtype.name), keras.KerasTensor(logits.shape, "float32"))
+        compiled.build(
+            keras.KerasTensor(label_spec.shape, label_spec.dtype.name),
+            keras.KerasTensor(logits.shape, "float32"),
+        )
 
     @property
     def metrics(self):
@@ -197,7 +233,9 @@ class Distiller(keras.Model):
         optimizer = getattr(self, "optimizer", None)  # None before compile (e.g. gradient_norms)
         return optimizer.iterations if optimizer is not None else 0
 
-    def loss_terms(self, teacher_outputs: list, student_outputs: list, y: tf.Tensor | None = None) -> dict:
+    def loss_terms(
+        self, teacher_outputs: list, student_outputs: list, y: tf.Tensor | None = None
+    ) -> dict:
         """Per-sample loss terms of the feature extractors' outputs: a dict by term name (`kd`, `fa`
         summed over the taps, `ce` when gamma > 0) of `(batch,)` tensors."""
         teacher, student = terms.Outputs.of(teacher_outputs), terms.Outputs.of(student_outputs)
@@ -210,7 +248,9 @@ class Distiller(keras.Model):
         are not trainable, so a tape around this records nothing of it."""
         teacher_outputs = self.teacher_features(x, training=False)
         student_outputs = self.student_features(x, training=training)
-        return tf.nest.flatten(student_outputs)[0], self.loss_terms(teacher_outputs, student_outputs, y)
+        return tf.nest.flatten(student_outputs)[0], self.loss_terms(
+            teacher_outputs, student_outputs, y
+        )
 
     def _total(self, values):
         total = None
@@ -260,7 +300,9 @@ class Distiller(keras.Model):
             # the gradient of the mean over the global batch.
             loss = tf.nn.compute_average_loss(total, sample_weight=sample_weight)
             if self.student.losses:
-                loss += tf.nn.scale_regularization_loss(tf.cast(tf.add_n(self.student.losses), loss.dtype))
+                loss += tf.nn.scale_regularization_loss(
+                    tf.cast(tf.add_n(self.student.losses), loss.dtype)
+                )
             scaled = self.optimizer.scale_loss(loss)
         variables = self.student.trainable_variables
         gradients = tape.gradient(scaled, variables)
@@ -275,8 +317,9 @@ class Distiller(keras.Model):
         self._update_trackers(values, self._total(values), sample_weight, batch)
         return self._logs(y, logits, sample_weight)
 
-    def gradient_norms(self, data: tuple | tf.Tensor | np.ndarray | tf.data.Dataset,
-                       weighted: bool = True) -> dict[str, float]:
+    def gradient_norms(
+        self, data: tuple | tf.Tensor | np.ndarray | tf.data.Dataset, weighted: bool = True
+    ) -> dict[str, float]:
         """The norm of each loss term's gradient with respect to the student's trainable weights.
 
         Shows whether a term can act at all: a weighted term whose gradient is a small fraction
@@ -318,7 +361,10 @@ class Distiller(keras.Model):
         for variable, value in state:
             variable.assign(value)
         variables = self.student.trainable_variables
-        norms = {name: float(tf.linalg.global_norm(tape.gradient(mean, variables))) for name, mean in means.items()}
+        norms = {
+            name: float(tf.linalg.global_norm(tape.gradient(mean, variables)))
+            for name, mean in means.items()
+        }
         del tape
         return norms
 
@@ -334,13 +380,15 @@ class Distiller(keras.Model):
 
     def get_config(self):
         config = super().get_config()
-        config.update({
-            "student": keras.saving.serialize_keras_object(self.student),
-            "teacher": keras.saving.serialize_keras_object(self.teacher),
-            **dataclasses.asdict(self.options),
-            "beta": self.beta,  # resolved: a restored Distiller keeps the weight it trained with
-            "seed": self.seed,
-        })
+        config.update(
+            {
+                "student": keras.saving.serialize_keras_object(self.student),
+                "teacher": keras.saving.serialize_keras_object(self.teacher),
+                **dataclasses.asdict(self.options),
+                "beta": self.beta,  # resolved: a restored Distiller keeps the weight it trained with
+                "seed": self.seed,
+            }
+        )
         return config
 
     @classmethod
@@ -356,11 +404,15 @@ def _options(options, flat):
     if options is None:
         return DistillOptions(**flat)
     if not isinstance(options, DistillOptions):
-        raise TypeError(f"Distiller: options={options!r} is not a faqd_tf.options.DistillOptions; give the loss "
-                        "options as one, or as keywords (alpha=..., kd=...).")
+        raise TypeError(
+            f"Distiller: options={options!r} is not a faqd_tf.options.DistillOptions; give the loss "
+            "options as one, or as keywords (alpha=..., kd=...)."
+        )
     if flat:
-        raise TypeError(f"Distiller: give the loss options either as options= or as keywords, not both "
-                        f"({', '.join(sorted(flat))}).")
+        raise TypeError(
+            f"Distiller: give the loss options either as options= or as keywords, not both "
+            f"({', '.join(sorted(flat))})."
+        )
     return options
 
 
@@ -392,7 +444,9 @@ def _check_compatible(student, teacher):
             f"The student has {s_out} logits and the teacher {t_out}; KD needs the same classes."
         )
     s_shape, t_shape = tuple(student.outputs[0].shape[1:]), tuple(teacher.outputs[0].shape[1:])
-    if len(s_shape) != len(t_shape) or any(a is not None and b is not None and a != b for a, b in zip(s_shape, t_shape)):
+    if len(s_shape) != len(t_shape) or any(
+        a is not None and b is not None and a != b for a, b in zip(s_shape, t_shape)
+    ):
         raise ValueError(
             f"The student outputs logits of shape {s_shape} and the teacher {t_shape}; KD compares them "
             "position by position, so give the student the teacher's output shape."

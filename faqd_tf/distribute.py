@@ -41,10 +41,16 @@ class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
         def one(v):
             if v is None:  # a log entry with no value yet (a metric never updated, e.g. label-free)
                 return None
-            local = self.experimental_local_results(v)[0] if isinstance(v, tf.distribute.DistributedValues) else v
+            local = (
+                self.experimental_local_results(v)[0]
+                if isinstance(v, tf.distribute.DistributedValues)
+                else v
+            )
             # A per-replica scalar (a metric) has no axis 0; its mean over replicas is the reduction.
             scalar = getattr(getattr(local, "shape", None), "rank", None) == 0
-            return super(MultiWorkerMirroredStrategy, self).reduce(reduce_op, v, None if scalar else axis)
+            return super(MultiWorkerMirroredStrategy, self).reduce(
+                reduce_op, v, None if scalar else axis
+            )
 
         return tf.nest.map_structure(one, value)
 
@@ -60,13 +66,27 @@ def tf_config() -> dict | None:
     try:
         config = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise ValueError(f"TF_CONFIG is not valid JSON ({e.msg} at character {e.pos}); see the README's multi-worker section.") from None
-    if not isinstance(config, dict) or not isinstance(config.get("cluster"), dict) or not isinstance(config.get("task"), dict):
-        raise ValueError('TF_CONFIG needs "cluster" (job name -> list of host:port) and "task" ({"type": ..., "index": ...}).')
+        raise ValueError(
+            f"TF_CONFIG is not valid JSON ({e.msg} at character {e.pos}); see the README's multi-worker section."
+        ) from None
+    if (
+        not isinstance(config, dict)
+        or not isinstance(config.get("cluster"), dict)
+        or not isinstance(config.get("task"), dict)
+    ):
+        raise ValueError(
+            'TF_CONFIG needs "cluster" (job name -> list of host:port) and "task" ({"type": ..., "index": ...}).'
+        )
     task = config["task"]
     jobs = config["cluster"]
-    if task.get("type") not in jobs or not isinstance(task.get("index"), int) or not 0 <= task["index"] < len(jobs[task["type"]]):
-        raise ValueError(f"TF_CONFIG task {json.dumps(task)} is not in its cluster {json.dumps(jobs)}.")
+    if (
+        task.get("type") not in jobs
+        or not isinstance(task.get("index"), int)
+        or not 0 <= task["index"] < len(jobs[task["type"]])
+    ):
+        raise ValueError(
+            f"TF_CONFIG task {json.dumps(task)} is not in its cluster {json.dumps(jobs)}."
+        )
     return config
 
 
@@ -133,4 +153,6 @@ def barrier(strategy: tf.distribute.Strategy) -> None:
     value = strategy.run(lambda: tf.constant(1.0))
     total = strategy.reduce("SUM", value, axis=None)
     if int(total) != strategy.num_replicas_in_sync:
-        raise RuntimeError(f"barrier: {int(total)} of {strategy.num_replicas_in_sync} replicas answered.")
+        raise RuntimeError(
+            f"barrier: {int(total)} of {strategy.num_replicas_in_sync} replicas answered."
+        )

@@ -13,8 +13,12 @@ import keras
 # Layers whose output holds no new learned feature: padding, cropping, reshaping and resampling
 # (ZeroPadding, Cropping, Reshape, Flatten, UpSampling, Permute), preprocessing (Rescaling,
 # Normalization, Resizing, augmentation), pooling, and dropout.
-_NOT_FEATURES = ("keras.src.layers.reshaping", "keras.src.layers.preprocessing", "keras.src.layers.pooling",
-                 "keras.src.layers.regularization")
+_NOT_FEATURES = (
+    "keras.src.layers.reshaping",
+    "keras.src.layers.preprocessing",
+    "keras.src.layers.pooling",
+    "keras.src.layers.regularization",
+)
 
 
 def _map_shape(output):
@@ -124,7 +128,9 @@ def feature_layers(model: keras.Model) -> list[str]:
     return [name for _, name in taps]
 
 
-def feature_extractor(model: keras.Model, layers: list[str] | None = None, name: str | None = None) -> keras.Model:
+def feature_extractor(
+    model: keras.Model, layers: list[str] | None = None, name: str | None = None
+) -> keras.Model:
     """A Keras model returning `[logits, feature_map_1, ..., feature_map_L]`.
 
     Args:
@@ -166,8 +172,12 @@ def feature_extractor(model: keras.Model, layers: list[str] | None = None, name:
     return keras.Model(inputs, [model.outputs[0], *maps], name=name or f"{model.name}_features")
 
 
-def paired_extractors(teacher: keras.Model, student: keras.Model, teacher_layers: list[str] | None = None,
-                      student_layers: list[str] | None = None) -> tuple[keras.Model, keras.Model]:
+def paired_extractors(
+    teacher: keras.Model,
+    student: keras.Model,
+    teacher_layers: list[str] | None = None,
+    student_layers: list[str] | None = None,
+) -> tuple[keras.Model, keras.Model]:
     """Teacher and student extractors whose feature maps pair up in order."""
     t = feature_extractor(teacher, teacher_layers, name="teacher_features")
     s = feature_extractor(student, student_layers, name="student_features")

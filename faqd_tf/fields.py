@@ -101,8 +101,11 @@ class Spec:
         if self.kind == "integer":
             return is_integer(value) and self.low <= value <= self.high
         if self.kind == "number":
-            return (is_number(value) and (value > self.low if self.strict else value >= self.low)
-                    and (self.high is None or value <= self.high))
+            return (
+                is_number(value)
+                and (value > self.low if self.strict else value >= self.low)
+                and (self.high is None or value <= self.high)
+            )
         if self.kind == "choice":
             # Of the same type: true is not 1-bit, 4.0 not 4.
             return any(value is c or (type(value) is type(c) and value == c) for c in self.choices)
@@ -138,14 +141,20 @@ class Spec:
         if self.kind == "string":
             return ("a non-empty string" if self.nonempty else "a string") + or_null
         if self.kind == "record":
-            return f"an object of the keys of '{section}'" if as_json else f"a {self.record.__name__}"
+            return (
+                f"an object of the keys of '{section}'" if as_json else f"a {self.record.__name__}"
+            )
         return self.shape.replace("{null}", null)
 
     def validate(self, value, name: str):
         """`value` if the option `name` accepts it, else an `OptionError`."""
         if not self.accepts(value):
-            raise OptionError(f"{name}={_python(value)} is not supported; use {self.allowed()}.",
-                              name=name, value=value, spec=self)
+            raise OptionError(
+                f"{name}={_python(value)} is not supported; use {self.allowed()}.",
+                name=name,
+                value=value,
+                spec=self,
+            )
         return value
 
 
@@ -153,7 +162,9 @@ class OptionError(ValueError):
     """A value an option cannot take, or options that cannot work together: one line naming them
     and what to use. `config` is the line for a config file, where it differs."""
 
-    def __init__(self, message: str, config: str | None = None, *, name=None, value=None, spec=None):
+    def __init__(
+        self, message: str, config: str | None = None, *, name=None, value=None, spec=None
+    ):
         super().__init__(message)
         self.config, self.name, self.value, self.spec = config, name, value, spec
 
@@ -198,11 +209,23 @@ def integer(default, low: int, high: int, doc: str, nullable: bool = False):
     return _field(Spec("integer", default, doc, low=low, high=high, nullable=nullable))
 
 
-def number(default, low: float, high: float | None, doc: str, strict: bool = False, null: str | None = None):
+def number(
+    default, low: float, high: float | None, doc: str, strict: bool = False, null: str | None = None
+):
     """A finite number >= `low` (> `low` if `strict`) and <= `high` when given; with `null`
     (what None stands for, "" for nothing to say), None too."""
-    return _field(Spec("number", default, doc, low=low, high=high, strict=strict, nullable=null is not None,
-                       null=null or ""))
+    return _field(
+        Spec(
+            "number",
+            default,
+            doc,
+            low=low,
+            high=high,
+            strict=strict,
+            nullable=null is not None,
+            null=null or "",
+        )
+    )
 
 
 def choice(default, choices, doc: str):
@@ -230,7 +253,10 @@ def record(cls: type, doc: str, required: bool = False):
 
 def schema(cls: type) -> dict:
     """The specs of record class `cls` by name, a nested record's as a dict of its own."""
-    return {name: schema(spec.record) if spec.kind == "record" else spec for name, spec in cls.specs().items()}
+    return {
+        name: schema(spec.record) if spec.kind == "record" else spec
+        for name, spec in cls.specs().items()
+    }
 
 
 def markdown(cls: type, prefix: str = "") -> list[str]:

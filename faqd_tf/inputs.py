@@ -54,7 +54,7 @@ def shorten(text: object, limit: int = MESSAGE_CHARS) -> str:
     if len(text) <= limit:
         return text
     tail = limit // 4
-    return f"{text[:limit - tail]}...{text[len(text) - tail:]} ({len(text):,} characters)"
+    return f"{text[: limit - tail]}...{text[len(text) - tail :]} ({len(text):,} characters)"
 
 
 def clip(line: object, limit: int) -> str:
@@ -70,7 +70,7 @@ def clip(line: object, limit: int) -> str:
     if len(line) <= limit:
         return line
     half = (limit - len(" ... ")) // 2
-    return f"{line[:half]} ... {line[len(line) - half:]}"
+    return f"{line[:half]} ... {line[len(line) - half :]}"
 
 
 def first_line(error: BaseException, limit: int | None = None) -> str:
@@ -92,7 +92,11 @@ def first_line(error: BaseException, limit: int | None = None) -> str:
     lines = text.splitlines()
     line = lines[0] if text else type(error).__name__
     if line.strip() == "Graph execution error:":
-        messages = [x for x in lines[1:] if x.strip() and not x[0].isspace() and not x.startswith("Detected at node")]
+        messages = [
+            x
+            for x in lines[1:]
+            if x.strip() and not x[0].isspace() and not x.startswith("Detected at node")
+        ]
         line = messages[0] if messages else line
     line = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", line)
     return line if limit is None else clip(line, limit)
@@ -110,7 +114,9 @@ def check_size(declared: int, present: int, what: str, advice: str = "download i
 def check_limit(size: int, limit: int, what: str, advice: str = "is it the right file?") -> None:
     """Raises when `size` bytes (declared by `what`) exceed `limit`, before anything is allocated."""
     if size > limit:
-        raise ValueError(f"{what} declares {_bytes(size)} of data, more than the {_bytes(limit)} it may hold; {advice}")
+        raise ValueError(
+            f"{what} declares {_bytes(size)} of data, more than the {_bytes(limit)} it may hold; {advice}"
+        )
 
 
 def inflation_limit(compressed_bytes: int, cap: int = 2**40) -> int:
@@ -125,11 +131,17 @@ def inflate(data: bytes, limit: int, what: str) -> bytes:
     try:
         out = inflater.decompress(data, limit + 1)
     except zlib.error as err:
-        raise ValueError(f"{what} is not valid compressed data ({err}); is it the right file?") from None
+        raise ValueError(
+            f"{what} is not valid compressed data ({err}); is it the right file?"
+        ) from None
     if len(out) > limit or inflater.unconsumed_tail:
-        raise ValueError(f"{what} inflates to more than {limit:,} bytes, more than it can hold; is it the right file?")
+        raise ValueError(
+            f"{what} inflates to more than {limit:,} bytes, more than it can hold; is it the right file?"
+        )
     if not inflater.eof:
-        raise ValueError(f"{what} is truncated: its compressed data ends early; is it the right file?")
+        raise ValueError(
+            f"{what} is truncated: its compressed data ends early; is it the right file?"
+        )
     if inflater.unused_data:
         raise ValueError(f"{what} has data after its compressed stream; is it the right file?")
     return out
@@ -183,7 +195,9 @@ class BinaryFile:
         while filled < size:
             got = self._guarded(self._stream.readinto, view[filled : filled + _READ_CHUNK])
             if not got:
-                raise ValueError(f"{self.path} is truncated: {what} needs {size:,} bytes, it holds {filled:,}; download it again.")
+                raise ValueError(
+                    f"{self.path} is truncated: {what} needs {size:,} bytes, it holds {filled:,}; download it again."
+                )
             filled += got
         return out
 
@@ -191,13 +205,17 @@ class BinaryFile:
         """Raises if the file holds more bytes."""
         extra = self._guarded(self._stream.read, 1)
         if extra:
-            raise ValueError(f"{self.path} is longer than its header says ({what}); download it again.")
+            raise ValueError(
+                f"{self.path} is longer than its header says ({what}); download it again."
+            )
 
     def _guarded(self, read, *args):
         try:
             return read(*args)
         except (OSError, EOFError, zlib.error) as err:
-            raise ValueError(f"{self.path} is not a readable gzip file ({err}); download it again.") from None
+            raise ValueError(
+                f"{self.path} is not a readable gzip file ({err}); download it again."
+            ) from None
 
 
 def read_text(path: str, what: str, limit: int = 2**20) -> str:
@@ -205,7 +223,9 @@ def read_text(path: str, what: str, limit: int = 2**20) -> str:
     path = os.fspath(path)
     size = os.path.getsize(path)
     if size > limit:
-        raise ValueError(f"{what} {path} is {_bytes(size)}, more than the {_bytes(limit)} it may be; is it the right file?")
+        raise ValueError(
+            f"{what} {path} is {_bytes(size)}, more than the {_bytes(limit)} it may be; is it the right file?"
+        )
     with open(path, "rb") as f:
         raw = f.read(limit + 1)
     try:
@@ -292,7 +312,9 @@ def check_output_dir(path: str, what: str = "output_dir") -> None:
     a file is refused before a run writes anything.
     """
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).strip():
-        raise ValueError(f"{what} is empty; give the folder the run writes to, e.g. saved_models/run.")
+        raise ValueError(
+            f"{what} is empty; give the folder the run writes to, e.g. saved_models/run."
+        )
     path = os.path.abspath(os.fspath(path))
     existing = path
     while not os.path.lexists(existing):
@@ -342,7 +364,9 @@ def check_image(path: str) -> tuple[str, int, int]:
             reason = f"not a readable image ({shorten(err, 60)})"
         raise ValueError(f"image file {path} is {reason}; remove or replace it.") from None
     if kind not in _IMAGE_FORMATS:
-        raise ValueError(f"image file {path} holds {kind} data, which is not BMP, GIF, JPEG or PNG; convert or remove it.")
+        raise ValueError(
+            f"image file {path} holds {kind} data, which is not BMP, GIF, JPEG or PNG; convert or remove it."
+        )
     if width * height > MAX_IMAGE_PIXELS:
         raise ValueError(
             f"image file {path} has {width} x {height} pixels, more than the {MAX_IMAGE_PIXELS:,} an image may have; "
@@ -351,7 +375,9 @@ def check_image(path: str) -> tuple[str, int, int]:
     if width * height == 0:
         raise ValueError(f"image file {path} has {width} x {height} pixels; remove it.")
     if not _complete(path, _IMAGE_FORMATS[kind]):
-        raise ValueError(f"image file {path} is truncated (its {_IMAGE_FORMATS[kind]} data ends early); replace or remove it.")
+        raise ValueError(
+            f"image file {path} is truncated (its {_IMAGE_FORMATS[kind]} data ends early); replace or remove it."
+        )
     return _IMAGE_FORMATS[kind], width, height
 
 
@@ -360,7 +386,9 @@ def _complete(path, kind):
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         if kind == "BMP":
-            declared = int.from_bytes(f.read(6)[2:6], "little")  # bfSize; 0 when a writer leaves it out
+            declared = int.from_bytes(
+                f.read(6)[2:6], "little"
+            )  # bfSize; 0 when a writer leaves it out
             return declared <= size
         f.seek(max(0, size - 4096))
         tail = f.read()

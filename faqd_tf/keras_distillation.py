@@ -61,8 +61,12 @@ class FeatureAffinityDistillation(keras.distillation.DistillationLoss):
         self.teacher_layer_name = teacher_layer_name
         self.student_layer_name = student_layer_name
         # The Distiller's options, with their bounds; this loss is the FA term, never None.
-        options.DistillOptions(fa=options.check_fa(fa, allow_none=False), fa_norm=fa_norm, ffa_k=ffa_k,
-                               fa_method=fa_method)
+        options.DistillOptions(
+            fa=options.check_fa(fa, allow_none=False),
+            fa_norm=fa_norm,
+            ffa_k=ffa_k,
+            fa_method=fa_method,
+        )
         self.fa, self.fa_norm, self.ffa_k, self.fa_method = fa, fa_norm, int(ffa_k), fa_method
         self.seed = options.check_seed(seed)
         self._probes = losses.ProbeCounter(self.seed)
@@ -99,9 +103,16 @@ class FeatureAffinityDistillation(keras.distillation.DistillationLoss):
 
     def compute_loss(self, teacher_outputs, student_outputs, **kwargs):
         if self.fa == "exact":
-            return losses.feature_affinity(teacher_outputs, student_outputs, method=self.fa_method, fa_norm=self.fa_norm)
-        return losses.fast_feature_affinity(teacher_outputs, student_outputs, k=self.ffa_k,
-                                            seed=self._probes.next_seed(self._tap), fa_norm=self.fa_norm)
+            return losses.feature_affinity(
+                teacher_outputs, student_outputs, method=self.fa_method, fa_norm=self.fa_norm
+            )
+        return losses.fast_feature_affinity(
+            teacher_outputs,
+            student_outputs,
+            k=self.ffa_k,
+            seed=self._probes.next_seed(self._tap),
+            fa_norm=self.fa_norm,
+        )
 
     def get_config(self):
         return {

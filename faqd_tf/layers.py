@@ -33,7 +33,9 @@ from faqd_tf import quantizers
 class Clip(keras.constraints.Constraint):
     """Keeps a weight in `[min_value, max_value]` (the quantized ReLU's resolution alpha)."""
 
-    def __init__(self, min_value: float = quantizers.ALPHA_MIN, max_value: float = quantizers.ALPHA_MAX):
+    def __init__(
+        self, min_value: float = quantizers.ALPHA_MIN, max_value: float = quantizers.ALPHA_MAX
+    ):
         self.min_value = float(min_value)
         self.max_value = float(max_value)
 
@@ -53,8 +55,15 @@ class QuantizedKernelMixin:
 
     kernel_names = ("kernel",)
 
-    def __init__(self, *args, weight_bits: int | None = None, per_channel: bool = False, relax: float | None = None,
-                 kernel_quantizer=None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        weight_bits: int | None = None,
+        per_channel: bool = False,
+        relax: float | None = None,
+        kernel_quantizer=None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self._init_quantizer(weight_bits, per_channel, relax, kernel_quantizer)
 
@@ -78,7 +87,9 @@ class QuantizedKernelMixin:
                     "or use per_channel=False."
                 )
             self.kernel_quantizer = (
-                None if weight_bits is None else quantizers.WeightQuantizer(weight_bits, per_channel)
+                None
+                if weight_bits is None
+                else quantizers.WeightQuantizer(weight_bits, per_channel)
             )
         if relax is not None and relax is not False:
             if isinstance(relax, bool):
@@ -227,7 +238,11 @@ class QuantizedKernelMixin:
 
     def _quantizer_config(self):
         q = self.kernel_quantizer
-        if q is None or type(q) is quantizers.WeightQuantizer and q.iterations == quantizers.LLOYD_ITERATIONS:
+        if (
+            q is None
+            or type(q) is quantizers.WeightQuantizer
+            and q.iterations == quantizers.LLOYD_ITERATIONS
+        ):
             return {
                 "weight_bits": self.weight_bits,
                 "per_channel": self.per_channel,
@@ -255,8 +270,14 @@ class _QuantConv(QuantizedKernelMixin):
         if self.padding == "causal":
             # Conv1D's causal padding, as keras.layers.Conv1D.call applies it.
             inputs = ops.pad(inputs, self._compute_causal_padding())
-            outputs = ops.conv(inputs, kernel, strides=list(self.strides), padding="valid",
-                               dilation_rate=self.dilation_rate, data_format=self.data_format)
+            outputs = ops.conv(
+                inputs,
+                kernel,
+                strides=list(self.strides),
+                padding="valid",
+                dilation_rate=self.dilation_rate,
+                data_format=self.data_format,
+            )
         else:
             outputs = self.convolution_op(inputs, kernel)
         return self._bias_and_activation(outputs)
@@ -514,7 +535,9 @@ class QuantReLU(keras.layers.Layer):
     def call(self, inputs):
         if self.bits is None:
             return ops.relu(inputs)
-        return quantizers.quantized_relu(inputs, tf.convert_to_tensor(self.alpha), self.bits, self.alpha_rate)
+        return quantizers.quantized_relu(
+            inputs, tf.convert_to_tensor(self.alpha), self.bits, self.alpha_rate
+        )
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -525,7 +548,9 @@ class QuantReLU(keras.layers.Layer):
             {
                 "bits": self.bits,
                 "alpha_initializer": (
-                    keras.initializers.serialize(self.alpha_initializer) if self.alpha_initializer else None
+                    keras.initializers.serialize(self.alpha_initializer)
+                    if self.alpha_initializer
+                    else None
                 ),
                 "trainable_alpha": self.trainable_alpha,
                 "alpha_rate": self.alpha_rate,

@@ -20,15 +20,20 @@ from collections.abc import Callable
 # --- stages
 
 TEACHER, DISTILL, EVALUATE, TUNE = "teacher", "distill", "evaluate", "tune"
-ACTIVATION_STEP = "distill_act"  # the first step of a two-step distillation: its own backup and history
+ACTIVATION_STEP = (
+    "distill_act"  # the first step of a two-step distillation: its own backup and history
+)
 PLANNED = (TEACHER, DISTILL, EVALUATE)
 """The stages `all` runs, in order (`tune` runs alone; the exports are written by evaluate)."""
 STAGES = (*PLANNED, "all")
 """The command line's `--stage` choices."""
 TRAINED = (TEACHER, ACTIVATION_STEP, DISTILL)
 """The stages that train, in order (each one's backup is void once an earlier one trains again)."""
-HISTORIES = {TEACHER: f"{TEACHER}_history.csv", ACTIVATION_STEP: f"{ACTIVATION_STEP}_history.csv",
-             DISTILL: "history.csv"}
+HISTORIES = {
+    TEACHER: f"{TEACHER}_history.csv",
+    ACTIVATION_STEP: f"{ACTIVATION_STEP}_history.csv",
+    DISTILL: "history.csv",
+}
 """The CSV history (one row an epoch) each training stage writes in the output folder."""
 
 # --- what a search and a run may use
@@ -60,7 +65,9 @@ class ExportKind:
     write: str
     arguments: dict = dataclasses.field(default_factory=dict)
     needs_calibration: bool = False  # unlabeled training images (`calibration=`)
-    needs_quantized: bool = False  # a student with quantized kernels (it stores their integer codes)
+    needs_quantized: bool = (
+        False  # a student with quantized kernels (it stores their integer codes)
+    )
     check: str | None = None
 
     def write_model(self, model, path: str, calibration=None) -> int:
@@ -78,14 +85,28 @@ def _tflite(name, file, mode, **needs):
     return ExportKind(name, file, "faqd_tf.export.tflite:to_tflite", {"mode": mode}, **needs)
 
 
-EXPORTS = {kind.name: kind for kind in (
-    ExportKind("packed", "student.faqd", "faqd_tf.export.packed:pack"),
-    _tflite("tflite", "student.tflite", "float"),
-    _tflite("tflite-int8", "student-int8.tflite", "int8", needs_quantized=True),
-    _tflite("tflite-int4", "student-int4.tflite", "int4", needs_quantized=True),
-    _tflite("tflite-full", "student-full.tflite", "full", needs_quantized=True, needs_calibration=True),
-    ExportKind("onnx", "student.onnx", "faqd_tf.export.onnx:to_onnx", check="faqd_tf.export.onnx:check_onnx"),
-)}
+EXPORTS = {
+    kind.name: kind
+    for kind in (
+        ExportKind("packed", "student.faqd", "faqd_tf.export.packed:pack"),
+        _tflite("tflite", "student.tflite", "float"),
+        _tflite("tflite-int8", "student-int8.tflite", "int8", needs_quantized=True),
+        _tflite("tflite-int4", "student-int4.tflite", "int4", needs_quantized=True),
+        _tflite(
+            "tflite-full",
+            "student-full.tflite",
+            "full",
+            needs_quantized=True,
+            needs_calibration=True,
+        ),
+        ExportKind(
+            "onnx",
+            "student.onnx",
+            "faqd_tf.export.onnx:to_onnx",
+            check="faqd_tf.export.onnx:check_onnx",
+        ),
+    )
+}
 """The export kinds by name, in the order the command line lists them."""
 
 

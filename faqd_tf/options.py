@@ -97,54 +97,90 @@ def _layer_names(doc):
 
 
 def _image_size(v):
-    return v is None or (isinstance(v, list) and len(v) == 2 and all(is_integer(n) and 0 < n <= MAX_PIXELS for n in v))
+    return v is None or (
+        isinstance(v, list)
+        and len(v) == 2
+        and all(is_integer(n) and 0 < n <= MAX_PIXELS for n in v)
+    )
 
 
 def _layer_bits(v):
     bits = Spec("choice", None, "", choices=_BITS)
-    return v is None or (isinstance(v, dict) and all(isinstance(k, str) and k and bits.accepts(b) for k, b in v.items()))
+    return v is None or (
+        isinstance(v, dict)
+        and all(isinstance(k, str) and k and bits.accepts(b) for k, b in v.items())
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetOptions(Record):
     """The config's `dataset`: where the images are and how the stages read them."""
 
-    source: str = string(REQUIRED, "`tfds:<name>`, `folder:<path>`, `tiny_imagenet:<path>` or `idx:<path>`")
+    source: str = string(
+        REQUIRED, "`tfds:<name>`, `folder:<path>`, `tiny_imagenet:<path>` or `idx:<path>`"
+    )
     data_dir: str | None = string(None, "TFDS's data folder; null: its default", nullable=True)
-    labels: bool = boolean(False, "the distillation batches carry labels (needed by `distill.gamma` > 0)")
+    labels: bool = boolean(
+        False, "the distillation batches carry labels (needed by `distill.gamma` > 0)"
+    )
     validation_split: str | None = choice(
-        "test", ("test", "validation", None),
-        "scored after every epoch of the training stages (`validation`: a part of train); null: none")
-    limit: int | None = integer(None, 1, MAX_EXAMPLES, "train on the first this many images; null: all",
-                                nullable=True)
-    eval_limit: int | None = integer(None, 1, MAX_EXAMPLES, "evaluate on the first this many images; null: all",
-                                     nullable=True)
+        "test",
+        ("test", "validation", None),
+        "scored after every epoch of the training stages (`validation`: a part of train); null: none",
+    )
+    limit: int | None = integer(
+        None, 1, MAX_EXAMPLES, "train on the first this many images; null: all", nullable=True
+    )
+    eval_limit: int | None = integer(
+        None, 1, MAX_EXAMPLES, "evaluate on the first this many images; null: all", nullable=True
+    )
     augment: bool | str | None = choice(
-        None, (None, True, False, *AUGMENTATIONS),
-        "training augmentation: a policy, true (the dataset's), false; null: the dataset's for train")
-    image_size: list | None = custom(None, _image_size, f"{{null}} or [height, width] of 1 to {MAX_PIXELS} pixels each",
-                                     "resize every image to it; null: as stored")
+        None,
+        (None, True, False, *AUGMENTATIONS),
+        "training augmentation: a policy, true (the dataset's), false; null: the dataset's for train",
+    )
+    image_size: list | None = custom(
+        None,
+        _image_size,
+        f"{{null}} or [height, width] of 1 to {MAX_PIXELS} pixels each",
+        "resize every image to it; null: as stored",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainOptions(Record):
     """A training schedule: the config's `train` (the student's distillation) and `teacher.train`."""
 
-    epochs: int = integer(200, 1, MAX_EPOCHS, "passes over the training set (or of `steps_per_epoch` steps)")
+    epochs: int = integer(
+        200, 1, MAX_EPOCHS, "passes over the training set (or of `steps_per_epoch` steps)"
+    )
     batch_size: int = integer(128, 1, 2**16, "images a step (and a batch of every evaluation)")
     optimizer: str = choice("sgd", ("sgd", "adam"), "SGD (momentum, Nesterov) or AdamW")
     lr: float = number(0.01, 0.0, 10.0, "the learning rate", strict=True)
     momentum: float = number(0.9, 0.0, 1.0, "SGD's momentum")
     nesterov: bool = boolean(True, "SGD's Nesterov momentum")
-    schedule: str = choice("cosine", ("cosine", "constant"), "the learning rate's schedule over the steps")
-    warmup_epochs: int = integer(0, 0, MAX_EPOCHS, "epochs of linear warm-up before the cosine decay")
-    weight_decay: float = number(1e-4, 0.0, 1.0, "decoupled weight decay (the alphas of quantized ReLUs: their own)")
+    schedule: str = choice(
+        "cosine", ("cosine", "constant"), "the learning rate's schedule over the steps"
+    )
+    warmup_epochs: int = integer(
+        0, 0, MAX_EPOCHS, "epochs of linear warm-up before the cosine decay"
+    )
+    weight_decay: float = number(
+        1e-4, 0.0, 1.0, "decoupled weight decay (the alphas of quantized ReLUs: their own)"
+    )
     # The authors' full-quantization script clips the global gradient norm (at 20 for their
     # batch-summed losses).
-    global_clipnorm: float | None = number(None, 0.0, MAX_WEIGHT, "clip the global gradient norm at it; null: no clipping",
-                                           strict=True, null="")
-    steps_per_epoch: int | None = integer(None, 1, MAX_STEPS, "steps an epoch; null: one pass over the data",
-                                          nullable=True)
+    global_clipnorm: float | None = number(
+        None,
+        0.0,
+        MAX_WEIGHT,
+        "clip the global gradient norm at it; null: no clipping",
+        strict=True,
+        null="",
+    )
+    steps_per_epoch: int | None = integer(
+        None, 1, MAX_STEPS, "steps an epoch; null: one pass over the data", nullable=True
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,43 +194,78 @@ class TeacherTrainOptions(TrainOptions):
 class TeacherOptions(Record):
     """The config's `teacher`: the full-precision model to train, or a trained one's file."""
 
-    arch: str | None = string("resnet20", "the architecture to train (`faqd_tf.models.available()`)", nullable=True)
-    file: str | None = string(None, "a trained `.keras` teacher (then nothing is trained); null: "
-                              "`output_dir`/teacher.keras", nullable=True)
+    arch: str | None = string(
+        "resnet20", "the architecture to train (`faqd_tf.models.available()`)", nullable=True
+    )
+    file: str | None = string(
+        None,
+        "a trained `.keras` teacher (then nothing is trained); null: `output_dir`/teacher.keras",
+        nullable=True,
+    )
     train: TrainOptions = record(TeacherTrainOptions, "the teacher's training")
 
     def check(self):
         if self.arch is None and self.file is None:
-            raise OptionError("give teacher.arch (to train a teacher) or teacher.file (a trained .keras model).")
+            raise OptionError(
+                "give teacher.arch (to train a teacher) or teacher.file (a trained .keras model)."
+            )
 
 
 @dataclasses.dataclass(frozen=True)
 class StudentOptions(Record):
     """The config's `student`: where it starts and how it is quantized."""
 
-    arch: str | None = string(None, "a fresh student's architecture (`init` scratch); null: the teacher's", nullable=True)
-    file: str | None = string(None, "the FP `.keras` model to quantize (`init` file)", nullable=True)
-    init: str = choice("teacher", ("teacher", "file", "scratch"),
-                       "start from the teacher's weights, from `file`, or from random weights")
+    arch: str | None = string(
+        None, "a fresh student's architecture (`init` scratch); null: the teacher's", nullable=True
+    )
+    file: str | None = string(
+        None, "the FP `.keras` model to quantize (`init` file)", nullable=True
+    )
+    init: str = choice(
+        "teacher",
+        ("teacher", "file", "scratch"),
+        "start from the teacher's weights, from `file`, or from random weights",
+    )
     weight_bits: int | None = _bits(4, "bits of the quantized weights")
     activation_bits: int | None = _bits(None, "bits of the quantized ReLUs")
     per_channel: bool = boolean(False, "one weight scale per output channel (else per layer)")
     layer_bits: dict | None = custom(
-        None, _layer_bits, '{null} or {"layer name or regex": 1, 2, 4, 8 or {null}, ...}',
+        None,
+        _layer_bits,
+        '{null} or {"layer name or regex": 1, 2, 4, 8 or {null}, ...}',
         "per-layer weight widths over `weight_bits` (`faqd_tf.quantize_model`'s layer_bits), e.g. "
-        '`{"stem_conv": 8}`')
-    relax: float | None = number(None, 0.0, MAX_WEIGHT, "the initial BinaryRelax lambda; null: plain quantized weights",
-                                 strict=True, null="")
-    relax_eta: float = number(1.02, 1.0, 10.0, "BinaryRelax's lambda grows by this factor each epoch", strict=True)
-    two_step: bool = boolean(True, "with weight and activation bits: activations first, then weights too")
-    alpha_rate: float = number(0.01, 0.0, None, "the quantized ReLUs' alpha gradient scale (the authors' 0.01)",
-                               strict=True)
+        '`{"stem_conv": 8}`',
+    )
+    relax: float | None = number(
+        None,
+        0.0,
+        MAX_WEIGHT,
+        "the initial BinaryRelax lambda; null: plain quantized weights",
+        strict=True,
+        null="",
+    )
+    relax_eta: float = number(
+        1.02, 1.0, 10.0, "BinaryRelax's lambda grows by this factor each epoch", strict=True
+    )
+    two_step: bool = boolean(
+        True, "with weight and activation bits: activations first, then weights too"
+    )
+    alpha_rate: float = number(
+        0.01,
+        0.0,
+        None,
+        "the quantized ReLUs' alpha gradient scale (the authors' 0.01)",
+        strict=True,
+    )
     # At 2 bits the moving averages of the last epochs lag the weights by up to 1.7 points; the
     # images are held in memory, hence the ceiling.
     recalibrate_bn: int | None = integer(
-        None, 1, MAX_RECALIBRATION,
+        None,
+        1,
+        MAX_RECALIBRATION,
         "after distilling, re-estimate the BatchNormalization statistics on this many training images; null: keep them",
-        nullable=True)
+        nullable=True,
+    )
 
     def check(self):
         if self.init == "file" and not self.file:
@@ -206,7 +277,8 @@ def _check_gram(fa_method, fa_norm, name="fa_method"):
         raise OptionError(
             f"{name}='gram' evaluates fa_norm='fro2' only; fa_norm={fa_norm!r} needs 'pairwise' or 'auto'.",
             f'distill.{name}="gram" evaluates fa_norm "fro2" only; set distill.{name} to "auto" or "pairwise" '
-            f"for fa_norm {json.dumps(fa_norm)}.")
+            f"for fa_norm {json.dumps(fa_norm)}.",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,18 +286,33 @@ class DistillOptions(Record):
     """The config's `distill`, and the `Distiller`'s loss: alpha*KD + beta*sum FA + gamma*CE."""
 
     alpha: float = number(1.0, 0.0, MAX_WEIGHT, "weight of the KD term")
-    beta: float | None = number(None, 0.0, MAX_WEIGHT, "weight of the FA term, summed over the taps",
-                                null="the default of {section}fa_norm")
-    gamma: float = number(0.0, 0.0, MAX_WEIGHT, "weight of the cross-entropy on labels; 0: label-free")
-    kd: str = choice("mse", KD, "KD on logits: MSE (end to end) or the temperature-scaled KL (fine-tuning)")
+    beta: float | None = number(
+        None,
+        0.0,
+        MAX_WEIGHT,
+        "weight of the FA term, summed over the taps",
+        null="the default of {section}fa_norm",
+    )
+    gamma: float = number(
+        0.0, 0.0, MAX_WEIGHT, "weight of the cross-entropy on labels; 0: label-free"
+    )
+    kd: str = choice(
+        "mse", KD, "KD on logits: MSE (end to end) or the temperature-scaled KL (fine-tuning)"
+    )
     # logits / T overflows float32 for tiny T; T^2 scales the KL down to nothing.
     temperature: float = number(1.0, 0.05, 100.0, "the KL's softmax temperature (scaled by T^2)")
-    fa: str | None = choice("exact", (*FA, None), "exact FA, fast FA (FFA, `ffa_k` probes), or null: KD only")
+    fa: str | None = choice(
+        "exact", (*FA, None), "exact FA, fast FA (FFA, `ffa_k` probes), or null: KD only"
+    )
     fa_norm: str = choice("fro2", FA_NORMS, "`fro2`: eq. (6); `l1`: the authors' code")
     ffa_k: int = integer(15, 1, MAX_PIXELS, "random probes of FFA")
     fa_method: str = choice("auto", FA_METHODS, "how exact FA is evaluated (`gram`: fro2 only)")
-    teacher_layers: list | None = _layer_names("the teacher's tapped layers; null: its stage outputs")
-    student_layers: list | None = _layer_names("the student's tapped layers, paired in order; null: its stage outputs")
+    teacher_layers: list | None = _layer_names(
+        "the teacher's tapped layers; null: its stage outputs"
+    )
+    student_layers: list | None = _layer_names(
+        "the student's tapped layers, paired in order; null: its stage outputs"
+    )
 
     def check(self):
         _check_gram(self.fa_method, self.fa_norm)
@@ -256,15 +343,19 @@ class RunOptions(Record):
     distill: DistillOptions = record(DistillOptions, "the distillation loss")
     train: TrainOptions = record(TrainOptions, "the distillation's training")
     tune: TuneOptions = record(TuneOptions, "the loss-weight search")
-    strategy: str = choice("default", names.STRATEGIES, "one device, all local GPUs, or several machines (TF_CONFIG)")
-    output_dir: str = string("saved_models/run", "where the run writes its models, histories and results",
-                             nonempty=True)
+    strategy: str = choice(
+        "default", names.STRATEGIES, "one device, all local GPUs, or several machines (TF_CONFIG)"
+    )
+    output_dir: str = string(
+        "saved_models/run", "where the run writes its models, histories and results", nonempty=True
+    )
     seed: int = integer(0, 0, 2**32 - 1, "seed of the weights, the data order and the FFA probes")
 
     def check(self):
         if self.distill.gamma > 0 and not self.dataset.labels:
             raise OptionError(
-                "distill.gamma > 0 needs labels; set dataset.labels to true or distill.gamma to 0 (label-free).")
+                "distill.gamma > 0 needs labels; set dataset.labels to true or distill.gamma to 0 (label-free)."
+            )
 
 
 # --- one argument at a time, for the functions and Keras losses that take them one by one
@@ -332,8 +423,11 @@ def renamed(given: dict, old: str, new: str, value: object, owner: str) -> objec
     """
     given = dict(given)
     if old in given:
-        warnings.warn(f"{owner}: the argument {old!r} is now called {new!r}; the old name will go in a later release.",
-                      DeprecationWarning, stacklevel=3)
+        warnings.warn(
+            f"{owner}: the argument {old!r} is now called {new!r}; the old name will go in a later release.",
+            DeprecationWarning,
+            stacklevel=3,
+        )
         value = given.pop(old)
     if given:
         raise TypeError(f"{owner} got unexpected keyword arguments {', '.join(sorted(given))}.")

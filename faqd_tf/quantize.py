@@ -139,8 +139,11 @@ def _reaches_kernel(tensor, memo):
     if operation is None or node is None or isinstance(operation, keras.layers.InputLayer):
         return False
     if id(operation) not in memo:
-        memo[id(operation)] = _has_kernel(operation) or _is_nested(operation) or any(
-            _reaches_kernel(t, memo) for t in node.input_tensors)
+        memo[id(operation)] = (
+            _has_kernel(operation)
+            or _is_nested(operation)
+            or any(_reaches_kernel(t, memo) for t in node.input_tensors)
+        )
     return memo[id(operation)]
 
 
@@ -189,12 +192,16 @@ def _resolve(model, weight_bits, layer_bits, skip, first_layer_bits="auto"):
     if layer_bits is None:
         layer_bits = {}
     if not isinstance(layer_bits, dict):
-        raise ValueError(f"layer_bits must be a dict of layer name (or regex) -> bits, got {layer_bits!r}.")
+        raise ValueError(
+            f"layer_bits must be a dict of layer name (or regex) -> bits, got {layer_bits!r}."
+        )
     matches = {}
     for pattern, bits in layer_bits.items():
         quantizers.check_bits(bits, f"layer_bits[{pattern!r}]", allow_none=True)
         if not isinstance(pattern, str):
-            raise ValueError(f"layer_bits keys are layer names or regular expressions, got {pattern!r}.")
+            raise ValueError(
+                f"layer_bits keys are layer names or regular expressions, got {pattern!r}."
+            )
         exact = [p for p in kernel_paths if pattern in _path_names(p)]
         if exact:
             matches[pattern] = exact
@@ -202,8 +209,12 @@ def _resolve(model, weight_bits, layer_bits, skip, first_layer_bits="auto"):
         try:
             regex = re.compile(pattern)
         except re.error as err:
-            raise ValueError(f"layer_bits key {pattern!r} is neither a layer name nor a regular expression ({err}).") from None
-        matches[pattern] = [p for p in kernel_paths if any(regex.fullmatch(n) for n in _path_names(p))]
+            raise ValueError(
+                f"layer_bits key {pattern!r} is neither a layer name nor a regular expression ({err})."
+            ) from None
+        matches[pattern] = [
+            p for p in kernel_paths if any(regex.fullmatch(n) for n in _path_names(p))
+        ]
         if not matches[pattern]:
             raise ValueError(
                 f"layer_bits key {pattern!r} matches no layer with a kernel; such layers are: "
@@ -223,11 +234,17 @@ def _resolve(model, weight_bits, layer_bits, skip, first_layer_bits="auto"):
                 reasons[path] = "first_layer_bits=None"
             continue
         if explicit_skip and skipped:
-            raise ValueError(f"layer {path!r} is both in skip and in layer_bits ({hits[0]!r}); name it in one.")
+            raise ValueError(
+                f"layer {path!r} is both in skip and in layer_bits ({hits[0]!r}); name it in one."
+            )
         # Exact names first, then the expression that matches the fewest layers.
         exact = lambda p: p in _path_names(path)  # noqa: E731
         ranked = sorted(hits, key=lambda p: (not exact(p), len(matches[p])))
-        if len(ranked) > 1 and not exact(ranked[0]) and len(matches[ranked[0]]) == len(matches[ranked[1]]):
+        if (
+            len(ranked) > 1
+            and not exact(ranked[0])
+            and len(matches[ranked[0]]) == len(matches[ranked[1]])
+        ):
             raise ValueError(
                 f"layer {path!r} matches layer_bits keys {ranked[0]!r} and {ranked[1]!r} equally; make one "
                 "more specific."
@@ -238,7 +255,9 @@ def _resolve(model, weight_bits, layer_bits, skip, first_layer_bits="auto"):
     return widths, reasons, skip
 
 
-def resolve_layer_bits(model, weight_bits=4, layer_bits=None, skip=None, first_layer_bits="auto") -> dict:
+def resolve_layer_bits(
+    model, weight_bits=4, layer_bits=None, skip=None, first_layer_bits="auto"
+) -> dict:
     """The weight width of each layer of `model` that `quantize_model` quantizes, by name.
 
     A layer gets the most specific entry of `layer_bits` that matches it (an exact name before a
@@ -277,8 +296,11 @@ def float_kernel_layers(model) -> dict:
             if layer.precision is None:
                 reasons[path] = CLASSIFIER if path == head else "weight_bits=None"
         elif _has_kernel(layer):
-            reasons[path] = NO_COUNTERPART if _quant_class(layer) is None else (
-                CLASSIFIER if path == head else "not quantized")
+            reasons[path] = (
+                NO_COUNTERPART
+                if _quant_class(layer) is None
+                else (CLASSIFIER if path == head else "not quantized")
+            )
     return reasons
 
 
@@ -293,8 +315,16 @@ def _as_functional(model):
 
 
 def quantize_model(
-    model, weight_bits=4, activation_bits=None, per_channel=False, skip=None, relax=None, copy_weights=True,
-    alpha_rate=quantizers.DEFAULT_ALPHA_RATE, layer_bits=None, first_layer_bits="auto",
+    model,
+    weight_bits=4,
+    activation_bits=None,
+    per_channel=False,
+    skip=None,
+    relax=None,
+    copy_weights=True,
+    alpha_rate=quantizers.DEFAULT_ALPHA_RATE,
+    layer_bits=None,
+    first_layer_bits="auto",
 ):
     """Returns the quantized twin of a Sequential or Functional Keras model.
 
@@ -342,7 +372,13 @@ def quantize_model(
         quantized_relus.append(name)
         # A QuantReLU keeps its alpha regularizer (a builder's weight decay) when re-quantized.
         regularizer = getattr(source, "alpha_regularizer", None)
-        return QuantReLU(bits=activation_bits, alpha_rate=alpha_rate, alpha_regularizer=regularizer, name=name, dtype=dtype)
+        return QuantReLU(
+            bits=activation_bits,
+            alpha_rate=alpha_rate,
+            alpha_regularizer=regularizer,
+            name=name,
+            dtype=dtype,
+        )
 
     def twin_of(source, prefix):
         def clone(layer):
@@ -361,14 +397,19 @@ def quantize_model(
                 config.pop("kernel_quantizer", None)
                 bits = widths[path]
                 config.update(
-                    weight_bits=bits, per_channel=per_channel and bits is not None,
+                    weight_bits=bits,
+                    per_channel=per_channel and bits is not None,
                     relax=relax if bits is not None else None,
                 )
                 if activation_bits is not None and _is_relu_activation(layer.activation):
                     config["activation"] = None
                     fused_relu.add(id(layer))
                 return quant.from_config(config)
-            if activation_bits is not None and _is_relu_layer(layer) and not set(_path_names(path)) & skip:
+            if (
+                activation_bits is not None
+                and _is_relu_layer(layer)
+                and not set(_path_names(path)) & skip
+            ):
                 return quant_relu(layer.name, layer.dtype_policy, layer)
             if _has_kernel(layer):
                 reasons[path] = NO_COUNTERPART
@@ -389,13 +430,16 @@ def quantize_model(
                 fused_relu.add(id(twin))
             return twin
 
-        return keras.models.clone_model(_as_functional(source), clone_function=clone_and_mark, call_function=call)
+        return keras.models.clone_model(
+            _as_functional(source), clone_function=clone_and_mark, call_function=call
+        )
 
     twin = twin_of(model, "")
     twin._faqd_float_kernels = dict(reasons)
     if reasons:
         logger.info(
-            "quantize_model(%s): kernel layers left in full precision: %s", model.name,
+            "quantize_model(%s): kernel layers left in full precision: %s",
+            model.name,
             ", ".join(f"{path} ({why})" for path, why in reasons.items()),
         )
     if unsupported and weight_bits is not None:
@@ -470,7 +514,11 @@ def set_alpha_decay(model, optimizer, weight_decay, factor=quantizers.ALPHA_DECA
     7
     """
     for name, value in (("weight_decay", weight_decay), ("factor", factor)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not 0 <= value < float("inf")
+        ):
             raise ValueError(f"set_alpha_decay: {name}={value!r} must be a number >= 0.")
     decay = float(weight_decay) * float(factor)
     relus = [layer for layer in _quant_relus(model) if layer.alpha is not None]

@@ -137,7 +137,9 @@ def weight_codes(w, bits: int, per_channel: bool = False, iterations: int = LLOY
     return sign * _uniform(abs_w, scale, n_levels), scale
 
 
-def quantize_weights_forward(w, bits: int, per_channel: bool = False, iterations: int = LLOYD_ITERATIONS):
+def quantize_weights_forward(
+    w, bits: int, per_channel: bool = False, iterations: int = LLOYD_ITERATIONS
+):
     """Q(w) without a gradient rule (the pure projection); same dtype as `w`."""
     w = tf.convert_to_tensor(w)
     codes, scale = weight_codes(w, bits, per_channel, iterations)
@@ -197,7 +199,11 @@ def check_alpha_rate(alpha_rate: float, name: str = "alpha_rate") -> float:
     """Returns `alpha_rate` as a float (or None), or raises `ValueError` naming `name`."""
     if alpha_rate is None:
         return None
-    if isinstance(alpha_rate, bool) or not isinstance(alpha_rate, (int, float)) or not 0 < alpha_rate < float("inf"):
+    if (
+        isinstance(alpha_rate, bool)
+        or not isinstance(alpha_rate, (int, float))
+        or not 0 < alpha_rate < float("inf")
+    ):
         raise ValueError(
             f"{name}={alpha_rate!r} is not valid; use a number > 0 (the authors' {DEFAULT_ALPHA_RATE}) "
             "or None for the raw eq. (5) gradient."
@@ -312,7 +318,9 @@ class WeightQuantizer(BaseWeightQuantizer):
     2
     """
 
-    def __init__(self, bits: int = 4, per_channel: bool = False, iterations: int = LLOYD_ITERATIONS):
+    def __init__(
+        self, bits: int = 4, per_channel: bool = False, iterations: int = LLOYD_ITERATIONS
+    ):
         super().__init__(bits, per_channel)
         self.iterations = int(iterations)
 
@@ -347,7 +355,9 @@ class FrozenQuantizer(BaseWeightQuantizer):
 
     def __init__(self, bits: int, per_channel: bool = False, scale=None):
         super().__init__(bits, per_channel)
-        self.scale = None if scale is None else [float(s) for s in np.asarray(scale, np.float32).reshape(-1)]
+        self.scale = (
+            None if scale is None else [float(s) for s in np.asarray(scale, np.float32).reshape(-1)]
+        )
         if self.scale is not None and not self.per_channel and len(self.scale) != 1:
             raise ValueError(f"A layer-wise FrozenQuantizer has one scale, got {len(self.scale)}.")
 
@@ -365,7 +375,9 @@ class FrozenQuantizer(BaseWeightQuantizer):
         scale = tf.constant(self.scale, tf.float32)
         if self.per_channel:
             if w.shape[-1] != len(self.scale):
-                raise ValueError(f"Kernel has {w.shape[-1]} channels but the quantizer {len(self.scale)} scales.")
+                raise ValueError(
+                    f"Kernel has {w.shape[-1]} channels but the quantizer {len(self.scale)} scales."
+                )
             scale = tf.reshape(scale, [1] * (w.shape.rank - 1) + [-1])
         else:
             scale = tf.reshape(scale, [])
@@ -397,7 +409,8 @@ def serialize(quantizer: "BaseWeightQuantizer") -> dict:
 
 def deserialize(config: dict) -> "BaseWeightQuantizer":
     return keras.saving.deserialize_keras_object(
-        config, module_objects={"WeightQuantizer": WeightQuantizer, "FrozenQuantizer": FrozenQuantizer}
+        config,
+        module_objects={"WeightQuantizer": WeightQuantizer, "FrozenQuantizer": FrozenQuantizer},
     )
 
 

@@ -60,8 +60,11 @@ def _register_if_ready() -> None:
     try:
         register()
     except Exception as err:  # a failed registration must not break the user's `import keras`
-        warnings.warn(f"faqd-tf could not register its Keras classes ({type(err).__name__}: {err}); "
-                      "`import faqd_tf.layers` shows why.", stacklevel=2)
+        warnings.warn(
+            f"faqd-tf could not register its Keras classes ({type(err).__name__}: {err}); "
+            "`import faqd_tf.layers` shows why.",
+            stacklevel=2,
+        )
 
 
 class _Loader(importlib.abc.Loader):
@@ -137,7 +140,9 @@ def unregistered_classes(path: str) -> list[tuple[str, str]]:
         with zipfile.ZipFile(path) as archive:
             size = archive.getinfo("config.json").file_size
             if size > CONFIG_LIMIT:
-                raise ValueError(f"{path}: its config.json declares {size:,} bytes, more than {CONFIG_LIMIT:,}")
+                raise ValueError(
+                    f"{path}: its config.json declares {size:,} bytes, more than {CONFIG_LIMIT:,}"
+                )
             config = json.loads(archive.read("config.json"))
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not a .keras file ({err})") from None
@@ -146,8 +151,13 @@ def unregistered_classes(path: str) -> list[tuple[str, str]]:
         item = stack.pop()
         if isinstance(item, dict):
             name, module = item.get("registered_name"), item.get("module")
-            if (isinstance(name, str) and isinstance(module, str) and module.split(".")[0] != "keras"
-                    and "class_name" in item and keras.saving.get_registered_object(name) is None):
+            if (
+                isinstance(name, str)
+                and isinstance(module, str)
+                and module.split(".")[0] != "keras"
+                and "class_name" in item
+                and keras.saving.get_registered_object(name) is None
+            ):
                 missing[name] = module
             stack.extend(item.values())
         elif isinstance(item, list):

@@ -36,16 +36,30 @@ def print_table(results: dict) -> None:
     t, s = results["teacher"], results["student"]
     rows = [
         ("model", "test accuracy", "parameters", "size (float32)", "size (packed)"),
-        ("teacher", f"{100 * t['accuracy']:.2f}%", f"{t['parameters']:,}", _kib(t["float32_bits"]), _kib(t["packed_bits"])),
-        ("student", f"{100 * s['accuracy']:.2f}%", f"{s['parameters']:,}", _kib(s["float32_bits"]), _kib(s["packed_bits"])),
+        (
+            "teacher",
+            f"{100 * t['accuracy']:.2f}%",
+            f"{t['parameters']:,}",
+            _kib(t["float32_bits"]),
+            _kib(t["packed_bits"]),
+        ),
+        (
+            "student",
+            f"{100 * s['accuracy']:.2f}%",
+            f"{s['parameters']:,}",
+            _kib(s["float32_bits"]),
+            _kib(s["packed_bits"]),
+        ),
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, row in enumerate(rows):
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
-    print(f"accuracy gap (teacher - student): {100 * results['accuracy_gap']:.2f} points; "
-          f"student is {s['compression']:.1f}x smaller than the float32 teacher")
+    print(
+        f"accuracy gap (teacher - student): {100 * results['accuracy_gap']:.2f} points; "
+        f"student is {s['compression']:.1f}x smaller than the float32 teacher"
+    )
 
 
 def plot_curves(out: str) -> str | None:
@@ -72,11 +86,26 @@ def plot_curves(out: str) -> str | None:
         what = "cross-entropy" if name == TEACHER else "distillation loss"
         ax_loss.plot(epochs, [float(r["loss"]) for r in rows], marker="o", label=f"{name}: {what}")
         # Without validation data Keras's CSVLogger still writes the column, as "NA".
-        scored = [(e, r["val_accuracy"]) for e, r in zip(epochs, rows) if r.get("val_accuracy", "NA") != "NA"]
+        scored = [
+            (e, r["val_accuracy"])
+            for e, r in zip(epochs, rows)
+            if r.get("val_accuracy", "NA") != "NA"
+        ]
         if scored:
-            ax_acc.plot([e for e, _ in scored], [100 * float(v) for _, v in scored], marker="o", label=name)
-    ax_loss.set(xlabel="epoch (stages in order)", ylabel="training loss", yscale="log", title="training loss")
-    ax_acc.set(xlabel="epoch (stages in order)", ylabel="validation accuracy (%)", title="validation accuracy")
+            ax_acc.plot(
+                [e for e, _ in scored], [100 * float(v) for _, v in scored], marker="o", label=name
+            )
+    ax_loss.set(
+        xlabel="epoch (stages in order)",
+        ylabel="training loss",
+        yscale="log",
+        title="training loss",
+    )
+    ax_acc.set(
+        xlabel="epoch (stages in order)",
+        ylabel="validation accuracy (%)",
+        title="validation accuracy",
+    )
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()

@@ -119,7 +119,10 @@ class Run:
         return planned
 
     def _stages(self, names, exports):
-        return [self.stage(name, exports=exports) if name == EVALUATE else self.stage(name) for name in names]
+        return [
+            self.stage(name, exports=exports) if name == EVALUATE else self.stage(name)
+            for name in names
+        ]
 
     def preflight(self, names: list[str], exports: Sequence[str] = ()) -> None:
         """Checks every input the stages `names` (or ``["tune"]``) and the `exports` (kinds of
@@ -128,9 +131,13 @@ class Run:
         Raises one-line errors; writes nothing."""
         from faqd_tf.stages import Checked
 
-        if exports and names and EVALUATE not in names:  # no stages: the caller says every output is there
-            raise UsageError("--export writes the student at the end of the evaluate stage, which this command does "
-                             "not run; run --stage evaluate (or all) with it, or leave --export out.")
+        if (
+            exports and names and EVALUATE not in names
+        ):  # no stages: the caller says every output is there
+            raise UsageError(
+                "--export writes the student at the end of the evaluate stage, which this command does "
+                "not run; run --stage evaluate (or all) with it, or leave --export out."
+            )
         ws = self.workspace
         inputs.check_output_dir(ws.out)
         ws.read_info()

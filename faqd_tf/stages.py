@@ -37,12 +37,22 @@ from faqd_tf.callbacks import (
     StopOnNonFiniteLoss,
 )
 from faqd_tf.distiller import Distiller
+from faqd_tf.names import (
+    ACTIVATION_STEP,
+    DISTILL,
+    EVALUATE,
+    EXPORTS,
+    HISTORIES,
+    TEACHER,
+    TRAINED,
+    TUNE,
+    UsageError,
+    say,
+)
+from faqd_tf.options import DistillOptions
 from faqd_tf.quantize import quantize_model, set_alpha_decay
 from faqd_tf.report import plot_curves, print_table, write_json
-from faqd_tf.names import ACTIVATION_STEP, DISTILL, EVALUATE, EXPORTS, HISTORIES, TEACHER, TRAINED, TUNE, UsageError, say
-from faqd_tf.options import DistillOptions
 from faqd_tf.summary import iter_layers, quantized_kernel_bits, summary
-
 
 RECALIBRATION_BYTES = 2**31
 """The most memory `student.recalibrate_bn`'s images may take (float32): 2 GiB, as the data cache."""
@@ -67,9 +77,13 @@ class Checked:
     """What the checks of the planned stages learn for the ones after them."""
 
     planned: set
-    teacher: keras.Model | None = None  # the teacher, or an untrained stand-in for one still to train
+    teacher: keras.Model | None = (
+        None  # the teacher, or an untrained stand-in for one still to train
+    )
     quantized: bool = False  # whether the final student has quantized kernels
-    student: keras.Model | None = None  # the student the exports will convert (untrained when distill runs)
+    student: keras.Model | None = (
+        None  # the student the exports will convert (untrained when distill runs)
+    )
 
 
 class Workspace:
@@ -85,7 +99,13 @@ class Workspace:
             non-finite loss, before the history and the backup).
     """
 
-    def __init__(self, config: dict, overwrite: bool, strategy: tf.distribute.Strategy, callbacks: Sequence = ()):
+    def __init__(
+        self,
+        config: dict,
+        overwrite: bool,
+        strategy: tf.distribute.Strategy,
+        callbacks: Sequence = (),
+    ):
         self.overwrite = overwrite
         self.strategy = strategy
         self.chief = distribute.is_chief(strategy)
@@ -137,9 +157,16 @@ class Workspace:
     def dataset(self, spec: Data) -> tf.data.Dataset:
         d = self.dataset_config
         return data.load(
-            d["source"], spec.split, labels=spec.labels, batch_size=spec.batch_size or self.eval_batch_size,
-            shuffle=spec.training, augment=d["augment"] if spec.training else False, image_size=d["image_size"],
-            limit=d["limit"] if spec.training else d["eval_limit"], seed=self.seed, data_dir=d["data_dir"],
+            d["source"],
+            spec.split,
+            labels=spec.labels,
+            batch_size=spec.batch_size or self.eval_batch_size,
+            shuffle=spec.training,
+            augment=d["augment"] if spec.training else False,
+            image_size=d["image_size"],
+            limit=d["limit"] if spec.training else d["eval_limit"],
+            seed=self.seed,
+            data_dir=d["data_dir"],
         )
 
     def validation(self) -> list[Data]:
@@ -158,8 +185,16 @@ class Workspace:
         file order (class-mixed), so every run and every worker takes the same ones."""
         d = self.dataset_config
         images = data.load(
-            d["source"], "train", labels=False, batch_size=self.eval_batch_size, shuffle=False, augment=False,
-            image_size=d["image_size"], limit=min(count, d["limit"] or count), data_dir=d["data_dir"], cache=False,
+            d["source"],
+            "train",
+            labels=False,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            augment=False,
+            image_size=d["image_size"],
+            limit=min(count, d["limit"] or count),
+            data_dir=d["data_dir"],
+            cache=False,
         )
         return np.concatenate(list(images.as_numpy_iterator()))
 
@@ -175,13 +210,20 @@ class Workspace:
         except (ValueError, OSError, zipfile.BadZipFile, KeyError, TypeError) as e:
             missing = _unregistered(path) if isinstance(e, TypeError) else []
             if missing:
-                (name, module), more = missing[0], f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                (name, module), more = (
+                    missing[0],
+                    f" (and {len(missing) - 1} more)" if len(missing) > 1 else "",
+                )
                 module = inputs.shorten(module)
-                raise UsageError(f"{key} {path} needs the class {name}{more} (module {module}), which is not "
-                                 f"registered; load it from Python after `import {module}` (the command line knows "
-                                 "Keras's and faqd-tf's classes only).") from None
-            raise UsageError(f"{key} {path} is not a loadable Keras model ({inputs.first_line(e, 200)}); give a .keras "
-                             "file saved by Keras 3.") from None
+                raise UsageError(
+                    f"{key} {path} needs the class {name}{more} (module {module}), which is not "
+                    f"registered; load it from Python after `import {module}` (the command line knows "
+                    "Keras's and faqd-tf's classes only)."
+                ) from None
+            raise UsageError(
+                f"{key} {path} is not a loadable Keras model ({inputs.first_line(e, 200)}); give a .keras "
+                "file saved by Keras 3."
+            ) from None
         if not isinstance(model, keras.Model):
             raise UsageError(f"{key} {path} holds a {type(model).__name__}, not a Keras model.")
         self.check_fits(model, key, path)
@@ -200,7 +242,11 @@ class Workspace:
         image_shape, classes = self.info.image_shape, self.info.num_classes
         shapes = model.input_shape if isinstance(model.input_shape, list) else [model.input_shape]
         shape = tuple(shapes[0][1:]) if len(shapes) == 1 and shapes[0] is not None else None
-        if shape is None or len(shape) != 3 or any(s is not None and s != e for s, e in zip(shape, image_shape)):
+        if (
+            shape is None
+            or len(shape) != 3
+            or any(s is not None and s != e for s, e in zip(shape, image_shape))
+        ):
             raise UsageError(
                 f"{key} {path} takes inputs of shape {shape if shape is not None else shapes}, but {source} yields "
                 f"images of {image_shape}; use a model for this data (or set dataset.image_size)."
@@ -230,14 +276,22 @@ class Workspace:
             return n
         return int(dataset.reduce(tf.constant(0, tf.int64), lambda c, _: c + 1))
 
-    def callbacks(self, stage: str, history_csv: str, extra: Sequence = (), at_start: Sequence = (),
-                  train_ds: tf.data.Dataset | None = None) -> list[keras.callbacks.Callback]:
+    def callbacks(
+        self,
+        stage: str,
+        history_csv: str,
+        extra: Sequence = (),
+        at_start: Sequence = (),
+        train_ds: tf.data.Dataset | None = None,
+    ) -> list[keras.callbacks.Callback]:
         """A training stage's callbacks; `extra` act at epoch ends (before the backup), `at_start`
         when training starts (after the backup restored the weights). With `train_ds` (a pipeline
         that `fit` passes once an epoch), a resumed run sees it in the uninterrupted run's order."""
         # Every worker resumes from the chief's backup, so all restart at the same epoch. The stage
         # removes it only once its model is saved.
-        backup = SharedBackupAndRestore(self.backup(stage), writer=self.chief, delete_checkpoint=False)
+        backup = SharedBackupAndRestore(
+            self.backup(stage), writer=self.chief, delete_checkpoint=False
+        )
         return [
             # Stops before any epoch-end callback, so no backup holds diverged weights.
             StopOnNonFiniteLoss(self.backup(stage)),
@@ -252,8 +306,18 @@ class Workspace:
             keras.callbacks.TensorBoard(os.path.join(self.out, "logs", stage), write_graph=False),
         ]
 
-    def train(self, model: keras.Model, stage: str, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset | None,
-              train: dict, history_csv: str, save: Callable[[], None], extra: Sequence = (), at_start: Sequence = ()) -> None:
+    def train(
+        self,
+        model: keras.Model,
+        stage: str,
+        train_ds: tf.data.Dataset,
+        val_ds: tf.data.Dataset | None,
+        train: dict,
+        history_csv: str,
+        save: Callable[[], None],
+        extra: Sequence = (),
+        at_start: Sequence = (),
+    ) -> None:
         """`fit`, then `save()` (the stage's model, saved atomically), then the backup removed.
 
         In this order a kill at any moment resumes with nothing lost: before the save the backup is
@@ -269,10 +333,15 @@ class Workspace:
         # One pass a epoch, unless steps_per_epoch sets epochs apart from passes (then a resumed run
         # starts a fresh pass).
         passes = train_ds if not train["steps_per_epoch"] else None
-        model.fit(train_ds.repeat() if train["steps_per_epoch"] else train_ds, epochs=train["epochs"],
-                  steps_per_epoch=train["steps_per_epoch"], validation_data=val_ds,
-                  callbacks=self.callbacks(stage, history_csv, extra, at_start, passes),
-                  verbose=training.progress_verbosity(), shuffle=False)
+        model.fit(
+            train_ds.repeat() if train["steps_per_epoch"] else train_ds,
+            epochs=train["epochs"],
+            steps_per_epoch=train["steps_per_epoch"],
+            validation_data=val_ds,
+            callbacks=self.callbacks(stage, history_csv, extra, at_start, passes),
+            verbose=training.progress_verbosity(),
+            shuffle=False,
+        )
         save()
         # Every worker has saved its copy before the chief removes the shared backup.
         distribute.barrier(self.strategy)
@@ -318,20 +387,28 @@ class Stage:
         raise NotImplementedError
 
 
-def _check_recalibration(ws: Workspace, student_config: dict, dataset: dict, student: keras.Model) -> None:
+def _check_recalibration(
+    ws: Workspace, student_config: dict, dataset: dict, student: keras.Model
+) -> None:
     """`student.recalibrate_bn` can work on `student`: it has BatchNormalization layers, and the
     images fit in memory (`recalibrate_batchnorm` holds them all)."""
     count = student_config["recalibrate_bn"]
     if not count:
         return
-    if not any(isinstance(layer, keras.layers.BatchNormalization) for _, layer, _ in iter_layers(student)):
-        raise UsageError(f"student.recalibrate_bn: the student {student.name!r} has no BatchNormalization "
-                         "layer to recalibrate; set student.recalibrate_bn to null.")
+    if not any(
+        isinstance(layer, keras.layers.BatchNormalization) for _, layer, _ in iter_layers(student)
+    ):
+        raise UsageError(
+            f"student.recalibrate_bn: the student {student.name!r} has no BatchNormalization "
+            "layer to recalibrate; set student.recalibrate_bn to null."
+        )
     per_image = 4 * int(np.prod(ws.info.image_shape))
     fits = RECALIBRATION_BYTES // per_image
     if min(count, dataset["limit"] or count) > fits:
-        raise UsageError(f"student.recalibrate_bn={count} would hold {count * per_image / 2**30:.1f} GiB of "
-                         f"{'x'.join(map(str, ws.info.image_shape))} images in memory; use at most {fits}.")
+        raise UsageError(
+            f"student.recalibrate_bn={count} would hold {count * per_image / 2**30:.1f} GiB of "
+            f"{'x'.join(map(str, ws.info.image_shape))} images in memory; use at most {fits}."
+        )
 
 
 def _has_quantized_kernel(model):
@@ -375,22 +452,31 @@ class TeacherStage(Stage):
         self.ws.check_arch(self.teacher["arch"], "teacher.arch")
         self.ws.check_free(self.ws.teacher_path, "teacher", TEACHER)
         if self.teacher["file"]:
-            inputs.check_output_dir(os.path.dirname(os.path.abspath(self.ws.teacher_path)), "teacher.file's folder")
+            inputs.check_output_dir(
+                os.path.dirname(os.path.abspath(self.ws.teacher_path)), "teacher.file's folder"
+            )
         if DISTILL in checked.planned:  # the architecture stands in for the teacher still to train
             checked.teacher = self.build()
 
     def build(self):
-        return models.get(self.teacher["arch"], num_classes=self.ws.info.num_classes,
-                          input_shape=self.ws.info.image_shape)
+        return models.get(
+            self.teacher["arch"],
+            num_classes=self.ws.info.num_classes,
+            input_shape=self.ws.info.image_shape,
+        )
 
     def run(self):
         cfg, ws = self.teacher, self.ws
         train_ds, val_ds = ws.training_sets(self.datasets()[0])
         steps = ws.steps(train_ds, cfg["train"])
-        say(f"stage teacher: training a full-precision {cfg['arch']} for {cfg['train']['epochs']} epochs "
-            f"({steps} steps each) on {self.dataset['source']}")
+        say(
+            f"stage teacher: training a full-precision {cfg['arch']} for {cfg['train']['epochs']} epochs "
+            f"({steps} steps each) on {self.dataset['source']}"
+        )
         with ws.strategy.scope():
-            model = training.compile_classifier(self.build(), training.make_optimizer(cfg["train"], steps))
+            model = training.compile_classifier(
+                self.build(), training.make_optimizer(cfg["train"], steps)
+            )
 
         def save():
             if ws.chief:  # the other workers read the chief's teacher
@@ -409,14 +495,20 @@ class StudentStage(Stage):
     def __init__(self, workspace: Workspace, student: dict, teacher: dict):
         super().__init__(workspace)
         self.student = student
-        self.student_arch = student["arch"] or teacher["arch"]  # a fresh student: the teacher's by default
+        self.student_arch = (
+            student["arch"] or teacher["arch"]
+        )  # a fresh student: the teacher's by default
 
     def student_base(self, teacher: keras.Model) -> keras.Model | None:
         """The FP model `student.init` quantizes: the teacher, `student.file`'s, or None (a fresh one)."""
         init = self.student["init"]
         if init == "scratch":
             return None
-        return teacher if init == "teacher" else self.ws.load_model(self.student["file"], "student.file")
+        return (
+            teacher
+            if init == "teacher"
+            else self.ws.load_model(self.student["file"], "student.file")
+        )
 
     def build_student(self, base: keras.Model | None, weight_bits: int | None) -> keras.Model:
         """The student with `weight_bits`-bit weights (None: FP, the first of two steps): `base`
@@ -426,18 +518,25 @@ class StudentStage(Stage):
         layer_bits = s["layer_bits"] if weight_bits else None
         if base is None:
             base = models.get(
-                self.student_arch, num_classes=self.ws.info.num_classes,
-                input_shape=self.ws.info.image_shape, weight_bits=None if layer_bits else weight_bits,
-                activation_bits=s["activation_bits"], per_channel=s["per_channel"] and weight_bits is not None,
+                self.student_arch,
+                num_classes=self.ws.info.num_classes,
+                input_shape=self.ws.info.image_shape,
+                weight_bits=None if layer_bits else weight_bits,
+                activation_bits=s["activation_bits"],
+                per_channel=s["per_channel"] and weight_bits is not None,
                 alpha_rate=s["alpha_rate"],
             )
             if not layer_bits:
                 return base
             # else its fresh weights, quantized layer by layer below
         return quantize_model(
-            base, weight_bits=weight_bits, activation_bits=s["activation_bits"],
-            per_channel=s["per_channel"] and weight_bits is not None, relax=s["relax"] if weight_bits else None,
-            alpha_rate=s["alpha_rate"], layer_bits=layer_bits,
+            base,
+            weight_bits=weight_bits,
+            activation_bits=s["activation_bits"],
+            per_channel=s["per_channel"] and weight_bits is not None,
+            relax=s["relax"] if weight_bits else None,
+            alpha_rate=s["alpha_rate"],
+            layer_bits=layer_bits,
         )
 
     def check_student(self, teacher: keras.Model, weight_bits: int | None) -> keras.Model:
@@ -461,7 +560,15 @@ class DistillStage(StudentStage):
     name = DISTILL
     sections = ("distill", "student", "train", "dataset", "teacher")
 
-    def __init__(self, workspace: Workspace, distill: dict, student: dict, train: dict, dataset: dict, teacher: dict):
+    def __init__(
+        self,
+        workspace: Workspace,
+        distill: dict,
+        student: dict,
+        train: dict,
+        dataset: dict,
+        teacher: dict,
+    ):
         super().__init__(workspace, student, teacher)
         self.train, self.dataset = train, dataset
         self.distill = DistillOptions(**distill)
@@ -480,7 +587,10 @@ class DistillStage(StudentStage):
         return None if self.two_step else self.student["weight_bits"]
 
     def datasets(self):
-        return [Data("train", self.dataset["labels"], self.train["batch_size"]), *self.ws.validation()]
+        return [
+            Data("train", self.dataset["labels"], self.train["batch_size"]),
+            *self.ws.validation(),
+        ]
 
     def check(self, checked):
         self.ws.check_free(self.ws.student_path, "student", DISTILL)
@@ -507,11 +617,22 @@ class DistillStage(StudentStage):
             optimizer = training.make_optimizer(self.train, steps)
             # The quantized ReLUs' alphas decay as in the authors' code (their own, much smaller, decay).
             set_alpha_decay(student, optimizer, self.train["weight_decay"])
-            distiller.compile(optimizer, metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+            distiller.compile(
+                optimizer, metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+            )
         # A user must see when a weighted term is too weak to act (e.g. an FA weight on the wrong scale).
         shares = GradientShares(train_ds.take(1), print_fn=say)
-        ws.train(distiller, stage, train_ds, val_ds, self.train, HISTORIES[stage],
-                 lambda: self._save(distiller.student, stage, path), self.relax_schedule(), [shares])
+        ws.train(
+            distiller,
+            stage,
+            train_ds,
+            val_ds,
+            self.train,
+            HISTORIES[stage],
+            lambda: self._save(distiller.student, stage, path),
+            self.relax_schedule(),
+            [shares],
+        )
         return distiller.student
 
     def _save(self, student, stage, path):
@@ -524,8 +645,10 @@ class DistillStage(StudentStage):
             start = time.perf_counter()
             images = self.ws.recalibration_images(count)
             names = recalibrate_batchnorm(student, images)
-            say(f"stage distill: re-estimated the statistics of {len(names)} BatchNormalization layers on "
-                f"{len(images)} unlabeled training images in {time.perf_counter() - start:.1f} s")
+            say(
+                f"stage distill: re-estimated the statistics of {len(names)} BatchNormalization layers on "
+                f"{len(images)} unlabeled training images in {time.perf_counter() - start:.1f} s"
+            )
         training.save_model(student, path)
 
     def run(self):
@@ -540,24 +663,35 @@ class DistillStage(StudentStage):
         if self.two_step:
             # Step 1 is done when its student is saved and not being redone: without --overwrite, or
             # when --overwrite's own run was interrupted in step 2.
-            done = os.path.exists(ws.act_path) and not ws.interrupted(ACTIVATION_STEP) and (
-                not ws.overwrite or ws.interrupted(DISTILL))
+            done = (
+                os.path.exists(ws.act_path)
+                and not ws.interrupted(ACTIVATION_STEP)
+                and (not ws.overwrite or ws.interrupted(DISTILL))
+            )
             if done:
                 say(f"stage distill (1/2): reusing the activation-quantized student {ws.act_path}")
                 with ws.strategy.scope():
                     student = ws.load_model(ws.act_path, "student_act")
             else:
-                say(f"stage distill (1/2): {s['activation_bits']}-bit activations, FP weights; loss {loss}, {mode}")
-                student = self._distill(teacher, student, ACTIVATION_STEP, train_ds, val_ds, steps, ws.act_path)
+                say(
+                    f"stage distill (1/2): {s['activation_bits']}-bit activations, FP weights; loss {loss}, {mode}"
+                )
+                student = self._distill(
+                    teacher, student, ACTIVATION_STEP, train_ds, val_ds, steps, ws.act_path
+                )
             with ws.strategy.scope():
                 student = self.build_student(student, s["weight_bits"])
-            say(f"stage distill (2/2): {s['weight_bits']}-bit weights and {s['activation_bits']}-bit activations")
+            say(
+                f"stage distill (2/2): {s['weight_bits']}-bit weights and {s['activation_bits']}-bit activations"
+            )
         else:
             bits = f"{s['weight_bits']}-bit weights" if s["weight_bits"] else "FP weights"
             if s["activation_bits"]:
                 bits += f", {s['activation_bits']}-bit activations"
-            say(f"stage distill: {bits}, init {s['init']}; loss {loss}, {mode}; {self.train['epochs']} "
-                f"epochs of {steps} steps")
+            say(
+                f"stage distill: {bits}, init {s['init']}; loss {loss}, {mode}; {self.train['epochs']} "
+                f"epochs of {steps} steps"
+            )
         self._distill(teacher, student, DISTILL, train_ds, val_ds, steps, ws.student_path)
         say(f"student saved to {ws.student_path}")
 
@@ -581,15 +715,21 @@ class Exports:
         format can convert each of its layers."""
         for kind in self.kinds:
             if kind not in EXPORTS:
-                raise UsageError(f"--export {inputs.shorten(kind)} is not an export; use one of {', '.join(EXPORTS)}.")
+                raise UsageError(
+                    f"--export {inputs.shorten(kind)} is not an export; use one of {', '.join(EXPORTS)}."
+                )
             path = os.path.join(self.ws.out, EXPORTS[kind].file)
             if os.path.isdir(path):
-                raise UsageError(f"--export {kind} writes the file {path}, which is a folder; move it away or "
-                                 "choose another output_dir.")
+                raise UsageError(
+                    f"--export {kind} writes the file {path}, which is a folder; move it away or "
+                    "choose another output_dir."
+                )
             if EXPORTS[kind].needs_quantized and not quantized:
                 others = ", ".join(k for k, e in EXPORTS.items() if not e.needs_quantized)
-                raise UsageError(f"--export {kind} stores a quantized student's integer codes, but the student has no "
-                                 f"quantized kernel; set student.weight_bits, or export {others}.")
+                raise UsageError(
+                    f"--export {kind} stores a quantized student's integer codes, but the student has no "
+                    f"quantized kernel; set student.weight_bits, or export {others}."
+                )
             if student is not None:
                 try:
                     EXPORTS[kind].check_model(student)
@@ -602,7 +742,9 @@ class Exports:
         for kind in self.kinds:
             path = os.path.join(self.ws.out, EXPORTS[kind].file)
             # Full-integer TFLite calibrates its activation ranges on unlabeled training images.
-            calibration = self.ws.dataset(Data("train", False)) if EXPORTS[kind].needs_calibration else None
+            calibration = (
+                self.ws.dataset(Data("train", False)) if EXPORTS[kind].needs_calibration else None
+            )
             EXPORTS[kind].write_model(student, path, calibration=calibration)
             say(f"exported {kind}: {path} ({os.path.getsize(path):,} bytes)")
             written[kind] = {"file": path, "bytes": os.path.getsize(path)}
@@ -631,7 +773,9 @@ class EvaluateStage(Stage):
         if DISTILL not in checked.planned:
             ws = self.ws
             if not os.path.exists(ws.student_path):
-                raise UsageError(f"student file {ws.student_path} does not exist; run --stage distill first.")
+                raise UsageError(
+                    f"student file {ws.student_path} does not exist; run --stage distill first."
+                )
             checked.student = ws.load_model(ws.student_path, "student file")
             checked.quantized = _has_quantized_kernel(checked.student)
             ws.check_free(ws.results_path, "results", EVALUATE)
@@ -647,17 +791,24 @@ class EvaluateStage(Stage):
         say(f"stage evaluate: teacher and student on the {self.dataset['source']} test split")
         for role, path in (("teacher", ws.teacher_path), ("student", ws.student_path)):
             model = ws.load_model(path, f"{role} file")
-            logs = training.evaluate_classifier(model, test_ds, verbose=training.progress_verbosity())
+            logs = training.evaluate_classifier(
+                model, test_ds, verbose=training.progress_verbosity()
+            )
             info = summary(model, print_fn=None)
             results[role] = {
-                "file": path, "accuracy": float(logs["accuracy"]), "loss": float(logs["loss"]),
-                "parameters": int(info.total_params), "float32_bits": int(info.float32_bits),
+                "file": path,
+                "accuracy": float(logs["accuracy"]),
+                "loss": float(logs["loss"]),
+                "parameters": int(info.total_params),
+                "float32_bits": int(info.float32_bits),
                 "packed_bits": int(info.packed_bits),
             }
             if role == "student":
                 summary(model)
                 student = model
-        results["student"]["compression"] = results["teacher"]["float32_bits"] / results["student"]["packed_bits"]
+        results["student"]["compression"] = (
+            results["teacher"]["float32_bits"] / results["student"]["packed_bits"]
+        )
         results["accuracy_gap"] = results["teacher"]["accuracy"] - results["student"]["accuracy"]
         if self.exports.kinds:
             results["exports"] = self.exports.write(student)
@@ -676,8 +827,18 @@ class TuneStage(StudentStage):
     name = TUNE
     sections = ("tune", "distill", "student", "train", "dataset", "teacher")
 
-    def __init__(self, workspace: Workspace, tune: dict, distill: dict, student: dict, train: dict, dataset: dict,
-                 teacher: dict, whole: dict | None = None, trials: int | None = None):
+    def __init__(
+        self,
+        workspace: Workspace,
+        tune: dict,
+        distill: dict,
+        student: dict,
+        train: dict,
+        dataset: dict,
+        teacher: dict,
+        whole: dict | None = None,
+        trials: int | None = None,
+    ):
         super().__init__(workspace, student, teacher)
         self.tune, self.distill, self.train, self.dataset = tune, distill, train, dataset
         self.whole = whole  # the whole config, written back with the best values
@@ -688,7 +849,10 @@ class TuneStage(StudentStage):
         return super().of(workspace, config, whole=config, **options)
 
     def datasets(self):
-        return [Data("train", self.dataset["labels"], self.train["batch_size"]), Data("validation", True)]
+        return [
+            Data("train", self.dataset["labels"], self.train["batch_size"]),
+            Data("validation", True),
+        ]
 
     def student_fn(self, teacher: keras.Model) -> Callable[[], keras.Model]:
         """A fresh student for each trial (`student.file` is read once, here)."""
@@ -707,18 +871,35 @@ class TuneStage(StudentStage):
         teacher = ws.load_model(ws.teacher_path, "teacher.file")
         steps = ws.steps(train_ds, self.train)
         hypermodel = tuning.FAQDHyperModel.from_config(
-            teacher, self.distill,
+            teacher,
+            self.distill,
             student_fn=self.student_fn(teacher),
-            optimizer_fn=lambda: training.make_optimizer({**self.train, "epochs": tune["epochs"]}, steps),
-            label_free=not self.dataset["labels"], tune_fa=tune["tune_fa"],
+            optimizer_fn=lambda: training.make_optimizer(
+                {**self.train, "epochs": tune["epochs"]}, steps
+            ),
+            label_free=not self.dataset["labels"],
+            tune_fa=tune["tune_fa"],
             # A trial scores the student the distill stage would save.
-            recalibrate_images=ws.recalibration_images(s["recalibrate_bn"]) if s["recalibrate_bn"] else None,
+            recalibrate_images=ws.recalibration_images(s["recalibrate_bn"])
+            if s["recalibrate_bn"]
+            else None,
         )
         after = " after BN recalibration" if s["recalibrate_bn"] else ""
-        say(f"tuning: {self.trials} {tune['tuner']} trials of {tune['epochs']} epoch(s), objective val_accuracy{after}")
-        best, _ = tuning.search(hypermodel, train_ds, val_ds, tuner=tune["tuner"], max_trials=self.trials,
-                                epochs=tune["epochs"], directory=os.path.join(ws.out, "tuning"),
-                                project_name="faqd", overwrite=ws.overwrite, callbacks=self.relax_schedule())
+        say(
+            f"tuning: {self.trials} {tune['tuner']} trials of {tune['epochs']} epoch(s), objective val_accuracy{after}"
+        )
+        best, _ = tuning.search(
+            hypermodel,
+            train_ds,
+            val_ds,
+            tuner=tune["tuner"],
+            max_trials=self.trials,
+            epochs=tune["epochs"],
+            directory=os.path.join(ws.out, "tuning"),
+            project_name="faqd",
+            overwrite=ws.overwrite,
+            callbacks=self.relax_schedule(),
+        )
         best_config = json.loads(json.dumps(self.whole))
         best_config["distill"].update(tuning.best_distill_config(best))
         path = os.path.join(ws.out, "best_config.json")
@@ -726,5 +907,7 @@ class TuneStage(StudentStage):
         say(f"best loss weights {tuning.best_distill_config(best)}; config written to {path}")
 
 
-REGISTRY: dict[str, type[Stage]] = {stage.name: stage for stage in (TeacherStage, DistillStage, EvaluateStage, TuneStage)}
+REGISTRY: dict[str, type[Stage]] = {
+    stage.name: stage for stage in (TeacherStage, DistillStage, EvaluateStage, TuneStage)
+}
 """The stages by name."""

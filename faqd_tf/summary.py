@@ -37,7 +37,14 @@ from faqd_tf.options import is_integer
 if TYPE_CHECKING:
     import keras
 
-__all__ = ["LayerSummary", "ModelSummary", "iter_layers", "kernel_scale_count", "quantized_kernel_bits", "summary"]
+__all__ = [
+    "LayerSummary",
+    "ModelSummary",
+    "iter_layers",
+    "kernel_scale_count",
+    "quantized_kernel_bits",
+    "summary",
+]
 
 
 def _sublayers(layer):
@@ -52,7 +59,9 @@ def _sublayers(layer):
     return []
 
 
-def iter_layers(model: "keras.Layer", prefix: str = "") -> Iterator[tuple[str, "keras.Layer", list]]:
+def iter_layers(
+    model: "keras.Layer", prefix: str = ""
+) -> Iterator[tuple[str, "keras.Layer", list]]:
     """Yields `(path, layer, own_weights)` for every layer of `model`, nested models walked depth first.
 
     `path` is ``outer/inner`` for a layer of a nested model; `own_weights` are the variables the layer
@@ -91,7 +100,9 @@ def quantized_kernel_bits(layer: "keras.Layer") -> int | None:
     """
     quantizer = getattr(layer, "kernel_quantizer", None)
     bits = getattr(quantizer, "precision", None)
-    if quantizer is None or any(getattr(layer, name, None) is None for name in _kernel_names(layer)):
+    if quantizer is None or any(
+        getattr(layer, name, None) is None for name in _kernel_names(layer)
+    ):
         return None
     if not is_integer(bits):
         return None
@@ -127,7 +138,9 @@ class LayerSummary:
     name: str
     type: str
     weight_bits: int | None  # None: no weights; 32: full-precision weights
-    activation_bits: int | None  # bits of the activations this layer quantizes (QuantReLU), else None
+    activation_bits: (
+        int | None
+    )  # bits of the activations this layer quantizes (QuantReLU), else None
     params: int
     trainable_params: int
     non_trainable_params: int
@@ -152,7 +165,9 @@ class ModelSummary:
 
     name: str
     rows: list
-    float_kernels: dict = dataclasses.field(default_factory=dict)  # path -> why it stays full precision
+    float_kernels: dict = dataclasses.field(
+        default_factory=dict
+    )  # path -> why it stays full precision
 
     def _total(self, field):
         return sum(getattr(row, field) for row in self.rows)
@@ -200,7 +215,16 @@ class ModelSummary:
         def bits(value):
             return "-" if value is None else str(value)
 
-        header = ("Layer (type)", "Output shape", "W bits", "A bits", "Params", "Non-train.", "Float32 kB", "Packed kB")
+        header = (
+            "Layer (type)",
+            "Output shape",
+            "W bits",
+            "A bits",
+            "Params",
+            "Non-train.",
+            "Float32 kB",
+            "Packed kB",
+        )
         body = [
             (
                 f"{row.name} ({row.type})",
@@ -214,12 +238,22 @@ class ModelSummary:
             )
             for row in self.rows
         ]
-        total = ("Total", "", "", "", f"{self.total_params:,}", f"{self.non_trainable_params:,}",
-                 f"{self.float32_bytes / 1024:.2f}", f"{self.packed_bytes / 1024:.2f}")
+        total = (
+            "Total",
+            "",
+            "",
+            "",
+            f"{self.total_params:,}",
+            f"{self.non_trainable_params:,}",
+            f"{self.float32_bytes / 1024:.2f}",
+            f"{self.packed_bytes / 1024:.2f}",
+        )
         widths = [max(len(r[i]) for r in [header, total, *body]) for i in range(len(header))]
 
         def fmt(r):
-            return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+            return "  ".join(
+                c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+            )
 
         rule = "-" * len(fmt(header))
         return [
@@ -237,8 +271,14 @@ class ModelSummary:
             f"Size packed:     {self.packed_bytes / 1024:.2f} kB ({self.packed_bytes:,.1f} bytes: quantized "
             "kernels at their bits + 32-bit scales, the rest float32)",
             f"Compression ratio (float32 / packed): {self.compression_ratio:.2f}x",
-            *([f"Full-precision kernels: " + ", ".join(f"{p} ({why})" for p, why in self.float_kernels.items())]
-              if self.float_kernels else []),
+            *(
+                [
+                    "Full-precision kernels: "
+                    + ", ".join(f"{p} ({why})" for p, why in self.float_kernels.items())
+                ]
+                if self.float_kernels
+                else []
+            ),
             rule,
         ]
 
@@ -278,7 +318,9 @@ def summary(model: "keras.Model", print_fn: Callable[[str], None] | None = print
         params = sum(_size(w) for w in weights)
         trainable_params = sum(_size(w) for w in weights if id(w) in trainable)
         kbits = quantized_kernel_bits(layer)
-        kernels = [getattr(layer, name) for name in _kernel_names(layer)] if kbits is not None else []
+        kernels = (
+            [getattr(layer, name) for name in _kernel_names(layer)] if kbits is not None else []
+        )
         kernel_in_row = kbits is not None and all(any(w is k for w in weights) for k in kernels)
         quantized = sum(_size(k) for k in kernels) if kernel_in_row else 0
         scales = kernel_scale_count(layer) if kernel_in_row else 0
@@ -302,7 +344,9 @@ def summary(model: "keras.Model", print_fn: Callable[[str], None] | None = print
                 quantized_params=quantized,
                 scales=scales,
                 float32_bits=32 * params,
-                packed_bits=kbits * quantized + 32 * scales + 32 * (params - quantized) if kernel_in_row else 32 * params,
+                packed_bits=kbits * quantized + 32 * scales + 32 * (params - quantized)
+                if kernel_in_row
+                else 32 * params,
                 output_shape=_output_shape(layer),
             )
         )

@@ -86,7 +86,9 @@ class KDTerm(LossTerm):
         self.kd, self.temperature = kd, float(temperature)
 
     def __call__(self, teacher, student, labels=None, step=0):
-        return losses.kd_loss_per_sample(teacher.logits, student.logits, kd=self.kd, temperature=self.temperature)
+        return losses.kd_loss_per_sample(
+            teacher.logits, student.logits, kd=self.kd, temperature=self.temperature
+        )
 
     def __str__(self):
         return f"{self.weight}*KD({self.kd})"
@@ -101,10 +103,24 @@ class FATerm(LossTerm):
 
     name = "fa"
 
-    def __init__(self, weight: float, fa: str = "exact", fa_norm: str = "fro2", ffa_k: int = 15,
-                 fa_method: str = "auto", seed: int = 0, taps: Sequence[tuple[str, str]] = ()):
+    def __init__(
+        self,
+        weight: float,
+        fa: str = "exact",
+        fa_norm: str = "fro2",
+        ffa_k: int = 15,
+        fa_method: str = "auto",
+        seed: int = 0,
+        taps: Sequence[tuple[str, str]] = (),
+    ):
         super().__init__(weight)
-        self.fa, self.fa_norm, self.ffa_k, self.fa_method, self.seed = fa, fa_norm, int(ffa_k), fa_method, seed
+        self.fa, self.fa_norm, self.ffa_k, self.fa_method, self.seed = (
+            fa,
+            fa_norm,
+            int(ffa_k),
+            fa_method,
+            seed,
+        )
         self.taps = [losses.tap_key(t, s) for t, s in taps]
 
     def __call__(self, teacher, student, labels=None, step=0):
@@ -112,11 +128,14 @@ class FATerm(LossTerm):
         fa = tf.zeros(tf.shape(student.logits)[:1], tf.float32)
         for tap, (t_map, s_map) in enumerate(zip(teacher.maps, student.maps)):
             if self.fa == "exact":
-                fa += losses.feature_affinity_per_sample(t_map, s_map, method=self.fa_method, fa_norm=self.fa_norm)
+                fa += losses.feature_affinity_per_sample(
+                    t_map, s_map, method=self.fa_method, fa_norm=self.fa_norm
+                )
             else:
                 seed = losses.probe_seed(self.seed, self.taps[tap] if self.taps else tap, step)
-                fa += losses.fast_feature_affinity_per_sample(t_map, s_map, k=self.ffa_k, seed=seed,
-                                                              fa_norm=self.fa_norm)
+                fa += losses.fast_feature_affinity_per_sample(
+                    t_map, s_map, k=self.ffa_k, seed=seed, fa_norm=self.fa_norm
+                )
         return fa
 
     def __str__(self):
@@ -132,19 +151,33 @@ class CETerm(LossTerm):
     needs_labels = True
 
     def missing_labels(self) -> str:
-        return (f"gamma={self.weight} weights a cross-entropy term but the batches carry no labels; "
-                "feed (images, labels) batches, or set gamma=0 for label-free distillation.")
+        return (
+            f"gamma={self.weight} weights a cross-entropy term but the batches carry no labels; "
+            "feed (images, labels) batches, or set gamma=0 for label-free distillation."
+        )
 
     def __call__(self, teacher, student, labels=None, step=0):
         return losses.ce_loss_per_sample(labels, student.logits)
 
 
-def from_options(options: DistillOptions, seed: int = 0, taps: Sequence[tuple[str, str]] = ()) -> list[LossTerm]:
+def from_options(
+    options: DistillOptions, seed: int = 0, taps: Sequence[tuple[str, str]] = ()
+) -> list[LossTerm]:
     """The terms of the checked loss `options`: KD always, FA unless `options.fa` is None (weighted by
     `options.fa_weight`; FFA's probes from `seed`, per tapped pair of `taps`), CE when gamma > 0."""
     terms = [KDTerm(float(options.alpha), options.kd, options.temperature)]
     if options.fa is not None:
-        terms.append(FATerm(options.fa_weight, options.fa, options.fa_norm, options.ffa_k, options.fa_method, seed, taps))
+        terms.append(
+            FATerm(
+                options.fa_weight,
+                options.fa,
+                options.fa_norm,
+                options.ffa_k,
+                options.fa_method,
+                seed,
+                taps,
+            )
+        )
     if options.gamma > 0:
         terms.append(CETerm(float(options.gamma)))
     return terms

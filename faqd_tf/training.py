@@ -26,16 +26,23 @@ def make_optimizer(train: dict, steps_per_epoch: int) -> "keras.optimizers.Optim
     if train["schedule"] == "cosine":
         warmup = train["warmup_epochs"] * steps_per_epoch
         lr = keras.optimizers.schedules.CosineDecay(
-            0.0 if warmup else lr, decay_steps=max(1, total - warmup),
-            warmup_target=lr if warmup else None, warmup_steps=warmup,
+            0.0 if warmup else lr,
+            decay_steps=max(1, total - warmup),
+            warmup_target=lr if warmup else None,
+            warmup_steps=warmup,
         )
     clip = train.get("global_clipnorm")
     clip = None if clip is None else float(clip)
     if train["optimizer"] == "adam":
         # AdamW takes a float (0.0 is plain Adam); SGD takes None for no decay.
-        return keras.optimizers.AdamW(lr, weight_decay=float(train["weight_decay"]), global_clipnorm=clip)
+        return keras.optimizers.AdamW(
+            lr, weight_decay=float(train["weight_decay"]), global_clipnorm=clip
+        )
     return keras.optimizers.SGD(
-        lr, momentum=float(train["momentum"]), nesterov=train["nesterov"], weight_decay=train["weight_decay"] or None,
+        lr,
+        momentum=float(train["momentum"]),
+        nesterov=train["nesterov"],
+        weight_decay=train["weight_decay"] or None,
         global_clipnorm=clip,
     )
 
@@ -54,14 +61,18 @@ def progress_verbosity(stream=None) -> int:
     return 1 if callable(isatty) and isatty() else 2
 
 
-def compile_classifier(model: "keras.Model",
-                       optimizer: "str | keras.optimizers.Optimizer" = "rmsprop") -> "keras.Model":
+def compile_classifier(
+    model: "keras.Model", optimizer: "str | keras.optimizers.Optimizer" = "rmsprop"
+) -> "keras.Model":
     """Compiles `model`, a classifier that outputs logits, with the project's loss and metric:
     sparse categorical cross-entropy from logits, and the accuracy named `accuracy`."""
     import keras
 
-    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+    model.compile(
+        optimizer,
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
     return model
 
 

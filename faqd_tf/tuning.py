@@ -65,7 +65,9 @@ TUNED = ("alpha", "beta", "gamma", "temperature", "fa")
 """The `DistillOptions` a search sets (`fa` only on or off: `use_fa`; `fa_norm` when given a list)."""
 FIXED = (*(name for name in DistillOptions.specs() if name not in TUNED), "seed")
 """The `Distiller` arguments a search keeps as given."""
-DEFAULTS = {name: DistillOptions.specs()[name].default for name in ("alpha", "gamma", "temperature")}
+DEFAULTS = {
+    name: DistillOptions.specs()[name].default for name in ("alpha", "gamma", "temperature")
+}
 """The weights a trial's values may leave out (beta: `options.DEFAULT_BETA` of the norm)."""
 
 
@@ -173,8 +175,15 @@ class FAQDHyperModel(keras_tuner.HyperModel):
         **deprecated,
     ):
         super().__init__(name=name, tunable=tunable)
-        fixed = {"kd": kd, "fa_norm": fa_norm, "ffa_k": ffa_k, "fa_method": fa_method,
-                 "student_layers": student_layers, "teacher_layers": teacher_layers, "seed": seed}
+        fixed = {
+            "kd": kd,
+            "fa_norm": fa_norm,
+            "ffa_k": ffa_k,
+            "fa_method": fa_method,
+            "student_layers": student_layers,
+            "teacher_layers": teacher_layers,
+            "seed": seed,
+        }
         fixed.update(_deprecated_distiller_kwargs(deprecated))
         norms = fixed.pop("fa_norm")
         norms = [norms] if isinstance(norms, str) else list(norms)
@@ -191,7 +200,9 @@ class FAQDHyperModel(keras_tuner.HyperModel):
                 f"student_fn must be a zero-argument callable returning a fresh student, got {student_fn!r}."
             )
         if optimizer_fn is not None and not callable(optimizer_fn):
-            raise ValueError(f"optimizer_fn must be a zero-argument callable, got {optimizer_fn!r}.")
+            raise ValueError(
+                f"optimizer_fn must be a zero-argument callable, got {optimizer_fn!r}."
+            )
         self.teacher = teacher
         self.student_fn = student_fn
         self.optimizer_fn = optimizer_fn or default_optimizer
@@ -201,12 +212,23 @@ class FAQDHyperModel(keras_tuner.HyperModel):
         self.tune_fa = bool(tune_fa) and fa is not None
         self.alpha_range = self._bounds("alpha", _range("alpha_range", alpha_range, log=True))
         self.beta_ranges = {
-            norm: self._bounds("beta", _range("beta_range", (options.default_beta(norm) / 30, options.default_beta(norm) * 10)
-                                              if beta_range is None else beta_range, log=True))
+            norm: self._bounds(
+                "beta",
+                _range(
+                    "beta_range",
+                    (options.default_beta(norm) / 30, options.default_beta(norm) * 10)
+                    if beta_range is None
+                    else beta_range,
+                    log=True,
+                ),
+            )
             for norm in self.fa_norms
         }
-        self.gamma_range = (0.0, 0.0) if self.label_free else self._bounds(
-            "gamma", _range("gamma_range", gamma_range, log=False))
+        self.gamma_range = (
+            (0.0, 0.0)
+            if self.label_free
+            else self._bounds("gamma", _range("gamma_range", gamma_range, log=False))
+        )
         self.temperatures = _choices("temperatures", temperatures) if self.kd == "kl" else [1.0]
         self._bounds("temperature", self.temperatures)
         self.metrics = list(metrics) if metrics is not None else None
@@ -224,16 +246,26 @@ class FAQDHyperModel(keras_tuner.HyperModel):
     @property
     def fixed_kwargs(self) -> dict:
         """The `Distiller` arguments that no hyperparameter sets (`fa_norm` may be searched)."""
-        return {**{name: getattr(self.options, name) for name in FIXED if name not in ("fa_norm", "seed")},
-                "seed": self.seed}
+        return {
+            **{
+                name: getattr(self.options, name)
+                for name in FIXED
+                if name not in ("fa_norm", "seed")
+            },
+            "seed": self.seed,
+        }
 
     @classmethod
-    def from_config(cls, teacher: keras.Model, distill: dict, student_fn, optimizer_fn=None, **kwargs):
+    def from_config(
+        cls, teacher: keras.Model, distill: dict, student_fn, optimizer_fn=None, **kwargs
+    ):
         """The search of a config's `distill` section (`faqd_tf.config`): its `FIXED` options kept,
         its FA kind used when a trial turns FA on (`"exact"` when the section has none); the weights
         and the temperature are searched (`kwargs`: the ranges, `label_free`, `tune_fa`, ...)."""
         fixed = {key: distill[key] for key in FIXED if key in distill}
-        return cls(teacher, student_fn, optimizer_fn, fa=distill.get("fa") or "exact", **fixed, **kwargs)
+        return cls(
+            teacher, student_fn, optimizer_fn, fa=distill.get("fa") or "exact", **fixed, **kwargs
+        )
 
     @staticmethod
     def _float(hp, name, bounds, log, default):
@@ -255,10 +287,18 @@ class FAQDHyperModel(keras_tuner.HyperModel):
         if self.fa is not None:
             for norm in self.fa_norms:
                 if len(self.fa_norms) == 1:
-                    self._float(hp, "beta", self.beta_ranges[norm], True, options.default_beta(norm))
+                    self._float(
+                        hp, "beta", self.beta_ranges[norm], True, options.default_beta(norm)
+                    )
                 else:
                     with hp.conditional_scope("fa_norm", [norm]):
-                        self._float(hp, f"beta_{norm}", self.beta_ranges[norm], True, options.default_beta(norm))
+                        self._float(
+                            hp,
+                            f"beta_{norm}",
+                            self.beta_ranges[norm],
+                            True,
+                            options.default_beta(norm),
+                        )
             if self.tune_fa:
                 hp.Boolean("use_fa", default=True)
         self._float(hp, "gamma", self.gamma_range, False, 0.3)
@@ -294,14 +334,22 @@ class FAQDHyperModel(keras_tuner.HyperModel):
         metrics after it (`val_<name>`), which keras-tuner takes as the trial's result."""
         validation = kwargs.get("validation_data")
         if self.recalibrate_images is not None and validation is None:
-            raise ValueError("recalibrate_images needs validation_data: the objective is scored after the recalibration.")
+            raise ValueError(
+                "recalibrate_images needs validation_data: the objective is scored after the recalibration."
+            )
         history = model.fit(*args, **kwargs)
         if self.recalibrate_images is None:
             return history
         recalibrate_batchnorm(model.student, self.recalibrate_images)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(validation)
-        logs = model.evaluate(x, y, sample_weight=sample_weight, batch_size=kwargs.get("batch_size"), verbose=0,
-                              return_dict=True)
+        logs = model.evaluate(
+            x,
+            y,
+            sample_weight=sample_weight,
+            batch_size=kwargs.get("batch_size"),
+            verbose=0,
+            return_dict=True,
+        )
         return {f"val_{name}": float(value) for name, value in logs.items()}
 
 
@@ -310,11 +358,16 @@ def _deprecated_distiller_kwargs(deprecated):
     deprecated = dict(deprecated)
     extra = dict(deprecated.pop("distiller_kwargs", None) or {})
     if deprecated:
-        raise TypeError(f"FAQDHyperModel got unexpected keyword arguments {', '.join(sorted(deprecated))}.")
+        raise TypeError(
+            f"FAQDHyperModel got unexpected keyword arguments {', '.join(sorted(deprecated))}."
+        )
     if extra:
-        warnings.warn("FAQDHyperModel: distiller_kwargs is deprecated; pass the fixed options as keywords "
-                      "(or use FAQDHyperModel.from_config with a config's distill section).", DeprecationWarning,
-                      stacklevel=3)
+        warnings.warn(
+            "FAQDHyperModel: distiller_kwargs is deprecated; pass the fixed options as keywords "
+            "(or use FAQDHyperModel.from_config with a config's distill section).",
+            DeprecationWarning,
+            stacklevel=3,
+        )
     tuned = sorted(set(extra) & set(TUNED))
     if tuned:
         raise ValueError(
@@ -327,7 +380,9 @@ def _deprecated_distiller_kwargs(deprecated):
     return extra
 
 
-def best_distill_config(hp_values: dict | keras_tuner.HyperParameters, fa: str | None = "exact") -> dict:
+def best_distill_config(
+    hp_values: dict | keras_tuner.HyperParameters, fa: str | None = "exact"
+) -> dict:
     """The `Distiller` loss arguments of a trial's hyperparameter values, JSON-serializable.
 
     Returns a dict with `alpha`, `beta`, `gamma`, `temperature` (floats), `fa` ("exact",
@@ -345,8 +400,11 @@ def best_distill_config(hp_values: dict | keras_tuner.HyperParameters, fa: str |
     fa = None if kind == _NO_FA or not values.get("use_fa", True) else kind
     config = {name: float(values.get(name, default)) for name, default in DEFAULTS.items()}
     norm = options.check_fa_norm(values.get("fa_norm", "fro2"))
-    config["beta"] = 0.0 if fa is None else float(
-        values.get(f"beta_{norm}", values.get("beta", options.default_beta(norm))))
+    config["beta"] = (
+        0.0
+        if fa is None
+        else float(values.get(f"beta_{norm}", values.get("beta", options.default_beta(norm))))
+    )
     config["fa"] = fa
     config["fa_norm"] = norm
     return {key: config[key] for key in ("alpha", "beta", "gamma", "temperature", "fa", "fa_norm")}
@@ -362,9 +420,17 @@ def _labels_missing(validation_data):
     return hasattr(validation_data, "shape")  # an array or tensor of images
 
 
-def make_tuner(hypermodel: FAQDHyperModel, tuner: str | type = "random", max_trials: int = 10, epochs: int = 1,
-               directory: str | None = None, project_name: str = "faqd_tuning", overwrite: bool = False,
-               seed: int | None = None, **tuner_kwargs) -> keras_tuner.Tuner:
+def make_tuner(
+    hypermodel: FAQDHyperModel,
+    tuner: str | type = "random",
+    max_trials: int = 10,
+    epochs: int = 1,
+    directory: str | None = None,
+    project_name: str = "faqd_tuning",
+    overwrite: bool = False,
+    seed: int | None = None,
+    **tuner_kwargs,
+) -> keras_tuner.Tuner:
     """A keras-tuner tuner of `hypermodel` on `val_accuracy` (max).
 
     `tuner` is "random", "bayesian", "hyperband" or a `keras_tuner.Tuner` subclass. Hyperband
@@ -373,13 +439,26 @@ def make_tuner(hypermodel: FAQDHyperModel, tuner: str | type = "random", max_tri
     """
     if directory is None:
         directory = tempfile.mkdtemp(prefix="faqd_tuning_")
-    common = dict(objective=objective(), directory=directory, project_name=project_name,
-                  overwrite=overwrite, seed=seed, **tuner_kwargs)
+    common = dict(
+        objective=objective(),
+        directory=directory,
+        project_name=project_name,
+        overwrite=overwrite,
+        seed=seed,
+        **tuner_kwargs,
+    )
     kind = tuner.strip().lower() if isinstance(tuner, str) else tuner
     if isinstance(kind, str) and kind in TUNERS:
-        kind = dict(zip(TUNERS, (keras_tuner.RandomSearch, keras_tuner.BayesianOptimization, keras_tuner.Hyperband)))[kind]
+        kind = dict(
+            zip(
+                TUNERS,
+                (keras_tuner.RandomSearch, keras_tuner.BayesianOptimization, keras_tuner.Hyperband),
+            )
+        )[kind]
     if not (isinstance(kind, type) and issubclass(kind, keras_tuner.Tuner)):
-        raise ValueError(f"tuner={tuner!r} is not supported; use one of {TUNERS} or a keras_tuner.Tuner subclass.")
+        raise ValueError(
+            f"tuner={tuner!r} is not supported; use one of {TUNERS} or a keras_tuner.Tuner subclass."
+        )
     if issubclass(kind, keras_tuner.Hyperband):
         common.setdefault("max_epochs", epochs)
     else:
@@ -387,11 +466,22 @@ def make_tuner(hypermodel: FAQDHyperModel, tuner: str | type = "random", max_tri
     return kind(hypermodel, **common)
 
 
-def search(hypermodel: FAQDHyperModel, train_data: tf.data.Dataset | np.ndarray,
-           validation_data: tf.data.Dataset | tuple, tuner: str | type = "random", max_trials: int = 10,
-           epochs: int = 1, directory: str | None = None, project_name: str = "faqd_tuning", overwrite: bool = False,
-           seed: int | None = None, callbacks: list | None = None, verbose: int | str = 0,
-           batch_size: int | None = None, **tuner_kwargs) -> tuple[dict, keras_tuner.Tuner]:
+def search(
+    hypermodel: FAQDHyperModel,
+    train_data: tf.data.Dataset | np.ndarray,
+    validation_data: tf.data.Dataset | tuple,
+    tuner: str | type = "random",
+    max_trials: int = 10,
+    epochs: int = 1,
+    directory: str | None = None,
+    project_name: str = "faqd_tuning",
+    overwrite: bool = False,
+    seed: int | None = None,
+    callbacks: list | None = None,
+    verbose: int | str = 0,
+    batch_size: int | None = None,
+    **tuner_kwargs,
+) -> tuple[dict, keras_tuner.Tuner]:
     """Runs a search and returns `(best_hp_values, tuner)`.
 
     Args:
@@ -417,8 +507,17 @@ def search(hypermodel: FAQDHyperModel, train_data: tf.data.Dataset | np.ndarray,
             "validation_data must carry labels, (images, labels) or a dataset of such batches: "
             f"the tuning objective is {OBJECTIVE!r}, the student's accuracy on labeled data."
         )
-    tuner = make_tuner(hypermodel, tuner=tuner, max_trials=max_trials, epochs=epochs, directory=directory,
-                       project_name=project_name, overwrite=overwrite, seed=seed, **tuner_kwargs)
+    tuner = make_tuner(
+        hypermodel,
+        tuner=tuner,
+        max_trials=max_trials,
+        epochs=epochs,
+        directory=directory,
+        project_name=project_name,
+        overwrite=overwrite,
+        seed=seed,
+        **tuner_kwargs,
+    )
     fit_kwargs = dict(epochs=epochs, validation_data=validation_data, verbose=verbose)
     if callbacks:
         fit_kwargs["callbacks"] = list(callbacks)

@@ -75,7 +75,11 @@ def bfloat16_kernels():
     crashes the process, while TensorFlow, reading the CPU's own features, still sends bfloat16 to
     oneDNN. The probe runs in a subprocess so that a crash costs only the probe.
     """
-    proc = subprocess.run([sys.executable, "-c", _BFLOAT16_PROBE], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _BFLOAT16_PROBE], capture_output=True, text=True, timeout=120
+    )
     if proc.returncode != 0:
         isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "the CPU's default")
-        pytest.skip(f"this CPU's kernels ({isa}) do not run bfloat16 (probe exit code {proc.returncode})")
+        pytest.skip(
+            f"this CPU's kernels ({isa}) do not run bfloat16 (probe exit code {proc.returncode})"
+        )

@@ -26,7 +26,7 @@ def idx_bytes(array):
 
 def write_idx(path, array, compress=True):
     raw = idx_bytes(array)
-    with (gzip.open(path, "wb") if compress else open(path, "wb")) as f:
+    with gzip.open(path, "wb") if compress else open(path, "wb") as f:
         f.write(raw)
 
 
@@ -49,7 +49,9 @@ def save_image(path, array):
 
 def decoded(path):
     """Pixels of an image file as TF decodes them (so lossy JPEG compares exactly)."""
-    return tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False).numpy()
+    return tf.io.decode_image(
+        tf.io.read_file(str(path)), channels=3, expand_animations=False
+    ).numpy()
 
 
 def make_tiny(root, rng, wnids=("n03000003", "n01000001", "n02000002"), per_class=4, n_val=7):
@@ -77,11 +79,19 @@ def make_tiny(root, rng, wnids=("n03000003", "n01000001", "n02000002"), per_clas
 
 def png_with_size(path, width, height):
     """A PNG whose header claims `width` x `height` (one tiny IDAT: no decoder gets that far)."""
+
     def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0"))
+        + chunk(b"IEND", b"")
+    )
 
 
 def assert_one_line_exit_2(argv, pattern, capsys, out):

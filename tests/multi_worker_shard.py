@@ -24,8 +24,17 @@ from faqd_tf import data  # noqa: E402
 
 folder, batch, epochs, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 # mean 0, std 1: pixels stay i / 255, so ids read back exactly.
-ds = data.load(f"idx:{folder}", "train", labels=True, batch_size=batch, shuffle=True, augment=False, seed=7,
-               mean=0.0, std=1.0)
+ds = data.load(
+    f"idx:{folder}",
+    "train",
+    labels=True,
+    batch_size=batch,
+    shuffle=True,
+    augment=False,
+    seed=7,
+    mean=0.0,
+    std=1.0,
+)
 seen = []
 for _ in range(epochs):
     ids = []
@@ -34,4 +43,7 @@ for _ in range(epochs):
             ids += np.rint(local.numpy()[:, 0, 0, 0] * 255).astype(int).tolist()
     seen.append(ids)
 with open(out, "w") as f:
-    json.dump({"task": distribute.task(strategy), "chief": distribute.is_chief(strategy), "epochs": seen}, f)
+    json.dump(
+        {"task": distribute.task(strategy), "chief": distribute.is_chief(strategy), "epochs": seen},
+        f,
+    )

@@ -27,7 +27,9 @@ def np_quantize(w, bits, per_channel=False, iterations=quantizers.LLOYD_ITERATIO
     scale = np_lloyd(a, np.max(a, axis=axes, keepdims=True) / L, L, axes, iterations)
     if bits == 2:
         twn = np_lloyd(a, 1.4 * np.mean(a, axis=axes, keepdims=True), L, axes, iterations)
-        err = lambda s: np.sum((a - np.clip(np.round(a / s), 0, L) * s) ** 2, axis=axes, keepdims=True)
+        err = lambda s: np.sum(
+            (a - np.clip(np.round(a / s), 0, L) * s) ** 2, axis=axes, keepdims=True
+        )
         scale = np.where(err(twn) < err(scale), twn, scale)
     return sign * np.clip(np.round(a / scale), 0, L) * scale
 
@@ -68,7 +70,9 @@ def np_affinity_diff(t, s):
 def np_fa_per_sample(t, s, fa_norm="fro2"):
     d = np_affinity_diff(t, s)
     n = d.shape[1]
-    return (np.sum(np.abs(d), axis=(1, 2)) if fa_norm == "l1" else np.sum(d * d, axis=(1, 2))) / n**2
+    return (
+        np.sum(np.abs(d), axis=(1, 2)) if fa_norm == "l1" else np.sum(d * d, axis=(1, 2))
+    ) / n**2
 
 
 def np_fa_grad(t, s, fa_norm="fro2", wrt="student", weight=None):

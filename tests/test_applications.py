@@ -17,41 +17,57 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
-_spec = importlib.util.spec_from_file_location("bench_applications", os.path.join(ROOT, "benchmarks", "applications.py"))
+_spec = importlib.util.spec_from_file_location(
+    "bench_applications", os.path.join(ROOT, "benchmarks", "applications.py")
+)
 applications = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(applications)
 
 _TFLITE_CODES = r"ValueError: Could not locate the kernel of layer '{}' in the converted model"
 # (network, step) -> the one-line failure seen today (docs/applications.csv), as a regex.
 KNOWN = {
-    **{("own_conv1d", f"export:{k}"): _TFLITE_CODES.format("conv1d") for k in ("tflite-int8", "tflite-int4", "tflite-full")},
-    **{("own_segmentation", f"export:{k}"): _TFLITE_CODES.format("conv2d_transpose")
-       for k in ("tflite-int8", "tflite-int4", "tflite-full")},
+    **{
+        ("own_conv1d", f"export:{k}"): _TFLITE_CODES.format("conv1d")
+        for k in ("tflite-int8", "tflite-int4", "tflite-full")
+    },
+    **{
+        ("own_segmentation", f"export:{k}"): _TFLITE_CODES.format("conv2d_transpose")
+        for k in ("tflite-int8", "tflite-int4", "tflite-full")
+    },
 }
 # The packed file and the float TFLite file compute what the Keras student computes (same codes,
 # float arithmetic): their logits must match to float32 rounding, random weights or not.
 EXACT_EXPORTS = ("export:packed", "export:tflite")
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(FMNIST), reason="needs Fashion-MNIST (dataset-fashion-mnist)")
+pytestmark = pytest.mark.skipif(
+    not os.path.isdir(FMNIST), reason="needs Fashion-MNIST (dataset-fashion-mnist)"
+)
 
 
-@pytest.mark.parametrize("name", [
-    "own_sequential_cnn",
-    "own_conv1d",
-    "own_segmentation",
-    pytest.param("MobileNet", marks=pytest.mark.slow),
-    pytest.param("MobileNetV3Small", marks=pytest.mark.slow),
-    pytest.param("MobileNetV2", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "own_sequential_cnn",
+        "own_conv1d",
+        "own_segmentation",
+        pytest.param("MobileNet", marks=pytest.mark.slow),
+        pytest.param("MobileNetV3Small", marks=pytest.mark.slow),
+        pytest.param("MobileNetV2", marks=pytest.mark.slow),
+    ],
+)
 def test_network_through_every_step(name, tmp_path):
-    rows = applications.run_steps(name, str(tmp_path), count=4, fit_steps=1, seed=0, emit=lambda row: None)
+    rows = applications.run_steps(
+        name, str(tmp_path), count=4, fit_steps=1, seed=0, emit=lambda row: None
+    )
     steps = [row["step"] for row in rows]
     assert steps[:6] == ["build", "quantize", "taps", "distill", "save_load", "recalibrate_bn"]
     assert len(steps) == 6 + len(applications_kinds())
     wrong, mismatched = [], []
     for row in rows:
         detail = row["detail"]
-        assert "\n" not in detail and "more lines]" not in detail, f"{row['step']}: not one line: {detail}"
+        assert "\n" not in detail and "more lines]" not in detail, (
+            f"{row['step']}: not one line: {detail}"
+        )
         if row["status"] == "ok":
             if row["step"] in EXACT_EXPORTS:
                 # Relative to the largest logit: random deep nets have tiny logits, and LiteRT's
@@ -65,7 +81,9 @@ def test_network_through_every_step(name, tmp_path):
             wrong.append(f"{row['step']}: {row['status']}: {detail}")
     assert not wrong, f"{name}: " + " | ".join(wrong)
     quantize = next(row for row in rows if row["step"] == "quantize")
-    assert re.match(r"\d+ quantized, 1 float \(\S+: classifier head\)", quantize["detail"]), quantize["detail"]
+    assert re.match(r"\d+ quantized, 1 float \(\S+: classifier head\)", quantize["detail"]), (
+        quantize["detail"]
+    )
     taps = next(row for row in rows if row["step"] == "taps")
     assert int(taps["detail"].split()[0]) >= 1, taps["detail"]
     assert not mismatched, f"{name}: " + " | ".join(mismatched)

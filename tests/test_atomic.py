@@ -58,7 +58,11 @@ def test_write_atomically_writes_bytes_text_and_chunks_synced(tmp_path, rng, mon
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
     payload = rng.bytes(int(rng.integers(1, 4096)))
     path = tmp_path / "out.bin"
-    for data, whole in ((payload, payload), ("é\n", "é\n".encode()), ([payload[:7], payload[7:]], payload)):
+    for data, whole in (
+        (payload, payload),
+        ("é\n", "é\n".encode()),
+        ([payload[:7], payload[7:]], payload),
+    ):
         assert atomic.write_atomically(path, data) == len(whole)
         assert path.read_bytes() == whole and os.listdir(tmp_path) == ["out.bin"]
     assert len(synced) == 3

@@ -17,7 +17,9 @@ def tiny(rng):
     x = keras.layers.ReLU()(keras.layers.BatchNormalization(name="bn")(x))
     # 1,728 weights: the converter's dynamic range leaves kernels under 1,024 weights in float.
     x = keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="conv2")(x)
-    model = keras.Model(inputs, keras.layers.Dense(3, name="logits")(keras.layers.GlobalAveragePooling2D()(x)))
+    model = keras.Model(
+        inputs, keras.layers.Dense(3, name="logits")(keras.layers.GlobalAveragePooling2D()(x))
+    )
     bn = model.get_layer("bn")
     bn.moving_mean.assign(rng.normal(0, 0.3, 6).astype("float32"))
     bn.moving_variance.assign(rng.uniform(0.5, 2, 6).astype("float32"))
@@ -39,24 +41,50 @@ def test_ptq_and_rtn_rows(tmp_path, rng):
         assert np.int8 in types  # a kernel was quantized
 
     student, size = baselines.rtn(model, 4, False, str(tmp_path / "w4.faqd"), calibration=x[:16])
-    assert student.get_layer("conv").weight_bits == 4 and size == os.path.getsize(tmp_path / "w4.faqd")
+    assert student.get_layer("conv").weight_bits == 4 and size == os.path.getsize(
+        tmp_path / "w4.faqd"
+    )
     u = student.get_layer("conv")(x[:16]).numpy().reshape(-1, 6).astype(np.float64)
-    np.testing.assert_allclose(student.get_layer("bn").moving_mean.numpy(), u.mean(0), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(unpack(str(tmp_path / "w4.faqd"))(x).numpy(), student(x).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        student.get_layer("bn").moving_mean.numpy(), u.mean(0), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        unpack(str(tmp_path / "w4.faqd"))(x).numpy(), student(x).numpy(), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_rows_resume_and_report(tmp_path):
     path = str(tmp_path / "rows.csv")
     rec = baselines.Recorder(path)
     base = {"teacher": "resnet8", "teacher_acc": 0.9, "calibration": 10}
-    rec.add(base, method="rtn_bn", bits=4, granularity="layer", runtime="keras", accuracy=0.875, seconds=1.5,
-            file_bytes=2048, keras_bytes=4096, load1=3.0)
-    rec.add(base, method="rtn_bn_tflite_int4", bits=4, granularity="layer", runtime="litert", notes="TODO")
+    rec.add(
+        base,
+        method="rtn_bn",
+        bits=4,
+        granularity="layer",
+        runtime="keras",
+        accuracy=0.875,
+        seconds=1.5,
+        file_bytes=2048,
+        keras_bytes=4096,
+        load1=3.0,
+    )
+    rec.add(
+        base,
+        method="rtn_bn_tflite_int4",
+        bits=4,
+        granularity="layer",
+        runtime="litert",
+        notes="TODO",
+    )
     again = baselines.Recorder(path)
     assert not again.wanted(teacher="resnet8", method="rtn_bn", bits=4, granularity="layer")
     assert again.wanted(teacher="resnet8", method="rtn_bn_tflite_int4", bits=4, granularity="layer")
     assert len(again.rows) == 1  # the unfinished TODO row is measured again, not kept twice
     text = baselines.report(rec.rows, "python benchmarks/baselines.py")
-    assert "| RTN + BN recalibration | 4-bit | layer | keras | 87.50% | -2.50 |" in text and "TODO" in text
+    assert (
+        "| RTN + BN recalibration | 4-bit | layer | keras | 87.50% | -2.50 |" in text
+        and "TODO" in text
+    )
     baselines.plot(rec.rows, str(tmp_path / "chart.png"))
     assert os.path.getsize(tmp_path / "chart.png") > 0

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from faqd_tf import quantize_model
-from faqd_tf import batchnorm
+from faqd_tf import batchnorm, quantize_model
 from faqd_tf.batchnorm import recalibrate_batchnorm
 
 
@@ -61,12 +60,20 @@ def test_statistics_equal_numpy_on_inference_inputs(rng):
 
     names = recalibrate_batchnorm(model, images, batch_size=16)
 
-    assert names[0] == "bn1" and names[-1] == "bn3" and sorted(names) == ["bn1", "bn2", "bn3", "bn_short"]
+    assert (
+        names[0] == "bn1"
+        and names[-1] == "bn3"
+        and sorted(names) == ["bn1", "bn2", "bn3", "bn_short"]
+    )
     for name, u in bn_inputs(model, names, images).items():
         mean, var = np_moments(u.numpy())
         layer = model.get_layer(name)
-        np.testing.assert_allclose(layer.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-6 * np.abs(u).max())
-        np.testing.assert_allclose(layer.moving_variance.numpy(), var, rtol=1e-5, atol=1e-6 * np.abs(u).max() ** 2)
+        np.testing.assert_allclose(
+            layer.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-6 * np.abs(u).max()
+        )
+        np.testing.assert_allclose(
+            layer.moving_variance.numpy(), var, rtol=1e-5, atol=1e-6 * np.abs(u).max() ** 2
+        )
     for w in model.weights:  # nothing but the moving statistics moved
         if "moving" not in w.path:
             np.testing.assert_array_equal(w.numpy(), frozen[w.path])
@@ -84,7 +91,9 @@ def test_after_recalibration_normalized_outputs_have_beta_mean(rng):
     layer = model.get_layer("bn2")
     np.testing.assert_allclose(out.mean(0), layer.beta.numpy(), atol=1e-4)
     var = layer.moving_variance.numpy().astype(np.float64)
-    np.testing.assert_allclose(out.std(0), np.abs(layer.gamma.numpy()) * np.sqrt(var / (var + layer.epsilon)), rtol=1e-4)
+    np.testing.assert_allclose(
+        out.std(0), np.abs(layer.gamma.numpy()) * np.sqrt(var / (var + layer.epsilon)), rtol=1e-4
+    )
 
 
 class Block(keras.layers.Layer):
@@ -126,13 +135,17 @@ def test_subclassed_model_with_batchnorm_inside_custom_layers(rng):
 
 
 def test_channel_axis_labels_ignored_and_samples(rng):
-    model = keras.Sequential([keras.Input((4, 6)), keras.layers.BatchNormalization(axis=1, name="bn")])
+    model = keras.Sequential(
+        [keras.Input((4, 6)), keras.layers.BatchNormalization(axis=1, name="bn")]
+    )
     images = rng.normal(rng.normal(0, 5, (1, 4, 1)), 2.0, (50, 4, 6)).astype("float32")
     labels = rng.integers(0, 3, 50)
     data = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
     recalibrate_batchnorm(model, data, samples=20)
     mean, var = np_moments(images[:20], axis=1)
-    np.testing.assert_allclose(model.get_layer("bn").moving_mean.numpy(), mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        model.get_layer("bn").moving_mean.numpy(), mean, rtol=1e-6, atol=1e-6
+    )
     np.testing.assert_allclose(model.get_layer("bn").moving_variance.numpy(), var, rtol=1e-6)
 
 
@@ -143,8 +156,12 @@ def test_quantized_twin_gets_its_own_statistics(rng):
     student = quantize_model(teacher, weight_bits=1)
     recalibrate_batchnorm(student, images)
     u = bn_inputs(student, ["bn3"], images)["bn3"].numpy()
-    np.testing.assert_allclose(student.get_layer("bn3").moving_mean.numpy(), np_moments(u)[0], rtol=1e-5, atol=1e-5)
-    assert not np.allclose(student.get_layer("bn3").moving_mean.numpy(), teacher.get_layer("bn3").moving_mean.numpy())
+    np.testing.assert_allclose(
+        student.get_layer("bn3").moving_mean.numpy(), np_moments(u)[0], rtol=1e-5, atol=1e-5
+    )
+    assert not np.allclose(
+        student.get_layer("bn3").moving_mean.numpy(), teacher.get_layer("bn3").moving_mean.numpy()
+    )
 
 
 @pytest.mark.parametrize(
@@ -167,7 +184,10 @@ def test_bad_input_is_one_line(rng, images, kwargs, message):
 def test_model_without_batchnorm_warns_and_is_left_alone(rng):
     plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)], name="plain")
     before = [w.numpy().copy() for w in plain.weights]
-    with pytest.warns(UserWarning, match=r"^recalibrate_batchnorm: 'plain' has no BatchNormalization layer; nothing to do\.$"):
+    with pytest.warns(
+        UserWarning,
+        match=r"^recalibrate_batchnorm: 'plain' has no BatchNormalization layer; nothing to do\.$",
+    ):
         assert recalibrate_batchnorm(plain, rng.normal(size=(4, 3))) == []
     for w, b in zip(plain.weights, before):
         np.testing.assert_array_equal(w.numpy(), b)
@@ -193,10 +213,15 @@ class Traced(keras.Model):
 
 
 def test_masked_or_traced_calls_are_refused_in_one_line(rng):
-    masked = keras.Sequential([keras.Input((5, 3)), keras.layers.Masking(), keras.layers.BatchNormalization()])
+    masked = keras.Sequential(
+        [keras.Input((5, 3)), keras.layers.Masking(), keras.layers.BatchNormalization()]
+    )
     traced = Traced()
     traced(np.ones((1, 3), "float32"))
-    for model, x, message in ((masked, rng.normal(size=(4, 5, 3)), "mask"), (traced, rng.normal(size=(4, 3)), "tf.function")):
+    for model, x, message in (
+        (masked, rng.normal(size=(4, 5, 3)), "mask"),
+        (traced, rng.normal(size=(4, 3)), "tf.function"),
+    ):
         with pytest.raises(ValueError, match=message) as err:
             recalibrate_batchnorm(model, x)
         assert "\n" not in str(err.value)
@@ -207,8 +232,15 @@ def test_masked_or_traced_calls_are_refused_in_one_line(rng):
 
 def nested_net(rng):
     """A residual net whose middle block is a nested Sequential (ConvNeXt's stem is one)."""
-    block = keras.Sequential([keras.Input((8, 8, 6)), keras.layers.Conv2D(6, 3, padding="same", name="inner_conv"),
-                              keras.layers.BatchNormalization(name="inner_bn"), keras.layers.ReLU()], name="block")
+    block = keras.Sequential(
+        [
+            keras.Input((8, 8, 6)),
+            keras.layers.Conv2D(6, 3, padding="same", name="inner_conv"),
+            keras.layers.BatchNormalization(name="inner_bn"),
+            keras.layers.ReLU(),
+        ],
+        name="block",
+    )
     inputs = keras.Input((8, 8, 3))
     x = keras.layers.Conv2D(6, 3, padding="same", name="conv1")(inputs)
     x = keras.layers.BatchNormalization(name="bn1")(x)
@@ -222,8 +254,10 @@ def nested_net(rng):
 
 
 def statistics(model):
-    return {layer.name: (layer.moving_mean.numpy().copy(), layer.moving_variance.numpy().copy())
-            for layer in batchnorm._batchnorm_layers(model)}
+    return {
+        layer.name: (layer.moving_mean.numpy().copy(), layer.moving_variance.numpy().copy())
+        for layer in batchnorm._batchnorm_layers(model)
+    }
 
 
 @pytest.mark.parametrize("build", [residual_net, nested_net])
@@ -234,7 +268,9 @@ def test_one_pass_equals_one_pass_per_layer(rng, build):
     layers = batchnorm._batchnorm_layers(model)
     assert batchnorm._runs_as_graph(model, layers)
     batches = batchnorm._images(images, model, None)
-    reference = [layer.name for layer in batchnorm._recalibrate_per_layer(model, layers, batches, 16)]
+    reference = [
+        layer.name for layer in batchnorm._recalibrate_per_layer(model, layers, batches, 16)
+    ]
     want = statistics(model)
     for w, value in zip(model.weights, start):
         w.assign(value)
@@ -242,8 +278,12 @@ def test_one_pass_equals_one_pass_per_layer(rng, build):
     assert sorted(names) == sorted(reference) and names[0] == reference[0]
     for name, (mean, var) in statistics(model).items():
         # Same float64 sums over the same float32 inputs: equal to float32 rounding of the statistics.
-        np.testing.assert_allclose(mean, want[name][0], rtol=1e-5, atol=1e-6 * (1 + np.abs(want[name][0]).max()))
-        np.testing.assert_allclose(var, want[name][1], rtol=1e-5, atol=1e-6 * (1 + want[name][1].max()))
+        np.testing.assert_allclose(
+            mean, want[name][0], rtol=1e-5, atol=1e-6 * (1 + np.abs(want[name][0]).max())
+        )
+        np.testing.assert_allclose(
+            var, want[name][1], rtol=1e-5, atol=1e-6 * (1 + want[name][1].max())
+        )
 
 
 def test_one_pass_runs_each_layer_once_per_batch(rng):
@@ -253,7 +293,9 @@ def test_one_pass_runs_each_layer_once_per_batch(rng):
     calls = []
     conv.call = lambda *args, _call=conv.call, **kwargs: calls.append(1) or _call(*args, **kwargs)
     try:
-        recalibrate_batchnorm(model, rng.normal(size=(40, 8, 8, 3)).astype("float32"), batch_size=16)
+        recalibrate_batchnorm(
+            model, rng.normal(size=(40, 8, 8, 3)).astype("float32"), batch_size=16
+        )
     finally:
         del conv.call
     assert len(calls) == 3  # batches of 16, 16, 8
@@ -264,8 +306,11 @@ def test_one_pass_matches_numpy_on_a_chain_of_blocks(rng):
     # afterwards in a separate Functional tap.
     layers = [keras.Input((6, 6, 2))]
     for i in range(10):
-        layers += [keras.layers.Conv2D(3, 3, padding="same", name=f"c{i}"), keras.layers.BatchNormalization(name=f"bn{i}"),
-                   keras.layers.ReLU()]
+        layers += [
+            keras.layers.Conv2D(3, 3, padding="same", name=f"c{i}"),
+            keras.layers.BatchNormalization(name=f"bn{i}"),
+            keras.layers.ReLU(),
+        ]
     model = keras.Sequential(layers)
     scramble(model, rng)
     images = rng.uniform(-2, 2, (30, 6, 6, 2)).astype("float32")
@@ -275,5 +320,9 @@ def test_one_pass_matches_numpy_on_a_chain_of_blocks(rng):
     for name, u in bn_inputs(functional, names, images).items():
         mean, var = np_moments(u.numpy())
         layer = model.get_layer(name)
-        np.testing.assert_allclose(layer.moving_mean.numpy(), mean, rtol=1e-4, atol=1e-5 * (1 + np.abs(mean).max()))
-        np.testing.assert_allclose(layer.moving_variance.numpy(), var, rtol=1e-4, atol=1e-5 * (1 + var.max()))
+        np.testing.assert_allclose(
+            layer.moving_mean.numpy(), mean, rtol=1e-4, atol=1e-5 * (1 + np.abs(mean).max())
+        )
+        np.testing.assert_allclose(
+            layer.moving_variance.numpy(), var, rtol=1e-4, atol=1e-5 * (1 + var.max())
+        )

@@ -21,8 +21,13 @@ def test_stop_on_non_finite_names_the_term():
     cb = callbacks.StopOnNonFiniteLoss("ck")
     cb.set_model(Distiller(quantize_model(teacher, weight_bits=2), teacher))  # its terms: kd and fa
     cb.on_epoch_begin(2)
-    cb.on_train_batch_end(0, {"loss": 1.0, "fa": 0.5, "accuracy": float("nan")})  # metrics are not losses
-    with pytest.raises(callbacks.NonFiniteLossError, match=r"the fa loss became inf at epoch 3, batch 5; .*epoch 2 .* in ck"):
+    cb.on_train_batch_end(
+        0, {"loss": 1.0, "fa": 0.5, "accuracy": float("nan")}
+    )  # metrics are not losses
+    with pytest.raises(
+        callbacks.NonFiniteLossError,
+        match=r"the fa loss became inf at epoch 3, batch 5; .*epoch 2 .* in ck",
+    ):
         cb.on_train_batch_end(4, {"loss": 1.0, "fa": float("inf")})
 
 
@@ -70,32 +75,55 @@ def test_history_restarts_on_a_fresh_run_and_drops_repeated_rows_on_resume(tmp_p
     _model().fit(x, y, epochs=3, verbose=0, callbacks=[callbacks.ResumableCSVLogger(path)])
     assert _history(path) == [0, 1, 2]
     # Resumed at epoch 1 (a backup of epoch 1, rows of epochs 1 and 2 written after it): replaced.
-    _model().fit(x, y, epochs=3, initial_epoch=1, verbose=0, callbacks=[callbacks.ResumableCSVLogger(path)])
+    _model().fit(
+        x, y, epochs=3, initial_epoch=1, verbose=0, callbacks=[callbacks.ResumableCSVLogger(path)]
+    )
     assert _history(path) == [0, 1, 2]
     # Resumed where it ended: nothing to train, the history stays.
-    _model().fit(x, y, epochs=3, initial_epoch=3, verbose=0, callbacks=[callbacks.ResumableCSVLogger(path)])
+    _model().fit(
+        x, y, epochs=3, initial_epoch=3, verbose=0, callbacks=[callbacks.ResumableCSVLogger(path)]
+    )
     assert _history(path) == [0, 1, 2]
     # A fresh run (epoch 0) starts a new history.
     _model().fit(x, y, epochs=2, verbose=0, callbacks=[callbacks.ResumableCSVLogger(path)])
     assert _history(path) == [0, 1]
 
 
-@pytest.mark.parametrize("damage", ["half-written metadata", "metadata older than the weights", "metadata missing",
-                                    "truncated weights", "weights of another epoch"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "half-written metadata",
+        "metadata older than the weights",
+        "metadata missing",
+        "truncated weights",
+        "weights of another epoch",
+    ],
+)
 def test_torn_backup_falls_back_to_the_one_before(tmp_path, rng, damage):
     x, y = rng.normal(size=(8, 3)), rng.normal(size=(8, 2))
     backup = str(tmp_path / "backup")
     first = _Record()
-    _model().fit(x, y, epochs=3, batch_size=4, verbose=0,
-                 callbacks=[callbacks.SharedBackupAndRestore(backup, delete_checkpoint=False), first])
-    meta, weights = os.path.join(backup, "training_metadata.json"), os.path.join(backup, "latest.weights.h5")
+    _model().fit(
+        x,
+        y,
+        epochs=3,
+        batch_size=4,
+        verbose=0,
+        callbacks=[callbacks.SharedBackupAndRestore(backup, delete_checkpoint=False), first],
+    )
+    meta, weights = (
+        os.path.join(backup, "training_metadata.json"),
+        os.path.join(backup, "latest.weights.h5"),
+    )
     assert json.load(open(meta))["epoch"] == 3
     # The kill came after the weights of epoch 3 were written, before (or while) its epoch number was.
     if damage == "half-written metadata":
         open(meta, "w").write('{"epoch": ')
     elif damage == "metadata missing":
         os.remove(meta)
-    elif damage == "metadata older than the weights":  # Keras's own metadata: no digest of the weights
+    elif (
+        damage == "metadata older than the weights"
+    ):  # Keras's own metadata: no digest of the weights
         open(meta, "w").write(json.dumps({"epoch": 2, "batch": 0}))
         os.utime(weights, ns=(os.stat(meta).st_mtime_ns + 10**9,) * 2)
     else:  # weights that are not those the (whole, newer) metadata describes: never trusted
@@ -107,8 +135,14 @@ def test_torn_backup_falls_back_to_the_one_before(tmp_path, rng, damage):
         os.utime(meta, ns=(os.stat(weights).st_mtime_ns + 10**9,) * 2)
 
     again = _Record()
-    _model().fit(x, y, epochs=3, batch_size=4, verbose=0,
-                 callbacks=[callbacks.SharedBackupAndRestore(backup, writer=True), again])
+    _model().fit(
+        x,
+        y,
+        epochs=3,
+        batch_size=4,
+        verbose=0,
+        callbacks=[callbacks.SharedBackupAndRestore(backup, writer=True), again],
+    )
     assert again.epochs == [2]  # resumed after epoch 2, the backup before
     for restored, expected in zip(again.weights[2], first.weights[2]):
         np.testing.assert_array_equal(restored, expected)
@@ -119,13 +153,25 @@ def test_a_reader_restores_the_backup_before_a_torn_one_without_writing(tmp_path
     x, y = rng.normal(size=(8, 3)), rng.normal(size=(8, 2))
     backup = tmp_path / "backup"
     first = _Record()
-    _model().fit(x, y, epochs=3, batch_size=4, verbose=0,
-                 callbacks=[callbacks.SharedBackupAndRestore(str(backup), delete_checkpoint=False), first])
+    _model().fit(
+        x,
+        y,
+        epochs=3,
+        batch_size=4,
+        verbose=0,
+        callbacks=[callbacks.SharedBackupAndRestore(str(backup), delete_checkpoint=False), first],
+    )
     (backup / "training_metadata.json").write_text('{"epoch": ')  # the writer was killed writing it
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in backup.iterdir()}
     again = _Record()
-    _model().fit(x, y, epochs=3, batch_size=4, verbose=0,
-                 callbacks=[callbacks.SharedBackupAndRestore(str(backup), writer=False), again])
+    _model().fit(
+        x,
+        y,
+        epochs=3,
+        batch_size=4,
+        verbose=0,
+        callbacks=[callbacks.SharedBackupAndRestore(str(backup), writer=False), again],
+    )
     assert again.epochs == [2]
     for restored, expected in zip(again.weights[2], first.weights[2]):
         np.testing.assert_array_equal(restored, expected)
@@ -135,9 +181,21 @@ def test_a_reader_restores_the_backup_before_a_torn_one_without_writing(tmp_path
 def test_a_reader_restores_without_writing(tmp_path, rng):
     x, y = rng.normal(size=(8, 3)), rng.normal(size=(8, 2))
     backup = tmp_path / "backup"
-    _model().fit(x, y, epochs=2, verbose=0, callbacks=[callbacks.SharedBackupAndRestore(str(backup), delete_checkpoint=False)])
+    _model().fit(
+        x,
+        y,
+        epochs=2,
+        verbose=0,
+        callbacks=[callbacks.SharedBackupAndRestore(str(backup), delete_checkpoint=False)],
+    )
     before = {p.name: p.stat().st_mtime_ns for p in backup.iterdir()}
     record = _Record()
-    _model().fit(x, y, epochs=4, verbose=0, callbacks=[callbacks.SharedBackupAndRestore(str(backup), writer=False), record])
+    _model().fit(
+        x,
+        y,
+        epochs=4,
+        verbose=0,
+        callbacks=[callbacks.SharedBackupAndRestore(str(backup), writer=False), record],
+    )
     assert record.epochs == [2, 3]
     assert {p.name: p.stat().st_mtime_ns for p in backup.iterdir()} == before

@@ -48,54 +48,139 @@ def _fp_teacher(tmp_path):
 
 
 BAD_CASES = {
-    "missing config": (lambda t, f: ["--config", str(t / "missing.json")],
-                       # a long path is shortened, never its file name
-                       r"config file .*missing\.json( \([\d,]+ characters\))? does not exist"),
+    "missing config": (
+        lambda t, f: ["--config", str(t / "missing.json")],
+        # a long path is shortened, never its file name
+        r"config file .*missing\.json( \([\d,]+ characters\))? does not exist",
+    ),
     "not JSON": (lambda t, f: ["--config", str(f["not_json"])], r"is not valid JSON"),
-    "unknown key": (lambda t, f: ["--config", write_config(t, colour="red")], r"unknown key 'colour'"),
-    "unknown train key": (lambda t, f: ["--config", write_config(t, train={"epoch": 3})],
-                          r"unknown key 'train.epoch'; keys of 'train' are"),
-    "wrong type": (lambda t, f: ["--config", write_config(t, train={"epochs": "ten"})],
-                   r"train.epochs=\"ten\" is not valid; use an integer >= 1"),
-    "bits": (lambda t, f: ["--config", write_config(t, student={"weight_bits": 3})],
-             r"student.weight_bits=3 is not valid; use one of 1, 2, 4, 8"),
-    "negative weight": (lambda t, f: ["--config", write_config(t, distill={"beta": -0.1})],
-                        r"distill.beta=-0.1 is not valid; use null \(the default of distill.fa_norm\) or a number >= 0"),
-    "kd": (lambda t, f: ["--config", write_config(t, distill={"kd": "l1"})], r"distill.kd=\"l1\" is not valid; use one of \"mse\", \"kl\""),
-    "fa_norm": (lambda t, f: ["--config", write_config(t, distill={"fa_norm": "l2"})],
-                r"distill.fa_norm=\"l2\" is not valid; use one of \"fro2\", \"l1\""),
-    "gram for l1": (lambda t, f: ["--config", write_config(t, distill={"fa_norm": "l1", "fa_method": "gram"})],
-                    r"distill.fa_method=\"gram\" evaluates fa_norm \"fro2\" only"),
-    "layer_bits width": (lambda t, f: ["--config", write_config(t, student={"layer_bits": {"stem_conv": 3}})],
-                         r"student.layer_bits=\{\"stem_conv\": 3\} is not valid; use null or"),
-    "layer_bits name": (lambda t, f: ["--config", write_config(t, student={"layer_bits": {"stem": 8}}), "--stage", "distill",
-                                      "--set", f"teacher.file=\"{_fp_teacher(t)}\""],
-                        r"student: layer_bits key 'stem' matches no layer with a kernel; such layers are: stem_conv"),
-    "alpha_rate": (lambda t, f: ["--config", write_config(t, student={"alpha_rate": 0})], r"student.alpha_rate=0 is not valid"),
-    "global_clipnorm": (lambda t, f: ["--config", write_config(t, train={"global_clipnorm": 0})],
-                        r"train.global_clipnorm=0 is not valid; use null or a number > 0"),
-    "--export": (lambda t, f: ["--config", write_config(t), "--export", "tflite-int2"], r"invalid choice: 'tflite-int2'"),
-    "gamma without labels": (lambda t, f: ["--config", write_config(t, distill={"gamma": 0.3})], r"gamma > 0 needs labels"),
-    "init file": (lambda t, f: ["--config", write_config(t, student={"init": "file"})], r"student.init='file' needs student.file"),
-    "--set without =": (lambda t, f: ["--config", write_config(t), "--set", "train.epochs"], r"write KEY=VALUE"),
-    "--set unknown": (lambda t, f: ["--config", write_config(t), "--set", "train.speed=3"], r"unknown key 'train.speed'"),
-    "--stage": (lambda t, f: ["--config", write_config(t), "--stage", "bogus"], r"invalid choice: 'bogus'"),
-    "--trials": (lambda t, f: ["--config", write_config(t), "--tune", "--trials", "0"], r"--trials=0 must be >= 1"),
-    "source kind": (lambda t, f: ["--config", write_config(t, dataset={"source": "s3:bucket"})], r"s3:bucket"),
-    "empty folder": (lambda t, f: ["--config", write_config(t, dataset={"source": f"folder:{f['empty']}"})], r"has no images"),
-    "missing folder": (lambda t, f: ["--config", write_config(t, dataset={"source": f"idx:{t / 'nowhere'}"})], r"nowhere"),
-    "architecture": (lambda t, f: ["--config", write_config(t, teacher={"arch": "resnet7"})],
-                     r"teacher.arch='resnet7' is not a known architecture"),
-    "teacher not a model": (lambda t, f: ["--config", write_config(t, teacher={"arch": None, "file": str(f["not_a_model"])})],
-                            r"is not a loadable Keras model"),
-    "no teacher yet": (lambda t, f: ["--config", write_config(t), "--stage", "distill"],
-                       r"teacher file .*teacher.keras does not exist; run --stage teacher first"),
-    "evaluate a non-model": (lambda t, f: ["--config", write_config(t), "--stage", "evaluate", "--set",
-                                           f"teacher.file=\"{f['not_a_model']}\""], r"is not a loadable Keras model"),
+    "unknown key": (
+        lambda t, f: ["--config", write_config(t, colour="red")],
+        r"unknown key 'colour'",
+    ),
+    "unknown train key": (
+        lambda t, f: ["--config", write_config(t, train={"epoch": 3})],
+        r"unknown key 'train.epoch'; keys of 'train' are",
+    ),
+    "wrong type": (
+        lambda t, f: ["--config", write_config(t, train={"epochs": "ten"})],
+        r"train.epochs=\"ten\" is not valid; use an integer >= 1",
+    ),
+    "bits": (
+        lambda t, f: ["--config", write_config(t, student={"weight_bits": 3})],
+        r"student.weight_bits=3 is not valid; use one of 1, 2, 4, 8",
+    ),
+    "negative weight": (
+        lambda t, f: ["--config", write_config(t, distill={"beta": -0.1})],
+        r"distill.beta=-0.1 is not valid; use null \(the default of distill.fa_norm\) or a number >= 0",
+    ),
+    "kd": (
+        lambda t, f: ["--config", write_config(t, distill={"kd": "l1"})],
+        r"distill.kd=\"l1\" is not valid; use one of \"mse\", \"kl\"",
+    ),
+    "fa_norm": (
+        lambda t, f: ["--config", write_config(t, distill={"fa_norm": "l2"})],
+        r"distill.fa_norm=\"l2\" is not valid; use one of \"fro2\", \"l1\"",
+    ),
+    "gram for l1": (
+        lambda t, f: ["--config", write_config(t, distill={"fa_norm": "l1", "fa_method": "gram"})],
+        r"distill.fa_method=\"gram\" evaluates fa_norm \"fro2\" only",
+    ),
+    "layer_bits width": (
+        lambda t, f: ["--config", write_config(t, student={"layer_bits": {"stem_conv": 3}})],
+        r"student.layer_bits=\{\"stem_conv\": 3\} is not valid; use null or",
+    ),
+    "layer_bits name": (
+        lambda t, f: [
+            "--config",
+            write_config(t, student={"layer_bits": {"stem": 8}}),
+            "--stage",
+            "distill",
+            "--set",
+            f'teacher.file="{_fp_teacher(t)}"',
+        ],
+        r"student: layer_bits key 'stem' matches no layer with a kernel; such layers are: stem_conv",
+    ),
+    "alpha_rate": (
+        lambda t, f: ["--config", write_config(t, student={"alpha_rate": 0})],
+        r"student.alpha_rate=0 is not valid",
+    ),
+    "global_clipnorm": (
+        lambda t, f: ["--config", write_config(t, train={"global_clipnorm": 0})],
+        r"train.global_clipnorm=0 is not valid; use null or a number > 0",
+    ),
+    "--export": (
+        lambda t, f: ["--config", write_config(t), "--export", "tflite-int2"],
+        r"invalid choice: 'tflite-int2'",
+    ),
+    "gamma without labels": (
+        lambda t, f: ["--config", write_config(t, distill={"gamma": 0.3})],
+        r"gamma > 0 needs labels",
+    ),
+    "init file": (
+        lambda t, f: ["--config", write_config(t, student={"init": "file"})],
+        r"student.init='file' needs student.file",
+    ),
+    "--set without =": (
+        lambda t, f: ["--config", write_config(t), "--set", "train.epochs"],
+        r"write KEY=VALUE",
+    ),
+    "--set unknown": (
+        lambda t, f: ["--config", write_config(t), "--set", "train.speed=3"],
+        r"unknown key 'train.speed'",
+    ),
+    "--stage": (
+        lambda t, f: ["--config", write_config(t), "--stage", "bogus"],
+        r"invalid choice: 'bogus'",
+    ),
+    "--trials": (
+        lambda t, f: ["--config", write_config(t), "--tune", "--trials", "0"],
+        r"--trials=0 must be >= 1",
+    ),
+    "source kind": (
+        lambda t, f: ["--config", write_config(t, dataset={"source": "s3:bucket"})],
+        r"s3:bucket",
+    ),
+    "empty folder": (
+        lambda t, f: ["--config", write_config(t, dataset={"source": f"folder:{f['empty']}"})],
+        r"has no images",
+    ),
+    "missing folder": (
+        lambda t, f: ["--config", write_config(t, dataset={"source": f"idx:{t / 'nowhere'}"})],
+        r"nowhere",
+    ),
+    "architecture": (
+        lambda t, f: ["--config", write_config(t, teacher={"arch": "resnet7"})],
+        r"teacher.arch='resnet7' is not a known architecture",
+    ),
+    "teacher not a model": (
+        lambda t, f: [
+            "--config",
+            write_config(t, teacher={"arch": None, "file": str(f["not_a_model"])}),
+        ],
+        r"is not a loadable Keras model",
+    ),
+    "no teacher yet": (
+        lambda t, f: ["--config", write_config(t), "--stage", "distill"],
+        r"teacher file .*teacher.keras does not exist; run --stage teacher first",
+    ),
+    "evaluate a non-model": (
+        lambda t, f: [
+            "--config",
+            write_config(t),
+            "--stage",
+            "evaluate",
+            "--set",
+            f'teacher.file="{f["not_a_model"]}"',
+        ],
+        r"is not a loadable Keras model",
+    ),
 }
 
 
-@pytest.mark.skipif(not os.path.isdir(FMNIST), reason="needs the Debian package dataset-fashion-mnist")
+@pytest.mark.skipif(
+    not os.path.isdir(FMNIST), reason="needs the Debian package dataset-fashion-mnist"
+)
 @pytest.mark.parametrize("case", list(BAD_CASES))
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, case):
     argv, pattern = BAD_CASES[case]
@@ -107,8 +192,12 @@ def test_subprocess_exit_code_and_existing_outputs(tmp_path):
     out.mkdir()
     (out / "teacher.keras").write_text("x")
     cfg = write_config(tmp_path)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config", cfg, "--stage", "teacher"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--config", cfg, "--stage", "teacher"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"train.py: error: the teacher output {out / 'teacher.keras'} exists; pass --overwrite to replace it."
@@ -122,14 +211,23 @@ def _epochs_in(path):
         return [int(row["epoch"]) for row in csv.DictReader(f)]
 
 
-@pytest.mark.skipif(not os.path.isdir(FMNIST), reason="needs the Debian package dataset-fashion-mnist")
+@pytest.mark.skipif(
+    not os.path.isdir(FMNIST), reason="needs the Debian package dataset-fashion-mnist"
+)
 def test_sigkill_then_same_command_resumes(tmp_path):
     cfg = write_config(
         tmp_path,
         dataset={"limit": 96, "eval_limit": 32},
         teacher={"arch": "resnet8", "train": {"epochs": 4, "batch_size": 32, "lr": 0.05}},
     )
-    command = [sys.executable, os.path.join(ROOT, "train.py"), "--config", cfg, "--stage", "teacher"]
+    command = [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        "--config",
+        cfg,
+        "--stage",
+        "teacher",
+    ]
     history = str(tmp_path / "out" / "teacher_history.csv")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -146,7 +244,9 @@ def test_sigkill_then_same_command_resumes(tmp_path):
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     # Not a terminal: one line per epoch, no progress bar redrawn with carriage returns.
-    assert "\r" not in again.stdout and max(map(len, again.stdout.splitlines())) < 400, again.stdout[-2000:]
+    assert "\r" not in again.stdout and max(map(len, again.stdout.splitlines())) < 400, (
+        again.stdout[-2000:]
+    )
     assert "Epoch 3/4" in again.stdout and "Epoch 4/4" in again.stdout
     epochs = _epochs_in(history)
     assert epochs == [0, 1, 2, 3], epochs  # nothing lost, nothing trained twice
@@ -154,7 +254,9 @@ def test_sigkill_then_same_command_resumes(tmp_path):
     assert not os.path.isdir(tmp_path / "out" / "backup" / "teacher")
 
 
-@pytest.mark.skipif(not os.path.isdir(FMNIST), reason="needs the Debian package dataset-fashion-mnist")
+@pytest.mark.skipif(
+    not os.path.isdir(FMNIST), reason="needs the Debian package dataset-fashion-mnist"
+)
 def test_tune_writes_best_config(tmp_path, capsys):
     from faqd_tf import models
 
@@ -165,8 +267,11 @@ def test_tune_writes_best_config(tmp_path, capsys):
         tmp_path,
         dataset={"limit": 64, "eval_limit": 64},
         teacher={"arch": None, "file": str(teacher_file)},
-        student={"weight_bits": None, "activation_bits": 4,  # activation-only keeps tracing short
-                 "recalibrate_bn": 32},  # the trials score the student the distill stage would save
+        student={
+            "weight_bits": None,
+            "activation_bits": 4,  # activation-only keeps tracing short
+            "recalibrate_bn": 32,
+        },  # the trials score the student the distill stage would save
         tune={"trials": 2, "epochs": 1, "tuner": "random"},
     )
     assert cli.main(["--config", cfg, "--tune"]) == 0

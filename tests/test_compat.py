@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from faqd_tf import cli, compat
+from faqd_tf import compat
 from tests.helpers import assert_one_line_exit_2
 
 
@@ -23,7 +23,11 @@ def test_other_versions_fail_in_one_line(version, monkeypatch):
     with pytest.raises(compat.KerasVersionError) as info:
         compat.check_keras_version(version)
     message = str(info.value)
-    assert "\n" not in message and f"this Keras {version}" in message and compat.ESCAPE_HATCH in message
+    assert (
+        "\n" not in message
+        and f"this Keras {version}" in message
+        and compat.ESCAPE_HATCH in message
+    )
 
 
 def test_escape_hatch_warns_instead(monkeypatch):
@@ -42,9 +46,17 @@ def test_cli_refuses_an_unverified_keras_in_one_line(tmp_path, monkeypatch, caps
     monkeypatch.delenv(compat.ESCAPE_HATCH, raising=False)
     monkeypatch.setattr(keras, "__version__", "3.99.0")
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"dataset": {"source": f"idx:{tmp_path / 'data'}"}, "output_dir": str(tmp_path / "out")}))
-    assert_one_line_exit_2(["--config", str(config)], r"verified on Keras 3\.12 to 3\.15, not on this Keras 3\.99\.0",
-                           capsys, tmp_path / "out")
+    config.write_text(
+        json.dumps(
+            {"dataset": {"source": f"idx:{tmp_path / 'data'}"}, "output_dir": str(tmp_path / "out")}
+        )
+    )
+    assert_one_line_exit_2(
+        ["--config", str(config)],
+        r"verified on Keras 3\.12 to 3\.15, not on this Keras 3\.99\.0",
+        capsys,
+        tmp_path / "out",
+    )
 
 
 def _model():
@@ -71,14 +83,19 @@ def test_weights_bytes_are_the_save_weights_file(tmp_path, rng):
     fresh.compile(keras.optimizers.SGD(0.1, momentum=0.9), "mse")
     fresh.optimizer.build(fresh.trainable_variables)
     fresh.load_weights(path)
-    for a, b in zip(model.weights + model.optimizer.variables, fresh.weights + fresh.optimizer.variables):
+    for a, b in zip(
+        model.weights + model.optimizer.variables, fresh.weights + fresh.optimizer.variables
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_backup_and_restore_names_and_hooks(tmp_path):
     backup = compat.BackupAndRestore(str(tmp_path), double_checkpoint=True)
     (weights, meta), (prev_weights, prev_meta) = backup.generations()
-    assert (weights, meta) == (str(tmp_path / "latest.weights.h5"), str(tmp_path / "training_metadata.json"))
+    assert (weights, meta) == (
+        str(tmp_path / "latest.weights.h5"),
+        str(tmp_path / "training_metadata.json"),
+    )
     assert (prev_weights, prev_meta) == (weights + ".bkp", meta + ".bkp")
     assert backup.position() == (0, 0)
     with backup.restoring_from("a.weights.h5", "a.json"):
@@ -123,7 +140,7 @@ def test_fit_iterators_before_matches_what_fit_does(size):
         model.compile("sgd")
         seen.clear()
         model.fit(ds, epochs=epochs, verbose=0)
-        return [seen[i:i + 3] for i in range(0, len(seen), 3)]
+        return [seen[i : i + 3] for i in range(0, len(seen), 3)]
 
     whole = fit(3)
     assert len(whole) == 3 and whole[0] != whole[1] != whole[2]

@@ -11,7 +11,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = {"dataset": {"source": "idx:x"}}
 
 
-@pytest.mark.parametrize("name", sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".json")))
+@pytest.mark.parametrize(
+    "name", sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".json"))
+)
 def test_shipped_configs_resolve_by_path_and_by_name(name):
     by_path = config.load(os.path.join(ROOT, "configs", f"{name}.json"))
     assert by_path["dataset"]["source"]
@@ -20,12 +22,22 @@ def test_shipped_configs_resolve_by_path_and_by_name(name):
 
 
 def test_the_paper_configs_are_shipped():
-    assert {"cifar10", "cifar100", "tiny_imagenet", "fashion_mnist", "quickstart"} <= set(config.shipped_names())
+    assert {"cifar10", "cifar100", "tiny_imagenet", "fashion_mnist", "quickstart"} <= set(
+        config.shipped_names()
+    )
 
 
 def test_overrides_parse_json_and_strings():
-    out = config.resolve(config.apply_overrides(SOURCE, ["train.epochs=5", "distill.fa=null", "dataset.source=tfds:cifar10"]))
-    assert out["train"]["epochs"] == 5 and out["distill"]["fa"] is None and out["dataset"]["source"] == "tfds:cifar10"
+    out = config.resolve(
+        config.apply_overrides(
+            SOURCE, ["train.epochs=5", "distill.fa=null", "dataset.source=tfds:cifar10"]
+        )
+    )
+    assert (
+        out["train"]["epochs"] == 5
+        and out["distill"]["fa"] is None
+        and out["dataset"]["source"] == "tfds:cifar10"
+    )
 
 
 def test_defaults_fill_in_and_keep_given_values():
@@ -82,9 +94,15 @@ def test_set_onto_a_value_that_is_not_an_object():
 @pytest.mark.parametrize(
     "text, words",
     [
-        ('{"dataset": {"source": "idx:x"}, "seed": ' + "9" * 5000 + "}", "seed=<an integer of 5,000 digits> is not valid"),
+        (
+            '{"dataset": {"source": "idx:x"}, "seed": ' + "9" * 5000 + "}",
+            "seed=<an integer of 5,000 digits> is not valid",
+        ),
         ("[" * 50_000 + "]" * 50_000, "nests lists and objects deeper than 32 levels"),
-        ('{"dataset": {"source": "idx:x"}, "output_dir": "caf\xe9"}', "is not UTF-8 text (byte 0xe9 on line 1)"),
+        (
+            '{"dataset": {"source": "idx:x"}, "output_dir": "caf\xe9"}',
+            "is not UTF-8 text (byte 0xe9 on line 1)",
+        ),
     ],
 )
 def test_hostile_config_files_name_the_file(tmp_path, text, words):
@@ -99,14 +117,18 @@ def test_hostile_config_files_name_the_file(tmp_path, text, words):
 
 
 def test_long_integer_in_set_names_the_key():
-    with pytest.raises(config.ConfigError, match=r"train.epochs=<an integer of 5,000 digits> is not valid"):
+    with pytest.raises(
+        config.ConfigError, match=r"train.epochs=<an integer of 5,000 digits> is not valid"
+    ):
         config.resolve(config.apply_overrides(SOURCE, ["train.epochs=" + "1" * 5000]))
 
 
 def test_config_file_size_is_bounded(tmp_path):
     path = tmp_path / "big.json"
     path.write_text(json.dumps({**SOURCE, "output_dir": "x" * (2 * 2**20)}))
-    with pytest.raises(config.ConfigError, match=r"big.json is 2.0 MiB, more than the 1.0 MiB it may be"):
+    with pytest.raises(
+        config.ConfigError, match=r"big.json is 2.0 MiB, more than the 1.0 MiB it may be"
+    ):
         config.load(str(path))
 
 
@@ -127,7 +149,8 @@ def test_the_config_docs_are_the_records():
     with open(os.path.join(ROOT, "docs", "config.md")) as f:
         assert f.read() == config.markdown(), (
             "docs/config.md is stale; regenerate it: "
-            "python -c \"from faqd_tf import config; print(config.markdown(), end='')\" > docs/config.md")
+            "python -c \"from faqd_tf import config; print(config.markdown(), end='')\" > docs/config.md"
+        )
     keys = [line.split("`")[1] for line in config.markdown().splitlines() if line.startswith("| `")]
 
     def flat(schema, prefix=""):

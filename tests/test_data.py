@@ -77,7 +77,9 @@ def test_idx_info_and_exact_read(tmp_path, rng):
     np.testing.assert_allclose(info.std, [np.round((train_raw / 255.0).std(), 4)], atol=1e-9)
 
     for split, prefix in (("test", "t10k"), ("train", "train")):
-        images, labels = _collect(data.load(source, split, batch_size=16, shuffle=False, augment=False))
+        images, labels = _collect(
+            data.load(source, split, batch_size=16, shuffle=False, augment=False)
+        )
         raw_images, raw_labels = arrays[prefix]
         assert images.dtype == np.float32 and labels.dtype == np.int32
         np.testing.assert_allclose(images, _normalize(raw_images, info.mean, info.std), atol=1e-5)
@@ -145,7 +147,9 @@ def test_idx_malformed(tmp_path, rng, kind, error, words):
     assert words in _one_line(excinfo)
 
 
-@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="needs Debian's dataset-fashion-mnist")
+@pytest.mark.skipif(
+    not os.path.isdir(FASHION_MNIST_DIR), reason="needs Debian's dataset-fashion-mnist"
+)
 def test_real_fashion_mnist():
     source = f"idx:{FASHION_MNIST_DIR}"
     info = data.dataset_info(source)
@@ -171,12 +175,16 @@ def test_augmentation_keeps_shape_and_range(tmp_path, rng, policy):
     source = f"idx:{tmp_path / 'd'}"
     info = data.dataset_info(source)
     plain = _collect(data.load(source, "train", labels=False, shuffle=False, augment=False))[0]
-    aug = _collect(data.load(source, "train", labels=False, shuffle=False, augment=policy, seed=3))[0]
+    aug = _collect(data.load(source, "train", labels=False, shuffle=False, augment=policy, seed=3))[
+        0
+    ]
     assert aug.shape == plain.shape == (32, 16, 12, 1)
     low, high = (0 - info.mean[0]) / info.std[0], (1 - info.mean[0]) / info.std[0]
     assert aug.min() >= low - 1e-4 and aug.max() <= high + 1e-4
     assert not np.allclose(aug, plain)
-    again = _collect(data.load(source, "train", labels=False, shuffle=False, augment=policy, seed=3))[0]
+    again = _collect(
+        data.load(source, "train", labels=False, shuffle=False, augment=policy, seed=3)
+    )[0]
     np.testing.assert_array_equal(aug, again)
 
 
@@ -185,7 +193,9 @@ def test_pad_crop_shifts_whole_images(tmp_path, rng):
     arrays = make_idx(tmp_path / "d", rng, n_train=16, hw=(16, 16))
     source = f"idx:{tmp_path / 'd'}"
     info = data.dataset_info(source)
-    aug = _collect(data.load(source, "train", labels=False, shuffle=False, augment="crop", seed=5))[0]
+    aug = _collect(data.load(source, "train", labels=False, shuffle=False, augment="crop", seed=5))[
+        0
+    ]
     pixels = _denormalize(aug, info)[..., 0]
     for original, shifted in zip(arrays["train"][0], pixels):
         padded = np.pad(original, 2)
@@ -196,6 +206,7 @@ def test_pad_crop_shifts_whole_images(tmp_path, rng):
 def test_shuffle_is_seeded_and_changes_every_epoch(tmp_path, rng):
     make_idx(tmp_path / "d", rng, n_train=40)
     source = f"idx:{tmp_path / 'd'}"
+
     def shuffled():
         return data.load(source, "train", labels=False, augment=False, seed=11, batch_size=None)
 
@@ -341,7 +352,9 @@ def test_labeled_folder(tmp_path, rng):
     assert info.num_examples == {"train": 17, "validation": 2}
     assert (info.mean, info.std) == ((0.5,) * 3, (0.5,) * 3)
 
-    images, labels = _collect(data.load(source, "train", batch_size=5, shuffle=False, augment=False))
+    images, labels = _collect(
+        data.load(source, "train", batch_size=5, shuffle=False, augment=False)
+    )
     assert images.shape == (17, 12, 10, 3) and labels.dtype == np.int32
     np.testing.assert_allclose(images.min(), -1, atol=0.01)  # (x / 255 - 0.5) / 0.5 spans [-1, 1]
     for image, label in zip(_denormalize(images, info), labels):
@@ -361,7 +374,9 @@ def test_labeled_folder(tmp_path, rng):
     assert sorted(val_labels.tolist()) == [0, 1, 2, 2]  # 1 of 4, 1 of 5, 2 of 8
     tails = {decoded(root / "cat" / "03.png").tobytes(), decoded(root / "dog" / "04.png").tobytes()}
     assert tails <= {x.tobytes() for x in _denormalize(val_images, info)}
-    _, rest = _collect(data.load(source, "train", validation_fraction=0.25, exclude_validation=True))
+    _, rest = _collect(
+        data.load(source, "train", validation_fraction=0.25, exclude_validation=True)
+    )
     assert len(rest) == 13
 
 

@@ -11,7 +11,12 @@ import tensorflow as tf
 
 from faqd_tf import losses
 from faqd_tf.distiller import Distiller
-from faqd_tf.losses import ce_loss_per_sample, feature_affinity_per_sample, kd_loss, kd_loss_per_sample
+from faqd_tf.losses import (
+    ce_loss_per_sample,
+    feature_affinity_per_sample,
+    kd_loss,
+    kd_loss_per_sample,
+)
 from tests.references import central_differences, np_fa_per_sample
 
 RTOL = 1e-4
@@ -36,7 +41,9 @@ def np_kd(t, s, kd, temperature):
 def np_ce(labels, logits):
     logits = np.asarray(logits, np.float64)
     log_q = np_log_softmax(logits)
-    picked = np.take_along_axis(log_q, np.asarray(labels)[..., None].astype(np.int64), axis=-1)[..., 0]
+    picked = np.take_along_axis(log_q, np.asarray(labels)[..., None].astype(np.int64), axis=-1)[
+        ..., 0
+    ]
     return -picked.reshape(len(logits), -1).mean(axis=1)
 
 
@@ -62,7 +69,9 @@ def test_kd_per_position_matches_numpy_and_finite_differences(rng, layout, kd, t
         tape.watch(s_var)
         loss = kd_loss(t, s_var, kd=kd, temperature=temperature)
     t64 = t.astype(np.float64)
-    want = central_differences(lambda x: np.mean(np_kd(t64, x, kd, temperature)), s.astype(np.float64))
+    want = central_differences(
+        lambda x: np.mean(np_kd(t64, x, kd, temperature)), s.astype(np.float64)
+    )
     assert rel_err(tape.gradient(loss, s_var), want) <= RTOL
 
 
@@ -72,7 +81,9 @@ def test_one_position_is_the_classification_loss(rng, kd):
     s = rng.normal(size=(4, 10)).astype(np.float32)
     flat = kd_loss_per_sample(t, s, kd=kd, temperature=3.0).numpy()
     np.testing.assert_allclose(flat, np_kd(t, s, kd, 3.0), rtol=1e-5, atol=1e-7)
-    one_pixel = kd_loss_per_sample(t[:, None, None], s[:, None, None], kd=kd, temperature=3.0).numpy()
+    one_pixel = kd_loss_per_sample(
+        t[:, None, None], s[:, None, None], kd=kd, temperature=3.0
+    ).numpy()
     np.testing.assert_allclose(one_pixel, flat, rtol=1e-6, atol=1e-7)
 
 
@@ -80,8 +91,11 @@ def test_one_position_is_the_classification_loss(rng, kd):
 def test_ce_per_pixel_matches_numpy(rng, form):
     logits = (2 * rng.normal(size=(3, 4, 5, 6))).astype(np.float32)
     labels = rng.integers(0, 6, size=(3, 4, 5))
-    given = {"sparse": labels.astype(np.uint8), "sparse_trailing_1": labels[..., None],
-             "one_hot": np.eye(6, dtype=np.float32)[labels]}[form]
+    given = {
+        "sparse": labels.astype(np.uint8),
+        "sparse_trailing_1": labels[..., None],
+        "one_hot": np.eye(6, dtype=np.float32)[labels],
+    }[form]
     got = ce_loss_per_sample(given, logits)
     assert got.shape == (3,)
     np.testing.assert_allclose(got, np_ce(labels, logits), rtol=1e-5, atol=1e-6)
@@ -97,11 +111,15 @@ def test_fa_takes_per_step_maps_as_one_pixel_column(rng):
 
 
 BAD = {
-    "positions": (lambda: kd_loss(np.zeros((2, 4, 4, 3)), np.zeros((2, 8, 8, 3))),
-                  "teacher (2, 4, 4, 3) and student (2, 8, 8, 3)"),
+    "positions": (
+        lambda: kd_loss(np.zeros((2, 4, 4, 3)), np.zeros((2, 8, 8, 3))),
+        "teacher (2, 4, 4, 3) and student (2, 8, 8, 3)",
+    ),
     "rank": (lambda: kd_loss(np.zeros((2, 4, 3)), np.zeros((2, 4, 4, 3))), "same shape"),
-    "labels": (lambda: ce_loss_per_sample(np.zeros((2, 4, 3), np.int32), np.zeros((2, 4, 4, 3))),
-               "one integer class per position, shape ('batch', 4, 4)"),
+    "labels": (
+        lambda: ce_loss_per_sample(np.zeros((2, 4, 3), np.int32), np.zeros((2, 4, 4, 3))),
+        "one integer class per position, shape ('batch', 4, 4)",
+    ),
 }
 
 
@@ -119,7 +137,9 @@ def test_mismatched_shapes_are_one_line_errors(case):
 def segmentation_net(classes=4, size=16, name=None):
     inputs = keras.Input((size, size, 3))
     x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="down")(inputs)
-    x = keras.layers.Conv2DTranspose(8, 3, strides=2, padding="same", activation="relu", name="up")(x)
+    x = keras.layers.Conv2DTranspose(8, 3, strides=2, padding="same", activation="relu", name="up")(
+        x
+    )
     return keras.Model(inputs, keras.layers.Conv2D(classes, 1, name="logits")(x), name=name)
 
 
@@ -138,7 +158,9 @@ def test_segmentation_student_distils_label_free_and_saves(tmp_path):
     assert distiller.feature_pairs == [("down", "down"), ("up", "up")]
     distiller.compile(keras.optimizers.SGD(0.005))
     before = distiller.evaluate(images, batch_size=8, verbose=0, return_dict=True)
-    history = distiller.fit(tf.data.Dataset.from_tensor_slices(images).batch(4), epochs=1, verbose=0)
+    history = distiller.fit(
+        tf.data.Dataset.from_tensor_slices(images).batch(4), epochs=1, verbose=0
+    )
     after = distiller.evaluate(images, batch_size=8, verbose=0, return_dict=True)
     assert sorted(history.history) == ["fa", "kd", "loss"]
     assert all(np.isfinite(v[0]) for v in history.history.values())
@@ -163,7 +185,9 @@ def test_segmentation_ce_weighs_pixels_and_samples(rng):
     logs = distiller.evaluate(x, y, sample_weight=w, batch_size=4, verbose=0, return_dict=True)
     logits = student(x).numpy()
     assert logs["ce"] == pytest.approx(float(np.sum(w * np_ce(y, logits)) / 4), rel=1e-5)
-    assert logs["kd"] == pytest.approx(float(np.sum(w * np_kd(teacher(x).numpy(), logits, "mse", 1.0)) / 4), rel=1e-5)
+    assert logs["kd"] == pytest.approx(
+        float(np.sum(w * np_kd(teacher(x).numpy(), logits, "mse", 1.0)) / 4), rel=1e-5
+    )
 
 
 def test_per_step_student_distils(rng):
@@ -172,14 +196,18 @@ def test_per_step_student_distils(rng):
     distiller = Distiller(student, teacher, kd="mse", fa="exact", seed=1)
     assert distiller.feature_pairs == [("conv", "conv")]  # a (batch, L, C) map, FA's L x 1 image
     distiller.compile(keras.optimizers.SGD(0.05))
-    history = distiller.fit(rng.normal(size=(8, 12, 3)).astype(np.float32), batch_size=4, epochs=1, verbose=0)
+    history = distiller.fit(
+        rng.normal(size=(8, 12, 3)).astype(np.float32), batch_size=4, epochs=1, verbose=0
+    )
     assert history.history["fa"][0] > 0 and np.isfinite(history.history["kd"][0])
 
 
 def test_distiller_refuses_logits_of_other_positions():
     with pytest.raises(ValueError) as info:
-        Distiller(segmentation_net(size=16), keras.Sequential([keras.Input((16, 16, 3)),
-                                                               keras.layers.Conv2D(4, 3, strides=2)]))
+        Distiller(
+            segmentation_net(size=16),
+            keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(4, 3, strides=2)]),
+        )
     message = str(info.value)
     assert "(16, 16, 4)" in message and "(7, 7, 4)" in message and "\n" not in message, message
 

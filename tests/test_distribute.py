@@ -21,7 +21,10 @@ def test_strategy_choices_and_tf_config_errors(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", "{not json")
     with pytest.raises(ValueError, match="TF_CONFIG is not valid JSON"):
         distribute.tf_config()
-    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}))
+    monkeypatch.setenv(
+        "TF_CONFIG",
+        json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}),
+    )
     with pytest.raises(ValueError, match="is not in its cluster"):
         distribute.tf_config()
     default = distribute.get_strategy("default")
@@ -73,10 +76,21 @@ def test_runs_one_after_another_share_the_mirrored_strategy(mirrored_strategy, r
     assert distribute.get_strategy("mirrored") is mirrored_strategy
     for width in (8, 16):
         with distribute.get_strategy("mirrored").scope():
-            model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(width), keras.layers.BatchNormalization(),
-                                      keras.layers.Dense(2)])
+            model = keras.Sequential(
+                [
+                    keras.Input((4,)),
+                    keras.layers.Dense(width),
+                    keras.layers.BatchNormalization(),
+                    keras.layers.Dense(2),
+                ]
+            )
             model.compile("sgd", "mse")
-        history = model.fit(rng.random((32, 4), np.float32), rng.random((32, 2), np.float32), batch_size=8, verbose=0)
+        history = model.fit(
+            rng.random((32, 4), np.float32),
+            rng.random((32, 2), np.float32),
+            batch_size=8,
+            verbose=0,
+        )
         assert np.isfinite(history.history["loss"][0])
 
 

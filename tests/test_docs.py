@@ -47,7 +47,9 @@ def test_docstring_examples(name):
     if name in WITHOUT_EXAMPLES:
         assert result.attempted == 0, f"{name} has examples now: take it off WITHOUT_EXAMPLES"
     else:
-        assert result.attempted > 0, f"{name} has no docstring example; add one (or a reason to WITHOUT_EXAMPLES)"
+        assert result.attempted > 0, (
+            f"{name} has no docstring example; add one (or a reason to WITHOUT_EXAMPLES)"
+        )
 
 
 def test_readme_python_examples(tmp_path, monkeypatch):

@@ -47,15 +47,20 @@ def assert_matches_but_rare_step_flips(got, want, tol=1e-5):
     got, want = np.asarray(got), np.asarray(want)
     close = np.isclose(got, want, rtol=tol, atol=tol).reshape(len(got), -1).all(axis=1)
     assert close.sum() >= len(close) - 1, (
-        f"{int((~close).sum())} of {len(close)} samples differ; max abs diff {np.abs(got - want).max():.3g}")
+        f"{int((~close).sum())} of {len(close)} samples differ; max abs diff {np.abs(got - want).max():.3g}"
+    )
 
 
 def tiny_model(bits, per_channel, activation_bits=2, relax=None):
     inputs = keras.Input((8, 8, 3), name="image")
-    x = QuantConv2D(6, 3, padding="same", weight_bits=bits, per_channel=per_channel, relax=relax, name="conv")(inputs)
+    x = QuantConv2D(
+        6, 3, padding="same", weight_bits=bits, per_channel=per_channel, relax=relax, name="conv"
+    )(inputs)
     x = keras.layers.BatchNormalization(name="bn1")(x)
     x = QuantReLU(bits=activation_bits, name="relu1")(x)
-    x = QuantDepthwiseConv2D(3, depth_multiplier=2, weight_bits=bits, per_channel=per_channel, name="dw")(x)
+    x = QuantDepthwiseConv2D(
+        3, depth_multiplier=2, weight_bits=bits, per_channel=per_channel, name="dw"
+    )(x)
     x = keras.layers.BatchNormalization(name="bn2")(x)
     x = QuantReLU(bits=activation_bits, name="relu2")(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
@@ -108,12 +113,20 @@ def test_pack_unpack_round_trip(rng, tmp_path, bits, per_channel):
     assert size == path.stat().st_size
     twin = unpack(path)
 
-    np.testing.assert_allclose(twin(x, training=False), model(x, training=False), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        twin(x, training=False), model(x, training=False), rtol=1e-6, atol=1e-6
+    )
     for name in ("conv", "dw", "fc"):
         source, target = model.get_layer(name), twin.get_layer(name)
-        np.testing.assert_array_equal(target.kernel.numpy(), source.quantized_kernel(training=False).numpy())
+        np.testing.assert_array_equal(
+            target.kernel.numpy(), source.quantized_kernel(training=False).numpy()
+        )
         assert isinstance(target.kernel_quantizer, FrozenQuantizer)
-        assert (target.weight_bits, target.per_channel, target.precision) == (bits, per_channel, bits)
+        assert (target.weight_bits, target.per_channel, target.precision) == (
+            bits,
+            per_channel,
+            bits,
+        )
         codes, scale = source.kernel_codes()
         twin_codes, twin_scale = target.kernel_codes()
         np.testing.assert_array_equal(twin_codes, codes)
@@ -125,7 +138,11 @@ def test_pack_unpack_round_trip(rng, tmp_path, bits, per_channel):
 
     # The payload is what summary counts (each kernel's codes padded to a whole byte).
     manifest = read_manifest(path)
-    payload = size - HEADER_SIZE - len(zlib.compress(json.dumps(manifest, separators=(",", ":")).encode(), 9))
+    payload = (
+        size
+        - HEADER_SIZE
+        - len(zlib.compress(json.dumps(manifest, separators=(",", ":")).encode(), 9))
+    )
     expected = summary(model, print_fn=None).packed_bits
     assert 0 <= 8 * payload - expected < 8 * 3
     assert [e["encoding"] for e in manifest["weights"]].count("codes") == 3
@@ -143,7 +160,9 @@ def test_freeze_matches_and_leaves_model_alone(rng):
     kernel = model.get_layer("conv").kernel.numpy()
     frozen = freeze(model)
     x = rng.normal(size=(3, 8, 8, 3)).astype(np.float32)
-    np.testing.assert_allclose(frozen(x, training=False), model(x, training=False), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        frozen(x, training=False), model(x, training=False), rtol=1e-6, atol=1e-6
+    )
     np.testing.assert_array_equal(model.get_layer("conv").kernel.numpy(), kernel)
     assert isinstance(model.get_layer("conv").kernel_quantizer, quantizers.WeightQuantizer)
 
@@ -156,14 +175,18 @@ def test_every_flipped_byte_and_truncation_raise(rng, tmp_path):
     bad = tmp_path / "bad.faqd"
     message = r"corrupted|truncated|not a faqd_tf packed model|unsupported"
     # Every header byte, and a random sample of the manifest and payload bytes.
-    positions = list(range(HEADER_SIZE)) + list(rng.choice(np.arange(HEADER_SIZE, len(good)), 150, replace=False))
+    positions = list(range(HEADER_SIZE)) + list(
+        rng.choice(np.arange(HEADER_SIZE, len(good)), 150, replace=False)
+    )
     for i in positions:
         data = bytearray(good)
         data[i] ^= 1 << int(rng.integers(8))
         bad.write_bytes(bytes(data))
         with pytest.raises(ValueError, match=message):
             unpack(bad)
-    for n in sorted({0, 4, HEADER_SIZE - 1, HEADER_SIZE, HEADER_SIZE + 10, len(good) // 2, len(good) - 1}):
+    for n in sorted(
+        {0, 4, HEADER_SIZE - 1, HEADER_SIZE, HEADER_SIZE + 10, len(good) // 2, len(good) - 1}
+    ):
         bad.write_bytes(good[:n])
         with pytest.raises(ValueError, match="truncated" if n else "truncated|not a faqd"):
             unpack(bad)
@@ -194,8 +217,6 @@ def test_unregistered_layers_give_a_clear_error(tmp_path):
     np.testing.assert_allclose(twin(x), model(x), rtol=1e-6)
 
 
-
-
 # ------------------------------------------------------------------------------------------
 # Hostile packed files (issue 17): every declared size is checked before anything is allocated.
 
@@ -203,7 +224,9 @@ def test_unregistered_layers_give_a_clear_error(tmp_path):
 def write_faqd(path, manifest_bytes, payload):
     """A packed file with a valid header and checksum around any manifest bytes and payload."""
     digest = hashlib.sha256(manifest_bytes + payload).digest()
-    header = _HEADER.pack(export.MAGIC, export.FORMAT_VERSION, len(manifest_bytes), len(payload), digest)
+    header = _HEADER.pack(
+        export.MAGIC, export.FORMAT_VERSION, len(manifest_bytes), len(payload), digest
+    )
     path.write_bytes(header + manifest_bytes + payload)
 
 
@@ -246,19 +269,33 @@ def _set(key, value):
         ("float", _set("offset", 1.5), r"weights\[\d+\]\.offset must be a non-negative integer"),
         ("float", _set("path", None), r"weights\[\d+\]\.path must be a string"),
         ("float", _set("encoding", "float16"), r"weights\[\d+\]\.encoding must be"),
-        ("float", _set("shape", [10**6]), r"weights\[\d+\]\.nbytes is \d+, the shape needs 4000000"),
+        (
+            "float",
+            _set("shape", [10**6]),
+            r"weights\[\d+\]\.nbytes is \d+, the shape needs 4000000",
+        ),
         ("float", _set("offset", 10**9), r"outside the \d+-byte payload"),
         ("codes", _set("bits", 3), r"weights\[\d+\]\.bits must be one of 1, 2, 4, 8"),
         ("codes", _set("bits", True), r"weights\[\d+\]\.bits must be one of"),
         ("codes", _set("per_channel", "yes"), r"weights\[\d+\]\.per_channel must be true or false"),
         ("codes", _delete("code_shape"), r"lacks weights\[\d+\]\.code_shape"),
         ("codes", _delete("scale_offset"), r"lacks weights\[\d+\]\.scale_offset"),
-        ("codes", _set("code_shape", [3, 3, 3, 5]), r"code_shape \[3, 3, 3, 5\] does not hold shape"),
-        ("codes", _set("scale_shape", [6, 1, 1, 1]), r"scale_shape \[6, 1, 1, 1\] does not fit code_shape"),
+        (
+            "codes",
+            _set("code_shape", [3, 3, 3, 5]),
+            r"code_shape \[3, 3, 3, 5\] does not hold shape",
+        ),
+        (
+            "codes",
+            _set("scale_shape", [6, 1, 1, 1]),
+            r"scale_shape \[6, 1, 1, 1\] does not fit code_shape",
+        ),
         ("codes", _set("nbytes", 1), r"weights\[\d+\]\.nbytes is 1, the shape needs"),
     ],
 )
-def test_malformed_manifest_fields_are_one_line_errors(tmp_path, packed_tiny, where, mutate, message):
+def test_malformed_manifest_fields_are_one_line_errors(
+    tmp_path, packed_tiny, where, mutate, message
+):
     manifest, payload = json.loads(json.dumps(packed_tiny[0])), packed_tiny[1]
     if where == "manifest":
         mutate(manifest)
@@ -287,7 +324,9 @@ def test_weights_that_are_not_objects_and_deep_json_are_one_line_errors(tmp_path
 
 def test_the_config_may_not_ask_for_more_weights_than_the_file_stores(tmp_path, packed_tiny):
     manifest, payload = json.loads(json.dumps(packed_tiny[0])), packed_tiny[1]
-    head = next(layer for layer in manifest["model_config"]["config"]["layers"] if layer["name"] == "head")
+    head = next(
+        layer for layer in manifest["model_config"]["config"]["layers"] if layer["name"] == "head"
+    )
     head["config"]["units"] = 5  # 7x5 + 5 weights where the file stores 7x3 + 3
     path = tmp_path / "wide.faqd"
     write_faqd(path, zlib.compress(json.dumps(manifest).encode()), payload)
@@ -328,18 +367,30 @@ def test_hostile_sizes_fail_before_allocating(tmp_path, packed_tiny):
     entry = codes_entry(broadcast)
     n = 2**17  # (2^17, 1, 1, 1, 1) * (3, 3, 3, 6) -> 2^17 * 162 floats, 85 GB
     entry.update(scale_shape=[n, 1, 1, 1, 1], scale_offset=len(payload), scale_nbytes=4 * n)
-    write_faqd(tmp_path / "broadcast.faqd", zlib.compress(json.dumps(broadcast).encode()), payload + bytes(4 * n))
+    write_faqd(
+        tmp_path / "broadcast.faqd",
+        zlib.compress(json.dumps(broadcast).encode()),
+        payload + bytes(4 * n),
+    )
 
     huge = json.loads(json.dumps(manifest))
-    head = next(layer for layer in huge["model_config"]["config"]["layers"] if layer["name"] == "head")
+    head = next(
+        layer for layer in huge["model_config"]["config"]["layers"] if layer["name"] == "head"
+    )
     head["config"]["units"] = 2**28  # a 7 x 2^28 kernel: 7.5 GB
     write_faqd(tmp_path / "huge.faqd", zlib.compress(json.dumps(huge).encode()), payload)
 
     names = ["bomb.faqd", "broadcast.faqd", "huge.faqd"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
+    }
     result = subprocess.run(
         [sys.executable, "-c", HOSTILE_SCRIPT, *[str(tmp_path / n) for n in names]],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     lines = result.stdout.strip().splitlines()
     assert result.returncode == 0 and len(lines) == 3, result.stdout + result.stderr[-2000:]
@@ -419,7 +470,9 @@ def assert_codes_stored(model, path, names):
             for fold in folds:
                 want = (codes * np.sign(fold).reshape(shape)).astype(np.int8)
                 stored = np.broadcast_to(scales, (channels,))
-                if np.array_equal(values, want) and np.allclose(stored, scale * np.abs(fold), rtol=1e-5, atol=0):
+                if np.array_equal(values, want) and np.allclose(
+                    stored, scale * np.abs(fold), rtol=1e-5, atol=0
+                ):
                     assert not np.any(zero_points)
                     matches += 1
         assert matches == 1, f"{name}: {matches} int8 tensors hold its codes"
@@ -436,20 +489,30 @@ def test_tflite_float_matches_keras(rng, tmp_path, activation_bits):
 
 
 def test_tflite_float_resnet_matches_keras(rng, tmp_path):
-    model = randomize(resnet_cifar(8, input_shape=(16, 16, 3), weight_bits=4, activation_bits=4), rng)
+    model = randomize(
+        resnet_cifar(8, input_shape=(16, 16, 3), weight_bits=4, activation_bits=4), rng
+    )
     x = rng.normal(size=(8, 16, 16, 3)).astype(np.float32)
     size = to_tflite(model, tmp_path / "resnet.tflite")
-    assert_matches_but_rare_step_flips(run_tflite(tmp_path / "resnet.tflite", x), model(x, training=False))
+    assert_matches_but_rare_step_flips(
+        run_tflite(tmp_path / "resnet.tflite", x), model(x, training=False)
+    )
     assert size > 4 * 0.9 * model.count_params()  # float32 weights in the flatbuffer
 
 
-@pytest.mark.parametrize("bits, per_channel", [(1, False), (1, True), (2, False), (2, True), (4, False), (4, True), (8, True)])
+@pytest.mark.parametrize(
+    "bits, per_channel",
+    [(1, False), (1, True), (2, False), (2, True), (4, False), (4, True), (8, True)],
+)
 def test_int8_mode_stores_the_codes_bit_for_bit(rng, tmp_path, bits, per_channel):
     model = randomize(tiny_model(bits, per_channel, activation_bits=None), rng)
     for name in ("bn1", "bn2"):  # negative factors too: the converter folds BN into the kernels
         gamma = model.get_layer(name).gamma
         gamma.assign(gamma.numpy() * rng.choice([-1.0, 1.0], gamma.shape[0]))
-    assert to_tflite(model, tmp_path / "int8.tflite", mode="int8") == (tmp_path / "int8.tflite").stat().st_size
+    assert (
+        to_tflite(model, tmp_path / "int8.tflite", mode="int8")
+        == (tmp_path / "int8.tflite").stat().st_size
+    )
     assert_codes_stored(model, tmp_path / "int8.tflite", ["conv", "dw", "fc"])
     x = rng.normal(size=(32, 8, 8, 3)).astype(np.float32)
     want = model(x, training=False).numpy()
@@ -479,7 +542,9 @@ def test_full_integer_agrees_with_the_trained_student(tmp_path):
     x, y = synthetic_images(rng, 768)
     x_test, _ = synthetic_images(rng, 400)
     model = tiny_model(4, True, activation_bits=4)
-    model.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     model.fit(x, y, batch_size=64, epochs=6, verbose=0)
 
     path = tmp_path / "full.tflite"
@@ -488,7 +553,11 @@ def test_full_integer_agrees_with_the_trained_student(tmp_path):
     grids = activation_quantization(path)
     for name in ("relu1", "relu2"):  # the quantized ReLU levels k*alpha are int8 k - 128
         alpha = float(model.get_layer(name).alpha.numpy())
-        assert any(np.isclose(scale, alpha, rtol=1e-6) and zero == -128 for scale, zero in grids), (name, alpha, grids)
+        assert any(np.isclose(scale, alpha, rtol=1e-6) and zero == -128 for scale, zero in grids), (
+            name,
+            alpha,
+            grids,
+        )
     want, got = model(x_test, training=False).numpy(), run_tflite(path, x_test)
     # int8 activations move the logits a little; top-1 can flip only where the float logits' top
     # two are about as close. Measured (benchmark-style, seeds 0-7, AMD EPYC, default and
@@ -504,11 +573,15 @@ def test_full_integer_agrees_with_the_trained_student(tmp_path):
 
 
 def test_full_integer_resnet_keeps_every_code(rng, tmp_path):
-    model = randomize(resnet_cifar(8, input_shape=(16, 16, 3), weight_bits=2, activation_bits=2), rng)
+    model = randomize(
+        resnet_cifar(8, input_shape=(16, 16, 3), weight_bits=2, activation_bits=2), rng
+    )
     images = rng.normal(size=(16, 16, 16, 3)).astype(np.float32)
     path = tmp_path / "resnet.tflite"
     to_tflite(model, path, mode="full", calibration=images)
-    convs = [layer.name for layer in model.layers if isinstance(layer, QuantConv2D) and layer.weight_bits]
+    convs = [
+        layer.name for layer in model.layers if isinstance(layer, QuantConv2D) and layer.weight_bits
+    ]
     assert len(convs) == 7
     assert_codes_stored(model, path, convs)
     # Its logits: int8 activations flip a 2-bit ReLU step now and then (measured: 6-13% relative
@@ -521,13 +594,33 @@ def test_full_integer_resnet_keeps_every_code(rng, tmp_path):
     "model_bits, kwargs, message",
     [
         (None, dict(mode="int8"), r"has no quantized kernels; quantize it first"),
-        (None, dict(mode="full", calibration=np.zeros((2, 8, 8, 3), np.float32)), r"has no quantized kernels"),
-        (2, dict(mode="int2"), r"mode='int2' is not a TFLite export mode; use one of float, int8, int4, full"),
+        (
+            None,
+            dict(mode="full", calibration=np.zeros((2, 8, 8, 3), np.float32)),
+            r"has no quantized kernels",
+        ),
+        (
+            2,
+            dict(mode="int2"),
+            r"mode='int2' is not a TFLite export mode; use one of float, int8, int4, full",
+        ),
         (2, dict(mode="full"), r"mode='full' needs calibration images"),
-        (2, dict(mode="full", calibration=np.zeros((2, 28, 28, 1), np.float32)), r"Calibration images have shape \(28, 28, 1\)"),
+        (
+            2,
+            dict(mode="full", calibration=np.zeros((2, 28, 28, 1), np.float32)),
+            r"Calibration images have shape \(28, 28, 1\)",
+        ),
         (2, dict(mode="full", calibration=np.zeros((0, 8, 8, 3), np.float32)), r"hold no images"),
-        (2, dict(mode="full", calibration=np.full((2, 8, 8, 3), np.nan, np.float32)), r"NaN or infinite"),
-        (2, dict(mode="full", calibration=np.zeros((2, 8, 8, 3)), calibration_samples=0), r"calibration_samples=0"),
+        (
+            2,
+            dict(mode="full", calibration=np.full((2, 8, 8, 3), np.nan, np.float32)),
+            r"NaN or infinite",
+        ),
+        (
+            2,
+            dict(mode="full", calibration=np.zeros((2, 8, 8, 3)), calibration_samples=0),
+            r"calibration_samples=0",
+        ),
     ],
 )
 def test_bad_tflite_requests_are_one_line_errors(tmp_path, model_bits, kwargs, message):
@@ -546,6 +639,12 @@ def test_write_maps_the_cli_kinds(rng, tmp_path):
     size = export.write("tflite-int8", model, tmp_path / export.FILENAMES["tflite-int8"])
     assert size == (tmp_path / "student-int8.tflite").stat().st_size
     assert_codes_stored(model, tmp_path / "student-int8.tflite", ["conv", "dw", "fc"])
-    assert export.write("packed", model, tmp_path / "student.faqd") == (tmp_path / "student.faqd").stat().st_size
-    with pytest.raises(ValueError, match="Unknown export kind 'tflite-int2'; use one of packed, tflite, tflite-int8, tflite-int4, tflite-full, onnx"):
+    assert (
+        export.write("packed", model, tmp_path / "student.faqd")
+        == (tmp_path / "student.faqd").stat().st_size
+    )
+    with pytest.raises(
+        ValueError,
+        match="Unknown export kind 'tflite-int2'; use one of packed, tflite, tflite-int8, tflite-int4, tflite-full, onnx",
+    ):
         export.write("tflite-int2", model, tmp_path / "x")

@@ -70,8 +70,15 @@ def tflite_kernels(path):
             codes = None
         q = tensor.quantization
         scales = None if q is None or q.scale is None else np.asarray(q.scale, np.float64)
-        found.append((name, kind, None if codes is None else codes.reshape(tensor.shape), scales,
-                      None if q is None else q.quantizedDimension))
+        found.append(
+            (
+                name,
+                kind,
+                None if codes is None else codes.reshape(tensor.shape),
+                scales,
+                None if q is None else q.quantizedDimension,
+            )
+        )
     return found
 
 
@@ -94,16 +101,25 @@ def assert_tflite_codes(model, path, expected_types):
         # A channel without a non-zero code stores zeros, under any scale.
         live = np.any(np.moveaxis(codes, axis, 0).reshape(channels, -1) != 0, axis=1)
         matches = [
-            k for k in kernels
-            if k[2] is not None and k[2].shape == codes.shape
+            k
+            for k in kernels
+            if k[2] is not None
+            and k[2].shape == codes.shape
             and np.array_equal(k[2], codes * np.sign(fold).reshape(shape).astype(np.int64))
-            and np.allclose(np.broadcast_to(k[3], (channels,))[live], (scale * np.abs(fold))[live], rtol=1e-5, atol=0)
+            and np.allclose(
+                np.broadcast_to(k[3], (channels,))[live],
+                (scale * np.abs(fold))[live],
+                rtol=1e-5,
+                atol=0,
+            )
         ]
         assert len(matches) == 1, f"{name}: {len(matches)} kernels hold its codes"
         assert matches[0][1] == kind, (name, matches[0][1])
 
 
-@pytest.mark.parametrize("bits, per_channel", [(1, False), (2, True), (4, False), (4, True), (8, True)])
+@pytest.mark.parametrize(
+    "bits, per_channel", [(1, False), (2, True), (4, False), (4, True), (8, True)]
+)
 def test_tflite_int4_stores_the_codes_and_runs(rng, tmp_path, bits, per_channel):
     model = randomize(tiny_model(bits, per_channel, activation_bits=None), rng)
     for name in ("bn1", "bn2"):  # negative factors too: the converter folds BN into the kernels
@@ -115,7 +131,11 @@ def test_tflite_int4_stores_the_codes_and_runs(rng, tmp_path, bits, per_channel)
         size = to_tflite(model, path, mode="int4")
     assert size == path.stat().st_size
     fits = bits <= 4
-    assert_tflite_codes(model, path, {"conv": "INT4" if fits else "INT8", "fc": "INT4" if fits else "INT8", "dw": "INT8"})
+    assert_tflite_codes(
+        model,
+        path,
+        {"conv": "INT4" if fits else "INT8", "fc": "INT4" if fits else "INT8", "dw": "INT8"},
+    )
     notes = [str(w.message) for w in caught if "stored these kernels as int8" in str(w.message)]
     assert len(notes) == 1 and "dw (DEPTHWISE_CONV_2D: no int4 kernel in LiteRT)" in notes[0]
     assert ("conv, fc (8-bit codes)" in notes[0]) == (not fits)
@@ -132,13 +152,19 @@ def test_tflite_int4_resnet_is_half_the_int8_file(rng, tmp_path):
     int8 = to_tflite(model, tmp_path / "int8.tflite", mode="int8")
     int4 = to_tflite(model, tmp_path / "int4.tflite", mode="int4")
     assert_tflite_codes(model, tmp_path / "int4.tflite", {name: "INT4" for name in convs})
-    code_bytes = sum(layer.kernel.numpy().size for layer in model.layers if isinstance(layer, QuantConv2D))
+    code_bytes = sum(
+        layer.kernel.numpy().size for layer in model.layers if isinstance(layer, QuantConv2D)
+    )
     assert int8 - int4 >= code_bytes // 2 - 64  # each code went from one byte to half a byte
     x = rng.normal(size=(4, 16, 16, 3)).astype(np.float32)
     want = model(x, training=False).numpy()
-    assert np.max(np.abs(run_tflite(tmp_path / "int4.tflite", x) - want)) <= 0.05 * np.max(np.abs(want))
+    assert np.max(np.abs(run_tflite(tmp_path / "int4.tflite", x) - want)) <= 0.05 * np.max(
+        np.abs(want)
+    )
     int8_types = export.kernel_types(tmp_path / "int8.tflite")
-    assert export.kernel_types(tmp_path / "int4.tflite") == {n: "INT4" if t == "INT8" else t for n, t in int8_types.items()}
+    assert export.kernel_types(tmp_path / "int4.tflite") == {
+        n: "INT4" if t == "INT8" else t for n, t in int8_types.items()
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -161,10 +187,17 @@ def onnx_kernels(path):
         b = bits[codes_init.data_type]
         count = int(np.prod(codes_init.dims))
         assert len(codes_init.raw_data) == -(-count * b // 8)  # 8 / b codes per byte
-        codes = unpack_twos_complement(codes_init.raw_data, b, count).reshape(tuple(codes_init.dims))
+        codes = unpack_twos_complement(codes_init.raw_data, b, count).reshape(
+            tuple(codes_init.dims)
+        )
         axis = next((a.i for a in node.attribute if a.name == "axis"), None)
         layer = node.input[0].rsplit("/codes", 1)[0]
-        found[layer] = (onnx.TensorProto.DataType.Name(codes_init.data_type), codes, numpy_helper.to_array(scale_init), axis)
+        found[layer] = (
+            onnx.TensorProto.DataType.Name(codes_init.data_type),
+            codes,
+            numpy_helper.to_array(scale_init),
+            axis,
+        )
     return found, model
 
 
@@ -173,8 +206,16 @@ ONNX_LAYOUT = {"conv": (3, 2, 0, 1), "dw": (3, 2, 0, 1), "fc": (1, 0)}
 
 @pytest.mark.parametrize(
     "bits, per_channel, storage",
-    [(1, False, "INT2"), (1, True, "INT2"), (2, False, "INT2"), (2, True, "INT2"), (4, False, "INT4"),
-     (4, True, "INT4"), (8, False, "INT8"), (8, True, "INT8")],
+    [
+        (1, False, "INT2"),
+        (1, True, "INT2"),
+        (2, False, "INT2"),
+        (2, True, "INT2"),
+        (4, False, "INT4"),
+        (4, True, "INT4"),
+        (8, False, "INT8"),
+        (8, True, "INT8"),
+    ],
 )
 def test_onnx_stores_the_codes_and_matches_keras(rng, tmp_path, bits, per_channel, storage):
     model = randomize(tiny_model(bits, per_channel, activation_bits=4 if bits > 2 else 2), rng)
@@ -188,7 +229,9 @@ def test_onnx_stores_the_codes_and_matches_keras(rng, tmp_path, bits, per_channe
         kind, stored, stored_scale, axis = kernels[name]
         assert kind == storage
         np.testing.assert_array_equal(stored, codes.transpose(layout).astype(np.int64))
-        np.testing.assert_array_equal(stored_scale, scale.reshape(-1) if per_channel else scale.reshape(()))
+        np.testing.assert_array_equal(
+            stored_scale, scale.reshape(-1) if per_channel else scale.reshape(())
+        )
         assert axis == (0 if per_channel else None)
     x = rng.normal(size=(16, 8, 8, 3)).astype(np.float32)
     assert_matches_but_rare_step_flips(run_onnx(path, x), model(x, training=False))
@@ -204,7 +247,10 @@ def test_onnx_weight_type_forces_the_storage(rng, tmp_path):
         np.testing.assert_array_equal(wide[name][1], narrow[name][1])
     assert (tmp_path / "int8.onnx").stat().st_size > (tmp_path / "int2.onnx").stat().st_size
     four = randomize(tiny_model(4, False, activation_bits=None), rng)
-    with pytest.raises(ValueError, match=r"Layer 'conv' has 4-bit codes in \[-7, 7\], which weight_type='int2' cannot hold") as info:
+    with pytest.raises(
+        ValueError,
+        match=r"Layer 'conv' has 4-bit codes in \[-7, 7\], which weight_type='int2' cannot hold",
+    ) as info:
         to_onnx(four, tmp_path / "four.onnx", weight_type="int2")
     assert "\n" not in str(info.value) and not (tmp_path / "four.onnx").exists()
     with pytest.raises(ValueError, match="weight_type='int3' is not valid"):
@@ -220,13 +266,17 @@ def test_onnx_quantized_relu_is_exact_on_the_grid(rng, tmp_path, bits):
     alpha = float(relu.alpha.numpy())
     top = 2**bits - 1
     edges = np.float32(alpha) * np.arange(-2, top + 2, dtype=np.float32)
-    x = np.concatenate([
-        rng.normal(0, alpha * top / 2, 64 * 6).astype(np.float32),
-        edges, np.nextafter(edges, np.float32(np.inf)), np.nextafter(edges, np.float32(-np.inf)),
-        # Not subnormals: TensorFlow flushes them to zero (so -1e-45 is "not negative" there), ONNX
-        # Runtime does not.
-        np.array([0.0, -0.0, -1e-30, 1e-30, -1e-37], np.float32),
-    ])
+    x = np.concatenate(
+        [
+            rng.normal(0, alpha * top / 2, 64 * 6).astype(np.float32),
+            edges,
+            np.nextafter(edges, np.float32(np.inf)),
+            np.nextafter(edges, np.float32(-np.inf)),
+            # Not subnormals: TensorFlow flushes them to zero (so -1e-45 is "not negative" there), ONNX
+            # Runtime does not.
+            np.array([0.0, -0.0, -1e-30, 1e-30, -1e-37], np.float32),
+        ]
+    )
     x = x[(x == 0) | (np.abs(x) >= np.finfo(np.float32).tiny)]
     x = np.concatenate([x, np.zeros((-x.size) % 64, np.float32) + alpha / 3]).reshape(-1, 64)
     to_onnx(model, tmp_path / "relu.onnx")
@@ -240,8 +290,14 @@ def small_mobilenet(bits, per_channel):
     """Every supported layer type once: depthwise stride 2 behind a ZeroPadding2D, ReLU6, a residual
     Add, pooling with 'same' padding, a nested Sequential, Dropout, Flatten, a quantized Dense."""
     # quantize_model leaves nested models alone: this one is quantized where it is built.
-    inner = keras.Sequential([keras.Input((4, 4, 8)), QuantConv2D(8, 1, weight_bits=bits, per_channel=per_channel, name="inner_conv"),
-                              keras.layers.BatchNormalization(name="inner_bn")], name="inner")
+    inner = keras.Sequential(
+        [
+            keras.Input((4, 4, 8)),
+            QuantConv2D(8, 1, weight_bits=bits, per_channel=per_channel, name="inner_conv"),
+            keras.layers.BatchNormalization(name="inner_bn"),
+        ],
+        name="inner",
+    )
     inputs = keras.Input((16, 16, 3), name="image")
     x = keras.layers.Conv2D(8, 3, strides=2, padding="same", use_bias=False, name="stem")(inputs)
     x = keras.layers.BatchNormalization(name="stem_bn")(x)
@@ -257,7 +313,9 @@ def small_mobilenet(bits, per_channel):
     x = ChannelPad(2, 2, name="pad_channels")(x)
     x = keras.layers.Conv2D(8, 3, dilation_rate=2, padding="same", groups=2, name="grouped")(x)
     a = keras.layers.GlobalAveragePooling2D(name="gap")(x)
-    b = keras.layers.Flatten(name="flat")(keras.layers.GlobalMaxPooling2D(keepdims=True, name="gmp")(x))
+    b = keras.layers.Flatten(name="flat")(
+        keras.layers.GlobalMaxPooling2D(keepdims=True, name="gmp")(x)
+    )
     x = keras.layers.Add(name="heads")([a, b])
     x = keras.layers.Dropout(0.5, name="drop")(x)
     x = keras.layers.Dense(16, activation="relu", name="fc")(x)
@@ -266,8 +324,12 @@ def small_mobilenet(bits, per_channel):
     model = keras.Model(inputs, outputs, name="mini")
     if bits is not None:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "quantize_model left these layers")  # the nested model
-            model = quantize_model(model, weight_bits=bits, per_channel=per_channel, skip=["logits"])
+            warnings.filterwarnings(
+                "ignore", "quantize_model left these layers"
+            )  # the nested model
+            model = quantize_model(
+                model, weight_bits=bits, per_channel=per_channel, skip=["logits"]
+            )
     return model
 
 
@@ -282,7 +344,11 @@ def test_onnx_every_supported_layer_matches_keras(rng, tmp_path, bits, per_chann
     quantized = {"stem", "dw", "inner_conv", "expand", "grouped", "fc"} if bits else set()
     assert set(kernels) == quantized
     for name in quantized:
-        layer = model.get_layer(name) if name != "inner_conv" else model.get_layer("inner").get_layer(name)
+        layer = (
+            model.get_layer(name)
+            if name != "inner_conv"
+            else model.get_layer("inner").get_layer(name)
+        )
         codes = np.asarray(layer.kernel_codes()[0])
         layout = (1, 0) if isinstance(layer, QuantDense) else (3, 2, 0, 1)
         np.testing.assert_array_equal(kernels[name][1], codes.transpose(layout).astype(np.int64))
@@ -294,8 +360,12 @@ def test_onnx_resnet_size_matches_its_bits(rng, tmp_path):
         model = randomize(resnet_cifar(8, input_shape=(16, 16, 3), weight_bits=bits), rng)
         sizes[bits] = to_onnx(model, tmp_path / f"w{bits}.onnx")
         x = rng.normal(size=(4, 16, 16, 3)).astype(np.float32)
-        np.testing.assert_allclose(run_onnx(tmp_path / f"w{bits}.onnx", x), model(x, training=False), rtol=1e-5, atol=1e-5)
-    codes = sum(layer.kernel.numpy().size for layer in model.layers if isinstance(layer, QuantConv2D))
+        np.testing.assert_allclose(
+            run_onnx(tmp_path / f"w{bits}.onnx", x), model(x, training=False), rtol=1e-5, atol=1e-5
+        )
+    codes = sum(
+        layer.kernel.numpy().size for layer in model.layers if isinstance(layer, QuantConv2D)
+    )
     # Each code costs bits / 8 bytes instead of 4; the rest of the file is the same.
     assert abs((sizes[None] - sizes[4]) - codes * (4 - 0.5)) < 0.02 * codes
     assert abs((sizes[4] - sizes[2]) - codes * (0.5 - 0.25)) < 0.02 * codes
@@ -316,17 +386,34 @@ def unsupported_model():
 @pytest.mark.parametrize(
     "make, message",
     [
-        (unsupported_model, r"to_onnx cannot convert layer 'norm' \(UpSampling2D\): no ONNX conversion"),
-        (lambda: keras.Sequential([keras.Input((8, 8, 3)), keras.layers.ReLU(negative_slope=0.1, name="leaky")]),
-         r"layer 'leaky' \(ReLU\): negative_slope and threshold must be 0"),
-        (lambda: keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(2, 3, activation="elu", name="c")]),
-         r"layer 'c' \(Conv2D\): activation 'elu'; supported: linear, relu, relu6, softmax, sigmoid"),
-        (lambda: keras.Sequential([keras.Input((2, 4, 4, 3)), keras.layers.Dense(2, name="d")]),
-         r"to_onnx takes float32 inputs of rank 2, 3 or 4; input 0 is float32 of shape \(None, 2, 4, 4, 3\)"),
-        (lambda: keras.Sequential([keras.Input((4, 3)), keras.layers.Dense(2, name="d")]),
-         r"layer 'd' \(Dense\): it takes a rank-3 input"),
-        (lambda: keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Dense(2, name="d")]),
-         r"layer 'd' \(Dense\): it takes a rank-4 input"),
+        (
+            unsupported_model,
+            r"to_onnx cannot convert layer 'norm' \(UpSampling2D\): no ONNX conversion",
+        ),
+        (
+            lambda: keras.Sequential(
+                [keras.Input((8, 8, 3)), keras.layers.ReLU(negative_slope=0.1, name="leaky")]
+            ),
+            r"layer 'leaky' \(ReLU\): negative_slope and threshold must be 0",
+        ),
+        (
+            lambda: keras.Sequential(
+                [keras.Input((8, 8, 3)), keras.layers.Conv2D(2, 3, activation="elu", name="c")]
+            ),
+            r"layer 'c' \(Conv2D\): activation 'elu'; supported: linear, relu, relu6, softmax, sigmoid",
+        ),
+        (
+            lambda: keras.Sequential([keras.Input((2, 4, 4, 3)), keras.layers.Dense(2, name="d")]),
+            r"to_onnx takes float32 inputs of rank 2, 3 or 4; input 0 is float32 of shape \(None, 2, 4, 4, 3\)",
+        ),
+        (
+            lambda: keras.Sequential([keras.Input((4, 3)), keras.layers.Dense(2, name="d")]),
+            r"layer 'd' \(Dense\): it takes a rank-3 input",
+        ),
+        (
+            lambda: keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Dense(2, name="d")]),
+            r"layer 'd' \(Dense\): it takes a rank-4 input",
+        ),
     ],
 )
 def test_unsupported_models_are_refused_in_one_line(tmp_path, make, message):
@@ -395,7 +482,9 @@ def test_hostile_output_paths_leave_nothing(tmp_path, monkeypatch, kind):
     assert sorted(p.name for p in folder.rglob("*")) == before
 
 
-@pytest.mark.skipif(not os.path.isdir(FMNIST), reason="needs the Debian package dataset-fashion-mnist")
+@pytest.mark.skipif(
+    not os.path.isdir(FMNIST), reason="needs the Debian package dataset-fashion-mnist"
+)
 def test_cli_refuses_an_onnx_export_it_cannot_write_before_training(tmp_path, capsys):
     inputs = keras.Input((28, 28, 1))
     x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
@@ -403,19 +492,27 @@ def test_cli_refuses_an_onnx_export_it_cannot_write_before_training(tmp_path, ca
     x = keras.layers.GlobalAveragePooling2D()(x)
     teacher = keras.Model(inputs, keras.layers.Dense(10, name="logits")(x))
     teacher.save(tmp_path / "teacher.keras")
-    config = helpers.write_config(tmp_path, {
-        "dataset": {"source": f"idx:{FMNIST}", "limit": 64, "eval_limit": 64},
-        "teacher": {"arch": None, "file": str(tmp_path / "teacher.keras")},
-        "distill": {"fa": None, "kd": "kl"},
-        "train": {"epochs": 1, "batch_size": 32},
-        "output_dir": str(tmp_path / "out"),
-    })
-    helpers.assert_one_line_exit_2(["--config", config, "--export", "onnx"],
-                                   r"--export onnx: to_onnx cannot convert layer 'norm' \(UpSampling2D\)",
-                                   capsys, tmp_path / "out")
+    config = helpers.write_config(
+        tmp_path,
+        {
+            "dataset": {"source": f"idx:{FMNIST}", "limit": 64, "eval_limit": 64},
+            "teacher": {"arch": None, "file": str(tmp_path / "teacher.keras")},
+            "distill": {"fa": None, "kd": "kl"},
+            "train": {"epochs": 1, "batch_size": 32},
+            "output_dir": str(tmp_path / "out"),
+        },
+    )
+    helpers.assert_one_line_exit_2(
+        ["--config", config, "--export", "onnx"],
+        r"--export onnx: to_onnx cannot convert layer 'norm' \(UpSampling2D\)",
+        capsys,
+        tmp_path / "out",
+    )
 
 
-@pytest.mark.skipif(not os.path.isdir(FMNIST), reason="needs the Debian package dataset-fashion-mnist")
+@pytest.mark.skipif(
+    not os.path.isdir(FMNIST), reason="needs the Debian package dataset-fashion-mnist"
+)
 def test_cli_writes_the_low_bit_exports(rng, tmp_path):
     from faqd_tf import cli
 
@@ -424,13 +521,29 @@ def test_cli_writes_the_low_bit_exports(rng, tmp_path):
     teacher = randomize(resnet_cifar(8, input_shape=(28, 28, 1)), rng)
     teacher.save(out / "teacher.keras")
     quantize_model(teacher, weight_bits=2).save(out / "student.keras")
-    config = helpers.write_config(tmp_path, {
-        "dataset": {"source": f"idx:{FMNIST}", "limit": 64, "eval_limit": 64}, "output_dir": str(out)})
-    argv = ["--config", config, "--stage", "evaluate", "--export", "tflite-int4", "--export", "onnx"]
+    config = helpers.write_config(
+        tmp_path,
+        {
+            "dataset": {"source": f"idx:{FMNIST}", "limit": 64, "eval_limit": 64},
+            "output_dir": str(out),
+        },
+    )
+    argv = [
+        "--config",
+        config,
+        "--stage",
+        "evaluate",
+        "--export",
+        "tflite-int4",
+        "--export",
+        "onnx",
+    ]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert cli.main(argv) == 0
-    assert not [w for w in caught if "stored these kernels as int8" in str(w.message)]  # no depthwise layer
+    assert not [
+        w for w in caught if "stored these kernels as int8" in str(w.message)
+    ]  # no depthwise layer
     results = json.loads((out / "results.json").read_text())
     for kind in ("tflite-int4", "onnx"):
         path = out / export.FILENAMES[kind]
@@ -440,10 +553,17 @@ def test_cli_writes_the_low_bit_exports(rng, tmp_path):
 
 
 def test_importing_the_package_loads_no_converter():
-    code = ("import sys, faqd_tf, faqd_tf.export; "
-            "print(sorted(m for m in ('onnx', 'onnxruntime', 'ai_edge_litert', 'ai_edge_quantizer') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = (
+        "import sys, faqd_tf, faqd_tf.export; "
+        "print(sorted(m for m in ('onnx', 'onnxruntime', 'ai_edge_litert', 'ai_edge_quantizer') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
@@ -455,10 +575,16 @@ def test_packed_transposed_conv_unpacks_to_the_same_kernel(rng, tmp_path, per_ch
     inputs = keras.Input((8, 8, 2))
     x = keras.layers.Conv2D(4, 3, strides=2, padding="same")(inputs)
     x = keras.layers.Conv2DTranspose(3, 3, strides=2, padding="same", name="up")(x)
-    student = quantize_model(keras.Model(inputs, keras.layers.Conv2D(5, 1)(x)), weight_bits=2, per_channel=per_channel)
+    student = quantize_model(
+        keras.Model(inputs, keras.layers.Conv2D(5, 1)(x)), weight_bits=2, per_channel=per_channel
+    )
     pack(student, tmp_path / "s.faqd")
     unpacked = export.unpack(tmp_path / "s.faqd")
-    np.testing.assert_allclose(unpacked.get_layer("up").kernel.numpy(),
-                               student.get_layer("up").quantized_kernel().numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        unpacked.get_layer("up").kernel.numpy(),
+        student.get_layer("up").quantized_kernel().numpy(),
+        rtol=1e-6,
+        atol=1e-7,
+    )
     x = rng.normal(size=(3, 8, 8, 2)).astype("float32")
     np.testing.assert_allclose(unpacked(x).numpy(), student(x).numpy(), rtol=1e-4, atol=1e-5)

@@ -12,8 +12,15 @@ FIELDS = ["cell", "seed", "accuracy", "note"]
 
 
 def _rows(rng, n):
-    return [dict(cell=f"c{int(rng.integers(1000))}", seed=int(rng.integers(10)), accuracy=round(float(rng.random()), 4),
-                 note=rng.choice(["", "a, quoted \"note\"", "two\nlines"])) for _ in range(n)]
+    return [
+        dict(
+            cell=f"c{int(rng.integers(1000))}",
+            seed=int(rng.integers(10)),
+            accuracy=round(float(rng.random()), 4),
+            note=rng.choice(["", 'a, quoted "note"', "two\nlines"]),
+        )
+        for _ in range(n)
+    ]
 
 
 def _as_read(rows):
@@ -28,7 +35,9 @@ def test_appended_rows_resume_under_one_header(tmp_path, rng):
     first, second = _rows(rng, int(rng.integers(1, 5))), _rows(rng, int(rng.integers(1, 5)))
     _harness.append_rows(path, FIELDS, first)
     # A rerun appends after the rows it read; a key the table lacks is dropped, a missing one left empty.
-    _harness.append_rows(path, FIELDS, [dict(r, extra="x") for r in second[:-1]] + [{"cell": second[-1]["cell"]}])
+    _harness.append_rows(
+        path, FIELDS, [dict(r, extra="x") for r in second[:-1]] + [{"cell": second[-1]["cell"]}]
+    )
     want = _as_read(first + second[:-1] + [{"cell": second[-1]["cell"]}])
     assert _harness.read_rows(path) == want
     assert open(path, newline="").read().count("cell,seed,accuracy,note") == 1
@@ -61,9 +70,13 @@ def test_tables_are_replaced_whole(tmp_path, rng, monkeypatch):
 
 
 def test_worker_results_are_read_from_its_prefixed_lines(tmp_path, rng):
-    values = [dict(method=f"m{i}", ms=round(float(v), 3)) for i, v in enumerate(rng.random(int(rng.integers(1, 4))))]
+    values = [
+        dict(method=f"m{i}", ms=round(float(v), 3))
+        for i, v in enumerate(rng.random(int(rng.integers(1, 4))))
+    ]
     script = tmp_path / "worker.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {_harness.ROOT!r})
         from benchmarks import _harness
@@ -72,9 +85,12 @@ def test_worker_results_are_read_from_its_prefixed_lines(tmp_path, rng):
         for value in spec["values"]:
             _harness.emit("ROW ", value)
         sys.exit(spec["code"])
-    """))
+    """)
+    )
     proc, got = _harness.run_worker(str(script), {"values": values, "code": 3}, "ROW ")
-    assert proc.returncode == 3 and got == values  # what a worker printed before it died still counts
+    assert (
+        proc.returncode == 3 and got == values
+    )  # what a worker printed before it died still counts
     assert _harness.worker_spec(["--sizes", "7"]) is None  # the script run as itself
 
 
@@ -84,7 +100,9 @@ def test_rounds_interleave_the_calls():
     times = _harness.interleaved_times(calls, rounds=2, per_round=2)
     assert order == [0, 0, 1, 1, 2, 2] * 2 and [len(t) for t in times] == [4, 4, 4]
     order.clear()
-    _harness.interleaved_times(calls, rounds=2, per_round=5, budget=0.0)  # over budget after one call a round
+    _harness.interleaved_times(
+        calls, rounds=2, per_round=5, budget=0.0
+    )  # over budget after one call a round
     assert order == [0, 1, 2, 0, 1, 2]
 
 

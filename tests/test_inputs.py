@@ -63,10 +63,16 @@ def test_binary_file_refuses_declared_sizes_beyond_the_bytes_present(tmp_path):
     plain.write_bytes(b"\1" * 1000)
     with gzip.open(packed, "wb") as f:
         f.write(b"\1" * 1000)
-    with inputs.BinaryFile(plain) as f, pytest.raises(ValueError, match="needs 1,001 bytes, it holds 1,000"):
+    with (
+        inputs.BinaryFile(plain) as f,
+        pytest.raises(ValueError, match="needs 1,001 bytes, it holds 1,000"),
+    ):
         f.read_exactly(1001)
     # 2**40 bytes cannot come out of a few dozen compressed ones: refused before any allocation.
-    with inputs.BinaryFile(packed) as f, pytest.raises(ValueError, match=r"declares 1,024.0 GiB of data, more than its"):
+    with (
+        inputs.BinaryFile(packed) as f,
+        pytest.raises(ValueError, match=r"declares 1,024.0 GiB of data, more than its"),
+    ):
         f.read_exactly(2**40)
     assert inputs.inflation_limit(10) == inputs.INFLATION_FLOOR
     assert inputs.inflation_limit(10**7) == inputs.MAX_INFLATION * 10**7
@@ -102,7 +108,10 @@ def test_loads_json_depth_and_long_integers():
     with pytest.raises(ValueError, match="deeper than 32 levels"):
         inputs.loads_json('{"a": ' * 100_000, "c")  # deeper than Python's parser goes
     value = inputs.loads_json('{"n": -' + "7" * 31 + ', "m": ' + "9" * 30 + "}", "c")
-    assert isinstance(value["n"], inputs.LongInteger) and repr(value["n"]) == "<an integer of 31 digits>"
+    assert (
+        isinstance(value["n"], inputs.LongInteger)
+        and repr(value["n"]) == "<an integer of 31 digits>"
+    )
     assert value["m"] == int("9" * 30)
 
 
@@ -125,7 +134,10 @@ def test_check_output_dir(tmp_path):
         (afile, f"output_dir {afile} is a file, not a folder"),
         (afile / "run", f"output_dir {afile / 'run'} lies under {afile}, which is a file"),
         ("", "output_dir is empty"),
-        ("/proc/faqd-run", "output_dir /proc/faqd-run cannot be written (creating an entry in /proc fails"),
+        (
+            "/proc/faqd-run",
+            "output_dir /proc/faqd-run cannot be written (creating an entry in /proc fails",
+        ),
     ]
     for path, words in cases:
         with pytest.raises(ValueError) as excinfo:
@@ -151,7 +163,10 @@ def test_check_image_reads_the_header_and_refuses_a_truncated_file(tmp_path, rng
         (lambda p: p.write_bytes(b""), "is an empty file"),
         (lambda p: p.write_text("hello, not an image"), "is not a readable image"),
         (lambda p: Image.new("RGB", (4, 4)).save(p, format="WEBP"), "holds WEBP data"),
-        (lambda p: png_with_size(p, 6000, 20_000), "has 6000 x 20000 pixels, more than the 67,108,864"),
+        (
+            lambda p: png_with_size(p, 6000, 20_000),
+            "has 6000 x 20000 pixels, more than the 67,108,864",
+        ),
         (lambda p: png_with_size(p, 100_000, 100_000), "has more than 67,108,864 pixels"),
     ],
 )

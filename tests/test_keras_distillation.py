@@ -21,8 +21,12 @@ def _teacher():
 
 
 def _fa(teacher, student, x, names=("stage1", "stage2")):
-    t = keras.Model(teacher.inputs[0], [teacher.get_layer(n).output for n in names])(x, training=False)
-    s = keras.Model(student.inputs[0], [student.get_layer(n).output for n in names])(x, training=False)
+    t = keras.Model(teacher.inputs[0], [teacher.get_layer(n).output for n in names])(
+        x, training=False
+    )
+    s = keras.Model(student.inputs[0], [student.get_layer(n).output for n in names])(
+        x, training=False
+    )
     return [float(losses.feature_affinity(a, b)) for a, b in zip(t, s)]
 
 
@@ -61,7 +65,9 @@ def test_matches_faqd_losses(rng):
     exact = FeatureAffinityDistillation("a", "b").compute_loss(t, s)
     np.testing.assert_allclose(float(exact), float(losses.feature_affinity(t, s)), rtol=1e-6)
     l1 = FeatureAffinityDistillation("a", "b", fa_norm="l1").compute_loss(t, s)
-    np.testing.assert_allclose(float(l1), float(losses.feature_affinity(t, s, fa_norm="l1")), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(l1), float(losses.feature_affinity(t, s, fa_norm="l1")), rtol=1e-6
+    )
     # A seeded FFA loss draws new probes each call; two equal seeds give equal sequences.
     f1 = FeatureAffinityDistillation("a", "b", fa="fast", k=4, seed=7)
     f2 = FeatureAffinityDistillation("a", "b", fa="fast", k=4, seed=7)
@@ -71,7 +77,9 @@ def test_matches_faqd_losses(rng):
 
 
 def test_serialization_round_trip(tmp_path):
-    loss = FeatureAffinityDistillation("stage1", "stage2", fa="fast", k=5, fa_method="gram", seed=11)
+    loss = FeatureAffinityDistillation(
+        "stage1", "stage2", fa="fast", k=5, fa_method="gram", seed=11
+    )
     blob = json.dumps(keras.saving.serialize_keras_object(loss))
     again = keras.saving.deserialize_keras_object(json.loads(blob))
     assert isinstance(again, FeatureAffinityDistillation)
@@ -104,11 +112,13 @@ def test_bad_setups_are_clear_errors():
     student = quantize_model(teacher, weight_bits=4)
     with pytest.raises(ValueError, match="4-D"):
         keras.distillation.Distiller(
-            teacher=teacher, student=student,
+            teacher=teacher,
+            student=student,
             distillation_losses=[FeatureAffinityDistillation("stage2", "logits")],
         )
     with pytest.raises(ValueError, match="nope"):
         keras.distillation.Distiller(
-            teacher=teacher, student=student,
+            teacher=teacher,
+            student=student,
             distillation_losses=[FeatureAffinityDistillation("nope", "stage2")],
         )

@@ -15,24 +15,37 @@ import pytest
 import tensorflow as tf
 
 from faqd_tf import losses
-from faqd_tf.losses import affinity, pixels
 from faqd_tf.losses import (
     FastFeatureAffinity,
     FeatureAffinity,
     KDLoss,
+    affinity,
     fast_feature_affinity,
     fast_feature_affinity_per_sample,
     feature_affinity,
     feature_affinity_per_sample,
     kd_loss,
     kd_loss_per_sample,
+    pixels,
 )
-from tests.references import central_differences, np_affinity_diff, np_fa_grad, np_fa_per_sample, np_pixels
+from tests.references import (
+    central_differences,
+    np_affinity_diff,
+    np_fa_grad,
+    np_fa_per_sample,
+    np_pixels,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ["pairwise", "gram", "auto"]
 # (method, fa_norm) pairs that exist: the gram form evaluates fro2 only.
-EVALUATIONS = [("pairwise", "fro2"), ("gram", "fro2"), ("auto", "fro2"), ("pairwise", "l1"), ("auto", "l1")]
+EVALUATIONS = [
+    ("pairwise", "fro2"),
+    ("gram", "fro2"),
+    ("auto", "fro2"),
+    ("pairwise", "l1"),
+    ("auto", "l1"),
+]
 RTOL = 1e-4
 
 # ---- float64 NumPy references ---------------------------------------------------------------
@@ -78,11 +91,18 @@ def assert_grad_close(grad, t, s, fa_norm, wrt="student"):
         return
     d = np_affinity_diff(t, s)
     tiny = 1e-5 * np.max(np.abs(d)) + 1e-12
-    want = np_fa_grad(t, s, "l1", wrt, weight=lambda x: np.where(np.abs(x) <= tiny, 0.0, 2.0 * np.sign(x)))
+    want = np_fa_grad(
+        t, s, "l1", wrt, weight=lambda x: np.where(np.abs(x) <= tiny, 0.0, 2.0 * np.sign(x))
+    )
     _, b = np_pixels(t if wrt == "teacher" else s)
     raw, _ = np_pixels(t if wrt == "teacher" else s)
     n, batch = b.shape[1], b.shape[0]
-    bound = (2.0 * (np.abs(d) <= tiny)) @ np.abs(b) / (n**2 * batch) / np.linalg.norm(raw, axis=-1, keepdims=True)
+    bound = (
+        (2.0 * (np.abs(d) <= tiny))
+        @ np.abs(b)
+        / (n**2 * batch)
+        / np.linalg.norm(raw, axis=-1, keepdims=True)
+    )
     err = np.linalg.norm(np.asarray(grad, np.float64) - want)
     assert err <= RTOL * np.linalg.norm(want) + 2 * np.linalg.norm(bound)
 
@@ -139,7 +159,10 @@ def test_fa_matches_numpy(rng, case, method, fa_norm):
 
 @pytest.mark.parametrize("fa_norm", ["fro2", "l1"])
 def test_tile_size_does_not_change_the_result(rng, fa_norm):
-    t, s = maps(rng, (3, 9, 7, 12)), maps(rng, (3, 9, 7, 5))  # N = 63: tiles of 1, 5 (padded), 63, 64 rows
+    t, s = (
+        maps(rng, (3, 9, 7, 12)),
+        maps(rng, (3, 9, 7, 5)),
+    )  # N = 63: tiles of 1, 5 (padded), 63, 64 rows
     results = []
     for tile_rows in (None, 1, 5, 63, 64):
         loss, grad = fa_and_grad(t, s, method="pairwise", fa_norm=fa_norm, tile_rows=tile_rows)
@@ -147,7 +170,9 @@ def test_tile_size_does_not_change_the_result(rng, fa_norm):
     for loss, grad in results[1:]:
         assert loss == pytest.approx(results[0][0], rel=1e-6)
         # The tiles change the order of float32 sums only.
-        np.testing.assert_allclose(grad, results[0][1], rtol=1e-5, atol=1e-5 * np.abs(results[0][1]).max())
+        np.testing.assert_allclose(
+            grad, results[0][1], rtol=1e-5, atol=1e-5 * np.abs(results[0][1]).max()
+        )
 
 
 def near_converged(rng, c, noise=1e-3, batch=2, hw=32):
@@ -200,8 +225,11 @@ def real_like(rng, batch=4, hw=28, c=16):
     background = np.maximum(rng.normal(size=(batch, 1, 1, c)), 0.0) + 0.1
     teacher = np.where((mask < 0.6)[..., None], background, teacher)
     teacher[mask > 0.9] = 0.0
-    student = np.maximum(teacher * (1 + 0.2 * rng.normal(size=(batch, 1, 1, c))) + 0.05 * rng.normal(size=teacher.shape)
-                         * (mask >= 0.6)[..., None], 0.0)
+    student = np.maximum(
+        teacher * (1 + 0.2 * rng.normal(size=(batch, 1, 1, c)))
+        + 0.05 * rng.normal(size=teacher.shape) * (mask >= 0.6)[..., None],
+        0.0,
+    )
     return teacher.astype(np.float32), student.astype(np.float32)
 
 
@@ -222,7 +250,9 @@ def test_gram_fallback_redoes_only_the_samples_that_need_it(rng, jit):
     """One near-converged, channel-permuted sample (terms cancel: the gram total is garbage) among
     ordinary ones: it alone is flagged and redone pairwise, the others keep their gram values."""
     easy = maps(rng, (3, 16, 16, 16))
-    hard_t, hard_s = near_converged(rng, 16, noise=1e-3, batch=1, hw=16)  # gram estimate ~4: flagged
+    hard_t, hard_s = near_converged(
+        rng, 16, noise=1e-3, batch=1, hw=16
+    )  # gram estimate ~4: flagged
     hard_s = np.ascontiguousarray(hard_s[..., rng.permutation(16)])
     t = np.concatenate([easy[:1], hard_t, easy[1:2]])
     s = np.concatenate([easy[2:3], hard_s, maps(rng, (1, 16, 16, 16))])
@@ -255,7 +285,9 @@ def test_plain_float32_gram_expansion_would_fail(rng):
     t, s = near_converged(rng, 16, noise=1e-4, batch=4)
     a = tf.math.l2_normalize(tf.reshape(t, [4, -1, 16]), axis=-1)
     b = tf.math.l2_normalize(tf.reshape(s, [4, -1, 16]), axis=-1)
-    sq = lambda x, y: tf.reduce_sum(tf.square(tf.linalg.matmul(x, y, transpose_a=True)), axis=[1, 2])
+    sq = lambda x, y: tf.reduce_sum(
+        tf.square(tf.linalg.matmul(x, y, transpose_a=True)), axis=[1, 2]
+    )
     naive = (sq(a, a) - 2 * sq(a, b) + sq(b, b)) / 1024**2
     assert rel_err(naive, np_fa_per_sample(t, s)) > 100 * RTOL
 
@@ -279,7 +311,9 @@ def test_fa_identical_maps_and_zero_pixels(rng, method, fa_norm):
 def test_fa_other_input_dtypes_return_float32(rng, dtype, method, fa_norm):
     t = tf.cast(maps(rng, (2, 8, 8, 16)), dtype)
     s = tf.cast(maps(rng, (2, 8, 8, 16)), dtype)
-    want = np.mean(np_fa_per_sample(tf.cast(t, "float64").numpy(), tf.cast(s, "float64").numpy(), fa_norm))
+    want = np.mean(
+        np_fa_per_sample(tf.cast(t, "float64").numpy(), tf.cast(s, "float64").numpy(), fa_norm)
+    )
     loss, grad = fa_and_grad(t, s, method=method, fa_norm=fa_norm)
     assert loss.dtype == tf.float32
     assert grad.dtype == dtype
@@ -340,7 +374,9 @@ def test_fa_dynamic_shapes_in_tf_function(rng):
     t, s = maps(rng, (3, 12, 12, 8)), maps(rng, (3, 6, 6, 4))
     spec = tf.TensorSpec([None, None, None, None], tf.float32)
     for fa_norm in ("fro2", "l1"):
-        fn = tf.function(lambda a, b: feature_affinity(a, b, fa_norm=fa_norm), input_signature=[spec, spec])
+        fn = tf.function(
+            lambda a, b: feature_affinity(a, b, fa_norm=fa_norm), input_signature=[spec, spec]
+        )
         want = np.mean(np_fa_per_sample(resized(t, s), s, fa_norm))
         assert rel_err(fn(t, s), want) <= RTOL
 
@@ -380,8 +416,14 @@ print(json.dumps({{"before_mb": before, "peak_mb": peak_mb(),
 def test_exact_l1_on_56x56_maps_at_batch_64_fits_in_2_gb():
     """The N x N difference would take 2.5 GB at once (64 x 3136^2 float32); the tiles bound it."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
-    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE.format(root=ROOT)], capture_output=True, text=True,
-                         env=env, timeout=600, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_PROBE.format(root=ROOT)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=True,
+    ).stdout
     result = json.loads(out.strip().splitlines()[-1])
     assert result["finite"]
     assert result["peak_mb"] < 2048, result
@@ -394,16 +436,24 @@ def draws(rng, t, s, m, k, fa_norm="fro2"):
     """`m` independent FFA estimates of one sample: one call per stateless seed (the probes of a
     call are shared by its batch, so independent draws need separate calls)."""
     base = int(rng.integers(2**31))
-    seeds = tf.stack([tf.fill([m], tf.constant(base, tf.int64)), tf.range(m, dtype=tf.int64)], axis=1)
-    fn = tf.function(lambda: tf.map_fn(
-        lambda sd: fast_feature_affinity_per_sample(t, s, k=k, seed=sd, fa_norm=fa_norm)[0], seeds,
-        fn_output_signature=tf.float32))
+    seeds = tf.stack(
+        [tf.fill([m], tf.constant(base, tf.int64)), tf.range(m, dtype=tf.int64)], axis=1
+    )
+    fn = tf.function(
+        lambda: tf.map_fn(
+            lambda sd: fast_feature_affinity_per_sample(t, s, k=k, seed=sd, fa_norm=fa_norm)[0],
+            seeds,
+            fn_output_signature=tf.float32,
+        )
+    )
     return fn().numpy().astype(np.float64)
 
 
 def test_ffa_probes_are_shared_by_the_batch_and_fresh_per_seed(rng):
     t, s = maps(rng, (1, 8, 8, 6)), maps(rng, (1, 8, 8, 3))
-    twice = fast_feature_affinity_per_sample(np.repeat(t, 2, 0), np.repeat(s, 2, 0), k=3, seed=5).numpy()
+    twice = fast_feature_affinity_per_sample(
+        np.repeat(t, 2, 0), np.repeat(s, 2, 0), k=3, seed=5
+    ).numpy()
     once = fast_feature_affinity_per_sample(t, s, k=3, seed=5).numpy()[0]
     other = fast_feature_affinity_per_sample(t, s, k=3, seed=6).numpy()[0]
     # The same probes give the same estimate up to float32 rounding, which depends on the batch's
@@ -468,8 +518,11 @@ def test_ffa_gradient_matches_finite_differences(rng, fa_norm, wrt):
         tape.watch(s_ if wrt == "student" else t_)
         loss = fast_feature_affinity(t_, s_, k=3, seed=seed, fa_norm=fa_norm)
     grad = tape.gradient(loss, s_ if wrt == "student" else t_).numpy().astype(np.float64)
-    f = (lambda v: np.mean(np_ffa_per_sample(t, v, z, fa_norm))) if wrt == "student" else (
-        lambda v: np.mean(np_ffa_per_sample(v, s, z, fa_norm)))
+    f = (
+        (lambda v: np.mean(np_ffa_per_sample(t, v, z, fa_norm)))
+        if wrt == "student"
+        else (lambda v: np.mean(np_ffa_per_sample(v, s, z, fa_norm)))
+    )
     x0 = np.asarray(s if wrt == "student" else t, np.float64)
     h = 1e-6
     for _ in range(3):
@@ -481,7 +534,9 @@ def test_ffa_gradient_matches_finite_differences(rng, fa_norm, wrt):
 def test_ffa_zero_for_identical_maps_and_resizes_teacher(rng):
     t = maps(rng, (2, 8, 8, 4))
     for fa_norm in ("fro2", "l1"):
-        assert float(fast_feature_affinity(t, t, k=3, seed=1, fa_norm=fa_norm)) == pytest.approx(0.0, abs=1e-9)
+        assert float(fast_feature_affinity(t, t, k=3, seed=1, fa_norm=fa_norm)) == pytest.approx(
+            0.0, abs=1e-9
+        )
     s = maps(rng, (2, 4, 4, 5))  # other H, W and channels: the teacher is resized (bilinear) first
     seed = int(rng.integers(2**31))
     z = losses.gaussian_probes([1, 16, 3], tf.constant([seed, 0], tf.int64)).numpy()
@@ -496,7 +551,9 @@ def test_ffa_seeds(rng):
     assert same[0] == same[1]
     assert float(fast_feature_affinity(t, s, k=2, seed=12)) != same[0]
     pair = tf.constant([5, 9], tf.int64)
-    assert float(fast_feature_affinity(t, s, seed=pair)) == float(fast_feature_affinity(t, s, seed=pair))
+    assert float(fast_feature_affinity(t, s, seed=pair)) == float(
+        fast_feature_affinity(t, s, seed=pair)
+    )
     unseeded = [float(fast_feature_affinity(t, s, k=2)) for _ in range(2)]
     assert unseeded[0] != unseeded[1]
     # Loss objects: a seed replays the same sequence of fresh draws.
@@ -507,7 +564,11 @@ def test_ffa_seeds(rng):
 
 
 def _global_draws():
-    return tf.random.uniform([4]).numpy(), np.random.rand(4), tf.random.get_global_generator().normal([4]).numpy()
+    return (
+        tf.random.uniform([4]).numpy(),
+        np.random.rand(4),
+        tf.random.get_global_generator().normal([4]).numpy(),
+    )
 
 
 def _ffa_calls(t, s):
@@ -515,7 +576,9 @@ def _ffa_calls(t, s):
     fast_feature_affinity(t, s, k=2, seed=3)
     loss = FastFeatureAffinity(k=2)
     loss(t, s)
-    tf.function(lambda a, b: loss(a, b) + fast_feature_affinity(a, b) + fast_feature_affinity(a, b, seed=1))(t, s)
+    tf.function(
+        lambda a, b: loss(a, b) + fast_feature_affinity(a, b) + fast_feature_affinity(a, b, seed=1)
+    )(t, s)
 
 
 def test_ffa_leaves_global_random_state_untouched(rng):
@@ -543,14 +606,20 @@ def test_losses_under_mirrored_strategy(rng, mirrored_strategy):
     def step(pair):
         def replica_fn(pair):
             a, b = pair
-            return (feature_affinity_per_sample(a, b), feature_affinity_per_sample(a, b, fa_norm="l1"),
-                    ffa(a, b), fast_feature_affinity(a, b, seed=1))
+            return (
+                feature_affinity_per_sample(a, b),
+                feature_affinity_per_sample(a, b, fa_norm="l1"),
+                ffa(a, b),
+                fast_feature_affinity(a, b, seed=1),
+            )
 
         return mirrored_strategy.run(replica_fn, args=(pair,))
 
     exact, exact_l1, fast, fast_seeded = step(batch)
     for value, fa_norm in ((exact, "fro2"), (exact_l1, "l1")):
-        value = np.concatenate([v.numpy() for v in mirrored_strategy.experimental_local_results(value)])
+        value = np.concatenate(
+            [v.numpy() for v in mirrored_strategy.experimental_local_results(value)]
+        )
         np.testing.assert_allclose(value, np_fa_per_sample(t, s, fa_norm), rtol=RTOL)
     for value in (fast, fast_seeded):
         values = [float(v) for v in mirrored_strategy.experimental_local_results(value)]
@@ -572,7 +641,9 @@ def test_kd_matches_numpy_and_finite_differences(rng, kd, temperature):
         tape.watch(s_var)
         loss = kd_loss(t, s_var, kd=kd, temperature=temperature)
     t64 = t.astype(np.float64)
-    want = central_differences(lambda x: np.mean(np_kd_per_sample(t64, x, kd, temperature)), s.astype(np.float64))
+    want = central_differences(
+        lambda x: np.mean(np_kd_per_sample(t64, x, kd, temperature)), s.astype(np.float64)
+    )
     assert rel_err(tape.gradient(loss, s_var), want) <= RTOL
     assert rel_err(loss, np.mean(np_kd_per_sample(t, s, kd, temperature))) <= 1e-5
 
@@ -601,7 +672,10 @@ BAD_CALLS = {
     "ffa_batch": (lambda: fast_feature_affinity(X[:1], X), "batch size"),
     "kd": (lambda: kd_loss([[1.0]], [[1.0]], kd="ce"), "kd"),
     "temperature": (lambda: kd_loss([[1.0]], [[1.0]], kd="kl", temperature=0), "temperature"),
-    "temperature_inf": (lambda: kd_loss([[1.0]], [[1.0]], kd="kl", temperature=float("inf")), "temperature"),
+    "temperature_inf": (
+        lambda: kd_loss([[1.0]], [[1.0]], kd="kl", temperature=float("inf")),
+        "temperature",
+    ),
     "logits_rank": (lambda: kd_loss([1.0], [1.0]), "teacher_logits"),
     "logits_shape": (lambda: kd_loss([[1.0, 2.0]], [[1.0]]), "same shape"),
     "wrapper_method": (lambda: FeatureAffinity(method="fast"), "method"),
@@ -665,5 +739,7 @@ def test_wrapper_sample_weight_uses_per_sample_values(rng):
 
 @pytest.mark.parametrize("module", ["", *(m.name for m in pkgutil.iter_modules(losses.__path__))])
 def test_docstring_examples_run(module):
-    failures, tried = doctest.testmod(importlib.import_module(f"faqd_tf.losses{module and '.' + module}"), verbose=False)
+    failures, tried = doctest.testmod(
+        importlib.import_module(f"faqd_tf.losses{module and '.' + module}"), verbose=False
+    )
     assert tried > 0 and failures == 0

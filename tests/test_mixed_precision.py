@@ -58,7 +58,9 @@ def test_distiller_fit_under_mixed_bfloat16(rng, mixed_bfloat16, fa):
         # The bfloat16 forward pass uses the float32 codes, rounded once to bfloat16 ...
         used = keras.ops.convert_to_numpy(layer.quantized_kernel(training=False))
         assert str(used.dtype) == "bfloat16"
-        np.testing.assert_array_equal(used.astype("float32"), expected.astype(used.dtype).astype("float32"))
+        np.testing.assert_array_equal(
+            used.astype("float32"), expected.astype(used.dtype).astype("float32")
+        )
         # ... and the same codes the float32 path computes: the quantized kernel of a float32 twin.
         twin = type(layer).from_config({**layer.get_config(), "dtype": "float32"})
         twin.build(layer.input.shape)

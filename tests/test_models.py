@@ -58,8 +58,10 @@ def test_param_counts_and_stage_shapes(name):
     # Every ReLU is a QuantReLU, every conv a QuantConv2D, full precision by default.
     assert all(layer.weight_bits is None for layer in layers_of(model, QuantConv2D))
     assert all(layer.bits is None for layer in layers_of(model, QuantReLU))
-    assert not any(type(layer) is keras.layers.ReLU or type(layer) is keras.layers.Conv2D
-                   for layer in model.layers)
+    assert not any(
+        type(layer) is keras.layers.ReLU or type(layer) is keras.layers.Conv2D
+        for layer in model.layers
+    )
 
 
 def test_resnet18_small_input_stages_and_cifar_count():
@@ -113,8 +115,12 @@ def test_quantized_forward_is_on_the_activation_grid(rng):
     [
         ("resnet20", {}, (32, 32, 3), (False, True)),
         ("resnet164", {"num_classes": 100}, (32, 32, 3), (False,)),  # big: inference only
-        ("resnet18", {"num_classes": 200, "input_shape": (64, 64, 3), "small_input": True}, (64, 64, 3),
-         (False, True)),
+        (
+            "resnet18",
+            {"num_classes": 200, "input_shape": (64, 64, 3), "small_input": True},
+            (64, 64, 3),
+            (False, True),
+        ),
         ("resnet18", {"num_classes": 1000, "input_shape": (96, 96, 3)}, (96, 96, 3), (False,)),
     ],
 )
@@ -141,7 +147,10 @@ def test_save_load_quantized_resnet20(tmp_path, rng):
     loaded = keras.models.load_model(path, safe_mode=True)
     x = rng.normal(size=(4, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(
-        np.asarray(loaded(x, training=False)), np.asarray(model(x, training=False)), rtol=1e-5, atol=1e-5
+        np.asarray(loaded(x, training=False)),
+        np.asarray(model(x, training=False)),
+        rtol=1e-5,
+        atol=1e-5,
     )
     assert [layer.name for layer in loaded.layers] == [layer.name for layer in model.layers]
     assert isinstance(loaded.get_layer("s2b1_sc_pad"), ChannelPad)
@@ -199,8 +208,10 @@ def test_bn_momentum_epsilon_and_weight_decay():
     model = models.resnet20(weight_decay=5e-5)
     bns = layers_of(model, keras.layers.BatchNormalization)
     assert bns and all(bn.momentum == 0.9 and bn.epsilon == 1e-5 for bn in bns)
-    assert all(isinstance(layer.kernel_regularizer, keras.regularizers.L2)
-               for layer in layers_of(model, QuantConv2D) + [model.get_layer("logits")])
+    assert all(
+        isinstance(layer.kernel_regularizer, keras.regularizers.L2)
+        for layer in layers_of(model, QuantConv2D) + [model.get_layer("logits")]
+    )
     assert len(model.losses) == 19 + 1
     model = models.resnet20(bn_momentum=0.99)
     assert all(bn.momentum == 0.99 for bn in layers_of(model, keras.layers.BatchNormalization))
@@ -210,7 +221,16 @@ def test_bn_momentum_epsilon_and_weight_decay():
 
 def test_registry():
     assert models.available() == (
-        "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet164", "resnet18", "resnet34"
+        "resnet8",
+        "resnet14",
+        "resnet20",
+        "resnet32",
+        "resnet44",
+        "resnet56",
+        "resnet110",
+        "resnet164",
+        "resnet18",
+        "resnet34",
     )
     model = models.get("ResNet20", num_classes=100, name="student")
     assert model.name == "student" and tuple(model.output.shape) == (None, 100)

@@ -21,7 +21,9 @@ from tests.helpers import write_idx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = "/usr/share/datasets/fashion-mnist"
-needs_fmnist = pytest.mark.skipif(not os.path.isdir(FMNIST), reason="needs the Debian package dataset-fashion-mnist")
+needs_fmnist = pytest.mark.skipif(
+    not os.path.isdir(FMNIST), reason="needs the Debian package dataset-fashion-mnist"
+)
 
 
 def free_ports(n):
@@ -35,7 +37,12 @@ def free_ports(n):
 
 
 def tf_config(ports, index):
-    return json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": index}})
+    return json.dumps(
+        {
+            "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+            "task": {"type": "worker", "index": index},
+        }
+    )
 
 
 def start_workers(command, ports, log_dir, tag):
@@ -43,7 +50,12 @@ def start_workers(command, ports, log_dir, tag):
     for index in range(len(ports)):
         env = {**os.environ, "TF_CONFIG": tf_config(ports, index), "TF_CPP_MIN_LOG_LEVEL": "3"}
         log = open(os.path.join(log_dir, f"{tag}_worker{index}.log"), "w")
-        procs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), log))
+        procs.append(
+            (
+                subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
+                log,
+            )
+        )
     return procs
 
 
@@ -61,7 +73,9 @@ def wait_all(procs, timeout):
 
 
 def log_tail(log_dir, tag, n=2):
-    return "\n".join(open(os.path.join(log_dir, f"{tag}_worker{i}.log")).read()[-1500:] for i in range(n))
+    return "\n".join(
+        open(os.path.join(log_dir, f"{tag}_worker{i}.log")).read()[-1500:] for i in range(n)
+    )
 
 
 def distill_config(tmp_path, teacher_file, output_dir, weight_bits=4, recalibrate_bn=None, **train):
@@ -111,7 +125,9 @@ def test_two_workers_agree_and_match_one_process(tmp_path, teacher_file):
     # batch to build the model and then restarts the shuffled dataset, so even the first epoch's
     # order matches (a run without a strategy would see another permutation).
     single = tmp_path / "single"
-    reference = start_workers(command + ["--set", f"output_dir={single}"], free_ports(1), tmp_path, "single")
+    reference = start_workers(
+        command + ["--set", f"output_dir={single}"], free_ports(1), tmp_path, "single"
+    )
     workers = start_workers(command, free_ports(2), tmp_path, "run")
     assert wait_all(workers, timeout=300) == [0, 0], log_tail(tmp_path, "run")
     assert wait_all(reference, timeout=300) == [0], log_tail(tmp_path, "single", n=1)
@@ -151,8 +167,17 @@ def test_each_example_once_per_epoch_across_workers(tmp_path, n, batch):
     for i in range(2):
         env = {**os.environ, "TF_CONFIG": tf_config(ports, i), "TF_CPP_MIN_LOG_LEVEL": "3"}
         log = open(tmp_path / f"shard_worker{i}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, script, str(folder), str(batch), "2", outs[i]],
-                                       stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        procs.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, script, str(folder), str(batch), "2", outs[i]],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                ),
+                log,
+            )
+        )
     assert wait_all(procs, timeout=120) == [0, 0], log_tail(tmp_path, "shard")
     seen = [json.load(open(o)) for o in outs]
     assert [s["chief"] for s in seen] == [True, False]
@@ -185,25 +210,32 @@ def test_kill_a_worker_then_same_command_resumes(tmp_path, teacher_file):
     procs[1][0].send_signal(signal.SIGKILL)  # worker 1 dies mid-run
     procs[1][0].wait()
     done = _epochs(history)
-    assert 2 <= len(done) < 4, f"killed too late or too early: epochs {done}\n" + log_tail(tmp_path, "first")
+    assert 2 <= len(done) < 4, f"killed too late or too early: epochs {done}\n" + log_tail(
+        tmp_path, "first"
+    )
     # The chief cannot go on without its peer: TensorFlow's heartbeats tell it, and it stops with
     # one line saying what to do.
     start = time.time()
     assert wait_all(procs[:1], timeout=120) == [1], log_tail(tmp_path, "first", n=1)
     procs[1][1].close()
     print(f"chief stopped {time.time() - start:.1f} s after the kill")
-    lines = [l for l in open(tmp_path / "first_worker0.log").read().splitlines() if l.startswith("train.py:")]
-    assert len(lines) == 1 and "lost a worker" in lines[0] and "same command to resume" in lines[0], lines
+    lines = [
+        l
+        for l in open(tmp_path / "first_worker0.log").read().splitlines()
+        if l.startswith("train.py:")
+    ]
+    assert (
+        len(lines) == 1 and "lost a worker" in lines[0] and "same command to resume" in lines[0]
+    ), lines
 
     assert not (out / "student.keras").exists()  # no model from a broken run
     backup = out / "backup" / "distill"
     meta = json.loads((backup / "training_metadata.json").read_text())
     assert meta["epoch"] >= 1
     student = keras.models.load_model(teacher_file, safe_mode=True)
-    from faqd_tf.quantize import quantize_model
-
     # The backup is whole: it loads into a fresh Distiller's weights without error.
     from faqd_tf.distiller import Distiller
+    from faqd_tf.quantize import quantize_model
 
     fresh = Distiller(quantize_model(student, weight_bits=4), student)
     fresh.load_weights(backup / "latest.weights.h5")
@@ -234,12 +266,16 @@ class _Diverge(keras.callbacks.Callback):
 @needs_fmnist
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, teacher_file, capsys):
     cfg = distill_config(tmp_path, teacher_file, tmp_path / "nan", epochs=3)
-    code = cli.main(["--config", cfg, "--stage", "distill", "--set", "strategy=default"], callbacks=[_Diverge()])
+    code = cli.main(
+        ["--config", cfg, "--stage", "distill", "--set", "strategy=default"], callbacks=[_Diverge()]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
     assert len(err) == 1, err
     backup = tmp_path / "nan" / "backup" / "distill"
-    assert "became nan at epoch 2, batch 1" in err[0] and str(backup) in err[0] and "resume" in err[0], err[0]
+    assert (
+        "became nan at epoch 2, batch 1" in err[0] and str(backup) in err[0] and "resume" in err[0]
+    ), err[0]
     assert not (tmp_path / "nan" / "student.keras").exists()
     meta = json.loads((backup / "training_metadata.json").read_text())
     assert meta["epoch"] == 1  # epochs finished: the end of epoch 1, the last good one
@@ -252,7 +288,9 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, te
     assert all(np.isfinite(w).all() for w in restored.get_weights())
 
 
-def test_cli_multi_worker_without_tf_config_is_one_line_exit_2(tmp_path, teacher_file, monkeypatch, capsys):
+def test_cli_multi_worker_without_tf_config_is_one_line_exit_2(
+    tmp_path, teacher_file, monkeypatch, capsys
+):
     monkeypatch.delenv("TF_CONFIG", raising=False)
     cfg = distill_config(tmp_path, teacher_file, tmp_path / "none")
     assert cli.main(["--config", cfg, "--stage", "distill"]) == 2

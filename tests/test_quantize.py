@@ -20,7 +20,13 @@ from faqd_tf.layers import (
     QuantSeparableConv2D,
 )
 from faqd_tf.models import resnet_cifar
-from faqd_tf.quantize import _walk, classifier_layer, float_kernel_layers, quantize_model, set_alpha_decay
+from faqd_tf.quantize import (
+    _walk,
+    classifier_layer,
+    float_kernel_layers,
+    quantize_model,
+    set_alpha_decay,
+)
 from tests.references import np_qrelu_grads, np_quantize
 
 
@@ -32,7 +38,9 @@ def test_resnet20_twin_keeps_names_weights_and_quantizes(rng):
     assert isinstance(conv, QuantConv2D) and conv.weight_bits == 2 and conv.per_channel
     np.testing.assert_array_equal(conv.kernel.numpy(), fp.get_layer("s2b1_conv1").kernel.numpy())
     np.testing.assert_allclose(
-        conv.quantized_kernel().numpy(), np_quantize(conv.kernel.numpy(), 2, per_channel=True), rtol=1e-5
+        conv.quantized_kernel().numpy(),
+        np_quantize(conv.kernel.numpy(), 2, per_channel=True),
+        rtol=1e-5,
     )
     assert twin.get_layer("logits").weight_bits is None  # the head stays full precision
     assert twin.get_layer("stage2").bits == 4
@@ -43,7 +51,9 @@ def test_twin_of_a_frozen_teacher_is_trainable():
     fp = resnet_cifar(8, input_shape=(16, 16, 3))
     fp.trainable = False
     twin = quantize_model(fp, weight_bits=4)
-    assert twin.trainable and len(twin.trainable_weights) == len(resnet_cifar(8, input_shape=(16, 16, 3)).trainable_weights)
+    assert twin.trainable and len(twin.trainable_weights) == len(
+        resnet_cifar(8, input_shape=(16, 16, 3)).trainable_weights
+    )
 
 
 def test_bits_none_twin_is_exact_copy(rng):
@@ -65,7 +75,10 @@ def test_sequential_with_fused_relu(rng, tmp_path):
         ]
     )
     twin = quantize_model(model, weight_bits=4, activation_bits=2)
-    assert isinstance(twin.get_layer("c1"), QuantConv2D) and twin.get_layer("c1").activation is keras.activations.linear
+    assert (
+        isinstance(twin.get_layer("c1"), QuantConv2D)
+        and twin.get_layer("c1").activation is keras.activations.linear
+    )
     assert isinstance(twin.get_layer("c1_relu"), QuantReLU) and twin.get_layer("c1_relu").bits == 2
     assert isinstance(twin.get_layer("act"), QuantReLU)
     assert twin.get_layer("d1").weight_bits == 4 and twin.get_layer("head").weight_bits is None
@@ -77,8 +90,13 @@ def test_sequential_with_fused_relu(rng, tmp_path):
 
 # ResNet50 takes minutes, MobileNetV2 about a minute to trace and save on 2 cores: run them with
 # `-m slow` (the CI budget keeps them out).
-@pytest.mark.parametrize("arch", [pytest.param("ResNet50", marks=pytest.mark.slow),
-                                  pytest.param("MobileNetV2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "arch",
+    [
+        pytest.param("ResNet50", marks=pytest.mark.slow),
+        pytest.param("MobileNetV2", marks=pytest.mark.slow),
+    ],
+)
 def test_keras_applications_twin_runs_trains_and_saves(rng, tmp_path, arch):
     build = getattr(keras.applications, arch)
     model = build(weights=None, input_shape=(32, 32, 3), classes=4, classifier_activation=None)
@@ -91,17 +109,27 @@ def test_keras_applications_twin_runs_trains_and_saves(rng, tmp_path, arch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every layer with a kernel has a quantized twin here
         twin = quantize_model(model, weight_bits=4, activation_bits=4)
-    kernel_layers = [l for l in twin.layers if isinstance(l, (keras.layers.Conv2D, keras.layers.Dense, keras.layers.DepthwiseConv2D))]
-    assert kernel_layers and all(isinstance(l, (QuantConv2D, QuantDense, QuantDepthwiseConv2D)) for l in kernel_layers)
+    kernel_layers = [
+        l
+        for l in twin.layers
+        if isinstance(l, (keras.layers.Conv2D, keras.layers.Dense, keras.layers.DepthwiseConv2D))
+    ]
+    assert kernel_layers and all(
+        isinstance(l, (QuantConv2D, QuantDense, QuantDepthwiseConv2D)) for l in kernel_layers
+    )
     assert sum(isinstance(l, QuantConv2D) and l.weight_bits == 4 for l in twin.layers) >= 20
     assert sum(isinstance(l, QuantReLU) and l.bits == 4 for l in twin.layers) >= 10
-    twin.compile(keras.optimizers.SGD(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    twin.compile(
+        keras.optimizers.SGD(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     loss = twin.train_on_batch(x, y)
     assert np.isfinite(loss)
     assert len(feature_extractor(twin).outputs) > 3
     twin.save(tmp_path / "twin.keras")
     loaded = keras.models.load_model(tmp_path / "twin.keras", safe_mode=True)
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), twin.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), twin.predict(x, verbose=0), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_operations_written_on_tensors_pass_through(rng, tmp_path):
@@ -117,7 +145,10 @@ def test_operations_written_on_tensors_pass_through(rng, tmp_path):
     x = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
     conv = twin.get_layer("conv")
     u = conv(x).numpy().astype(np.float64)  # the quantized conv, then the same math in float64
-    want = np.mean(u * np.clip(u + 3.0, 0.0, 6.0) / 6.0, axis=(1, 2)) @ model.get_layer("head").kernel.numpy()
+    want = (
+        np.mean(u * np.clip(u + 3.0, 0.0, 6.0) / 6.0, axis=(1, 2))
+        @ model.get_layer("head").kernel.numpy()
+    )
     want += model.get_layer("head").bias.numpy()
     np.testing.assert_allclose(twin(x).numpy(), want, rtol=1e-4, atol=1e-5)
     twin.save(tmp_path / "ops.keras")
@@ -127,9 +158,16 @@ def test_operations_written_on_tensors_pass_through(rng, tmp_path):
 
 def test_unsupported_layers_are_listed_and_bad_arguments_fail(rng):
     model = keras.Sequential(
-        [keras.Input((8, 3)), keras.layers.SeparableConv1D(4, 3, name="sep"), keras.layers.Flatten(), keras.layers.Dense(2)]
+        [
+            keras.Input((8, 3)),
+            keras.layers.SeparableConv1D(4, 3, name="sep"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(2),
+        ]
     )
-    with pytest.warns(UserWarning, match=r"left these layers in full precision .*sep \(SeparableConv1D\)"):
+    with pytest.warns(
+        UserWarning, match=r"left these layers in full precision .*sep \(SeparableConv1D\)"
+    ):
         quantize_model(model, weight_bits=2)
     with pytest.raises(ValueError, match=r"weight_bits=3 is not supported"):
         quantize_model(model, weight_bits=3)
@@ -152,12 +190,21 @@ def test_feature_layers_by_resolution_for_models_without_stage_names():
 
 def test_no_relu_to_quantize_warns_naming_the_model():
     model = keras.Sequential(
-        [keras.Input((6,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2)], name="tanh_net"
+        [keras.Input((6,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2)],
+        name="tanh_net",
     )
-    with pytest.warns(UserWarning, match=r"found no ReLU to quantize in model 'tanh_net'.*activation_bits=2"):
+    with pytest.warns(
+        UserWarning, match=r"found no ReLU to quantize in model 'tanh_net'.*activation_bits=2"
+    ):
         quantize_model(model, weight_bits=4, activation_bits=2)
     relu_net = keras.Sequential(
-        [keras.Input((6,)), keras.layers.Dense(4), keras.layers.ReLU(name="r"), keras.layers.Dense(2)], name="relu_net"
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(4),
+            keras.layers.ReLU(name="r"),
+            keras.layers.Dense(2),
+        ],
+        name="relu_net",
     )
     # Every ReLU skipped is no ReLU quantized either.
     with pytest.warns(UserWarning, match=r"found no ReLU to quantize in model 'relu_net'"):
@@ -170,21 +217,30 @@ def test_no_relu_to_quantize_warns_naming_the_model():
 
 def test_alpha_rate_reaches_every_quantized_relu_and_is_checked():
     model = keras.Sequential(
-        [keras.Input((8, 8, 2)), keras.layers.Conv2D(4, 3, activation="relu", name="c1"),
-         keras.layers.ReLU(name="r"), keras.layers.Flatten(), keras.layers.Dense(3)]
+        [
+            keras.Input((8, 8, 2)),
+            keras.layers.Conv2D(4, 3, activation="relu", name="c1"),
+            keras.layers.ReLU(name="r"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
     )
     twin = quantize_model(model, activation_bits=1, alpha_rate=0.2)
     relus = [layer for layer in twin.layers if isinstance(layer, QuantReLU)]
     assert [(layer.name, layer.alpha_rate) for layer in relus] == [("c1_relu", 0.2), ("r", 0.2)]
     assert quantize_model(model, activation_bits=1).get_layer("r").alpha_rate == 0.01
-    assert quantize_model(model, activation_bits=1, alpha_rate=None).get_layer("r").alpha_rate is None
+    assert (
+        quantize_model(model, activation_bits=1, alpha_rate=None).get_layer("r").alpha_rate is None
+    )
     for bad in (0, -1.0, "fast"):
         with pytest.raises(ValueError, match=r"^alpha_rate=.* is not valid; use a number > 0"):
             quantize_model(model, activation_bits=1, alpha_rate=bad)
 
 
 def test_builders_take_alpha_rate_and_decay_alphas_with_weight_decay():
-    model = resnet_cifar(8, input_shape=(8, 8, 3), activation_bits=2, weight_decay=5e-4, alpha_rate=0.05)
+    model = resnet_cifar(
+        8, input_shape=(8, 8, 3), activation_bits=2, weight_decay=5e-4, alpha_rate=0.05
+    )
     relus = [layer for layer in model.layers if isinstance(layer, QuantReLU)]
     assert len(relus) == 7 and all(layer.alpha_rate == 0.05 for layer in relus)
     # The kernels get L2(c), the alphas L2(c * 0.01), the authors' factor.
@@ -222,14 +278,21 @@ def test_set_alpha_decay_reproduces_the_authors_step(rng):
         kernel_grad = tape.gradient(keras.ops.mean(loss(w, model(x))), dense.kernel).numpy()
     model.compile(optimizer, loss=loss)
     model.fit(x, w, batch_size=batch, epochs=1, shuffle=False, verbose=0)
-    assert float(relu.alpha.numpy()) == pytest.approx(alpha0 - lr * (clamped + wd * 0.01 * alpha0), rel=1e-6)
-    np.testing.assert_allclose(dense.kernel.numpy(), kernel0 * (1 - lr * wd) - lr * kernel_grad, rtol=1e-5, atol=1e-6)
+    assert float(relu.alpha.numpy()) == pytest.approx(
+        alpha0 - lr * (clamped + wd * 0.01 * alpha0), rel=1e-6
+    )
+    np.testing.assert_allclose(
+        dense.kernel.numpy(), kernel0 * (1 - lr * wd) - lr * kernel_grad, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_set_alpha_decay_arguments():
     model = resnet_cifar(8, input_shape=(8, 8, 3))  # full-precision ReLUs: no alpha to decay
     assert set_alpha_decay(model, keras.optimizers.SGD(weight_decay=1e-4), 1e-4) == []
-    for kwargs, name in (({"weight_decay": -1.0}, "weight_decay"), ({"weight_decay": 1e-4, "factor": "x"}, "factor")):
+    for kwargs, name in (
+        ({"weight_decay": -1.0}, "weight_decay"),
+        ({"weight_decay": 1e-4, "factor": "x"}, "factor"),
+    ):
         with pytest.raises(ValueError, match=rf"^set_alpha_decay: {name}=.* must be a number >= 0"):
             set_alpha_decay(model, keras.optimizers.SGD(), **kwargs)
 
@@ -251,13 +314,25 @@ def test_layer_bits_most_specific_entry_wins_and_quantizes_each_layer_at_its_wid
     fp = resnet_cifar(8, input_shape=(12, 12, 1))
     layer_bits = {"stem_conv": 8, "s.b1_conv.": 2, "s2b1_conv.": 4, "s3b1_conv2": None}
     twin = quantize_model(fp, weight_bits=1, layer_bits=layer_bits)
-    widths = {layer.name: layer.weight_bits for layer in twin.layers if hasattr(layer, "weight_bits")}
-    assert widths == {"stem_conv": 8, "s1b1_conv1": 2, "s1b1_conv2": 2, "s2b1_conv1": 4, "s2b1_conv2": 4,
-                      "s3b1_conv1": 2, "s3b1_conv2": None, "logits": None}
+    widths = {
+        layer.name: layer.weight_bits for layer in twin.layers if hasattr(layer, "weight_bits")
+    }
+    assert widths == {
+        "stem_conv": 8,
+        "s1b1_conv1": 2,
+        "s1b1_conv2": 2,
+        "s2b1_conv1": 4,
+        "s2b1_conv2": 4,
+        "s3b1_conv1": 2,
+        "s3b1_conv2": None,
+        "logits": None,
+    }
     for name, bits in widths.items():
         layer = twin.get_layer(name)
         if bits is None:
-            np.testing.assert_array_equal(layer.quantized_kernel().numpy(), fp.get_layer(name).kernel.numpy())
+            np.testing.assert_array_equal(
+                layer.quantized_kernel().numpy(), fp.get_layer(name).kernel.numpy()
+            )
         else:
             assert_matches_reference(layer.quantized_kernel().numpy(), layer.kernel.numpy(), bits)
     x = rng.normal(size=(3, 12, 12, 1)).astype("float32")
@@ -266,7 +341,10 @@ def test_layer_bits_most_specific_entry_wins_and_quantizes_each_layer_at_its_wid
 
 def test_layer_bits_overrides_the_default_float_head_and_refuses_what_it_cannot_place():
     fp = resnet_cifar(8, input_shape=(12, 12, 1))
-    assert quantize_model(fp, weight_bits=2, layer_bits={"logits": 8}).get_layer("logits").weight_bits == 8
+    assert (
+        quantize_model(fp, weight_bits=2, layer_bits={"logits": 8}).get_layer("logits").weight_bits
+        == 8
+    )
     cases = [
         ({"nope": 1}, "'nope' matches no layer with a kernel"),
         ({"stem_conv": 3}, "layer_bits['stem_conv']=3 is not supported"),
@@ -301,8 +379,14 @@ def segmentation_net():
 
 
 def nested_stem_net():
-    stem = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(8, 4, strides=4, name="stem_conv"),
-                             keras.layers.LayerNormalization(name="stem_ln")], name="stem")
+    stem = keras.Sequential(
+        [
+            keras.Input((16, 16, 3)),
+            keras.layers.Conv2D(8, 4, strides=4, name="stem_conv"),
+            keras.layers.LayerNormalization(name="stem_ln"),
+        ],
+        name="stem",
+    )
     inputs = keras.Input((16, 16, 3))
     x = keras.layers.DepthwiseConv2D(3, padding="same", activation="relu", name="dw")(stem(inputs))
     x = keras.layers.GlobalAveragePooling2D()(x)
@@ -319,13 +403,22 @@ def conv_head_net():
     return keras.Model(inputs, x, name="conv_head")
 
 
-@pytest.mark.parametrize("build, quantized, head", [
-    (signal_classifier, {"c1": QuantConv1D, "c2": QuantConv1D}, "head"),
-    (segmentation_net, {"down": QuantConv2D, "sep": QuantSeparableConv2D, "up": QuantConv2DTranspose}, "pixel_logits"),
-    (nested_stem_net, {"stem/stem_conv": QuantConv2D, "dw": QuantDepthwiseConv2D}, "head"),
-    (conv_head_net, {"body": QuantConv2D}, "conv_preds"),
-])
-def test_every_kernel_but_the_classifier_is_quantized(rng, tmp_path, caplog, build, quantized, head):
+@pytest.mark.parametrize(
+    "build, quantized, head",
+    [
+        (signal_classifier, {"c1": QuantConv1D, "c2": QuantConv1D}, "head"),
+        (
+            segmentation_net,
+            {"down": QuantConv2D, "sep": QuantSeparableConv2D, "up": QuantConv2DTranspose},
+            "pixel_logits",
+        ),
+        (nested_stem_net, {"stem/stem_conv": QuantConv2D, "dw": QuantDepthwiseConv2D}, "head"),
+        (conv_head_net, {"body": QuantConv2D}, "conv_preds"),
+    ],
+)
+def test_every_kernel_but_the_classifier_is_quantized(
+    rng, tmp_path, caplog, build, quantized, head
+):
     model = build()
     assert classifier_layer(model) == head
     with warnings.catch_warnings():
@@ -337,7 +430,9 @@ def test_every_kernel_but_the_classifier_is_quantized(rng, tmp_path, caplog, bui
         assert type(layers[path]) is cls and layers[path].weight_bits == 2, path
         source = dict(_walk(model))[path]
         for name in layers[path].kernel_names:  # weights copied, nested ones too
-            np.testing.assert_array_equal(getattr(layers[path], name).numpy(), getattr(source, name).numpy())
+            np.testing.assert_array_equal(
+                getattr(layers[path], name).numpy(), getattr(source, name).numpy()
+            )
     assert layers[head].weight_bits is None
     assert float_kernel_layers(twin) == {head: "classifier head"}
     assert f"kernel layers left in full precision: {head} (classifier head)" in caplog.text
@@ -355,15 +450,27 @@ def test_float_kernels_are_named_with_their_reason(caplog):
     model = nested_stem_net()
     with caplog.at_level(logging.INFO, logger="faqd_tf.quantize"):
         twin = quantize_model(model, weight_bits=1, layer_bits={"stem_conv": None, "dw": 8})
-    assert float_kernel_layers(twin) == {"stem/stem_conv": "layer_bits['stem_conv']", "head": "classifier head"}
+    assert float_kernel_layers(twin) == {
+        "stem/stem_conv": "layer_bits['stem_conv']",
+        "head": "classifier head",
+    }
     assert dict(_walk(twin))["dw"].weight_bits == 8
     assert "stem/stem_conv (layer_bits['stem_conv']), head (classifier head)" in caplog.text
     assert float_kernel_layers(quantize_model(model, weight_bits=1, skip=["dw"])) == {"dw": "skip"}
-    seq = keras.Sequential([keras.Input((8, 3)), keras.layers.SeparableConv1D(4, 3, name="sep1d"),
-                            keras.layers.Flatten(), keras.layers.Dense(2, name="d")])
+    seq = keras.Sequential(
+        [
+            keras.Input((8, 3)),
+            keras.layers.SeparableConv1D(4, 3, name="sep1d"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(2, name="d"),
+        ]
+    )
     with pytest.warns(UserWarning, match=r"quantized no kernel of model .* despite weight_bits=2"):
         twin = quantize_model(seq, weight_bits=2)
-    assert float_kernel_layers(twin) == {"sep1d": "no quantized counterpart", "d": "classifier head"}
+    assert float_kernel_layers(twin) == {
+        "sep1d": "no quantized counterpart",
+        "d": "classifier head",
+    }
 
 
 def test_feature_layers_of_a_conv1d_model_feed_fa():
@@ -385,9 +492,17 @@ def test_first_layers_are_the_kernel_layers_that_see_the_input_first():
     x = keras.layers.Flatten()(x)
     model = keras.Model(inputs, keras.layers.Dense(4, name="head")(x))
     assert sorted(first_layers(model)) == ["branch_a", "branch_b"]
-    inner = keras.Sequential([keras.Input((8, 8, 2)), keras.layers.Conv2D(3, 3, name="inner_conv"),
-                              keras.layers.Conv2D(3, 3, name="inner_conv2")], name="stem")
-    outer = keras.Sequential([keras.Input((8, 8, 2)), inner, keras.layers.Flatten(), keras.layers.Dense(2, name="out")])
+    inner = keras.Sequential(
+        [
+            keras.Input((8, 8, 2)),
+            keras.layers.Conv2D(3, 3, name="inner_conv"),
+            keras.layers.Conv2D(3, 3, name="inner_conv2"),
+        ],
+        name="stem",
+    )
+    outer = keras.Sequential(
+        [keras.Input((8, 8, 2)), inner, keras.layers.Flatten(), keras.layers.Dense(2, name="out")]
+    )
     assert first_layers(outer) == ["stem/inner_conv"]
 
 
@@ -396,13 +511,26 @@ def test_a_1bit_model_keeps_its_first_layer_at_8_bits_unless_told(rng):
 
     fp = resnet_cifar(8, input_shape=(12, 12, 1))
     one = quantize_model(fp, weight_bits=1)
-    assert one.get_layer("stem_conv").weight_bits == 8 and one.get_layer("s1b1_conv1").weight_bits == 1
-    np.testing.assert_allclose(one.get_layer("stem_conv").quantized_kernel().numpy(),
-                               np_quantize(fp.get_layer("stem_conv").kernel.numpy(), 8), rtol=1e-5, atol=1e-7)
-    assert quantize_model(fp, weight_bits=2).get_layer("stem_conv").weight_bits == 2  # only 1 bit measured
-    assert resolve_layer_bits(fp, 1, first_layer_bits=1)["stem_conv"] == 1  # the authors' all-binary net
+    assert (
+        one.get_layer("stem_conv").weight_bits == 8 and one.get_layer("s1b1_conv1").weight_bits == 1
+    )
+    np.testing.assert_allclose(
+        one.get_layer("stem_conv").quantized_kernel().numpy(),
+        np_quantize(fp.get_layer("stem_conv").kernel.numpy(), 8),
+        rtol=1e-5,
+        atol=1e-7,
+    )
+    assert (
+        quantize_model(fp, weight_bits=2).get_layer("stem_conv").weight_bits == 2
+    )  # only 1 bit measured
+    assert (
+        resolve_layer_bits(fp, 1, first_layer_bits=1)["stem_conv"] == 1
+    )  # the authors' all-binary net
     assert resolve_layer_bits(fp, 1, first_layer_bits=None)["stem_conv"] is None
     assert resolve_layer_bits(fp, 1, {"stem_conv": 2})["stem_conv"] == 2  # layer_bits wins
-    assert resnet_cifar(8, input_shape=(12, 12, 1), weight_bits=1).get_layer("stem_conv").weight_bits == 8
+    assert (
+        resnet_cifar(8, input_shape=(12, 12, 1), weight_bits=1).get_layer("stem_conv").weight_bits
+        == 8
+    )
     with pytest.raises(ValueError, match="first_layer_bits=3 is not supported"):
         quantize_model(fp, weight_bits=1, first_layer_bits=3)

@@ -8,7 +8,6 @@ from faqd_tf import quantizers
 from faqd_tf.quantizers import quantize_weights, quantized_relu
 from tests.references import np_qrelu, np_qrelu_grads, np_quantize
 
-
 # ---- the op under test, with its gradients ----------------------------------------------------
 
 
@@ -43,7 +42,9 @@ def test_weight_quantizer_matches_numpy(rng, bits, per_channel):
         if not np.allclose(g64[g], r64[g], rtol=2e-5, atol=1e-7):
             diverged += 1
             assert np.sum((w64[g] - g64[g]) ** 2) <= 1.05 * np.sum((w64[g] - r64[g]) ** 2)
-    assert diverged <= max(1, len(groups) // 8), f"{diverged} of {len(groups)} groups differ from the reference"
+    assert diverged <= max(1, len(groups) // 8), (
+        f"{diverged} of {len(groups)} groups differ from the reference"
+    )
     # Levels: at most 2L+1 distinct values per scale group (2 for 1 bit).
     max_values = 2 if bits == 1 else 2 * quantizers.levels(bits) + 1
     groups = got.reshape(-1, 16).T if per_channel else [got.ravel()]
@@ -110,12 +111,19 @@ def test_quantized_relu_forward_and_eq5_gradients(rng, bits, alpha_rate):
     top = float(np.float32(2**bits - 1) * np.float32(alpha))
     # Cover x <= 0, the inside, x >= top, and the boundaries x = 0 and x = top exactly.
     x = np.concatenate(
-        [rng.uniform(-2, 0, 50), rng.uniform(0, top, 200), rng.uniform(top, top + 3, 50), [0.0, top, -0.0]]
+        [
+            rng.uniform(-2, 0, 50),
+            rng.uniform(0, top, 200),
+            rng.uniform(top, top + 3, 50),
+            [0.0, top, -0.0],
+        ]
     ).astype(np.float32)
     dy = rng.normal(size=x.shape).astype(np.float32)
     y, gx, ga = qrelu_grads(x, alpha, bits, dy, alpha_rate=alpha_rate)
     np.testing.assert_allclose(y, np_qrelu(x.astype(np.float64), alpha, bits), rtol=1e-5, atol=1e-6)
-    want_dx, want_da = np_qrelu_grads(x.astype(np.float64), alpha, bits, dy.astype(np.float64), top, alpha_rate)
+    want_dx, want_da = np_qrelu_grads(
+        x.astype(np.float64), alpha, bits, dy.astype(np.float64), top, alpha_rate
+    )
     np.testing.assert_allclose(gx, want_dx, rtol=0, atol=0)
     # The alpha gradient is a float32 sum of terms of both signs: its rounding scales with their sizes.
     term_sizes = np.sum(np.abs(dy)) * (2**bits - 1) * (1.0 if alpha_rate is None else alpha_rate)
@@ -183,7 +191,9 @@ def test_bad_bits_name_the_allowed_values(bits):
 
 @pytest.mark.parametrize("alpha_rate", [0, 0.0, -0.01, "0.01", True, float("inf"), float("nan")])
 def test_bad_alpha_rate_is_one_line_naming_it(alpha_rate):
-    with pytest.raises(ValueError, match=r"^alpha_rate=.* is not valid; use a number > 0 .* or None") as error:
+    with pytest.raises(
+        ValueError, match=r"^alpha_rate=.* is not valid; use a number > 0 .* or None"
+    ) as error:
         quantized_relu(tf.constant([1.0]), 0.5, 2, alpha_rate=alpha_rate)
     assert "\n" not in str(error.value)
 
@@ -191,7 +201,9 @@ def test_bad_alpha_rate_is_one_line_naming_it(alpha_rate):
 def test_bad_alpha_and_per_channel_without_channels():
     with pytest.raises(ValueError, match=r"alpha=-0.5 .*\[0.001, 5.0\]"):
         quantized_relu(tf.constant([1.0]), -0.5, 2)
-    with pytest.raises(ValueError, match="per_channel=True needs a kernel with an output-channel axis"):
+    with pytest.raises(
+        ValueError, match="per_channel=True needs a kernel with an output-channel axis"
+    ):
         quantize_weights(np.arange(1.0, 5.0, dtype=np.float32), 4, per_channel=True)
 
 
@@ -219,7 +231,10 @@ def test_frozen_quantizer_is_identity_and_recovers_the_codes(rng, bits, per_chan
     np.testing.assert_array_equal(again_scale, scale)
     assert frozen.precision == bits and isinstance(frozen, quantizers.BaseWeightQuantizer)
     restored = quantizers.get(quantizers.serialize(frozen))
-    assert type(restored) is quantizers.FrozenQuantizer and restored.get_config() == frozen.get_config()
+    assert (
+        type(restored) is quantizers.FrozenQuantizer
+        and restored.get_config() == frozen.get_config()
+    )
     assert quantizers.get(frozen) is frozen
 
 

@@ -22,7 +22,8 @@ FMNIST = "idx:/usr/share/datasets/fashion-mnist"
 # Pinned: the test asserts accuracies after training, which vary with the seed (see the notes below).
 SEED = 0
 pytestmark = pytest.mark.skipif(
-    not os.path.isdir("/usr/share/datasets/fashion-mnist"), reason="needs the Debian package dataset-fashion-mnist"
+    not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+    reason="needs the Debian package dataset-fashion-mnist",
 )
 
 
@@ -32,7 +33,9 @@ def small_cnn(weight_bits=None):
     for stage, width in enumerate((16, 32, 64), start=1):
         if stage > 1:
             x = keras.layers.MaxPooling2D(name=f"pool{stage}")(x)
-        x = QuantConv2D(width, 3, padding="same", use_bias=False, weight_bits=weight_bits, name=f"conv{stage}")(x)
+        x = QuantConv2D(
+            width, 3, padding="same", use_bias=False, weight_bits=weight_bits, name=f"conv{stage}"
+        )(x)
         x = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{stage}")(x)
         x = QuantReLU(name=f"stage{stage}")(x)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
@@ -40,7 +43,9 @@ def small_cnn(weight_bits=None):
 
 
 def accuracy(model, test):
-    model.compile(metrics=["accuracy"], loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        metrics=["accuracy"], loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     return model.evaluate(test, verbose=0, return_dict=True)["accuracy"]
 
 
@@ -48,11 +53,15 @@ def test_label_free_4bit_student_on_fashion_mnist():
     seed = SEED
     keras.utils.set_random_seed(seed)
     train_labeled = data.load(FMNIST, "train", batch_size=64, limit=6000, seed=seed, augment=False)
-    train_images = data.load(FMNIST, "train", labels=False, batch_size=64, limit=6000, seed=seed, augment=False)
+    train_images = data.load(
+        FMNIST, "train", labels=False, batch_size=64, limit=6000, seed=seed, augment=False
+    )
     test = data.load(FMNIST, "test", batch_size=500, limit=2000)
 
     teacher = small_cnn()
-    teacher.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    teacher.compile(
+        keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     teacher.fit(train_labeled, epochs=3, verbose=0)
     teacher_acc = accuracy(teacher, test)
     assert teacher_acc > 0.65, teacher_acc  # a sanity bar; the claims are about the students
@@ -67,7 +76,9 @@ def test_label_free_4bit_student_on_fashion_mnist():
             student = small_cnn(weight_bits=4)
             kd = "mse"
         untrained = accuracy(student, test)
-        distiller = Distiller(student, teacher, alpha=1.0, beta=0.1, gamma=0.0, kd=kd, temperature=4.0, fa="exact")
+        distiller = Distiller(
+            student, teacher, alpha=1.0, beta=0.1, gamma=0.0, kd=kd, temperature=4.0, fa="exact"
+        )
         distiller.compile(keras.optimizers.Adam(3e-4 if init == "fine-tune" else 3e-3))
         distiller.fit(train_images, epochs=1 if init == "fine-tune" else 2, verbose=0)
         results[init] = (untrained, accuracy(student, test))
@@ -90,14 +101,24 @@ def test_exact_fa_on_maps_of_a_trained_network_needs_no_fallback():
     pairwise fallback, which on such maps used to fire for a third to two thirds of the samples."""
     keras.utils.set_random_seed(SEED)
     teacher = small_cnn()
-    teacher.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    teacher.fit(data.load(FMNIST, "train", batch_size=64, limit=2048, seed=SEED, augment=False), epochs=1, verbose=0)
+    teacher.compile(
+        keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    teacher.fit(
+        data.load(FMNIST, "train", batch_size=64, limit=2048, seed=SEED, augment=False),
+        epochs=1,
+        verbose=0,
+    )
     student = quantize_model(teacher, weight_bits=2)
-    images = next(iter(data.load(FMNIST, "train", labels=False, batch_size=16, limit=16, augment=False)))
+    images = next(
+        iter(data.load(FMNIST, "train", labels=False, batch_size=16, limit=16, augment=False))
+    )
     t_extractor, s_extractor = paired_extractors(teacher, student)
     for t_map, s_map in zip(t_extractor(images)[1:], s_extractor(images, training=True)[1:]):
         t_np, s_np = t_map.numpy(), s_map.numpy()
-        assert np.all(losses.gram_error_estimate(t_np, s_np).numpy() < losses.GRAM_RELATIVE_ERROR_LIMIT)
+        assert np.all(
+            losses.gram_error_estimate(t_np, s_np).numpy() < losses.GRAM_RELATIVE_ERROR_LIMIT
+        )
         s_var = tf.constant(s_np)
         with tf.GradientTape() as tape:
             tape.watch(s_var)

@@ -24,10 +24,14 @@ def _convnet():
     """Every kernel layer quantize_model maps (Conv1D/2D/3D, depthwise, separable, transposed, dense),
     one inside a nested Sequential, on the (12, 12, 1) images of the other models."""
     inputs = keras.Input((12, 12, 1))
-    stem = keras.Sequential([keras.Input((12, 12, 1)), keras.layers.Conv2D(4, 3, padding="same", activation="relu")],
-                            name="stem")
+    stem = keras.Sequential(
+        [keras.Input((12, 12, 1)), keras.layers.Conv2D(4, 3, padding="same", activation="relu")],
+        name="stem",
+    )
     x = keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(stem(inputs))
-    x = keras.layers.SeparableConv2D(4, 3, strides=2, padding="same", activation="relu", name="sep")(x)
+    x = keras.layers.SeparableConv2D(
+        4, 3, strides=2, padding="same", activation="relu", name="sep"
+    )(x)
     x = keras.layers.Conv2DTranspose(4, 2, strides=2, name="up")(x)
     v = keras.layers.Conv3D(2, 2, name="c3d")(keras.layers.Reshape((12, 12, 4, 1))(x))
     s = keras.layers.Conv1D(3, 3, padding="causal", name="c1d")(keras.layers.Reshape((144, 4))(x))
@@ -42,12 +46,20 @@ def _saved_models(tmp_path, rng):
     models = {"teacher": teacher}
     for bits in (1, 2, 4, 8):
         models[f"w{bits}"] = quantize_model(teacher, weight_bits=bits)
-    models["w2a2_per_channel"] = quantize_model(teacher, weight_bits=2, activation_bits=2, per_channel=True)
+    models["w2a2_per_channel"] = quantize_model(
+        teacher, weight_bits=2, activation_bits=2, per_channel=True
+    )
     models["w1_relax"] = quantize_model(teacher, weight_bits=1, relax=2.0)
-    models["mixed_widths"] = quantize_model(teacher, weight_bits=1, layer_bits={"stem_conv": 8, "s2.*": 4, "logits": 2})
+    models["mixed_widths"] = quantize_model(
+        teacher, weight_bits=1, layer_bits={"stem_conv": 8, "s2.*": 4, "logits": 2}
+    )
     models["frozen"] = freeze(quantize_model(teacher, weight_bits=4))
-    models["built_quantized"] = resnet_cifar(8, input_shape=(12, 12, 1), num_classes=5, weight_bits=2, activation_bits=4)
-    models["convnet_layers"] = quantize_model(_convnet(), weight_bits=2, per_channel=True, relax=1.5)
+    models["built_quantized"] = resnet_cifar(
+        8, input_shape=(12, 12, 1), num_classes=5, weight_bits=2, activation_bits=4
+    )
+    models["convnet_layers"] = quantize_model(
+        _convnet(), weight_bits=2, per_channel=True, relax=1.5
+    )
     models["convnet_layers_w1"] = quantize_model(_convnet(), weight_bits=1, activation_bits=2)
     compiled = quantize_model(teacher, weight_bits=4)
     compiled.compile("sgd", loss=[losses.KDLoss(kd="kl", temperature=3.0)])
@@ -82,17 +94,25 @@ def saved(tmp_path_factory):
     return folder, _saved_models(folder, np.random.default_rng())
 
 
-@pytest.mark.parametrize("imports", [
-    "import keras, faqd_tf",
-    "import faqd_tf, keras",
-    "import faqd_tf; from faqd_tf import layers; import keras",  # faqd_tf's own module loads Keras
-    "import faqd_tf, faqd_tf.config; import tensorflow as tf; keras = tf.keras",
-])
+@pytest.mark.parametrize(
+    "imports",
+    [
+        "import keras, faqd_tf",
+        "import faqd_tf, keras",
+        "import faqd_tf; from faqd_tf import layers; import keras",  # faqd_tf's own module loads Keras
+        "import faqd_tf, faqd_tf.config; import tensorflow as tf; keras = tf.keras",
+    ],
+)
 def test_import_faqd_tf_alone_loads_every_saved_model(tmp_path, saved, imports):
     folder, names = saved
-    proc = subprocess.run([sys.executable, "-c", _LOAD.format(imports=imports), str(folder), *names],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                          env={**os.environ, "PYTHONPATH": ROOT})
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOAD.format(imports=imports), str(folder), *names],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
     # The same weights and code on the same inputs in another process: equal up to the last bits
@@ -113,11 +133,21 @@ def test_import_faqd_tf_loads_no_tensorflow_and_registers_once_keras_loads(tmp_p
                           "hooks": [type(f).__name__ for f in sys.meta_path if type(f).__module__ == "faqd_tf.registration"]}))
         """
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                          timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Registered once Keras loaded, and the hook gone after that.
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"before": [], "after": True, "hooks": []}
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
+        "before": [],
+        "after": True,
+        "hooks": [],
+    }
 
 
 def test_registration_modules_are_every_module_that_registers_a_class():
@@ -135,8 +165,13 @@ def test_registration_modules_are_every_module_that_registers_a_class():
         imported.add(module)
         if module == "faqd_tf.models":  # a package: its modules that it imports
             tree = ast.parse(open(os.path.join(ROOT, "faqd_tf", "models", "__init__.py")).read())
-            imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-                         and node.module and node.module.startswith("faqd_tf.models.")}
+            imported |= {
+                node.module
+                for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.module.startswith("faqd_tf.models.")
+            }
     assert registering <= imported, registering - imported
 
 
@@ -152,10 +187,14 @@ def test_unregistered_class_is_named_with_its_module(tmp_path):
     path = tmp_path / "custom.keras"
     model.save(path)
     del keras.saving.get_custom_objects()["someone_else>_Unregistered"]
-    assert registration.unregistered_classes(str(path)) == [("someone_else>_Unregistered", __name__)]
+    assert registration.unregistered_classes(str(path)) == [
+        ("someone_else>_Unregistered", __name__)
+    ]
     # The library's own classes are registered, and Keras's are never listed.
     resnet = tmp_path / "resnet.keras"
-    quantize_model(resnet_cifar(8, input_shape=(8, 8, 1), num_classes=3), weight_bits=2).save(resnet)
+    quantize_model(resnet_cifar(8, input_shape=(8, 8, 1), num_classes=3), weight_bits=2).save(
+        resnet
+    )
     assert registration.unregistered_classes(str(resnet)) == []
 
 

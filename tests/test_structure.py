@@ -11,8 +11,14 @@ import faqd_tf
 from faqd_tf.names import EXPORTS
 
 PACKAGE = os.path.dirname(os.path.abspath(faqd_tf.__file__))
-TENSORFLOW_FREE = ("faqd_tf.names", "faqd_tf.fields", "faqd_tf.options", "faqd_tf.config", "faqd_tf.runner",
-                   "faqd_tf.cli")
+TENSORFLOW_FREE = (
+    "faqd_tf.names",
+    "faqd_tf.fields",
+    "faqd_tf.options",
+    "faqd_tf.config",
+    "faqd_tf.runner",
+    "faqd_tf.cli",
+)
 
 
 def _modules():
@@ -41,12 +47,19 @@ def _imports(path, top_level_only=False):
             if top_level_only and isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
             if isinstance(child, ast.Import):
-                out.update(a.name if a.name in MODULES else a.name.split(".")[0] for a in child.names)
+                out.update(
+                    a.name if a.name in MODULES else a.name.split(".")[0] for a in child.names
+                )
             elif isinstance(child, ast.ImportFrom) and child.module:
                 for alias in child.names:
                     full = f"{child.module}.{alias.name}"
-                    out.add(full if full in MODULES else child.module if child.module in MODULES
-                            else child.module.split(".")[0])
+                    out.add(
+                        full
+                        if full in MODULES
+                        else child.module
+                        if child.module in MODULES
+                        else child.module.split(".")[0]
+                    )
             visit(child)
 
     with open(path) as f:
@@ -62,7 +75,7 @@ def _cycle(graph):
         state[module] = "open"
         for other in sorted(graph[module]):
             if state.get(other) == "open":
-                return trail[trail.index(other):] + [other]
+                return trail[trail.index(other) :] + [other]
             if other not in state:
                 found = walk(other, trail + [other])
                 if found:
@@ -82,7 +95,12 @@ def test_no_import_cycle():
     # Imports inside functions count: a lazy import only postpones a cycle.
     graph = {m: {i for i in _imports(p) if i in MODULES and i != m} for m, p in MODULES.items()}
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
-    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the check finds one
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [
+        "a",
+        "b",
+        "c",
+        "a",
+    ]  # the check finds one
 
 
 @pytest.mark.parametrize("module", TENSORFLOW_FREE)
@@ -94,9 +112,13 @@ def test_modules_read_before_tensorflow_starts_import_none_of_it(module):
             continue
         seen.add(current)
         imports = _imports(MODULES[current], top_level_only=True)
-        assert not imports & {"tensorflow", "keras"}, f"{current} (imported by {module}) imports TensorFlow"
+        assert not imports & {"tensorflow", "keras"}, (
+            f"{current} (imported by {module}) imports TensorFlow"
+        )
         todo += [i for i in imports if i in MODULES]
-        todo += [current.rsplit(".", depth)[0] for depth in range(1, current.count(".") + 1)]  # its packages run first
+        todo += [
+            current.rsplit(".", depth)[0] for depth in range(1, current.count(".") + 1)
+        ]  # its packages run first
 
 
 @pytest.mark.parametrize("kind", sorted(EXPORTS))

@@ -26,7 +26,10 @@ FORMS = {
 def test_the_maps_stay_inputs_of_the_compiled_gradient(rng, form):
     """A map that XLA asks for as a compile-time constant is folded into the program, which is then
     compiled anew for every batch: the step seems to hang (the gram form's fallback did this)."""
-    t, s = (tf.constant(np.maximum(rng.normal(size=(4, 8, 8, 6)), 0).astype("float32")) for _ in range(2))
+    t, s = (
+        tf.constant(np.maximum(rng.normal(size=(4, 8, 8, 6)), 0).astype("float32"))
+        for _ in range(2)
+    )
 
     @tf.function(jit_compile=True)
     def loss_and_grad(t, s):
@@ -36,7 +39,7 @@ def test_the_maps_stay_inputs_of_the_compiled_gradient(rng, form):
         return loss, tape.gradient(loss, s)
 
     hlo = loss_and_grad.experimental_get_compiler_ir(t, s)(stage="hlo")
-    entry = hlo[hlo.index("ENTRY"):]
+    entry = hlo[hlo.index("ENTRY") :]
     assert sorted(set(re.findall(r"parameter\((\d+)\)", entry))) == ["0", "1"], entry[:2000]
 
     with tf.GradientTape() as tape:
@@ -44,7 +47,9 @@ def test_the_maps_stay_inputs_of_the_compiled_gradient(rng, form):
         want = tf.reduce_sum(FORMS[form](t, s))
     got_loss, got_grad = loss_and_grad(t, s)
     np.testing.assert_allclose(got_loss.numpy(), want.numpy(), rtol=1e-4)
-    np.testing.assert_allclose(got_grad.numpy(), tape.gradient(want, s).numpy(), rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(
+        got_grad.numpy(), tape.gradient(want, s).numpy(), rtol=1e-3, atol=1e-6
+    )
 
 
 def test_gaussian_probes_are_the_same_numbers_under_xla_and_standard_normal(seed):
@@ -52,7 +57,9 @@ def test_gaussian_probes_are_the_same_numbers_under_xla_and_standard_normal(seed
     they are standard normal: mean, variance and the two tails of 200,000 draws against N(0, 1)."""
     stateless = tf.constant([seed, 3], tf.int64)
     eager = losses.gaussian_probes([1, 200_000, 1], stateless).numpy().ravel()
-    compiled = tf.function(lambda s: losses.gaussian_probes([1, 200_000, 1], s), jit_compile=True)(stateless)
+    compiled = tf.function(lambda s: losses.gaussian_probes([1, 200_000, 1], s), jit_compile=True)(
+        stateless
+    )
     np.testing.assert_allclose(compiled.numpy().ravel(), eager, rtol=1e-5, atol=1e-5)
     n = eager.size
     assert abs(eager.mean()) < 5 / np.sqrt(n) and abs(eager.var() - 1) < 5 * np.sqrt(2 / n)
@@ -80,14 +87,24 @@ def _fit_twice(setup, replicas, mirrored_strategy, seed):
             student.set_weights(start.get_weights())
             distiller = Distiller(student, t, kd="kl", temperature=2.0, seed=3, **setup)
             if jit and replicas > 1:
-                with pytest.warns(UserWarning, match="jit_compile=True is turned off under a strategy of 2 replicas"):
+                with pytest.warns(
+                    UserWarning,
+                    match="jit_compile=True is turned off under a strategy of 2 replicas",
+                ):
                     distiller.compile(keras.optimizers.SGD(0.05, momentum=0.9), jit_compile=jit)
             else:
                 distiller.compile(keras.optimizers.SGD(0.05, momentum=0.9), jit_compile=jit)
             assert distiller.jit_compile == (jit and replicas == 1)
         labeled = setup.get("gamma", 0) > 0
-        history = distiller.fit(x, y if labeled else None, sample_weight=w if labeled else None, batch_size=8,
-                                epochs=1, verbose=0, shuffle=False)
+        history = distiller.fit(
+            x,
+            y if labeled else None,
+            sample_weight=w if labeled else None,
+            batch_size=8,
+            epochs=1,
+            verbose=0,
+            shuffle=False,
+        )
         results.append(({k: v[-1] for k, v in history.history.items()}, weights_of(student)))
     return results, start
 
@@ -103,14 +120,29 @@ FAST_CASES = [("exact+ce+weights", 2), ("fast", 1)]
 
 @pytest.mark.parametrize(
     "setup, replicas",
-    [*FAST_CASES, *(pytest.param(s, r, marks=pytest.mark.slow) for s in SETUPS for r in (1, 2)
-                    if (s, r) not in FAST_CASES)],
+    [
+        *FAST_CASES,
+        *(
+            pytest.param(s, r, marks=pytest.mark.slow)
+            for s in SETUPS
+            for r in (1, 2)
+            if (s, r) not in FAST_CASES
+        ),
+    ],
 )
 def test_jit_compiled_fit_trains_as_the_graph_step(setup, replicas, mirrored_strategy, seed):
-    ((graph_logs, graph_weights), (xla_logs, xla_weights)), start = _fit_twice(SETUPS[setup], replicas, mirrored_strategy, seed)
+    ((graph_logs, graph_weights), (xla_logs, xla_weights)), start = _fit_twice(
+        SETUPS[setup], replicas, mirrored_strategy, seed
+    )
     assert graph_logs.keys() == xla_logs.keys() and "fa" in graph_logs
     for name in graph_logs:
-        np.testing.assert_allclose(xla_logs[name], graph_logs[name], rtol=1e-4, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(
+            xla_logs[name], graph_logs[name], rtol=1e-4, atol=1e-6, err_msg=name
+        )
     for path in graph_weights:
-        np.testing.assert_allclose(xla_weights[path], graph_weights[path], rtol=1e-4, atol=1e-5, err_msg=path)
-    assert any(not np.allclose(graph_weights[v.path], v.numpy()) for v in start.weights), "the steps changed nothing"
+        np.testing.assert_allclose(
+            xla_weights[path], graph_weights[path], rtol=1e-4, atol=1e-5, err_msg=path
+        )
+    assert any(not np.allclose(graph_weights[v.path], v.numpy()) for v in start.weights), (
+        "the steps changed nothing"
+    )

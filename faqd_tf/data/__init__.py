@@ -112,8 +112,13 @@ __all__ = [
 SOURCE_KINDS = ("tfds", "folder", "tiny_imagenet", "idx")
 
 
-def dataset_info(source: str, data_dir: str | None = None, *, image_size: int | tuple[int, int] | None = None,
-                 validation_fraction: float = 0.1) -> DatasetInfo:
+def dataset_info(
+    source: str,
+    data_dir: str | None = None,
+    *,
+    image_size: int | tuple[int, int] | None = None,
+    validation_fraction: float = 0.1,
+) -> DatasetInfo:
     """Describes a source without building its pipeline (and without downloading TFDS data).
 
     Args:
@@ -239,7 +244,6 @@ def load(
     )
 
 
-
 # --------------------------------------------------------------------------------------------
 # Argument checks
 
@@ -247,7 +251,9 @@ def load(
 def _check_split(split):
     name = {"val": "validation"}.get(split, split) if isinstance(split, str) else split
     if name not in ("train", "validation", "test"):
-        raise ValueError(f"split={split!r} is unknown; use 'train', 'validation' ('val') or 'test'.")
+        raise ValueError(
+            f"split={split!r} is unknown; use 'train', 'validation' ('val') or 'test'."
+        )
     return name
 
 
@@ -303,13 +309,17 @@ def _normalization(mean, std, info):
 
 
 def _parse_source(source):
-    usage = "write tfds:<name>, folder:<path>, tiny_imagenet:<path> or idx:<path>, e.g. tfds:cifar10"
+    usage = (
+        "write tfds:<name>, folder:<path>, tiny_imagenet:<path> or idx:<path>, e.g. tfds:cifar10"
+    )
     shown = inputs.shorten(repr(source), inputs.PATH_CHARS)
     if not isinstance(source, str) or ":" not in source:
         raise ValueError(f"source {shown} has no kind; {usage}.")
     kind, _, arg = source.partition(":")
     if kind.strip().lower() not in SOURCE_KINDS:
-        raise ValueError(f"source {shown} has an unknown kind {inputs.shorten(repr(kind))}; {usage}.")
+        raise ValueError(
+            f"source {shown} has an unknown kind {inputs.shorten(repr(kind))}; {usage}."
+        )
     if not arg.strip():
         raise ValueError(f"source {shown} names nothing after the colon; {usage}.")
     return kind.strip().lower(), arg.strip()
@@ -329,6 +339,8 @@ def _backend(source, data_dir):
             f"working directory without one)."
         )
     if not os.path.isdir(path):
-        raise ValueError(f"{label} is a file, not a folder; point the source at the folder of the data.")
+        raise ValueError(
+            f"{label} is a file, not a folder; point the source at the folder of the data."
+        )
     sources = {"folder": FolderSource, "tiny_imagenet": TinyImageNetSource, "idx": IdxSource}
     return sources[kind](path, label)

@@ -40,6 +40,7 @@ class DatasetInfo:
     augmentation: str = "crop_flip"
     train_classes: int | None = None
 
+
 @dataclasses.dataclass(frozen=True)
 class Request:
     """What `load` asks a source for, besides the split."""
@@ -105,8 +106,6 @@ def fit_size(image, size, channels):
     image = tf.cond(same, lambda: image, resized)
     image.set_shape((size[0], size[1], channels))
     return image
-
-
 
 
 class SourceUnavailableError(RuntimeError):

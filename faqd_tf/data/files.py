@@ -11,7 +11,15 @@ import numpy as np
 import tensorflow as tf
 
 from faqd_tf import inputs
-from faqd_tf.data.base import IMAGENET_STATS, DatasetInfo, Examples, Source, default_augmentation, fit_size, validation_count
+from faqd_tf.data.base import (
+    IMAGENET_STATS,
+    DatasetInfo,
+    Examples,
+    Source,
+    default_augmentation,
+    fit_size,
+    validation_count,
+)
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
 
@@ -95,7 +103,9 @@ def _no_images_error(label, folder):
 
 def _index_folder(folder, label):
     """`(class_names, {class index: sorted paths})` of a labeled folder, `(None, {-1: ...})` if flat."""
-    entries = sorted((e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name)
+    entries = sorted(
+        (e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name
+    )
     flat = [e.path for e in entries if e.is_file() and is_image(e.name)]
     classes, seen = {}, {_identity(folder): folder}
     for entry in entries:
@@ -136,7 +146,9 @@ def _tail_split(groups, split, fraction, exclude, label):
     paths, labels = [], []
     for cls, files in groups.items():
         n_val = n_vals[cls]
-        chosen = files[len(files) - n_val :] if split == "validation" else files[: len(files) - n_val]
+        chosen = (
+            files[len(files) - n_val :] if split == "validation" else files[: len(files) - n_val]
+        )
         paths.extend(chosen)
         labels.extend([cls] * len(chosen))
     return paths, labels
@@ -174,7 +186,9 @@ def _probe_images(paths):
 def _decoded_channels(path):
     if path.lower().endswith(".gif"):
         return 3
-    return int(tf.io.decode_image(tf.io.read_file(path), channels=0, expand_animations=False).shape[-1])
+    return int(
+        tf.io.decode_image(tf.io.read_file(path), channels=0, expand_animations=False).shape[-1]
+    )
 
 
 class FolderSource(Source):
@@ -273,7 +287,9 @@ class FolderSource(Source):
             paths, labels = _tail_split(
                 groups, split, request.validation_fraction, request.exclude_validation, self.source
             )
-        return _file_examples(paths, labels, size=shape[:2], channels=shape[-1], limit=request.limit)
+        return _file_examples(
+            paths, labels, size=shape[:2], channels=shape[-1], limit=request.limit
+        )
 
 
 class TinyImageNetSource(Source):
@@ -323,7 +339,9 @@ class TinyImageNetSource(Source):
                 )
             index = {w: i for i, w in enumerate(self.wnids)}
             images = os.path.join(val, "images")
-            present = {f for f in os.listdir(images) if is_image(f)} if os.path.isdir(images) else set()
+            present = (
+                {f for f in os.listdir(images) if is_image(f)} if os.path.isdir(images) else set()
+            )
             paths, labels = [], []
             text = inputs.read_text(annotations, "the annotations", limit=64 * 2**20)
             for number, line in enumerate(text.splitlines(), 1):
@@ -392,4 +410,3 @@ class TinyImageNetSource(Source):
                 self.source,
             )
         return _file_examples(paths, labels, size=shape[:2], channels=3, limit=request.limit)
-

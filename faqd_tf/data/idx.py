@@ -8,7 +8,15 @@ import numpy as np
 import tensorflow as tf
 
 from faqd_tf import inputs
-from faqd_tf.data.base import DatasetInfo, Examples, Source, carve, default_augmentation, fit_size, validation_count
+from faqd_tf.data.base import (
+    DatasetInfo,
+    Examples,
+    Source,
+    carve,
+    default_augmentation,
+    fit_size,
+    validation_count,
+)
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -142,7 +150,9 @@ class IdxSource(Source):
                 f"{MAX_CLASSES:,}; check the file."
             )
         if 0 in images.shape[1:3]:
-            raise ValueError(f"{images_file} holds images of {images.shape[1]} x {images.shape[2]} pixels; check the file.")
+            raise ValueError(
+                f"{images_file} holds images of {images.shape[1]} x {images.shape[2]} pixels; check the file."
+            )
         if part == "test" and labels.size:
             classes = self._num_classes()
             if labels.max() >= classes:
@@ -206,5 +216,3 @@ class IdxSource(Source):
             )
         # Already in memory: a cache would only copy it, unless resizing makes it worth keeping.
         return Examples(ds, len(images), cacheable=size is not None, shard_by_data=True)
-
-

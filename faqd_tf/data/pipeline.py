@@ -31,7 +31,9 @@ def _augment(images, seed, policy):
         dx = tf.random.stateless_uniform([batch], offset_seed, 0, 2 * pad_w + 1, dtype=tf.int32)
         rows = dy[:, None] + tf.range(height)[None, :]
         cols = dx[:, None] + tf.range(width)[None, :]
-        images = tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)
+        images = tf.gather(
+            tf.gather(padded, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1
+        )
     else:
         images = _random_resized_crop(images, crop_seed, offset_seed)
     if policy != "crop":
@@ -48,7 +50,10 @@ def _random_resized_crop(images, size_seed, offset_seed, attempts=10):
     area = tf.random.stateless_uniform([batch, attempts], area_seed, *_RESIZED_CROP_AREA)
     area *= height * width
     log_ratio = tf.random.stateless_uniform(
-        [batch, attempts], ratio_seed, np.log(_RESIZED_CROP_RATIO[0]), np.log(_RESIZED_CROP_RATIO[1])
+        [batch, attempts],
+        ratio_seed,
+        np.log(_RESIZED_CROP_RATIO[0]),
+        np.log(_RESIZED_CROP_RATIO[1]),
     )
     box_w = tf.round(tf.sqrt(area * tf.exp(log_ratio)))
     box_h = tf.round(tf.sqrt(area / tf.exp(log_ratio)))
@@ -71,7 +76,9 @@ def _random_resized_crop(images, size_seed, offset_seed, attempts=10):
         ],
         axis=1,
     )
-    return tf.image.crop_and_resize(images, boxes, tf.range(batch), (height, width), method="bilinear")
+    return tf.image.crop_and_resize(
+        images, boxes, tf.range(batch), (height, width), method="bilinear"
+    )
 
 
 def pipeline(
@@ -120,6 +127,8 @@ def pipeline(
     ds = ds.prefetch(tf.data.AUTOTUNE)
     if examples.shard_by_data:
         options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA
+        )
         ds = ds.with_options(options)
     return ds

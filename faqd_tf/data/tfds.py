@@ -80,7 +80,9 @@ class TfdsSource(Source):
             ) from None
         features = self.builder.info.features
         image, label = (features[k] if k in features else None for k in ("image", "label"))
-        if not isinstance(image, tfds.features.Image) or not isinstance(label, tfds.features.ClassLabel):
+        if not isinstance(image, tfds.features.Image) or not isinstance(
+            label, tfds.features.ClassLabel
+        ):
             raise ValueError(
                 f"{self.source} has no 'image' (Image) and 'label' (ClassLabel) features; use an "
                 f"image classification dataset such as tfds:cifar10."
@@ -169,7 +171,9 @@ class TfdsSource(Source):
 
         shape = self.info(request.image_size, request.validation_fraction).image_shape
         self._prepare()
-        spec, count = self._split_spec(split, request.validation_fraction, request.exclude_validation)
+        spec, count = self._split_spec(
+            split, request.validation_fraction, request.exclude_validation
+        )
         # Our own cache follows; TFDS's auto-cache would hold a second copy.
         read_config = tfds.ReadConfig(shuffle_seed=request.seed, try_autocache=False)
         ds = self.builder.as_dataset(
@@ -189,5 +193,3 @@ class TfdsSource(Source):
         # TFDS reads TFRecord shards, which tf.data can split between workers by file (AUTO);
         # not with `limit`, which would then take `limit` examples on every worker.
         return Examples(ds, count, cacheable=True, shard_by_data=request.limit is not None)
-
-

@@ -23,6 +23,7 @@ Example:
 """
 
 from faqd_tf.export.frozen import freeze
+from faqd_tf.export.onnx import WEIGHT_TYPES, check_onnx, run_onnx, to_onnx
 from faqd_tf.export.packed import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -33,7 +34,6 @@ from faqd_tf.export.packed import (
     read_manifest,
     unpack,
 )
-from faqd_tf.export.onnx import WEIGHT_TYPES, check_onnx, run_onnx, to_onnx
 from faqd_tf.export.tflite import MODES, kernel_types, run_tflite, to_tflite
 from faqd_tf.names import EXPORTS
 

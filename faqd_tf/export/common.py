@@ -102,7 +102,9 @@ def check_output_path(path):
         raise ValueError(f"Output path {path} is a folder; give a file name inside it.")
     if not os.path.isdir(folder):
         what = "is not a folder" if os.path.exists(folder) else "does not exist"
-        raise ValueError(f"Output path {path}: its folder {folder} {what}; create the folder first.")
+        raise ValueError(
+            f"Output path {path}: its folder {folder} {what}; create the folder first."
+        )
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"Output path {path}: the folder {folder} is not writable.")
 

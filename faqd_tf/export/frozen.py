@@ -47,7 +47,9 @@ def freeze(model, custom_objects=None):
     clone = rebuild(model_json(model), custom_objects)
     sources, targets = model.weights, clone.weights
     if [tuple(v.shape) for v in sources] != [tuple(v.shape) for v in targets]:
-        raise ValueError(f"Could not clone {model.name!r}: the rebuilt model's weights differ in number or shape.")
+        raise ValueError(
+            f"Could not clone {model.name!r}: the rebuilt model's weights differ in number or shape."
+        )
     for source, target in zip(sources, targets):
         target.assign(source)
     source_layers = quantized_layers(model)
@@ -55,7 +57,9 @@ def freeze(model, custom_objects=None):
     for source, target in zip(sources, targets):
         if id(source) in source_layers:
             if id(target) not in target_layers:
-                raise ValueError(f"Could not clone {model.name!r}: {target.path!r} lost its quantizer.")
+                raise ValueError(
+                    f"Could not clone {model.name!r}: {target.path!r} lost its quantizer."
+                )
             codes, scale = layer_codes(source_layers[id(source)][1])
             freeze_layer(target_layers[id(target)][1], codes, scale)
     return clone

@@ -57,6 +57,7 @@ import importlib.util
 
 import keras
 import numpy as np
+
 # Classes of the operations that `x + c` and keras.ops.add & co. put in a functional graph; Keras
 # exports no public name for them.
 from keras.src.ops import numpy as keras_numpy
@@ -64,7 +65,14 @@ from keras.src.ops import numpy as keras_numpy
 from faqd_tf._version import __version__
 from faqd_tf.atomic import write_atomically
 from faqd_tf.export.common import check_output_path, layer_codes, pack_bits
-from faqd_tf.layers import QuantConv1D, QuantConv2D, QuantConv2DTranspose, QuantDense, QuantDepthwiseConv2D, QuantReLU
+from faqd_tf.layers import (
+    QuantConv1D,
+    QuantConv2D,
+    QuantConv2DTranspose,
+    QuantDense,
+    QuantDepthwiseConv2D,
+    QuantReLU,
+)
 from faqd_tf.models.resnet_cifar import ChannelPad
 from faqd_tf.summary import quantized_kernel_bits
 
@@ -75,7 +83,18 @@ _DEFAULT_TYPE = {1: "int2", 2: "int2", 4: "int4", 8: "int8"}
 _BITS = {"int2": 2, "int4": 4, "int8": 8}
 # INT4 initializers need opset 21, INT2 opset 25.
 _OPSET = {"int2": 25, "int4": 21, "int8": 21}
-_ACTIVATIONS = ("linear", "relu", "relu6", "softmax", "sigmoid", "tanh", "silu", "hard_sigmoid", "hard_silu", "gelu")
+_ACTIVATIONS = (
+    "linear",
+    "relu",
+    "relu6",
+    "softmax",
+    "sigmoid",
+    "tanh",
+    "silu",
+    "hard_sigmoid",
+    "hard_silu",
+    "gelu",
+)
 
 
 def _to_inside(rank):
@@ -141,7 +160,10 @@ class _Graph:
         kernel; `axis` is the output-channel axis there."""
         bits = quantized_kernel_bits(layer)
         if bits is None:
-            return self.const(f"{layer.name}/kernel", float_kernel(np.asarray(keras.ops.convert_to_numpy(layer.kernel), np.float32)))
+            return self.const(
+                f"{layer.name}/kernel",
+                float_kernel(np.asarray(keras.ops.convert_to_numpy(layer.kernel), np.float32)),
+            )
         codes, scale = layer_codes(layer)
         codes = codes_layout(np.rint(codes).astype(np.int8))
         storage = self.weight_type or _DEFAULT_TYPE[bits]
@@ -154,8 +176,10 @@ class _Graph:
         self.storage[layer.name] = storage
         scale = scale.reshape(-1).astype(np.float32)
         per_channel = scale.size > 1
-        inputs = [self.codes(f"{layer.name}/codes", codes, storage),
-                  self.const(f"{layer.name}/scale", scale if per_channel else scale.reshape(()))]
+        inputs = [
+            self.codes(f"{layer.name}/codes", codes, storage),
+            self.const(f"{layer.name}/scale", scale if per_channel else scale.reshape(())),
+        ]
         attrs = {"axis": axis} if per_channel else {}
         return self.op("DequantizeLinear", inputs, f"{layer.name}/kernel", codes.ndim, **attrs).name
 
@@ -172,12 +196,18 @@ class _Graph:
             tensor = TensorProto(name=init_name, data_type=types[packed[0]], dims=list(value))
             tensor.raw_data = packed[1]
             initializers.append(tensor)
-        nodes = [helper.make_node(op_type, node_inputs, [output], name=output, **attrs)
-                 for op_type, node_inputs, output, attrs in self.nodes]
+        nodes = [
+            helper.make_node(op_type, node_inputs, [output], name=output, **attrs)
+            for op_type, node_inputs, output, attrs in self.nodes
+        ]
         graph = helper.make_graph(nodes, name, inputs, outputs, initializers)
         opset = max([21] + [_OPSET[s] for s in self.storage.values()])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                                  producer_name="faqd_tf", producer_version=__version__)
+        model = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", opset)],
+            producer_name="faqd_tf",
+            producer_version=__version__,
+        )
         onnx.checker.check_model(model, full_check=True)
         return model
 
@@ -188,11 +218,15 @@ class _Graph:
 
 def _require(module):
     if importlib.util.find_spec(module) is None:
-        raise ValueError(f"ONNX export needs the {module!r} package: pip install onnx onnxruntime (or faqd-tf[onnx]).")
+        raise ValueError(
+            f"ONNX export needs the {module!r} package: pip install onnx onnxruntime (or faqd-tf[onnx])."
+        )
 
 
 def _fail(layer, problem):
-    return ValueError(f"to_onnx cannot convert layer {layer.name!r} ({type(layer).__name__}): {problem}.")
+    return ValueError(
+        f"to_onnx cannot convert layer {layer.name!r} ({type(layer).__name__}): {problem}."
+    )
 
 
 def _activation_name(fn):
@@ -204,7 +238,12 @@ def _activation(g, x, name, hint):
     if name == "relu":
         return g.op("Relu", [x], hint, x.rank)
     if name == "relu6":
-        return g.op("Clip", [x, g.const(f"{hint}/min", np.float32(0)), g.const(f"{hint}/max", np.float32(6))], hint, x.rank)
+        return g.op(
+            "Clip",
+            [x, g.const(f"{hint}/min", np.float32(0)), g.const(f"{hint}/max", np.float32(6))],
+            hint,
+            x.rank,
+        )
     if name == "softmax":  # over Keras's last axis, the channels
         return g.op("Softmax", [x], hint, x.rank, axis=1 if x.rank >= 3 else -1)
     if name in ("sigmoid", "tanh"):
@@ -259,7 +298,15 @@ def _kernel_perm(dims):
 
 
 def _bias(g, layer):
-    return [g.const(f"{layer.name}/bias", np.asarray(keras.ops.convert_to_numpy(layer.bias), np.float32))] if layer.use_bias else []
+    return (
+        [
+            g.const(
+                f"{layer.name}/bias", np.asarray(keras.ops.convert_to_numpy(layer.bias), np.float32)
+            )
+        ]
+        if layer.use_bias
+        else []
+    )
 
 
 def _conv(g, layer, x):
@@ -276,8 +323,17 @@ def _conv(g, layer, x):
         group = int(getattr(layer, "groups", 1))
         codes_layout = float_kernel = lambda k: k.transpose(perm)  # noqa: E731
     inputs = [x, g.kernel(layer, codes_layout, float_kernel, axis=0), *_bias(g, layer)]
-    y = g.op("Conv", inputs, layer.name, x.rank, kernel_shape=list(layer.kernel_size), strides=list(layer.strides),
-             dilations=list(layer.dilation_rate), group=group, **_padding(layer, layer.kernel_size))
+    y = g.op(
+        "Conv",
+        inputs,
+        layer.name,
+        x.rank,
+        kernel_shape=list(layer.kernel_size),
+        strides=list(layer.strides),
+        dilations=list(layer.dilation_rate),
+        group=group,
+        **_padding(layer, layer.kernel_size),
+    )
     return _activation(g, y, _activation_name(layer.activation), f"{layer.name}/activation")
 
 
@@ -291,11 +347,24 @@ def _separable_conv(g, layer, x):
         return np.asarray(keras.ops.convert_to_numpy(variable), np.float32)
 
     depthwise = weights(layer.depthwise_kernel)
-    depthwise = g.const(f"{layer.name}/depthwise_kernel", depthwise.reshape(*depthwise.shape[:dims], 1, -1).transpose(perm))
-    y = g.op("Conv", [x, depthwise], f"{layer.name}/depthwise", x.rank, kernel_shape=list(layer.kernel_size),
-             strides=list(layer.strides), dilations=list(layer.dilation_rate), group=channels,
-             **_padding(layer, layer.kernel_size))
-    pointwise = g.const(f"{layer.name}/pointwise_kernel", weights(layer.pointwise_kernel).transpose(perm))
+    depthwise = g.const(
+        f"{layer.name}/depthwise_kernel",
+        depthwise.reshape(*depthwise.shape[:dims], 1, -1).transpose(perm),
+    )
+    y = g.op(
+        "Conv",
+        [x, depthwise],
+        f"{layer.name}/depthwise",
+        x.rank,
+        kernel_shape=list(layer.kernel_size),
+        strides=list(layer.strides),
+        dilations=list(layer.dilation_rate),
+        group=channels,
+        **_padding(layer, layer.kernel_size),
+    )
+    pointwise = g.const(
+        f"{layer.name}/pointwise_kernel", weights(layer.pointwise_kernel).transpose(perm)
+    )
     y = g.op("Conv", [y, pointwise, *_bias(g, layer)], layer.name, x.rank, kernel_shape=[1] * dims)
     return _activation(g, y, _activation_name(layer.activation), f"{layer.name}/activation")
 
@@ -305,8 +374,12 @@ def _conv_transpose(g, layer, x):
     _spatial(layer, x, dims)
     # Keras's (k..., out, in) is ONNX's (in, out, k...) too: the same axis swap as a Conv's.
     # QuantConv2DTranspose quantizes it as (k..., in, out): its codes need the other swap.
-    kernel = g.kernel(layer, lambda c: c.transpose(dims, dims + 1, *range(dims)),
-                      lambda k: k.transpose(_kernel_perm(dims)), axis=1)
+    kernel = g.kernel(
+        layer,
+        lambda c: c.transpose(dims, dims + 1, *range(dims)),
+        lambda k: k.transpose(_kernel_perm(dims)),
+        axis=1,
+    )
     begin, end, extra = [], [], []
     for k, s, d in zip(layer.kernel_size, layer.strides, layer.dilation_rate):
         span = (k - 1) * d + 1
@@ -316,20 +389,36 @@ def _conv_transpose(g, layer, x):
         begin.append(total // 2)
         end.append(total - total // 2)
         extra.append(max(s - span, 0))
-    y = g.op("ConvTranspose", [x, kernel, *_bias(g, layer)], layer.name, x.rank, kernel_shape=list(layer.kernel_size),
-             strides=list(layer.strides), dilations=list(layer.dilation_rate), pads=begin + end, output_padding=extra)
+    y = g.op(
+        "ConvTranspose",
+        [x, kernel, *_bias(g, layer)],
+        layer.name,
+        x.rank,
+        kernel_shape=list(layer.kernel_size),
+        strides=list(layer.strides),
+        dilations=list(layer.dilation_rate),
+        pads=begin + end,
+        output_padding=extra,
+    )
     return _activation(g, y, _activation_name(layer.activation), f"{layer.name}/activation")
 
 
 def _dense(g, layer, x):
     if x.rank != 2:
-        raise _fail(layer, f"it takes a rank-{x.rank} input; to_onnx converts Dense on (batch, features) inputs only")
+        raise _fail(
+            layer,
+            f"it takes a rank-{x.rank} input; to_onnx converts Dense on (batch, features) inputs only",
+        )
     # Gemm with the kernel stored (out, in): onnxruntime 1.32 rewrites DequantizeLinear -> MatMul
     # with per-channel scales into its MatMulNBits kernel, which quantizes the activations to 8 bits
     # and at 2 bits computes wrong outputs (measured); DequantizeLinear -> Gemm it leaves alone.
     inputs = [x, g.kernel(layer, lambda c: c.T, lambda k: k.T, axis=0)]
     if layer.use_bias:
-        inputs.append(g.const(f"{layer.name}/bias", np.asarray(keras.ops.convert_to_numpy(layer.bias), np.float32)))
+        inputs.append(
+            g.const(
+                f"{layer.name}/bias", np.asarray(keras.ops.convert_to_numpy(layer.bias), np.float32)
+            )
+        )
     y = g.op("Gemm", inputs, layer.name, 2, transB=1)
     return _activation(g, y, _activation_name(layer.activation), f"{layer.name}/activation")
 
@@ -344,20 +433,37 @@ def _batch_norm(g, layer, x):
         raise _fail(layer, f"axis={layer.axis}; only the channel (last) axis is supported")
 
     def get(variable, default):
-        return default if variable is None else np.asarray(keras.ops.convert_to_numpy(variable), np.float32)
+        return (
+            default
+            if variable is None
+            else np.asarray(keras.ops.convert_to_numpy(variable), np.float32)
+        )
 
     mean, var = get(layer.moving_mean, None), get(layer.moving_variance, None)
     gamma, beta = get(layer.gamma, np.ones_like(mean)), get(layer.beta, np.zeros_like(mean))
     # What tf.nn.batch_normalization computes: x * m + (beta - mean * m), in float32.
     m = (np.float32(1) / np.sqrt(var + np.float32(layer.epsilon))) * gamma
-    y = g.op("Mul", [x, g.const(f"{layer.name}/multiplier", _channel_shape(x, m))], f"{layer.name}/mul", x.rank)
-    return g.op("Add", [y, g.const(f"{layer.name}/shift", _channel_shape(x, beta - mean * m))], layer.name, x.rank)
+    y = g.op(
+        "Mul",
+        [x, g.const(f"{layer.name}/multiplier", _channel_shape(x, m))],
+        f"{layer.name}/mul",
+        x.rank,
+    )
+    return g.op(
+        "Add",
+        [y, g.const(f"{layer.name}/shift", _channel_shape(x, beta - mean * m))],
+        layer.name,
+        x.rank,
+    )
 
 
 def _relu(g, layer, x):
     if layer.max_value is None:
         return g.op("Relu", [x], layer.name, x.rank)
-    bounds = [g.const(f"{layer.name}/min", np.float32(0)), g.const(f"{layer.name}/max", np.float32(layer.max_value))]
+    bounds = [
+        g.const(f"{layer.name}/min", np.float32(0)),
+        g.const(f"{layer.name}/max", np.float32(layer.max_value)),
+    ]
     return g.op("Clip", [x, *bounds], layer.name, x.rank)
 
 
@@ -370,7 +476,9 @@ def _quant_relu(g, layer, x):
     k = g.op("Floor", [g.op("Div", [x, alpha], f"{n}/div", x.rank)], f"{n}/floor", x.rank)
     zero = g.const(f"{n}/zero", np.float32(0))
     k = g.op("Add", [k, g.const(f"{n}/one", np.float32(1))], f"{n}/step", x.rank)
-    k = g.op("Clip", [k, zero, g.const(f"{n}/top", np.float32(2**layer.bits - 1))], f"{n}/level", x.rank)
+    k = g.op(
+        "Clip", [k, zero, g.const(f"{n}/top", np.float32(2**layer.bits - 1))], f"{n}/level", x.rank
+    )
     y = g.op("Mul", [k, alpha], f"{n}/grid", x.rank)
     negative = g.op("Less", [x, zero], f"{n}/negative", x.rank)
     return g.op("Where", [negative, zero, y], n, x.rank)
@@ -390,7 +498,11 @@ def _add(g, layer, *args):
 
 def _pool(g, layer, x):
     _spatial(layer, x, len(layer.pool_size))
-    attrs = dict(kernel_shape=list(layer.pool_size), strides=list(layer.strides), **_padding(layer, layer.pool_size))
+    attrs = dict(
+        kernel_shape=list(layer.pool_size),
+        strides=list(layer.strides),
+        **_padding(layer, layer.pool_size),
+    )
     if isinstance(layer, (keras.layers.AveragePooling1D, keras.layers.AveragePooling2D)):
         return g.op("AveragePool", [x], layer.name, x.rank, count_include_pad=0, **attrs)
     return g.op("MaxPool", [x], layer.name, x.rank, **attrs)
@@ -400,7 +512,13 @@ _AVERAGE_POOLS = (keras.layers.GlobalAveragePooling1D, keras.layers.GlobalAverag
 
 
 def _global_pool(g, layer, x):
-    _spatial(layer, x, 1 if isinstance(layer, (keras.layers.GlobalAveragePooling1D, keras.layers.GlobalMaxPooling1D)) else 2)
+    _spatial(
+        layer,
+        x,
+        1
+        if isinstance(layer, (keras.layers.GlobalAveragePooling1D, keras.layers.GlobalMaxPooling1D))
+        else 2,
+    )
     op = "GlobalAveragePool" if isinstance(layer, _AVERAGE_POOLS) else "GlobalMaxPool"
     if layer.keepdims:
         return g.op(op, [x], layer.name, x.rank)
@@ -418,37 +536,74 @@ def _in_graph_layout(g, x, hint):
 def _reshape(g, layer, x):
     # Keras reshapes in its own (channels-last) order: there and back, around the Reshape.
     shape = [int(d) for d in layer.target_shape]
-    y = g.op("Reshape", [_in_keras_layout(g, x, f"{layer.name}/keras_layout"),
-                         g.const(f"{layer.name}/shape", np.array([0, *shape], np.int64))],
-             f"{layer.name}/reshape", len(shape) + 1)
+    y = g.op(
+        "Reshape",
+        [
+            _in_keras_layout(g, x, f"{layer.name}/keras_layout"),
+            g.const(f"{layer.name}/shape", np.array([0, *shape], np.int64)),
+        ],
+        f"{layer.name}/reshape",
+        len(shape) + 1,
+    )
     return _in_graph_layout(g, y, layer.name)
 
 
 def _rescaling(g, layer, x):
-    y = g.op("Mul", [x, _keras_constant(g, f"{layer.name}/scale", layer.scale, x.rank)], f"{layer.name}/mul", x.rank)
-    return g.op("Add", [y, _keras_constant(g, f"{layer.name}/offset", layer.offset, x.rank)], layer.name, x.rank)
+    y = g.op(
+        "Mul",
+        [x, _keras_constant(g, f"{layer.name}/scale", layer.scale, x.rank)],
+        f"{layer.name}/mul",
+        x.rank,
+    )
+    return g.op(
+        "Add",
+        [y, _keras_constant(g, f"{layer.name}/offset", layer.offset, x.rank)],
+        layer.name,
+        x.rank,
+    )
 
 
 def _normalization(g, layer, x):
     mean = np.asarray(keras.ops.convert_to_numpy(layer.mean), np.float32)
     # What the layer divides by: max(sqrt(variance), epsilon).
-    root = np.maximum(np.sqrt(np.asarray(keras.ops.convert_to_numpy(layer.variance), np.float32)),
-                      np.float32(keras.config.epsilon()))
-    mean, root = (_keras_constant(g, f"{layer.name}/{n}", v, x.rank) for n, v in (("mean", mean), ("root", root)))
+    root = np.maximum(
+        np.sqrt(np.asarray(keras.ops.convert_to_numpy(layer.variance), np.float32)),
+        np.float32(keras.config.epsilon()),
+    )
+    mean, root = (
+        _keras_constant(g, f"{layer.name}/{n}", v, x.rank)
+        for n, v in (("mean", mean), ("root", root))
+    )
     if layer.invert:
-        return g.op("Add", [g.op("Mul", [x, root], f"{layer.name}/mul", x.rank), mean], layer.name, x.rank)
-    return g.op("Div", [g.op("Sub", [x, mean], f"{layer.name}/sub", x.rank), root], layer.name, x.rank)
+        return g.op(
+            "Add", [g.op("Mul", [x, root], f"{layer.name}/mul", x.rank), mean], layer.name, x.rank
+        )
+    return g.op(
+        "Div", [g.op("Sub", [x, mean], f"{layer.name}/sub", x.rank), root], layer.name, x.rank
+    )
 
 
 def _layer_norm(g, layer, x):
     n = layer.name
-    axes = g.const(f"{n}/axes", np.array([1], np.int64))  # Keras's last axis: the channels, axis 1 here
+    axes = g.const(
+        f"{n}/axes", np.array([1], np.int64)
+    )  # Keras's last axis: the channels, axis 1 here
     mean = g.op("ReduceMean", [x, axes], f"{n}/mean", x.rank, keepdims=1)
     d = g.op("Sub", [x, mean], f"{n}/centered", x.rank)
-    var = g.op("ReduceMean", [g.op("Mul", [d, d], f"{n}/square", x.rank), axes], f"{n}/variance", x.rank, keepdims=1)
+    var = g.op(
+        "ReduceMean",
+        [g.op("Mul", [d, d], f"{n}/square", x.rank), axes],
+        f"{n}/variance",
+        x.rank,
+        keepdims=1,
+    )
     eps = g.const(f"{n}/epsilon", np.float32(layer.epsilon))
-    y = g.op("Div", [d, g.op("Sqrt", [g.op("Add", [var, eps], f"{n}/var_eps", x.rank)], f"{n}/std", x.rank)],
-             f"{n}/normalized", x.rank)
+    y = g.op(
+        "Div",
+        [d, g.op("Sqrt", [g.op("Add", [var, eps], f"{n}/var_eps", x.rank)], f"{n}/std", x.rank)],
+        f"{n}/normalized",
+        x.rank,
+    )
     if layer.gamma is not None:
         gamma = np.asarray(keras.ops.convert_to_numpy(layer.gamma), np.float32)
         y = g.op("Mul", [y, g.const(f"{n}/gamma", _channel_shape(y, gamma))], f"{n}/scaled", x.rank)
@@ -474,7 +629,12 @@ def _merge(op_type):
         xs = _inputs(args)
         y = xs[0]
         for i, x in enumerate(xs[1:], start=1):
-            y = g.op(op_type, [y, x], layer.name if i == len(xs) - 1 else f"{layer.name}/{i}", max(x.rank, y.rank))
+            y = g.op(
+                op_type,
+                [y, x],
+                layer.name if i == len(xs) - 1 else f"{layer.name}/{i}",
+                max(x.rank, y.rank),
+            )
         return y
 
     return convert
@@ -495,14 +655,21 @@ def _arithmetic(op_type):
     def convert(g, operation, *args):
         ranks = [a.rank for a in args if isinstance(a, _Tensor)]
         if len(args) != 2 or not ranks or len(set(ranks)) != 1:
-            raise _fail(operation, f"it combines {len(args)} operands of ranks {ranks}; to_onnx converts two operands, "
-                                   "tensors of one rank or a tensor and a constant")
+            raise _fail(
+                operation,
+                f"it combines {len(args)} operands of ranks {ranks}; to_onnx converts two operands, "
+                "tensors of one rank or a tensor and a constant",
+            )
         rank = ranks[0]
-        inputs = [a if isinstance(a, _Tensor) else _keras_constant(g, f"{operation.name}/constant", a, rank) for a in args]
+        inputs = [
+            a
+            if isinstance(a, _Tensor)
+            else _keras_constant(g, f"{operation.name}/constant", a, rank)
+            for a in args
+        ]
         return g.op(op_type, inputs, operation.name, rank)
 
     return convert
-
 
 
 def _pad(g, layer, x, before, after):
@@ -534,30 +701,54 @@ def _identity(g, layer, x):
 
 # Exact classes: a subclass may compute something else in `call`.
 _CONVERTERS = {
-    keras.layers.Conv1D: _conv, QuantConv1D: _conv, keras.layers.Conv2D: _conv, QuantConv2D: _conv,
-    keras.layers.DepthwiseConv1D: _conv, keras.layers.DepthwiseConv2D: _conv, QuantDepthwiseConv2D: _conv,
-    keras.layers.SeparableConv1D: _separable_conv, keras.layers.SeparableConv2D: _separable_conv,
-    keras.layers.Conv1DTranspose: _conv_transpose, keras.layers.Conv2DTranspose: _conv_transpose,
+    keras.layers.Conv1D: _conv,
+    QuantConv1D: _conv,
+    keras.layers.Conv2D: _conv,
+    QuantConv2D: _conv,
+    keras.layers.DepthwiseConv1D: _conv,
+    keras.layers.DepthwiseConv2D: _conv,
+    QuantDepthwiseConv2D: _conv,
+    keras.layers.SeparableConv1D: _separable_conv,
+    keras.layers.SeparableConv2D: _separable_conv,
+    keras.layers.Conv1DTranspose: _conv_transpose,
+    keras.layers.Conv2DTranspose: _conv_transpose,
     QuantConv2DTranspose: _conv_transpose,
-    keras.layers.Reshape: _reshape, keras.layers.Rescaling: _rescaling, keras.layers.Normalization: _normalization,
-    keras.layers.LayerNormalization: _layer_norm, keras.layers.Concatenate: _concatenate,
-    keras.layers.Multiply: _merge("Mul"), keras.layers.Subtract: _merge("Sub"), keras.layers.Maximum: _merge("Max"),
-    keras.layers.Minimum: _merge("Min"), keras.layers.Average: _average,
-    keras.layers.MaxPooling1D: _pool, keras.layers.AveragePooling1D: _pool,
-    keras.layers.GlobalAveragePooling1D: _global_pool, keras.layers.GlobalMaxPooling1D: _global_pool,
-    keras.layers.Dense: _dense, QuantDense: _dense,
+    keras.layers.Reshape: _reshape,
+    keras.layers.Rescaling: _rescaling,
+    keras.layers.Normalization: _normalization,
+    keras.layers.LayerNormalization: _layer_norm,
+    keras.layers.Concatenate: _concatenate,
+    keras.layers.Multiply: _merge("Mul"),
+    keras.layers.Subtract: _merge("Sub"),
+    keras.layers.Maximum: _merge("Max"),
+    keras.layers.Minimum: _merge("Min"),
+    keras.layers.Average: _average,
+    keras.layers.MaxPooling1D: _pool,
+    keras.layers.AveragePooling1D: _pool,
+    keras.layers.GlobalAveragePooling1D: _global_pool,
+    keras.layers.GlobalMaxPooling1D: _global_pool,
+    keras.layers.Dense: _dense,
+    QuantDense: _dense,
     keras.layers.BatchNormalization: _batch_norm,
-    keras.layers.ReLU: _relu, QuantReLU: _quant_relu, keras.layers.Activation: _activation_layer,
+    keras.layers.ReLU: _relu,
+    QuantReLU: _quant_relu,
+    keras.layers.Activation: _activation_layer,
     keras.layers.Add: _add,
-    keras.layers.MaxPooling2D: _pool, keras.layers.AveragePooling2D: _pool,
-    keras.layers.GlobalAveragePooling2D: _global_pool, keras.layers.GlobalMaxPooling2D: _global_pool,
-    keras.layers.ZeroPadding2D: _zero_padding, ChannelPad: _channel_pad,
-    keras.layers.Flatten: _flatten, keras.layers.Dropout: _identity,
+    keras.layers.MaxPooling2D: _pool,
+    keras.layers.AveragePooling2D: _pool,
+    keras.layers.GlobalAveragePooling2D: _global_pool,
+    keras.layers.GlobalMaxPooling2D: _global_pool,
+    keras.layers.ZeroPadding2D: _zero_padding,
+    ChannelPad: _channel_pad,
+    keras.layers.Flatten: _flatten,
+    keras.layers.Dropout: _identity,
 }
 # Keras operations on tensors in a functional graph (not Layers): `x + c` is an `ops.numpy.Add`.
 _OPERATIONS = {
-    keras_numpy.Add: _arithmetic("Add"), keras_numpy.Subtract: _arithmetic("Sub"),
-    keras_numpy.Multiply: _arithmetic("Mul"), keras_numpy.Divide: _arithmetic("Div"),
+    keras_numpy.Add: _arithmetic("Add"),
+    keras_numpy.Subtract: _arithmetic("Sub"),
+    keras_numpy.Multiply: _arithmetic("Mul"),
+    keras_numpy.Divide: _arithmetic("Div"),
     keras_numpy.TrueDivide: _arithmetic("Div"),
     keras_numpy.Negative: lambda g, operation, x: g.op("Neg", [x], operation.name, x.rank),
 }
@@ -568,26 +759,37 @@ def _problem(layer):
     if not isinstance(layer, keras.layers.Layer):
         if type(layer) in _OPERATIONS:
             return None
-        return "no ONNX conversion for this operation on tensors (supported: " + ", ".join(
-            sorted({f"keras.ops.{t.__name__.lower()}" for t in _OPERATIONS})) + ")"
+        return (
+            "no ONNX conversion for this operation on tensors (supported: "
+            + ", ".join(sorted({f"keras.ops.{t.__name__.lower()}" for t in _OPERATIONS}))
+            + ")"
+        )
     if type(layer) not in _CONVERTERS:
-        return "no ONNX conversion for this layer type (supported: " + ", ".join(
-            sorted({t.__name__ for t in _CONVERTERS})) + ")"
+        return (
+            "no ONNX conversion for this layer type (supported: "
+            + ", ".join(sorted({t.__name__ for t in _CONVERTERS}))
+            + ")"
+        )
     if getattr(layer, "data_format", "channels_last") != "channels_last":
         return f"data_format={layer.data_format!r}; only channels_last is supported"
     fn = getattr(layer, "activation", None)
     if fn is not None and _activation_name(fn) is None:
         return f"activation {getattr(fn, '__name__', fn)!r}; supported: {', '.join(_ACTIVATIONS)}"
-    causal_ok = isinstance(layer, keras.layers.Conv1D) and type(layer) is not keras.layers.SeparableConv1D
-    if (getattr(layer, "padding", "valid") not in ("valid", "same") + (("causal",) if causal_ok else ())
-            and not isinstance(layer, keras.layers.ZeroPadding2D)):
+    causal_ok = (
+        isinstance(layer, keras.layers.Conv1D) and type(layer) is not keras.layers.SeparableConv1D
+    )
+    if getattr(layer, "padding", "valid") not in ("valid", "same") + (
+        ("causal",) if causal_ok else ()
+    ) and not isinstance(layer, keras.layers.ZeroPadding2D):
         return f"padding={layer.padding!r}"
     if getattr(layer, "output_padding", None) is not None:
         return f"output_padding={layer.output_padding!r}; only None (Keras's own output size) is supported"
     if isinstance(layer, keras.layers.LayerNormalization):
         if getattr(layer, "rms_scaling", False):
             return "rms_scaling=True"
-        if [a % len(layer.input.shape) for a in np.atleast_1d(layer.axis)] != [len(layer.input.shape) - 1]:
+        if [a % len(layer.input.shape) for a in np.atleast_1d(layer.axis)] != [
+            len(layer.input.shape) - 1
+        ]:
             return f"axis={layer.axis}; only the last (channel) axis is supported"
     if isinstance(layer, keras.layers.Normalization):
         rank = len(layer.input.shape)
@@ -597,7 +799,9 @@ def _problem(layer):
         return "axis=0 (the batch)"
     if isinstance(layer, keras.layers.ReLU) and (layer.negative_slope or layer.threshold):
         return "negative_slope and threshold must be 0"
-    if quantized_kernel_bits(layer) is not None and not callable(getattr(layer, "kernel_codes", None)):
+    if quantized_kernel_bits(layer) is not None and not callable(
+        getattr(layer, "kernel_codes", None)
+    ):
         return "its quantized kernel has no kernel_codes()"
     return None
 
@@ -621,7 +825,9 @@ def check_onnx(model: keras.Model) -> None:
     """
     _require("onnx")
     if not isinstance(model, keras.Model) or not model.inputs:
-        raise ValueError(f"to_onnx needs a built Functional or Sequential Keras model, got {model!r}.")
+        raise ValueError(
+            f"to_onnx needs a built Functional or Sequential Keras model, got {model!r}."
+        )
     for layer in _layers(model):
         problem = _problem(layer)
         if problem:
@@ -649,7 +855,9 @@ def _run(g, model, inputs):
 
 def _dims(x, name):
     """ONNX dims of the Keras tensor `x`: a symbolic batch, and named symbols for unknown sizes."""
-    return ["batch"] + [d if d is not None else f"{name}_dim{j}" for j, d in enumerate(x.shape[1:], start=1)]
+    return ["batch"] + [
+        d if d is not None else f"{name}_dim{j}" for j, d in enumerate(x.shape[1:], start=1)
+    ]
 
 
 def to_onnx(model: keras.Model, path, weight_type: str | None = None) -> int:
@@ -665,7 +873,9 @@ def to_onnx(model: keras.Model, path, weight_type: str | None = None) -> int:
             layer's codes do not fit).
     """
     if weight_type is not None and weight_type not in WEIGHT_TYPES:
-        raise ValueError(f"weight_type={weight_type!r} is not valid; use None or one of {', '.join(WEIGHT_TYPES)}.")
+        raise ValueError(
+            f"weight_type={weight_type!r} is not valid; use None or one of {', '.join(WEIGHT_TYPES)}."
+        )
     check_onnx(model)
     check_output_path(path)
     from onnx import TensorProto, helper  # check_onnx made sure it is there
@@ -674,7 +884,9 @@ def to_onnx(model: keras.Model, path, weight_type: str | None = None) -> int:
     graph_inputs, feeds = [], []
     for i, x in enumerate(model.inputs):
         if len(x.shape) not in (2, 3, 4) or str(x.dtype) != "float32":
-            raise ValueError(f"to_onnx takes float32 inputs of rank 2, 3 or 4; input {i} is {x.dtype} of shape {x.shape}.")
+            raise ValueError(
+                f"to_onnx takes float32 inputs of rank 2, 3 or 4; input {i} is {x.dtype} of shape {x.shape}."
+            )
         name = g.name(getattr(x, "name", None) or f"input_{i}")
         graph_inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, _dims(x, name)))
         feeds.append(_in_graph_layout(g, _Tensor(name, len(x.shape)), f"{name}/channels_first"))
@@ -684,7 +896,9 @@ def to_onnx(model: keras.Model, path, weight_type: str | None = None) -> int:
         name = g.name("output" if len(outputs) == 1 else f"output_{i}")
         perm = {"perm": list(_to_keras(y.rank))} if y.rank >= 3 else {}
         g.nodes.append(("Transpose" if y.rank >= 3 else "Identity", [y.name], name, perm))
-        graph_outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, _dims(keras_output, name)))
+        graph_outputs.append(
+            helper.make_tensor_value_info(name, TensorProto.FLOAT, _dims(keras_output, name))
+        )
     proto = g.to_proto(graph_inputs, graph_outputs, model.name)
     return write_atomically(path, [proto.SerializeToString()])
 

@@ -142,6 +142,7 @@ def _unpack_codes(data, bits, count):
 def _nbytes_codes(count, bits):
     return -(-count * bits // 8)
 
+
 # --------------------------------------------------------------------------------------------
 # pack / unpack
 
@@ -164,7 +165,11 @@ def pack(model, path):
         return start
 
     for variable in model.weights:
-        entry = {"path": variable.path, "shape": [int(d) for d in variable.shape], "dtype": str(variable.dtype)}
+        entry = {
+            "path": variable.path,
+            "shape": [int(d) for d in variable.shape],
+            "dtype": str(variable.dtype),
+        }
         if id(variable) in quantized:
             layer_path, layer = quantized[id(variable)]
             bits = quantized_kernel_bits(layer)
@@ -172,16 +177,25 @@ def pack(model, path):
             data = _pack_codes(codes, bits)
             scale_data = scale.astype("<f4").tobytes()
             entry.update(
-                encoding="codes", layer=layer_path, bits=bits, per_channel=layer.per_channel,
-                code_shape=list(codes.shape), scale_shape=list(scale.shape),
-                offset=add(data), nbytes=len(data), scale_offset=add(scale_data), scale_nbytes=len(scale_data),
+                encoding="codes",
+                layer=layer_path,
+                bits=bits,
+                per_channel=layer.per_channel,
+                code_shape=list(codes.shape),
+                scale_shape=list(scale.shape),
+                offset=add(data),
+                nbytes=len(data),
+                scale_offset=add(scale_data),
+                scale_nbytes=len(scale_data),
             )
         else:
             value = np.asarray(keras.ops.convert_to_numpy(variable))
             if value.dtype.name in _INTEGER_DTYPES:
                 # Bookkeeping such as Normalization's sample count: kept exact, in its own type.
                 data = value.astype(value.dtype.newbyteorder("<")).tobytes()
-                entry.update(encoding="integer", dtype=value.dtype.name, offset=add(data), nbytes=len(data))
+                entry.update(
+                    encoding="integer", dtype=value.dtype.name, offset=add(data), nbytes=len(data)
+                )
             elif np.issubdtype(value.dtype, np.floating):
                 data = value.astype("<f4").tobytes()
                 entry.update(encoding="float32", offset=add(data), nbytes=len(data))
@@ -194,7 +208,11 @@ def pack(model, path):
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "created_by": {"faqd_tf": __version__, "keras": keras.__version__, "tensorflow": tf.__version__},
+        "created_by": {
+            "faqd_tf": __version__,
+            "keras": keras.__version__,
+            "tensorflow": tf.__version__,
+        },
         "code_encoding": "offset-binary (1 bit: (c+1)/2; b bits: c + 2^(b-1) - 1), LSB first, C order",
         "model_config": json.loads(config_json),
         "weights": entries,
@@ -214,11 +232,17 @@ def _read(path):
         head = f.read(HEADER_SIZE)
         if len(head) < HEADER_SIZE:
             if MAGIC.startswith(head[: len(MAGIC)]):
-                raise ValueError(f"{name}: truncated packed file ({len(head)} bytes, the header alone is {HEADER_SIZE}).")
-            raise ValueError(f"{name}: not a faqd_tf packed model (file too short and no {MAGIC!r} magic).")
+                raise ValueError(
+                    f"{name}: truncated packed file ({len(head)} bytes, the header alone is {HEADER_SIZE})."
+                )
+            raise ValueError(
+                f"{name}: not a faqd_tf packed model (file too short and no {MAGIC!r} magic)."
+            )
         magic, version, manifest_len, payload_len, digest = _HEADER.unpack(head)
         if magic != MAGIC:
-            raise ValueError(f"{name}: not a faqd_tf packed model (magic {magic!r}, expected {MAGIC!r}), or corrupted.")
+            raise ValueError(
+                f"{name}: not a faqd_tf packed model (magic {magic!r}, expected {MAGIC!r}), or corrupted."
+            )
         if version != FORMAT_VERSION:
             raise ValueError(
                 f"{name}: unsupported packed-model format version {version} (this faqd_tf reads version "
@@ -244,7 +268,9 @@ def _read(path):
         text = inflate(body[:manifest_len], MAX_MANIFEST_BYTES, f"{name}: the manifest")
         manifest = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise ValueError(f"{name}: unreadable manifest ({type(err).__name__}: {first_line(err, 300)}).") from err
+        raise ValueError(
+            f"{name}: unreadable manifest ({type(err).__name__}: {first_line(err, 300)})."
+        ) from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise ValueError(f"{name}: the manifest does not describe a {FORMAT_NAME}.")
     payload = body[manifest_len:]
@@ -260,20 +286,31 @@ def _field(record, key, where, name, check, expected):
     if not check(value):
         shown = repr(value)
         shown = shown if len(shown) <= 60 else shown[:57] + "..."
-        raise ValueError(f"{name}: corrupted packed file: manifest field {where}{key} must be {expected}, got {shown}.")
+        raise ValueError(
+            f"{name}: corrupted packed file: manifest field {where}{key} must be {expected}, got {shown}."
+        )
     return value
 
 
 def _is_shape(value):
     return (
-        isinstance(value, list) and len(value) <= _MAX_RANK and all(is_count(d, _MAX_DIM) for d in value)
+        isinstance(value, list)
+        and len(value) <= _MAX_RANK
+        and all(is_count(d, _MAX_DIM) for d in value)
     )
 
 
 def _check_manifest(manifest, payload_len, name):
     """Every field present and typed, every declared size equal to the bytes present in the payload."""
     _field(manifest, "format_version", "", name, lambda v: v == FORMAT_VERSION, str(FORMAT_VERSION))
-    _field(manifest, "model_config", "", name, lambda v: isinstance(v, dict), "an object (the Keras config)")
+    _field(
+        manifest,
+        "model_config",
+        "",
+        name,
+        lambda v: isinstance(v, dict),
+        "an object (the Keras config)",
+    )
     entries = _field(manifest, "weights", "", name, lambda v: isinstance(v, list), "a list")
     shape_text = f"a list of at most {_MAX_RANK} non-negative integers"
 
@@ -281,7 +318,9 @@ def _check_manifest(manifest, payload_len, name):
         offset = _field(entry, offset_key, where, name, is_count, "a non-negative integer")
         nbytes = _field(entry, nbytes_key, where, name, is_count, "a non-negative integer")
         if nbytes != want:
-            raise ValueError(f"{name}: corrupted packed file: {where}{nbytes_key} is {nbytes}, the shape needs {want}.")
+            raise ValueError(
+                f"{name}: corrupted packed file: {where}{nbytes_key} is {nbytes}, the shape needs {want}."
+            )
         if offset + nbytes > payload_len:
             raise ValueError(
                 f"{name}: corrupted packed file: {where}{offset_key}+{nbytes_key} ({offset}+{nbytes}) lies outside "
@@ -291,25 +330,52 @@ def _check_manifest(manifest, payload_len, name):
     for i, entry in enumerate(entries):
         where = f"weights[{i}]."
         if not isinstance(entry, dict):
-            raise ValueError(f"{name}: corrupted packed file: manifest field weights[{i}] must be an object.")
+            raise ValueError(
+                f"{name}: corrupted packed file: manifest field weights[{i}] must be an object."
+            )
         _field(entry, "path", where, name, lambda v: isinstance(v, str), "a string")
         count = math.prod(_field(entry, "shape", where, name, _is_shape, shape_text))
-        encoding = _field(entry, "encoding", where, name, lambda v: v in ("float32", "integer", "codes"),
-                          '"float32", "integer" or "codes"')
+        encoding = _field(
+            entry,
+            "encoding",
+            where,
+            name,
+            lambda v: v in ("float32", "integer", "codes"),
+            '"float32", "integer" or "codes"',
+        )
         if encoding == "float32":
             span(entry, where, "offset", "nbytes", 4 * count)
             continue
         if encoding == "integer":
-            dtype = _field(entry, "dtype", where, name, lambda v: v in _INTEGER_DTYPES, "one of " + ", ".join(_INTEGER_DTYPES))
+            dtype = _field(
+                entry,
+                "dtype",
+                where,
+                name,
+                lambda v: v in _INTEGER_DTYPES,
+                "one of " + ", ".join(_INTEGER_DTYPES),
+            )
             span(entry, where, "offset", "nbytes", np.dtype(dtype).itemsize * count)
             continue
-        bits = _field(entry, "bits", where, name, lambda v: v in quantizers.SUPPORTED_BITS and v is not True,
-                      "one of " + ", ".join(map(str, quantizers.SUPPORTED_BITS)))
-        per_channel = _field(entry, "per_channel", where, name, lambda v: isinstance(v, bool), "true or false")
-        code_shape = _field(entry, "code_shape", where, name, lambda v: _is_shape(v) and len(v) >= 1, shape_text)
+        bits = _field(
+            entry,
+            "bits",
+            where,
+            name,
+            lambda v: v in quantizers.SUPPORTED_BITS and v is not True,
+            "one of " + ", ".join(map(str, quantizers.SUPPORTED_BITS)),
+        )
+        per_channel = _field(
+            entry, "per_channel", where, name, lambda v: isinstance(v, bool), "true or false"
+        )
+        code_shape = _field(
+            entry, "code_shape", where, name, lambda v: _is_shape(v) and len(v) >= 1, shape_text
+        )
         scale_shape = _field(entry, "scale_shape", where, name, _is_shape, shape_text)
         if math.prod(code_shape) != count:
-            raise ValueError(f"{name}: corrupted packed file: {where}code_shape {code_shape} does not hold shape {entry['shape']}.")
+            raise ValueError(
+                f"{name}: corrupted packed file: {where}code_shape {code_shape} does not hold shape {entry['shape']}."
+            )
         # The scales must broadcast onto the codes without expanding them: one scale, or one per
         # output channel (the last axis).
         if per_channel:
@@ -351,7 +417,9 @@ def _size_probe(budget):
 def _with_probe(config, probe_name):
     if isinstance(config, dict):
         return {
-            key: probe_name if key.endswith("_initializer") and value is not None else _with_probe(value, probe_name)
+            key: probe_name
+            if key.endswith("_initializer") and value is not None
+            else _with_probe(value, probe_name)
             for key, value in config.items()
         }
     if isinstance(config, list):
@@ -417,7 +485,11 @@ def unpack(path, custom_objects=None):
             variable.assign(np.frombuffer(data, "<f4").reshape(shape))
             continue
         if entry["encoding"] == "integer":
-            variable.assign(np.frombuffer(data, np.dtype(entry["dtype"]).newbyteorder("<")).reshape(shape).astype(entry["dtype"]))
+            variable.assign(
+                np.frombuffer(data, np.dtype(entry["dtype"]).newbyteorder("<"))
+                .reshape(shape)
+                .astype(entry["dtype"])
+            )
             continue
         if id(variable) not in quantized:
             raise ValueError(

@@ -70,7 +70,13 @@ import numpy as np
 import tensorflow as tf
 
 from faqd_tf.atomic import write_atomically
-from faqd_tf.export.common import check_output_path, is_count, layer_codes, pack_bits, quantized_layers
+from faqd_tf.export.common import (
+    check_output_path,
+    is_count,
+    layer_codes,
+    pack_bits,
+    quantized_layers,
+)
 from faqd_tf.export.frozen import freeze
 from faqd_tf.inputs import first_line
 from faqd_tf.layers import QuantReLU
@@ -104,7 +110,9 @@ class _GridReLU(keras.layers.Layer):
 
     def call(self, x):
         x = keras.ops.minimum(x + 0.5 * self.alpha, self.top * self.alpha)
-        return tf.quantization.fake_quant_with_min_max_args(x, min=0.0, max=255.0 * self.alpha, num_bits=8)
+        return tf.quantization.fake_quant_with_min_max_args(
+            x, min=0.0, max=255.0 * self.alpha, num_bits=8
+        )
 
 
 def _integer_graph(model):
@@ -112,7 +120,9 @@ def _integer_graph(model):
 
     def swap(layer):
         if isinstance(layer, QuantReLU) and layer.bits is not None:
-            return _GridReLU(float(keras.ops.convert_to_numpy(layer.alpha)), layer.bits, name=layer.name)
+            return _GridReLU(
+                float(keras.ops.convert_to_numpy(layer.alpha)), layer.bits, name=layer.name
+            )
         return layer
 
     return keras.models.clone_model(model, clone_function=swap, recursive=True)
@@ -122,7 +132,9 @@ def _calibration_images(calibration, model, samples):
     """Up to `samples` float32 images (N, *input shape) from an array, a tf.data.Dataset or an
     iterable of batches (`x` or `(x, ...)`)."""
     if len(model.inputs) != 1:
-        raise ValueError(f"mode='full' calibrates models with one input; {model.name!r} has {len(model.inputs)}.")
+        raise ValueError(
+            f"mode='full' calibrates models with one input; {model.name!r} has {len(model.inputs)}."
+        )
     shape = tuple(model.inputs[0].shape[1:])
     if isinstance(calibration, tf.data.Dataset):
         calibration = calibration.as_numpy_iterator()
@@ -148,7 +160,9 @@ def _calibration_images(calibration, model, samples):
         if count >= samples:
             break
     if not count:
-        raise ValueError("The calibration data hold no images; mode='full' needs unlabeled images to calibrate.")
+        raise ValueError(
+            "The calibration data hold no images; mode='full' needs unlabeled images to calibrate."
+        )
     return np.concatenate(images)
 
 
@@ -173,7 +187,9 @@ def _convert(deploy, mode, images, batch_size):
     with tempfile.TemporaryDirectory() as tmp:
         target = os.path.join(tmp, "model.tflite")
         try:
-            deploy.export(target, format="litert", verbose=False, input_signature=signature, **kwargs)
+            deploy.export(
+                target, format="litert", verbose=False, input_signature=signature, **kwargs
+            )
         except Exception as err:
             raise ValueError(
                 f"TFLite conversion of {deploy.name!r} (mode {mode!r}) failed: {type(err).__name__}: {first_line(err, 300)}"
@@ -182,7 +198,9 @@ def _convert(deploy, mode, images, batch_size):
             return f.read()
 
 
-def to_tflite(model, path, mode="float", calibration=None, calibration_samples=200, batch_size=None):
+def to_tflite(
+    model, path, mode="float", calibration=None, calibration_samples=200, batch_size=None
+):
     """Converts `model` (inference mode) to a TFLite flatbuffer at `path`; returns its size in bytes.
 
     Args:
@@ -198,20 +216,28 @@ def to_tflite(model, path, mode="float", calibration=None, calibration_samples=2
             (``interpreter.resize_tensor_input`` sets it).
     """
     if mode not in MODES:
-        raise ValueError(f"mode={mode!r} is not a TFLite export mode; use one of {', '.join(MODES)}.")
+        raise ValueError(
+            f"mode={mode!r} is not a TFLite export mode; use one of {', '.join(MODES)}."
+        )
     if mode != "float" and not quantized_layers(model):
         raise ValueError(
             f"mode={mode!r} stores a quantized student's integer codes, but {model.name!r} has no quantized "
             "kernels; quantize it first (faqd_tf.quantize_model) or use mode='float'."
         )
     if mode == "full" and calibration is None:
-        raise ValueError("mode='full' needs calibration images (calibration=x_train[:200], labels not needed).")
+        raise ValueError(
+            "mode='full' needs calibration images (calibration=x_train[:200], labels not needed)."
+        )
     if not is_count(calibration_samples) or calibration_samples < 1:
         raise ValueError(f"calibration_samples={calibration_samples!r} must be a positive integer.")
     check_output_path(path)
-    images = _calibration_images(calibration, model, calibration_samples) if mode == "full" else None
+    images = (
+        _calibration_images(calibration, model, calibration_samples) if mode == "full" else None
+    )
     deploy = freeze(model)
-    flatbuffer = _convert(_integer_graph(deploy) if mode == "full" else deploy, mode, images, batch_size)
+    flatbuffer = _convert(
+        _integer_graph(deploy) if mode == "full" else deploy, mode, images, batch_size
+    )
     if mode != "float":
         flatbuffer, as_int8 = _store_codes(flatbuffer, deploy, mode)
         if as_int8:
@@ -227,7 +253,9 @@ def to_tflite(model, path, mode="float", calibration=None, calibration_samples=2
 
 
 def _builtin_name(schema, code):
-    names = {value: key for key, value in vars(schema.BuiltinOperator).items() if not key.startswith("_")}
+    names = {
+        value: key for key, value in vars(schema.BuiltinOperator).items() if not key.startswith("_")
+    }
     return names.get(max(code.builtinCode, code.deprecatedBuiltinCode))
 
 
@@ -258,7 +286,9 @@ def _fit(values, codes, axis, converter_scale):
         # The converter stores round(w / (max|w| / 127)): codes * 127 / max|codes| rounded.
         want = sign[:, None] * k * np.divide(127.0, top, out=np.zeros(len(k)), where=live)[:, None]
         fits = np.abs(v - want) <= 0.5 + 1e-3
-        scale = np.asarray(converter_scale, np.float64) * np.divide(127.0, top, out=np.zeros(len(k)), where=live)
+        scale = np.asarray(converter_scale, np.float64) * np.divide(
+            127.0, top, out=np.zeros(len(k)), where=live
+        )
     if not fits.all() or not np.any(sign != 0):
         return None
     # A channel without codes, or one that a folded BatchNormalization zeroes, stores zeros; any
@@ -276,7 +306,9 @@ class _Flatbuffer:
         self.schema = schema
         self.model = schema.ModelT.InitFromPackedBuf(bytearray(data), 0)
         if len(self.model.subgraphs) != 1:
-            raise ValueError(f"The converted model has {len(self.model.subgraphs)} subgraphs; expected one.")
+            raise ValueError(
+                f"The converted model has {len(self.model.subgraphs)} subgraphs; expected one."
+            )
         self.graph = self.model.subgraphs[0]
         self.tensors = self.graph.tensors
 
@@ -285,18 +317,27 @@ class _Flatbuffer:
         buffer = self.model.buffers[tensor.buffer]
         if buffer.data is None or getattr(buffer, "offset", 0):
             return None
-        dtype = {self.schema.TensorType.FLOAT32: "<f4", self.schema.TensorType.INT8: "i1",
-                 self.schema.TensorType.INT32: "<i4"}.get(tensor.type)
+        dtype = {
+            self.schema.TensorType.FLOAT32: "<f4",
+            self.schema.TensorType.INT8: "i1",
+            self.schema.TensorType.INT32: "<i4",
+        }.get(tensor.type)
         if dtype is None:
             return None
-        return np.frombuffer(np.asarray(buffer.data, np.uint8).tobytes(), dtype).reshape(tensor.shape)
+        return np.frombuffer(np.asarray(buffer.data, np.uint8).tobytes(), dtype).reshape(
+            tensor.shape
+        )
 
     def kernel_sites(self):
         """`(op, op name, weight tensor index)` of the conv/FC ops with a constant kernel."""
         sites = []
         for op in self.graph.operators:
             name = _builtin_name(self.schema, self.model.operatorCodes[op.opcodeIndex])
-            if name in _KERNEL_AXIS and len(op.inputs) > 1 and self.values(op.inputs[1]) is not None:
+            if (
+                name in _KERNEL_AXIS
+                and len(op.inputs) > 1
+                and self.values(op.inputs[1]) is not None
+            ):
                 sites.append((op, name, int(op.inputs[1])))
         return sites
 
@@ -324,12 +365,18 @@ class _Flatbuffer:
             return
         for i, other in enumerate(self.model.operatorCodes):
             if (other.builtinCode, other.deprecatedBuiltinCode, other.version) == (
-                code.builtinCode, code.deprecatedBuiltinCode, version
+                code.builtinCode,
+                code.deprecatedBuiltinCode,
+                version,
             ):
                 op.opcodeIndex = i
                 return
         new = self.schema.OperatorCodeT()
-        new.builtinCode, new.deprecatedBuiltinCode, new.version = code.builtinCode, code.deprecatedBuiltinCode, version
+        new.builtinCode, new.deprecatedBuiltinCode, new.version = (
+            code.builtinCode,
+            code.deprecatedBuiltinCode,
+            version,
+        )
         self.model.operatorCodes.append(new)
         op.opcodeIndex = len(self.model.operatorCodes) - 1
 
@@ -359,7 +406,9 @@ def _store_codes(flatbuffer, model, mode):
             axis = _KERNEL_AXIS[op_name]
             converter_scale = None
             if tensor.type == fb.schema.TensorType.INT8:
-                converter_scale = np.broadcast_to(np.asarray(tensor.quantization.scale, np.float64), (tfl_codes.shape[axis],))
+                converter_scale = np.broadcast_to(
+                    np.asarray(tensor.quantization.scale, np.float64), (tfl_codes.shape[axis],)
+                )
             fit = _fit(fb.values(index), tfl_codes, axis, converter_scale)
             if fit is not None:
                 matches.append((op, op_name, index, tfl_codes, axis, fit))
@@ -378,11 +427,23 @@ def _store_codes(flatbuffer, model, mode):
         scales = scale[:1] if per_tensor else scale
         if mode == "int4" and op_name in _INT4_OPS and quantized_kernel_bits(layer) <= 4:
             # Two's complement nibbles, LSB first (LiteRT's UnpackPackedIntToInt8).
-            fb.set_values(index, pack_bits(values.astype(np.uint8) & 0x0F, 4), fb.schema.TensorType.INT4, scales, axis)
+            fb.set_values(
+                index,
+                pack_bits(values.astype(np.uint8) & 0x0F, 4),
+                fb.schema.TensorType.INT4,
+                scales,
+                axis,
+            )
         else:
             if mode == "int4":
-                as_int8.append((layer.name, f"{quantized_kernel_bits(layer)}-bit codes" if op_name in _INT4_OPS
-                                else f"{op_name}: no int4 kernel in LiteRT"))
+                as_int8.append(
+                    (
+                        layer.name,
+                        f"{quantized_kernel_bits(layer)}-bit codes"
+                        if op_name in _INT4_OPS
+                        else f"{op_name}: no int4 kernel in LiteRT",
+                    )
+                )
             fb.set_values(index, values.tobytes(), fb.schema.TensorType.INT8, scales, axis)
         if mode in ("int8", "int4"):
             fb.set_version(op, _HYBRID_VERSION[op_name][0 if per_tensor else 1])
@@ -410,12 +471,19 @@ def kernel_types(path):
 
     with open(path, "rb") as f:
         fb = _Flatbuffer(f.read())
-    names = {value: key for key, value in vars(schema.TensorType).items() if not key.startswith("_")}
+    names = {
+        value: key for key, value in vars(schema.TensorType).items() if not key.startswith("_")
+    }
     found = {}
     for op in fb.graph.operators:
-        if _builtin_name(schema, fb.model.operatorCodes[op.opcodeIndex]) in _KERNEL_AXIS and len(op.inputs) > 1:
+        if (
+            _builtin_name(schema, fb.model.operatorCodes[op.opcodeIndex]) in _KERNEL_AXIS
+            and len(op.inputs) > 1
+        ):
             tensor = fb.tensors[op.inputs[1]]
-            found[tensor.name.decode() if isinstance(tensor.name, bytes) else tensor.name] = names[tensor.type]
+            found[tensor.name.decode() if isinstance(tensor.name, bytes) else tensor.name] = names[
+                tensor.type
+            ]
     return found
 
 

@@ -41,7 +41,11 @@ from faqd_tf.losses.affinity import (
     gram_error_estimate,
     resolve_method,
 )
-from faqd_tf.losses.fast import fast_feature_affinity, fast_feature_affinity_per_sample, gaussian_probes
+from faqd_tf.losses.fast import (
+    fast_feature_affinity,
+    fast_feature_affinity_per_sample,
+    gaussian_probes,
+)
 from faqd_tf.losses.kd import ce_loss_per_sample, kd_loss, kd_loss_per_sample
 from faqd_tf.losses.pixels import NORM_EPSILON
 from faqd_tf.losses.seeds import ProbeCounter, probe_seed, tap_key

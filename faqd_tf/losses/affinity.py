@@ -46,8 +46,12 @@ GRAM_ROW_COST = 60.0
 
 
 def _check_tile_rows(tile_rows):
-    if tile_rows is not None and (isinstance(tile_rows, bool) or not isinstance(tile_rows, int) or tile_rows < 1):
-        raise ValueError(f"tile_rows={tile_rows!r} is not supported; use None (automatic) or an integer >= 1.")
+    if tile_rows is not None and (
+        isinstance(tile_rows, bool) or not isinstance(tile_rows, int) or tile_rows < 1
+    ):
+        raise ValueError(
+            f"tile_rows={tile_rows!r} is not supported; use None (automatic) or an integer >= 1."
+        )
     return tile_rows
 
 
@@ -117,7 +121,11 @@ def _tile_layout(n, tile_rows):
             rows = budget
         tiles = -(-n // rows)
         return rows, tiles, tiles * rows
-    rows = tf.constant(tile_rows) if tile_rows else tf.maximum(1, TILE_ELEMENTS_PER_SAMPLE // tf.maximum(n, 1))
+    rows = (
+        tf.constant(tile_rows)
+        if tile_rows
+        else tf.maximum(1, TILE_ELEMENTS_PER_SAMPLE // tf.maximum(n, 1))
+    )
     rows = tf.maximum(1, tf.minimum(rows, n))
     tiles = (n + rows - 1) // rows
     return rows, tiles, tiles * rows
@@ -134,7 +142,7 @@ def _tiles(m, p, tile_rows, active):
         mp, pp = (tf.pad(x, [[0, 0], [0, padded - n], [0, 0]]) for x in (m, p))
 
     def tile_of_d(i):
-        m_j, p_j = mp[:, i * rows:(i + 1) * rows], pp[:, i * rows:(i + 1) * rows]
+        m_j, p_j = mp[:, i * rows : (i + 1) * rows], pp[:, i * rows : (i + 1) * rows]
         d = tf.linalg.matmul(m_j, p, transpose_b=True) + tf.linalg.matmul(p_j, m, transpose_b=True)
         return 0.5 * d, m_j, p_j  # (batch, rows, N)
 
@@ -150,7 +158,9 @@ def _tiled_forward(m, p, fa_norm, tile_rows=None, active=None):
         return i + 1, acc + tf.reduce_sum(pixels.entry_loss(tile_of_d(i)[0], fa_norm), axis=[1, 2])
 
     return tf.while_loop(
-        lambda i, _: i < loops, forward, (tf.constant(0), tf.zeros_like(m[:, 0, 0])),
+        lambda i, _: i < loops,
+        forward,
+        (tf.constant(0), tf.zeros_like(m[:, 0, 0])),
         parallel_iterations=1,  # one tile alive at a time: that is the memory bound
     )[1]
 
@@ -168,11 +178,16 @@ def _tiled_backward(m, p, fa_norm, tile_rows=None, active=None):
     def backward(i, dm, dp):
         d, m_j, p_j = tile_of_d(i)
         g = pixels.entry_grad(d, fa_norm)
-        return (i + 1, dm + tf.linalg.matmul(g, p_j, transpose_a=True),
-                dp + tf.linalg.matmul(g, m_j, transpose_a=True))
+        return (
+            i + 1,
+            dm + tf.linalg.matmul(g, p_j, transpose_a=True),
+            dp + tf.linalg.matmul(g, m_j, transpose_a=True),
+        )
 
     _, dm, dp = tf.while_loop(
-        lambda i, *_: i < loops, backward, (tf.constant(0), tf.zeros_like(m), tf.zeros_like(p)),
+        lambda i, *_: i < loops,
+        backward,
+        (tf.constant(0), tf.zeros_like(m), tf.zeros_like(p)),
         parallel_iterations=1,
     )
     return dm, dp
@@ -220,7 +235,9 @@ def _gram_products(m, p):
     x_t = tf.linalg.matrix_transpose(x)
     first, second = g_mm * g_pp, x * x_t
     total = 0.5 * (tf.reduce_sum(first, axis=[1, 2]) + tf.reduce_sum(second, axis=[1, 2]))
-    terms = 0.5 * (tf.reduce_sum(tf.abs(first), axis=[1, 2]) + tf.reduce_sum(tf.abs(second), axis=[1, 2]))
+    terms = 0.5 * (
+        tf.reduce_sum(tf.abs(first), axis=[1, 2]) + tf.reduce_sum(tf.abs(second), axis=[1, 2])
+    )
     error = _FLOAT32_EPS * tf.sqrt(pixels.num_pixels(m)) * terms
     return (g_mm, g_pp, x, x_t), total, error
 
@@ -244,7 +261,9 @@ def gram_error_estimate(teacher_map, student_map):
     teacher_map, student_map = pixels.align(*pixels.check_maps(teacher_map, student_map))
     m, p, _, _ = pixels.difference_and_sum(*pixels.rows_of_both(teacher_map, student_map))
     _, total, error = _gram_products(m, p)
-    return tf.where(total > 0.0, error / tf.maximum(total, 1e-30), tf.where(error > 0.0, np.inf, 0.0))
+    return tf.where(
+        total > 0.0, error / tf.maximum(total, 1e-30), tf.where(error > 0.0, np.inf, 0.0)
+    )
 
 
 def _gram(m, p, tile_rows):
@@ -258,8 +277,12 @@ def _gram(m, p, tile_rows):
     (g_mm, g_pp, x, x_t), total, error = _gram_products(m, p)
     cancelled = error > GRAM_RELATIVE_ERROR_LIMIT * total
     redo = _SampleSubset(cancelled)
-    total = redo.replace(tf.maximum(total, 0.0),  # rounding can leave a tiny negative for identical affinities
-                         lambda m_i, p_i: _tiled_forward(m_i, p_i, "fro2", tile_rows), m, p)
+    total = redo.replace(
+        tf.maximum(total, 0.0),  # rounding can leave a tiny negative for identical affinities
+        lambda m_i, p_i: _tiled_forward(m_i, p_i, "fro2", tile_rows),
+        m,
+        p,
+    )
 
     def backward(upstream):
         # The upstream factor applied to the C x C factors, not to the N x C results.
@@ -272,8 +295,10 @@ def _gram(m, p, tile_rows):
             dm, dp = _tiled_backward(m_i, p_i, "fro2", tile_rows)
             return dp + sign * dm
 
-        return (redo.replace(grad_a, lambda m_i, p_i: pairwise(m_i, p_i, 1.0), m, p, upstream),
-                redo.replace(grad_b, lambda m_i, p_i: pairwise(m_i, p_i, -1.0), m, p, upstream))
+        return (
+            redo.replace(grad_a, lambda m_i, p_i: pairwise(m_i, p_i, 1.0), m, p, upstream),
+            redo.replace(grad_b, lambda m_i, p_i: pairwise(m_i, p_i, -1.0), m, p, upstream),
+        )
 
     return total, backward
 
@@ -304,7 +329,9 @@ class _SampleSubset:
                 new = new * tf.reshape(tf.gather(upstream, [i]), [1] * new.shape.rank)
             return j + 1, tf.tensor_scatter_nd_update(out, [[i]], new)
 
-        return tf.while_loop(lambda j, _: j < self.count, body, (tf.constant(0), values), parallel_iterations=1)[1]
+        return tf.while_loop(
+            lambda j, _: j < self.count, body, (tf.constant(0), values), parallel_iterations=1
+        )[1]
 
 
 def _exact_totals(x, y, method, fa_norm, tile_rows):
@@ -332,7 +359,9 @@ def _exact_totals(x, y, method, fa_norm, tile_rows):
     return totals(x, y)
 
 
-def feature_affinity_per_sample(teacher_map, student_map, method="auto", fa_norm="fro2", tile_rows=None):
+def feature_affinity_per_sample(
+    teacher_map, student_map, method="auto", fa_norm="fro2", tile_rows=None
+):
     """Per-sample feature affinity loss: `||S_T - S_S||_F^2 / N^2` (eq. 6) or `sum|S_T - S_S| / N^2`.
 
     Args:
@@ -362,7 +391,11 @@ def feature_affinity_per_sample(teacher_map, student_map, method="auto", fa_norm
     teacher_map, student_map = pixels.check_maps(teacher_map, student_map)
     teacher_map, student_map = pixels.align(teacher_map, student_map)
     method = _resolve_method(
-        method, fa_norm, _static_num_pixels(student_map.shape), teacher_map.shape[-1], student_map.shape[-1]
+        method,
+        fa_norm,
+        _static_num_pixels(student_map.shape),
+        teacher_map.shape[-1],
+        student_map.shape[-1],
     )
     x, y = pixels.rows_of_both(teacher_map, student_map)
     n = pixels.num_pixels(x)
@@ -389,5 +422,7 @@ def feature_affinity(teacher_map, student_map, method="auto", fa_norm="fro2", ti
     True
     """
     return tf.reduce_mean(
-        feature_affinity_per_sample(teacher_map, student_map, method=method, fa_norm=fa_norm, tile_rows=tile_rows)
+        feature_affinity_per_sample(
+            teacher_map, student_map, method=method, fa_norm=fa_norm, tile_rows=tile_rows
+        )
     )

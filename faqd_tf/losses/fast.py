@@ -28,9 +28,12 @@ def gaussian_probes(shape, seed):
     >>> bool(abs(z.mean()) < 0.1 and abs(z.std() - 1) < 0.1)
     True
     """
-    bits = tf.random.stateless_uniform([2, *shape], seed=seed, minval=None, maxval=None, dtype=tf.uint32,
-                                       alg="philox")
-    u = (tf.cast(tf.bitwise.right_shift(bits, tf.constant(8, tf.uint32)), tf.float32) + 1.0) * (1.0 / 2**24)
+    bits = tf.random.stateless_uniform(
+        [2, *shape], seed=seed, minval=None, maxval=None, dtype=tf.uint32, alg="philox"
+    )
+    u = (tf.cast(tf.bitwise.right_shift(bits, tf.constant(8, tf.uint32)), tf.float32) + 1.0) * (
+        1.0 / 2**24
+    )
     return tf.sqrt(-2.0 * tf.math.log(u[0])) * tf.cos((2.0 * math.pi) * u[1])
 
 
@@ -107,8 +110,9 @@ def _probed_totals(x, y, z, fa_norm):
             g = pixels.entry_grad(u, fa_norm) * upstream[:, None, None]
 
             def side(rows, rows_z):  # G (R^T z)^T + z (G^T R) for the unit rows R
-                return (tf.linalg.matmul(g, rows_z, transpose_b=True)
-                        + tf.linalg.matmul(probes, tf.linalg.matmul(g, rows, transpose_a=True)))
+                return tf.linalg.matmul(g, rows_z, transpose_b=True) + tf.linalg.matmul(
+                    probes, tf.linalg.matmul(g, rows, transpose_a=True)
+                )
 
             grad_a = side(0.5 * (p + m), 0.5 * (pz + mz))
             grad_b = -side(0.5 * (p - m), 0.5 * (pz - mz))
@@ -134,4 +138,6 @@ def fast_feature_affinity(teacher_map, student_map, k=15, seed=None, fa_norm="fr
     >>> float(fast_feature_affinity(x, x, k=3, seed=1))
     0.0
     """
-    return tf.reduce_mean(fast_feature_affinity_per_sample(teacher_map, student_map, k=k, seed=seed, fa_norm=fa_norm))
+    return tf.reduce_mean(
+        fast_feature_affinity_per_sample(teacher_map, student_map, k=k, seed=seed, fa_norm=fa_norm)
+    )

@@ -6,6 +6,7 @@ import tensorflow as tf
 from faqd_tf import options
 from faqd_tf.losses.pixels import as_float_tensor
 
+
 def _check_logits(teacher_logits, student_logits):
     teacher_logits = as_float_tensor(teacher_logits)
     student_logits = as_float_tensor(student_logits)
@@ -64,7 +65,9 @@ def kd_loss_per_sample(teacher_logits, student_logits, kd="mse", temperature=1.0
     log_p = tf.nn.log_softmax(t / temperature, axis=-1)
     log_q = tf.nn.log_softmax(s / temperature, axis=-1)
     # The T^2 factor keeps gradient magnitudes comparable across temperatures (Hinton et al.).
-    per_position = tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), axis=-1) * (temperature * temperature)
+    per_position = tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), axis=-1) * (
+        temperature * temperature
+    )
     return _mean_over_positions(per_position)
 
 
@@ -88,9 +91,13 @@ def ce_loss_per_sample(labels, logits):
     logits = tf.cast(as_float_tensor(logits), tf.float32)
     y = tf.convert_to_tensor(labels)
     if logits.shape.rank is None or logits.shape.rank < 2:
-        raise ValueError(f"logits must be (batch, classes) or (batch, ..., classes), got shape {logits.shape}.")
+        raise ValueError(
+            f"logits must be (batch, classes) or (batch, ..., classes), got shape {logits.shape}."
+        )
     if y.shape.rank == logits.shape.rank and y.shape[-1] == logits.shape[-1] and y.shape[-1] != 1:
-        per_position = keras.losses.categorical_crossentropy(tf.cast(y, tf.float32), logits, from_logits=True)
+        per_position = keras.losses.categorical_crossentropy(
+            tf.cast(y, tf.float32), logits, from_logits=True
+        )
         return _mean_over_positions(per_position)
     positions = logits.shape[1:-1]
     if y.shape.rank == logits.shape.rank and y.shape[-1] == 1:

@@ -40,12 +40,16 @@ def probe_seed(seed, *counters):
     """
     seed = options.check_seed(seed)
     if seed is None:
-        raise ValueError("probe_seed needs an int seed; an owner given none draws one with options.fresh_seed().")
+        raise ValueError(
+            "probe_seed needs an int seed; an owner given none draws one with options.fresh_seed()."
+        )
     stateless = tf.constant([seed % (2**31), 0], tf.int64)
     for counter in counters:
         # Philox by name: the default is Philox on CPU and GPU but ThreeFry under XLA, and a step
         # compiled with jit_compile=True would fold to other seeds.
-        stateless = tf.random.experimental.stateless_fold_in(stateless, tf.cast(counter, tf.int64), alg="philox")
+        stateless = tf.random.experimental.stateless_fold_in(
+            stateless, tf.cast(counter, tf.int64), alg="philox"
+        )
     return stateless
 
 
@@ -77,7 +81,9 @@ def stateless_seed(seed):
     context = tf.distribute.get_replica_context()
     if context is not None and context.num_replicas_in_sync > 1:
         # Replicas see different samples but would otherwise draw identical probes.
-        seed = tf.random.experimental.stateless_fold_in(seed, context.replica_id_in_sync_group, alg="philox")
+        seed = tf.random.experimental.stateless_fold_in(
+            seed, context.replica_id_in_sync_group, alg="philox"
+        )
     return seed
 
 

@@ -12,6 +12,7 @@ from faqd_tf.losses.fast import fast_feature_affinity_per_sample
 from faqd_tf.losses.kd import kd_loss_per_sample
 from faqd_tf.losses.seeds import ProbeCounter
 
+
 @keras.saving.register_keras_serializable(package="faqd_tf")
 class FeatureAffinity(keras.losses.Loss):
     """Feature affinity loss as a Keras loss: `y_true` is the teacher's map, `y_pred` the student's.
@@ -29,8 +30,14 @@ class FeatureAffinity(keras.losses.Loss):
     0.0
     """
 
-    def __init__(self, method="auto", fa_norm="fro2", name="feature_affinity", reduction="sum_over_batch_size",
-                 dtype=None):
+    def __init__(
+        self,
+        method="auto",
+        fa_norm="fro2",
+        name="feature_affinity",
+        reduction="sum_over_batch_size",
+        dtype=None,
+    ):
         options.check_fa_norm(fa_norm)
         options.check_fa_method(method, fa_norm, name="method")
         super().__init__(name=name, reduction=reduction, dtype=dtype)
@@ -41,7 +48,12 @@ class FeatureAffinity(keras.losses.Loss):
         return feature_affinity_per_sample(y_true, y_pred, method=self.method, fa_norm=self.fa_norm)
 
     def get_config(self):
-        return {**super().get_config(), "method": self.method, "fa_norm": self.fa_norm, "dtype": self.dtype}
+        return {
+            **super().get_config(),
+            "method": self.method,
+            "fa_norm": self.fa_norm,
+            "dtype": self.dtype,
+        }
 
 
 @keras.saving.register_keras_serializable(package="faqd_tf")
@@ -69,8 +81,15 @@ class FastFeatureAffinity(keras.losses.Loss):
     True
     """
 
-    def __init__(self, k=15, seed=None, fa_norm="fro2", name="fast_feature_affinity",
-                 reduction="sum_over_batch_size", dtype=None):
+    def __init__(
+        self,
+        k=15,
+        seed=None,
+        fa_norm="fro2",
+        name="fast_feature_affinity",
+        reduction="sum_over_batch_size",
+        dtype=None,
+    ):
         self.k = options.check_k(k)
         self.seed = options.check_seed(seed)
         self.fa_norm = options.check_fa_norm(fa_norm)
@@ -78,11 +97,18 @@ class FastFeatureAffinity(keras.losses.Loss):
         self._probes = ProbeCounter(self.seed)
 
     def call(self, y_true, y_pred):
-        return fast_feature_affinity_per_sample(y_true, y_pred, k=self.k, seed=self._probes.next_seed(0),
-                                                fa_norm=self.fa_norm)
+        return fast_feature_affinity_per_sample(
+            y_true, y_pred, k=self.k, seed=self._probes.next_seed(0), fa_norm=self.fa_norm
+        )
 
     def get_config(self):
-        return {**super().get_config(), "k": self.k, "seed": self.seed, "fa_norm": self.fa_norm, "dtype": self.dtype}
+        return {
+            **super().get_config(),
+            "k": self.k,
+            "seed": self.seed,
+            "fa_norm": self.fa_norm,
+            "dtype": self.dtype,
+        }
 
 
 @keras.saving.register_keras_serializable(package="faqd_tf")
@@ -100,7 +126,9 @@ class KDLoss(keras.losses.Loss):
     2.0
     """
 
-    def __init__(self, kd="mse", temperature=1.0, name="kd_loss", reduction="sum_over_batch_size", dtype=None):
+    def __init__(
+        self, kd="mse", temperature=1.0, name="kd_loss", reduction="sum_over_batch_size", dtype=None
+    ):
         options.check_kd(kd)
         self.temperature = options.check_temperature(temperature)
         super().__init__(name=name, reduction=reduction, dtype=dtype)
@@ -110,4 +138,9 @@ class KDLoss(keras.losses.Loss):
         return kd_loss_per_sample(y_true, y_pred, kd=self.kd, temperature=self.temperature)
 
     def get_config(self):
-        return {**super().get_config(), "kd": self.kd, "temperature": self.temperature, "dtype": self.dtype}
+        return {
+            **super().get_config(),
+            "kd": self.kd,
+            "temperature": self.temperature,
+            "dtype": self.dtype,
+        }

@@ -57,13 +57,21 @@ import keras
 from keras import layers
 
 from faqd_tf import quantizers
-from faqd_tf.options import is_integer
 from faqd_tf.layers import QuantConv2D, QuantDense, QuantReLU
+from faqd_tf.options import is_integer
 
 # depth -> (block kind, blocks per stage)
 # 8 and 14 (n = 1, 2 of He et al.'s 6n+2) are for quick runs on small machines.
-CIFAR_DEPTHS = {8: ("basic", 1), 14: ("basic", 2), 20: ("basic", 3), 32: ("basic", 5), 44: ("basic", 7), 56: ("basic", 9),
-                110: ("basic", 18), 164: ("bottleneck", 18)}
+CIFAR_DEPTHS = {
+    8: ("basic", 1),
+    14: ("basic", 2),
+    20: ("basic", 3),
+    32: ("basic", 5),
+    44: ("basic", 7),
+    56: ("basic", 9),
+    110: ("basic", 18),
+    164: ("bottleneck", 18),
+}
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
@@ -104,8 +112,15 @@ class ChannelPad(layers.Layer):
 class _Builder:
     """Creates the named, optionally quantized layers shared by the CIFAR and ImageNet ResNets."""
 
-    def __init__(self, weight_bits, activation_bits, per_channel, weight_decay, bn_momentum,
-                 alpha_rate=quantizers.DEFAULT_ALPHA_RATE):
+    def __init__(
+        self,
+        weight_bits,
+        activation_bits,
+        per_channel,
+        weight_decay,
+        bn_momentum,
+        alpha_rate=quantizers.DEFAULT_ALPHA_RATE,
+    ):
         if weight_decay is not None and (isinstance(weight_decay, bool) or weight_decay < 0):
             raise ValueError(f"weight_decay={weight_decay!r} must be None or a non-negative float.")
         if isinstance(bn_momentum, bool) or not 0.0 <= float(bn_momentum) < 1.0:
@@ -130,9 +145,17 @@ class _Builder:
         else:
             padding = "same" if kernel_size > 1 else "valid"
         return QuantConv2D(
-            filters, kernel_size, strides=strides, padding=padding, use_bias=False,
-            kernel_initializer="he_normal", kernel_regularizer=self._regularizer(), name=name,
-            weight_bits=quantizers.first_layer_width(self.weight_bits) if first else self.weight_bits,
+            filters,
+            kernel_size,
+            strides=strides,
+            padding=padding,
+            use_bias=False,
+            kernel_initializer="he_normal",
+            kernel_regularizer=self._regularizer(),
+            name=name,
+            weight_bits=quantizers.first_layer_width(self.weight_bits)
+            if first
+            else self.weight_bits,
             per_channel=self.per_channel,
         )(x)
 
@@ -147,15 +170,20 @@ class _Builder:
         # The authors decay the alphas at the weight decay times ALPHA_DECAY_FACTOR.
         decay = self.weight_decay * quantizers.ALPHA_DECAY_FACTOR if self.weight_decay else None
         return QuantReLU(
-            bits=self.activation_bits, alpha_rate=self.alpha_rate, name=name,
+            bits=self.activation_bits,
+            alpha_rate=self.alpha_rate,
+            name=name,
             alpha_regularizer=keras.regularizers.L2(decay) if decay else None,
         )(x)
 
     def head(self, x, num_classes):
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
         return QuantDense(
-            num_classes, kernel_initializer="he_normal", kernel_regularizer=self._regularizer(),
-            name="logits", weight_bits=None,
+            num_classes,
+            kernel_initializer="he_normal",
+            kernel_regularizer=self._regularizer(),
+            name="logits",
+            weight_bits=None,
         )(x)
 
 
@@ -171,7 +199,9 @@ def _basic_block(b, x, filters, strides, prefix, out_name):
     shortcut = x
     if strides != 1 or in_channels != filters:
         if strides != 1:
-            shortcut = layers.MaxPooling2D(pool_size=1, strides=strides, name=f"{prefix}_sc_pool")(shortcut)
+            shortcut = layers.MaxPooling2D(pool_size=1, strides=strides, name=f"{prefix}_sc_pool")(
+                shortcut
+            )
         if in_channels != filters:
             if filters < in_channels:
                 raise ValueError("option-A shortcuts can only add channels.")
@@ -217,10 +247,18 @@ def _preact_bottleneck(b, x, width, strides, prefix, preact, out_name):
     return layers.Add(name=out_name or f"{prefix}_add")([shortcut, y])
 
 
-def resnet_cifar(depth: int, num_classes: int = 10, input_shape: tuple[int, int, int] = (32, 32, 3),
-                 weight_bits: int | None = None, activation_bits: int | None = None, per_channel: bool = False,
-                 weight_decay: float | None = None, bn_momentum: float = BN_MOMENTUM, name: str | None = None,
-                 alpha_rate: float = quantizers.DEFAULT_ALPHA_RATE) -> keras.Model:
+def resnet_cifar(
+    depth: int,
+    num_classes: int = 10,
+    input_shape: tuple[int, int, int] = (32, 32, 3),
+    weight_bits: int | None = None,
+    activation_bits: int | None = None,
+    per_channel: bool = False,
+    weight_decay: float | None = None,
+    bn_momentum: float = BN_MOMENTUM,
+    name: str | None = None,
+    alpha_rate: float = quantizers.DEFAULT_ALPHA_RATE,
+) -> keras.Model:
     """Builds a CIFAR ResNet of depth 8, 14, 20, 32, 44, 56, 110 (basic) or 164 (pre-act bottleneck).
 
     Args:

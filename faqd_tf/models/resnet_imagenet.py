@@ -43,10 +43,19 @@ def _basic_block(b, x, filters, strides, prefix, out_name):
     return residual_branch(b, x, shortcut, filters, strides, prefix, out_name)
 
 
-def resnet_imagenet(depth: int, num_classes: int = 1000, input_shape: tuple[int, int, int] = (224, 224, 3),
-                    small_input: bool = False, weight_bits: int | None = None, activation_bits: int | None = None,
-                    per_channel: bool = False, weight_decay: float | None = None, bn_momentum: float = BN_MOMENTUM,
-                    name: str | None = None, alpha_rate: float = quantizers.DEFAULT_ALPHA_RATE) -> keras.Model:
+def resnet_imagenet(
+    depth: int,
+    num_classes: int = 1000,
+    input_shape: tuple[int, int, int] = (224, 224, 3),
+    small_input: bool = False,
+    weight_bits: int | None = None,
+    activation_bits: int | None = None,
+    per_channel: bool = False,
+    weight_decay: float | None = None,
+    bn_momentum: float = BN_MOMENTUM,
+    name: str | None = None,
+    alpha_rate: float = quantizers.DEFAULT_ALPHA_RATE,
+) -> keras.Model:
     """Builds ResNet18 (depth=18) or ResNet34 (depth=34); other depths raise ValueError.
 
     Args:
@@ -60,7 +69,9 @@ def resnet_imagenet(depth: int, num_classes: int = 1000, input_shape: tuple[int,
     """
     if isinstance(depth, bool) or depth not in IMAGENET_DEPTHS:
         allowed = ", ".join(str(d) for d in IMAGENET_DEPTHS)
-        raise ValueError(f"resnet_imagenet: depth={depth!r} is not supported; use one of {allowed}.")
+        raise ValueError(
+            f"resnet_imagenet: depth={depth!r} is not supported; use one of {allowed}."
+        )
     check_num_classes(num_classes)
     b = _Builder(weight_bits, activation_bits, per_channel, weight_decay, bn_momentum, alpha_rate)
 
@@ -85,15 +96,25 @@ def resnet_imagenet(depth: int, num_classes: int = 1000, input_shape: tuple[int,
     return keras.Model(inputs, outputs, name=name or f"resnet{depth}")
 
 
-def resnet18(num_classes: int = 1000, input_shape: tuple[int, int, int] = (224, 224, 3), small_input: bool = False,
-             **kwargs) -> keras.Model:
+def resnet18(
+    num_classes: int = 1000,
+    input_shape: tuple[int, int, int] = (224, 224, 3),
+    small_input: bool = False,
+    **kwargs,
+) -> keras.Model:
     """ResNet18; see :func:`resnet_imagenet` for the keyword arguments."""
-    return resnet_imagenet(18, num_classes=num_classes, input_shape=input_shape,
-                           small_input=small_input, **kwargs)
+    return resnet_imagenet(
+        18, num_classes=num_classes, input_shape=input_shape, small_input=small_input, **kwargs
+    )
 
 
-def resnet34(num_classes: int = 1000, input_shape: tuple[int, int, int] = (224, 224, 3), small_input: bool = False,
-             **kwargs) -> keras.Model:
+def resnet34(
+    num_classes: int = 1000,
+    input_shape: tuple[int, int, int] = (224, 224, 3),
+    small_input: bool = False,
+    **kwargs,
+) -> keras.Model:
     """ResNet34; see :func:`resnet_imagenet` for the keyword arguments."""
-    return resnet_imagenet(34, num_classes=num_classes, input_shape=input_shape,
-                           small_input=small_input, **kwargs)
+    return resnet_imagenet(
+        34, num_classes=num_classes, input_shape=input_shape, small_input=small_input, **kwargs
+    )
