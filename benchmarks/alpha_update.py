@@ -170,7 +170,8 @@ def report(args, rows, before, traces):
         f"Teacher {args.teacher}; {args.steps} steps of batch {args.batch_size}, label-free KL(T=4) + 0.1 FA; "
         f"seeds {', '.join(map(str, seeds))}; machine {platform.machine()}, {os.cpu_count()} cores.",
         "",
-        "| activations | optimizer | alpha update | seeds | alphas after (min, max) per seed | test accuracy per seed | mean |",
+        "| activations | optimizer | alpha update | seeds | alphas after (min, max) per seed "
+        "| test accuracy per seed | mean |",
         "|---|---|---|---|---|---|---|",
     ]
     groups = {}

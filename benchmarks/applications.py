@@ -397,7 +397,8 @@ def write_markdown(csv_path, md_path, command):
         "",
         f"Command: `{command}`  ",
         f"Machine: {_harness.cpu_model()}, {os.cpu_count()} cores, shared with other benchmarks (times are loaded).  ",
-        f"Written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC from `{os.path.relpath(csv_path, ROOT)}`.",
+        f"Written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC "
+        f"from `{os.path.relpath(csv_path, ROOT)}`.",
         "",
         "Random weights (weights=None): the export agreement figures are **synthetic** (top-1 of the",
         "exported file against the Keras student on 8 Fashion-MNIST images) and say nothing about",

@@ -424,7 +424,8 @@ def report(rows, command, png=None):
         lines += [
             f"**{teacher}** (FP {100 * fp:.2f}%)",
             "",
-            "| method | weights | scales | runs in | accuracy | vs FP | time to produce (s) | load avg | file | file size | .keras |",
+            "| method | weights | scales | runs in | accuracy | vs FP | time to produce (s) | load avg "
+            "| file | file size | .keras |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in mine:

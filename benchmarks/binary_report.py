@@ -163,12 +163,14 @@ def write(md, png, command):
     text = "\n".join(
         [
             f"Command: `{command}`  ",
-            f"Machine: {platform.machine()}, {os.cpu_count()} cores. Every cell: `train.py` with configs/quickstart.json, the "
-            "pinned teacher docs/budget/teacher.keras (FP ResNet8, the `FP` row), all 60,000 training images, label-free, 1-bit "
-            "fine-tune from the teacher's weights. Headline metric (named before the runs): test accuracy as trained at the "
-            "last epoch; beside it the mean of the last three epochs and the accuracy after recalibrating the BN statistics "
-            "on 6,400 unlabeled training images. Differences are paired by seed (same initial weights and data order), "
-            "95% t-intervals.",
+            f"Machine: {platform.machine()}, {os.cpu_count()} cores. Every cell: `train.py` with "
+            "configs/quickstart.json, the pinned teacher docs/budget/teacher.keras (FP ResNet8, "
+            "the `FP` row), all 60,000 training images, label-free, 1-bit fine-tune from the "
+            "teacher's weights. Headline metric (named before the runs): test accuracy as trained "
+            "at the last epoch; beside it the mean of the last three epochs and the accuracy "
+            "after recalibrating the BN statistics on 6,400 unlabeled training images. "
+            "Differences are paired by seed (same initial weights and data order), 95% "
+            "t-intervals.",
             "",
             "## Factors (KD only, one factor at a time)",
             "",

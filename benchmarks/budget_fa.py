@@ -211,7 +211,8 @@ def report(rows, command):
 
     for (init, bits, epochs), (fa, kl, agree, acc, recal) in ratios:
         lines.append(
-            f"- {init}, {bits}-bit, {epochs} epochs, FAQD against KD only paired over {fa[2]} seed{'s' * (fa[2] != 1)}: "
+            f"- {init}, {bits}-bit, {epochs} epochs, FAQD against KD only paired over "
+            f"{fa[2]} seed{'s' * (fa[2] != 1)}: "
             f"FA distance {change(fa)}; KL from the teacher's logits {change(kl)}; top-1 agreement with "
             f"the teacher {points(agree)}; accuracy {points(acc)} as trained, {points(recal)} after BN "
             "recalibration."

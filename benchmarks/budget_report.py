@@ -147,14 +147,17 @@ def write(cells, curves, md, png, command, fa_rows=()):
     text = "\n".join(
         [
             f"Command: `{command}`  ",
-            f"Machine: {platform.machine()}, {os.cpu_count()} cores. Every cell: `train.py` with configs/quickstart.json "
-            "and the pinned teacher docs/budget/teacher.keras; accuracy on the 10,000 test images after the last epoch. "
-            "Differences are paired by seed (same initial weights and data order). The CSV's `seconds` is the time "
-            "of the invocation that finished a cell: a resumed cell's earlier epochs are not in it; `sec_per_epoch` divides "
-            "it by the epochs that invocation ran (rows finished before commit 'budget: seconds per epoch run' divided it by "
-            "all the cell's epochs, too low for a resumed cell). The headline metric is the accuracy as trained at the "
-            "last epoch; the mean of the last three epochs (from the curves) and the accuracy after "
-            "`recalibrate_batchnorm` (docs/budget/fa_distance.csv, `benchmarks/budget_fa.py`) are beside it.",
+            f"Machine: {platform.machine()}, {os.cpu_count()} cores. Every cell: `train.py` with "
+            "configs/quickstart.json and the pinned teacher docs/budget/teacher.keras; accuracy "
+            "on the 10,000 test images after the last epoch. Differences are paired by seed (same "
+            "initial weights and data order). The CSV's `seconds` is the time of the invocation "
+            "that finished a cell: a resumed cell's earlier epochs are not in it; `sec_per_epoch` "
+            "divides it by the epochs that invocation ran (rows finished before commit 'budget: "
+            "seconds per epoch run' divided it by all the cell's epochs, too low for a resumed "
+            "cell). The headline metric is the accuracy as trained at the last epoch; the mean of "
+            "the last three epochs (from the curves) and the accuracy after "
+            "`recalibrate_batchnorm` (docs/budget/fa_distance.csv, `benchmarks/budget_fa.py`) are "
+            "beside it.",
             "",
             table(cells, curves, fa_rows),
             "",

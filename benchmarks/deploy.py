@@ -360,7 +360,8 @@ def main(argv=None):
 
     threads = " / ".join(map(str, args.threads))
     header = (
-        "| network | weights | format | size | float / size | agreement with Keras | max abs logit diff (max abs logit) "
+        "| network | weights | format | size | float / size | agreement with Keras "
+        "| max abs logit diff (max abs logit) "
         f"| accuracy (Keras) | latency ms, {threads} threads | load avg | codes read from the file |"
     )
     lines = [header, "|" + "|".join(["---"] * (header.count("|") - 1)) + "|"]
@@ -368,7 +369,8 @@ def main(argv=None):
         latency = " / ".join(f"{r[f'latency_ms_{t}_threads']:.3f}" for t in args.threads)
         lines.append(
             f"| {r['arch']} ({r['input']}) | {r['bits']}-bit | {r['format']} | {r['bytes'] / 1024:,.1f} kB "
-            f"| {r['float_over_size']:.2f}x | {100 * r['agree']:.2f}% | {r['max_logit_diff']:.2e} ({r['max_abs_logit']:.1f}) "
+            f"| {r['float_over_size']:.2f}x | {100 * r['agree']:.2f}% "
+            f"| {r['max_logit_diff']:.2e} ({r['max_abs_logit']:.1f}) "
             f"| {100 * r['acc']:.2f}% ({100 * r['keras_acc']:.2f}%) | {latency} | {r['load_avg']:.2f} "
             f"| {r['codes_from_file'] or '-'} |"
         )

@@ -155,10 +155,13 @@ def measure(args):
                                     losses.NORM_EPSILON,
                                 )
                                 gnorm = np.linalg.norm(ref_grad)
-                                err = lambda v: abs(float(v) - ref_loss) / ref_loss  # noqa: E731
-                                gerr = lambda g: (
-                                    np.linalg.norm(g[i].reshape(h * w, c) - ref_grad) / gnorm
-                                )  # noqa: E731
+
+                                def err(v):
+                                    return abs(float(v) - ref_loss) / ref_loss
+
+                                def gerr(g):
+                                    return np.linalg.norm(g[i].reshape(h * w, c) - ref_grad) / gnorm
+
                                 acc["rows"].append(
                                     (
                                         est[i],
@@ -318,7 +321,8 @@ def report(rows, command, limit):
         f"sample; quantiles over all samples of the batches. Fallback limit: {limit:g}.",
         "",
         "| pair | start | bits | state | tap | map | auto | flagged | estimate median / max | "
-        "gram loss error median / max | gram gradient error median / max | shipped loss / gradient error max | loss (median) |",
+        "gram loss error median / max | gram gradient error median / max | "
+        "shipped loss / gradient error max | loss (median) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -180,8 +180,10 @@ def worker(spec):
             )
             continue
 
+        loss_fn = loss_of(method, tf, losses)
+
         @tf.function
-        def step(loss_fn=loss_of(method, tf, losses)):
+        def step(loss_fn=loss_fn):
             with tf.GradientTape() as tape:
                 value = loss_fn(teacher, student)
             return value, tape.gradient(value, student)

@@ -168,7 +168,8 @@ def main(argv=None):
 def report(rows, args):
     lines = [
         f"Command: `python benchmarks/fa_strength.py {' '.join(sys.argv[1:])}`  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, TensorFlow {tf.__version__}, Keras {keras.__version__}. "
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"TensorFlow {tf.__version__}, Keras {keras.__version__}. "
         f"Teacher {args.teacher}, {args.bits}-bit ResNet8 student, {args.batches} batches of {args.batch_size} "
         "Fashion-MNIST training images; gradient norms with respect to the student's trainable weights "
         "(FA summed over the 3 stage taps, unweighted unless named authors_*).",

@@ -34,7 +34,8 @@ for seed in range(int(sys.argv[1]), int(sys.argv[2])):
     top2 = np.sort(want, 1)[:, -2:]
     clear = (top2[:, 1] - top2[:, 0] > 0.15 * np.ptp(want)).sum()
     print(
-        f"clear {clear} seed {seed} isa={os.environ.get('ONEDNN_MAX_CPU_ISA', 'default')} agree {agree:.4f} rel_err {rel:.4f} "
+        f"clear {clear} seed {seed} isa={os.environ.get('ONEDNN_MAX_CPU_ISA', 'default')} "
+        f"agree {agree:.4f} rel_err {rel:.4f} "
         f"max_abs_err/range {np.max(np.abs(got - want)) / np.ptp(want):.4f} median_margin {np.median(margin):.3f} "
         f"max margin among disagreeing {margin[dis].max() if dis.any() else 0:.3f}",
         flush=True,

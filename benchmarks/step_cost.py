@@ -301,7 +301,8 @@ def report(rows, command):
             "fraction of samples, and of batches with at least one such sample), at the new limit "
             "and at the old one (1e-5), median over rounds:",
             "",
-            "| pair | start | inputs | samples, new limit | batches, new limit | samples, old limit | batches, old limit |",
+            "| pair | start | inputs | samples, new limit | batches, new limit "
+            "| samples, old limit | batches, old limit |",
             "|---|---|---|---|---|---|---|",
         ]
         for cell in cells:

@@ -61,7 +61,8 @@ def main(argv=None):
     print("|---|---|---|---|---|")
     for (name, threads, resolver, _), times in zip(configs, timed):
         print(
-            f"| {name} | {threads} | {resolver} | {1000 * np.median(times):.3f} | {1000 * np.percentile(times, 90):.3f} |"
+            f"| {name} | {threads} | {resolver} | {1000 * np.median(times):.3f} "
+            f"| {1000 * np.percentile(times, 90):.3f} |"
         )
     return 0
 

@@ -200,8 +200,9 @@ def recalibrate_batchnorm(
 
     Label-free: only images are read. Works on any built single-input Keras model (Functional,
     Sequential, subclassed, nested; BatchNormalization inside custom block layers too), e.g.
-    `quantize_model(teacher, weight_bits=4)` straight after quantization. The model is changed in place; nothing else than the moving mean and variance
-    (and a renorm layer's moving stddev) is touched.
+    `quantize_model(teacher, weight_bits=4)` straight after quantization. The model is changed in
+    place; nothing else than the moving mean and variance (and a renorm layer's moving stddev) is
+    touched.
 
     Args:
         model: the model whose BatchNormalization layers to recalibrate.

@@ -81,7 +81,8 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
     >>> model.fit(x, np.ones((2, 1)), batch_size=1, shuffle=False, verbose=0, callbacks=[StopOnNonFiniteLoss()])
     Traceback (most recent call last):
     ...
-    faqd_tf.callbacks.NonFiniteLossError: the loss became nan at epoch 1, batch 2; no epoch had finished, so there is no checkpoint
+    faqd_tf.callbacks.NonFiniteLossError: the loss became nan at epoch 1, batch 2; no epoch had
+    finished, so there is no checkpoint
     """
 
     def __init__(self, backup_dir: str | None = None):

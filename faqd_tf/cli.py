@@ -179,7 +179,10 @@ def _stage_failure(failure):
     if isinstance(error, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError)):
         # A worker died or stopped answering; the others' collectives fail with this.
         cause = _first_line(error).split("aborted by: ")[-1].strip()[:200]
-        return f"the multi-worker job lost a worker ({cause}); start every worker again with the same command to resume from the last backup."
+        return (
+            f"the multi-worker job lost a worker ({cause}); start every worker again with the same "
+            "command to resume from the last backup."
+        )
     if isinstance(error, tf.errors.ResourceExhaustedError):
         return (
             f"stage {failure.stage} ran out of memory ({_first_line(error)[:120]}); lower train.batch_size "

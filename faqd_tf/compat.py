@@ -16,7 +16,9 @@ the test suite run on 3.15.1). On another Keras the first use fails with one lin
 >>> check_keras_version("3.99.0")
 Traceback (most recent call last):
 ...
-faqd_tf.compat.KerasVersionError: faqd-tf uses private parts of Keras verified on Keras 3.12 to 3.15, not on this Keras 3.99.0; install one of those (pip install "keras>=3.12,<3.16"), or set FAQD_UNVERIFIED_KERAS=1 to try anyway.
+faqd_tf.compat.KerasVersionError: faqd-tf uses private parts of Keras verified on Keras 3.12 to
+3.15, not on this Keras 3.99.0; install one of those (pip install "keras>=3.12,<3.16"), or set
+FAQD_UNVERIFIED_KERAS=1 to try anyway.
 """
 
 import contextlib

@@ -12,7 +12,9 @@ them: `markdown()`).
 >>> resolve({"dataset": {"source": "idx:x"}, "train": {"epoch": 3}})
 Traceback (most recent call last):
 ...
-faqd_tf.config.ConfigError: config: unknown key 'train.epoch'; keys of 'train' are: batch_size, epochs, global_clipnorm, lr, momentum, nesterov, optimizer, schedule, steps_per_epoch, warmup_epochs, weight_decay
+faqd_tf.config.ConfigError: config: unknown key 'train.epoch'; keys of 'train' are: batch_size,
+epochs, global_clipnorm, lr, momentum, nesterov, optimizer, schedule, steps_per_epoch,
+warmup_epochs, weight_decay
 """
 
 import copy
@@ -143,7 +145,8 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
             if depth == len(parts) - 1:
                 if isinstance(schema, dict):
                     raise ConfigError(
-                        f"--set {shown}: '{shown}' is a section; set one of its keys, e.g. {shown}.{next(iter(schema))}."
+                        f"--set {shown}: '{shown}' is a section; set one of its keys, "
+                        f"e.g. {shown}.{next(iter(schema))}."
                     )
                 node[part] = value
             else:

@@ -420,9 +420,10 @@ def _default_taps(model):
     """`feature_layers(model)` less the layer that outputs the logits.
 
     A segmentation net's logits are a 4-D map; `feature_layers` leaves the logits head out, and this
-    guard keeps it so whatever picks the taps. KD already matches the logits, and FA on them is unstable: a logit vector near zero (no ReLU keeps the
-    bias from reaching it) has a unit direction whose gradient grows as 1 / |logits| (measured: FA's
-    gradient 5.5e6 against KD's 0.03 on a random Conv2D/Conv2DTranspose net, which diverged in one step).
+    guard keeps it so whatever picks the taps. KD already matches the logits, and FA on them is
+    unstable: a logit vector near zero (no ReLU keeps the bias from reaching it) has a unit
+    direction whose gradient grows as 1 / |logits| (measured: FA's gradient 5.5e6 against KD's 0.03
+    on a random Conv2D/Conv2DTranspose net, which diverged in one step).
     """
     history = getattr(model.outputs[0], "_keras_history", None)
     output_layer = getattr(getattr(history, "operation", None), "name", None)

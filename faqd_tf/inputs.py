@@ -8,7 +8,8 @@ declared sizes are checked against the bytes present and against sane limits fir
 >>> check_size(declared=784, present=700, what="train-images-idx3-ubyte")
 Traceback (most recent call last):
 ...
-ValueError: train-images-idx3-ubyte is truncated: its header declares 784 bytes of data, it holds 700; download it again.
+ValueError: train-images-idx3-ubyte is truncated: its header declares 784 bytes of data, it holds
+700; download it again.
 >>> inflate(zlib.compress(b"x" * 1000), limit=100, what="manifest")
 Traceback (most recent call last):
 ...
@@ -16,7 +17,8 @@ ValueError: manifest inflates to more than 100 bytes, more than it can hold; is 
 >>> shorten("/data/" + "a" * 100 + "/train.json", limit=40)
 '/data/aaaaaaaaaaaaaaaaaaaaaaaa...train.json (117 characters)'
 >>> clip("idx:/" + "a" * 120_000 + " does not exist; check the path.", 200)
-'idx:/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa...aaaaaaaaaaaaaaaaaaaa (120,005 characters) does not exist; check the path.'
+'idx:/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa...aaaaaaaaaaaaaaaaaaaa (120,005 characters)
+does not exist; check the path.'
 """
 
 import gzip
@@ -353,7 +355,8 @@ def check_image(path: str) -> tuple[str, int, int]:
                     image.verify()  # walks every chunk to IEND, checking its CRC
     except Image.DecompressionBombError:
         raise ValueError(
-            f"image file {path} has more than {MAX_IMAGE_PIXELS:,} pixels, the most an image may have; shrink or remove it."
+            f"image file {path} has more than {MAX_IMAGE_PIXELS:,} pixels, the most an image may "
+            "have; shrink or remove it."
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         if os.path.getsize(path) == 0:

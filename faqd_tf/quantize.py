@@ -449,9 +449,16 @@ def quantize_model(
             stacklevel=2,
         )
     if weight_bits is not None and not any(bits is not None for bits in widths.values()):
+        detail = (
+            "its kernel layers stay in full precision ("
+            + ", ".join(f"{p}: {r}" for p, r in reasons.items())
+            + ")"
+            if reasons
+            else "it has no layer with a kernel"
+        )
         warnings.warn(
             f"quantize_model quantized no kernel of model {model.name!r} despite weight_bits={weight_bits}: "
-            f"{'its kernel layers stay in full precision (' + ', '.join(f'{p}: {r}' for p, r in reasons.items()) + ')' if reasons else 'it has no layer with a kernel'}.",
+            f"{detail}.",
             stacklevel=2,
         )
     if activation_bits is not None and not quantized_relus:

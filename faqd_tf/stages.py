@@ -149,8 +149,9 @@ class Workspace:
         self.info = data.dataset_info(d["source"], d["data_dir"], image_size=d["image_size"])
         if not self.info.num_classes:
             raise UsageError(
-                f"dataset {inputs.shorten(d['source'], inputs.PATH_CHARS)} has no classes (unlabeled); the teacher's training "
-                "and evaluation need labeled data: use a labeled source (labels are ignored while distilling)."
+                f"dataset {inputs.shorten(d['source'], inputs.PATH_CHARS)} has no classes (unlabeled); "
+                "the teacher's training and evaluation need labeled data: use a labeled source "
+                "(labels are ignored while distilling)."
             )
         return self.info
 
@@ -262,7 +263,8 @@ class Workspace:
     def check_arch(arch: str | None, key: str) -> None:
         if arch not in models.available():
             raise UsageError(
-                f"{key}={inputs.shorten(repr(arch))} is not a known architecture; use one of {', '.join(models.available())}."
+                f"{key}={inputs.shorten(repr(arch))} is not a known architecture; "
+                f"use one of {', '.join(models.available())}."
             )
 
     # --- training
@@ -441,9 +443,10 @@ class TeacherStage(Stage):
         classes = info.train_classes if info.train_classes is not None else info.num_classes
         if classes < 2:
             raise UsageError(
-                f"dataset {inputs.shorten(self.dataset['source'], inputs.PATH_CHARS)} has one class in its train labels; "
-                "a teacher needs two or more to learn anything (with one it trains to loss 0): use a dataset "
-                "of several classes, or give a trained teacher in teacher.file."
+                f"dataset {inputs.shorten(self.dataset['source'], inputs.PATH_CHARS)} has one class "
+                "in its train labels; a teacher needs two or more to learn anything (with one it "
+                "trains to loss 0): use a dataset of several classes, or give a trained teacher in "
+                "teacher.file."
             )
 
     def check(self, checked):

@@ -38,7 +38,7 @@ ds = data.load(
 seen = []
 for _ in range(epochs):
     ids = []
-    for images, labels in strategy.experimental_distribute_dataset(ds):
+    for images, _labels in strategy.experimental_distribute_dataset(ds):
         for local in strategy.experimental_local_results(images):
             ids += np.rint(local.numpy()[:, 0, 0, 0] * 255).astype(int).tolist()
     seen.append(ids)

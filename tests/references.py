@@ -27,9 +27,10 @@ def np_quantize(w, bits, per_channel=False, iterations=quantizers.LLOYD_ITERATIO
     scale = np_lloyd(a, np.max(a, axis=axes, keepdims=True) / L, L, axes, iterations)
     if bits == 2:
         twn = np_lloyd(a, 1.4 * np.mean(a, axis=axes, keepdims=True), L, axes, iterations)
-        err = lambda s: np.sum(
-            (a - np.clip(np.round(a / s), 0, L) * s) ** 2, axis=axes, keepdims=True
-        )
+
+        def err(s):
+            return np.sum((a - np.clip(np.round(a / s), 0, L) * s) ** 2, axis=axes, keepdims=True)
+
         scale = np.where(err(twn) < err(scale), twn, scale)
     return sign * np.clip(np.round(a / scale), 0, L) * scale
 

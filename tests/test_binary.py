@@ -1,4 +1,5 @@
-"""benchmarks/binary.py and binary_report.py: recipes, the log parser, and the paired tables against a hand computation."""
+"""benchmarks/binary.py and binary_report.py: recipes, the log parser, and the paired tables
+against a hand computation."""
 
 import numpy as np
 import pytest

@@ -468,9 +468,12 @@ def test_fast_fa_step_equals_a_tape_with_the_same_probes(rng, fa_norm):
 
     def loss():
         s_logits, *s_maps = feature_extractor(twin)(x, training=True)
-        ffa = lambda t, s, tap: losses.fast_feature_affinity_per_sample(
-            t, s, k=k, seed=probe_seed(tap), fa_norm=fa_norm
-        )  # noqa: E731
+
+        def ffa(t, s, tap):
+            return losses.fast_feature_affinity_per_sample(
+                t, s, k=k, seed=probe_seed(tap), fa_norm=fa_norm
+            )
+
         return tf.reduce_mean(
             _per_sample_loss(
                 t_logits, s_logits, t_maps, s_maps, np.zeros(6), alpha, beta, 0.0, 2.0, ffa

@@ -645,6 +645,9 @@ def test_write_maps_the_cli_kinds(rng, tmp_path):
     )
     with pytest.raises(
         ValueError,
-        match="Unknown export kind 'tflite-int2'; use one of packed, tflite, tflite-int8, tflite-int4, tflite-full, onnx",
+        match=(
+            "Unknown export kind 'tflite-int2'; use one of packed, tflite, tflite-int8, tflite-int4, "
+            "tflite-full, onnx"
+        ),
     ):
         export.write("tflite-int2", model, tmp_path / "x")

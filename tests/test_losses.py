@@ -285,9 +285,10 @@ def test_plain_float32_gram_expansion_would_fail(rng):
     t, s = near_converged(rng, 16, noise=1e-4, batch=4)
     a = tf.math.l2_normalize(tf.reshape(t, [4, -1, 16]), axis=-1)
     b = tf.math.l2_normalize(tf.reshape(s, [4, -1, 16]), axis=-1)
-    sq = lambda x, y: tf.reduce_sum(
-        tf.square(tf.linalg.matmul(x, y, transpose_a=True)), axis=[1, 2]
-    )
+
+    def sq(x, y):
+        return tf.reduce_sum(tf.square(tf.linalg.matmul(x, y, transpose_a=True)), axis=[1, 2])
+
     naive = (sq(a, a) - 2 * sq(a, b) + sq(b, b)) / 1024**2
     assert rel_err(naive, np_fa_per_sample(t, s)) > 100 * RTOL
 

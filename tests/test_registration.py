@@ -129,8 +129,9 @@ def test_import_faqd_tf_loads_no_tensorflow_and_registers_once_keras_loads(tmp_p
         import faqd_tf
         before = [m for m in ("tensorflow", "keras", "faqd_tf.layers") if m in sys.modules]
         import keras
-        print(json.dumps({"before": before, "after": keras.saving.get_registered_object("faqd_tf>QuantConv2D") is not None,
-                          "hooks": [type(f).__name__ for f in sys.meta_path if type(f).__module__ == "faqd_tf.registration"]}))
+        after = keras.saving.get_registered_object("faqd_tf>QuantConv2D") is not None
+        hooks = [type(f).__name__ for f in sys.meta_path if type(f).__module__ == "faqd_tf.registration"]
+        print(json.dumps({"before": before, "after": after, "hooks": hooks}))
         """
     )
     proc = subprocess.run(

@@ -39,9 +39,12 @@ from faqd_tf.names import EXPORTS
 
 __all__ = [
     "FILENAMES",
+    "FORMAT_NAME",
     "FORMAT_VERSION",
+    "HEADER_SIZE",
     "KINDS",
     "MAGIC",
+    "MAX_MANIFEST_BYTES",
     "MODES",
     "WEIGHT_TYPES",
     "check",

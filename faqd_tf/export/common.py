@@ -21,6 +21,7 @@ import os
 import keras
 import numpy as np
 
+from faqd_tf.fields import is_integer
 from faqd_tf.inputs import first_line
 from faqd_tf.quantizers import FrozenQuantizer
 from faqd_tf.summary import iter_layers, quantized_kernel_bits
@@ -124,4 +125,4 @@ def pack_bits(u, bits):
 
 
 def is_count(value, limit=2**62):
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= limit
+    return is_integer(value) and 0 <= value <= limit

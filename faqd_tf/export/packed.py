@@ -252,7 +252,8 @@ def _read(path):
         expected = HEADER_SIZE + manifest_len + payload_len
         if size < expected:
             raise ValueError(
-                f"{name}: truncated or corrupted packed file: the header announces {expected} bytes, the file has {size}."
+                f"{name}: truncated or corrupted packed file: the header announces {expected} "
+                f"bytes, the file has {size}."
             )
         if size > expected:
             raise ValueError(
@@ -445,7 +446,8 @@ def _check_config_size(manifest, custom_objects, name):
                 f"beyond the {budget:,} stored parameters; refusing to build it."
             ) from None
         raise ValueError(
-            f"{name}: could not rebuild the model from its Keras config ({type(err).__name__}: {first_line(err, 300)}). "
+            f"{name}: could not rebuild the model from its Keras config "
+            f"({type(err).__name__}: {first_line(err, 300)}). "
             "Custom layers must be registered or passed as custom_objects."
         ) from None
 

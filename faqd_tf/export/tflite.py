@@ -40,8 +40,9 @@ kernels from a float file whose weights lie on a grid, but it infers each channe
 float values (the smallest gap between distinct magnitudes): a channel whose codes share a factor
 (only +-2, +-4, +-6, say) comes back with halved codes and a doubled scale, and the scales carry
 the float rounding of the products (checked with ai-edge-quantizer 0.10: codes 2, -2, 6, -4 at
-scale 0.01 came back as 1, -1, 3, -2 at 0.02; a scale of 0.03 as 0.02999999). Here the codes come from ``kernel_codes()``
-itself, through the same flatbuffer pass as ``"int8"``, and no further dependency is needed.
+scale 0.01 came back as 1, -1, 3, -2 at 0.02; a scale of 0.03 as 0.02999999). Here the codes come
+from ``kernel_codes()`` itself, through the same flatbuffer pass as ``"int8"``, and no further
+dependency is needed.
 INT2 is not written: LiteRT's FULLY_CONNECTED runs INT2 weights, but its CONV_2D hybrid kernel
 accepts an INT2 filter and silently computes wrong outputs (measured: errors as large as the
 logits), so 1- and 2-bit codes are stored as INT4.
@@ -192,7 +193,8 @@ def _convert(deploy, mode, images, batch_size):
             )
         except Exception as err:
             raise ValueError(
-                f"TFLite conversion of {deploy.name!r} (mode {mode!r}) failed: {type(err).__name__}: {first_line(err, 300)}"
+                f"TFLite conversion of {deploy.name!r} (mode {mode!r}) failed: "
+                f"{type(err).__name__}: {first_line(err, 300)}"
             ) from err
         with open(target, "rb") as f:
             return f.read()

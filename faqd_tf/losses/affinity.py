@@ -46,9 +46,7 @@ GRAM_ROW_COST = 60.0
 
 
 def _check_tile_rows(tile_rows):
-    if tile_rows is not None and (
-        isinstance(tile_rows, bool) or not isinstance(tile_rows, int) or tile_rows < 1
-    ):
+    if tile_rows is not None and (not options.is_integer(tile_rows) or tile_rows < 1):
         raise ValueError(
             f"tile_rows={tile_rows!r} is not supported; use None (automatic) or an integer >= 1."
         )

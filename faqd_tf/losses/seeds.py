@@ -2,7 +2,6 @@
 
 import zlib
 
-import numpy as np
 import tensorflow as tf
 
 from faqd_tf import options
@@ -68,7 +67,7 @@ def stateless_seed(seed):
         seed = _module_generator()
     if isinstance(seed, tf.random.Generator):
         seed = seed.make_seeds(1)[:, 0]
-    elif isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+    elif options.is_integer(seed):
         seed = probe_seed(int(seed))
     else:
         seed = tf.convert_to_tensor(seed)

@@ -38,8 +38,7 @@ class FeatureAffinity(keras.losses.Loss):
         reduction="sum_over_batch_size",
         dtype=None,
     ):
-        options.check_fa_norm(fa_norm)
-        options.check_fa_method(method, fa_norm, name="method")
+        options.check_fa_method(method, fa_norm, name="method")  # and fa_norm
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.method = method
         self.fa_norm = fa_norm

@@ -2,7 +2,8 @@
 
 >>> from faqd_tf import models
 >>> models.available()
-('resnet8', 'resnet14', 'resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110', 'resnet164', 'resnet18', 'resnet34')
+('resnet8', 'resnet14', 'resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110', 'resnet164',
+ 'resnet18', 'resnet34')
 >>> student = models.get("resnet20", num_classes=10, weight_bits=2)
 
 CIFAR ResNets (``resnet8`` ... ``resnet164``) take the keyword arguments of
