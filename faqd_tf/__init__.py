@@ -10,18 +10,23 @@ TFLite, ONNX) is imported on demand.
 >>> import faqd_tf
 >>> faqd_tf.quantize_model.__module__, faqd_tf.layers.QuantConv2D.__name__
 ('faqd_tf.quantize', 'QuantConv2D')
+>>> faqd_tf.sensitivity.__module__, faqd_tf.allocate_bits.__module__
+('faqd_tf.sensitivity', 'faqd_tf.sensitivity')
 """
 
 from importlib import import_module as _import_module
 
 from faqd_tf import registration as _registration
 from faqd_tf._version import __version__
+from faqd_tf.sensitivity import allocate_bits, sensitivity  # load Keras only when they run
 from faqd_tf.summary import summary  # loads Keras only when it runs
 
 __all__ = [
     "Distiller",
+    "allocate_bits",
     "quantize_model",
     "recalibrate_batchnorm",
+    "sensitivity",
     "summary",
     "layers",
     "losses",
