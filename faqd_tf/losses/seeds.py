@@ -30,6 +30,7 @@ def probe_seed(seed, *counters):
     several replicas, each replica also folds in its replica id (`fast_feature_affinity_per_sample`).
     An owner given no seed draws one from the operating system once, when it is made.
 
+    >>> import numpy as np
     >>> bool(np.all(probe_seed(3, 1, 7).numpy() == probe_seed(3, 1, 7).numpy()))
     True
     >>> bool(np.any(probe_seed(3, 1, 7).numpy() != probe_seed(3, 1, 8).numpy()))
@@ -90,6 +91,7 @@ class ProbeCounter:
     """The probe seeds of a loss object that sees no training step: `probe_seed(seed, tap, calls)`,
     `calls` counting this object's calls (a variable made on first use, outside any `tf.function`).
 
+    >>> import numpy as np
     >>> counter = ProbeCounter(5)
     >>> first, second = counter.next_seed(0).numpy(), counter.next_seed(0).numpy()
     >>> bool(np.all(first == probe_seed(5, 0, 0).numpy())), bool(np.all(second == probe_seed(5, 0, 1).numpy()))
