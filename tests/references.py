@@ -89,8 +89,12 @@ def np_fa_grad(t, s, fa_norm="fro2", wrt="student", weight=None):
     if weight is None:
         weight = (lambda x: 2.0 * np.sign(x)) if fa_norm == "l1" else (lambda x: 4.0 * x)
     g = -(weight(d) @ b) / (n**2 * batch)  # d L / d B
-    norm = np.linalg.norm(raw, axis=-1, keepdims=True)
-    grad = (g - b * np.sum(b * g, axis=-1, keepdims=True)) / norm
+    sq = np.sum(raw * raw, axis=-1, keepdims=True)
+    # Below the epsilon a pixel's scale is the constant 1 / sqrt(eps) (as in np_pixels): an
+    # all-zero pixel (a ReLU map has them) passes g through scaled, with nothing projected out.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        projected = (g - b * np.sum(b * g, axis=-1, keepdims=True)) / np.sqrt(sq)
+    grad = np.where(sq > losses.NORM_EPSILON, projected, g / np.sqrt(losses.NORM_EPSILON))
     return grad.reshape(np.shape(s))
 
 
