@@ -35,6 +35,7 @@ if __name__ == "__main__":  # run as a script: this checkout's packages, not an 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import _harness, gradient_shares  # noqa: E402
 from benchmarks._harness import FMNIST, ROOT, append_rows, read_rows  # noqa: E402
+from benchmarks.budget import CELL_FIELDS as BUDGET_FIELDS  # noqa: E402
 from benchmarks.budget import TEACHER, ensure_teacher  # noqa: E402
 
 DOCS = os.path.join(_harness.DOCS, "binary")
@@ -82,20 +83,7 @@ FACTOR_FIELDS = [
     "seconds",
     "sec_per_epoch",
 ]
-CELL_FIELDS = [
-    "table",
-    "init",
-    "row",
-    "column",
-    "seed",
-    "accuracy",
-    "epochs",
-    "steps",
-    "seconds",
-    "sec_per_epoch",
-    "accuracy_last3",
-    "accuracy_recal",
-]
+CELL_FIELDS = [*BUDGET_FIELDS, "accuracy_last3", "accuracy_recal"]
 CURVE_FIELDS = ["recipe", "row", "column", "seed", "epoch", "val_accuracy", "kd", "fa", "loss"]
 WIDTHS = {
     "1-bit": {"student.weight_bits": 1},
