@@ -89,24 +89,6 @@ class Distiller(keras.Model):
         seed = check_seed(seed)
         super().__init__(**kwargs)
         self.options = options
-        self.alpha, self.beta, self.gamma = (
-            float(options.alpha),
-            options.fa_weight,
-            float(options.gamma),
-        )
-        self.kd, self.temperature = options.kd, float(options.temperature)
-        self.fa, self.fa_norm, self.ffa_k, self.fa_method = (
-            options.fa,
-            options.fa_norm,
-            int(options.ffa_k),
-            options.fa_method,
-        )
-        self.student_layers = (
-            None if options.student_layers is None else list(options.student_layers)
-        )
-        self.teacher_layers = (
-            None if options.teacher_layers is None else list(options.teacher_layers)
-        )
         self.seed = fresh_seed() if seed is None else seed
 
         self.student = student
@@ -136,6 +118,19 @@ class Distiller(keras.Model):
         self.term_trackers = [keras.metrics.Mean(name=term.name) for term in self.terms]
         # Both networks are built, so the Distiller is too (BackupAndRestore needs a built model).
         self.built = True
+
+    # The loss options, read from the one record they were checked in.
+    alpha = property(lambda self: float(self.options.alpha))
+    beta = property(lambda self: self.options.fa_weight)
+    gamma = property(lambda self: float(self.options.gamma))
+    kd = property(lambda self: self.options.kd)
+    temperature = property(lambda self: float(self.options.temperature))
+    fa = property(lambda self: self.options.fa)
+    fa_norm = property(lambda self: self.options.fa_norm)
+    ffa_k = property(lambda self: int(self.options.ffa_k))
+    fa_method = property(lambda self: self.options.fa_method)
+    student_layers = property(lambda self: _listed(self.options.student_layers))
+    teacher_layers = property(lambda self: _listed(self.options.teacher_layers))
 
     @property
     def feature_pairs(self) -> list[tuple[str, str]]:
@@ -397,6 +392,10 @@ class Distiller(keras.Model):
         config["student"] = keras.saving.deserialize_keras_object(config["student"])
         config["teacher"] = keras.saving.deserialize_keras_object(config["teacher"])
         return cls(**config)
+
+
+def _listed(names):
+    return None if names is None else list(names)
 
 
 def _options(options, flat):
