@@ -80,6 +80,7 @@ MAX_EXAMPLES = 2**31 - 1
 MAX_RECALIBRATION = 100_000
 MAX_WEIGHT = 1e6
 MAX_PIXELS = 4096
+MAX_SIZE_KB = 1e9
 
 
 _BITS = (*SUPPORTED_BITS, None)
@@ -236,6 +237,22 @@ class StudentOptions(Record):
         "per-layer weight widths over `weight_bits` (`faqd_tf.quantize_model`'s layer_bits), e.g. "
         '`{"stem_conv": 8}`',
     )
+    size_budget_kb: float | None = number(
+        None,
+        0.0,
+        MAX_SIZE_KB,
+        "choose each layer's weight width (1, 2, 4 or 8) so the student's packed size, as its summary "
+        "counts it (kB of 1024 bytes), is at most this, from the label-free sensitivity of each layer "
+        "(`faqd_tf.sensitivity`, `faqd_tf.allocate_bits`); null: `weight_bits` and `layer_bits`",
+        strict=True,
+        null="",
+    )
+    sensitivity_samples: int = integer(
+        512,
+        1,
+        MAX_RECALIBRATION,
+        "unlabeled training images `size_budget_kb`'s sensitivity is measured on",
+    )
     relax: float | None = number(
         None,
         0.0,
@@ -270,6 +287,17 @@ class StudentOptions(Record):
     def check(self):
         if self.init == "file" and not self.file:
             raise OptionError("student.init='file' needs student.file, the FP model to quantize.")
+        if self.size_budget_kb is not None:
+            if self.layer_bits is not None:
+                raise OptionError(
+                    "student.size_budget_kb chooses every layer's width itself; remove "
+                    "student.layer_bits, or the budget."
+                )
+            if self.weight_bits is None:
+                raise OptionError(
+                    "student.size_budget_kb quantizes the weights; set student.weight_bits (the "
+                    "budget replaces its width layer by layer), or remove the budget."
+                )
 
 
 def _check_gram(fa_method, fa_norm, name="fa_method"):

@@ -16,6 +16,7 @@ one way `StudentStage.build_student` does.
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -26,7 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from faqd_tf import data, distribute, inputs, models, registration, terms, training
+from faqd_tf import data, distribute, inputs, models, quantize, registration, terms, training
 from faqd_tf.batchnorm import recalibrate_batchnorm
 from faqd_tf.callbacks import (
     BinaryRelaxScheduler,
@@ -501,6 +502,114 @@ class StudentStage(Stage):
         self.student_arch = (
             student["arch"] or teacher["arch"]
         )  # a fresh student: the teacher's by default
+        # `student.size_budget_kb`'s choice replaces this once `choose_widths` has run.
+        self.layer_bits = student["layer_bits"]
+
+    @property
+    def budget_bytes(self) -> float | None:
+        kb = self.student["size_budget_kb"]
+        return None if kb is None else kb * 1024
+
+    @property
+    def widths_path(self) -> str:
+        return os.path.join(self.ws.out, "layer_bits.json")
+
+    def _budget_layers(self, model: keras.Model) -> list[str]:
+        """The layers a size budget gives widths to: those `quantize_model` quantizes by default
+        (`faqd_tf.sensitivity`'s), the classifier left float."""
+        widths = quantize.resolve_layer_bits(model, 8, None, None, first_layer_bits=8)
+        return [name for name, bits in widths.items() if bits is not None]
+
+    def _uniform_bytes(self, base: keras.Model, layers: list[str], bits: int) -> float:
+        """The packed size of `base` with every layer of `layers` at `bits` and the student's
+        activations: what a size budget is compared with."""
+        s = self.student
+        twin = quantize_model(
+            base,
+            weight_bits=None,
+            activation_bits=s["activation_bits"],
+            per_channel=s["per_channel"],
+            layer_bits={name: bits for name in layers},
+        )
+        return summary(twin, print_fn=None).packed_bytes
+
+    def _measured_model(self, base: keras.Model | None, teacher: keras.Model) -> keras.Model:
+        """The FP model whose layers' sensitivity stands for the student's: the one quantized,
+        or for a fresh student (random weights) the teacher, whose layers it must share."""
+        if base is not None:
+            return base
+        fresh = self._budget_layers(self.build_student(None, None))
+        theirs = self._budget_layers(teacher)
+        if fresh != theirs:
+            raise UsageError(
+                f"student: size_budget_kb measures each layer's sensitivity on the trained teacher, "
+                f"but the fresh {self.student_arch} has other layers ({inputs.shorten(', '.join(fresh))}) "
+                f"than the teacher; use student.init 'teacher' or 'file', or give student.layer_bits."
+            )
+        return teacher
+
+    def check_budget(self, base: keras.Model | None, teacher: keras.Model) -> None:
+        """A size budget below every layer at 1 bit is a `UsageError` naming the smallest size."""
+        if self.budget_bytes is None:
+            return
+        model = self._measured_model(base, teacher)
+        smallest = self._uniform_bytes(model, self._budget_layers(model), 1)
+        if smallest > self.budget_bytes:
+            need = math.ceil(smallest / 1024 * 100) / 100  # rounded up: a budget of `need` fits
+            raise UsageError(
+                f"student.size_budget_kb={self.student['size_budget_kb']:g} is below the smallest "
+                f"packed size of this student, {need:g} kB (every quantized layer at 1 bit, the "
+                f"classifier float); set it to at least {need:g}."
+            )
+
+    def choose_widths(self, base: keras.Model | None, teacher: keras.Model) -> None:
+        """With `student.size_budget_kb`: measures each layer's label-free sensitivity
+        (`faqd_tf.sensitivity` on `student.sensitivity_samples` training images), picks the widths
+        under the budget (`faqd_tf.allocate_bits`) and writes them (layer_bits.json, with
+        sensitivity.csv and .png beside it). A resumed run reuses the choice it trains with."""
+        budget = self.budget_bytes
+        if budget is None:
+            return
+        s, ws = self.student, self.ws
+        if os.path.isfile(self.widths_path) and not ws.overwrite:
+            with open(self.widths_path) as f:
+                saved = json.load(f)
+            if saved.get("size_budget_kb") == s["size_budget_kb"]:
+                self.layer_bits = saved["layer_bits"]
+                say(f"student widths: reusing {self.widths_path}")
+                return
+        from faqd_tf.sensitivity import allocate_bits, sensitivity
+
+        model = self._measured_model(base, teacher)
+        images = ws.recalibration_images(s["sensitivity_samples"])
+        result = sensitivity(model, images, samples=None, per_channel=s["per_channel"])
+        layers = result.layers
+        # What the allocation does not see (the quantized ReLUs' alphas) comes off the budget.
+        extra = self._uniform_bytes(model, layers, 1) - result.packed_bytes({n: 1 for n in layers})
+        chosen = allocate_bits(result, budget - extra)
+        packed = result.packed_bytes(chosen) + extra
+        counts = {b: sum(1 for v in chosen.values() if v == b) for b in result.bits}
+        parts = [f"{n} at {b} bit{'s' * (b != 1)}" for b, n in counts.items() if n]
+        say(
+            f"student widths: layers {', '.join(parts)} for "
+            f"{packed / 1024:.2f} kB packed (budget {s['size_budget_kb']:g} kB), from the sensitivity "
+            f"of {len(layers)} layers on {result.samples} unlabeled images in {result.seconds:.1f} s"
+        )
+        if ws.chief:
+            os.makedirs(ws.out, exist_ok=True)
+            result.to_csv(os.path.join(ws.out, "sensitivity.csv"))
+            result.plot(os.path.join(ws.out, "sensitivity.png"))
+            write_json(
+                self.widths_path,
+                {
+                    "size_budget_kb": s["size_budget_kb"],
+                    "packed_kb": packed / 1024,
+                    "predicted_kd_increase": result.predicted_kd_increase(chosen),
+                    "sensitivity_seconds": result.seconds,
+                    "layer_bits": chosen,
+                },
+            )
+        self.layer_bits = chosen
 
     def student_base(self, teacher: keras.Model) -> keras.Model | None:
         """The FP model `student.init` quantizes: the teacher, `student.file`'s, or None (a fresh one)."""
@@ -518,7 +627,7 @@ class StudentStage(Stage):
         quantized (`student_base`, or a first step's trained student), or with `base` None a fresh
         `student.arch`."""
         s = self.student
-        layer_bits = s["layer_bits"] if weight_bits else None
+        layer_bits = self.layer_bits if weight_bits else None
         if base is None:
             base = models.get(
                 self.student_arch,
@@ -547,9 +656,20 @@ class StudentStage(Stage):
         if self.student["init"] == "scratch":
             self.ws.check_arch(self.student_arch, "student.arch")
         try:
-            return self.build_student(self.student_base(teacher), weight_bits)
+            base = self.student_base(teacher)
+            self.check_budget(base, teacher)
+            return self.build_student(base, weight_bits)
+        except UsageError:
+            raise
         except ValueError as err:
             raise UsageError(f"student: {inputs.first_line(err)}") from None
+
+    def describe_widths(self) -> str:
+        """The weights' widths as the log lines say them, e.g. ``2-bit weights``."""
+        kb = self.student["size_budget_kb"]
+        if kb is not None:
+            return f"weights of 1-8 bits a layer under {kb:g} kB"
+        return f"{self.student['weight_bits']}-bit weights"
 
     def relax_schedule(self) -> list[keras.callbacks.Callback]:
         """BinaryRelax's growing lambda (`student.relax_eta`), when `student.relax` sets one."""
@@ -660,7 +780,9 @@ class DistillStage(StudentStage):
         steps = ws.steps(train_ds, self.train)
         with ws.strategy.scope():
             teacher = ws.load_model(ws.teacher_path, "teacher.file")
-            student = self.build_student(self.student_base(teacher), self.first_bits)
+            base = self.student_base(teacher)
+            self.choose_widths(base, teacher)
+            student = self.build_student(base, self.first_bits)
         loss = self.describe_loss()
         mode = "label-free" if not self.dataset["labels"] else "with labels"
         if self.two_step:
@@ -685,10 +807,10 @@ class DistillStage(StudentStage):
             with ws.strategy.scope():
                 student = self.build_student(student, s["weight_bits"])
             say(
-                f"stage distill (2/2): {s['weight_bits']}-bit weights and {s['activation_bits']}-bit activations"
+                f"stage distill (2/2): {self.describe_widths()} and {s['activation_bits']}-bit activations"
             )
         else:
-            bits = f"{s['weight_bits']}-bit weights" if s["weight_bits"] else "FP weights"
+            bits = self.describe_widths() if s["weight_bits"] else "FP weights"
             if s["activation_bits"]:
                 bits += f", {s['activation_bits']}-bit activations"
             say(
@@ -860,6 +982,7 @@ class TuneStage(StudentStage):
     def student_fn(self, teacher: keras.Model) -> Callable[[], keras.Model]:
         """A fresh student for each trial (`student.file` is read once, here)."""
         base = self.student_base(teacher)
+        self.choose_widths(base, teacher)
         return lambda: self.build_student(base, self.student["weight_bits"])
 
     def check(self, checked):

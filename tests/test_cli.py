@@ -101,6 +101,32 @@ BAD_CASES = {
         ],
         r"student: layer_bits key 'stem' matches no layer with a kernel; such layers are: stem_conv",
     ),
+    "size budget below 1 bit": (
+        lambda t, f: [
+            "--config",
+            write_config(t, student={"weight_bits": 2, "size_budget_kb": 10}),
+            "--stage",
+            "distill",
+            "--set",
+            f'teacher.file="{_fp_teacher(t)}"',
+        ],
+        r"student.size_budget_kb=10 is below the smallest packed size of this student, 15.34 kB "
+        r"\(every quantized layer at 1 bit, the classifier float\); set it to at least 15.34\.$",
+    ),
+    "size budget and layer_bits": (
+        lambda t, f: [
+            "--config",
+            write_config(t, student={"size_budget_kb": 20, "layer_bits": {"stem_conv": 8}}),
+        ],
+        r"student.size_budget_kb chooses every layer's width itself; remove student.layer_bits",
+    ),
+    "size budget of FP weights": (
+        lambda t, f: [
+            "--config",
+            write_config(t, student={"size_budget_kb": 20, "weight_bits": None}),
+        ],
+        r"student.size_budget_kb quantizes the weights; set student.weight_bits",
+    ),
     "alpha_rate": (
         lambda t, f: ["--config", write_config(t, student={"alpha_rate": 0})],
         r"student.alpha_rate=0 is not valid",

@@ -197,3 +197,56 @@ def test_csv_and_plot_are_written_whole(rng, tmp_path):
 
 def test_exported_from_the_package():
     assert faqd_tf.sensitivity is sensitivity and faqd_tf.allocate_bits is allocate_bits
+
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.mark.skipif(
+    not os.path.isdir(FMNIST), reason="needs the Debian package dataset-fashion-mnist"
+)
+def test_size_budget_through_the_cli(tmp_path):
+    """`student.size_budget_kb`: the distilled student has the widths written to layer_bits.json,
+    packs to at most the budget, and a rerun trains with the saved choice."""
+    import json
+
+    from faqd_tf import cli, models
+    from tests import helpers
+
+    teacher = tmp_path / "teacher.keras"
+    keras.utils.set_random_seed(0)  # the allocation's outcome is asserted
+    models.get("resnet8", input_shape=(28, 28, 1), num_classes=10).save(teacher)
+    budget_kb = 22.5
+    cfg = helpers.write_config(
+        tmp_path,
+        {
+            "dataset": {"source": f"idx:{FMNIST}", "limit": 64, "eval_limit": 32},
+            "teacher": {"file": str(teacher)},
+            "student": {"weight_bits": 2, "size_budget_kb": budget_kb, "sensitivity_samples": 32},
+            "train": {"epochs": 1, "batch_size": 32},
+            "output_dir": str(tmp_path / "out"),
+        },
+    )
+    out = tmp_path / "out"
+    assert cli.main(["--config", cfg, "--stage", "distill"]) == 0
+    saved = json.loads((out / "layer_bits.json").read_text())
+    chosen = saved["layer_bits"]
+    assert set(chosen) == {"stem_conv", *(f"s{i}b1_conv{j}" for i in (1, 2, 3) for j in (1, 2))}
+    assert len(set(chosen.values())) > 1  # the budget sits between the uniform sizes
+    student = keras.models.load_model(out / "student.keras")
+    widths = {row.name: row.weight_bits for row in summary(student, print_fn=None).rows}
+    assert {name: widths[name] for name in chosen} == chosen and widths["logits"] == 32
+    packed = summary(student, print_fn=None).packed_bytes
+    assert packed <= budget_kb * 1024 and packed / 1024 == pytest.approx(saved["packed_kb"])
+    with open(out / "sensitivity.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(chosen) * 4
+    assert (out / "sensitivity.png").stat().st_size > 0
+
+    # The saved choice is what a rerun trains with (here an edited one: all at 8 bits but one).
+    edited = {name: 8 for name in chosen} | {"s3b1_conv2": 1}
+    (out / "layer_bits.json").write_text(json.dumps({**saved, "layer_bits": edited}))
+    os.remove(out / "student.keras")
+    assert cli.main(["--config", cfg, "--stage", "distill"]) == 0
+    student = keras.models.load_model(out / "student.keras")
+    widths = {row.name: row.weight_bits for row in summary(student, print_fn=None).rows}
+    assert {name: widths[name] for name in chosen} == edited
