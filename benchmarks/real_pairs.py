@@ -111,16 +111,17 @@ def quickstart_teacher(cache=None):
     return path
 
 
+def cifar_network(arch, cache=None):
+    """Path of the cifar pair's trained FP `arch` ("resnet56" or "resnet20"), trained if missing."""
+    path = os.path.join(cache_dir(cache), f"{arch}_fmnist32.keras")
+    if not os.path.exists(path):
+        _train_fp(arch, path, CIFAR_EPOCHS[arch], seed=("resnet56", "resnet20").index(arch))
+    return path
+
+
 def cifar_networks(cache=None):
     """Paths of the cifar pair's trained FP ResNet56 (teacher) and FP ResNet20 (fine-tune start)."""
-    out = cache_dir(cache)
-    paths = {}
-    for seed, arch in enumerate(("resnet56", "resnet20")):
-        path = os.path.join(out, f"{arch}_fmnist32.keras")
-        if not os.path.exists(path):
-            _train_fp(arch, path, CIFAR_EPOCHS[arch], seed)
-        paths[arch] = path
-    return paths
+    return {arch: cifar_network(arch, cache) for arch in ("resnet56", "resnet20")}
 
 
 def pair(name, bits, start, seed=0, cache=None):
