@@ -307,3 +307,28 @@ def test_tune_writes_best_config(tmp_path, capsys):
     assert best["distill"]["gamma"] == 0.0  # label-free
     assert 0.1 <= best["distill"]["alpha"] <= 2.0
     assert best["distill"]["fa"] in ("exact", None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.path.isdir(FMNIST), reason="needs the Debian package dataset-fashion-mnist"
+)
+def test_tune_under_a_size_budget_trains_the_chosen_widths(tmp_path, capsys):
+    import keras
+
+    from faqd_tf import models
+
+    keras.utils.set_random_seed(0)
+    teacher_file = tmp_path / "teacher.keras"
+    models.get("resnet8", input_shape=(28, 28, 1), num_classes=10).save(teacher_file)
+    cfg = write_config(
+        tmp_path,
+        dataset={"limit": 64, "eval_limit": 64},
+        teacher={"arch": None, "file": str(teacher_file)},
+        student={"weight_bits": 2, "size_budget_kb": 20, "sensitivity_samples": 32},
+        tune={"trials": 1, "epochs": 1, "tuner": "random"},
+    )
+    assert cli.main(["--config", cfg, "--tune"]) == 0
+    assert "student widths: layers" in capsys.readouterr().out
+    chosen = json.loads((tmp_path / "out" / "layer_bits.json").read_text())
+    assert chosen["packed_kb"] <= 20 and len(chosen["layer_bits"]) == 7
