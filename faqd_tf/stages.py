@@ -50,7 +50,7 @@ from faqd_tf.names import (
     UsageError,
     say,
 )
-from faqd_tf.options import DistillOptions
+from faqd_tf.options import SUPPORTED_BITS, DistillOptions
 from faqd_tf.quantize import quantize_model, set_alpha_decay
 from faqd_tf.report import plot_curves, print_table, write_json
 from faqd_tf.summary import iter_layers, quantized_kernel_bits, summary
@@ -571,16 +571,14 @@ class StudentStage(Stage):
         if budget is None:
             return
         s, ws = self.student, self.ws
-        if os.path.isfile(self.widths_path) and not ws.overwrite:
-            with open(self.widths_path) as f:
-                saved = json.load(f)
-            if saved.get("size_budget_kb") == s["size_budget_kb"]:
-                self.layer_bits = saved["layer_bits"]
-                say(f"student widths: reusing {self.widths_path}")
-                return
+        model = self._measured_model(base, teacher)
+        saved = None if ws.overwrite else self._saved_widths(model)
+        if saved is not None:
+            self.layer_bits = saved
+            say(f"student widths: reusing {self.widths_path}")
+            return
         from faqd_tf.sensitivity import allocate_bits, sensitivity
 
-        model = self._measured_model(base, teacher)
         images = ws.recalibration_images(s["sensitivity_samples"])
         result = sensitivity(model, images, samples=None, per_channel=s["per_channel"])
         layers = result.layers
@@ -610,6 +608,23 @@ class StudentStage(Stage):
                 },
             )
         self.layer_bits = chosen
+
+    def _saved_widths(self, model: keras.Model) -> dict | None:
+        """The widths an earlier run of this budget chose (layer_bits.json), or None when there is
+        no such file or it does not fit: another budget, other layers, a width that is not one."""
+        try:
+            with open(self.widths_path) as f:
+                saved = json.load(f)
+            widths = saved["layer_bits"]
+            fits = (
+                saved["size_budget_kb"] == self.student["size_budget_kb"]
+                and isinstance(widths, dict)
+                and sorted(widths) == sorted(self._budget_layers(model))
+                and all(type(b) is int and b in SUPPORTED_BITS for b in widths.values())
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return widths if fits else None
 
     def student_base(self, teacher: keras.Model) -> keras.Model | None:
         """The FP model `student.init` quantizes: the teacher, `student.file`'s, or None (a fresh one)."""

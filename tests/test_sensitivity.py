@@ -250,3 +250,9 @@ def test_size_budget_through_the_cli(tmp_path):
     student = keras.models.load_model(out / "student.keras")
     widths = {row.name: row.weight_bits for row in summary(student, print_fn=None).rows}
     assert {name: widths[name] for name in chosen} == edited
+
+    # A file that does not fit this budget and network is measured again, not trusted.
+    (out / "layer_bits.json").write_text(json.dumps({**saved, "layer_bits": {"stem_conv": 3}}))
+    os.remove(out / "student.keras")
+    assert cli.main(["--config", cfg, "--stage", "distill"]) == 0
+    assert json.loads((out / "layer_bits.json").read_text())["layer_bits"] == chosen
