@@ -141,6 +141,24 @@ def recalibrated_accuracy(out):
     return correct / total
 
 
+def cell_row(table, arm, column, seed, epochs, steps, results, history, seconds, ran, recal):
+    """A fine-tune cell's row of `CELL_FIELDS` from what `run_train` returned."""
+    return dict(
+        table=table,
+        init="fine-tune",
+        row=arm,
+        column=column,
+        seed=seed,
+        accuracy=round(results["student"]["accuracy"], 4),
+        epochs=epochs,
+        steps=steps,
+        seconds=round(seconds, 1),
+        sec_per_epoch=round(seconds / ran, 1),
+        accuracy_last3=last3(history),
+        accuracy_recal=round(recal, 4),
+    )
+
+
 def record_fp(results, csv_path):
     """Appends the pair's FP row (`row` "FP": the teacher, which is the FP student of a fine-tune) once."""
     if not any(r["row"] == "FP" for r in read_rows(csv_path)):
@@ -240,19 +258,8 @@ def budget(args):
             }
             results, history, seconds, ran, recal = run_train(out, values, args.workers)
             steps = args.epochs * STEPS_PER_EPOCH * (2 if width == "1W1A" else 1)
-            row = dict(
-                table=table,
-                init="fine-tune",
-                row=arm,
-                column=width,
-                seed=seed,
-                accuracy=round(results["student"]["accuracy"], 4),
-                epochs=args.epochs,
-                steps=steps,
-                seconds=round(seconds, 1),
-                sec_per_epoch=round(seconds / ran, 1),
-                accuracy_last3=last3(history),
-                accuracy_recal=round(recal, 4),
+            row = cell_row(
+                table, arm, width, seed, args.epochs, steps, results, history, seconds, ran, recal
             )
             curve = [
                 dict(

@@ -22,6 +22,7 @@ resumes from its last finished epoch; a finished one is never rerun.
 """
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -45,6 +46,7 @@ UNIFORM = {  # the uniform cells of the same recipe: (csv, table, column)
 }
 
 
+@functools.cache  # each loads the teacher; the report asks for every width
 def uniform_kb(bits):
     """The packed size (kB of 1024 bytes) of the teacher quantized uniformly to `bits` by
     `quantize_model`'s defaults (at 1 bit the first conv at 8), as its summary counts it."""
@@ -96,19 +98,20 @@ def run(args):
             results, history, seconds, ran, recal = binary.run_train(out, values, args.workers)
             with open(os.path.join(out, "layer_bits.json")) as f:
                 chosen = json.load(f)
-            row = dict(
-                table="mixed",
-                init="fine-tune",
-                row=arm,
-                column=column(kb),
-                seed=seed,
-                accuracy=round(results["student"]["accuracy"], 4),
-                epochs=EPOCHS,
-                steps=EPOCHS * binary.STEPS_PER_EPOCH,
-                seconds=round(seconds, 1),
-                sec_per_epoch=round(seconds / ran, 1),
-                accuracy_last3=binary.last3(history),
-                accuracy_recal=round(recal, 4),
+            row = binary.cell_row(
+                "mixed",
+                arm,
+                column(kb),
+                seed,
+                EPOCHS,
+                EPOCHS * binary.STEPS_PER_EPOCH,
+                results,
+                history,
+                seconds,
+                ran,
+                recal,
+            )
+            row.update(
                 packed_kb=round(chosen["packed_kb"], 3),
                 layer_bits=json.dumps(chosen["layer_bits"], separators=(",", ":")),
             )

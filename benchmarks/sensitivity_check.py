@@ -105,25 +105,11 @@ def measure(name):
     return rows
 
 
-def ranks(values):
-    """Ranks from 1, ties given their mean rank (as Spearman's rho takes them)."""
-    import numpy as np
-
-    values = np.asarray(values, dtype=float)
-    order = values.argsort(kind="stable")
-    out = np.empty(len(values))
-    out[order] = np.arange(1, len(values) + 1)
-    for v in np.unique(values):
-        tied = values == v
-        out[tied] = out[tied].mean()
-    return out
-
-
 def spearman(x, y):
-    import numpy as np
+    """Spearman's rho (ties at their mean rank)."""
+    from scipy import stats
 
-    rx, ry = ranks(x), ranks(y)
-    return float(np.corrcoef(rx, ry)[0, 1])
+    return float(stats.spearmanr(x, y).statistic)
 
 
 def correlations(rows):
