@@ -40,15 +40,40 @@ def randomize(model, rng):
     return model
 
 
-def assert_matches_but_rare_step_flips(got, want, tol=1e-5):
-    """`got` equals `want` (rtol = atol = `tol`) in every sample but at most one. With quantized
-    ReLUs, a pre-activation within float rounding of a step edge can land one level apart in two
-    runtimes that sum in different orders: rare, and in one sample; a wrong conversion moves them all."""
+def step_margins(model, x):
+    """Per sample, the smallest distance (in units of alpha) of any quantized ReLU's input to one of
+    its step edges (0, alpha, ..., (2^b - 2) alpha), as Keras computes it; inf without such ReLUs."""
+    relus = [
+        layer
+        for layer in model._flatten_layers(include_self=False)
+        if isinstance(layer, QuantReLU) and layer.bits is not None
+    ]
+    margins = np.full(len(x), np.inf)
+    if not relus:
+        return margins
+    probe = keras.Model(model.input, [layer.input for layer in relus])
+    outs = probe(x, training=False)
+    for layer, pre in zip(relus, outs if len(relus) > 1 else [outs]):
+        alpha = float(np.asarray(layer.alpha))
+        u = np.asarray(pre, np.float64) / alpha
+        edge = np.clip(np.round(u), 0, 2**layer.bits - 2)
+        margins = np.minimum(margins, np.abs(u - edge).reshape(len(x), -1).min(axis=1))
+    return margins
+
+
+def assert_matches_but_step_flips(got, want, model, x, tol=1e-5, clear=1e-4):
+    """`got` (another runtime) equals `want` (Keras) within `tol` in every sample whose quantized ReLU
+    inputs all lie at least `clear` alpha from a step edge. Two runtimes sum in different orders, so
+    an input within float rounding of an edge can land one level apart (and move the whole sample):
+    such samples are not compared (float32 sums differ by about 1e-5 alpha here; `clear` is ten times
+    that). A wrong conversion moves the clear samples too (about nine in ten of a small model's), and
+    one at least must be clear, so the check cannot pass vacuously."""
     got, want = np.asarray(got), np.asarray(want)
-    close = np.isclose(got, want, rtol=tol, atol=tol).reshape(len(got), -1).all(axis=1)
-    assert close.sum() >= len(close) - 1, (
-        f"{int((~close).sum())} of {len(close)} samples differ; max abs diff {np.abs(got - want).max():.3g}"
+    safe = step_margins(model, x) >= clear
+    assert safe.any(), (
+        f"only {int(safe.sum())} of {len(x)} samples lie clear of the steps: draw more samples"
     )
+    np.testing.assert_allclose(got[safe], want[safe], rtol=tol, atol=tol)
 
 
 def tiny_model(bits, per_channel, activation_bits=2, relax=None):
@@ -484,18 +509,18 @@ def test_tflite_float_matches_keras(rng, tmp_path, activation_bits):
     path = tmp_path / "tiny.tflite"
     size = to_tflite(model, path)
     assert size == path.stat().st_size > 0
-    x = rng.normal(size=(8, 8, 8, 3)).astype(np.float32)
-    assert_matches_but_rare_step_flips(run_tflite(path, x), model(x, training=False))
+    x = rng.normal(size=(32, 8, 8, 3)).astype(np.float32)
+    assert_matches_but_step_flips(run_tflite(path, x), model(x, training=False), model, x)
 
 
 def test_tflite_float_resnet_matches_keras(rng, tmp_path):
-    model = randomize(
-        resnet_cifar(8, input_shape=(16, 16, 3), weight_bits=4, activation_bits=4), rng
-    )
+    # Float activations: a ResNet's thousands of quantized ReLU inputs a sample leave no sample clear
+    # of every step edge (see assert_matches_but_step_flips); the tiny model checks the steps.
+    model = randomize(resnet_cifar(8, input_shape=(16, 16, 3), weight_bits=4), rng)
     x = rng.normal(size=(8, 16, 16, 3)).astype(np.float32)
     size = to_tflite(model, tmp_path / "resnet.tflite")
-    assert_matches_but_rare_step_flips(
-        run_tflite(tmp_path / "resnet.tflite", x), model(x, training=False)
+    np.testing.assert_allclose(
+        run_tflite(tmp_path / "resnet.tflite", x), model(x, training=False), rtol=1e-4, atol=1e-4
     )
     assert size > 4 * 0.9 * model.count_params()  # float32 weights in the flatbuffer
 
