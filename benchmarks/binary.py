@@ -24,12 +24,19 @@ rerun. `--workers 2` runs two cells at once, each on one thread.
 
     python benchmarks/binary.py factors --seeds 0 1 --epochs 2
     python benchmarks/binary.py budget --seeds 0 1 2 3 --epochs 15 --recipe stem8
+    python benchmarks/binary.py alpha --seed 0 --epochs 15
     python benchmarks/binary.py report --md docs/binary.md --png docs/binary.png
+
+`alpha` (the 1W1A collapse): the KD-only 1W1A cell of `--recipe` twice from one first step, the second
+step learning the quantized ReLUs' alphas (the authors' rule) or keeping the first step's
+(`student.freeze_alpha_in_step2`); accuracy, KD loss and alpha_min/mean/max each epoch of both steps go to
+`docs/binary/alpha.csv`, rewritten as the epochs finish.
 """
 
 import argparse
 import os
 import sys
+import time
 
 if __name__ == "__main__":  # run as a script: this checkout's packages, not an installed copy
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -70,6 +77,8 @@ FACTORS = {
     "stemfp": {"student.layer_bits": {"stem_conv": None}},
     # 1W1A: the quantized ReLU's alpha update (the authors' rate 0.01, clamped) ten times faster.
     "alpha0.1": {"student.alpha_rate": 0.1},
+    # 1W1A: the second step keeps the alphas of the first (the weights alone learn).
+    "alpha2frozen": {"student.freeze_alpha_in_step2": True},
 }
 
 FACTOR_FIELDS = [
@@ -305,6 +314,89 @@ def budget(args):
     list(_harness.pool_run([job(*t) for t in todo], args.workers, "binary"))
 
 
+ALPHA_FIELDS = [
+    "variant",
+    "seed",
+    "step",
+    "epoch",
+    "val_accuracy",
+    "kd",
+    "loss",
+    "alpha_min",
+    "alpha_mean",
+    "alpha_max",
+]
+ALPHA_VARIANTS = {"learned": {}, "frozen": {"student.freeze_alpha_in_step2": True}}
+
+
+def alpha_rows(outs, seed):
+    """Both variants' per-epoch rows so far, from their history CSVs (step 1 is shared)."""
+    from faqd_tf.names import ACTIVATION_STEP, DISTILL, HISTORIES
+
+    rows = []
+    for variant, out in outs.items():
+        for step, stage in ((1, ACTIVATION_STEP), (2, DISTILL)):
+            if step == 1 and variant != "learned":
+                continue
+            for h in read_rows(os.path.join(out, HISTORIES[stage])):
+                rows.append(
+                    dict(
+                        variant=variant if step == 2 else "shared",
+                        seed=seed,
+                        step=step,
+                        epoch=int(h["epoch"]) + 1,
+                        **{k: h.get(k, "") for k in ALPHA_FIELDS[4:]},
+                    )
+                )
+    return rows
+
+
+def alpha(args):
+    """Runs the two variants, the frozen one from the learned one's first step once it is saved."""
+    import shutil
+    import threading
+
+    from faqd_tf.names import ACTIVATION_STEP, HISTORIES
+
+    ensure_teacher()
+    values = {
+        **recipe(args.recipe),
+        **WIDTHS["1W1A"],
+        "train.epochs": args.epochs,
+        "seed": args.seed,
+    }
+    outs = {
+        v: os.path.join(args.out_dir, "alpha", f"{args.recipe}_{v}_seed{args.seed}_{args.epochs}ep")
+        for v in ALPHA_VARIANTS
+    }
+    csv_path = os.path.join(DOCS, "alpha.csv")
+    act = "student_act.keras"
+
+    def step1_done(out):
+        return os.path.exists(os.path.join(out, act)) and not os.path.isdir(
+            os.path.join(out, "backup", ACTIVATION_STEP)
+        )
+
+    def run(variant):
+        out = outs[variant]
+        if variant != "learned" and not step1_done(out):
+            while not step1_done(outs["learned"]):
+                time.sleep(30)
+            os.makedirs(out, exist_ok=True)
+            for name in (act, HISTORIES[ACTIVATION_STEP]):
+                shutil.copy2(os.path.join(outs["learned"], name), os.path.join(out, name))
+        _harness.run_train(out, {**values, **ALPHA_VARIANTS[variant]}, workers=2)
+
+    threads = [threading.Thread(target=run, args=(v,), daemon=True) for v in ALPHA_VARIANTS]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        time.sleep(60)
+        _harness.write_rows(csv_path, ALPHA_FIELDS, alpha_rows(outs, args.seed))
+    _harness.write_rows(csv_path, ALPHA_FIELDS, alpha_rows(outs, args.seed))
+    print(f"[binary] alpha: {csv_path}", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -324,6 +416,11 @@ def main(argv=None):
             s.add_argument("--factors", nargs="+", default=list(FACTORS), choices=list(FACTORS))
         else:
             s.add_argument("--recipe", default="base")
+    s = sub.add_parser("alpha")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--epochs", type=int, default=15)
+    s.add_argument("--recipe", default="stem8")
+    s.add_argument("--out-dir", default="/work/runs/binary")
     s = sub.add_parser("recal")
     s.add_argument("out")
     s = sub.add_parser("report")
@@ -336,6 +433,8 @@ def main(argv=None):
         factors(args)
     elif args.command == "budget":
         budget(args)
+    elif args.command == "alpha":
+        alpha(args)
     else:
         from benchmarks import binary_report
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from faqd_tf import compat
 from faqd_tf.atomic import PARTIAL, write_synced, written_aside
+from faqd_tf.layers import QuantReLU
 from faqd_tf.summary import iter_layers
 
 if TYPE_CHECKING:
@@ -59,6 +60,40 @@ class BinaryRelaxScheduler(keras.callbacks.Callback):
             layer.relax_lambda.assign(layer.relax_lambda * self.eta)
         if logs is not None and layers:
             logs["relax_lambda"] = float(layers[0].relax_lambda.numpy())
+
+
+def quantized_relus(model: keras.Layer) -> list[keras.Layer]:
+    """Every layer under `model` (a Distiller's student included) with a learned alpha, each once."""
+    return [
+        layer
+        for _, layer, _ in iter_layers(model)
+        if isinstance(layer, QuantReLU) and layer.alpha is not None
+    ]
+
+
+class AlphaStats(keras.callbacks.Callback):
+    """Puts the quantized ReLUs' alphas into the epoch's logs (`alpha_min`, `alpha_mean`,
+    `alpha_max`), so the history CSV shows a resolution that drifts toward its clip bounds, the
+    first thing to look at when a 1- or 2-bit-activation student stops learning.
+
+    >>> from faqd_tf.layers import QuantReLU
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), QuantReLU(bits=1)])
+    >>> model.compile("sgd", "mse")
+    >>> h = model.fit(np.random.rand(8, 4), np.random.rand(8, 3), verbose=0, callbacks=[AlphaStats()])
+    >>> sorted(k for k in h.history if k.startswith("alpha"))
+    ['alpha_max', 'alpha_mean', 'alpha_min']
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        layers = quantized_relus(self.model)
+        if logs is None or not layers:
+            return
+        alphas = np.array([float(np.asarray(layer.alpha)) for layer in layers])
+        logs.update(
+            alpha_min=float(alphas.min()),
+            alpha_mean=float(alphas.mean()),
+            alpha_max=float(alphas.max()),
+        )
 
 
 class NonFiniteLossError(RuntimeError):

@@ -274,6 +274,10 @@ class StudentOptions(Record):
         "the quantized ReLUs' alpha gradient scale (the authors' 0.01)",
         strict=True,
     )
+    freeze_alpha_in_step2: bool = boolean(
+        False,
+        "two steps: keep the alphas the first step learned while the weights are quantized",
+    )
     # At 2 bits the moving averages of the last epochs lag the weights by up to 1.7 points; the
     # images are held in memory, hence the ceiling.
     recalibrate_bn: int | None = integer(

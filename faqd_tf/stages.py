@@ -30,12 +30,14 @@ import tensorflow as tf
 from faqd_tf import data, distribute, inputs, models, quantize, registration, terms, training
 from faqd_tf.batchnorm import recalibrate_batchnorm
 from faqd_tf.callbacks import (
+    AlphaStats,
     BinaryRelaxScheduler,
     GradientShares,
     ResumableCSVLogger,
     ResumeDataOrder,
     SharedBackupAndRestore,
     StopOnNonFiniteLoss,
+    quantized_relus,
 )
 from faqd_tf.distiller import Distiller
 from faqd_tf.names import (
@@ -732,6 +734,11 @@ class DistillStage(StudentStage):
 
     def check(self, checked):
         self.ws.check_free(self.ws.student_path, "student", DISTILL)
+        if self.student["freeze_alpha_in_step2"] and not self.two_step:
+            raise UsageError(
+                "student.freeze_alpha_in_step2 acts in the second of two steps only; set "
+                "student.weight_bits, student.activation_bits and student.two_step=true, or drop it."
+            )
         student = self.check_student(checked.teacher, self.first_bits)
         try:  # the FA layer pairs
             Distiller(student, checked.teacher, self.distill, seed=self.ws.seed)
@@ -768,7 +775,7 @@ class DistillStage(StudentStage):
             self.train,
             HISTORIES[stage],
             lambda: self._save(distiller.student, stage, path),
-            self.relax_schedule(),
+            [*self.relax_schedule(), AlphaStats()],
             [shares],
         )
         return distiller.student
@@ -821,8 +828,13 @@ class DistillStage(StudentStage):
                 )
             with ws.strategy.scope():
                 student = self.build_student(student, s["weight_bits"])
+            frozen = ""
+            if s["freeze_alpha_in_step2"]:
+                for layer in quantized_relus(student):
+                    layer.alpha.trainable = False
+                frozen = ", alphas kept from step 1"
             say(
-                f"stage distill (2/2): {self.describe_widths()} and {s['activation_bits']}-bit activations"
+                f"stage distill (2/2): {self.describe_widths()} and {s['activation_bits']}-bit activations{frozen}"
             )
         else:
             bits = self.describe_widths() if s["weight_bits"] else "FP weights"

@@ -131,6 +131,13 @@ BAD_CASES = {
         lambda t, f: ["--config", write_config(t, student={"alpha_rate": 0})],
         r"student.alpha_rate=0 is not valid",
     ),
+    "freeze_alpha_in_step2 without two steps": (
+        lambda t, f: [
+            "--config",
+            write_config(t, student={"weight_bits": 2, "freeze_alpha_in_step2": True}),
+        ],
+        r"student.freeze_alpha_in_step2 acts in the second of two steps only",
+    ),
     "global_clipnorm": (
         lambda t, f: ["--config", write_config(t, train={"global_clipnorm": 0})],
         r"train.global_clipnorm=0 is not valid; use null or a number > 0",
@@ -278,6 +285,44 @@ def test_sigkill_then_same_command_resumes(tmp_path):
     assert epochs == [0, 1, 2, 3], epochs  # nothing lost, nothing trained twice
     assert os.path.exists(tmp_path / "out" / "teacher.keras")
     assert not os.path.isdir(tmp_path / "out" / "backup" / "teacher")
+
+
+@pytest.mark.skipif(
+    not os.path.isdir(FMNIST), reason="needs the Debian package dataset-fashion-mnist"
+)
+def test_two_steps_keep_the_first_steps_alphas_when_asked(tmp_path, capsys):
+    import keras
+    import numpy as np
+
+    from faqd_tf.callbacks import quantized_relus
+
+    cfg = write_config(
+        tmp_path,
+        teacher={"arch": None, "file": str(_fp_teacher(tmp_path))},
+        student={
+            "weight_bits": 1,
+            "activation_bits": 1,
+            "two_step": True,
+            "freeze_alpha_in_step2": True,
+        },
+        train={"epochs": 1, "batch_size": 32, "lr": 0.1},  # large enough to move a learned alpha
+    )
+    assert cli.main(["--config", cfg, "--stage", "distill"]) == 0
+    assert "alphas kept from step 1" in capsys.readouterr().out
+    out = tmp_path / "out"
+
+    def alphas(name):
+        model = keras.models.load_model(out / name, safe_mode=True)
+        return np.array([float(layer.alpha.numpy()) for layer in quantized_relus(model)])
+
+    step1, step2 = alphas("student_act.keras"), alphas("student.keras")
+    assert len(step1) == 7  # ResNet8: the stem and two a block
+    np.testing.assert_array_equal(step2, step1)
+    for history in ("distill_act_history.csv", "history.csv"):
+        with open(out / history) as f:
+            (row,) = list(csv.DictReader(f))
+        assert float(row["alpha_min"]) == pytest.approx(step1.min(), rel=1e-6)
+        assert float(row["alpha_max"]) == pytest.approx(step1.max(), rel=1e-6)
 
 
 @pytest.mark.skipif(
