@@ -351,6 +351,36 @@ def alpha_rows(outs, seed):
     return rows
 
 
+UNIT_FIELDS = ["model", "layer", "alpha", "active", "ste_window"]
+
+
+def unit_stats(path, images):
+    """Per quantized ReLU of the student at `path`, on `images` (inference mode): its alpha, the
+    share of its inputs at or above 0 (the unit outputs alpha) and the share inside (0, alpha), the
+    only place the straight-through gradient of eq. (5) reaches the layers below."""
+    import keras
+    import numpy as np
+
+    from faqd_tf.callbacks import quantized_relus
+
+    model = keras.models.load_model(path, safe_mode=True)
+    relus = quantized_relus(model)
+    taps = keras.Model(model.inputs, [layer.input for layer in relus])
+    outs = taps.predict(images, batch_size=256, verbose=0)
+    rows = []
+    for layer, x in zip(relus, outs):
+        a = float(np.asarray(layer.alpha))
+        rows.append(
+            dict(
+                layer=layer.name,
+                alpha=round(a, 4),
+                active=round(float(np.mean(x >= 0)), 4),
+                ste_window=round(float(np.mean((x > 0) & (x < a))), 4),
+            )
+        )
+    return rows
+
+
 def alpha(args):
     """Runs the two variants, the frozen one from the learned one's first step once it is saved."""
     import shutil
@@ -371,6 +401,8 @@ def alpha(args):
     }
     csv_path = os.path.join(DOCS, "alpha.csv")
     act = "student_act.keras"
+    if args.units_only:
+        return units(outs)
 
     def step1_done(out):
         return os.path.exists(os.path.join(out, act)) and not os.path.isdir(
@@ -395,6 +427,25 @@ def alpha(args):
         _harness.write_rows(csv_path, ALPHA_FIELDS, alpha_rows(outs, args.seed))
     _harness.write_rows(csv_path, ALPHA_FIELDS, alpha_rows(outs, args.seed))
     print(f"[binary] alpha: {csv_path}", flush=True)
+    units(outs)
+
+
+def units(outs):
+    """`unit_stats` of the first step's student and both second steps' on 2,048 training images."""
+    import numpy as np
+
+    from faqd_tf import data
+
+    train = data.load(FMNIST, "train", labels=False, batch_size=128, seed=0, augment=False)
+    images = np.concatenate([x.numpy() for x in train.take(16)])
+    rows = []
+    for model, path in (
+        ("step 1", os.path.join(outs["learned"], "student_act.keras")),
+        *((f"step 2 {v}", os.path.join(out, "student.keras")) for v, out in outs.items()),
+    ):
+        if os.path.exists(path):
+            rows += [dict(model=model, **r) for r in unit_stats(path, images)]
+    _harness.write_rows(os.path.join(DOCS, "alpha_units.csv"), UNIT_FIELDS, rows)
 
 
 def main(argv=None):
@@ -421,6 +472,9 @@ def main(argv=None):
     s.add_argument("--epochs", type=int, default=15)
     s.add_argument("--recipe", default="stem8")
     s.add_argument("--out-dir", default="/work/runs/binary")
+    s.add_argument(
+        "--units-only", action="store_true", help="only the unit statistics of the saved students"
+    )
     s = sub.add_parser("recal")
     s.add_argument("out")
     s = sub.add_parser("report")

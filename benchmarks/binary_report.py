@@ -142,9 +142,12 @@ def plot(curves, fp, path):
                 )
                 ax.plot(*zip(*got), color=color, alpha=0.7, label=f"{arm}" if seed == "0" else None)
         ax.axhline(100 * fp, color="gray", ls="--", label="FP")
-        ax.set_ylim(70, 93)
+        binary_acts = column == "1W1A"
+        if binary_acts:  # its collapses go down to chance
+            ax.axhline(10, color="gray", ls=":", label="chance")
+        ax.set_ylim(0 if binary_acts else 70, 93)
         ax.set_title(f"{column}, recipe {recipe}")
-        ax.set_xlabel("epoch (1W1A: both steps, one after the other)")
+        ax.set_xlabel("epoch of the second step (1-bit weights too)" if binary_acts else "epoch")
         ax.set_ylabel("test accuracy %, one line a seed")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -156,10 +159,86 @@ def plot(curves, fp, path):
     fig.savefig(path, dpi=110)
 
 
+def alpha_section(rows):
+    """The `alpha` diagnostic: each variant's accuracy and alphas at the end of each step."""
+    if not rows:
+        return ""
+    lines = [
+        "## 1W1A: learned or frozen alphas in the second step (KD only)",
+        "",
+        "`python benchmarks/binary.py alpha --seed 0 --epochs 15` (recipe stem8): one first step "
+        "(1-bit activations, FP weights), then the second step (1-bit weights too) twice: learning "
+        "the quantized ReLUs' alphas by the authors' rule, or keeping the first step's "
+        "(`student.freeze_alpha_in_step2`). Every epoch in `docs/binary/alpha.csv`; plot "
+        "binary_alpha.png.",
+        "",
+        "| variant | step | epochs | best accuracy % (epoch) | last accuracy % | KD loss first / last "
+        "| alpha min / mean / max, last epoch |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for variant in ("shared", "learned", "frozen"):
+        for step in ("1", "2"):
+            got = [r for r in rows if (r["variant"], r["step"]) == (variant, step)]
+            if not got:
+                continue
+            got.sort(key=lambda r: int(r["epoch"]))
+            best = max(got, key=lambda r: float(r["val_accuracy"]))
+            last = got[-1]
+            alphas = " / ".join(
+                f"{float(last[k]):.3f}" if last.get(k) else "-"
+                for k in ("alpha_min", "alpha_mean", "alpha_max")
+            )
+            lines.append(
+                f"| {variant} | {step} | {len(got)} | {100 * float(best['val_accuracy']):.2f} "
+                f"({best['epoch']}) | {100 * float(last['val_accuracy']):.2f} | "
+                f"{float(got[0]['kd']):.3f} / {float(last['kd']):.3f} | {alphas} |"
+            )
+    return "\n".join([*lines, "", "![alpha](binary_alpha.png)", ""])
+
+
+def plot_alpha(rows, path):
+    """Accuracy and alpha_min/mean/max against the epoch of both steps, one colour a variant."""
+    plt = pyplot()
+    fig, (acc, alpha) = plt.subplots(1, 2, figsize=(11, 4.2))
+    steps1 = max((int(r["epoch"]) for r in rows if r["step"] == "1"), default=0)
+    for variant, color in (("shared", "black"), ("learned", "tab:blue"), ("frozen", "tab:green")):
+        got = sorted(
+            (int(r["epoch"]) + (steps1 if r["step"] == "2" else 0), r)
+            for r in rows
+            if r["variant"] == variant
+        )
+        if not got:
+            continue
+        xs = [x for x, _ in got]
+        acc.plot(xs, [100 * float(r["val_accuracy"]) for _, r in got], color=color, label=variant)
+        for key, style in (("alpha_min", ":"), ("alpha_mean", "-"), ("alpha_max", ":")):
+            if all(r.get(key) for _, r in got):
+                alpha.plot(
+                    xs,
+                    [float(r[key]) for _, r in got],
+                    color=color,
+                    ls=style,
+                    label=f"{variant} {key[6:]}" if key != "alpha_max" else None,
+                )
+    for ax in (acc, alpha):
+        ax.axvline(steps1 + 0.5, color="gray", ls="--", lw=0.8)
+        ax.set_xlabel("epoch (step 1, then step 2 after the dashed line)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    acc.set_ylabel("test accuracy %")
+    alpha.set_ylabel("alpha of the quantized ReLUs")
+    fig.suptitle(
+        "1W1A ResNet8, KD only, seed 0: alphas learned or kept in the second step", fontsize=10
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def write(md, png, command):
     factors = read_rows(os.path.join(DOCS, "factors.csv"))
     cells = read_rows(os.path.join(DOCS, "cells.csv"))
     curves = read_rows(os.path.join(DOCS, "curves.csv"))
+    alphas = read_rows(os.path.join(DOCS, "alpha.csv"))
     text = "\n".join(
         [
             f"Command: `{command}`  ",
@@ -182,6 +261,7 @@ def write(md, png, command):
             "",
             budget_table(cells),
             "",
+            alpha_section(alphas),
         ]
     )
     write_text(md, text)
@@ -190,3 +270,5 @@ def write(md, png, command):
         plot_factors(factors, png.replace(".png", "_factors.png"))
     if png and curves:
         plot(curves, fp_accuracy(cells), png)
+    if png and alphas:
+        plot_alpha(alphas, png.replace(".png", "_alpha.png"))
