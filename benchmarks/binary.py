@@ -27,10 +27,11 @@ rerun. `--workers 2` runs two cells at once, each on one thread.
     python benchmarks/binary.py alpha --seed 0 --epochs 15
     python benchmarks/binary.py report --md docs/binary.md --png docs/binary.png
 
-`alpha` (the 1W1A collapse): the KD-only 1W1A cell of `--recipe` twice from one first step, the second
-step learning the quantized ReLUs' alphas (the authors' rule) or keeping the first step's
-(`student.freeze_alpha_in_step2`); accuracy, KD loss and alpha_min/mean/max each epoch of both steps go to
-`docs/binary/alpha.csv`, rewritten as the epochs finish.
+`alpha` (the 1W1A collapse): the KD-only 1W1A cell of `--recipe` from one first step, its second step
+in `--variants`: learning the quantized ReLUs' alphas (the authors' rule), keeping the first step's
+(`student.freeze_alpha_in_step2`), a lower second-step learning rate, or both; accuracy, KD loss
+and alpha_min/mean/max each epoch of both steps go to `docs/binary/alpha.csv`, rewritten as the
+epochs finish, and each saved student's quantized ReLU statistics to `docs/binary/alpha_units.csv`.
 """
 
 import argparse
@@ -326,7 +327,14 @@ ALPHA_FIELDS = [
     "alpha_mean",
     "alpha_max",
 ]
-ALPHA_VARIANTS = {"learned": {}, "frozen": {"student.freeze_alpha_in_step2": True}}
+# Second-step variants; "learned" (the authors' rule) runs the shared first step. A value set here
+# reaches the second step only: the first is copied from "learned".
+ALPHA_VARIANTS = {
+    "learned": {},
+    "frozen": {"student.freeze_alpha_in_step2": True},
+    "lr0.001": {"train.lr": 0.001},
+    "frozen+lr0.001": {"student.freeze_alpha_in_step2": True, "train.lr": 0.001},
+}
 
 
 def alpha_rows(outs, seed):
@@ -382,7 +390,8 @@ def unit_stats(path, images):
 
 
 def alpha(args):
-    """Runs the two variants, the frozen one from the learned one's first step once it is saved."""
+    """Runs "learned" and `args.variants`, each other variant's second step from learned's first
+    step once it is saved; a finished variant is not rerun."""
     import shutil
     import threading
 
@@ -411,6 +420,8 @@ def alpha(args):
 
     def run(variant):
         out = outs[variant]
+        if os.path.exists(os.path.join(out, "results.json")):
+            return  # finished
         if variant != "learned" and not step1_done(out):
             while not step1_done(outs["learned"]):
                 time.sleep(30)
@@ -419,7 +430,8 @@ def alpha(args):
                 shutil.copy2(os.path.join(outs["learned"], name), os.path.join(out, name))
         _harness.run_train(out, {**values, **ALPHA_VARIANTS[variant]}, workers=2)
 
-    threads = [threading.Thread(target=run, args=(v,), daemon=True) for v in ALPHA_VARIANTS]
+    todo = {"learned", *args.variants}  # the rows and units of every variant run so far are kept
+    threads = [threading.Thread(target=run, args=(v,), daemon=True) for v in todo]
     for t in threads:
         t.start()
     while any(t.is_alive() for t in threads):
@@ -472,6 +484,9 @@ def main(argv=None):
     s.add_argument("--epochs", type=int, default=15)
     s.add_argument("--recipe", default="stem8")
     s.add_argument("--out-dir", default="/work/runs/binary")
+    s.add_argument(
+        "--variants", nargs="+", default=["learned", "frozen"], choices=list(ALPHA_VARIANTS)
+    )
     s.add_argument(
         "--units-only", action="store_true", help="only the unit statistics of the saved students"
     )

@@ -176,7 +176,7 @@ def alpha_section(rows):
         "| alpha min / mean / max, last epoch |",
         "|---|---|---|---|---|---|---|",
     ]
-    for variant in ("shared", "learned", "frozen"):
+    for variant in dict.fromkeys(r["variant"] for r in rows):
         for step in ("1", "2"):
             got = [r for r in rows if (r["variant"], r["step"]) == (variant, step)]
             if not got:
@@ -201,7 +201,9 @@ def plot_alpha(rows, path):
     plt = pyplot()
     fig, (acc, alpha) = plt.subplots(1, 2, figsize=(11, 4.2))
     steps1 = max((int(r["epoch"]) for r in rows if r["step"] == "1"), default=0)
-    for variant, color in (("shared", "black"), ("learned", "tab:blue"), ("frozen", "tab:green")):
+    colors = iter(["tab:blue", "tab:green", "tab:red", "tab:purple", "tab:brown"])
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        color = "black" if variant == "shared" else next(colors)
         got = sorted(
             (int(r["epoch"]) + (steps1 if r["step"] == "2" else 0), r)
             for r in rows
