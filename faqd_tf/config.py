@@ -14,7 +14,7 @@ Traceback (most recent call last):
 ...
 faqd_tf.config.ConfigError: config: unknown key 'train.epoch'; keys of 'train' are: batch_size,
 epochs, global_clipnorm, lr, momentum, nesterov, optimizer, schedule, steps_per_epoch,
-warmup_epochs, weight_decay
+teacher_cache, warmup_epochs, weight_decay
 """
 
 import copy

@@ -68,6 +68,12 @@ class Distiller(keras.Model):
             Their bounds are `DistillOptions`'s (docs/config.md, `distill.*`).
         seed: seed of the FFA probes: those of tap `(t, s)` at training step `step` are drawn from
             `faqd_tf.losses.probe_seed(seed, tap_key(t, s), step)`; None draws a seed once.
+        teacher_cache: keep the teacher's logits of up to this many training examples, so that
+            the frozen teacher runs once per example, in the first epoch, instead of every epoch.
+            The batches then carry each example's number: ``{"images": x, "index": i}``, as
+            `faqd_tf.data.load(..., index=True)` yields them (numbers in [0, teacher_cache)). For
+            KD (and CE) only: FA needs the teacher's maps every step. Only where an example is the
+            same image every epoch (no augmentation); on one replica.
         **kwargs: passed to `keras.Model` (`name`, ...).
 
     The loss is the weighted sum of `distiller.terms` (`faqd_tf.terms`: KD, FA unless `fa` is None,
@@ -83,6 +89,7 @@ class Distiller(keras.Model):
         options: DistillOptions | None = None,
         *,
         seed: int | None = None,
+        teacher_cache: int | None = None,
         **kwargs,
     ):
         options = _options(options, {name: kwargs.pop(name) for name in _OPTIONS if name in kwargs})
@@ -90,6 +97,7 @@ class Distiller(keras.Model):
         super().__init__(**kwargs)
         self.options = options
         self.seed = fresh_seed() if seed is None else seed
+        self.teacher_cache = _check_teacher_cache(teacher_cache, options, teacher)
 
         self.student = student
         self.teacher = teacher
@@ -114,6 +122,14 @@ class Distiller(keras.Model):
                     "for KD only."
                 )
         self.terms = terms.from_options(options, seed=self.seed, taps=self.feature_pairs)
+        self._cache = None
+        if self.teacher_cache:
+            # Plain tf.Variables: not weights of the Distiller (nothing saved, a restored run refills).
+            classes = int(teacher.outputs[0].shape[-1])
+            self._cache = (
+                tf.Variable(tf.zeros([self.teacher_cache, classes]), trainable=False),
+                tf.Variable(tf.zeros([self.teacher_cache], tf.bool), trainable=False),
+            )
         self.total_tracker = keras.metrics.Mean(name="loss")
         self.term_trackers = [keras.metrics.Mean(name=term.name) for term in self.terms]
         # Both networks are built, so the Distiller is too (BackupAndRestore needs a built model).
@@ -222,7 +238,7 @@ class Distiller(keras.Model):
         return trackers
 
     def call(self, inputs, training=None):
-        return self.student(inputs, training=training)
+        return self.student(_images(inputs), training=training)
 
     def _step(self):
         optimizer = getattr(self, "optimizer", None)  # None before compile (e.g. gradient_norms)
@@ -241,11 +257,43 @@ class Distiller(keras.Model):
         """The one forward pass of `train_step`, `test_step` and `gradient_norms`: the student's
         logits and each term's per-sample values. The teacher runs in inference mode; its variables
         are not trainable, so a tape around this records nothing of it."""
-        teacher_outputs = self.teacher_features(x, training=False)
-        student_outputs = self.student_features(x, training=training)
+        images, index = _images(x), x.get("index") if isinstance(x, dict) else None
+        if self._cache is not None and index is not None and training:
+            teacher_outputs = [self._cached_teacher_logits(images, index)]
+        else:
+            teacher_outputs = self.teacher_features(images, training=False)
+        student_outputs = self.student_features(images, training=training)
         return tf.nest.flatten(student_outputs)[0], self.loss_terms(
             teacher_outputs, student_outputs, y
         )
+
+    def _cached_teacher_logits(self, images, index):
+        """The teacher's logits of a numbered batch: kept ones where every example has them,
+        else computed and kept."""
+        table, kept = self._cache
+        index = tf.reshape(tf.cast(index, tf.int32), [-1])
+        tf.debugging.assert_less(
+            index,
+            self.teacher_cache,
+            message=f"an example's index is >= teacher_cache={self.teacher_cache}; size the "
+            "cache to the number of training examples",
+        )
+
+        def compute():
+            logits = tf.nest.flatten(self.teacher_features(images, training=False))[0]
+            rows = index[:, None]
+            with tf.control_dependencies(
+                [
+                    table.scatter_nd_update(rows, tf.cast(logits, table.dtype)),
+                    kept.scatter_nd_update(rows, tf.ones_like(index, tf.bool)),
+                ]
+            ):
+                return tf.identity(logits)
+
+        def reuse():
+            return tf.cast(tf.gather(table, index), self.teacher.compute_dtype)
+
+        return tf.cond(tf.reduce_all(tf.gather(kept, index)), reuse, compute)
 
     def _total(self, values):
         total = None
@@ -287,7 +335,7 @@ class Distiller(keras.Model):
 
     def train_step(self, data):
         x, y, sample_weight = self._unpack(data)
-        batch = tf.shape(x)[0]
+        batch = tf.shape(_images(x))[0]
         with tf.GradientTape() as tape:
             logits, values = self._forward(x, y, training=True)
             total = self._total(values)
@@ -307,7 +355,7 @@ class Distiller(keras.Model):
 
     def test_step(self, data):
         x, y, sample_weight = self._unpack(data)
-        batch = tf.shape(x)[0]
+        batch = tf.shape(_images(x))[0]
         logits, values = self._forward(x, y, training=False)
         self._update_trackers(values, self._total(values), sample_weight, batch)
         return self._logs(y, logits, sample_weight)
@@ -365,7 +413,7 @@ class Distiller(keras.Model):
 
     def predict_step(self, data):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
-        return self.student(x, training=False)
+        return self.student(_images(x), training=False)
 
     def evaluate_teacher(self, x, **kwargs) -> dict:
         """The teacher's loss and accuracy on labeled data (`x` as for `evaluate`), as a dict."""
@@ -382,6 +430,7 @@ class Distiller(keras.Model):
                 **dataclasses.asdict(self.options),
                 "beta": self.beta,  # resolved: a restored Distiller keeps the weight it trained with
                 "seed": self.seed,
+                "teacher_cache": self.teacher_cache,
             }
         )
         return config
@@ -392,6 +441,38 @@ class Distiller(keras.Model):
         config["student"] = keras.saving.deserialize_keras_object(config["student"])
         config["teacher"] = keras.saving.deserialize_keras_object(config["teacher"])
         return cls(**config)
+
+
+def _images(x):
+    """The images of a batch's inputs: `x` itself, or its "images" when numbered (`index=True`)."""
+    return x["images"] if isinstance(x, dict) else x
+
+
+def _check_teacher_cache(teacher_cache, options, teacher):
+    if teacher_cache is None:
+        return None
+    if isinstance(teacher_cache, bool) or not isinstance(teacher_cache, (int, np.integer)):
+        raise ValueError(
+            f"teacher_cache={teacher_cache!r} is not valid; use the number of training examples or None."
+        )
+    if not 0 < teacher_cache <= 2**31 - 1:
+        raise ValueError(f"teacher_cache={teacher_cache} is not valid; use a number >= 1 or None.")
+    if options.fa is not None:
+        raise ValueError(
+            f"teacher_cache keeps the teacher's logits, but fa={options.fa!r} needs its feature maps "
+            "every step; use fa=None (KD only) or teacher_cache=None."
+        )
+    if tf.distribute.get_strategy().num_replicas_in_sync > 1:
+        raise ValueError(
+            "teacher_cache runs on one replica (each replica would keep its own share); "
+            "use teacher_cache=None under a multi-replica strategy."
+        )
+    if len(teacher.outputs[0].shape) != 2:
+        raise ValueError(
+            f"teacher_cache keeps 2-D logits (batch, classes); {teacher.name!r} outputs "
+            f"{tuple(teacher.outputs[0].shape)}; use teacher_cache=None."
+        )
+    return int(teacher_cache)
 
 
 def _listed(names):

@@ -2,12 +2,13 @@
 bounds and doc written once.
 
 `DatasetOptions`, `TeacherOptions`, `StudentOptions`, `DistillOptions`, `TrainOptions` (the
-teacher's: `TeacherTrainOptions`), `TuneOptions`, and `RunOptions` (the whole config) are frozen
-dataclasses (`faqd_tf.fields`); making one checks it. The config schema (`faqd_tf.config.SCHEMA`)
-and docs/config.md are derived from them; the `Distiller` takes a `DistillOptions` (or its fields
-as keywords); the tuner varies one with `dataclasses.replace`. The `check_*` functions check one
-loss argument against the same bounds for `faqd_tf.losses` and `keras_distillation`. A new option
-is one field. The module loads no TensorFlow: the command line checks a config before it starts.
+distillation's `DistillTrainOptions`, the teacher's `TeacherTrainOptions`), `TuneOptions`, and
+`RunOptions` (the whole config) are frozen dataclasses (`faqd_tf.fields`); making one checks it.
+The config schema (`faqd_tf.config.SCHEMA`) and docs/config.md are derived from them; the
+`Distiller` takes a `DistillOptions` (or its fields as keywords); the tuner varies one with
+`dataclasses.replace`. The `check_*` functions check one loss argument against the same bounds
+for `faqd_tf.losses` and `keras_distillation`. A new option is one field. The module loads no
+TensorFlow: the command line checks a config before it starts.
 
 >>> DistillOptions(kd="kl", temperature=4.0).fa_weight
 30.0
@@ -181,6 +182,19 @@ class TrainOptions(Record):
     )
     steps_per_epoch: int | None = integer(
         None, 1, MAX_STEPS, "steps an epoch; null: one pass over the data", nullable=True
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillTrainOptions(TrainOptions):
+    """`train`: `TrainOptions` and what only a distillation has."""
+
+    # The frozen teacher's forward is about a quarter of a KD-only step on the CPU (docs/step_cost.md).
+    teacher_cache: str | bool = choice(
+        "auto",
+        ("auto", True, False),
+        "keep the teacher's logits from the first epoch and reuse them (KD/CE only, no "
+        "augmentation, one replica); auto: when those hold and there are 2 or more epochs",
     )
 
 
@@ -373,7 +387,7 @@ class RunOptions(Record):
     teacher: TeacherOptions = record(TeacherOptions, "the teacher")
     student: StudentOptions = record(StudentOptions, "the student")
     distill: DistillOptions = record(DistillOptions, "the distillation loss")
-    train: TrainOptions = record(TrainOptions, "the distillation's training")
+    train: DistillTrainOptions = record(DistillTrainOptions, "the distillation's training")
     tune: TuneOptions = record(TuneOptions, "the loss-weight search")
     strategy: str = choice(
         "default", names.STRATEGIES, "one device, all local GPUs, or several machines (TF_CONFIG)"

@@ -158,7 +158,7 @@ class Workspace:
             )
         return self.info
 
-    def dataset(self, spec: Data) -> tf.data.Dataset:
+    def dataset(self, spec: Data, index: bool = False) -> tf.data.Dataset:
         d = self.dataset_config
         return data.load(
             d["source"],
@@ -171,6 +171,7 @@ class Workspace:
             limit=d["limit"] if spec.training else d["eval_limit"],
             seed=self.seed,
             data_dir=d["data_dir"],
+            index=index,
         )
 
     def validation(self) -> list[Data]:
@@ -178,10 +179,22 @@ class Workspace:
         split = self.dataset_config["validation_split"]
         return [] if split is None else [Data(split, True)]
 
-    def training_sets(self, train: Data) -> tuple[tf.data.Dataset, tf.data.Dataset | None]:
-        """The pipelines of a training stage: `train`, and the validation set or None."""
+    def training_sets(
+        self, train: Data, index: bool = False
+    ) -> tuple[tf.data.Dataset, tf.data.Dataset | None]:
+        """The pipelines of a training stage: `train` (its examples numbered with `index`, see
+        `faqd_tf.data.load`), and the validation set or None."""
         validation = self.validation()
-        return self.dataset(train), self.dataset(validation[0]) if validation else None
+        return self.dataset(train, index), self.dataset(validation[0]) if validation else None
+
+    def augmentation(self):
+        """The training set's augmentation policy, None for none (`dataset.augment`)."""
+        augment = self.dataset_config["augment"]
+        if augment is False:
+            return None
+        if augment in (None, True):
+            return (self.info or self.read_info()).augmentation
+        return augment
 
     def recalibration_images(self, count: int) -> np.ndarray:
         """The first `count` training images (of `dataset.limit`'s subset when set) for
@@ -739,6 +752,11 @@ class DistillStage(StudentStage):
                 "student.freeze_alpha_in_step2 acts in the second of two steps only; set "
                 "student.weight_bits, student.activation_bits and student.two_step=true, or drop it."
             )
+        if self.train["teacher_cache"] is True and self.teacher_cache_obstacles(checked.teacher):
+            raise UsageError(
+                f"train.teacher_cache=true cannot keep the teacher's logits: "
+                f'{"; ".join(self.teacher_cache_obstacles(checked.teacher))}; set it to "auto" or false.'
+            )
         student = self.check_student(checked.teacher, self.first_bits)
         try:  # the FA layer pairs
             Distiller(student, checked.teacher, self.distill, seed=self.ws.seed)
@@ -753,12 +771,47 @@ class DistillStage(StudentStage):
         """The loss as the log line shows it, e.g. ``1.0*KD(kl) + 30.0*FA(exact, fro2)``."""
         return " + ".join(str(term) for term in terms.from_options(self.distill))
 
-    def _distill(self, teacher, student, stage, train_ds, val_ds, steps, path):
-        """One distillation of `student` from `teacher`, saved to `path`; returns the trained student."""
+    def teacher_cache_obstacles(self, teacher: keras.Model) -> list[str]:
+        """Why the teacher's logits cannot be kept across epochs here ([] when they can)."""
+        found = []
+        if self.distill.fa is not None:
+            found.append(
+                f"distill.fa={self.distill.fa!r} needs the teacher's feature maps every step"
+            )
+        if self.ws.augmentation() is not None:
+            found.append("dataset.augment gives new images every epoch")
+        if self.ws.strategy.num_replicas_in_sync > 1:
+            found.append("it runs on one replica only")
+        if len(teacher.outputs[0].shape) != 2:
+            found.append("the teacher's logits are not (batch, classes)")
+        return found
+
+    def use_teacher_cache(self, teacher: keras.Model) -> bool:
+        setting = self.train["teacher_cache"]
+        if setting is False or self.teacher_cache_obstacles(teacher):
+            return False
+        # One pass computes every logit once anyway.
+        return setting is True or self.train["epochs"] > 1 or bool(self.train["steps_per_epoch"])
+
+    def examples_bound(self, train_ds: tf.data.Dataset) -> int:
+        """At least the number of training examples: a pass's batches times the batch size."""
+        return self.ws.steps(train_ds, {"steps_per_epoch": None}) * self.train["batch_size"]
+
+    def _distill(self, teacher, student, stage, train_ds, val_ds, steps, path, cache=False):
+        """One distillation of `student` from `teacher`, saved to `path`; returns the trained
+        student. With `cache` (`train_ds` numbered, see `use_teacher_cache`) the teacher's logits
+        are computed in the first epoch only."""
         ws = self.ws
         # In the scope: the optimizer's slots and the metrics must be the strategy's variables.
         with ws.strategy.scope():
-            distiller = Distiller(student, teacher, self.distill, seed=ws.seed)
+            distiller = Distiller(
+                student,
+                teacher,
+                self.distill,
+                seed=ws.seed,
+                # Every number is below a pass's batches times the batch size.
+                teacher_cache=self.examples_bound(train_ds) if cache else None,
+            )
             optimizer = training.make_optimizer(self.train, steps)
             # The quantized ReLUs' alphas decay as in the authors' code (their own, much smaller, decay).
             set_alpha_decay(student, optimizer, self.train["weight_decay"])
@@ -798,10 +851,16 @@ class DistillStage(StudentStage):
 
     def run(self):
         ws, s = self.ws, self.student
-        train_ds, val_ds = ws.training_sets(self.datasets()[0])
-        steps = ws.steps(train_ds, self.train)
         with ws.strategy.scope():
             teacher = ws.load_model(ws.teacher_path, "teacher.file")
+        cache = self.use_teacher_cache(teacher)
+        train_ds, val_ds = ws.training_sets(self.datasets()[0], index=cache)
+        steps = ws.steps(train_ds, self.train)
+        if cache:
+            say(
+                "stage distill: the teacher's logits are computed in the first epoch and kept (train.teacher_cache)"
+            )
+        with ws.strategy.scope():
             base = self.student_base(teacher)
             self.choose_widths(base, teacher)
             student = self.build_student(base, self.first_bits)
@@ -824,7 +883,7 @@ class DistillStage(StudentStage):
                     f"stage distill (1/2): {s['activation_bits']}-bit activations, FP weights; loss {loss}, {mode}"
                 )
                 student = self._distill(
-                    teacher, student, ACTIVATION_STEP, train_ds, val_ds, steps, ws.act_path
+                    teacher, student, ACTIVATION_STEP, train_ds, val_ds, steps, ws.act_path, cache
                 )
             with ws.strategy.scope():
                 student = self.build_student(student, s["weight_bits"])
@@ -844,7 +903,7 @@ class DistillStage(StudentStage):
                 f"stage distill: {bits}, init {s['init']}; loss {loss}, {mode}; {self.train['epochs']} "
                 f"epochs of {steps} steps"
             )
-        self._distill(teacher, student, DISTILL, train_ds, val_ds, steps, ws.student_path)
+        self._distill(teacher, student, DISTILL, train_ds, val_ds, steps, ws.student_path, cache)
         say(f"student saved to {ws.student_path}")
 
 

@@ -138,6 +138,13 @@ BAD_CASES = {
         ],
         r"student.freeze_alpha_in_step2 acts in the second of two steps only",
     ),
+    "teacher_cache with FA": (
+        lambda t, f: [
+            "--config",
+            write_config(t, distill={"fa": "exact"}, train={"teacher_cache": True}),
+        ],
+        r"train.teacher_cache=true cannot keep the teacher's logits: distill.fa='exact' needs",
+    ),
     "global_clipnorm": (
         lambda t, f: ["--config", write_config(t, train={"global_clipnorm": 0})],
         r"train.global_clipnorm=0 is not valid; use null or a number > 0",

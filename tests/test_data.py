@@ -219,6 +219,35 @@ def test_shuffle_is_seeded_and_changes_every_epoch(tmp_path, rng):
     np.testing.assert_array_equal(rows1[np.lexsort(rows1.T)], rows2[np.lexsort(rows2.T)])
 
 
+def test_numbered_examples_keep_their_number_every_epoch(tmp_path, rng):
+    arrays = make_idx(tmp_path / "d", rng, n_train=40)
+    info = data.dataset_info(f"idx:{tmp_path / 'd'}")
+    ds = data.load(
+        f"idx:{tmp_path / 'd'}",
+        "train",
+        labels=True,
+        augment=False,
+        seed=3,
+        batch_size=16,
+        index=True,
+    )
+    orders = []
+    for _ in range(2):
+        seen = []
+        for x, y in ds:
+            assert sorted(x) == ["images", "index"] and x["index"].dtype == tf.int64
+            for i, image, label in zip(x["index"].numpy(), x["images"].numpy(), y.numpy()):
+                # Number i is the i-th example of the file, whatever the shuffle.
+                np.testing.assert_array_equal(
+                    _denormalize(image, info)[..., 0], arrays["train"][0][i]
+                )
+                assert label == arrays["train"][1][i]
+                seen.append(int(i))
+        assert sorted(seen) == list(range(40))
+        orders.append(seen)
+    assert orders[0] != orders[1]  # still shuffled every epoch
+
+
 def test_distribute_dataset(tmp_path, rng, mirrored_strategy):
     make_idx(tmp_path / "d", rng, n_train=40)
     ds = data.load(f"idx:{tmp_path / 'd'}", "train", batch_size=8, seed=1)

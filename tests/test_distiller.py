@@ -535,3 +535,59 @@ def test_fa_with_no_feature_maps_is_refused_at_construction():
     with pytest.raises(ValueError, match="fa='exact' found no feature maps to match in 'mlp'"):
         faqd_tf.Distiller(student, teacher, kd="kl", fa="exact")
     assert faqd_tf.Distiller(student, teacher, kd="kl", fa=None).feature_pairs == []
+
+
+def test_teacher_cache_reuses_the_first_epochs_logits(rng):
+    teacher = tiny_net(name="teacher")
+    random_weights(teacher, rng)
+    start = quantize_model(teacher, weight_bits=2).get_weights()
+    x = rng.normal(size=(24, 12, 12, 3)).astype(np.float32)
+
+    def numbered():  # anew each run: a dataset's reshuffles go on from one fit to the next
+        return (
+            tf.data.Dataset.from_tensor_slices({"images": x, "index": np.arange(24)})
+            .shuffle(24, seed=5, reshuffle_each_iteration=True)
+            .batch(8)
+        )
+
+    kernel = teacher.get_layer("logits").kernel
+    original = kernel.numpy()
+
+    class ChangeTeacher(keras.callbacks.Callback):
+        # After the first epoch a kept logit no longer equals the teacher's.
+        def on_epoch_end(self, epoch, logs=None):
+            kernel.assign(3.0 * original)
+
+    def history(cache, change):
+        kernel.assign(original)
+        student = quantize_model(teacher, weight_bits=2)
+        student.set_weights(start)
+        distiller = Distiller(student, teacher, kd="mse", fa=None, seed=0, teacher_cache=cache)
+        distiller.compile(keras.optimizers.SGD(0.05, momentum=0.9))
+        callbacks = [ChangeTeacher()] if change else []
+        return distiller.fit(numbered(), epochs=3, verbose=0, callbacks=callbacks).history["kd"]
+
+    unchanged = history(None, change=False)
+    np.testing.assert_allclose(history(24, change=False), unchanged, rtol=1e-4)
+    np.testing.assert_allclose(history(24, change=True), unchanged, rtol=1e-4)
+    assert abs(history(None, change=True)[1] - unchanged[1]) > 1e-3  # without the cache it shows
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(fa="exact", teacher_cache=10), r"needs its feature maps every step"),
+        (dict(fa=None, teacher_cache=0), r"teacher_cache=0 is not valid"),
+        (dict(fa=None, teacher_cache=True), r"teacher_cache=True is not valid"),
+    ],
+)
+def test_teacher_cache_refusals(kwargs, words):
+    teacher = tiny_net(name="teacher")
+    with pytest.raises(ValueError, match=words):
+        Distiller(quantize_model(teacher, weight_bits=2), teacher, **kwargs)
+
+
+def test_teacher_cache_survives_get_config():
+    teacher = tiny_net(name="teacher")
+    distiller = Distiller(quantize_model(teacher, weight_bits=2), teacher, fa=None, teacher_cache=7)
+    assert Distiller.from_config(distiller.get_config()).teacher_cache == 7

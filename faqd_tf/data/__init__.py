@@ -161,6 +161,7 @@ def load(
     exclude_validation: bool = False,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    index: bool = False,
 ) -> "tf.data.Dataset":
     """Builds a `tf.data.Dataset` of normalized float32 images, batched and prefetched.
 
@@ -192,6 +193,9 @@ def load(
         exclude_validation: leave the carved validation examples out of `split="train"`.
         mean: per-channel means overriding the dataset's normalization constants.
         std: per-channel standard deviations overriding them.
+        index: yield each batch's images as ``{"images": images, "index": numbers}``, every
+            example numbered (int64, from 0) in the split's fixed order, the same number every
+            epoch: what `Distiller(teacher_cache=...)` keeps the teacher's logits by.
 
     Returns:
         A `tf.data.Dataset`.
@@ -241,6 +245,7 @@ def load(
         drop_remainder=drop_remainder,
         mean=mean,
         std=std,
+        index=bool(index),
     )
 
 

@@ -82,9 +82,25 @@ def _random_resized_crop(images, size_seed, offset_seed, attempts=10):
 
 
 def pipeline(
-    examples, shape, *, labels, batch_size, shuffle, policy, seed, cache, drop_remainder, mean, std
+    examples,
+    shape,
+    *,
+    labels,
+    batch_size,
+    shuffle,
+    policy,
+    seed,
+    cache,
+    drop_remainder,
+    mean,
+    std,
+    index=False,
 ):
     ds = examples.dataset
+    if index:
+        # Numbered in the split's fixed order, before any shuffle: an example keeps its number
+        # every epoch.
+        ds = ds.enumerate().map(lambda i, example: (*example, i))
     image_bytes = int(np.prod(shape))
     if cache is None:
         size = None if examples.count is None else examples.count * image_bytes
@@ -107,23 +123,24 @@ def pipeline(
     offset = tf.constant([-m / s for m, s in zip(mean, std)], tf.float32)
     unbatched = batch_size is None
 
-    def finish(images, label, aug_seed=None):
+    def finish(example, aug_seed=None):
+        images, label = example[:2]
         images = tf.cast(images, tf.float32)
         if policy is not None:
             images = _augment(images[None] if unbatched else images, aug_seed, policy)
             images = images[0] if unbatched else images
         images = images * scale + offset
+        if index:
+            images = {"images": images, "index": example[2]}
         return (images, label) if labels else images
 
     if policy is not None:
         # One seed per batch from a seeded stream that changes every epoch: reproducible given
         # `seed`, and independent of how tf.data parallelizes the map.
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-        ds = tf.data.Dataset.zip(ds, seeds).map(
-            lambda example, s: finish(*example, s), num_parallel_calls=tf.data.AUTOTUNE
-        )
+        ds = tf.data.Dataset.zip(ds, seeds).map(finish, num_parallel_calls=tf.data.AUTOTUNE)
     else:
-        ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda *example: finish(example), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.prefetch(tf.data.AUTOTUNE)
     if examples.shard_by_data:
         options = tf.data.Options()
