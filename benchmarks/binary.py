@@ -131,24 +131,30 @@ def last3(history):
     return round(sum(accs) / len(accs), 4) if accs else ""
 
 
-def recalibrated_accuracy(out):
-    """Test accuracy of `out`'s student after re-estimating its BN statistics on RECAL_IMAGES
-    unlabeled training images (the first ones of the seed-0 order, the same for every cell)."""
+def recalibrated_accuracy(out, name="student.keras", both=False):
+    """Test accuracy of `out`'s student (`name`) after re-estimating its BN statistics on
+    RECAL_IMAGES unlabeled training images (the first ones of the seed-0 order, the same for every
+    cell); with `both`, (accuracy before, accuracy after)."""
     import keras
     import numpy as np
 
     import faqd_tf
     from faqd_tf import data
 
-    student = keras.models.load_model(os.path.join(out, "student.keras"), safe_mode=True)
+    student = keras.models.load_model(os.path.join(out, name), safe_mode=True)
+
+    def accuracy():
+        correct = total = 0
+        for x, y in data.load(FMNIST, "test", labels=True, batch_size=500, augment=False):
+            correct += int(np.sum(np.argmax(student.predict_on_batch(x), 1) == y.numpy()))
+            total += int(y.shape[0])
+        return correct / total
+
+    before = accuracy() if both else None
     train = data.load(FMNIST, "train", labels=False, batch_size=128, seed=0, augment=False)
     images = np.concatenate([x.numpy() for x in train.take(RECAL_IMAGES // 128)])
     faqd_tf.recalibrate_batchnorm(student, images)
-    correct = total = 0
-    for x, y in data.load(FMNIST, "test", labels=True, batch_size=500, augment=False):
-        correct += int(np.sum(np.argmax(student.predict_on_batch(x), 1) == y.numpy()))
-        total += int(y.shape[0])
-    return correct / total
+    return (before, accuracy()) if both else accuracy()
 
 
 def cell_row(table, arm, column, seed, epochs, steps, results, history, seconds, ran, recal):
@@ -359,13 +365,15 @@ def alpha_rows(outs, seed):
     return rows
 
 
-UNIT_FIELDS = ["model", "layer", "alpha", "active", "ste_window"]
+UNIT_FIELDS = ["model", "layer", "alpha", "active", "ste_window", "active_train", "mode_flips"]
 
 
 def unit_stats(path, images):
-    """Per quantized ReLU of the student at `path`, on `images` (inference mode): its alpha, the
+    """Per quantized ReLU of the student at `path`, on `images`: its alpha; in inference mode the
     share of its inputs at or above 0 (the unit outputs alpha) and the share inside (0, alpha), the
-    only place the straight-through gradient of eq. (5) reaches the layers below."""
+    only place the straight-through gradient of eq. (5) reaches the layers below; the share at or
+    above 0 in training mode (batch statistics, batches of 128, as trained) and the share of
+    outputs that differ between the two modes (moving against batch BN statistics)."""
     import keras
     import numpy as np
 
@@ -374,9 +382,22 @@ def unit_stats(path, images):
     model = keras.models.load_model(path, safe_mode=True)
     relus = quantized_relus(model)
     taps = keras.Model(model.inputs, [layer.input for layer in relus])
-    outs = taps.predict(images, batch_size=256, verbose=0)
+    outs = taps.predict(images, batch_size=128, verbose=0)
+    # Training mode moves the BN moving averages: they are put back after.
+    state = [(v, v.numpy()) for v in model.non_trainable_variables]
+    trains = [
+        np.concatenate(parts)
+        for parts in zip(
+            *(
+                [np.asarray(t) for t in taps(images[i : i + 128], training=True)]
+                for i in range(0, len(images), 128)
+            )
+        )
+    ]
+    for v, value in state:
+        v.assign(value)
     rows = []
-    for layer, x in zip(relus, outs):
+    for layer, x, xt in zip(relus, outs, trains):
         a = float(np.asarray(layer.alpha))
         rows.append(
             dict(
@@ -384,6 +405,8 @@ def unit_stats(path, images):
                 alpha=round(a, 4),
                 active=round(float(np.mean(x >= 0)), 4),
                 ste_window=round(float(np.mean((x > 0) & (x < a))), 4),
+                active_train=round(float(np.mean(xt >= 0)), 4),
+                mode_flips=round(float(np.mean((x >= 0) != (xt >= 0))), 4),
             )
         )
     return rows
@@ -450,14 +473,25 @@ def units(outs):
 
     train = data.load(FMNIST, "train", labels=False, batch_size=128, seed=0, augment=False)
     images = np.concatenate([x.numpy() for x in train.take(16)])
-    rows = []
-    for model, path in (
-        ("step 1", os.path.join(outs["learned"], "student_act.keras")),
-        *((f"step 2 {v}", os.path.join(out, "student.keras")) for v, out in outs.items()),
+    rows, scores = [], []
+    for model, out, name in (
+        ("step 1", outs["learned"], "student_act.keras"),
+        *((f"step 2 {v}", out, "student.keras") for v, out in outs.items()),
     ):
-        if os.path.exists(path):
-            rows += [dict(model=model, **r) for r in unit_stats(path, images)]
+        if os.path.exists(os.path.join(out, name)):
+            rows += [dict(model=model, **r) for r in unit_stats(os.path.join(out, name), images)]
+            before, after = recalibrated_accuracy(out, name, both=True)
+            scores.append(
+                dict(model=model, accuracy=round(before, 4), accuracy_recal=round(after, 4))
+            )
+            print(
+                f"[binary] {model}: {100 * before:.2f}% ({100 * after:.2f}% recalibrated)",
+                flush=True,
+            )
     _harness.write_rows(os.path.join(DOCS, "alpha_units.csv"), UNIT_FIELDS, rows)
+    _harness.write_rows(
+        os.path.join(DOCS, "alpha_models.csv"), ["model", "accuracy", "accuracy_recal"], scores
+    )
 
 
 def main(argv=None):
