@@ -74,8 +74,10 @@ from faqd_tf.atomic import write_atomically
 from faqd_tf.export.common import (
     check_output_path,
     is_count,
+    kernel_names,
     layer_codes,
     pack_bits,
+    quantized_kernels,
     quantized_layers,
 )
 from faqd_tf.export.frozen import freeze
@@ -83,16 +85,25 @@ from faqd_tf.inputs import first_line
 from faqd_tf.layers import QuantReLU
 from faqd_tf.summary import quantized_kernel_bits
 
-__all__ = ["MODES", "kernel_types", "run_tflite", "to_tflite"]
+__all__ = ["MODES", "check_integer", "kernel_types", "run_tflite", "to_tflite"]
 
 MODES = ("float", "int8", "int4", "full")
 # The ops whose hybrid (float activation) kernels in LiteRT run INT4 filters.
 _INT4_OPS = ("CONV_2D", "FULLY_CONNECTED")
-# Ops whose input 1 is a kernel, and the channel axis of that kernel in TFLite's layout.
-_KERNEL_AXIS = {"CONV_2D": 0, "FULLY_CONNECTED": 0, "DEPTHWISE_CONV_2D": 3}
+# Ops whose input 1 is a kernel, and the channel axis of that kernel in TFLite's layout
+# (TRANSPOSE_CONV: OHWI too, Keras's (h, w, out, in) moved).
+_KERNEL_AXIS = {"CONV_2D": 0, "FULLY_CONNECTED": 0, "DEPTHWISE_CONV_2D": 3, "TRANSPOSE_CONV": 0}
 # The op versions TFLite gives a hybrid (float input, int8 kernel) op: per-tensor, per-channel
-# (tensorflow/lite/tools/versioning/op_version.cc).
-_HYBRID_VERSION = {"CONV_2D": (2, 5), "DEPTHWISE_CONV_2D": (4, 6), "FULLY_CONNECTED": (3, 3)}
+# (tensorflow/lite/tools/versioning/op_version.cc; TRANSPOSE_CONV: what the converter's dynamic
+# range quantization writes).
+_HYBRID_VERSION = {
+    "CONV_2D": (2, 5),
+    "DEPTHWISE_CONV_2D": (4, 6),
+    "FULLY_CONNECTED": (3, 3),
+    "TRANSPOSE_CONV": (2, 2),
+}
+# Inputs (activation, bias) of each kernel op: TRANSPOSE_CONV takes (output shape, kernel, input, bias).
+_DATA_BIAS = {"TRANSPOSE_CONV": (2, 3)}
 
 
 class _GridReLU(keras.layers.Layer):
@@ -200,6 +211,20 @@ def _convert(deploy, mode, images, batch_size):
             return f.read()
 
 
+def check_integer(model):
+    """Raises a one-line ValueError naming the first quantized layer of `model` whose codes the
+    integer modes (``"int8"``, ``"int4"``, ``"full"``) cannot store: a 3-D convolution, which the
+    converter writes as CONV_3D, an op LiteRT runs with float kernels only (no hybrid or int8 form
+    to hold the codes). Cheap, writes nothing; the CLI runs it before training."""
+    for path, layer in quantized_layers(model).values():
+        if isinstance(layer, (keras.layers.Conv3D, keras.layers.Conv3DTranspose)):
+            raise ValueError(
+                f"Integer TFLite cannot store the codes of layer {path!r} ({type(layer).__name__}): LiteRT's "
+                "CONV_3D runs float kernels only; keep it float (quantize_model(..., skip=[...])), or "
+                "export with mode='float' or as packed."
+            )
+
+
 def to_tflite(
     model, path, mode="float", calibration=None, calibration_samples=200, batch_size=None
 ):
@@ -226,6 +251,8 @@ def to_tflite(
             f"mode={mode!r} stores a quantized student's integer codes, but {model.name!r} has no quantized "
             "kernels; quantize it first (faqd_tf.quantize_model) or use mode='float'."
         )
+    if mode != "float":
+        check_integer(model)
     if mode == "full" and calibration is None:
         raise ValueError(
             "mode='full' needs calibration images (calibration=x_train[:200], labels not needed)."
@@ -261,12 +288,23 @@ def _builtin_name(schema, code):
     return names.get(max(code.builtinCode, code.deprecatedBuiltinCode))
 
 
-def _tfl_codes(codes, op_name):
-    """Codes in the layout of the TFLite kernel: output channels first for CONV_2D/FULLY_CONNECTED
-    (OHWI, (out, in)), ``(1, kh, kw, channels)`` for DEPTHWISE_CONV_2D."""
-    if op_name == "DEPTHWISE_CONV_2D":
-        return np.moveaxis(codes, -2, 0)
-    return np.moveaxis(codes, -1, 0)
+def _tfl_codes(codes, op_name, shape):
+    """Codes in the layout of the TFLite kernel of `shape`: output channels first for CONV_2D,
+    TRANSPOSE_CONV and FULLY_CONNECTED (OHWI, (out, in)), ``(1, kh, kw, channels)`` for
+    DEPTHWISE_CONV_2D; None where they do not fit `shape`. A Conv1D's ``(k, in, out)`` runs as a
+    CONV_2D of kernel ``(out, 1, k, in)``: a size-1 axis more, which only a reshape can place."""
+    codes = np.moveaxis(codes, -2 if op_name == "DEPTHWISE_CONV_2D" else -1, 0)
+    shape = tuple(int(d) for d in shape)
+    if codes.shape == shape:
+        return codes
+    axis = _KERNEL_AXIS[op_name]
+    if (
+        len(shape) == len(codes.shape) + 1
+        and shape[axis] == codes.shape[axis]
+        and [d for d in codes.shape if d != 1] == [d for d in shape if d != 1]
+    ):
+        return codes.reshape(shape)
+    return None
 
 
 def _fit(values, codes, axis, converter_scale):
@@ -397,13 +435,13 @@ def _store_codes(flatbuffer, model, mode):
     fb = _Flatbuffer(flatbuffer)
     sites = fb.kernel_sites()
     used, as_int8 = set(), []
-    for _, layer in quantized_layers(model).values():
-        codes, _ = layer_codes(layer)
+    for _, layer, kernel in quantized_kernels(model).values():
+        codes, _ = layer_codes(layer, kernel)
         matches = []
         for op, op_name, index in sites:
-            tfl_codes = _tfl_codes(codes, op_name)
             tensor = fb.tensors[index]
-            if index in used or tuple(tensor.shape) != tfl_codes.shape:
+            tfl_codes = _tfl_codes(codes, op_name, tensor.shape)
+            if index in used or tfl_codes is None:
                 continue
             axis = _KERNEL_AXIS[op_name]
             converter_scale = None
@@ -415,8 +453,9 @@ def _store_codes(flatbuffer, model, mode):
             if fit is not None:
                 matches.append((op, op_name, index, tfl_codes, axis, fit))
         if len(matches) != 1:
+            which = f" ({kernel})" if len(kernel_names(layer)) > 1 else ""
             raise ValueError(
-                f"Could not locate the kernel of layer {layer.name!r} in the converted model "
+                f"Could not locate the kernel of layer {layer.name!r}{which} in the converted model "
                 f"({len(matches)} candidates fit its codes); the TFLite converter rewrote it beyond recognition."
             )
         op, op_name, index, tfl_codes, axis, (sign, scale) = matches[0]
@@ -449,16 +488,19 @@ def _store_codes(flatbuffer, model, mode):
             fb.set_values(index, values.tobytes(), fb.schema.TensorType.INT8, scales, axis)
         if mode in ("int8", "int4"):
             fb.set_version(op, _HYBRID_VERSION[op_name][0 if per_tensor else 1])
-        elif len(op.inputs) > 2 and op.inputs[2] >= 0:
-            _rescale_bias(fb, op, scales)
+        else:
+            data, bias = _DATA_BIAS.get(op_name, (0, 2))
+            if len(op.inputs) > bias and op.inputs[bias] >= 0:
+                _rescale_bias(fb, op, scales, data, bias)
     return fb.serialize(), as_int8
 
 
-def _rescale_bias(fb, op, weight_scales):
-    """Re-expresses an int32 bias in ``input_scale * weight_scale`` after the weight scales changed."""
-    index = int(op.inputs[2])
+def _rescale_bias(fb, op, weight_scales, data=0, bias=2):
+    """Re-expresses an int32 bias (input `bias` of `op`) in ``input_scale * weight_scale`` after the
+    weight scales changed (`data`: the input that carries the activations)."""
+    index = int(op.inputs[bias])
     bias = fb.values(index)
-    input_scale = fb.tensors[op.inputs[0]].quantization.scale[0]
+    input_scale = fb.tensors[op.inputs[data]].quantization.scale[0]
     old = np.asarray(fb.tensors[index].quantization.scale, np.float64)
     new = input_scale * np.asarray(weight_scales, np.float64)
     rescaled = np.rint(bias.astype(np.float64) * old / new).astype(np.int32)
