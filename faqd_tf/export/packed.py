@@ -30,7 +30,9 @@ every stored parameter, trainable or not), each with its ``path``, ``shape`` and
   (``nbytes`` = item size * element count).
 - ``"codes"``: a quantized kernel, Q(w) = codes * scale. ``bits`` (1, 2, 4, 8), ``per_channel``,
   ``code_shape`` (the kernel as quantized: a depthwise kernel ``(kh, kw, cin, m)`` is quantized as
-  ``(kh, kw, 1, cin*m)``), ``scale_shape``; the scales as float32 at ``scale_offset``
+  ``(kh, kw, 1, cin*m)``; a transposed conv's ``(kh, kw, out, in)`` as ``(kh, kw, in, out)``; a
+  separable conv's depthwise and pointwise kernels are two such entries, each with its own
+  scales), ``scale_shape``; the scales as float32 at ``scale_offset``
   (``scale_nbytes``), the codes bit-packed at ``offset`` (``nbytes``):
 
   * codes are stored as unsigned **offset-binary** integers u: 1 bit: ``u = (c + 1) / 2``

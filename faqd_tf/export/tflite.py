@@ -7,15 +7,17 @@ Converted with Keras's public route (``model.export(format="litert")``) from
 - ``"float"``: float32 weights and activations; outputs equal Keras' up to float rounding.
 - ``"int8"``: every quantized kernel is stored as an int8 tensor whose values are the student's
   integer codes (``layer.kernel_codes()``: 1-bit and ternary codes included) with the layer's scale
-  as the TFLite quantization scale (one, or one per output channel); activations stay float
-  (TFLite's hybrid kernels). Other weights (BatchNormalization folded into biases, full-precision
-  layers) stay float32.
+  as the TFLite quantization scale (one, or one per output channel; a DEPTHWISE_CONV_2D always gets
+  one per channel, as its hybrid kernel reads that many); activations stay float (TFLite's hybrid
+  kernels). Other weights (BatchNormalization folded into biases, full-precision layers) stay
+  float32. A quantized Conv3D is refused (`check_integer`).
 - ``"int4"``: as ``"int8"``, but the kernels of CONV_2D and FULLY_CONNECTED ops are INT4 tensors
   (two codes per byte, the first in the low nibble, two's complement: LiteRT's
   ``UnpackPackedIntToInt8``), which LiteRT's hybrid CONV_2D and FULLY_CONNECTED kernels run with
   float activations. 1-, 2- and 4-bit codes fit. Kernels LiteRT cannot run at int4 stay int8 and
   are named in a warning: DEPTHWISE_CONV_2D (its hybrid kernel refuses INT4 filters: "Type FLOAT32
-  with filter type INT4 not currently supported") and 8-bit layers (their codes need 8 bits).
+  with filter type INT4 not currently supported"), TRANSPOSE_CONV (not tried at int4) and 8-bit
+  layers (their codes need 8 bits).
 - ``"full"``: the same int8 codes, and int8 activations calibrated on unlabeled images (the
   converter's representative dataset). Where a ``QuantReLU`` is the activation, its output is an
   int8 tensor of scale ``alpha`` and zero point -128: level ``k * alpha`` is the integer ``k - 128``
@@ -29,7 +31,10 @@ positive). The converter alone cannot store the codes: it always re-quantizes fl
 own max-abs scale (``max|w| / 127``, so 4-bit codes become multiples of 127/7 rounded), whatever the
 trained grid (tensorflow/model-optimization#574). So the codes are written into the converted
 flatbuffer afterwards (with ``ai_edge_litert``'s flatbuffer schema): each quantized layer's kernel is
-located by its values (the codes times a per-channel factor, or the converter's rounding of that),
+located by its values (the codes times a per-channel factor, or the converter's rounding of that;
+in TFLite's layout: a Conv1D's ``(k, in, out)`` runs as a CONV_2D of ``(out, 1, k, in)``, a
+Conv2DTranspose's ``(kh, kw, out, in)`` as a TRANSPOSE_CONV of ``(out, kh, kw, in)``, a
+SeparableConv2D as a DEPTHWISE_CONV_2D and a 1x1 CONV_2D, each kernel with its own codes),
 its integers and scales replaced, and, in ``"full"`` mode, its int32 bias re-expressed in the new
 ``input_scale * weight_scale``.
 
@@ -465,6 +470,10 @@ def _store_codes(flatbuffer, model, mode):
         values = (tfl_codes * sign.reshape(shape)).astype(np.int8)
         # Equal up to the float rounding of recovering them: one scale, as trained (layer-wise).
         per_tensor = np.all(np.abs(scale - scale[0]) <= 1e-6 * scale[0])
+        if op_name == "DEPTHWISE_CONV_2D" and mode in ("int8", "int4"):
+            # LiteRT's hybrid depthwise kernel reads one scale per output channel whatever the
+            # tensor holds: with a layer-wise scale it read past it (measured: outputs of 1e34).
+            per_tensor = False
         scales = scale[:1] if per_tensor else scale
         if mode == "int4" and op_name in _INT4_OPS and quantized_kernel_bits(layer) <= 4:
             # Two's complement nibbles, LSB first (LiteRT's UnpackPackedIntToInt8).
@@ -482,7 +491,10 @@ def _store_codes(flatbuffer, model, mode):
                         layer.name,
                         f"{quantized_kernel_bits(layer)}-bit codes"
                         if op_name in _INT4_OPS
-                        else f"{op_name}: no int4 kernel in LiteRT",
+                        else f"{op_name}: no int4 kernel in LiteRT"
+                        if op_name == "DEPTHWISE_CONV_2D"
+                        # Not tried at int4 here: written as int8, which LiteRT runs.
+                        else f"{op_name}: int4 is written for {' and '.join(_INT4_OPS)} only",
                     )
                 )
             fb.set_values(index, values.tobytes(), fb.schema.TensorType.INT8, scales, axis)
@@ -508,8 +520,8 @@ def _rescale_bias(fb, op, weight_scales, data=0, bias=2):
 
 
 def kernel_types(path):
-    """``{tensor name: storage type}`` of the kernels (input 1 of every CONV_2D, DEPTHWISE_CONV_2D
-    and FULLY_CONNECTED op) of a `.tflite` file, read from the file: ``"INT4"``, ``"INT8"``,
+    """``{tensor name: storage type}`` of the kernels (input 1 of every CONV_2D, DEPTHWISE_CONV_2D,
+    TRANSPOSE_CONV and FULLY_CONNECTED op) of a `.tflite` file, read from the file: ``"INT4"``, ``"INT8"``,
     ``"FLOAT32"``, ... The tensor names hold the Keras layer names."""
     from ai_edge_litert import schema_py_generated as schema
 
