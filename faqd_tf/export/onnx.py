@@ -137,7 +137,10 @@ class _Graph:
 
     def const(self, hint, array):
         name = self.name(hint)
-        self.initializers.append((name, np.ascontiguousarray(array), None))
+        # np.ascontiguousarray makes a scalar 1-D: a layer-wise scale (or a Clip bound) must stay a
+        # scalar; a 1-element 1-D DequantizeLinear scale is per axis in the ONNX spec (axis 1).
+        array = np.asarray(array)
+        self.initializers.append((name, np.ascontiguousarray(array) if array.ndim else array, None))
         return name
 
     def op(self, op_type, inputs, hint, rank, **attrs):
