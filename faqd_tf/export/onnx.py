@@ -27,7 +27,7 @@ layers: `Conv1D`, `Conv2D` (groups too), `DepthwiseConv1D`/`2D`, `SeparableConv1
 `max_value`), `QuantReLU`, `Activation` and fused activations (``linear``, ``relu``, ``relu6``,
 ``softmax``, ``sigmoid``, ``tanh``, ``silu``/``swish``, ``hard_sigmoid``, ``hard_silu``/``hard_swish``,
 ``gelu``), `Add`, `Subtract`, `Multiply`, `Average`, `Maximum`, `Minimum`, `Concatenate`, `Reshape`,
-max/average pooling and global pooling (1-D and 2-D, ``keepdims`` too), `ZeroPadding2D`,
+max/average pooling and global pooling (1-D and 2-D, ``keepdims`` too), `ZeroPadding2D`, `Cropping2D`,
 `ChannelPad`, `Flatten`, `Dropout`, nested Functional or Sequential models, channels-last data; and
 the Keras operations written on tensors in a functional graph (``x + c``, ``c - x``, ``x * y``,
 ``x / c``, ``-x``: ``keras.ops`` add, subtract, multiply, divide, negative). Anything else is refused,
@@ -694,6 +694,21 @@ def _zero_padding(g, layer, x):
     return _pad(g, layer, x, [0, 0, top, left], [0, 0, bottom, right])
 
 
+def _cropping(g, layer, x):
+    # NASNet crops a padded map back: a Slice of the spatial axes (2, 3 inside), ends counted from
+    # the end so that no static size is needed.
+    _spatial(layer, x)
+    (top, bottom), (left, right) = layer.cropping
+    end = np.iinfo(np.int64).max
+    starts = g.const(f"{layer.name}/starts", np.array([top, left], np.int64))
+    ends = g.const(
+        f"{layer.name}/ends",
+        np.array([-bottom if bottom else end, -right if right else end], np.int64),
+    )
+    axes = g.const(f"{layer.name}/axes", np.array([2, 3], np.int64))
+    return g.op("Slice", [x, starts, ends, axes], layer.name, x.rank)
+
+
 def _channel_pad(g, layer, x):
     _spatial(layer, x)
     return _pad(g, layer, x, [0, layer.before, 0, 0], [0, layer.after, 0, 0])
@@ -751,6 +766,7 @@ _CONVERTERS = {
     keras.layers.GlobalAveragePooling2D: _global_pool,
     keras.layers.GlobalMaxPooling2D: _global_pool,
     keras.layers.ZeroPadding2D: _zero_padding,
+    keras.layers.Cropping2D: _cropping,
     ChannelPad: _channel_pad,
     keras.layers.Flatten: _flatten,
     keras.layers.Dropout: _identity,
