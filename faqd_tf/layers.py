@@ -212,7 +212,11 @@ class QuantizedKernelMixin:
         []
         """
         name = self._kernel_name(kernel)
-        codes = getattr(self.kernel_quantizer, "codes", None)
+        quantizer = self.kernel_quantizer
+        # A frozen two-kernel layer's quantizer holds both kernels' scales.
+        if callable(getattr(quantizer, "for_kernel", None)):
+            quantizer = quantizer.for_kernel(name)
+        codes = getattr(quantizer, "codes", None)
         if not callable(codes):
             raise ValueError(
                 f"Layer {self.name!r}: its kernel is not quantized to integer codes (kernel_quantizer="

@@ -82,7 +82,10 @@ class ExportKind:
 
 
 def _tflite(name, file, mode, **needs):
-    return ExportKind(name, file, "faqd_tf.export.tflite:to_tflite", {"mode": mode}, **needs)
+    check = None if mode == "float" else "faqd_tf.export.tflite:check_integer"
+    return ExportKind(
+        name, file, "faqd_tf.export.tflite:to_tflite", {"mode": mode}, check=check, **needs
+    )
 
 
 EXPORTS = {

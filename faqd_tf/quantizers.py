@@ -342,7 +342,8 @@ class FrozenQuantizer(BaseWeightQuantizer):
     """The quantizer of an already-quantized kernel: identity in the forward pass.
 
     Holds the `bits`, `per_channel` flag and `scale` (a list of floats: one, or one per output
-    channel) the kernel was quantized with, so `precision` and `codes()` keep working: a frozen
+    channel) the kernel was quantized with (a layer with two kernels, `QuantSeparableConv2D`: a dict
+    of such lists by kernel name, see `for_kernel`), so `precision` and `codes()` keep working: a frozen
     model (`faqd_tf.export.freeze`, `faqd_tf.export.unpack`) can be summarized, packed again byte
     for byte, and exported with its integer codes. Re-quantizing ``codes * scale`` with
     `WeightQuantizer` is not exactly idempotent (see `faqd_tf.export.frozen`), hence this class.
@@ -355,11 +356,28 @@ class FrozenQuantizer(BaseWeightQuantizer):
 
     def __init__(self, bits: int, per_channel: bool = False, scale=None):
         super().__init__(bits, per_channel)
-        self.scale = (
-            None if scale is None else [float(s) for s in np.asarray(scale, np.float32).reshape(-1)]
-        )
-        if self.scale is not None and not self.per_channel and len(self.scale) != 1:
-            raise ValueError(f"A layer-wise FrozenQuantizer has one scale, got {len(self.scale)}.")
+        if isinstance(scale, dict):
+            # A layer with two quantized kernels (`QuantSeparableConv2D`): {kernel name: scales}.
+            self.scale = {str(name): self._scales(s) for name, s in scale.items()}
+        else:
+            self.scale = None if scale is None else self._scales(scale)
+
+    def _scales(self, scale):
+        scale = [float(s) for s in np.asarray(scale, np.float32).reshape(-1)]
+        if not self.per_channel and len(scale) != 1:
+            raise ValueError(f"A layer-wise FrozenQuantizer has one scale, got {len(scale)}.")
+        return scale
+
+    def for_kernel(self, name):
+        """The quantizer of kernel `name` alone: itself, or where it holds the scales of several
+        kernels (``scale`` a dict), a `FrozenQuantizer` of that kernel's scales."""
+        if not isinstance(self.scale, dict):
+            return self
+        if name not in self.scale:
+            raise ValueError(
+                f"This FrozenQuantizer holds the scales of {sorted(self.scale)}, not of {name!r}."
+            )
+        return FrozenQuantizer(self.bits, self.per_channel, self.scale[name])
 
     def __call__(self, w):
         return tf.convert_to_tensor(w)
@@ -371,6 +389,11 @@ class FrozenQuantizer(BaseWeightQuantizer):
         """`(codes, scale)` of a kernel on the frozen grid (as `weight_codes`)."""
         if self.scale is None:
             raise ValueError("This FrozenQuantizer has no scales; its codes are unknown.")
+        if isinstance(self.scale, dict):
+            raise ValueError(
+                f"This FrozenQuantizer holds the scales of {len(self.scale)} kernels "
+                f"({', '.join(sorted(self.scale))}); take one with for_kernel(name)."
+            )
         w = tf.cast(tf.convert_to_tensor(w), tf.float32)
         scale = tf.constant(self.scale, tf.float32)
         if self.per_channel:

@@ -54,7 +54,7 @@ def tflite_kernels(path):
     for op in graph.operators:
         code = model.operatorCodes[op.opcodeIndex]
         name = ops[max(code.builtinCode, code.deprecatedBuiltinCode)]
-        if name not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+        if name not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV"):
             continue
         tensor = graph.tensors[op.inputs[1]]
         data = bytes(np.asarray(model.buffers[tensor.buffer].data, np.uint8))
@@ -232,6 +232,8 @@ def test_onnx_stores_the_codes_and_matches_keras(rng, tmp_path, bits, per_channe
         np.testing.assert_array_equal(
             stored_scale, scale.reshape(-1) if per_channel else scale.reshape(())
         )
+        # A layer-wise scale is a scalar: a 1-element 1-D one is per axis in the ONNX spec.
+        assert stored_scale.shape == (scale.size,) if per_channel else stored_scale.shape == ()
         assert axis == (0 if per_channel else None)
     x = rng.normal(size=(32, 8, 8, 3)).astype(np.float32)
     assert_matches_but_step_flips(run_onnx(path, x), model(x, training=False), model, x)

@@ -134,6 +134,12 @@ CASES = {
         (7, 7, 3),
         lambda x: keras.layers.SeparableConv2D(4, 3, strides=2, padding="same")(x),
     ),
+    "cropping2d": (  # NASNet's: a padded map cropped back, one side and both sides
+        (6, 7, 3),
+        lambda x: keras.layers.Cropping2D(((1, 2), (0, 1)))(
+            keras.layers.Cropping2D(((0, 1), (2, 0)))(keras.layers.Conv2D(4, 1)(x))
+        ),
+    ),
     "global_average_keepdims": (
         (5, 5, 3),
         lambda x: keras.layers.GlobalAveragePooling2D(keepdims=True)(x),

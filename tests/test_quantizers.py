@@ -245,3 +245,33 @@ def test_frozen_quantizer_bad_scales():
         quantizers.FrozenQuantizer(2).codes(np.ones((2, 2), np.float32))
     with pytest.raises(ValueError, match="Kernel has 2 channels but the quantizer 3 scales"):
         quantizers.FrozenQuantizer(2, True, [1.0, 1.0, 1.0]).codes(np.ones((2, 2), np.float32))
+
+
+def test_frozen_quantizer_of_two_kernels(rng):
+    # A frozen QuantSeparableConv2D: one quantizer, each kernel's scales under its name.
+    depthwise = rng.normal(size=(3, 3, 1, 6)).astype(np.float32)
+    pointwise = rng.normal(size=(1, 1, 6, 4)).astype(np.float32)
+    (dw_codes, dw_scale), (pw_codes, pw_scale) = (
+        quantizers.weight_codes(w, 2, True) for w in (depthwise, pointwise)
+    )
+    frozen = quantizers.FrozenQuantizer(
+        2, True, {"depthwise_kernel": dw_scale.numpy(), "pointwise_kernel": pw_scale.numpy()}
+    )
+    for name, codes, scale in (
+        ("depthwise_kernel", dw_codes, dw_scale),
+        ("pointwise_kernel", pw_codes, pw_scale),
+    ):
+        again, again_scale = frozen.for_kernel(name).codes((codes * scale).numpy())
+        np.testing.assert_array_equal(again, codes)
+        np.testing.assert_array_equal(again_scale, scale)
+    restored = quantizers.get(quantizers.serialize(frozen))
+    assert restored.get_config() == frozen.get_config()
+    assert sorted(restored.scale) == ["depthwise_kernel", "pointwise_kernel"]
+    with pytest.raises(ValueError, match="scales of 2 kernels .*take one with for_kernel"):
+        frozen.codes(depthwise)
+    with pytest.raises(ValueError, match="not of 'kernel'"):
+        frozen.for_kernel("kernel")
+    with pytest.raises(ValueError, match="A layer-wise FrozenQuantizer has one scale, got 2"):
+        quantizers.FrozenQuantizer(
+            2, False, {"depthwise_kernel": [0.5], "pointwise_kernel": [1, 2]}
+        )

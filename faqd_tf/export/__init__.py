@@ -88,8 +88,10 @@ def _kind(kind):
 
 def check(kind, model):
     """Raises a one-line ValueError when export `kind` cannot convert a layer of `model` (ONNX has a
-    fixed set, see :mod:`faqd_tf.export.onnx`); cheap, needs no converter, writes nothing. The CLI
-    runs it before training, so an impossible export stops the run before it starts."""
+    fixed set, see :mod:`faqd_tf.export.onnx`; the integer TFLite kinds refuse quantized 3-D
+    convolutions, see :func:`faqd_tf.export.tflite.check_integer`); cheap, needs no converter,
+    writes nothing. The CLI runs it before training, so an impossible export stops the run before
+    it starts."""
     _kind(kind).check_model(model)
 
 

@@ -31,32 +31,52 @@ __all__ = [
     "dequantize",
     "freeze_layer",
     "is_count",
+    "kernel_names",
     "layer_codes",
     "model_json",
     "pack_bits",
+    "quantized_kernels",
     "quantized_layers",
     "rebuild",
 ]
 
 
-def quantized_layers(model):
-    """{id(kernel variable): (path, layer)} of the layers whose kernel is quantized."""
+def kernel_names(layer):
+    """The names of `layer`'s kernels: ``("kernel",)``, or its `kernel_names` (two for
+    `QuantSeparableConv2D`)."""
+    return tuple(getattr(layer, "kernel_names", ("kernel",)))
+
+
+def quantized_kernels(model):
+    """{id(kernel variable): (path, layer, kernel name)} of every quantized kernel: one per layer,
+    two for a `QuantSeparableConv2D` (its depthwise and pointwise kernels)."""
     found = {}
     for path, layer, _ in iter_layers(model):
         if quantized_kernel_bits(layer) is not None:
-            found[id(layer.kernel)] = (path, layer)
+            for name in kernel_names(layer):
+                found[id(getattr(layer, name))] = (path, layer, name)
     return found
 
 
-def layer_codes(layer):
-    """`(codes, scale)` of a quantized layer's kernel as float32 NumPy arrays."""
+def quantized_layers(model):
+    """{id(first kernel variable): (path, layer)} of the layers whose kernel is quantized."""
+    found = {}
+    for path, layer, _ in iter_layers(model):
+        if quantized_kernel_bits(layer) is not None:
+            found[id(getattr(layer, kernel_names(layer)[0]))] = (path, layer)
+    return found
+
+
+def layer_codes(layer, kernel=None):
+    """`(codes, scale)` of a quantized layer's kernel (`kernel`: its name, where the layer has two)
+    as float32 NumPy arrays."""
     kernel_codes = getattr(layer, "kernel_codes", None)
     if kernel_codes is None:
         raise ValueError(
             f"Layer {layer.name!r} ({type(layer).__name__}) has a quantized kernel but no kernel_codes() "
             "method, so its kernel cannot be stored as integer codes; use the faqd_tf quantized layers."
         )
-    codes, scale = kernel_codes()
+    codes, scale = kernel_codes() if kernel is None else kernel_codes(kernel)
     return np.asarray(codes, np.float32), np.asarray(scale, np.float32)
 
 
@@ -64,14 +84,32 @@ def dequantize(codes, scale, kernel_shape):
     return (codes.astype(np.float32) * scale.astype(np.float32)).reshape(kernel_shape)
 
 
-def freeze_layer(layer, codes, scale):
+def freeze_layer(layer, codes, scale, kernel="kernel"):
+    """Sets `layer`'s kernel named `kernel` to ``codes * scale`` and gives the layer a
+    `FrozenQuantizer` holding `scale`; a layer with two kernels keeps both kernels' scales in it
+    (freeze each of them)."""
     # Codes come in the quantizer's layout (`kernel_to_quantize`): a transposed conv's last two axes
     # are swapped there, which a reshape would scramble.
+    variable = getattr(layer, kernel)
     q = codes.astype(np.float32) * scale.astype(np.float32)
     restore = getattr(layer, "_restore_kernel_shape", None)
-    kernel = restore(q, "kernel", tuple(layer.kernel.shape)) if restore else q
-    layer.kernel.assign(np.reshape(np.asarray(kernel), tuple(layer.kernel.shape)))
-    layer.kernel_quantizer = FrozenQuantizer(quantized_kernel_bits(layer), layer.per_channel, scale)
+    value = restore(q, kernel, tuple(variable.shape)) if restore else q
+    variable.assign(np.reshape(np.asarray(value), tuple(variable.shape)))
+    bits = quantized_kernel_bits(layer)
+    names = kernel_names(layer)
+    if len(names) == 1:
+        layer.kernel_quantizer = FrozenQuantizer(bits, layer.per_channel, scale)
+        return
+    old = layer.kernel_quantizer
+    scales = (
+        dict(old.scale) if isinstance(old, FrozenQuantizer) and isinstance(old.scale, dict) else {}
+    )
+    scales[kernel] = scale
+    # Until every kernel is frozen, the others keep the scales their current quantizer gives.
+    for name in names:
+        if name not in scales:
+            scales[name] = layer_codes(layer, name)[1]
+    layer.kernel_quantizer = FrozenQuantizer(bits, layer.per_channel, scales)
 
 
 def model_json(model):

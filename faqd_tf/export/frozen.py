@@ -31,7 +31,13 @@ FrozenQuantizer(bits=2, per_channel=False)
 import keras  # noqa: F401 (the example uses it)
 import numpy as np  # noqa: F401 (the example uses it)
 
-from faqd_tf.export.common import freeze_layer, layer_codes, model_json, quantized_layers, rebuild
+from faqd_tf.export.common import (
+    freeze_layer,
+    layer_codes,
+    model_json,
+    quantized_kernels,
+    rebuild,
+)
 
 __all__ = ["freeze"]
 
@@ -52,14 +58,15 @@ def freeze(model, custom_objects=None):
         )
     for source, target in zip(sources, targets):
         target.assign(source)
-    source_layers = quantized_layers(model)
-    target_layers = quantized_layers(clone)
+    source_kernels = quantized_kernels(model)
+    target_kernels = quantized_kernels(clone)
     for source, target in zip(sources, targets):
-        if id(source) in source_layers:
-            if id(target) not in target_layers:
+        if id(source) in source_kernels:
+            if id(target) not in target_kernels:
                 raise ValueError(
                     f"Could not clone {model.name!r}: {target.path!r} lost its quantizer."
                 )
-            codes, scale = layer_codes(source_layers[id(source)][1])
-            freeze_layer(target_layers[id(target)][1], codes, scale)
+            _, layer, name = source_kernels[id(source)]
+            codes, scale = layer_codes(layer, name)
+            freeze_layer(target_kernels[id(target)][1], codes, scale, name)
     return clone

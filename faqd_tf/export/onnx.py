@@ -27,7 +27,7 @@ layers: `Conv1D`, `Conv2D` (groups too), `DepthwiseConv1D`/`2D`, `SeparableConv1
 `max_value`), `QuantReLU`, `Activation` and fused activations (``linear``, ``relu``, ``relu6``,
 ``softmax``, ``sigmoid``, ``tanh``, ``silu``/``swish``, ``hard_sigmoid``, ``hard_silu``/``hard_swish``,
 ``gelu``), `Add`, `Subtract`, `Multiply`, `Average`, `Maximum`, `Minimum`, `Concatenate`, `Reshape`,
-max/average pooling and global pooling (1-D and 2-D, ``keepdims`` too), `ZeroPadding2D`,
+max/average pooling and global pooling (1-D and 2-D, ``keepdims`` too), `ZeroPadding2D`, `Cropping2D`,
 `ChannelPad`, `Flatten`, `Dropout`, nested Functional or Sequential models, channels-last data; and
 the Keras operations written on tensors in a functional graph (``x + c``, ``c - x``, ``x * y``,
 ``x / c``, ``-x``: ``keras.ops`` add, subtract, multiply, divide, negative). Anything else is refused,
@@ -72,6 +72,7 @@ from faqd_tf.layers import (
     QuantDense,
     QuantDepthwiseConv2D,
     QuantReLU,
+    QuantSeparableConv2D,
 )
 from faqd_tf.models.resnet_cifar import ChannelPad
 from faqd_tf.summary import quantized_kernel_bits
@@ -136,7 +137,10 @@ class _Graph:
 
     def const(self, hint, array):
         name = self.name(hint)
-        self.initializers.append((name, np.ascontiguousarray(array), None))
+        # np.ascontiguousarray makes a scalar 1-D: a layer-wise scale (or a Clip bound) must stay a
+        # scalar; a 1-element 1-D DequantizeLinear scale is per axis in the ONNX spec (axis 1).
+        array = np.asarray(array)
+        self.initializers.append((name, np.ascontiguousarray(array) if array.ndim else array, None))
         return name
 
     def op(self, op_type, inputs, hint, rank, **attrs):
@@ -153,18 +157,21 @@ class _Graph:
         self.initializers.append((name, codes.shape, (storage, data)))
         return name
 
-    def kernel(self, layer, codes_layout, float_kernel, axis):
-        """The float kernel of `layer` as the ONNX op wants it: ``DequantizeLinear(codes, scale)``
-        for a quantized layer, a float32 initializer otherwise. `codes_layout` maps the codes (shape
-        of ``kernel_to_quantize()``) to the op's layout, `float_kernel` does the same for a float
-        kernel; `axis` is the output-channel axis there."""
+    def kernel(self, layer, codes_layout, float_kernel, axis, name="kernel"):
+        """The float kernel `name` of `layer` as the ONNX op wants it: ``DequantizeLinear(codes,
+        scale)`` for a quantized layer, a float32 initializer otherwise. `codes_layout` maps the codes
+        (shape of ``kernel_to_quantize()``) to the op's layout, `float_kernel` does the same for a
+        float kernel; `axis` is the output-channel axis there."""
         bits = quantized_kernel_bits(layer)
+        hint = layer.name if name == "kernel" else f"{layer.name}/{name}"
         if bits is None:
             return self.const(
-                f"{layer.name}/kernel",
-                float_kernel(np.asarray(keras.ops.convert_to_numpy(layer.kernel), np.float32)),
+                f"{layer.name}/{name}",
+                float_kernel(
+                    np.asarray(keras.ops.convert_to_numpy(getattr(layer, name)), np.float32)
+                ),
             )
-        codes, scale = layer_codes(layer)
+        codes, scale = layer_codes(layer, None if name == "kernel" else name)
         codes = codes_layout(np.rint(codes).astype(np.int8))
         storage = self.weight_type or _DEFAULT_TYPE[bits]
         low, high = -(2 ** (_BITS[storage] - 1)), 2 ** (_BITS[storage] - 1) - 1
@@ -177,11 +184,11 @@ class _Graph:
         scale = scale.reshape(-1).astype(np.float32)
         per_channel = scale.size > 1
         inputs = [
-            self.codes(f"{layer.name}/codes", codes, storage),
-            self.const(f"{layer.name}/scale", scale if per_channel else scale.reshape(())),
+            self.codes(f"{hint}/codes", codes, storage),
+            self.const(f"{hint}/scale", scale if per_channel else scale.reshape(())),
         ]
         attrs = {"axis": axis} if per_channel else {}
-        return self.op("DequantizeLinear", inputs, f"{layer.name}/kernel", codes.ndim, **attrs).name
+        return self.op("DequantizeLinear", inputs, f"{layer.name}/{name}", codes.ndim, **attrs).name
 
     def to_proto(self, inputs, outputs, name):
         import onnx
@@ -342,14 +349,14 @@ def _separable_conv(g, layer, x):
     _spatial(layer, x, dims)
     perm = _kernel_perm(dims)
     channels = int(layer.depthwise_kernel.shape[-2])
-
-    def weights(variable):
-        return np.asarray(keras.ops.convert_to_numpy(variable), np.float32)
-
-    depthwise = weights(layer.depthwise_kernel)
-    depthwise = g.const(
-        f"{layer.name}/depthwise_kernel",
-        depthwise.reshape(*depthwise.shape[:dims], 1, -1).transpose(perm),
+    # Two Convs: the depthwise kernel (k..., C, m) as a group-C Conv of (C*m, 1, k...) (its codes
+    # are quantized as (k..., 1, C*m)), then the pointwise (1..., C*m, F) as a 1x1 Conv.
+    depthwise = g.kernel(
+        layer,
+        lambda c: c.transpose(perm),
+        lambda k: k.reshape(*k.shape[:dims], 1, -1).transpose(perm),
+        axis=0,
+        name="depthwise_kernel",
     )
     y = g.op(
         "Conv",
@@ -362,8 +369,12 @@ def _separable_conv(g, layer, x):
         group=channels,
         **_padding(layer, layer.kernel_size),
     )
-    pointwise = g.const(
-        f"{layer.name}/pointwise_kernel", weights(layer.pointwise_kernel).transpose(perm)
+    pointwise = g.kernel(
+        layer,
+        lambda c: c.transpose(perm),
+        lambda k: k.transpose(perm),
+        axis=0,
+        name="pointwise_kernel",
     )
     y = g.op("Conv", [y, pointwise, *_bias(g, layer)], layer.name, x.rank, kernel_shape=[1] * dims)
     return _activation(g, y, _activation_name(layer.activation), f"{layer.name}/activation")
@@ -683,6 +694,21 @@ def _zero_padding(g, layer, x):
     return _pad(g, layer, x, [0, 0, top, left], [0, 0, bottom, right])
 
 
+def _cropping(g, layer, x):
+    # NASNet crops a padded map back: a Slice of the spatial axes (2, 3 inside), ends counted from
+    # the end so that no static size is needed.
+    _spatial(layer, x)
+    (top, bottom), (left, right) = layer.cropping
+    end = np.iinfo(np.int64).max
+    starts = g.const(f"{layer.name}/starts", np.array([top, left], np.int64))
+    ends = g.const(
+        f"{layer.name}/ends",
+        np.array([-bottom if bottom else end, -right if right else end], np.int64),
+    )
+    axes = g.const(f"{layer.name}/axes", np.array([2, 3], np.int64))
+    return g.op("Slice", [x, starts, ends, axes], layer.name, x.rank)
+
+
 def _channel_pad(g, layer, x):
     _spatial(layer, x)
     return _pad(g, layer, x, [0, layer.before, 0, 0], [0, layer.after, 0, 0])
@@ -710,6 +736,7 @@ _CONVERTERS = {
     QuantDepthwiseConv2D: _conv,
     keras.layers.SeparableConv1D: _separable_conv,
     keras.layers.SeparableConv2D: _separable_conv,
+    QuantSeparableConv2D: _separable_conv,
     keras.layers.Conv1DTranspose: _conv_transpose,
     keras.layers.Conv2DTranspose: _conv_transpose,
     QuantConv2DTranspose: _conv_transpose,
@@ -739,6 +766,7 @@ _CONVERTERS = {
     keras.layers.GlobalAveragePooling2D: _global_pool,
     keras.layers.GlobalMaxPooling2D: _global_pool,
     keras.layers.ZeroPadding2D: _zero_padding,
+    keras.layers.Cropping2D: _cropping,
     ChannelPad: _channel_pad,
     keras.layers.Flatten: _flatten,
     keras.layers.Dropout: _identity,

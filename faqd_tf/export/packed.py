@@ -30,7 +30,9 @@ every stored parameter, trainable or not), each with its ``path``, ``shape`` and
   (``nbytes`` = item size * element count).
 - ``"codes"``: a quantized kernel, Q(w) = codes * scale. ``bits`` (1, 2, 4, 8), ``per_channel``,
   ``code_shape`` (the kernel as quantized: a depthwise kernel ``(kh, kw, cin, m)`` is quantized as
-  ``(kh, kw, 1, cin*m)``), ``scale_shape``; the scales as float32 at ``scale_offset``
+  ``(kh, kw, 1, cin*m)``; a transposed conv's ``(kh, kw, out, in)`` as ``(kh, kw, in, out)``; a
+  separable conv's depthwise and pointwise kernels are two such entries, each with its own
+  scales), ``scale_shape``; the scales as float32 at ``scale_offset``
   (``scale_nbytes``), the codes bit-packed at ``offset`` (``nbytes``):
 
   * codes are stored as unsigned **offset-binary** integers u: 1 bit: ``u = (c + 1) / 2``
@@ -87,7 +89,7 @@ from faqd_tf.export.common import (
     layer_codes,
     model_json,
     pack_bits,
-    quantized_layers,
+    quantized_kernels,
     rebuild,
 )
 from faqd_tf.inputs import first_line, inflate
@@ -155,7 +157,7 @@ def pack(model, path):
     """
     check_output_path(path)
     config_json = model_json(model)
-    quantized = quantized_layers(model)
+    quantized = quantized_kernels(model)
     entries, chunks, offset = [], [], 0
 
     def add(data):
@@ -171,9 +173,9 @@ def pack(model, path):
             "dtype": str(variable.dtype),
         }
         if id(variable) in quantized:
-            layer_path, layer = quantized[id(variable)]
+            layer_path, layer, kernel = quantized[id(variable)]
             bits = quantized_kernel_bits(layer)
-            codes, scale = layer_codes(layer)
+            codes, scale = layer_codes(layer, kernel)
             data = _pack_codes(codes, bits)
             scale_data = scale.astype("<f4").tobytes()
             entry.update(
@@ -473,7 +475,7 @@ def unpack(path, custom_objects=None):
         raise ValueError(
             f"{path}: the rebuilt model has {len(variables)} weights but the file stores {len(entries)}."
         )
-    quantized = quantized_layers(model)
+    quantized = quantized_kernels(model)
     for variable, entry in zip(variables, entries):
         shape = tuple(int(d) for d in variable.shape)
         if tuple(entry["shape"]) != shape:
@@ -498,14 +500,14 @@ def unpack(path, custom_objects=None):
                 f"{path}: {entry['path']!r} is stored as codes but {variable.path!r} of the rebuilt "
                 "model is not a quantized kernel."
             )
-        layer = quantized[id(variable)][1]
+        _, layer, kernel = quantized[id(variable)]
         bits, per_channel = entry["bits"], entry["per_channel"]
         if quantized_kernel_bits(layer) != bits or layer.per_channel != per_channel:
             raise ValueError(
                 f"{path}: layer {layer.name!r} is configured with {quantized_kernel_bits(layer)} bits "
                 f"(per_channel={layer.per_channel}) but stored with {bits} bits (per_channel={per_channel})."
             )
-        to_quantize = tuple(int(d) for d in layer.kernel_to_quantize().shape)
+        to_quantize = tuple(int(d) for d in layer.kernel_to_quantize(kernel).shape)
         if tuple(entry["code_shape"]) != to_quantize:
             raise ValueError(
                 f"{path}: code shape {tuple(entry['code_shape'])} of {entry['path']!r} does not match the layer's "
@@ -514,7 +516,7 @@ def unpack(path, custom_objects=None):
         codes = _unpack_codes(data, bits, count).reshape(to_quantize)
         scale_data = payload[entry["scale_offset"] : entry["scale_offset"] + entry["scale_nbytes"]]
         scale = np.frombuffer(scale_data, "<f4").reshape(entry["scale_shape"])
-        freeze_layer(layer, codes, scale)
+        freeze_layer(layer, codes, scale, kernel)
     for _, layer, _ in iter_layers(model):
         # A Normalization layer computes with copies of its variables, made by finalize_state (as
         # Keras's own loading calls it).

@@ -7,15 +7,17 @@ Converted with Keras's public route (``model.export(format="litert")``) from
 - ``"float"``: float32 weights and activations; outputs equal Keras' up to float rounding.
 - ``"int8"``: every quantized kernel is stored as an int8 tensor whose values are the student's
   integer codes (``layer.kernel_codes()``: 1-bit and ternary codes included) with the layer's scale
-  as the TFLite quantization scale (one, or one per output channel); activations stay float
-  (TFLite's hybrid kernels). Other weights (BatchNormalization folded into biases, full-precision
-  layers) stay float32.
+  as the TFLite quantization scale (one, or one per output channel; a DEPTHWISE_CONV_2D always gets
+  one per channel, as its hybrid kernel reads that many); activations stay float (TFLite's hybrid
+  kernels). Other weights (BatchNormalization folded into biases, full-precision layers) stay
+  float32. A quantized Conv3D is refused (`check_integer`).
 - ``"int4"``: as ``"int8"``, but the kernels of CONV_2D and FULLY_CONNECTED ops are INT4 tensors
   (two codes per byte, the first in the low nibble, two's complement: LiteRT's
   ``UnpackPackedIntToInt8``), which LiteRT's hybrid CONV_2D and FULLY_CONNECTED kernels run with
   float activations. 1-, 2- and 4-bit codes fit. Kernels LiteRT cannot run at int4 stay int8 and
   are named in a warning: DEPTHWISE_CONV_2D (its hybrid kernel refuses INT4 filters: "Type FLOAT32
-  with filter type INT4 not currently supported") and 8-bit layers (their codes need 8 bits).
+  with filter type INT4 not currently supported"), TRANSPOSE_CONV (not tried at int4) and 8-bit
+  layers (their codes need 8 bits).
 - ``"full"``: the same int8 codes, and int8 activations calibrated on unlabeled images (the
   converter's representative dataset). Where a ``QuantReLU`` is the activation, its output is an
   int8 tensor of scale ``alpha`` and zero point -128: level ``k * alpha`` is the integer ``k - 128``
@@ -29,7 +31,10 @@ positive). The converter alone cannot store the codes: it always re-quantizes fl
 own max-abs scale (``max|w| / 127``, so 4-bit codes become multiples of 127/7 rounded), whatever the
 trained grid (tensorflow/model-optimization#574). So the codes are written into the converted
 flatbuffer afterwards (with ``ai_edge_litert``'s flatbuffer schema): each quantized layer's kernel is
-located by its values (the codes times a per-channel factor, or the converter's rounding of that),
+located by its values (the codes times a per-channel factor, or the converter's rounding of that;
+in TFLite's layout: a Conv1D's ``(k, in, out)`` runs as a CONV_2D of ``(out, 1, k, in)``, a
+Conv2DTranspose's ``(kh, kw, out, in)`` as a TRANSPOSE_CONV of ``(out, kh, kw, in)``, a
+SeparableConv2D as a DEPTHWISE_CONV_2D and a 1x1 CONV_2D, each kernel with its own codes),
 its integers and scales replaced, and, in ``"full"`` mode, its int32 bias re-expressed in the new
 ``input_scale * weight_scale``.
 
@@ -74,8 +79,10 @@ from faqd_tf.atomic import write_atomically
 from faqd_tf.export.common import (
     check_output_path,
     is_count,
+    kernel_names,
     layer_codes,
     pack_bits,
+    quantized_kernels,
     quantized_layers,
 )
 from faqd_tf.export.frozen import freeze
@@ -83,16 +90,25 @@ from faqd_tf.inputs import first_line
 from faqd_tf.layers import QuantReLU
 from faqd_tf.summary import quantized_kernel_bits
 
-__all__ = ["MODES", "kernel_types", "run_tflite", "to_tflite"]
+__all__ = ["MODES", "check_integer", "kernel_types", "run_tflite", "to_tflite"]
 
 MODES = ("float", "int8", "int4", "full")
 # The ops whose hybrid (float activation) kernels in LiteRT run INT4 filters.
 _INT4_OPS = ("CONV_2D", "FULLY_CONNECTED")
-# Ops whose input 1 is a kernel, and the channel axis of that kernel in TFLite's layout.
-_KERNEL_AXIS = {"CONV_2D": 0, "FULLY_CONNECTED": 0, "DEPTHWISE_CONV_2D": 3}
+# Ops whose input 1 is a kernel, and the channel axis of that kernel in TFLite's layout
+# (TRANSPOSE_CONV: OHWI too, Keras's (h, w, out, in) moved).
+_KERNEL_AXIS = {"CONV_2D": 0, "FULLY_CONNECTED": 0, "DEPTHWISE_CONV_2D": 3, "TRANSPOSE_CONV": 0}
 # The op versions TFLite gives a hybrid (float input, int8 kernel) op: per-tensor, per-channel
-# (tensorflow/lite/tools/versioning/op_version.cc).
-_HYBRID_VERSION = {"CONV_2D": (2, 5), "DEPTHWISE_CONV_2D": (4, 6), "FULLY_CONNECTED": (3, 3)}
+# (tensorflow/lite/tools/versioning/op_version.cc; TRANSPOSE_CONV: what the converter's dynamic
+# range quantization writes).
+_HYBRID_VERSION = {
+    "CONV_2D": (2, 5),
+    "DEPTHWISE_CONV_2D": (4, 6),
+    "FULLY_CONNECTED": (3, 3),
+    "TRANSPOSE_CONV": (2, 2),
+}
+# Inputs (activation, bias) of each kernel op: TRANSPOSE_CONV takes (output shape, kernel, input, bias).
+_DATA_BIAS = {"TRANSPOSE_CONV": (2, 3)}
 
 
 class _GridReLU(keras.layers.Layer):
@@ -200,6 +216,20 @@ def _convert(deploy, mode, images, batch_size):
             return f.read()
 
 
+def check_integer(model):
+    """Raises a one-line ValueError naming the first quantized layer of `model` whose codes the
+    integer modes (``"int8"``, ``"int4"``, ``"full"``) cannot store: a 3-D convolution, which the
+    converter writes as CONV_3D, an op LiteRT runs with float kernels only (no hybrid or int8 form
+    to hold the codes). Cheap, writes nothing; the CLI runs it before training."""
+    for path, layer in quantized_layers(model).values():
+        if isinstance(layer, (keras.layers.Conv3D, keras.layers.Conv3DTranspose)):
+            raise ValueError(
+                f"Integer TFLite cannot store the codes of layer {path!r} ({type(layer).__name__}): LiteRT's "
+                "CONV_3D runs float kernels only; keep it float (quantize_model(..., skip=[...])), or "
+                "export with mode='float' or as packed."
+            )
+
+
 def to_tflite(
     model, path, mode="float", calibration=None, calibration_samples=200, batch_size=None
 ):
@@ -226,6 +256,8 @@ def to_tflite(
             f"mode={mode!r} stores a quantized student's integer codes, but {model.name!r} has no quantized "
             "kernels; quantize it first (faqd_tf.quantize_model) or use mode='float'."
         )
+    if mode != "float":
+        check_integer(model)
     if mode == "full" and calibration is None:
         raise ValueError(
             "mode='full' needs calibration images (calibration=x_train[:200], labels not needed)."
@@ -261,12 +293,23 @@ def _builtin_name(schema, code):
     return names.get(max(code.builtinCode, code.deprecatedBuiltinCode))
 
 
-def _tfl_codes(codes, op_name):
-    """Codes in the layout of the TFLite kernel: output channels first for CONV_2D/FULLY_CONNECTED
-    (OHWI, (out, in)), ``(1, kh, kw, channels)`` for DEPTHWISE_CONV_2D."""
-    if op_name == "DEPTHWISE_CONV_2D":
-        return np.moveaxis(codes, -2, 0)
-    return np.moveaxis(codes, -1, 0)
+def _tfl_codes(codes, op_name, shape):
+    """Codes in the layout of the TFLite kernel of `shape`: output channels first for CONV_2D,
+    TRANSPOSE_CONV and FULLY_CONNECTED (OHWI, (out, in)), ``(1, kh, kw, channels)`` for
+    DEPTHWISE_CONV_2D; None where they do not fit `shape`. A Conv1D's ``(k, in, out)`` runs as a
+    CONV_2D of kernel ``(out, 1, k, in)``: a size-1 axis more, which only a reshape can place."""
+    codes = np.moveaxis(codes, -2 if op_name == "DEPTHWISE_CONV_2D" else -1, 0)
+    shape = tuple(int(d) for d in shape)
+    if codes.shape == shape:
+        return codes
+    axis = _KERNEL_AXIS[op_name]
+    if (
+        len(shape) == len(codes.shape) + 1
+        and shape[axis] == codes.shape[axis]
+        and [d for d in codes.shape if d != 1] == [d for d in shape if d != 1]
+    ):
+        return codes.reshape(shape)
+    return None
 
 
 def _fit(values, codes, axis, converter_scale):
@@ -397,13 +440,13 @@ def _store_codes(flatbuffer, model, mode):
     fb = _Flatbuffer(flatbuffer)
     sites = fb.kernel_sites()
     used, as_int8 = set(), []
-    for _, layer in quantized_layers(model).values():
-        codes, _ = layer_codes(layer)
+    for _, layer, kernel in quantized_kernels(model).values():
+        codes, _ = layer_codes(layer, kernel)
         matches = []
         for op, op_name, index in sites:
-            tfl_codes = _tfl_codes(codes, op_name)
             tensor = fb.tensors[index]
-            if index in used or tuple(tensor.shape) != tfl_codes.shape:
+            tfl_codes = _tfl_codes(codes, op_name, tensor.shape)
+            if index in used or tfl_codes is None:
                 continue
             axis = _KERNEL_AXIS[op_name]
             converter_scale = None
@@ -415,8 +458,9 @@ def _store_codes(flatbuffer, model, mode):
             if fit is not None:
                 matches.append((op, op_name, index, tfl_codes, axis, fit))
         if len(matches) != 1:
+            which = f" ({kernel})" if len(kernel_names(layer)) > 1 else ""
             raise ValueError(
-                f"Could not locate the kernel of layer {layer.name!r} in the converted model "
+                f"Could not locate the kernel of layer {layer.name!r}{which} in the converted model "
                 f"({len(matches)} candidates fit its codes); the TFLite converter rewrote it beyond recognition."
             )
         op, op_name, index, tfl_codes, axis, (sign, scale) = matches[0]
@@ -426,6 +470,10 @@ def _store_codes(flatbuffer, model, mode):
         values = (tfl_codes * sign.reshape(shape)).astype(np.int8)
         # Equal up to the float rounding of recovering them: one scale, as trained (layer-wise).
         per_tensor = np.all(np.abs(scale - scale[0]) <= 1e-6 * scale[0])
+        if op_name == "DEPTHWISE_CONV_2D" and mode in ("int8", "int4"):
+            # LiteRT's hybrid depthwise kernel reads one scale per output channel whatever the
+            # tensor holds: with a layer-wise scale it read past it (measured: outputs of 1e34).
+            per_tensor = False
         scales = scale[:1] if per_tensor else scale
         if mode == "int4" and op_name in _INT4_OPS and quantized_kernel_bits(layer) <= 4:
             # Two's complement nibbles, LSB first (LiteRT's UnpackPackedIntToInt8).
@@ -443,22 +491,28 @@ def _store_codes(flatbuffer, model, mode):
                         layer.name,
                         f"{quantized_kernel_bits(layer)}-bit codes"
                         if op_name in _INT4_OPS
-                        else f"{op_name}: no int4 kernel in LiteRT",
+                        else f"{op_name}: no int4 kernel in LiteRT"
+                        if op_name == "DEPTHWISE_CONV_2D"
+                        # Not tried at int4 here: written as int8, which LiteRT runs.
+                        else f"{op_name}: int4 is written for {' and '.join(_INT4_OPS)} only",
                     )
                 )
             fb.set_values(index, values.tobytes(), fb.schema.TensorType.INT8, scales, axis)
         if mode in ("int8", "int4"):
             fb.set_version(op, _HYBRID_VERSION[op_name][0 if per_tensor else 1])
-        elif len(op.inputs) > 2 and op.inputs[2] >= 0:
-            _rescale_bias(fb, op, scales)
+        else:
+            data, bias = _DATA_BIAS.get(op_name, (0, 2))
+            if len(op.inputs) > bias and op.inputs[bias] >= 0:
+                _rescale_bias(fb, op, scales, data, bias)
     return fb.serialize(), as_int8
 
 
-def _rescale_bias(fb, op, weight_scales):
-    """Re-expresses an int32 bias in ``input_scale * weight_scale`` after the weight scales changed."""
-    index = int(op.inputs[2])
+def _rescale_bias(fb, op, weight_scales, data=0, bias=2):
+    """Re-expresses an int32 bias (input `bias` of `op`) in ``input_scale * weight_scale`` after the
+    weight scales changed (`data`: the input that carries the activations)."""
+    index = int(op.inputs[bias])
     bias = fb.values(index)
-    input_scale = fb.tensors[op.inputs[0]].quantization.scale[0]
+    input_scale = fb.tensors[op.inputs[data]].quantization.scale[0]
     old = np.asarray(fb.tensors[index].quantization.scale, np.float64)
     new = input_scale * np.asarray(weight_scales, np.float64)
     rescaled = np.rint(bias.astype(np.float64) * old / new).astype(np.int32)
@@ -466,8 +520,8 @@ def _rescale_bias(fb, op, weight_scales):
 
 
 def kernel_types(path):
-    """``{tensor name: storage type}`` of the kernels (input 1 of every CONV_2D, DEPTHWISE_CONV_2D
-    and FULLY_CONNECTED op) of a `.tflite` file, read from the file: ``"INT4"``, ``"INT8"``,
+    """``{tensor name: storage type}`` of the kernels (input 1 of every CONV_2D, DEPTHWISE_CONV_2D,
+    TRANSPOSE_CONV and FULLY_CONNECTED op) of a `.tflite` file, read from the file: ``"INT4"``, ``"INT8"``,
     ``"FLOAT32"``, ... The tensor names hold the Keras layer names."""
     from ai_edge_litert import schema_py_generated as schema
 
