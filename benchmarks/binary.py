@@ -453,7 +453,9 @@ def alpha(args):
                 shutil.copy2(os.path.join(outs["learned"], name), os.path.join(out, name))
         _harness.run_train(out, {**values, **ALPHA_VARIANTS[variant]}, workers=2)
 
-    todo = {"learned", *args.variants}  # the rows and units of every variant run so far are kept
+    # "learned" runs for its first step unless that is done; the rows and units of every variant
+    # run so far are kept.
+    todo = set(args.variants) | (set() if step1_done(outs["learned"]) else {"learned"})
     threads = [threading.Thread(target=run, args=(v,), daemon=True) for v in todo]
     for t in threads:
         t.start()
