@@ -164,13 +164,15 @@ def alpha_section(rows):
     if not rows:
         return ""
     lines = [
-        "## 1W1A: learned or frozen alphas in the second step (KD only)",
+        "## 1W1A: what collapses the second step (KD only, seed 0)",
         "",
-        "`python benchmarks/binary.py alpha --seed 0 --epochs 15` (recipe stem8): one first step "
-        "(1-bit activations, FP weights), then the second step (1-bit weights too) twice: learning "
-        "the quantized ReLUs' alphas by the authors' rule, or keeping the first step's "
-        "(`student.freeze_alpha_in_step2`). Every epoch in `docs/binary/alpha.csv`; plot "
-        "binary_alpha.png.",
+        "`python benchmarks/binary.py alpha --seed 0 --epochs 15 --variants ...` (recipe stem8): "
+        "one first step (1-bit activations, FP weights; `shared`), then the second step (1-bit "
+        "weights too) from it in each variant: `learned` the authors' alpha rule, `frozen` the "
+        "first step's alphas kept (`student.freeze_alpha_in_step2`), `lr0.001` the alphas learned "
+        "at a tenth of the learning rate, `frozen+lr0.001` both. Every epoch in "
+        "`docs/binary/alpha.csv`; plot binary_alpha.png; each saved student's quantized ReLUs in "
+        "`docs/binary/alpha_units.csv`.",
         "",
         "| variant | step | epochs | best accuracy % (epoch) | last accuracy % | KD loss first / last "
         "| alpha min / mean / max, last epoch |",
@@ -220,7 +222,9 @@ def plot_alpha(rows, path):
                     [float(r[key]) for _, r in got],
                     color=color,
                     ls=style,
-                    label=f"{variant} {key[6:]}" if key != "alpha_max" else None,
+                    label={"alpha_min": f"{variant} min, max", "alpha_mean": f"{variant} mean"}.get(
+                        key
+                    ),
                 )
     for ax in (acc, alpha):
         ax.axvline(steps1 + 0.5, color="gray", ls="--", lw=0.8)
