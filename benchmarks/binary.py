@@ -29,7 +29,8 @@ rerun. `--workers 2` runs two cells at once, each on one thread.
 
 `alpha` (the 1W1A collapse): the KD-only 1W1A cell of `--recipe` from one first step, its second step
 in `--variants`: learning the quantized ReLUs' alphas (the authors' rule), keeping the first step's
-(`student.freeze_alpha_in_step2`), a lower second-step learning rate, or both; accuracy, KD loss
+(`student.freeze_alpha_in_step2`), a lower second-step learning rate, or both, or the two-sided
+activation STE (`student.activation_ste`); accuracy, KD loss
 and alpha_min/mean/max each epoch of both steps go to `docs/binary/alpha.csv`, rewritten as the
 epochs finish, and each saved student's quantized ReLU statistics to `docs/binary/alpha_units.csv`.
 """
@@ -340,6 +341,8 @@ ALPHA_VARIANTS = {
     "frozen": {"student.freeze_alpha_in_step2": True},
     "lr0.001": {"train.lr": 0.001},
     "frozen+lr0.001": {"student.freeze_alpha_in_step2": True, "train.lr": 0.001},
+    # The input gradient on (-alpha, 0] too: a unit just switched off can come back.
+    "two_sided": {"student.activation_ste": "two_sided"},
 }
 
 

@@ -467,6 +467,8 @@ class QuantReLU(keras.layers.Layer):
             all-reduce sums them (see `faqd_tf.quantizers.quantized_relu`).
         alpha_regularizer: a Keras regularizer of alpha, e.g. the authors' alpha weight decay
             (see `faqd_tf.quantize.set_alpha_decay`).
+        ste: the input gradient: `"clipped"` (eq. 5: where 0 < x < top * alpha) or
+            `"two_sided"` (also where -alpha < x <= 0); see `faqd_tf.quantizers.quantized_relu`.
 
     Alpha is kept in [1e-3, 5] by a `Clip` constraint.
 
@@ -482,10 +484,12 @@ class QuantReLU(keras.layers.Layer):
         trainable_alpha: bool = True,
         alpha_rate: float = quantizers.DEFAULT_ALPHA_RATE,
         alpha_regularizer=None,
+        ste: str = "clipped",
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.bits = quantizers.check_bits(bits, "bits", allow_none=True)
+        self.ste = quantizers.check_activation_ste(ste)
         if isinstance(alpha_initializer, (int, float)) and not isinstance(alpha_initializer, bool):
             quantizers.check_alpha(alpha_initializer, "alpha_initializer")
             alpha_initializer = keras.initializers.Constant(float(alpha_initializer))
@@ -540,7 +544,7 @@ class QuantReLU(keras.layers.Layer):
         if self.bits is None:
             return ops.relu(inputs)
         return quantizers.quantized_relu(
-            inputs, tf.convert_to_tensor(self.alpha), self.bits, self.alpha_rate
+            inputs, tf.convert_to_tensor(self.alpha), self.bits, self.alpha_rate, self.ste
         )
 
     def compute_output_shape(self, input_shape):
@@ -559,6 +563,7 @@ class QuantReLU(keras.layers.Layer):
                 "trainable_alpha": self.trainable_alpha,
                 "alpha_rate": self.alpha_rate,
                 "alpha_regularizer": keras.regularizers.serialize(self.alpha_regularizer),
+                "ste": self.ste,
             }
         )
         return config

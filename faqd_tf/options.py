@@ -288,6 +288,11 @@ class StudentOptions(Record):
         "the quantized ReLUs' alpha gradient scale (the authors' 0.01)",
         strict=True,
     )
+    activation_ste: str = choice(
+        "clipped",
+        ("clipped", "two_sided"),
+        "the quantized ReLUs' input gradient: eq. (5)'s (0, top*alpha), or also (-alpha, 0]",
+    )
     freeze_alpha_in_step2: bool = boolean(
         False,
         "two steps: keep the alphas the first step learned while the weights are quantized",

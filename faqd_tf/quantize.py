@@ -325,6 +325,7 @@ def quantize_model(
     alpha_rate=quantizers.DEFAULT_ALPHA_RATE,
     layer_bits=None,
     first_layer_bits="auto",
+    activation_ste="clipped",
 ):
     """Returns the quantized twin of a Sequential or Functional Keras model.
 
@@ -347,6 +348,8 @@ def quantize_model(
             model (measured on Fashion-MNIST: +1.2 points at 1-bit weights, +1.9 at 1W1A, for
             0.2% more bits), else `weight_bits`; 1, 2, 4, 8 or None to choose. The authors'
             code binarizes every convolution: ``first_layer_bits=1`` does too. `layer_bits` wins.
+        activation_ste: the input gradient of every `QuantReLU`: ``"clipped"`` (eq. 5) or
+            ``"two_sided"`` (see `QuantReLU`).
 
     Nested Functional and Sequential models (ConvNeXt's stem) are quantized too. The twin is
     trainable even when `model` was frozen (as a Distiller's teacher is). The kernel layers left
@@ -358,6 +361,7 @@ def quantize_model(
     weight_bits = quantizers.check_bits(weight_bits, "weight_bits", allow_none=True)
     activation_bits = quantizers.check_bits(activation_bits, "activation_bits", allow_none=True)
     alpha_rate = quantizers.check_alpha_rate(alpha_rate)
+    activation_ste = quantizers.check_activation_ste(activation_ste, "activation_ste")
     if not isinstance(model, keras.Model) or not model.built or not model.inputs:
         raise ValueError(
             f"quantize_model needs a built Sequential or Functional Keras model, got {model!r}."
@@ -376,6 +380,7 @@ def quantize_model(
             bits=activation_bits,
             alpha_rate=alpha_rate,
             alpha_regularizer=regularizer,
+            ste=activation_ste,
             name=name,
             dtype=dtype,
         )

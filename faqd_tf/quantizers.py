@@ -33,6 +33,9 @@ DEFAULT_ALPHA = {1: 1.2221, 2: 0.6511, 4: 0.1946, 8: 0.0125}
 ALPHA_MIN, ALPHA_MAX = 1e-3, 5.0
 # Authors' rate_factor: alpha's summed eq. (5) gradient is scaled by it and clamped to [-1, 1].
 DEFAULT_ALPHA_RATE = 0.01
+ACTIVATION_STES = ("clipped", "two_sided")
+"""The quantized ReLU's input gradient: eq. (5)'s window (0, top * alpha), or (-alpha, top * alpha),
+where a unit just below its threshold still gets the gradient that can turn it back on."""
 # Authors' alphas decay at the weight decay times this (decay_factor of their get_optimizer_full).
 ALPHA_DECAY_FACTOR = 0.01
 
@@ -211,13 +214,24 @@ def check_alpha_rate(alpha_rate: float, name: str = "alpha_rate") -> float:
     return float(alpha_rate)
 
 
-def quantized_relu(x, alpha, bits: int, alpha_rate: float = DEFAULT_ALPHA_RATE):
+def check_activation_ste(ste, name: str = "ste") -> str:
+    if ste not in ACTIVATION_STES:
+        raise ValueError(
+            f"{name}={ste!r} is not valid; use one of {', '.join(map(repr, ACTIVATION_STES))}."
+        )
+    return ste
+
+
+def quantized_relu(
+    x, alpha, bits: int, alpha_rate: float = DEFAULT_ALPHA_RATE, ste: str = "clipped"
+):
     """b-bit quantized ReLU of eq. (4) with the gradients of eq. (5).
 
     Forward: 0 for x < 0; k*alpha for (k-1)*alpha <= x < k*alpha, 1 <= k <= 2^b - 1;
     (2^b - 1)*alpha above. Backward: dx passes where 0 < x < (2^b-1)*alpha (clipped-ReLU STE);
     d/dalpha is 0 (x <= 0), 2^(b-1) (inside) and 2^b - 1 (x >= (2^b-1)*alpha), summed over
-    every activation to the shape of `alpha`.
+    every activation to the shape of `alpha`. `ste="two_sided"` passes dx on (-alpha, 0] too (a
+    1-bit ReLU off by less than alpha can be turned back on; eq. (5) gives it no gradient).
 
     `alpha_rate` is the authors' update rule (lzj994/FAQD, `QuantReLUFunction.backward`): the
     summed alpha gradient is multiplied by `alpha_rate` and clamped to [-1, 1]. `None` returns
@@ -234,6 +248,7 @@ def quantized_relu(x, alpha, bits: int, alpha_rate: float = DEFAULT_ALPHA_RATE):
     bits = check_bits(bits)
     check_alpha(alpha)
     alpha_rate = check_alpha_rate(alpha_rate)
+    low = -1.0 if check_activation_ste(ste) == "two_sided" else 0.0
     x = tf.convert_to_tensor(x)
     alpha = tf.convert_to_tensor(alpha)
     if not alpha.dtype.is_floating:
@@ -250,7 +265,8 @@ def quantized_relu(x, alpha, bits: int, alpha_rate: float = DEFAULT_ALPHA_RATE):
 
         def grad(dy):
             inside = tf.logical_and(x32 > 0, x32 < top * a32)
-            dx = tf.where(inside, dy, tf.zeros_like(dy))
+            passes = tf.logical_and(x32 > low * a32, x32 < top * a32) if low else inside
+            dx = tf.where(passes, dy, tf.zeros_like(dy))
             dsig = tf.where(inside, float(2 ** (bits - 1)), tf.where(x32 >= top * a32, top, 0.0))
             # Summed in float32: a bfloat16 sum over a whole batch of activations loses the
             # small contributions.

@@ -667,6 +667,7 @@ class StudentStage(Stage):
                 activation_bits=s["activation_bits"],
                 per_channel=s["per_channel"] and weight_bits is not None,
                 alpha_rate=s["alpha_rate"],
+                activation_ste=s["activation_ste"],
             )
             if not layer_bits:
                 return base
@@ -679,6 +680,7 @@ class StudentStage(Stage):
             relax=s["relax"] if weight_bits else None,
             alpha_rate=s["alpha_rate"],
             layer_bits=layer_bits,
+            activation_ste=s["activation_ste"],
         )
 
     def check_student(self, teacher: keras.Model, weight_bits: int | None) -> keras.Model:

@@ -41,10 +41,11 @@ def np_qrelu(x, alpha, bits):
     return np.where(x < 0, 0.0, k * alpha)
 
 
-def np_qrelu_grads(x, alpha, bits, dy, top=None, alpha_rate=None):
+def np_qrelu_grads(x, alpha, bits, dy, top=None, alpha_rate=None, two_sided=False):
     top = (2**bits - 1) * alpha if top is None else top
     inside = (x > 0) & (x < top)
-    dx = np.where(inside, dy, 0.0)
+    # two_sided: the input gradient also on (-alpha, 0]; alpha's stays eq. (5)'s.
+    dx = np.where(((x > -alpha) & (x < top)) if two_sided else inside, dy, 0.0)
     dsig = np.where(inside, 2 ** (bits - 1), np.where(x >= top, 2**bits - 1, 0.0))
     dalpha = np.sum(dy * dsig)
     # The authors' rule: the summed gradient times rate_factor, clamped to [-1, 1].

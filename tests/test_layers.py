@@ -559,3 +559,50 @@ def test_new_layers_save_and_load_with_their_relax_lambda(rng, tmp_path, make, x
     np.testing.assert_allclose(
         twin(x, training=True).numpy(), layer(x, training=True).numpy(), rtol=1e-6, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_two_sided_ste_passes_the_gradient_just_below_zero(rng, bits, tmp_path):
+    alpha = float(rng.uniform(0.3, 1.5))
+    x = rng.uniform(-2 * alpha, (2**bits) * alpha, size=(6, 40)).astype(np.float32)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    layers = {
+        ste: QuantReLU(bits, alpha_initializer=alpha, ste=ste) for ste in ("clipped", "two_sided")
+    }
+    grads = {}
+    for ste, layer in layers.items():
+        xt = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            loss = tf.reduce_sum(layer(xt) * dy)
+        grads[ste] = [g.numpy() for g in tape.gradient(loss, [xt, layer.alpha])]
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    for ste, (dx, dalpha) in grads.items():
+        want_dx, want_dalpha = np_qrelu_grads(
+            x64, np.float32(alpha), bits, dy64, alpha_rate=0.01, two_sided=ste == "two_sided"
+        )
+        np.testing.assert_allclose(dx, want_dx, rtol=1e-6)
+        np.testing.assert_allclose(dalpha, want_dalpha, rtol=1e-5)
+    below = (x > -alpha) & (x <= 0)
+    assert below.any() and np.any(grads["two_sided"][0][below] != 0)
+    assert np.all(grads["clipped"][0][below] == 0)
+    # The forward pass is the same, and the choice survives a save.
+    np.testing.assert_array_equal(layers["two_sided"](x), layers["clipped"](x))
+    model = keras.Sequential([keras.Input((40,)), layers["two_sided"]])
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
+    assert loaded.layers[-1].ste == "two_sided"
+
+
+def test_activation_ste_reaches_every_quantized_relu_and_is_checked():
+    from faqd_tf.models import resnet_cifar
+    from faqd_tf.quantize import quantize_model
+
+    teacher = resnet_cifar(8, input_shape=(8, 8, 1))
+    student = quantize_model(teacher, weight_bits=1, activation_bits=1, activation_ste="two_sided")
+    relus = [layer for layer in student.layers if isinstance(layer, QuantReLU)]
+    assert len(relus) == 7 and all(layer.ste == "two_sided" for layer in relus)
+    built = resnet_cifar(8, input_shape=(8, 8, 1), activation_bits=2, activation_ste="two_sided")
+    assert {layer.ste for layer in built.layers if isinstance(layer, QuantReLU)} == {"two_sided"}
+    with pytest.raises(ValueError, match=r"^activation_ste='both' is not valid; use one of"):
+        quantize_model(teacher, activation_bits=1, activation_ste="both")

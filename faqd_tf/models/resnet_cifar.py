@@ -120,6 +120,7 @@ class _Builder:
         weight_decay,
         bn_momentum,
         alpha_rate=quantizers.DEFAULT_ALPHA_RATE,
+        activation_ste="clipped",
     ):
         if weight_decay is not None and (isinstance(weight_decay, bool) or weight_decay < 0):
             raise ValueError(f"weight_decay={weight_decay!r} must be None or a non-negative float.")
@@ -131,6 +132,7 @@ class _Builder:
         self.weight_decay = weight_decay
         self.bn_momentum = float(bn_momentum)
         self.alpha_rate = quantizers.check_alpha_rate(alpha_rate)
+        self.activation_ste = quantizers.check_activation_ste(activation_ste, "activation_ste")
 
     def _regularizer(self):
         # Keras L2(c) adds c * sum(w^2); PyTorch-style weight decay wd corresponds to c = wd / 2.
@@ -172,6 +174,7 @@ class _Builder:
         return QuantReLU(
             bits=self.activation_bits,
             alpha_rate=self.alpha_rate,
+            ste=self.activation_ste,
             name=name,
             alpha_regularizer=keras.regularizers.L2(decay) if decay else None,
         )(x)
@@ -258,6 +261,7 @@ def resnet_cifar(
     bn_momentum: float = BN_MOMENTUM,
     name: str | None = None,
     alpha_rate: float = quantizers.DEFAULT_ALPHA_RATE,
+    activation_ste: str = "clipped",
 ) -> keras.Model:
     """Builds a CIFAR ResNet of depth 8, 14, 20, 32, 44, 56, 110 (basic) or 164 (pre-act bottleneck).
 
@@ -277,6 +281,7 @@ def resnet_cifar(
         few hundred steps; Keras' 0.99 is too slow for short runs).
       name: model name, default ``f"resnet{depth}"``.
       alpha_rate: the alpha update of every ``QuantReLU`` (default 0.01; None: raw eq. (5)).
+      activation_ste: the input gradient of every ``QuantReLU`` (``"clipped"``: eq. (5)).
 
     Returns:
       A functional ``keras.Model`` mapping images to logits, with layers ``stage1``..``stage3``.
@@ -286,7 +291,15 @@ def resnet_cifar(
         raise ValueError(f"resnet_cifar: depth={depth!r} is not supported; use one of {allowed}.")
     check_num_classes(num_classes)
     kind, n = CIFAR_DEPTHS[depth]
-    b = _Builder(weight_bits, activation_bits, per_channel, weight_decay, bn_momentum, alpha_rate)
+    b = _Builder(
+        weight_bits,
+        activation_bits,
+        per_channel,
+        weight_decay,
+        bn_momentum,
+        alpha_rate,
+        activation_ste,
+    )
 
     inputs = keras.Input(shape=tuple(input_shape), name="input")
     x = b.conv(inputs, 16, 3, 1, "stem_conv", first=True)

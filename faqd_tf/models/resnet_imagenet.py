@@ -55,6 +55,7 @@ def resnet_imagenet(
     bn_momentum: float = BN_MOMENTUM,
     name: str | None = None,
     alpha_rate: float = quantizers.DEFAULT_ALPHA_RATE,
+    activation_ste: str = "clipped",
 ) -> keras.Model:
     """Builds ResNet18 (depth=18) or ResNet34 (depth=34); other depths raise ValueError.
 
@@ -63,7 +64,8 @@ def resnet_imagenet(
       num_classes: width of the ``logits`` layer (raw logits, no softmax).
       input_shape: (H, W, C) of the input.
       small_input: True for small images (Tiny ImageNet 64x64): 3x3 stride-1 stem, no max-pool.
-      weight_bits, activation_bits, per_channel, weight_decay, bn_momentum, alpha_rate: as in
+      weight_bits, activation_bits, per_channel, weight_decay, bn_momentum, alpha_rate,
+      activation_ste: as in
         :func:`faqd_tf.models.resnet_cifar.resnet_cifar`.
       name: model name, default ``f"resnet{depth}"``.
     """
@@ -73,7 +75,15 @@ def resnet_imagenet(
             f"resnet_imagenet: depth={depth!r} is not supported; use one of {allowed}."
         )
     check_num_classes(num_classes)
-    b = _Builder(weight_bits, activation_bits, per_channel, weight_decay, bn_momentum, alpha_rate)
+    b = _Builder(
+        weight_bits,
+        activation_bits,
+        per_channel,
+        weight_decay,
+        bn_momentum,
+        alpha_rate,
+        activation_ste,
+    )
 
     inputs = keras.Input(shape=tuple(input_shape), name="input")
     if small_input:
