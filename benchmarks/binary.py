@@ -79,6 +79,8 @@ FACTORS = {
     "stemfp": {"student.layer_bits": {"stem_conv": None}},
     # 1W1A: the quantized ReLU's alpha update (the authors' rate 0.01, clamped) ten times faster.
     "alpha0.1": {"student.alpha_rate": 0.1},
+    # 1W1A on the stem8 recipe: the quantized ReLUs' input gradient on (-alpha, 0] too, both steps.
+    "stem8_ste2": {"student.layer_bits": {"stem_conv": 8}, "student.activation_ste": "two_sided"},
     # 1W1A: the second step keeps the alphas of the first (the weights alone learn).
     "alpha2frozen": {"student.freeze_alpha_in_step2": True},
 }
