@@ -382,7 +382,7 @@ def unit_stats(path, images):
     import keras
     import numpy as np
 
-    from faqd_tf.callbacks import quantized_relus
+    from faqd_tf.quantize import quantized_relus
 
     model = keras.models.load_model(path, safe_mode=True)
     relus = quantized_relus(model)

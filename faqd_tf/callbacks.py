@@ -16,7 +16,7 @@ import numpy as np
 
 from faqd_tf import compat
 from faqd_tf.atomic import PARTIAL, write_synced, written_aside
-from faqd_tf.layers import QuantReLU
+from faqd_tf.quantize import quantized_relus
 from faqd_tf.summary import iter_layers
 
 if TYPE_CHECKING:
@@ -60,15 +60,6 @@ class BinaryRelaxScheduler(keras.callbacks.Callback):
             layer.relax_lambda.assign(layer.relax_lambda * self.eta)
         if logs is not None and layers:
             logs["relax_lambda"] = float(layers[0].relax_lambda.numpy())
-
-
-def quantized_relus(model: keras.Layer) -> list[keras.Layer]:
-    """Every layer under `model` (a Distiller's student included) with a learned alpha, each once."""
-    return [
-        layer
-        for _, layer, _ in iter_layers(model)
-        if isinstance(layer, QuantReLU) and layer.alpha is not None
-    ]
 
 
 class AlphaStats(keras.callbacks.Callback):

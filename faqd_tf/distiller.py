@@ -457,22 +457,30 @@ def _check_teacher_cache(teacher_cache, options, teacher):
         )
     if not 0 < teacher_cache <= 2**31 - 1:
         raise ValueError(f"teacher_cache={teacher_cache} is not valid; use a number >= 1 or None.")
-    if options.fa is not None:
+    obstacles = teacher_cache_obstacles(options.fa, teacher)
+    if obstacles:
         raise ValueError(
-            f"teacher_cache keeps the teacher's logits, but fa={options.fa!r} needs its feature maps "
-            "every step; use fa=None (KD only) or teacher_cache=None."
-        )
-    if tf.distribute.get_strategy().num_replicas_in_sync > 1:
-        raise ValueError(
-            "teacher_cache runs on one replica (each replica would keep its own share); "
-            "use teacher_cache=None under a multi-replica strategy."
-        )
-    if len(teacher.outputs[0].shape) != 2:
-        raise ValueError(
-            f"teacher_cache keeps 2-D logits (batch, classes); {teacher.name!r} outputs "
-            f"{tuple(teacher.outputs[0].shape)}; use teacher_cache=None."
+            f"teacher_cache cannot keep the teacher's logits: {'; '.join(obstacles)}; use "
+            "teacher_cache=None (or fa=None for KD only)."
         )
     return int(teacher_cache)
+
+
+def teacher_cache_obstacles(fa, teacher, key="fa", replicas=None) -> list[str]:
+    """Why `Distiller(teacher_cache=...)` cannot keep `teacher`'s logits with FA `fa` on `replicas`
+    replicas (default: the current strategy's), [] when it can; `key` names the FA option."""
+    if replicas is None:
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    found = []
+    if fa is not None:
+        found.append(f"{key}={fa!r} needs its feature maps every step")
+    if replicas > 1:
+        found.append("it runs on one replica only (each replica would keep its own share)")
+    if len(teacher.outputs[0].shape) != 2:
+        found.append(
+            f"{teacher.name!r} outputs {tuple(teacher.outputs[0].shape)}, not 2-D logits (batch, classes)"
+        )
+    return found
 
 
 def _listed(names):

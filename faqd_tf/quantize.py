@@ -34,6 +34,7 @@ from faqd_tf.layers import (
     QuantReLU,
     QuantSeparableConv2D,
 )
+from faqd_tf.summary import iter_layers
 
 logger = logging.getLogger(__name__)
 
@@ -501,12 +502,14 @@ def copy_weights_by_name(source, target):
             variable.assign(value)
 
 
-def _quant_relus(model):
-    for layer in model.layers:
-        if isinstance(layer, QuantReLU):
-            yield layer
-        elif isinstance(layer, keras.Model):
-            yield from _quant_relus(layer)
+def quantized_relus(model: keras.Layer) -> list[QuantReLU]:
+    """Every `QuantReLU` under `model` (nested models and a Distiller's student included) with a
+    learned alpha, each once."""
+    return [
+        layer
+        for _, layer, _ in iter_layers(model)
+        if isinstance(layer, QuantReLU) and layer.alpha is not None
+    ]
 
 
 def set_alpha_decay(model, optimizer, weight_decay, factor=quantizers.ALPHA_DECAY_FACTOR):
@@ -533,7 +536,7 @@ def set_alpha_decay(model, optimizer, weight_decay, factor=quantizers.ALPHA_DECA
         ):
             raise ValueError(f"set_alpha_decay: {name}={value!r} must be a number >= 0.")
     decay = float(weight_decay) * float(factor)
-    relus = [layer for layer in _quant_relus(model) if layer.alpha is not None]
+    relus = quantized_relus(model)
     for layer in relus:
         layer.alpha_regularizer = keras.regularizers.L2(decay / 2) if decay else None
     alphas = [layer.alpha for layer in relus]

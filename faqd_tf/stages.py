@@ -37,9 +37,8 @@ from faqd_tf.callbacks import (
     ResumeDataOrder,
     SharedBackupAndRestore,
     StopOnNonFiniteLoss,
-    quantized_relus,
 )
-from faqd_tf.distiller import Distiller
+from faqd_tf.distiller import Distiller, teacher_cache_obstacles
 from faqd_tf.names import (
     ACTIVATION_STEP,
     DISTILL,
@@ -53,7 +52,7 @@ from faqd_tf.names import (
     say,
 )
 from faqd_tf.options import SUPPORTED_BITS, DistillOptions
-from faqd_tf.quantize import quantize_model, set_alpha_decay
+from faqd_tf.quantize import quantize_model, quantized_relus, set_alpha_decay
 from faqd_tf.report import plot_curves, print_table, write_json
 from faqd_tf.summary import iter_layers, quantized_kernel_bits, summary
 
@@ -754,10 +753,13 @@ class DistillStage(StudentStage):
                 "student.freeze_alpha_in_step2 acts in the second of two steps only; set "
                 "student.weight_bits, student.activation_bits and student.two_step=true, or drop it."
             )
-        if self.train["teacher_cache"] is True and self.teacher_cache_obstacles(checked.teacher):
+        obstacles = self.train["teacher_cache"] is True and self.teacher_cache_obstacles(
+            checked.teacher
+        )
+        if obstacles:
             raise UsageError(
                 f"train.teacher_cache=true cannot keep the teacher's logits: "
-                f'{"; ".join(self.teacher_cache_obstacles(checked.teacher))}; set it to "auto" or false.'
+                f'{"; ".join(obstacles)}; set it to "auto" or false.'
             )
         student = self.check_student(checked.teacher, self.first_bits)
         try:  # the FA layer pairs
@@ -775,17 +777,14 @@ class DistillStage(StudentStage):
 
     def teacher_cache_obstacles(self, teacher: keras.Model) -> list[str]:
         """Why the teacher's logits cannot be kept across epochs here ([] when they can)."""
-        found = []
-        if self.distill.fa is not None:
-            found.append(
-                f"distill.fa={self.distill.fa!r} needs the teacher's feature maps every step"
-            )
+        found = teacher_cache_obstacles(
+            self.distill.fa,
+            teacher,
+            key="distill.fa",
+            replicas=self.ws.strategy.num_replicas_in_sync,
+        )
         if self.ws.augmentation() is not None:
             found.append("dataset.augment gives new images every epoch")
-        if self.ws.strategy.num_replicas_in_sync > 1:
-            found.append("it runs on one replica only")
-        if len(teacher.outputs[0].shape) != 2:
-            found.append("the teacher's logits are not (batch, classes)")
         return found
 
     def use_teacher_cache(self, teacher: keras.Model) -> bool:

@@ -301,7 +301,7 @@ def test_two_steps_keep_the_first_steps_alphas_when_asked(tmp_path, capsys):
     import keras
     import numpy as np
 
-    from faqd_tf.callbacks import quantized_relus
+    from faqd_tf.quantize import quantized_relus
 
     cfg = write_config(
         tmp_path,
