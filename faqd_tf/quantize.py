@@ -34,7 +34,6 @@ from faqd_tf.layers import (
     QuantReLU,
     QuantSeparableConv2D,
 )
-from faqd_tf.summary import iter_layers
 
 logger = logging.getLogger(__name__)
 
@@ -505,11 +504,21 @@ def copy_weights_by_name(source, target):
 def quantized_relus(model: keras.Layer) -> list[QuantReLU]:
     """Every `QuantReLU` under `model` (nested models and a Distiller's student included) with a
     learned alpha, each once."""
-    return [
-        layer
-        for _, layer, _ in iter_layers(model)
-        if isinstance(layer, QuantReLU) and layer.alpha is not None
-    ]
+    found, seen = [], set()
+
+    def walk(parent):
+        for layer in parent.layers:
+            if id(layer) in seen:
+                continue
+            seen.add(id(layer))
+            if isinstance(layer, QuantReLU):
+                if layer.alpha is not None:
+                    found.append(layer)
+            elif isinstance(layer, keras.Model):
+                walk(layer)
+
+    walk(model)
+    return found
 
 
 def set_alpha_decay(model, optimizer, weight_decay, factor=quantizers.ALPHA_DECAY_FACTOR):
